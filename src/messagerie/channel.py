@@ -1,0 +1,122 @@
+"""Channel transports: the two kinds of path a pv-channel shows up as.
+
+* a tty (``/dev/hvc1`` in a DomU; a pty in dom0 with Xen's ``connection=pty``; a socat
+  pty in tests), opened with pyserial-asyncio in raw mode;
+* a unix socket (Xen's ``connection=socket``: QEMU listens, we connect; also the
+  broker's dom0 socket).
+
+Both give an :class:`asyncio.Transport`-like object (``write``, ``close``,
+``pause_reading``/``resume_reading``, write-buffer limits) bound to the caller's
+:class:`asyncio.Protocol`, so everything above this module is transport-agnostic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import serial
+import serial_asyncio
+
+READ_SIZE: Final = 64 * 1024
+"""Bytes read per wake-up on a tty. pyserial-asyncio reads 1 KiB by default, which
+costs one loop iteration per ~5 mouse moves and halves throughput on a pty."""
+
+XEN_CHANNEL_DIR: Final = Path("/dev/xen-channel")
+DEFAULT_DOMU_CHANNEL: Final = Path("/dev/hvc1")
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+class ChannelError(OSError):
+    """A channel path that cannot be opened (missing, wrong kind, busy, refused)."""
+
+
+class _NonBlockingSerial(serial.Serial):
+    """pyserial's read/write, one system call each.
+
+    pyserial's ``write`` retries forever on EAGAIN when non-blocking (a busy loop that
+    would wedge the event loop on a full tty), and its ``read`` adds two ``select``
+    calls per wake-up. The asyncio transport only calls us when the fd is ready.
+    """
+
+    def read(self, size: int = 1) -> bytes:
+        assert self.fd is not None
+        try:
+            data = os.read(self.fd, size)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:  # EIO: the other side of the pty hung up
+            raise serial.SerialException(f"read failed: {exc}") from exc
+        if not data:
+            raise serial.SerialException("channel hung up (end of file)")
+        return data
+
+    def write(self, data: bytes, /) -> int:  # type: ignore[override]
+        assert self.fd is not None
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise serial.SerialException(f"write failed: {exc}") from exc
+
+
+def channel_kind(path: str | os.PathLike[str]) -> str:
+    """``"tty"`` or ``"socket"``; raises :class:`ChannelError` for anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ChannelError(errno.ENOENT, "no such channel", str(path)) from None
+    except OSError as exc:
+        raise ChannelError(exc.errno, exc.strerror, str(path)) from None
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "tty"
+    raise ChannelError(errno.EINVAL, "not a tty nor a unix socket", str(path))
+
+
+async def open_channel(path: str | os.PathLike[str], protocol_factory: Callable[[], P], *,
+                       exclusive: bool = False) -> tuple[asyncio.Transport, P]:
+    """Connect ``protocol_factory()`` to the channel at ``path`` (tty or unix socket).
+
+    A tty is put in raw mode (no echo, no line discipline, 8 bits) by pyserial, and
+    with ``exclusive`` locked so that a second reader fails instead of stealing bytes.
+    Raises :class:`ChannelError`.
+    """
+    kind = channel_kind(path)
+    loop = asyncio.get_running_loop()
+    if kind == "socket":
+        try:
+            transport, protocol = await loop.create_unix_connection(protocol_factory, str(path))
+        except OSError as exc:
+            raise ChannelError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        return transport, protocol
+    try:
+        port = _NonBlockingSerial(str(path), baudrate=115200, exclusive=exclusive or None)
+    except (serial.SerialException, OSError) as exc:
+        raise ChannelError(getattr(exc, "errno", None) or errno.EIO, str(exc), str(path)) \
+            from None
+    try:
+        tty_transport: Any
+        tty_transport, protocol = await serial_asyncio.connection_for_serial(
+            loop, protocol_factory, port)
+    except BaseException:
+        port.close()
+        raise
+    tty_transport._max_read_size = READ_SIZE
+    return tty_transport, protocol
+
+
+def domu_channel_path(name: str | None = None) -> Path:
+    """The DomU side of the channel: ``/dev/xen-channel/<name>`` when named (as
+    xen-pv-channel(7) recommends), else ``/dev/hvc1`` (the spec)."""
+    if name:
+        return XEN_CHANNEL_DIR / name
+    return DEFAULT_DOMU_CHANNEL

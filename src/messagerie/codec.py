@@ -1,0 +1,213 @@
+"""Encoding and decoding, sans-IO.
+
+``encode(message)`` gives one compact UTF-8 JSON object and a final ``\\n``.
+``decode(line)`` gives a :class:`~messagerie.model.Message` or raises
+:class:`~messagerie.model.MessageInvalide`. :class:`FrameDecoder` turns a byte stream
+cut anywhere into messages and per-frame :class:`FrameError` values; it never raises on
+its input, resynchronises at the next newline and never buffers more than one frame.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from .model import (
+    MESSAGE_TYPES,
+    TOUS,
+    Message,
+    MessageInvalide,
+    Reason,
+    _type_name,
+    check_name,
+    valid_name_or_tous,
+)
+
+MAX_FRAME: Final = 64 * 1024
+"""Default cap on one frame, newline excluded."""
+
+_json_decode = msgspec.json.Decoder().decode
+_json_encode = msgspec.json.Encoder().encode
+_KNOWN: Final = frozenset(("type", "source", "destination", "payload"))
+
+
+def encode(message: Message) -> bytes:
+    """One compact UTF-8 JSON object followed by ``\\n``."""
+    return _json_encode(message.to_dict()) + b"\n"
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MessageInvalide(Reason.DUPLICATE_KEY, f"duplicate key {key[:40]!r}")
+        seen[key] = value
+    return seen
+
+
+def _check_duplicates(line: bytes, obj: dict[str, Any]) -> None:
+    # Receivers may parse with another JSON library: with a repeated key, one keeps the
+    # first value and another the last, so the broker could check one source and the
+    # receiver believe another. Refuse repeated keys anywhere. Exact and cheap for the
+    # common case: a compact frame that re-encodes to itself has no repeated key (a
+    # repeat would have collapsed). Anything else takes the slow, exact path.
+    if _json_encode(obj) != line:
+        json.loads(line, object_pairs_hook=_reject_duplicates)
+
+
+def decode(line: bytes | bytearray | memoryview | str) -> Message:
+    """Decode and validate one message. A final ``\\n`` or ``\\r\\n`` is allowed.
+
+    Raises :class:`MessageInvalide` naming the field and the reason.
+    """
+    if type(line) is not bytes:
+        line = line.encode() if isinstance(line, str) else bytes(line)
+    if line[-1:] == b"\n":
+        line = line[:-2] if line[-2:] == b"\r\n" else line[:-1]
+    try:
+        obj = _json_decode(line)
+    except UnicodeDecodeError as exc:
+        raise MessageInvalide(Reason.INVALID_UTF8,
+                              f"invalid UTF-8 at byte {exc.start}") from None
+    except msgspec.DecodeError as exc:
+        raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
+    except msgspec.ValidationError as exc:  # integers beyond 64 bits
+        raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise MessageInvalide(Reason.INVALID_JSON, "invalid JSON: nested too deeply") from None
+    if type(obj) is not dict:
+        raise MessageInvalide(Reason.NOT_AN_OBJECT,
+                              f"a message is a JSON object, got {_type_name(obj)}")
+    return _from_object(obj, line)
+
+
+def from_dict(obj: dict[str, Any]) -> Message:
+    """Validate a JSON object already parsed (e.g. by a caller's own JSON library)."""
+    return _from_object(obj, None)
+
+
+def _from_object(obj: dict[str, Any], line: bytes | None) -> Message:
+    kind = obj.get("type")
+    cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
+    if cls is None:
+        if kind is None:
+            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "type")
+        if type(kind) is not str:
+            raise MessageInvalide(Reason.WRONG_TYPE,
+                                  f"expected a string, got {_type_name(kind)}", "type")
+        raise MessageInvalide(Reason.UNKNOWN_TYPE,
+                              f"{kind[:40]!r} is not one of {', '.join(MESSAGE_TYPES)}", "type")
+    source = obj.get("source")
+    destination = obj.get("destination")
+    payload = obj.get("payload")
+    # Fast path for the common case; check_name() explains anything unusual.
+    names = valid_name_or_tous.seen
+    if (source not in names and not valid_name_or_tous(source)) or source == TOUS:
+        if source is None:
+            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "source")
+        check_name(source, "source")
+    if destination not in names and not valid_name_or_tous(destination):
+        if destination is None:
+            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing",
+                                  "destination")
+        check_name(destination, "destination", broadcast=True)
+    if destination == TOUS and not cls.broadcastable:
+        raise MessageInvalide(Reason.BAD_NAME, f"a {kind} cannot be sent to {TOUS!r}",
+                              "destination")
+    if type(payload) is not dict:
+        if payload is None:
+            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "payload")
+        raise MessageInvalide(Reason.WRONG_TYPE, f"expected an object, got {_type_name(payload)}",
+                              "payload")
+    if line is not None:
+        _check_duplicates(line, obj)
+    cls.check_payload(payload)
+    msg = cls.__new__(cls)
+    msg.source = source  # type: ignore[assignment]
+    msg.destination = destination  # type: ignore[assignment]
+    msg.payload = payload
+    msg.extra = {k: v for k, v in obj.items() if k not in _KNOWN} if len(obj) > 4 else {}
+    msg.raw = line
+    return msg
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame the decoder refused: why, and enough of it to log."""
+
+    reason: Reason
+    detail: str
+    size: int
+    """Length of the frame in bytes (at least this much for ``too_large``)."""
+    field: str | None = None
+    excerpt: bytes = b""
+    """The first bytes of the frame, for logs (at most 64)."""
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.reason}: {where}{self.detail}"
+
+
+class FrameDecoder:
+    """Split a byte stream into newline-terminated frames and decode each one.
+
+    Feed it bytes as they come, in any fragmentation; it returns, in order, a
+    :class:`Message` for each valid frame and a :class:`FrameError` for each bad one.
+    It never raises on its input. A frame longer than ``max_frame`` bytes is refused
+    as soon as the limit is passed and the rest of it is discarded without being
+    buffered, up to the next newline. ``\\r\\n`` is accepted; empty lines are skipped.
+    """
+
+    __slots__ = ("_buffer", "_discarding", "max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        if max_frame < 1:
+            raise ValueError("max_frame must be positive")
+        self.max_frame = max_frame
+        self._buffer = b""
+        self._discarding = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame (never more than ``max_frame`` + 1)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message | FrameError]:
+        out: list[Message | FrameError] = []
+        if self._discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return out
+            self._discarding = False
+            data = data[end + 1:]
+        if self._buffer:
+            data = self._buffer + data
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        limit = self.max_frame
+        for line in lines:
+            if not line or line == b"\r":
+                continue
+            if len(line) > limit + (line[-1:] == b"\r"):
+                out.append(FrameError(Reason.TOO_LARGE,
+                                      f"frame of {len(line)} bytes exceeds {limit}",
+                                      len(line), excerpt=line[:64]))
+                continue
+            try:
+                out.append(decode(line))
+            except MessageInvalide as exc:
+                out.append(FrameError(exc.reason, exc.detail, len(line), exc.field, line[:64]))
+            except Exception as exc:  # never let one frame break the stream
+                out.append(FrameError(Reason.INVALID_JSON, f"undecodable frame: {exc!r}",
+                                      len(line), excerpt=line[:64]))
+        if len(rest) > limit + 1:
+            out.append(FrameError(Reason.TOO_LARGE,
+                                  f"frame exceeds {limit} bytes without a newline",
+                                  len(rest), excerpt=rest[:64]))
+            self._discarding = True
+            rest = b""
+        self._buffer = rest
+        return out
