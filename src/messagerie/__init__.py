@@ -6,6 +6,15 @@ The protocol model and codec are importable without asyncio side effects::
     line = encode(Notification("vm-sys-usb", "tous", "usb_device", "usb_connect", {}))
 """
 
+from .client import (
+    BlockingClient,
+    Client,
+    CommandError,
+    CommandTimeout,
+    Disconnected,
+    MessagerieError,
+    NameUnknown,
+)
 from .codec import MAX_FRAME, FrameDecoder, FrameError, decode, encode, from_dict
 from .model import (
     DOM0,
@@ -36,9 +45,14 @@ __all__ = [
     "MAX_FRAME",
     "NAME_MAX",
     "TOUS",
+    "BlockingClient",
     "Categorie",
+    "Client",
     "Code",
+    "CommandError",
+    "CommandTimeout",
     "Commande",
+    "Disconnected",
     "Evenement",
     "FichierEtat",
     "FrameDecoder",
@@ -46,6 +60,8 @@ __all__ = [
     "Journal",
     "Message",
     "MessageInvalide",
+    "MessagerieError",
+    "NameUnknown",
     "Niveau",
     "Notification",
     "Reason",
