@@ -55,7 +55,15 @@ def _check_duplicates(line: bytes, obj: dict[str, Any]) -> None:
     # common case: a compact frame that re-encodes to itself has no repeated key (a
     # repeat would have collapsed). Anything else takes the slow, exact path.
     if _json_encode(obj) != line:
-        json.loads(line, object_pairs_hook=_reject_duplicates)
+        try:
+            json.loads(line, object_pairs_hook=_reject_duplicates)
+        except MessageInvalide:
+            raise
+        except RecursionError:  # the stdlib parser recurses deeper than msgspec
+            raise MessageInvalide(Reason.INVALID_JSON,
+                                  "invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # msgspec and json disagree: refuse rather than guess
+            raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
 
 
 def decode(line: bytes | bytearray | memoryview | str) -> Message:
@@ -64,7 +72,11 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
     if type(line) is not bytes:
-        line = line.encode() if isinstance(line, str) else bytes(line)
+        try:
+            line = line.encode() if isinstance(line, str) else bytes(line)
+        except UnicodeEncodeError as exc:  # a str with a lone surrogate
+            raise MessageInvalide(Reason.INVALID_UTF8,
+                                  f"unencodable character at {exc.start}") from None
     if line[-1:] == b"\n":
         line = line[:-2] if line[-2:] == b"\r\n" else line[:-1]
     try:
@@ -105,11 +117,14 @@ def _from_object(obj: dict[str, Any], line: bytes | None) -> Message:
     payload = obj.get("payload")
     # Fast path for the common case; check_name() explains anything unusual.
     names = valid_name_or_tous.seen
-    if (source not in names and not valid_name_or_tous(source)) or source == TOUS:
+    try:
+        known = source in names and destination in names
+    except TypeError:  # a list or an object is unhashable: explained below
+        known = False
+    if not known or source == TOUS:
         if source is None:
             raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "source")
         check_name(source, "source")
-    if destination not in names and not valid_name_or_tous(destination):
         if destination is None:
             raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing",
                                   "destination")
@@ -188,10 +203,12 @@ class FrameDecoder:
         lines = data.split(b"\n")
         rest = lines.pop()
         limit = self.max_frame
-        for line in lines:
-            if not line or line == b"\r":
+        for frame in lines:
+            # \r\n: drop the \r so that ``raw`` is canonical and the fast path applies.
+            line = frame[:-1] if frame[-1:] == b"\r" else frame
+            if not line:
                 continue
-            if len(line) > limit + (line[-1:] == b"\r"):
+            if len(line) > limit:
                 out.append(FrameError(Reason.TOO_LARGE,
                                       f"frame of {len(line)} bytes exceeds {limit}",
                                       len(line), excerpt=line[:64]))

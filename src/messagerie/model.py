@@ -128,9 +128,12 @@ class _Validated:
         self.seen: set[str] = set()
 
     def __call__(self, value: object) -> bool:
+        # Type first: a decoded list or object is unhashable and would raise in ``in``.
+        if type(value) is not str:
+            return False
         if value in self.seen:
             return True
-        if type(value) is not str or self._pattern.fullmatch(value) is None:
+        if self._pattern.fullmatch(value) is None:
             return False
         if len(self.seen) >= 4096:
             self.seen.clear()
@@ -306,9 +309,12 @@ class Notification(Message):
         # Inlined: this runs for every mouse move.
         data = payload.get("data")
         seen = _valid_token.seen
-        if (payload.get("categorie") in seen and payload.get("evenement") in seen
-                and (data is None or type(data) is dict)):
-            return
+        try:
+            if (payload.get("categorie") in seen and payload.get("evenement") in seen
+                    and (data is None or type(data) is dict)):
+                return
+        except TypeError:  # a list or an object is unhashable: explained below
+            pass
         _require_token(payload, "categorie")
         _require_token(payload, "evenement")
         _optional_object(payload, "data")
@@ -494,7 +500,10 @@ class Niveau(StrEnum):
 
 
 _NIVEAUX: Final = frozenset(n.value for n in Niveau)
-HORODATAGE_PATTERN: Final = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$"
+# [0-9], not \d: Python's \d also matches non-ASCII digits ("٢٠٢٤"), ECMA-262's does not.
+HORODATAGE_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$")
 _HORODATAGE_RE: Final = re.compile(HORODATAGE_PATTERN[1:-1])
 
 
