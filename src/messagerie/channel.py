@@ -67,6 +67,63 @@ class _NonBlockingSerial(serial.Serial):
             raise serial.SerialException(f"write failed: {exc}") from exc
 
 
+class _SerialTransport(serial_asyncio.SerialTransport):  # type: ignore[misc]
+    """pyserial-asyncio's transport with 64 KiB reads, immediate writes and an O(1)
+    write buffer.
+
+    Upstream reads 1 KiB per wake-up, defers every write to the next loop iteration,
+    and keeps a list of chunks whose lengths it sums on every ``write`` (twice): with
+    a slow reader and small messages that is quadratic. Here the buffer is a
+    bytearray, as in asyncio's own transports.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol,
+                 serial_instance: serial.Serial) -> None:
+        super().__init__(loop, protocol, serial_instance)
+        self._write_buffer = bytearray()
+        self._max_read_size = READ_SIZE
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._write_buffer)
+
+    def write(self, data: bytes) -> None:
+        if self._closing or not data:
+            return
+        if not self._write_buffer:
+            # Write now, as asyncio's transports do: upstream always defers to the
+            # next loop iteration, which costs two epoll_ctl calls per message.
+            try:
+                n = self._serial.write(data)
+            except serial.SerialException as exc:
+                self._fatal_error(exc, "Fatal write error on serial transport")
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self._ensure_writer()
+        self._write_buffer += data
+        self._maybe_pause_protocol()
+
+    def _write_ready(self) -> None:
+        buffer = self._write_buffer
+        if not buffer:
+            self._remove_writer()
+            return
+        try:
+            n = self._serial.write(buffer)
+        except serial.SerialException as exc:
+            buffer.clear()
+            self._fatal_error(exc, "Fatal write error on serial transport")
+            return
+        if n:
+            del buffer[:n]
+        self._maybe_resume_protocol()
+        if not buffer:
+            self._remove_writer()
+            if self._closing:
+                self._close()
+
+
 def channel_kind(path: str | os.PathLike[str]) -> str:
     """``"tty"`` or ``"socket"``; raises :class:`ChannelError` for anything else."""
     try:
@@ -104,13 +161,11 @@ async def open_channel(path: str | os.PathLike[str], protocol_factory: Callable[
         raise ChannelError(getattr(exc, "errno", None) or errno.EIO, str(exc), str(path)) \
             from None
     try:
-        tty_transport: Any
-        tty_transport, protocol = await serial_asyncio.connection_for_serial(
-            loop, protocol_factory, port)
+        protocol = protocol_factory()
+        tty_transport: Any = _SerialTransport(loop, protocol, port)
     except BaseException:
         port.close()
         raise
-    tty_transport._max_read_size = READ_SIZE
     return tty_transport, protocol
 
 

@@ -1,0 +1,206 @@
+"""Broker configuration: a TOML file, validated into frozen dataclasses.
+
+Keys are French like the wire protocol and the form integrators already use::
+
+    [domaines.vm-sys-usb]
+    chemin = "/var/run/vm-sys-usb-msg.sock"
+
+Every error names the key that is wrong (``domaines.vm-ui.chemin: expected a string``).
+See ``config/broker.toml`` for every key with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from messagerie import DOM0, MAX_FRAME, is_valid_name
+
+LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the text names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    name: str
+    path: str
+    discovered: bool = False
+    """Found by a discovery pattern rather than declared."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    queue_bytes: int = 1024 * 1024
+    """Outbound bytes held for one destination before its messages are dropped."""
+    stall_timeout: float = 1.0
+    """How long a destination that stopped reading may hold back its senders."""
+    rate: float = 5000.0
+    """Messages per second a domain may send, sustained (token bucket)."""
+    burst: int = 2000
+    """Messages a domain may send at once above the rate."""
+    commands_in_flight: int = 64
+    """Commands a domain may have waiting for an answer."""
+    command_ttl: float = 300.0
+    """After this long without an answer, a command is forgotten (and answered
+    ``delai_depasse`` on behalf of its destination)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+    discovery_patterns: tuple[str, ...] = ()
+    discovery_interval: float = 1.0
+    dom0_socket: str | None = "/run/messagerie/dom0.sock"
+    dom0_mode: int = 0o660
+    dom0_group: str | None = None
+    log_level: str = "info"
+    max_frame: int = MAX_FRAME
+    policy_path: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    reconnect_min: float = 0.1
+    reconnect_max: float = 5.0
+    source: str = "<defaults>"
+    """Where this configuration came from, for logs."""
+
+
+def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{key}: expected a table")
+    return value
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+         default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _positive(value: float, key: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value}")
+    return value
+
+
+def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def parse_config(data: dict[str, Any], source: str = "<string>", *,
+                 base: Path | None = None) -> Config:
+    """Validate a parsed TOML document. Relative paths are taken from ``base``."""
+    _unknown(data, {"broker", "dom0", "decouverte", "limites", "reconnexion", "domaines"}, "")
+
+    def path_of(value: str) -> str:
+        p = Path(value)
+        return str(base / p) if base is not None and not p.is_absolute() else value
+
+    broker = _table(data, "broker", "")
+    _unknown(broker, {"niveau_journal", "taille_max_trame", "politique"}, "broker.")
+    level = _get(broker, "niveau_journal", str, "broker.", "info")
+    if level not in LEVELS:
+        raise ConfigError(f"broker.niveau_journal: {level!r} is not one of {', '.join(LEVELS)}")
+    max_frame = _get(broker, "taille_max_trame", int, "broker.", MAX_FRAME)
+    if not 256 <= max_frame <= 16 * 1024 * 1024:
+        raise ConfigError(f"broker.taille_max_trame: {max_frame} is not within 256..16777216")
+    policy = _get(broker, "politique", str, "broker.", None)
+
+    dom0 = _table(data, "dom0", "")
+    _unknown(dom0, {"socket", "mode", "groupe"}, "dom0.")
+    socket_path = _get(dom0, "socket", str, "dom0.", "/run/messagerie/dom0.sock") or None
+    mode_text = _get(dom0, "mode", str, "dom0.", "0660")
+    if not re.fullmatch(r"0?[0-7]{3}", mode_text):
+        raise ConfigError(f"dom0.mode: {mode_text!r} is not an octal mode like \"0660\"")
+    group = _get(dom0, "groupe", str, "dom0.", None)
+
+    disc = _table(data, "decouverte", "")
+    _unknown(disc, {"motifs", "intervalle"}, "decouverte.")
+    patterns = _get(disc, "motifs", list, "decouverte.", [])
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise ConfigError(f"decouverte.motifs[{i}]: expected str")
+        if Path(pattern).name.count("*") != 1 or "*" in str(Path(pattern).parent):
+            raise ConfigError(
+                f"decouverte.motifs[{i}]: {pattern!r} must have exactly one '*' in its file "
+                "name, which becomes the domain name (e.g. /var/run/*-msg.sock)")
+    interval = _positive(float(_get(disc, "intervalle", (int, float), "decouverte.", 1.0)),
+                         "decouverte.intervalle")
+
+    lim = _table(data, "limites", "")
+    keys = {"file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
+            "debit": ("rate", float), "rafale": ("burst", int),
+            "commandes_en_vol": ("commands_in_flight", int),
+            "duree_commande": ("command_ttl", float)}
+    _unknown(lim, set(keys), "limites.")
+    values: dict[str, Any] = {}
+    for key, (attr, kind) in keys.items():
+        if key in lim:
+            raw = _get(lim, key, (int, float) if kind is float else int, "limites.", None)
+            values[attr] = kind(_positive(raw, f"limites.{key}"))
+    limits = Limits(**values)
+
+    rec = _table(data, "reconnexion", "")
+    _unknown(rec, {"min", "max"}, "reconnexion.")
+    rmin = _positive(float(_get(rec, "min", (int, float), "reconnexion.", 0.1)),
+                     "reconnexion.min")
+    rmax = _positive(float(_get(rec, "max", (int, float), "reconnexion.", 5.0)),
+                     "reconnexion.max")
+    if rmax < rmin:
+        raise ConfigError("reconnexion.max: must be at least reconnexion.min")
+
+    domains: dict[str, DomainConfig] = {}
+    for name, table in _table(data, "domaines", "").items():
+        where = f"domaines.{name}."
+        if not is_valid_name(name) or name == DOM0:
+            raise ConfigError(f"domaines.{name}: not a valid domain name (1-64 of A-Z a-z 0-9 "
+                              "- _ ., not 'dom0' nor 'tous')")
+        if not isinstance(table, dict):
+            raise ConfigError(f"domaines.{name}: expected a table with a 'chemin' key")
+        _unknown(table, {"chemin"}, where)
+        chemin = _get(table, "chemin", str, where, None)
+        if not chemin:
+            raise ConfigError(f"{where}chemin: required (the channel's tty or unix socket path)")
+        domains[name] = DomainConfig(name, path_of(chemin))
+
+    if not domains and not patterns:
+        raise ConfigError("no domain: declare [domaines.<name>] chemin = ... or "
+                          "[decouverte] motifs = [...]")
+    return Config(
+        domains=domains, discovery_patterns=tuple(path_of(p) for p in patterns),
+        discovery_interval=interval,
+        dom0_socket=path_of(socket_path) if socket_path else None,
+        dom0_mode=int(mode_text, 8), dom0_group=group, log_level=level, max_frame=max_frame,
+        policy_path=path_of(policy) if policy else None, limits=limits,
+        reconnect_min=rmin, reconnect_max=rmax, source=source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; raise :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    try:
+        return parse_config(data, str(path), base=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

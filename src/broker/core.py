@@ -1,0 +1,332 @@
+"""The broker: registry of endpoints, the receive path, pending commands, built-ins.
+
+Everything that decides is elsewhere (``router.route``, the policy); this module
+applies decisions: it writes bytes, answers refused commands, counts and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+import messagerie
+from messagerie import (
+    DOM0,
+    TOUS,
+    Categorie,
+    Code,
+    Commande,
+    Evenement,
+    FrameError,
+    Journal,
+    Message,
+    Notification,
+    Reponse,
+    encode,
+)
+
+from .config import Config
+from .endpoint import DomainEndpoint, Peer
+from .policy import Policy
+from .router import BUILTINS, Deliver, PolicyLike, Refuse, route
+
+if TYPE_CHECKING:
+    from .local import Dom0Hub, LocalConnection
+
+
+
+@dataclass(slots=True)
+class Pending:
+    """A command on its way: who answers it, until when, and (dom0) who asked."""
+
+    destination: str
+    deadline: float
+    asker: Peer
+    server: Peer | None
+    """For commands to dom0: the dom0 service that serves it."""
+
+
+class Broker:
+    """State and receive path. One per process; asyncio at the edges only."""
+
+    def __init__(self, config: Config, policy: PolicyLike | None = None) -> None:
+        self.config = config
+        self.policy: PolicyLike = policy or Policy.allow_all()
+        self.domains: dict[str, DomainEndpoint] = {}
+        self.dom0: Dom0Hub | None = None
+        self.pending: dict[tuple[str, str], Pending] = {}
+        self.started = time.monotonic()
+        self.log = structlog.get_logger("broker").bind()
+        self.debug = config.log_level == "debug"
+
+    # -- RoutingView ---------------------------------------------------------------
+    def is_known(self, name: str) -> bool:
+        return name in self.domains
+
+    def is_connected(self, name: str) -> bool:
+        ep = self.domains.get(name)
+        return ep is not None and ep.connected_since is not None and ep.transport is not None
+
+    def connected(self) -> Iterator[str]:
+        for name, ep in self.domains.items():
+            if ep.connected_since is not None and ep.transport is not None:
+                yield name
+
+    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
+        pending = self.pending.get((commander, id))
+        return pending is not None and pending.destination == replier
+
+    # -- receive path --------------------------------------------------------------
+    def receive(self, peer: Peer, item: Message | FrameError) -> None:
+        """Called by a peer for every frame it decoded (or failed to)."""
+        if type(item) is FrameError:
+            peer.stats.invalid += 1
+            if peer.log_budget.allow():
+                peer.log.warning("frame.invalid", reason=str(item.reason), field=item.field,
+                                 detail=item.detail, size=item.size,
+                                 suppressed=peer.log_budget.take_suppressed())
+            return
+        msg: Message = item  # type: ignore[assignment]
+        stats = peer.stats
+        stats.received += 1
+        peer.tokens -= 1
+        if peer.tokens < 0:
+            stats.throttled += 1
+        decision = route(msg, peer.name, self)
+        if type(decision) is Refuse:
+            self.refuse(peer, msg, decision)
+            return
+        targets = decision.targets  # type: ignore[union-attr]
+        kind = msg.type
+        data = msg.raw + b"\n" if msg.raw is not None else encode(msg)
+        if kind == "commande":
+            if not self._track_command(peer, msg, targets[0]):
+                return
+        elif kind == "reponse":
+            # The router checked that this answers a pending command: it goes to the
+            # very peer that asked (a domain, or one of several dom0 services).
+            pending = self.pending.pop((msg.destination, msg.payload["id"]))
+            pending.asker.in_flight -= 1
+            if not pending.asker.send(data, peer):
+                self._dropped(peer, pending.asker, msg)
+        for target in targets if kind != "reponse" else ():
+            if target == DOM0:
+                assert self.dom0 is not None
+                self.dom0.deliver(msg, data, peer)
+                continue
+            dest = self.domains[target]
+            if not dest.send(data, peer):
+                self._dropped(peer, dest, msg)
+        if msg.destination == TOUS and peer.kind == "dom0" and self.dom0 is not None:
+            self.dom0.broadcast_local(data, exclude=peer)
+        if decision.denied:  # type: ignore[union-attr]
+            stats.refused += 1
+            if peer.log_budget.allow():
+                peer.log.warning("message.filtered", security=True, type=kind, name=msg.name,
+                                 denied=[d for d, _ in decision.denied],  # type: ignore[union-attr]
+                                 rules=sorted({r for _, r in decision.denied}))  # type: ignore[union-attr]
+        if self.debug:
+            peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
+                           type=kind, name=msg.name, id=msg.payload.get("id"),
+                           size=len(data), targets=list(targets))
+
+    def refuse(self, peer: Peer, msg: Message, decision: Refuse) -> None:
+        peer.stats.refused += 1
+        if peer.log_budget.allow():
+            log = peer.log.warning if decision.security else peer.log.info
+            log("message.refused", why=decision.kind, detail=decision.detail, type=msg.type,
+                source=msg.source, destination=msg.destination, name=msg.name,
+                id=msg.payload.get("id"), security=decision.security,
+                suppressed=peer.log_budget.take_suppressed())
+        if msg.type == "commande":
+            self.answer(peer, msg, decision.code, decision.detail)  # type: ignore[arg-type]
+
+    def answer(self, peer: Peer, cmd: Commande, code: str, text: str) -> None:
+        """Send the broker's error reponse to ``cmd`` back on ``peer``'s channel."""
+        reply = Reponse(DOM0, cmd.source, cmd.id, cmd.commande, "erreur",
+                        erreur={"code": code, "message": text})
+        peer.send(encode(reply))
+
+    def _dropped(self, sender: Peer, dest: Peer, msg: Message) -> None:
+        if dest.log_budget.allow():
+            dest.log.warning("message.dropped", why="queue_full", source=msg.source,
+                             type=msg.type, name=msg.name, queued=dest.queued(),
+                             suppressed=dest.log_budget.take_suppressed())
+        if msg.type == "commande":
+            self.pending.pop((msg.source, msg.payload["id"]), None)
+            sender.in_flight -= 1
+            self.answer(sender, msg, Code.DESTINATION_SATUREE,  # type: ignore[arg-type]
+                        f"{dest.name} is not reading its channel")
+
+    # -- commands in flight -------------------------------------------------------
+    def _track_command(self, peer: Peer, msg: Message, target: str) -> bool:
+        cmd: Commande = msg  # type: ignore[assignment]
+        if target == DOM0 and cmd.commande in BUILTINS:
+            return True  # answered at once by the hub, nothing to track
+        key = (cmd.source, cmd.id)
+        if key in self.pending:
+            self.refuse(peer, msg, Refuse("duplicate_id", Code.MESSAGE_INVALIDE,
+                                          f"a command with id {cmd.id!r} is already in flight"))
+            return False
+        limit = self.config.limits.commands_in_flight
+        if peer.in_flight >= limit:
+            self.refuse(peer, msg, Refuse("too_many_commands", Code.LIMITE,
+                                          f"more than {limit} commands in flight"))
+            return False
+        server = None
+        if target == DOM0:
+            assert self.dom0 is not None
+            server = self.dom0.services.get(cmd.commande)
+            if server is None:
+                return True  # the hub answers commande_inconnue
+        peer.in_flight += 1
+        self.pending[key] = Pending(target, time.monotonic() + self.config.limits.command_ttl,
+                                    peer, server)
+        return True
+
+    def fail_pending(self, gone: Peer, code: str, text: str) -> None:
+        """Answer every command waiting on ``gone``; forget the ones it asked."""
+        for key, pending in list(self.pending.items()):
+            if pending.asker is gone:
+                del self.pending[key]
+            elif pending.server is gone or (pending.server is None
+                                            and pending.destination == gone.name
+                                            and gone.kind == "domain"):
+                del self.pending[key]
+                pending.asker.in_flight -= 1
+                commander, id = key
+                self._answer_for(pending, commander, id, code, text)
+
+    def _answer_for(self, pending: Pending, commander: str, id: str, code: str,
+                    text: str) -> None:
+        reply = Reponse(DOM0, commander, id, "inconnue", "erreur",
+                        erreur={"code": code, "message": text})
+        pending.asker.send(encode(reply))
+
+    def expire_pending(self) -> None:
+        now = time.monotonic()
+        for key, pending in list(self.pending.items()):
+            if pending.deadline <= now:
+                del self.pending[key]
+                pending.asker.in_flight -= 1
+                self._answer_for(pending, key[0], key[1], Code.DELAI_DEPASSE,
+                                 f"{pending.destination} did not answer in "
+                                 f"{self.config.limits.command_ttl:g} s")
+
+    # -- domain lifecycle ----------------------------------------------------------
+    def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
+        ep = DomainEndpoint(self, name, path, discovered=discovered)
+        self.domains[name] = ep
+        ep.start()
+        self.log.info("domain.added", domain=name, path=path, discovered=discovered)
+        return ep
+
+    async def remove_domain(self, name: str) -> None:
+        ep = self.domains.pop(name, None)
+        if ep is None:
+            return
+        was_up = ep.connected_since is not None
+        await ep.stop()
+        self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
+        self.log.info("domain.removed", domain=name)
+        if was_up:
+            self.emit_state(name, Evenement.DECONNECTE)
+
+    def domain_up(self, ep: DomainEndpoint) -> None:
+        self.emit_state(ep.name, Evenement.CONNECTE)
+
+    def domain_down(self, ep: DomainEndpoint) -> None:
+        self.fail_pending(ep, Code.DESTINATION_HORS_LIGNE,
+                          f"domain {ep.name} went down before answering")
+        self.emit_state(ep.name, Evenement.DECONNECTE)
+
+    def local_gone(self, conn: LocalConnection) -> None:
+        self.fail_pending(conn, Code.DESTINATION_HORS_LIGNE,
+                          "the dom0 service serving this command disconnected")
+
+    def emit_state(self, name: str, event: str) -> None:
+        """Tell ``tous`` that a domain came or went (the field's domain-state
+        notification), through the router like any message from dom0."""
+        self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}))
+
+    def emit(self, msg: Message) -> None:
+        data = encode(msg)
+        decision = route(msg, DOM0, self)
+        if type(decision) is Deliver:
+            for target in decision.targets:
+                if target != DOM0:
+                    self.domains[target].send(data)
+        if self.dom0 is not None and msg.destination in (TOUS, DOM0):
+            self.dom0.broadcast_local(data, exclude=None)
+
+    # -- built-in commands ---------------------------------------------------------
+    def builtin(self, cmd: Commande, peer: Peer) -> Reponse:
+        name = cmd.commande
+        if name == "ping":
+            return cmd.reply({"pong": True, "version": messagerie.__version__,
+                              "uptime": round(time.monotonic() - self.started, 3)})
+        if name == "domaines":
+            return cmd.reply(self.domain_list())
+        if name == "statistiques":
+            return cmd.reply(self.statistics())
+        assert name == "enregistrer"
+        if peer.kind != "dom0" or self.dom0 is None:
+            return cmd.fail(Code.REFUSE, "only dom0 services register commands")
+        return self.dom0.register(cmd, peer)  # type: ignore[arg-type]
+
+    def domain_list(self) -> list[dict[str, Any]]:
+        out = []
+        for name, ep in sorted(self.domains.items()):
+            out.append({"nom": name, "etat": "connecte" if self.is_connected(name)
+                        else "deconnecte", "chemin": ep.path, "type": ep.channel_type,
+                        "decouvert": ep.discovered})
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        domains = {}
+        for name, ep in sorted(self.domains.items()):
+            d: dict[str, Any] = ep.stats.as_dict()
+            d["file"] = ep.queued()
+            d["en_vol"] = ep.in_flight
+            d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
+            domains[name] = d
+        dom0 = self.dom0.statistics() if self.dom0 is not None else {}
+        return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,
+                "dom0": dom0, "commandes_en_attente": len(self.pending)}
+
+    def journal(self, msg: Journal, peer: Peer) -> None:
+        """A ``journal`` message to dom0: into the broker's own log, as an event."""
+        level = msg.payload.get("niveau", "info")
+        method = {"debug": peer.log.debug, "info": peer.log.info,
+                  "warning": peer.log.warning, "error": peer.log.error,
+                  "critical": peer.log.critical}.get(level, peer.log.info)
+        method("domain.journal", component=msg.payload.get("composant"),
+               text=msg.payload.get("texte"), at=msg.payload.get("horodatage"),
+               data=msg.payload.get("data"))
+
+    def totals(self) -> dict[str, int]:
+        total = {"received": 0, "sent": 0, "refused": 0, "invalid": 0, "dropped": 0}
+        for ep in self.domains.values():
+            total["received"] += ep.stats.received
+            total["sent"] += ep.stats.sent
+            total["refused"] += ep.stats.refused
+            total["invalid"] += ep.stats.invalid
+            total["dropped"] += ep.stats.dropped
+        return total
+
+    def close_all(self) -> None:
+        for ep in self.domains.values():
+            ep.close()
+
+
+def schedule_every(interval: float, fn: Any) -> asyncio.Task[None]:
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            fn()
+    return asyncio.get_running_loop().create_task(loop())

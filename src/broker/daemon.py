@@ -1,0 +1,265 @@
+"""``messagerie-broker``: the daemon's wiring. Signals, systemd, discovery, reload.
+
+Behaves as systemd's daemon guidance asks: no forking, no pid file, logs on stdout;
+``READY=1`` once the dom0 socket listens and every configured channel had its first
+connection attempt; ``WATCHDOG=1`` from the event loop; SIGHUP reloads configuration
+and policy (a bad one is refused and the running one stays); SIGTERM drains the
+outbound queues and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+import messagerie
+
+from . import logs
+from .config import Config, ConfigError, load_config
+from .core import Broker
+from .discovery import scan
+from .local import Dom0Hub
+from .notify import Notifier, watchdog_interval, watchdog_loop
+from .policy import Policy, PolicyError, load_policy
+
+DRAIN_TIMEOUT = 5.0
+READY_TIMEOUT = 5.0
+
+
+def load_everything(path: str | Path) -> tuple[Config, Policy]:
+    """Configuration and the policy it names; raises ConfigError or PolicyError."""
+    config = load_config(path)
+    policy = load_policy(config.policy_path) if config.policy_path else Policy.allow_all()
+    return config, policy
+
+
+class Daemon:
+    def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
+        self.config_path = config_path
+        self.broker = Broker(config, policy)
+        self.hub = Dom0Hub(self.broker)
+        self.broker.dom0 = self.hub
+        self.notifier = Notifier()
+        self.stop_event = asyncio.Event()
+        self.discovered: dict[str, str] = {}
+        self.log = structlog.get_logger("broker").bind()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ready = asyncio.Event()
+
+    @property
+    def config(self) -> Config:
+        return self.broker.config
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        if cfg.policy_path is None:
+            self.log.warning("policy.none", detail="no policy configured: every message is "
+                             "allowed; set broker.politique for a deployment")
+        if cfg.dom0_socket:
+            await self.hub.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
+        for domain in cfg.domains.values():
+            self.broker.add_domain(domain.name, domain.path)
+        self.rescan()
+        for sig, handler in ((signal.SIGTERM, self.stop_event.set),
+                             (signal.SIGINT, self.stop_event.set),
+                             (signal.SIGHUP, self._reload_soon)):
+            loop.add_signal_handler(sig, handler)
+        self.tasks = [
+            loop.create_task(self._every(cfg.discovery_interval, self.rescan), name="discovery"),
+            loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
+            loop.create_task(self._every(5.0, self._status), name="status"),
+        ]
+        interval = watchdog_interval()
+        if interval:
+            self.tasks.append(loop.create_task(watchdog_loop(
+                self.notifier, interval,
+                on_failure=lambda: self.log.warning("systemd.watchdog_failed")),
+                name="watchdog"))
+        await self._wait_first_attempts()
+        self.notifier.ready(self._status_text())
+        self.ready.set()
+        self.log.info("broker.ready", version=messagerie.__version__, config=cfg.source,
+                      domains=len(self.broker.domains), dom0_socket=cfg.dom0_socket,
+                      policy=cfg.policy_path or "allow-all")
+        await self.stop_event.wait()
+        await self.shutdown()
+        return 0
+
+    async def _wait_first_attempts(self) -> None:
+        waits = [ep.attempted.wait() for ep in self.broker.domains.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), READY_TIMEOUT)
+
+    async def _every(self, interval: float, fn: object) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fn()  # type: ignore[operator]
+            except Exception:
+                self.log.exception("broker.task_failed", task=getattr(fn, "__name__", "?"))
+
+    def rescan(self) -> None:
+        if not self.config.discovery_patterns:
+            return
+        found, rejected = scan(self.config.discovery_patterns)
+        for path in rejected:
+            if path not in self.discovered.values():
+                self.log.warning("discovery.bad_name", path=path)
+        declared = self.config.domains
+        for name, path in found.items():
+            if name in declared or self.discovered.get(name) == path:
+                continue
+            if name in self.discovered:  # same name, new path
+                asyncio.get_running_loop().create_task(self.broker.remove_domain(name))
+            self.discovered[name] = path
+            self.broker.add_domain(name, path, discovered=True)
+        for name in list(self.discovered):
+            if name not in found or name in declared:
+                del self.discovered[name]
+                if name not in declared:
+                    asyncio.get_running_loop().create_task(self.broker.remove_domain(name))
+
+    def _reload_soon(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Apply the configuration file again. False (and nothing changed) if invalid."""
+        self.notifier.reloading("reloading configuration")
+        if self.config_path is None:
+            self.log.warning("config.reload_ignored", detail="embedded configuration")
+            self.notifier.ready(self._status_text())
+            return False
+        try:
+            new, policy = load_everything(self.config_path)
+        except (ConfigError, PolicyError) as exc:
+            self.log.error("config.reload_failed", error=str(exc),
+                           detail="the running configuration stays")
+            self.notifier.ready(self._status_text())
+            return False
+        old = self.config
+        if new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame:
+            self.log.warning("config.restart_needed",
+                             detail="dom0.socket and broker.taille_max_trame apply at restart")
+        broker = self.broker
+        broker.config = new
+        broker.policy = policy
+        broker.debug = new.log_level == "debug"
+        logs.configure(new.log_level)
+        broker.log = structlog.get_logger("broker").bind()
+        for ep in list(broker.domains.values()) + list(self.hub.clients):
+            ep.queue_bytes = new.limits.queue_bytes
+            ep.rate = new.limits.rate
+            ep.burst = float(new.limits.burst)
+            ep.log = structlog.get_logger("broker").bind(domain=ep.name)
+        removed = [n for n, ep in broker.domains.items()
+                   if not ep.discovered and (n not in new.domains
+                                             or new.domains[n].path != ep.path)]
+        for name in removed:
+            await broker.remove_domain(name)
+        for name, domain in new.domains.items():
+            if name in broker.domains and broker.domains[name].discovered:
+                await broker.remove_domain(name)
+                self.discovered.pop(name, None)
+            if name not in broker.domains:
+                broker.add_domain(name, domain.path)
+        self.rescan()
+        self.log.info("config.reloaded", config=new.source, domains=len(broker.domains),
+                      policy=new.policy_path or "allow-all", rules=len(policy))
+        self.notifier.ready(self._status_text())
+        return True
+
+    def _status_text(self) -> str:
+        b = self.broker
+        up = sum(1 for _ in b.connected())
+        t = b.totals()
+        return (f"{up}/{len(b.domains)} domains connected, {len(self.hub.clients)} dom0 "
+                f"services; {t['received']} received, {t['refused']} refused, "
+                f"{t['invalid']} invalid, {t['dropped']} dropped")
+
+    def _status(self) -> None:
+        self.notifier.status(self._status_text())
+
+    async def shutdown(self) -> None:
+        """Stop reading, flush what is queued (bounded), close everything."""
+        self.notifier.stopping("draining")
+        self.log.info("broker.stopping")
+        for task in self.tasks:
+            task.cancel()
+        peers = list(self.broker.domains.values()) + list(self.hub.clients)
+        for peer in peers:
+            if peer.transport is not None:
+                with contextlib.suppress(Exception):
+                    peer.transport.pause_reading()
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(p.queued() for p in peers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        left = sum(p.queued() for p in peers)
+        await self.hub.stop()
+        for ep in list(self.broker.domains.values()):
+            await ep.stop()
+        self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())
+        self.notifier.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="messagerie-broker",
+        description="Route messagerie messages between Xen domains (dom0 daemon).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
+    g.add_argument("--check-config", metavar="FILE",
+                   help="validate a configuration (and its policy), then exit")
+    g.add_argument("--demo", action="store_true",
+                   help="run the embedded demo: three simulated domains on socat ptys")
+    g.add_argument("--explain", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="would this message be allowed, and by which rule? "
+                        "(POLICY --source S --destination D --type T [--nom N])")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override broker.niveau_journal")
+    p.add_argument("--version", action="version", version=messagerie.__version__)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.explain is not None:
+        from .policy import explain_main
+        return explain_main(args.explain)
+    if args.demo:
+        from .demo import run_demo
+        return run_demo(log_level=args.log_level or "info")
+    path = args.check_config or args.config
+    try:
+        config, policy = load_everything(path)
+    except (ConfigError, PolicyError) as exc:
+        print(f"messagerie-broker: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"{path}: ok ({len(config.domains)} domains, "
+              f"{len(config.discovery_patterns)} discovery patterns, "
+              f"policy: {config.policy_path or 'none (allow all)'}"
+              f"{f', {len(policy)} rules' if config.policy_path else ''})")
+        return 0
+    if args.log_level:
+        from dataclasses import replace
+        config = replace(config, log_level=args.log_level)
+    logs.configure(config.log_level)
+    try:
+        return asyncio.run(Daemon(config, policy, path).run())
+    except OSError as exc:  # e.g. the dom0 socket's directory is not writable
+        structlog.get_logger("broker").error("broker.failed", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

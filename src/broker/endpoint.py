@@ -1,0 +1,304 @@
+"""Endpoints: one per channel the broker speaks on.
+
+A :class:`Peer` is the asyncio protocol of one byte stream: it splits frames with the
+sans-IO :class:`~messagerie.FrameDecoder`, hands every message or frame error to the
+broker, and owns the outbound side with its bound and back-pressure.
+
+Outbound policy, per destination (documented in docs/broker.md):
+
+* below ``queue_bytes`` the bytes are queued in the transport;
+* when the transport passes its high-water mark, the peers that sent to it stop being
+  read (back-pressure: nothing is lost under a transient burst) until it drains;
+* a destination that does not drain within ``stall_timeout`` is *stalled*: its
+  senders are released (one slow reader never delays the others) and what does not
+  fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
+  dropped ``commande`` is answered ``destination_saturee``.
+
+A :class:`DomainEndpoint` is a :class:`Peer` that keeps its channel open: it connects,
+and when the channel goes away (domain shutdown, pty hang-up, socket closed, EIO) it
+retries with exponential backoff until the domain comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from messagerie import FrameDecoder
+from messagerie.channel import ChannelError, channel_kind, open_channel
+
+if TYPE_CHECKING:
+    from .core import Broker
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+@dataclass(slots=True)
+class Stats:
+    received: int = 0
+    """Messages read from this peer."""
+    sent: int = 0
+    """Messages written to this peer."""
+    refused: int = 0
+    """Messages from this peer the broker refused (spoofed, denied, unknown, ...)."""
+    invalid: int = 0
+    """Frames from this peer that did not decode."""
+    dropped: int = 0
+    """Messages for this peer dropped because its queue was full."""
+    throttled: int = 0
+    """Messages from this peer read late because it exceeded its rate."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {"recus": self.received, "envoyes": self.sent, "refuses": self.refused,
+                "invalides": self.invalid, "perdus": self.dropped, "limites": self.throttled}
+
+
+class LogBudget:
+    """At most ``per_second`` warnings a second from one peer; the rest are counted
+    and reported with the next one, so a hostile domain cannot flood the journal."""
+
+    __slots__ = ("_count", "_per_second", "_window", "suppressed")
+
+    def __init__(self, per_second: int = 20) -> None:
+        self._per_second = per_second
+        self._window = 0.0
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window = now
+            self._count = 0
+        self._count += 1
+        if self._count <= self._per_second:
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+class Peer(asyncio.Protocol):
+    """One byte stream: a domain's channel or a dom0 service's connection."""
+
+    kind = "peer"
+
+    def __init__(self, broker: Broker, name: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.stats = Stats()
+        self.transport: Any = None
+        self.decoder = FrameDecoder(broker.config.max_frame)
+        self.log_budget = LogBudget()
+        self.log = structlog.get_logger("broker").bind(domain=name)
+        self.queue_bytes = broker.config.limits.queue_bytes
+        # Outbound back-pressure state.
+        self.paused_writing = False
+        self.stalled = False
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._waiters: set[Peer] = set()
+        """Peers not being read because they sent to us while we were full."""
+        self._held_by: set[Peer] = set()
+        """Destinations we wait on; reading resumes when this is empty."""
+        self._throttle_timer: asyncio.TimerHandle | None = None
+        # Rate limiting: a token bucket refilled per read.
+        limits = broker.config.limits
+        self.rate = limits.rate
+        self.burst = float(limits.burst)
+        self.tokens = self.burst
+        self._last_refill = time.monotonic()
+        self.in_flight = 0
+        """Commands from this peer awaiting an answer."""
+
+    # -- asyncio.Protocol --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.decoder = FrameDecoder(self.broker.config.max_frame)
+        try:
+            transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        self.paused_writing = False
+        self.stalled = False
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._last_refill) * self.rate)
+        self._last_refill = now
+        receive = self.broker.receive
+        for item in self.decoder.feed(data):
+            receive(self, item)
+        if self.tokens < 0 and self.transport is not None and self._throttle_timer is None:
+            # Over its rate: stop reading this channel until the bucket refills. The
+            # excess waits in the domain's own channel, costing us nothing.
+            self.transport.pause_reading()
+            delay = -self.tokens / self.rate
+            self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._throttle_timer = None
+        if not self._held_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for waiter in list(self._waiters):
+            waiter.release(self)
+        self._waiters.clear()
+        for dest in list(self._held_by):
+            dest._waiters.discard(self)
+        self._held_by.clear()
+        for timer in (self._stall_timer, self._throttle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._stall_timer = self._throttle_timer = None
+        self.paused_writing = False
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        if self.stalled:
+            self.stalled = False
+            self.log.info("domain.drained")
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        for waiter in self._waiters:
+            waiter.release(self)
+        self._waiters.clear()
+
+    # -- outbound ------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def queued(self) -> int:
+        t = self.transport
+        return int(t.get_write_buffer_size()) if t is not None else 0
+
+    def send(self, data: bytes, sender: Peer | None = None) -> bool:
+        """Queue ``data`` for this peer; False when it was dropped (full or offline)."""
+        t = self.transport
+        if t is None:
+            return False
+        if self.paused_writing and t.get_write_buffer_size() + len(data) > self.queue_bytes:
+            self.stats.dropped += 1
+            return False
+        t.write(data)
+        self.stats.sent += 1
+        if self.paused_writing and sender is not None and sender is not self and not self.stalled:
+            sender.hold(self)
+        return True
+
+    def hold(self, dest: Peer) -> None:
+        """Stop reading this peer until ``dest`` drains (or is declared stalled)."""
+        if dest in self._held_by or self.transport is None:
+            return
+        self._held_by.add(dest)
+        dest._waiters.add(self)
+        self.transport.pause_reading()
+        if dest._stall_timer is None:
+            dest._stall_timer = asyncio.get_running_loop().call_later(
+                self.broker.config.limits.stall_timeout, dest._stall)
+
+    def release(self, dest: Peer) -> None:
+        self._held_by.discard(dest)
+        if (not self._held_by and self._throttle_timer is None and self.transport is not None
+                and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
+    def _stall(self) -> None:
+        self._stall_timer = None
+        if not self.paused_writing:
+            return
+        self.stalled = True
+        self.log.warning("domain.stalled", queued=self.queued(),
+                         waiting_senders=sorted(p.name for p in self._waiters))
+        for waiter in self._waiters:
+            waiter.release(self)
+        self._waiters.clear()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DomainEndpoint(Peer):
+    """A DomU's channel, kept open: connect, serve, and reconnect with backoff."""
+
+    kind = "domain"
+
+    def __init__(self, broker: Broker, name: str, path: str, *, discovered: bool = False) -> None:
+        super().__init__(broker, name)
+        self.path = path
+        self.discovered = discovered
+        self.channel_type = "?"
+        self.connected_since: float | None = None
+        self._lost: asyncio.Event = asyncio.Event()
+        self._lost_reason = ""
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.attempted = asyncio.Event()
+        """Set once the first connection attempt is over (success or failure)."""
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise(),
+                                                            name=f"domain:{self.name}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.close()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._lost_reason = str(exc) if exc else "closed"
+        self._lost.set()
+
+    async def _supervise(self) -> None:
+        cfg = self.broker.config
+        delay = cfg.reconnect_min
+        failing: str | None = None
+        while not self._stopping:
+            try:
+                self.channel_type = channel_kind(self.path)
+                self._lost.clear()
+                await open_channel(self.path, lambda: self, exclusive=False)
+            except (ChannelError, OSError) as exc:
+                self.attempted.set()
+                reason = str(exc)
+                if reason != failing:  # log state changes, not every retry
+                    self.log.warning("domain.unavailable", path=self.path, error=reason,
+                                     retry_in=round(delay, 3))
+                    failing = reason
+                await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, cfg.reconnect_max)
+                continue
+            failing = None
+            delay = cfg.reconnect_min
+            self.connected_since = time.time()
+            self.log.info("domain.connected", path=self.path, channel=self.channel_type)
+            self.broker.domain_up(self)
+            self.attempted.set()
+            await self._lost.wait()
+            self.connected_since = None
+            self.log.info("domain.disconnected", reason=self._lost_reason)
+            self.broker.domain_down(self)
+            # A channel that drops at once (a pty nobody holds) should not spin.
+            await asyncio.sleep(delay)

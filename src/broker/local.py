@@ -1,0 +1,162 @@
+"""dom0's side of the broker: a unix socket where dom0 services connect as ``dom0``.
+
+Access is by file permission (mode and group of the socket); the peer's pid, uid and
+gid (SO_PEERCRED) are logged with every event of the connection.
+
+Who receives what when several dom0 services are connected:
+
+* a ``commande`` to ``dom0``: the broker answers its built-ins (``ping``, ``domaines``,
+  ``statistiques``) itself; any other name goes to the one service that registered it
+  with ``enregistrer`` (a name is served by one service at a time: a second
+  registration is refused); nobody registered it: ``commande_inconnue``;
+* a ``reponse`` to ``dom0``: to the service that sent the command with that ``id``
+  (the broker remembers who asked; see ``Broker.receive``);
+* a ``notification`` or ``journal`` to ``dom0`` or ``tous``: to every connected service
+  (never back to the one that sent it); a ``journal`` is also written to the
+  broker's log as a ``domain.journal`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import stat
+import struct
+from typing import TYPE_CHECKING, Any
+
+from messagerie import DOM0, Code, Commande, Journal, Message, Reponse, encode
+
+from .endpoint import Peer
+from .router import BUILTINS
+
+if TYPE_CHECKING:
+    from .core import Broker
+
+
+class LocalConnection(Peer):
+    """One dom0 service connected to the local socket."""
+
+    kind = "dom0"
+
+    def __init__(self, broker: Broker, hub: Dom0Hub) -> None:
+        super().__init__(broker, DOM0)
+        self.hub = hub
+        self.serves: set[str] = set()
+        self.creds: dict[str, int] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i"))
+                pid, uid, gid = struct.unpack("3i", raw)
+                self.creds = {"pid": pid, "uid": uid, "gid": gid}
+        self.log = self.log.bind(service_pid=self.creds.get("pid"),
+                                 service_uid=self.creds.get("uid"))
+        self.hub.clients.add(self)
+        self.log.info("dom0.service_connected", **self.creds)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.hub.clients.discard(self)
+        for name in self.serves:
+            if self.hub.services.get(name) is self:
+                del self.hub.services[name]
+        self.log.info("dom0.service_disconnected", served=sorted(self.serves))
+        self.broker.local_gone(self)
+
+
+class Dom0Hub:
+    """Delivery to dom0: built-ins, registered services, and local fan-out."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.clients: set[LocalConnection] = set()
+        self.services: dict[str, LocalConnection] = {}
+        self.server: asyncio.AbstractServer | None = None
+        self.path: str | None = None
+        self.received_journal = 0
+
+    async def start(self, path: str, mode: int, group: str | None) -> None:
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not os.path.exists(path) or _is_socket(path):
+                os.unlink(path)  # a stale socket from a previous run
+        loop = asyncio.get_running_loop()
+        # Create it with no access for anyone, then open it up: no window where the
+        # socket exists with looser permissions than configured.
+        old = os.umask(0o177)
+        try:
+            self.server = await loop.create_unix_server(
+                lambda: LocalConnection(self.broker, self), path)
+        finally:
+            os.umask(old)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, mode)
+        self.path = path
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in list(self.clients):
+                conn.close()
+            await self.server.wait_closed()
+            self.server = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def deliver(self, msg: Message, data: bytes, origin: Peer) -> None:
+        kind = msg.type
+        if kind == "commande":
+            cmd: Commande = msg  # type: ignore[assignment]
+            if cmd.commande in BUILTINS:
+                origin.send(encode(self.broker.builtin(cmd, origin)))
+                return
+            server = self.services.get(cmd.commande)
+            if server is None:
+                origin.send(encode(cmd.fail(Code.COMMANDE_INCONNUE,
+                                            f"no dom0 service serves {cmd.commande!r}")))
+            elif not server.send(data, origin):
+                self.broker._dropped(origin, server, msg)
+            return
+        if kind == "journal":
+            self.received_journal += 1
+            self.broker.journal(msg, origin)  # type: ignore[arg-type]
+        self.broadcast_local(data, exclude=origin)
+
+    def broadcast_local(self, data: bytes, exclude: Peer | None) -> None:
+        for conn in self.clients:
+            if conn is not exclude:
+                conn.send(data)
+
+    def register(self, cmd: Commande, conn: LocalConnection) -> Reponse:
+        names = cmd.arguments.get("commandes")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return cmd.fail(Code.MESSAGE_INVALIDE, "arguments.commandes: expected a list of names")
+        taken = [n for n in names if n in BUILTINS or
+                 (n in self.services and self.services[n] is not conn)]
+        if taken:
+            return cmd.fail(Code.REFUSE, f"already served: {', '.join(sorted(taken))}")
+        for name in names:
+            self.services[name] = conn
+            conn.serves.add(name)
+        conn.log.info("dom0.service_registered", commands=sorted(names))
+        return cmd.reply({"commandes": sorted(conn.serves)})
+
+    def statistics(self) -> dict[str, Any]:
+        return {"services": len(self.clients),
+                "commandes": {n: c.creds.get("pid") for n, c in sorted(self.services.items())},
+                "journal": self.received_journal}
+
+
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
