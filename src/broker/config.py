@@ -81,7 +81,7 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     if key not in table:
         return default
     value = table[key]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"{where}{key}: expected {names}, got {type(value).__name__}")
     return value

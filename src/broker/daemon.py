@@ -44,6 +44,7 @@ def load_everything(path: str | Path) -> tuple[Config, Policy]:
 class Daemon:
     def __init__(self, config: Config, policy: Policy, config_path: str | None) -> None:
         self.config_path = config_path
+        self.policy = policy
         self.broker = Broker(config, policy)
         self.hub = Dom0Hub(self.broker)
         self.broker.dom0 = self.hub
@@ -61,7 +62,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        if cfg.policy_path is None:
+        if self.policy.origin == "<allow-all>":
             self.log.warning("policy.none", detail="no policy configured: every message is "
                              "allowed; set broker.politique for a deployment")
         if cfg.dom0_socket:
@@ -89,7 +90,7 @@ class Daemon:
         self.ready.set()
         self.log.info("broker.ready", version=messagerie.__version__, config=cfg.source,
                       domains=len(self.broker.domains), dom0_socket=cfg.dom0_socket,
-                      policy=cfg.policy_path or "allow-all")
+                      policy=self.policy.origin)
         await self.stop_event.wait()
         await self.shutdown()
         return 0
@@ -152,7 +153,7 @@ class Daemon:
                              detail="dom0.socket and broker.taille_max_trame apply at restart")
         broker = self.broker
         broker.config = new
-        broker.policy = policy
+        broker.policy = self.policy = policy
         broker.debug = new.log_level == "debug"
         logs.configure(new.log_level)
         broker.log = structlog.get_logger("broker").bind()
@@ -201,7 +202,8 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     peer.transport.pause_reading()
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while any(p.queued() for p in peers) and time.monotonic() < deadline:
+        # Transports have no "drained" event; poll, bounded.
+        while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         left = sum(p.queued() for p in peers)
         await self.hub.stop()

@@ -22,6 +22,7 @@ retries with exponential backoff until the domain comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -123,10 +124,8 @@ class Peer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.decoder = FrameDecoder(self.broker.config.max_frame)
-        try:
+        with contextlib.suppress(AttributeError):
             transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)  # type: ignore[attr-defined]
-        except AttributeError:
-            pass
         self.paused_writing = False
         self.stalled = False
 
@@ -261,10 +260,8 @@ class DomainEndpoint(Peer):
         self.close()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -27,7 +27,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING, Any
 
-from messagerie import DOM0, Code, Commande, Journal, Message, Reponse, encode
+from messagerie import DOM0, Code, Commande, Message, Reponse, encode
 
 from .endpoint import Peer
 from .router import BUILTINS
@@ -83,12 +83,7 @@ class Dom0Hub:
         self.received_journal = 0
 
     async def start(self, path: str, mode: int, group: str | None) -> None:
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not os.path.exists(path) or _is_socket(path):
-                os.unlink(path)  # a stale socket from a previous run
+        _prepare_socket_path(path)
         loop = asyncio.get_running_loop()
         # Create it with no access for anyone, then open it up: no window where the
         # socket exists with looser permissions than configured.
@@ -158,5 +153,16 @@ class Dom0Hub:
                 "journal": self.received_journal}
 
 
-def _is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.lstat(path).st_mode)
+def _prepare_socket_path(path: str) -> None:
+    """Create the socket's directory; remove a stale socket from a previous run (but
+    never another kind of file: that is a configuration mistake to report)."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    os.unlink(path)

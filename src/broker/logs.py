@@ -46,6 +46,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None,
     if reconfigure is not None:  # one line, one write: journald sees events at once
         reconfigure(line_buffering=True)
     tty = out.isatty() if force_json is None else not force_json
+    colours = out.isatty()
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -53,7 +54,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None,
         structlog.processors.format_exc_info,
     ]
     if tty:
-        processors.append(structlog.dev.ConsoleRenderer())
+        processors.append(structlog.dev.ConsoleRenderer(colors=colours))
     elif os.environ.get("JOURNAL_STREAM"):
         processors += [_syslog_prefix, _render_journal]
     else:
