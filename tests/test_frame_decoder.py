@@ -1,0 +1,170 @@
+"""FrameDecoder: framing, limits, resynchronisation, \\r\\n and empty lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from messagerie import (
+    MAX_FRAME,
+    FrameDecoder,
+    FrameError,
+    Message,
+    Notification,
+    Reason,
+    codec,
+    encode,
+)
+
+MSG = Notification("vm-sys-usb", "vm-ui", "entree", "souris",
+                   {"entree": "souris", "position": {"x": 1, "y": 2}})
+LINE = encode(MSG)  # with its \n
+FRAME = LINE[:-1]
+
+
+def messages(out: list[Message | FrameError]) -> list[Message]:
+    assert all(isinstance(o, Message) for o in out), out
+    return [o for o in out if isinstance(o, Message)]
+
+
+def padded(size: int) -> bytes:
+    """A valid frame of exactly ``size`` bytes (padding in an unknown payload key)."""
+    base = len(encode(Notification("vm-a", "vm-b", "c", "e", {"p": ""}))) - 1
+    msg = Notification("vm-a", "vm-b", "c", "e", {"p": "x" * (size - base)})
+    line = encode(msg)[:-1]
+    assert len(line) == size
+    return line
+
+
+def test_default_limit() -> None:
+    assert MAX_FRAME == 65536
+    assert FrameDecoder().max_frame == MAX_FRAME
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_limit_must_be_positive(bad: int) -> None:
+    with pytest.raises(ValueError):
+        FrameDecoder(bad)
+
+
+def test_one_frame_in_one_feed() -> None:
+    d = FrameDecoder()
+    out = messages(d.feed(LINE))
+    assert out == [MSG] and out[0].raw == FRAME
+    assert d.buffered == 0
+
+
+def test_several_frames_in_one_feed() -> None:
+    assert messages(FrameDecoder().feed(LINE * 3)) == [MSG] * 3
+
+
+def test_byte_by_byte() -> None:
+    d = FrameDecoder()
+    out: list[Message | FrameError] = []
+    for i in range(len(LINE)):
+        out += d.feed(LINE[i:i + 1])
+        assert d.buffered == (i + 1) % len(LINE)
+    assert messages(out) == [MSG]
+
+
+def test_incomplete_frame_waits() -> None:
+    d = FrameDecoder()
+    assert d.feed(FRAME) == []
+    assert d.buffered == len(FRAME)
+    assert messages(d.feed(b"\n")) == [MSG]
+    assert d.buffered == 0
+
+
+def test_crlf_and_empty_lines() -> None:
+    d = FrameDecoder()
+    out = messages(d.feed(b"\n\r\n\n" + FRAME + b"\r\n\r\n" + FRAME + b"\r"))
+    assert out == [MSG]
+    assert out[0].raw == FRAME  # the \r is not part of the frame
+    assert messages(d.feed(b"\n")) == [MSG]
+    assert d.feed(b"\n" * 1000 + b"\r\n" * 1000) == []
+
+
+def test_bad_frame_then_good_frame() -> None:
+    out = FrameDecoder().feed(b'{"type":\n' + LINE + b"not json\n" + LINE)
+    assert [type(o).__name__ for o in out] == [
+        "FrameError", "Notification", "FrameError", "Notification"]
+    first, third = out[0], out[2]
+    assert isinstance(first, FrameError) and isinstance(third, FrameError)
+    assert first.reason is third.reason is Reason.INVALID_JSON
+    assert first.size == len(b'{"type":') and first.excerpt == b'{"type":'
+
+
+def test_frame_error_names_the_field() -> None:
+    bad = FRAME.replace(b'"souris"', b'"sou ris"', 1)
+    out = FrameDecoder().feed(bad + b"\n")
+    assert len(out) == 1 and isinstance(out[0], FrameError)
+    err = out[0]
+    assert (err.reason, err.field) == (Reason.BAD_VALUE, "payload.evenement")
+    assert str(err).startswith("bad_value: payload.evenement: ")
+    assert err.size == len(bad)
+
+
+def test_excerpt_is_bounded() -> None:
+    out = FrameDecoder().feed(b"x" * 1000 + b"\n")
+    assert isinstance(out[0], FrameError) and out[0].excerpt == b"x" * 64
+
+
+def test_frame_at_the_limit_is_accepted() -> None:
+    line = padded(300)
+    d = FrameDecoder(max_frame=300)
+    assert len(messages(d.feed(line + b"\n"))) == 1
+    assert len(messages(d.feed(line + b"\r\n"))) == 1  # the \r does not count
+    for b in line + b"\r":  # fed byte by byte: buffered reaches max_frame + 1, no more
+        assert d.feed(bytes([b])) == []
+        assert d.buffered <= 301
+    assert len(messages(d.feed(b"\n"))) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 301, 302, 10_000])
+def test_frame_over_the_limit_is_refused_once(chunk: int) -> None:
+    big = padded(301)
+    stream = big + b"\n" + padded(300) + b"\n" + padded(5000) + b"\r\n" + LINE
+    d = FrameDecoder(max_frame=300)
+    out: list[Message | FrameError] = []
+    for i in range(0, len(stream), chunk):
+        out += d.feed(stream[i:i + chunk])
+        assert d.buffered <= 301
+    kinds = [o.reason if isinstance(o, FrameError) else "ok" for o in out]
+    assert kinds == [Reason.TOO_LARGE, "ok", Reason.TOO_LARGE, "ok"]
+    assert out[-1] == MSG
+    err = out[0]
+    assert isinstance(err, FrameError) and err.excerpt == big[:64] and err.size >= 301
+    assert "300" in err.detail
+
+
+def test_discarding_spans_many_feeds() -> None:
+    d = FrameDecoder(max_frame=200)
+    out = d.feed(b"{" * 202)
+    assert [o.reason for o in out if isinstance(o, FrameError)] == [Reason.TOO_LARGE]
+    for _ in range(100):
+        assert d.feed(b"a" * 1000) == []
+        assert d.buffered == 0
+    assert messages(d.feed(b"tail\n" + LINE)) == [MSG]
+
+
+def test_decoder_state_is_per_instance() -> None:
+    a, b = FrameDecoder(), FrameDecoder()
+    a.feed(FRAME[:10])
+    assert b.feed(LINE) == [MSG]
+    assert messages(a.feed(FRAME[10:] + b"\n")) == [MSG]
+
+
+def test_unexpected_exception_in_a_frame_becomes_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(line: bytes) -> Message:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(codec, "decode", boom)
+    out = FrameDecoder().feed(LINE + LINE)
+    assert [o.reason for o in out if isinstance(o, FrameError)] == [Reason.INVALID_JSON] * 2
+
+
+def test_output_is_json_compatible_message() -> None:
+    msg = messages(FrameDecoder().feed(LINE))[0]
+    assert json.loads(msg.raw or b"") == msg.to_dict()

@@ -1,0 +1,208 @@
+"""A hostile corpus: each bad frame gives one clear per-frame error, nothing escapes, and
+the channel keeps working (the valid frame after it decodes)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from messagerie import (
+    FrameDecoder,
+    FrameError,
+    Message,
+    MessageInvalide,
+    Notification,
+    Reason,
+    decode,
+    encode,
+)
+
+OK: Final = encode(Notification("vm-sys-usb", "vm-ui", "entree", "souris",
+                                {"entree": "souris", "position": {"x": 1, "y": 2}}))
+HEAD: Final = b'{"type":"notification","source":"vm-a","destination":"tous",'
+
+
+def notif(data: bytes = b"{}", categorie: bytes = b'"c"', source: bytes = b'"vm-a"') -> bytes:
+    return (b'{"type":"notification","source":' + source + b',"destination":"tous",'
+            b'"payload":{"categorie":' + categorie + b',"evenement":"e","data":' + data + b"}}")
+
+
+CORPUS: Final[list[tuple[str, bytes, Reason, str | None]]] = [
+    # encodings
+    ("invalid utf-8 byte", notif(b'{"v":"\xff"}'), Reason.INVALID_UTF8, None),
+    ("overlong utf-8", notif(b'{"v":"\xc0\xaf"}'), Reason.INVALID_UTF8, None),
+    ("truncated utf-8", notif(b'{"v":"\xe2\x82"}'), Reason.INVALID_UTF8, None),
+    ("utf-8 encoded surrogate", notif(b'{"v":"\xed\xa0\x80"}'), Reason.INVALID_UTF8, None),
+    ("latin-1", notif(b'{"v":"copi\xe9"}'), Reason.INVALID_UTF8, None),
+    ("utf-16", notif().decode().encode("utf-16-le"), Reason.INVALID_JSON, None),
+    ("bom", b"\xef\xbb\xbf" + notif(), Reason.INVALID_JSON, None),
+    ("escaped lone surrogate", notif(b'{"v":"\\ud800"}'), Reason.INVALID_JSON, None),
+    ("escaped lone low surrogate", notif(b'{"v":"\\udc00x"}'), Reason.INVALID_JSON, None),
+    # NUL and control characters
+    ("nul outside strings", notif() + b"\x00", Reason.INVALID_JSON, None),
+    ("nul alone", b"\x00", Reason.INVALID_JSON, None),
+    ("raw nul in a string", notif(b'{"v":"a\x00b"}'), Reason.INVALID_JSON, None),
+    ("raw tab in a string", notif(b'{"v":"a\tb"}'), Reason.INVALID_JSON, None),
+    ("escaped nul in source", notif(source=b'"vm\\u0000a"'), Reason.BAD_NAME, "source"),
+    ("escaped newline in source", notif(source=b'"vm-a\\n"'), Reason.BAD_NAME, "source"),
+    ("escape char in source", notif(source=b'"vm\\u001b[31m"'), Reason.BAD_NAME, "source"),
+    ("tab in categorie", notif(categorie=b'"c\\t"'), Reason.BAD_VALUE, "payload.categorie"),
+    ("newline in categorie", notif(categorie=b'"c\\nd"'), Reason.BAD_VALUE,
+     "payload.categorie"),
+    ("del in categorie", notif(categorie=b'"c\x7f"'), Reason.BAD_VALUE, "payload.categorie"),
+    ("zero-width space in source", notif(source='"vm\u200ba"'.encode()), Reason.BAD_NAME,
+     "source"),
+    # numbers
+    ("NaN", notif(b'{"v":NaN}'), Reason.INVALID_JSON, None),
+    ("Infinity", notif(b'{"v":Infinity}'), Reason.INVALID_JSON, None),
+    ("-Infinity", notif(b'{"v":-Infinity}'), Reason.INVALID_JSON, None),
+    ("float overflow", notif(b'{"v":1e400}'), Reason.INVALID_JSON, None),
+    ("huge integer", notif(b'{"v":' + b"9" * 5000 + b"}"), Reason.INVALID_JSON, None),
+    ("huge integer as type", HEAD.replace(b'"notification"', b"9" * 100) +
+     b'"payload":{}}', Reason.WRONG_TYPE, "type"),
+    ("leading zero", notif(b'{"v":01}'), Reason.INVALID_JSON, None),
+    ("hex", notif(b'{"v":0x10}'), Reason.INVALID_JSON, None),
+    # nesting
+    ("100000 nested arrays", b"[" * 100_000 + b"]" * 100_000, Reason.INVALID_JSON, None),
+    ("100000 unclosed arrays", b"[" * 100_000, Reason.INVALID_JSON, None),
+    ("100000 nested arrays in data", notif(b'{"v":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+     Reason.INVALID_JSON, None),
+    ("100000 nested objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+     Reason.INVALID_JSON, None),
+    # repeated keys
+    ("duplicate source", HEAD.replace(b'"source":"vm-a"', b'"source":"vm-a","source":"dom0"') +
+     b'"payload":{"categorie":"c","evenement":"e"}}', Reason.DUPLICATE_KEY, None),
+    ("duplicate with same value",
+     HEAD.replace(b'"source":"vm-a"', b'"source":"vm-a","source":"vm-a"') +
+     b'"payload":{"categorie":"c","evenement":"e"}}', Reason.DUPLICATE_KEY, None),
+    ("duplicate type", b'{"type":"journal",' + HEAD[1:] +
+     b'"payload":{"categorie":"c","evenement":"e"}}', Reason.DUPLICATE_KEY, None),
+    ("duplicate in payload", HEAD + b'"payload":{"categorie":"c","categorie":"d","evenement":"e"}}',
+     Reason.DUPLICATE_KEY, None),
+    ("duplicate in data", notif(b'{"x":1,"x":2}'), Reason.DUPLICATE_KEY, None),
+    ("duplicate deep in data", notif(b'{"a":[{"b":{"x":1,"y":2,"x":3}}]}'),
+     Reason.DUPLICATE_KEY, None),
+    ("duplicate hidden by an escape", HEAD.replace(
+        b'"source":"vm-a"', b'"source":"vm-a","sourc\\u0065":"dom0"') +
+     b'"payload":{"categorie":"c","evenement":"e"}}', Reason.DUPLICATE_KEY, None),
+    ("duplicate hidden by escapes", HEAD + b'"\\u0070ayload":{},'
+     b'"payload":{"categorie":"c","evenement":"e"}}', Reason.DUPLICATE_KEY, None),
+    ("duplicate hidden in data", notif(b'{"k\\u00e9":1,"k\xc3\xa9":2}'),
+     Reason.DUPLICATE_KEY, None),
+    ("duplicate with spaces", notif(b'{ "x" : 1 , "x" : 2 }'), Reason.DUPLICATE_KEY, None),
+    # trailing garbage and truncation
+    ("trailing garbage", notif() + b" x", Reason.INVALID_JSON, None),
+    ("two objects", notif() + notif(), Reason.INVALID_JSON, None),
+    ("trailing comma", notif()[:-1] + b",}", Reason.INVALID_JSON, None),
+    ("truncated", notif()[:-2], Reason.INVALID_JSON, None),
+    ("whitespace only", b" \t ", Reason.INVALID_JSON, None),
+    ("bare cr", b"\r\r", Reason.INVALID_JSON, None),
+    ("single quotes", notif().replace(b'"', b"'"), Reason.INVALID_JSON, None),
+    ("comment", b"/* hi */" + notif(), Reason.INVALID_JSON, None),
+    # not a message
+    ("array", b"[" + notif() + b"]", Reason.NOT_AN_OBJECT, None),
+    ("number", b"42", Reason.NOT_AN_OBJECT, None),
+    ("true", b"true", Reason.NOT_AN_OBJECT, None),
+    ("empty object", b"{}", Reason.MISSING_FIELD, "type"),
+    ("source list", notif(source=b'["vm-a"]'), Reason.WRONG_TYPE, "source"),
+    ("source object", notif(source=b'{"vm-a":1}'), Reason.WRONG_TYPE, "source"),
+    ("categorie list", notif(categorie=b"[]"), Reason.WRONG_TYPE, "payload.categorie"),
+    ("type in capitals", notif().replace(b'"notification"', b'"Notification"'),
+     Reason.UNKNOWN_TYPE, "type"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason", "field"), [c[1:] for c in CORPUS],
+                         ids=[c[0] for c in CORPUS])
+def test_decode_gives_a_clear_error(line: bytes, reason: Reason, field: str | None) -> None:
+    with pytest.raises(MessageInvalide) as exc:
+        decode(line)
+    assert (exc.value.reason, exc.value.field) == (reason, field)
+    assert exc.value.detail
+    assert len(str(exc.value)) < 400  # never echoes a huge frame back into the logs
+
+
+@pytest.mark.parametrize(("line", "reason", "field"), [c[1:] for c in CORPUS],
+                         ids=[c[0] for c in CORPUS])
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_channel_survives(line: bytes, reason: Reason, field: str | None,
+                          ending: bytes) -> None:
+    d = FrameDecoder(max_frame=1 << 20)
+    out = d.feed(OK + line + ending + OK)
+    assert len(out) == 3, out
+    assert isinstance(out[0], Message) and isinstance(out[2], Message)
+    err = out[1]
+    assert isinstance(err, FrameError)
+    assert (err.reason, err.field) == (reason, field)
+    assert len(err.excerpt) <= 64
+    assert d.buffered == 0
+
+
+def test_whole_corpus_on_one_channel_fed_in_odd_chunks() -> None:
+    stream = b"".join(OK + c[1] + b"\n" for c in CORPUS) + OK
+    d = FrameDecoder(max_frame=1 << 20)
+    out: list[Message | FrameError] = []
+    for i in range(0, len(stream), 4093):
+        out += d.feed(stream[i:i + 4093])
+    assert [o.reason for o in out if isinstance(o, FrameError)] == [c[2] for c in CORPUS]
+    assert sum(isinstance(o, Message) for o in out) == len(CORPUS) + 1
+
+
+@pytest.mark.parametrize("data", [
+    b'{"v":"a\\u0000b"}', b'{"v":' + b"1" * 100 + b"}", b'{"v":-0}', b'{"v":1E+2}',
+    b'{"v":"\\ud83d\\ude00"}', b'{"": ""}', b'{"__proto__":1,"constructor":2}',
+    b'{"v":' + b"[" * 200 + b"]" * 200 + b"}",
+])
+def test_odd_but_valid_json_is_accepted(data: bytes) -> None:
+    msg = decode(notif(data))
+    assert isinstance(msg, Notification)
+    assert FrameDecoder().feed(notif(data) + b"\n" + OK) == [msg, decode(OK)]
+
+
+def test_nesting_never_escapes_as_recursion_error() -> None:
+    # msgspec and the stdlib parser (used to look for repeated keys when the frame is not
+    # compact) give up at different depths: every depth must give a message or an error.
+    outcomes = set()
+    for depth in range(1, 1500, 3):
+        line = notif(b'{"v": ' + b"[" * depth + b"]" * depth + b"}")
+        try:
+            decode(line)
+            outcomes.add("ok")
+        except MessageInvalide as exc:
+            assert exc.reason is Reason.INVALID_JSON
+            outcomes.add("refused")
+    assert outcomes == {"ok", "refused"}
+
+
+TEN_MB: Final = 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("body", [b"x" * TEN_MB, notif(b'{"v":"' + b"y" * TEN_MB + b'"}')],
+                         ids=["garbage", "json"])
+def test_ten_megabytes_in_one_piece(body: bytes) -> None:
+    d = FrameDecoder()
+    out = d.feed(body)
+    assert len(out) == 1 and isinstance(out[0], FrameError)
+    assert out[0].reason is Reason.TOO_LARGE and out[0].size > 65536
+    assert d.buffered == 0
+    assert d.feed(b"more garbage") == []
+    assert d.feed(b"\n" + OK) == [decode(OK)]
+
+    d = FrameDecoder()
+    out = d.feed(body + b"\n" + OK)
+    assert [getattr(o, "reason", "ok") for o in out] == [Reason.TOO_LARGE, "ok"]
+
+
+@pytest.mark.parametrize("chunk", [4096, 65537, 1 << 20])
+def test_ten_megabytes_in_chunks(chunk: int) -> None:
+    d = FrameDecoder()
+    out: list[Message | FrameError] = []
+    body = b"z" * TEN_MB
+    for i in range(0, TEN_MB, chunk):
+        out += d.feed(body[i:i + chunk])
+        assert d.buffered <= d.max_frame + 1
+    out += d.feed(b"\r\n" + OK)
+    assert [getattr(o, "reason", "ok") for o in out] == [Reason.TOO_LARGE, "ok"]
+    assert out[1] == decode(OK)
+    assert d.buffered == 0
