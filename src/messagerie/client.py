@@ -171,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self._decoder = FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.closed = asyncio.Event()
         self._can_write = asyncio.Event()
         self._can_write.set()
 
@@ -192,6 +193,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.closed.set()
         self._can_write.set()
         self._client._connection_lost(self, exc)
 
@@ -426,9 +428,14 @@ class Client:
         if self._handler_tasks | self._tasks:
             await asyncio.wait(self._handler_tasks | self._tasks)
         self._fail_pending(Disconnected("client closed"))
-        if self._conn is not None and self._conn.transport is not None:
-            self._conn.transport.close()
-        self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None and not conn.lost:
+            # close() flushes the write buffer first: wait for it, so that a short
+            # script's last message is not lost when its event loop ends.
+            conn.transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await conn.closed.wait()
         for stream in list(self._streams):
             stream.close()
         self._open = False
