@@ -87,7 +87,7 @@ async def test_command_reply_matched(pair: SocatPair, peer: PtyPeer) -> None:
 
 async def test_hundred_concurrent_commands_answered_out_of_order(
         pair: SocatPair, peer: PtyPeer) -> None:
-    async with new_client(pair) as c:
+    async with new_client(pair, max_in_flight=100) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(100)]
         cmds = [await peer.recv() for _ in range(100)]
@@ -98,6 +98,31 @@ async def test_hundred_concurrent_commands_answered_out_of_order(
         reps = await asyncio.gather(*tasks)
     assert [r.resultat["n"] for r in reps] == list(range(100))
     assert not c._pending
+
+
+async def test_commands_in_flight_are_bounded(pair: SocatPair, peer: PtyPeer) -> None:
+    async with new_client(pair, max_in_flight=2) as c:
+        tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
+                 for n in range(3)]
+        first = [await peer.recv() for _ in range(2)]
+        await peer.expect_nothing(0.2)  # the third waits for a free slot
+        assert isinstance(first[1], Commande)
+        peer.send(first[1].reply(1))
+        third = await peer.recv()
+        assert isinstance(third, Commande) and third.arguments == {"n": 2}
+        for cmd in (first[0], third):
+            assert isinstance(cmd, Commande)
+            peer.send(cmd.reply(cmd.arguments["n"]))
+        assert [r.resultat for r in await asyncio.gather(*tasks)] == [0, 1, 2]
+        # Waiting for a slot counts against the command's timeout.
+        blockers = [asyncio.create_task(c.commande("vm-b", "x", timeout=10))
+                    for _ in range(2)]
+        await peer.recv()
+        await peer.recv()
+        with pytest.raises(CommandTimeout):
+            await c.commande("vm-b", "y", timeout=0.1)
+        for task in blockers:
+            task.cancel()
 
 
 async def test_error_reply_raises_command_error(pair: SocatPair, peer: PtyPeer) -> None:

@@ -325,6 +325,7 @@ class Client:
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
         max_handlers: int = 64,
+        max_in_flight: int = 64,
         queue_size: int = 1024,
         max_frame: int = MAX_FRAME,
         write_buffer_high: int = 256 * 1024,
@@ -342,6 +343,10 @@ class Client:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.max_handlers = max_handlers
+        #: Commands sent and not yet answered, at most; more wait for a free slot.
+        #: 64 is the broker's default per-domain limit (``limites.commandes_en_vol``).
+        self.max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_in_flight)
         self.queue_size = queue_size
         self.max_frame = max_frame
         self.write_buffer_high = write_buffer_high
@@ -588,25 +593,38 @@ class Client:
         if cmd.id in self._pending:
             raise ValueError(f"a command with id {cmd.id!r} is already in flight")
         loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        def remaining() -> float | None:
+            return None if wait is None else max(0.0, wait - (loop.time() - start))
+
+        # At most max_in_flight commands on the wire (the broker refuses more with
+        # `limite`); the others wait here, within their own timeout.
+        try:
+            async with asyncio.timeout(remaining()):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._log.info("commande.timeout", id=cmd.id, commande=cmd.commande,
+                           destination=cmd.destination, timeout=wait, sent=False)
+            raise CommandTimeout(cmd, wait or 0.0) from None
         fut: asyncio.Future[Reponse] = loop.create_future()
         self._pending[cmd.id] = fut
-        start = loop.time()
         try:
             send_timeout = self.connect_timeout if wait is None else min(wait,
                                                                          self.connect_timeout)
             await self.send(cmd, timeout=send_timeout)
-            remaining = None if wait is None else max(0.0, wait - (loop.time() - start))
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(remaining()):
                     rep = await fut
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     rep = fut.result()  # answered at the deadline: take it
                 else:
                     self._log.info("commande.timeout", id=cmd.id, commande=cmd.commande,
-                                   destination=cmd.destination, timeout=wait)
+                                   destination=cmd.destination, timeout=wait, sent=True)
                     raise CommandTimeout(cmd, wait or 0.0) from None
         finally:
+            self._slots.release()
             if self._pending.get(cmd.id) is fut:
                 del self._pending[cmd.id]
         if not rep.ok:
