@@ -33,7 +33,7 @@ from messagerie import (
 from .config import Config
 from .endpoint import DomainEndpoint, Peer
 from .policy import Policy
-from .router import BUILTINS, Deliver, PolicyLike, Refuse, route
+from .router import BUILTINS, DENIED, Deliver, PolicyLike, Refuse, route
 
 if TYPE_CHECKING:
     from .local import Dom0Hub, LocalConnection
@@ -144,7 +144,10 @@ class Broker:
                 id=msg.payload.get("id"), security=decision.security,
                 suppressed=peer.log_budget.take_suppressed())
         if msg.type == "commande":
-            self.answer(peer, msg, decision.code, decision.detail)  # type: ignore[arg-type]
+            # The deciding rule is for the log: a DomU is not told the policy's content.
+            text = ("refused by the routing policy" if decision.kind == DENIED
+                    else decision.detail)
+            self.answer(peer, msg, decision.code, text)  # type: ignore[arg-type]
 
     def answer(self, peer: Peer, cmd: Commande, code: str, text: str) -> None:
         """Send the broker's error reponse to ``cmd`` back on ``peer``'s channel."""

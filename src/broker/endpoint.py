@@ -36,8 +36,11 @@ from messagerie.channel import ChannelError, channel_kind, open_channel
 if TYPE_CHECKING:
     from .core import Broker
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+MIN_HIGH_WATER = 16 * 1024
+"""Back-pressure starts at a quarter of ``queue_bytes`` (at least this much)."""
+HARD_LIMIT_FACTOR = 4
+"""Even while its senders are held, a destination never queues more than this many
+times ``queue_bytes`` (the senders' read chunks already in flight)."""
 
 
 @dataclass(slots=True)
@@ -124,8 +127,9 @@ class Peer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.decoder = FrameDecoder(self.broker.config.max_frame)
+        high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
         with contextlib.suppress(AttributeError):
-            transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)  # type: ignore[attr-defined]
+            transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
         self.paused_writing = False
         self.stalled = False
 
@@ -191,9 +195,13 @@ class Peer(asyncio.Protocol):
         t = self.transport
         if t is None:
             return False
-        if self.paused_writing and t.get_write_buffer_size() + len(data) > self.queue_bytes:
-            self.stats.dropped += 1
-            return False
+        if self.paused_writing:
+            # Full. While its senders are held back (a transient burst) the chunks they
+            # already read still fit; once it is stalled, what exceeds the bound drops.
+            size = t.get_write_buffer_size() + len(data)
+            if size > self.queue_bytes * (1 if self.stalled else HARD_LIMIT_FACTOR):
+                self.stats.dropped += 1
+                return False
         t.write(data)
         self.stats.sent += 1
         if self.paused_writing and sender is not None and sender is not self and not self.stalled:

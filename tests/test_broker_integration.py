@@ -1,0 +1,341 @@
+"""The broker as users run it, over real socat ptys and unix sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker_harness import BIN, BrokerProcess, Domu, PtyPair, QemuSocket, wait_until, write_config
+
+from messagerie import Reponse
+
+SPEC = (b'{"type":"notification","source":"vm-a","destination":"tous",'
+        b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}\n')
+
+
+def notif(src: str, dst: str, i: int = 0, cat: str = "entree") -> dict[str, object]:
+    return {"type": "notification", "source": src, "destination": dst,
+            "payload": {"categorie": cat, "evenement": "souris",
+                        "data": {"i": i, "position": {"x": i % 1024, "y": 7}}}}
+
+
+def cmd(src: str, dst: str, id: str, name: str = "lister_disques") -> dict[str, object]:
+    return {"type": "commande", "source": src, "destination": dst,
+            "payload": {"id": id, "commande": name, "arguments": {}}}
+
+
+class Setup:
+    def __init__(self, tmp: Path, names: tuple[str, ...], extra: str = "",
+                 missing: tuple[str, ...] = ()) -> None:
+        self.tmp = tmp
+        self.pairs = {n: PtyPair(tmp, n) for n in names}
+        paths = {n: p.dom0 for n, p in self.pairs.items()}
+        paths.update({n: tmp / f"{n}.absent" for n in missing})
+        self.config = write_config(tmp / "broker.toml", paths, extra=extra)
+        self.broker = BrokerProcess(self.config)
+        self.broker.wait_event("broker.ready")
+        self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+
+    def close(self) -> int:
+        code = self.broker.stop()
+        for d in self.domus.values():
+            d.close()
+        for p in self.pairs.values():
+            p.kill()
+        return code
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path, ("vm-a", "vm-b", "vm-c"), missing=("vm-off",))
+    yield s
+    assert s.close() == 0
+
+
+def test_unicast_forwards_the_bytes_unchanged(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    # Unusual but valid spacing and key order: forwarded as received, not re-encoded.
+    line = (b'{"payload": {"evenement":"connect","categorie":"device","data":{}},'
+            b' "destination":"vm-b","source":"vm-a","type":"notification"}\n')
+    a.write(line)
+    (msg,) = b.wait_messages(1)
+    assert msg.raw is not None and msg.raw + b"\n" == line
+    c = three.domus["vm-c"]
+    c.drain_for(0.2)
+    assert c.messages() == []
+
+
+def test_broadcast_reaches_everyone_but_its_sender(three: Setup) -> None:
+    a, b, c = (three.domus[n] for n in ("vm-a", "vm-b", "vm-c"))
+    a.write(SPEC)
+    for d in (b, c):
+        (msg,) = d.wait_messages(1)
+        assert msg.raw is not None and msg.raw + b"\n" == SPEC
+    a.drain_for(0.3)
+    assert a.messages() == [], "a broadcast came back to its sender"
+
+
+def test_spoofed_source_is_refused_and_logged(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    a.send(notif("vm-b", "tous"))
+    a.send(cmd("vm-c", "vm-b", "s1"))
+    ev = three.broker.wait_event("message.refused", why="spoofed_source", count=2)
+    assert ev["security"] is True and ev["domain"] == "vm-a"
+    a.send(notif("vm-a", "vm-b", 42))  # the channel keeps working
+    (msg,) = b.wait_messages(1)
+    assert msg.payload["data"]["i"] == 42
+
+
+def test_garbage_and_oversize_frames_between_valid_ones(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    a.send(notif("vm-a", "vm-b", 1))
+    a.write(b"\x00\xff garbage \x01\n")
+    a.write(b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":{"x":"'
+            + b"A" * 200_000 + b'"}}\n')
+    a.write(b'{"type":"nope","source":"vm-a","destination":"vm-b","payload":{}}\n')
+    a.send(notif("vm-a", "vm-b", 2))
+    msgs = b.wait_messages(2)
+    assert [m.payload["data"]["i"] for m in msgs] == [1, 2]
+    reasons = {e["reason"] for e in three.broker.find("frame.invalid")}
+    wait_until(lambda: len(three.broker.find("frame.invalid")) >= 3, 5, "three frame.invalid")
+    reasons = {e["reason"] for e in three.broker.find("frame.invalid")}
+    assert reasons == {"invalid_json", "too_large", "unknown_type"}
+
+
+def test_command_to_offline_or_unknown_domain_is_answered_at_once(three: Setup) -> None:
+    a = three.domus["vm-a"]
+    a.send(cmd("vm-a", "vm-off", "c1"))
+    a.send(cmd("vm-a", "vm-nowhere", "c2"))
+    a.send(cmd("vm-a", "dom0", "c3", "ping"))
+    replies = {m.payload["id"]: m for m in a.wait_messages(3, timeout=5)}
+    assert isinstance(replies["c1"], Reponse)
+    assert replies["c1"].erreur == {"code": "destination_hors_ligne",
+                                    "message": "domain 'vm-off' is not connected"}
+    assert replies["c2"].erreur is not None
+    assert replies["c2"].erreur["code"] == "destination_inconnue"
+    assert replies["c3"].ok and replies["c3"].resultat["pong"] is True
+
+
+def test_command_round_trip_and_unsolicited_reponse_refused(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    a.send(cmd("vm-a", "vm-b", "r1"))
+    (c,) = b.wait_messages(1)
+    reply = {"type": "reponse", "source": "vm-b", "destination": "vm-a",
+             "payload": {"id": "r1", "commande": "lister_disques", "statut": "ok",
+                         "resultat": ["sda"]}}
+    b.send(reply)
+    b.send(reply)  # a second answer to the same command is not solicited any more
+    (rep,) = a.wait_messages(1)
+    assert rep.payload["resultat"] == ["sda"]
+    three.broker.wait_event("message.refused", why="unsolicited_reponse")
+    a.drain_for(0.2)
+    assert len(a.messages()) == 1
+
+
+def test_domain_killed_and_restarted_is_found_again(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    three.domus["vm-b"].close()
+    three.pairs["vm-b"].kill()
+    three.broker.wait_event("domain.disconnected", domain="vm-b")
+    # Everyone is told (the field's domain-state notification).
+    wait_until(lambda: (a.pump(), [m for m in a.inbox if getattr(m, "source", "") == "dom0"
+                                   and m.payload.get("evenement") == "deconnecte"])[1],
+               5, "deconnecte notification")
+    a.send(cmd("vm-a", "vm-b", "while-down"))
+    (rep,) = a.wait_messages(1)
+    assert rep.payload["erreur"]["code"] == "destination_hors_ligne"
+    three.pairs["vm-b"].start()
+    three.domus["vm-b"] = b = Domu(three.pairs["vm-b"].domu)
+    three.broker.wait_event("domain.connected", domain="vm-b", count=2)
+    a.send(notif("vm-a", "vm-b", 7))
+    (msg,) = b.wait_messages(1)
+    assert msg.payload["data"]["i"] == 7
+
+
+def test_pending_command_answered_when_its_destination_goes_down(three: Setup) -> None:
+    a, b = three.domus["vm-a"], three.domus["vm-b"]
+    a.send(cmd("vm-a", "vm-b", "lost"))
+    b.wait_messages(1)
+    b.close()
+    three.pairs["vm-b"].kill()
+    (rep,) = a.wait_messages(1)
+    assert rep.payload["id"] == "lost"
+    assert rep.payload["erreur"]["code"] == "destination_hors_ligne"
+    three.pairs["vm-b"].start()
+    three.domus["vm-b"] = Domu(three.pairs["vm-b"].domu)
+
+
+def test_a_domain_that_never_reads_does_not_delay_the_others(tmp_path: Path) -> None:
+    s = Setup(tmp_path, ("vm-a", "vm-b", "vm-mute"),
+              extra="[limites]\nfile_octets = 65536\ndelai_blocage = 0.2\n"
+                    "debit = 1000000\nrafale = 1000000\n")
+    try:
+        a, b = s.domus["vm-a"], s.domus["vm-b"]
+        s.domus["vm-mute"].close()  # vm-mute's side is never read again
+        n = 10_000
+        batch = bytearray()
+        for i in range(n):
+            # Every 10th message is a broadcast, which also goes to vm-mute.
+            batch += (b'{"type":"notification","source":"vm-a","destination":"%s",'
+                      b'"payload":{"categorie":"entree","evenement":"souris",'
+                      b'"data":{"i":%d,"position":{"x":%d,"y":7}}}}\n'
+                      % (b"tous" if i % 10 == 0 else b"vm-b", i, i % 1024))
+        started = time.monotonic()
+        writer = __import__("threading").Thread(target=a.write, args=(bytes(batch),))
+        writer.start()
+        msgs = b.wait_messages(n, timeout=60)
+        elapsed = time.monotonic() - started
+        writer.join(10)
+        assert [m.payload["data"]["i"] for m in msgs] == list(range(n)), "lost or reordered"
+        s.broker.wait_event("domain.stalled", domain="vm-mute")
+        s.broker.wait_event("message.dropped", domain="vm-mute")
+        assert elapsed < 30
+    finally:
+        s.domus.pop("vm-mute")
+        assert s.close() == 0
+
+
+def test_unix_socket_domain_as_qemu_listens(tmp_path: Path) -> None:
+    qemu = QemuSocket(tmp_path / "vm-s-msg.sock")
+    pair = PtyPair(tmp_path, "vm-p")
+    config = write_config(tmp_path / "b.toml", {"vm-s": qemu.path, "vm-p": pair.dom0})
+    broker = BrokerProcess(config)
+    try:
+        qemu.accept()
+        broker.wait_event("domain.connected", domain="vm-s")
+        p = Domu(pair.domu)
+        broker.wait_event("broker.ready")
+        qemu.send(notif("vm-s", "vm-p", 5))
+        (msg,) = p.wait_messages(1)
+        assert msg.payload["data"]["i"] == 5
+        p.send(notif("vm-p", "vm-s", 6))
+        (msg,) = qemu.wait_messages(1)
+        assert msg.payload["data"]["i"] == 6
+        # QEMU closes (domain shut down) then listens again: the broker reconnects.
+        qemu.drop()
+        broker.wait_event("domain.disconnected", domain="vm-s")
+        qemu.accept()
+        broker.wait_event("domain.connected", domain="vm-s", count=2)
+        p.send(notif("vm-p", "vm-s", 8))
+        msgs = qemu.wait_messages(2)
+        assert msgs[-1].payload["data"]["i"] == 8
+        p.close()
+    finally:
+        assert broker.stop() == 0
+        qemu.close()
+        pair.kill()
+
+
+def test_discovery_picks_up_a_domain_that_appears(tmp_path: Path) -> None:
+    pair = PtyPair(tmp_path, "vm-p")
+    config = write_config(tmp_path / "b.toml", {"vm-p": pair.dom0}, extra=(
+        f'[decouverte]\nmotifs = ["{tmp_path}/*-msg.sock"]\nintervalle = 0.2\n'))
+    broker = BrokerProcess(config)
+    qemu = None
+    try:
+        broker.wait_event("broker.ready")
+        qemu = QemuSocket(tmp_path / "vm-new-msg.sock")
+        appeared = time.monotonic()
+        qemu.accept()
+        broker.wait_event("domain.connected", domain="vm-new")
+        latency = time.monotonic() - appeared
+        assert latency < 2.0
+        (tmp_path / "bad name-msg.sock").touch()
+        broker.wait_event("discovery.bad_name")
+        qemu.close()
+        qemu = None
+        broker.wait_event("domain.removed", domain="vm-new")
+    finally:
+        assert broker.stop() == 0
+        if qemu is not None:
+            qemu.close()
+        pair.kill()
+
+
+def test_sighup_reload_and_bad_config_keeps_running(tmp_path: Path) -> None:
+    a_pair, b_pair = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
+    config = write_config(tmp_path / "b.toml", {"vm-a": a_pair.dom0})
+    broker = BrokerProcess(config)
+    try:
+        broker.wait_event("broker.ready")
+        a = Domu(a_pair.domu)
+        write_config(config, {"vm-a": a_pair.dom0, "vm-b": b_pair.dom0})
+        broker.signal(signal.SIGHUP)
+        broker.wait_event("config.reloaded")
+        broker.wait_event("domain.connected", domain="vm-b")
+        b = Domu(b_pair.domu)
+        a.send(notif("vm-a", "vm-b", 1))
+        assert b.wait_messages(1)[0].payload["data"]["i"] == 1
+        config.write_text("[domaines.vm-a]\nchemin = 12\n")
+        broker.signal(signal.SIGHUP)
+        ev = broker.wait_event("config.reload_failed")
+        assert "domaines.vm-a.chemin" in ev["error"]
+        a.send(notif("vm-a", "vm-b", 2))  # the running configuration stays
+        assert b.wait_messages(2)[1].payload["data"]["i"] == 2
+        a.close()
+        b.close()
+    finally:
+        assert broker.stop() == 0
+        a_pair.kill()
+        b_pair.kill()
+
+
+def test_unreadable_paths_do_not_stop_the_others(tmp_path: Path) -> None:
+    pair = PtyPair(tmp_path, "vm-a")
+    b_pair = PtyPair(tmp_path, "vm-b")
+    (tmp_path / "regular").write_text("not a channel")
+    config = write_config(tmp_path / "b.toml", {"vm-a": pair.dom0, "vm-b": b_pair.dom0,
+                                                "vm-file": tmp_path / "regular",
+                                                "vm-none": tmp_path / "missing"})
+    broker = BrokerProcess(config)
+    try:
+        broker.wait_event("broker.ready")
+        ev = broker.wait_event("domain.unavailable", domain="vm-file")
+        assert "not a tty nor a unix socket" in ev["error"]
+        a, b = Domu(pair.domu), Domu(b_pair.domu)
+        a.send(notif("vm-a", "vm-b", 3))
+        assert b.wait_messages(1)[0].payload["data"]["i"] == 3
+        a.close()
+        b.close()
+    finally:
+        assert broker.stop() == 0
+        pair.kill()
+        b_pair.kill()
+
+
+def test_check_config_exit_status(tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good.toml", {"vm-a": tmp_path / "x"})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[domaines."vm a"]\nchemin = "/x"\n')
+    exe = str(BIN / "messagerie-broker")
+    ok = subprocess.run([exe, "--check-config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    ko = subprocess.run([exe, "--check-config", str(bad)], capture_output=True, text=True)
+    assert ko.returncode == 2
+    assert ko.stderr.count("\n") == 1 and "domaines.vm a" in ko.stderr
+    assert "Traceback" not in ko.stderr
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    s = Setup(tmp_path, ("vm-a", "vm-b"))
+    a, b = s.domus["vm-a"], s.domus["vm-b"]
+    for i in range(200):
+        a.send(notif("vm-a", "vm-b", i))
+    b.wait_messages(200)
+    assert s.close() == 0
+    ev = s.broker.find("broker.stopped")[0]
+    assert ev["received"] >= 200 and ev["undelivered_bytes"] == 0
+
+
+def test_dom0_socket_permissions(tmp_path: Path) -> None:
+    s = Setup(tmp_path, ("vm-a",), extra="")
+    try:
+        mode = os.stat(tmp_path / "dom0.sock").st_mode & 0o777
+        assert mode == 0o660
+    finally:
+        assert s.close() == 0
