@@ -503,7 +503,7 @@ class Client:
                 attempts += 1
                 try:
                     await self._connect()
-                except ChannelError as exc:
+                except OSError as exc:  # ChannelError, or anything else the OS says
                     self._log.debug("channel.reconnect_failed", attempt=attempts,
                                     error=exc.strerror or str(exc), retry_in=delay)
                     delay = min(delay * 2, self.backoff_max)
