@@ -6,6 +6,7 @@ Everything waits on conditions with deadlines; nothing sleeps a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -177,10 +178,7 @@ class QemuSocket:
 
 
 def with_suppress_unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)
 
 
 class BrokerProcess:
@@ -205,10 +203,8 @@ class BrokerProcess:
             text = line.decode(errors="replace").strip()
             with self._lock:
                 self.raw_lines.append(text)
-                try:
+                with contextlib.suppress(ValueError):
                     self.events.append(json.loads(text))
-                except ValueError:
-                    pass
 
     def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
         with self._lock:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker_harness import BIN, BrokerProcess, Domu, PtyPair, QemuSocket, wait_until, write_config
 
+from broker_harness import BIN, BrokerProcess, Domu, PtyPair, QemuSocket, wait_until, write_config
 from messagerie import Reponse
 
 SPEC = (b'{"type":"notification","source":"vm-a","destination":"tous",'
@@ -124,7 +125,8 @@ def test_command_to_offline_or_unknown_domain_is_answered_at_once(three: Setup) 
 def test_command_round_trip_and_unsolicited_reponse_refused(three: Setup) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(cmd("vm-a", "vm-b", "r1"))
-    (c,) = b.wait_messages(1)
+    (asked,) = b.wait_messages(1)
+    assert asked.payload["id"] == "r1"
     reply = {"type": "reponse", "source": "vm-b", "destination": "vm-a",
              "payload": {"id": "r1", "commande": "lister_disques", "statut": "ok",
                          "resultat": ["sda"]}}
@@ -186,7 +188,7 @@ def test_a_domain_that_never_reads_does_not_delay_the_others(tmp_path: Path) -> 
                       b'"data":{"i":%d,"position":{"x":%d,"y":7}}}}\n'
                       % (b"tous" if i % 10 == 0 else b"vm-b", i, i % 1024))
         started = time.monotonic()
-        writer = __import__("threading").Thread(target=a.write, args=(bytes(batch),))
+        writer = threading.Thread(target=a.write, args=(bytes(batch),))
         writer.start()
         msgs = b.wait_messages(n, timeout=60)
         elapsed = time.monotonic() - started
@@ -313,9 +315,11 @@ def test_check_config_exit_status(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[domaines."vm a"]\nchemin = "/x"\n')
     exe = str(BIN / "messagerie-broker")
-    ok = subprocess.run([exe, "--check-config", str(good)], capture_output=True, text=True)
+    ok = subprocess.run([exe, "--check-config", str(good)], capture_output=True, text=True,
+                        check=False)
     assert ok.returncode == 0 and "ok" in ok.stdout
-    ko = subprocess.run([exe, "--check-config", str(bad)], capture_output=True, text=True)
+    ko = subprocess.run([exe, "--check-config", str(bad)], capture_output=True, text=True,
+                        check=False)
     assert ko.returncode == 2
     assert ko.stderr.count("\n") == 1 and "domaines.vm a" in ko.stderr
     assert "Traceback" not in ko.stderr

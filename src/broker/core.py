@@ -83,13 +83,9 @@ class Broker:
 
     # -- receive path --------------------------------------------------------------
     def receive(self, peer: Peer, item: Message | FrameError) -> None:
-        """Called by a peer for every frame it decoded (or failed to)."""
+        """Called by a peer for every frame it decoded (or failed to). Hot path."""
         if type(item) is FrameError:
-            peer.stats.invalid += 1
-            if peer.log_budget.allow():
-                peer.log.warning("frame.invalid", reason=str(item.reason), field=item.field,
-                                 detail=item.detail, size=item.size,
-                                 suppressed=peer.log_budget.take_suppressed())
+            self.invalid(peer, item)
             return
         msg: Message = item  # type: ignore[assignment]
         stats = peer.stats
@@ -101,39 +97,64 @@ class Broker:
         if type(decision) is Refuse:
             self.refuse(peer, msg, decision)
             return
-        targets = decision.targets  # type: ignore[union-attr]
+        deliver: Deliver = decision  # type: ignore[assignment]
+        raw = msg.raw
+        data = raw + b"\n" if raw is not None else encode(msg)
         kind = msg.type
-        data = msg.raw + b"\n" if msg.raw is not None else encode(msg)
-        if kind == "commande":
-            if not self._track_command(peer, msg, targets[0]):
-                return
-        elif kind == "reponse":
+        if kind == "notification":
+            for target in deliver.targets:
+                if target == DOM0:
+                    self.dom0.deliver(msg, data, peer)  # type: ignore[union-attr]
+                else:
+                    dest = self.domains[target]
+                    if not dest.send(data, peer):
+                        self._dropped(peer, dest, msg)
+        else:
+            self._deliver_other(peer, msg, deliver, data)
+        if msg.destination == TOUS:
+            self._after_broadcast(peer, msg, deliver, data)
+        if self.debug:
+            peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
+                           type=kind, name=msg.name, id=msg.payload.get("id"),
+                           size=len(data), targets=list(deliver.targets))
+
+    def _deliver_other(self, peer: Peer, msg: Message, deliver: Deliver, data: bytes) -> None:
+        if msg.type == "reponse":
             # The router checked that this answers a pending command: it goes to the
             # very peer that asked (a domain, or one of several dom0 services).
             pending = self.pending.pop((msg.destination, msg.payload["id"]))
             pending.asker.in_flight -= 1
             if not pending.asker.send(data, peer):
                 self._dropped(peer, pending.asker, msg)
-        for target in targets if kind != "reponse" else ():
+            return
+        if msg.type == "commande" and not self._track_command(peer, msg, deliver.targets[0]):
+            return
+        for target in deliver.targets:
             if target == DOM0:
                 assert self.dom0 is not None
                 self.dom0.deliver(msg, data, peer)
-                continue
-            dest = self.domains[target]
-            if not dest.send(data, peer):
-                self._dropped(peer, dest, msg)
-        if msg.destination == TOUS and peer.kind == "dom0" and self.dom0 is not None:
+            else:
+                dest = self.domains[target]
+                if not dest.send(data, peer):
+                    self._dropped(peer, dest, msg)
+
+    def _after_broadcast(self, peer: Peer, msg: Message, deliver: Deliver,
+                         data: bytes) -> None:
+        if peer.kind == "dom0" and self.dom0 is not None:
             self.dom0.broadcast_local(data, exclude=peer)
-        if decision.denied:  # type: ignore[union-attr]
-            stats.refused += 1
+        if deliver.denied:
+            peer.stats.refused += 1
             if peer.log_budget.allow():
-                peer.log.warning("message.filtered", security=True, type=kind, name=msg.name,
-                                 denied=[d for d, _ in decision.denied],  # type: ignore[union-attr]
-                                 rules=sorted({r for _, r in decision.denied}))  # type: ignore[union-attr]
-        if self.debug:
-            peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
-                           type=kind, name=msg.name, id=msg.payload.get("id"),
-                           size=len(data), targets=list(targets))
+                peer.log.warning("message.filtered", security=True, type=msg.type,
+                                 name=msg.name, denied=[d for d, _ in deliver.denied],
+                                 rules=sorted({r for _, r in deliver.denied}))
+
+    def invalid(self, peer: Peer, error: FrameError) -> None:
+        peer.stats.invalid += 1
+        if peer.log_budget.allow():
+            peer.log.warning("frame.invalid", reason=str(error.reason), field=error.field,
+                             detail=error.detail, size=error.size,
+                             suppressed=peer.log_budget.take_suppressed())
 
     def refuse(self, peer: Peer, msg: Message, decision: Refuse) -> None:
         peer.stats.refused += 1

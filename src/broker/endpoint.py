@@ -121,11 +121,15 @@ class Peer(asyncio.Protocol):
         self.tokens = self.burst
         self._last_refill = time.monotonic()
         self.in_flight = 0
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._loop = asyncio.get_event_loop()
         """Commands from this peer awaiting an answer."""
 
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
         self.decoder = FrameDecoder(self.broker.config.max_frame)
         high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
         with contextlib.suppress(AttributeError):
@@ -154,6 +158,10 @@ class Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._out:
+            self.stats.dropped += len(self._out)
+            self._out.clear()
+            self._out_size = 0
         for waiter in list(self._waiters):
             waiter.release(self)
         self._waiters.clear()
@@ -188,25 +196,44 @@ class Peer(asyncio.Protocol):
 
     def queued(self) -> int:
         t = self.transport
-        return int(t.get_write_buffer_size()) if t is not None else 0
+        return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
     def send(self, data: bytes, sender: Peer | None = None) -> bool:
-        """Queue ``data`` for this peer; False when it was dropped (full or offline)."""
+        """Queue ``data`` for this peer; False when it was dropped (full or offline).
+
+        Writes are corked until the end of the loop iteration: a read of 64 KiB
+        carries ~300 mouse moves, which leave in one write per destination instead of
+        one system call each.
+        """
         t = self.transport
         if t is None:
             return False
         if self.paused_writing:
             # Full. While its senders are held back (a transient burst) the chunks they
             # already read still fit; once it is stalled, what exceeds the bound drops.
-            size = t.get_write_buffer_size() + len(data)
+            size = t.get_write_buffer_size() + self._out_size + len(data)
             if size > self.queue_bytes * (1 if self.stalled else HARD_LIMIT_FACTOR):
                 self.stats.dropped += 1
                 return False
-        t.write(data)
+        out = self._out
+        if not out:
+            self._loop.call_soon(self._flush)
+        out.append(data)
+        self._out_size += len(data)
         self.stats.sent += 1
         if self.paused_writing and sender is not None and sender is not self and not self.stalled:
             sender.hold(self)
         return True
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        if self.transport is not None:
+            self.transport.write(data)
 
     def hold(self, dest: Peer) -> None:
         """Stop reading this peer until ``dest`` drains (or is declared stalled)."""

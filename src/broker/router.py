@@ -112,19 +112,33 @@ def route(message: Message, origin: str, view: RoutingView) -> Decision:
             else:
                 denied.append((target, verdict.reason))
         return Deliver(tuple(targets), tuple(denied))
-    if destination != DOM0:
+    if destination != DOM0 and not view.is_connected(destination):
         if not view.is_known(destination):
             return Refuse(UNKNOWN, Code.DESTINATION_INCONNUE,
                           f"no domain named {destination!r}")
-        if not view.is_connected(destination):
-            return Refuse(OFFLINE, Code.DESTINATION_HORS_LIGNE,
-                          f"domain {destination!r} is not connected")
+        return Refuse(OFFLINE, Code.DESTINATION_HORS_LIGNE,
+                      f"domain {destination!r} is not connected")
     if kind == "reponse":
         if view.expects_reponse(destination, message.payload["id"], source):
-            return Deliver((destination,))
+            return _unicast(destination)
         return Refuse(UNSOLICITED, Code.REFUSE,
                       "no command from the destination awaits this id", security=True)
     verdict = view.policy.decide(source, destination, kind, message.name)
     if not verdict.allowed:
         return Refuse(DENIED, Code.REFUSE, verdict.reason, security=True)
-    return Deliver((destination,))
+    return _unicast(destination)
+
+
+_UNICAST: dict[str, Deliver] = {}
+
+
+def _unicast(destination: str) -> Deliver:
+    # Decisions are immutable: one per destination, reused (the hot path allocates
+    # nothing). Bounded: only names the registry knows get here.
+    try:
+        return _UNICAST[destination]
+    except KeyError:
+        if len(_UNICAST) > 4096:
+            _UNICAST.clear()
+        decision = _UNICAST[destination] = Deliver((destination,))
+        return decision

@@ -57,6 +57,16 @@ class _NonBlockingSerial(serial.Serial):
             raise serial.SerialException("channel hung up (end of file)")
         return data
 
+    def flush(self) -> None:
+        # tcdrain() blocks until the other side has read everything: a domain that
+        # stopped reading would wedge the event loop when its channel closes.
+        pass
+
+    def _reset_input_buffer(self) -> None:
+        # pyserial flushes the tty's input when it opens the port: whatever the
+        # domain wrote before we (re)opened its channel would be lost. Keep it.
+        pass
+
     def write(self, data: bytes, /) -> int:  # type: ignore[override]
         assert self.fd is not None
         try:
@@ -85,6 +95,11 @@ class _SerialTransport(serial_asyncio.SerialTransport):  # type: ignore[misc]
 
     def get_write_buffer_size(self) -> int:
         return len(self._write_buffer)
+
+    def _fatal_error(self, exc: BaseException, message: str = "") -> None:
+        # A hung-up channel (EIO) is an event, not a bug: close and let the protocol's
+        # connection_lost() report it, instead of the loop's "Fatal error" traceback.
+        self._abort(exc)
 
     def write(self, data: bytes) -> None:
         if self._closing or not data:
