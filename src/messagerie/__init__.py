@@ -37,7 +37,6 @@ from .model import (
     is_valid_name,
     new_id,
 )
-from .schema import json_schema
 
 __version__ = "0.1.0"
 
@@ -74,6 +73,5 @@ __all__ = [
     "encode",
     "from_dict",
     "is_valid_name",
-    "json_schema",
     "new_id",
 ]

@@ -1,0 +1,174 @@
+"""Codec throughput on one core: decode+validate, encode, and the FrameDecoder.
+
+    .venv/bin/python bench/bench_codec.py                 # print the figures
+    .venv/bin/python bench/bench_codec.py --update-docs   # also rewrite "## Codec" in
+                                                          # docs/benchmarks.md
+
+Each figure is the best of N repeats (the machine is shared and noisy); baselines
+measured in the same run (bare ``msgspec.json.decode`` to a dict, ``json.loads``) give
+ratios that travel better between machines than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from messagerie import FrameDecoder, Notification, decode, encode
+
+SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
+                b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
+MOUSE = encode(Notification("vm-sys-usb", "vm-ui", "entree", "souris", {
+    "entree": "souris", "position": {"x": 1024, "y": 600},
+    "boutons": {"gauche": 1, "milieu": 0, "droit": 0}}))[:-1]
+TARGET = 500_000
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+COMMAND = ".venv/bin/python bench/bench_codec.py"
+
+
+def rate(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:
+    """Best calls per second of ``fn`` over ``repeats`` timed batches."""
+    number = 1
+    while True:  # calibrate: a batch lasts at least min_time
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        if time.perf_counter() - start >= min_time:
+            break
+        number *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return number / best
+
+
+def stream_rate(frames: int, chunk: int, repeats: int) -> float:
+    """Messages per second through a FrameDecoder fed ``chunk``-byte reads."""
+    data = (MOUSE + b"\n") * frames
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+
+    def run() -> None:
+        d = FrameDecoder()
+        n = 0
+        for c in chunks:
+            n += len(d.feed(c))
+        assert n == frames
+
+    return rate(run, repeats) * frames
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True,
+                           check=False).stdout.strip() or " ".join(platform.uname())
+    return {"uname": uname, "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+            "python": sys.version.split()[0], "msgspec": msgspec.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
+def measure(repeats: int) -> list[tuple[str, float, str]]:
+    spec_msg, mouse_msg = decode(SPEC_EXAMPLE), decode(MOUSE)
+    spec_dict, mouse_dict = spec_msg.to_dict(), mouse_msg.to_dict()
+    bare = msgspec.json.Decoder().decode
+    enc = msgspec.json.Encoder().encode
+    rows: list[tuple[str, float, str]] = []
+
+    def add(name: str, fn: Callable[[], object], note: str = "") -> float:
+        r = rate(fn, repeats)
+        rows.append((name, r, note))
+        return r
+
+    for label, line, msg, d in (("spec example", SPEC_EXAMPLE, spec_msg, spec_dict),
+                                ("mouse move", MOUSE, mouse_msg, mouse_dict)):
+        size = f"{len(line)} B"
+        ours = add(f"decode+validate, {label} ({size})", lambda line=line: decode(line))
+        base = add(f"  baseline msgspec.json.decode to dict, {label}", lambda line=line: bare(line))
+        std = add(f"  baseline json.loads, {label}", lambda line=line: json.loads(line))
+        rows.append((f"  ratio decode+validate / msgspec bare, {label}", ours / base, "x"))
+        rows.append((f"  ratio decode+validate / json.loads, {label}", ours / std, "x"))
+        ours = add(f"encode, {label}", lambda msg=msg: encode(msg))
+        base = add(f"  baseline msgspec encode of the dict, {label}", lambda d=d: enc(d))
+        std = add(f"  baseline json.dumps compact, {label}",
+                  lambda d=d: json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode())
+        rows.append((f"  ratio encode / msgspec bare, {label}", ours / base, "x"))
+        rows.append((f"  ratio encode / json.dumps, {label}", ours / std, "x"))
+    for chunk in (65536, 4096):
+        r = stream_rate(1000, chunk, repeats)
+        rows.append((f"FrameDecoder, 1000 mouse moves in {chunk} B reads", r, ""))
+    return rows
+
+
+def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: int) -> str:
+    out = ["## Codec", "",
+           f"Command: `{COMMAND}` (best of {repeats} repeats per figure, one core).", "",
+           f"- Machine: `{info['uname']}`",
+           f"- CPU: {info['cpu']}",
+           f"- Python {info['python']}, msgspec {info['msgspec']}",
+           f"- Date: {info['date']}", "",
+           "| Operation | Messages/s (or ratio) |", "|---|---:|"]
+    for name, value, unit in rows:
+        shown = f"{value:.2f}x" if unit == "x" else f"{value:,.0f}".replace(",", " ")
+        out.append(f"| {name.strip()} | {shown} |")
+    spec = next(v for n, v, _ in rows if n.startswith("decode+validate, spec"))
+    verdict = "met" if spec >= TARGET else "NOT met"
+    out += ["", f"Target: at least {TARGET:,} decode+validate per second for the spec's "
+            f"example: {verdict} ({spec:,.0f}/s).".replace(",", " "),
+            "Decode+validate includes UTF-8 and JSON checks, the repeated-key check (a "
+            "re-encode compared with the frame), name, token and payload validation, and "
+            "building the Message.", ""]
+    return "\n".join(out)
+
+
+def update_docs(section: str, path: Path = DOCS) -> None:
+    """Replace the ``## Codec`` section of ``path`` (up to the next ``## ``), keeping the
+    rest of the file; create the file with its title if absent."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## Codec\n.*?(?=^## |\Z)", re.M | re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="best of N (default 7)")
+    parser.add_argument("--update-docs", action="store_true",
+                        help=f"rewrite the '## Codec' section of {DOCS.name}")
+    args = parser.parse_args()
+    rows = measure(args.repeats)
+    width = max(len(n) for n, _, _ in rows)
+    for name, value, unit in rows:
+        shown = f"{value:10.2f} x" if unit == "x" else f"{value:12,.0f} /s"
+        print(f"{name:<{width}}  {shown}")
+    section = render(rows, machine(), args.repeats)
+    if args.update_docs:
+        update_docs(section)
+        print(f"updated {DOCS}")
+    spec = next(v for n, v, _ in rows if n.startswith("decode+validate, spec"))
+    return 0 if spec >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
