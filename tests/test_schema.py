@@ -86,6 +86,8 @@ def test_main_writes_stdout_or_a_file(tmp_path: Path, capsys: pytest.CaptureFixt
     {"type": "reponse", "source": "dom0", "destination": "vm-ui",
      "payload": {"id": "1", "commande": "lister", "statut": "erreur",
                  "erreur": {"code": "refuse", "message": "non", "detail": 1}}},
+    {"type": "reponse", "source": "dom0", "destination": "vm-ui",  # erreur ignored when ok
+     "payload": {"id": "1", "commande": "lister", "statut": "ok", "erreur": 1}},
     {"type": "journal", "source": "vm-ui", "destination": "tous", "trace": 1,
      "payload": {"niveau": "debug", "texte": "", "horodatage": "2024-01-01T00:00:00+01:00",
                  "composant": "ui"}},
@@ -140,7 +142,7 @@ def accepted(obj: dict[str, Any]) -> bool:
     return True
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=400)
 @given(wire_objects(), st.data())
 def test_schema_and_decoder_agree_on_mutations(obj: dict[str, Any], data: st.DataObject) -> None:
     obj = copy.deepcopy(obj)

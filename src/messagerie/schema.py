@@ -78,10 +78,12 @@ def _reponse_payload() -> dict[str, Any]:
         "commande": _ref("token"),
         "statut": {"enum": [s.value for s in Statut]},
         "resultat": {"description": f"Any JSON value, when statut is {Statut.OK.value!r}."},
-        "erreur": erreur,
+        "erreur": {"description": f"Required when statut is {Statut.ERREUR.value!r}; "
+                                  "not checked otherwise."},
     }, "The answer to the command with the same id.",
+        # Like Reponse.check_payload: erreur is only checked on an error answer.
         **{"if": {"properties": {"statut": {"const": Statut.ERREUR.value}}},
-           "then": {"required": ["erreur"]}})
+           "then": {"required": ["erreur"], "properties": {"erreur": erreur}}})
 
 
 def _journal_payload() -> dict[str, Any]:
