@@ -6,7 +6,6 @@ applies decisions: it writes bytes, answers refused commands, counts and logs.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +48,8 @@ class Pending:
     asker: Peer
     server: Peer | None
     """For commands to dom0: the dom0 service that serves it."""
+    command: str = "inconnue"
+    """The command's name, echoed by the answers the broker gives on its behalf."""
 
 
 class Broker:
@@ -154,6 +155,7 @@ class Broker:
         if peer.log_budget.allow():
             peer.log.warning("frame.invalid", reason=str(error.reason), field=error.field,
                              detail=error.detail, size=error.size,
+                             excerpt=error.excerpt[:32].decode("ascii", "backslashreplace"),
                              suppressed=peer.log_budget.take_suppressed())
 
     def refuse(self, peer: Peer, msg: Message, decision: Refuse) -> None:
@@ -210,7 +212,7 @@ class Broker:
                 return True  # the hub answers commande_inconnue
         peer.in_flight += 1
         self.pending[key] = Pending(target, time.monotonic() + self.config.limits.command_ttl,
-                                    peer, server)
+                                    peer, server, cmd.commande)
         return True
 
     def fail_pending(self, gone: Peer, code: str, text: str) -> None:
@@ -218,6 +220,8 @@ class Broker:
         for key, pending in list(self.pending.items()):
             if pending.asker is gone:
                 del self.pending[key]
+                # A DomainEndpoint is reused when its domain comes back: free the slot.
+                gone.in_flight -= 1
             elif pending.server is gone or (pending.server is None
                                             and pending.destination == gone.name
                                             and gone.kind == "domain"):
@@ -228,7 +232,7 @@ class Broker:
 
     def _answer_for(self, pending: Pending, commander: str, id: str, code: str,
                     text: str) -> None:
-        reply = Reponse(DOM0, commander, id, "inconnue", "erreur",
+        reply = Reponse(DOM0, commander, id, pending.command, "erreur",
                         erreur={"code": code, "message": text})
         pending.asker.send(encode(reply))
 
@@ -343,14 +347,3 @@ class Broker:
             total["dropped"] += ep.stats.dropped
         return total
 
-    def close_all(self) -> None:
-        for ep in self.domains.values():
-            ep.close()
-
-
-def schedule_every(interval: float, fn: Any) -> asyncio.Task[None]:
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            fn()
-    return asyncio.get_running_loop().create_task(loop())

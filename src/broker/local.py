@@ -94,7 +94,11 @@ class Dom0Hub:
         finally:
             os.umask(old)
         if group is not None:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise OSError(f"dom0.groupe: no group named {group!r}") from None
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         self.path = path
 

@@ -326,12 +326,10 @@ def _duration(seconds: Any) -> str:
 
 
 async def _schema(args: argparse.Namespace) -> int:
-    try:
-        from .schema import json_schema  # optional module, loaded on demand
-    except ImportError as exc:
-        raise UsageError(f"the JSON Schema is not available in this version ({exc})") \
-            from None
-    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    from .schema import render  # loaded on demand: the other subcommands do not need it
+
+    # The same bytes as docs/schema/messagerie.schema.json.
+    sys.stdout.write(render())
     return EXIT_OK
 
 

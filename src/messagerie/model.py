@@ -209,7 +209,10 @@ class Message:
         if not self.type:
             raise TypeError("Message is abstract: use Notification, Commande, Reponse or Journal")
         self.source = check_name(source, "source")
-        self.destination = check_name(destination, "destination", broadcast=self.broadcastable)
+        if destination == TOUS and not self.broadcastable:
+            raise MessageInvalide(Reason.BAD_NAME, f"a {self.type} cannot be sent to {TOUS!r}",
+                                  "destination")
+        self.destination = check_name(destination, "destination", broadcast=True)
         if not isinstance(payload, Mapping):
             raise MessageInvalide(Reason.WRONG_TYPE,
                                   f"expected an object, got {_type_name(payload)}", "payload")
