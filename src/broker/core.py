@@ -151,7 +151,13 @@ class Broker:
                                  rules=sorted({r for _, r in deliver.denied}))
 
     def invalid(self, peer: Peer, error: FrameError) -> None:
-        peer.stats.invalid += 1
+        stats = peer.stats
+        stats.invalid += 1
+        # A junk frame costs a decode attempt like a message: it spends the same rate
+        # budget, or a domain flooding garbage would escape throttling.
+        peer.tokens -= 1
+        if peer.tokens < 0:
+            stats.throttled += 1
         if peer.log_budget.allow():
             peer.log.warning("frame.invalid", reason=str(error.reason), field=error.field,
                              detail=error.detail, size=error.size,

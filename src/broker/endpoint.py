@@ -56,7 +56,8 @@ class Stats:
     dropped: int = 0
     """Messages for this peer dropped because its queue was full."""
     throttled: int = 0
-    """Messages from this peer read late because it exceeded its rate."""
+    """Frames (messages and invalid ones) from this peer read late because it exceeded
+    its rate."""
 
     def as_dict(self) -> dict[str, int]:
         return {"recus": self.received, "envoyes": self.sent, "refuses": self.refused,
