@@ -244,9 +244,14 @@ def test_bad_mode(mode: str) -> None:
     assert error(with_(dom0={"mode": mode})).startswith("dom0.mode:")
 
 
-@pytest.mark.parametrize(("mode", "bits"), [("0660", 0o660), ("600", 0o600), ("0777", 0o777)])
+@pytest.mark.parametrize(("mode", "bits"), [("0660", 0o660), ("600", 0o600), ("0770", 0o770)])
 def test_good_mode(mode: str, bits: int) -> None:
     assert parse_config(with_(dom0={"mode": mode})).dom0_mode == bits
+
+
+@pytest.mark.parametrize("mode", ["0777", "0666", "0661"])
+def test_mode_open_to_other_users_is_refused(mode: str) -> None:
+    assert "speaks as dom0" in error(with_(dom0={"mode": mode}))
 
 
 # -- files ------------------------------------------------------------------------------

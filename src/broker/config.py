@@ -125,6 +125,9 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     mode_text = _get(dom0, "mode", str, "dom0.", "0660")
     if not re.fullmatch(r"0?[0-7]{3}", mode_text):
         raise ConfigError(f"dom0.mode: {mode_text!r} is not an octal mode like \"0660\"")
+    if int(mode_text, 8) & 0o007:
+        raise ConfigError(f"dom0.mode: {mode_text!r} gives other users access: whoever can "
+                          "connect speaks as dom0 (use 0660 and dom0.groupe)")
     group = _get(dom0, "groupe", str, "dom0.", None)
 
     disc = _table(data, "decouverte", "")

@@ -32,7 +32,7 @@ from messagerie import (
 from .config import Config
 from .endpoint import DomainEndpoint, Peer
 from .policy import Policy
-from .router import BUILTINS, DENIED, Deliver, PolicyLike, Refuse, route
+from .router import BUILTINS, DENIED, UNSOLICITED, Deliver, PolicyLike, Refuse, route
 
 if TYPE_CHECKING:
     from .local import Dom0Hub, LocalConnection
@@ -64,6 +64,9 @@ class Broker:
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
+        self.receiving = False
+        """True while a peer's read is being processed: sends are corked until then."""
+        self.dirty: list[Peer] = []
 
     # -- RoutingView ---------------------------------------------------------------
     def is_known(self, name: str) -> bool:
@@ -119,11 +122,26 @@ class Broker:
                            type=kind, name=msg.name, id=msg.payload.get("id"),
                            size=len(data), targets=list(deliver.targets))
 
+    def flush(self) -> None:
+        """Write out what the read just processed queued, one write per destination."""
+        dirty = self.dirty
+        for peer in dirty:
+            peer._flush()
+        dirty.clear()
+
     def _deliver_other(self, peer: Peer, msg: Message, deliver: Deliver, data: bytes) -> None:
         if msg.type == "reponse":
             # The router checked that this answers a pending command: it goes to the
             # very peer that asked (a domain, or one of several dom0 services).
-            pending = self.pending.pop((msg.destination, msg.payload["id"]))
+            key = (msg.destination, msg.payload["id"])
+            pending = self.pending[key]
+            if pending.server is not None and pending.server is not peer:
+                # Several dom0 services share the name dom0: only the one serving the
+                # command may answer it.
+                self.refuse(peer, msg, Refuse(UNSOLICITED, Code.REFUSE,
+                                              "this dom0 service was not asked", True))
+                return
+            del self.pending[key]
             pending.asker.in_flight -= 1
             if not pending.asker.send(data, peer):
                 self._dropped(peer, pending.asker, msg)
@@ -179,8 +197,9 @@ class Broker:
             self.answer(peer, msg, decision.code, text)  # type: ignore[arg-type]
 
     def answer(self, peer: Peer, cmd: Commande, code: str, text: str) -> None:
-        """Send the broker's error reponse to ``cmd`` back on ``peer``'s channel."""
-        reply = Reponse(DOM0, cmd.source, cmd.id, cmd.commande, "erreur",
+        """Send the broker's error reponse to ``cmd`` back on ``peer``'s channel,
+        addressed to the peer (not to a ``source`` it may have forged)."""
+        reply = Reponse(DOM0, peer.name, cmd.id, cmd.commande, "erreur",
                         erreur={"code": code, "message": text})
         peer.send(encode(reply))
 

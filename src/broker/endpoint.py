@@ -142,9 +142,15 @@ class Peer(asyncio.Protocol):
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self._last_refill) * self.rate)
         self._last_refill = now
-        receive = self.broker.receive
-        for item in self.decoder.feed(data):
-            receive(self, item)
+        broker = self.broker
+        receive = broker.receive
+        broker.receiving = True
+        try:
+            for item in self.decoder.feed(data):
+                receive(self, item)
+        finally:
+            broker.receiving = False
+            broker.flush()
         if self.tokens < 0 and self.transport is not None and self._throttle_timer is None:
             # Over its rate: stop reading this channel until the bucket refills. The
             # excess waits in the domain's own channel, costing us nothing.
@@ -202,9 +208,9 @@ class Peer(asyncio.Protocol):
     def send(self, data: bytes, sender: Peer | None = None) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
 
-        Writes are corked until the end of the loop iteration: a read of 64 KiB
-        carries ~300 mouse moves, which leave in one write per destination instead of
-        one system call each.
+        Writes are corked while a read is processed: a read of 64 KiB carries ~300
+        mouse moves, which leave in one write per destination instead of one system
+        call each (outside a read, until the end of the loop iteration).
         """
         t = self.transport
         if t is None:
@@ -218,7 +224,10 @@ class Peer(asyncio.Protocol):
                 return False
         out = self._out
         if not out:
-            self._loop.call_soon(self._flush)
+            if self.broker.receiving:
+                self.broker.dirty.append(self)  # flushed when this read is processed
+            else:
+                self._loop.call_soon(self._flush)
         out.append(data)
         self._out_size += len(data)
         self.stats.sent += 1
