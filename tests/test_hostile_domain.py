@@ -410,7 +410,9 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     time.sleep(0.5)  # let the cause settle (observation window, not synchronisation)
     settled = len(h.broker.find("domain.unavailable", domain="vm-evil"))
     time.sleep(1.5)  # at least 6 retries happen here; none may be logged
-    assert len(h.broker.find("domain.unavailable", domain="vm-evil")) == settled
+    assert len(h.broker.find("domain.unavailable", domain="vm-evil")) == settled, [
+        (e["event"], e.get("error"), e.get("reason"), e.get("timestamp"))
+        for e in h.broker.events if e.get("domain") == "vm-evil"][-8:]
     assert settled - before <= 2, h.broker.find("domain.unavailable", domain="vm-evil")
     wait_until(lambda: len(os.listdir(f"/proc/{h.pid}/fd")) <= fds_before, 5,
                "file descriptors back to their count (no leak)")

@@ -1,0 +1,314 @@
+"""Hypothesis properties of the routing decision (issue 5, item 4).
+
+``broker.router.route(message, origin, view)`` is pure: these properties drive it with
+a fake :class:`~broker.router.RoutingView` (registry and pending commands drawn by
+Hypothesis) and real :mod:`broker.policy` policies: allow-all, deny-all, the example
+policy of ``config/policy.toml``, and random rule lists parsed from TOML. The last
+property feeds arbitrary and mutated bytes through the sans-IO decode-then-route
+pipeline. Long runs: ``fuzz/`` (atheris), see ``docs/fuzzing.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from broker.policy import Policy, load_policy, parse_policy
+from broker.router import (
+    DENIED,
+    OFFLINE,
+    SPOOFED,
+    UNKNOWN,
+    UNSOLICITED,
+    Deliver,
+    PolicyLike,
+    Refuse,
+    route,
+)
+from messagerie import DOM0, TOUS, Code, FrameDecoder, Message, encode, from_dict
+
+SETTINGS = settings(max_examples=200, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+DOMAINS = ["vm-a", "vm-b", "vm-c", "vm-sys-usb", "vm-ui", "vm-diag"]
+NAMES = [*DOMAINS, DOM0]
+CODES = {v for k, v in vars(Code).items() if k.isupper()}
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = load_policy(ROOT / "config" / "policy.toml")
+DENY_ALL = parse_policy('[[regle]]\nsource = "*"\ndestination = "*"\ntype = "*"\n'
+                        'action = "deny"\n', origin="<deny-all>")
+
+
+@dataclass
+class View:
+    """What the router may know: who exists, who is up, which commands await answers."""
+
+    policy: PolicyLike
+    known: frozenset[str]
+    up: frozenset[str]
+    pending: set[tuple[str, str, str]] = field(default_factory=set)
+    """(commander, id, replier)"""
+
+    def is_known(self, name: str) -> bool:
+        return name in self.known
+
+    def is_connected(self, name: str) -> bool:
+        return name in self.up
+
+    def connected(self) -> Iterator[str]:
+        return iter(sorted(self.up))
+
+    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
+        return (commander, id, replier) in self.pending
+
+
+# -- strategies --------------------------------------------------------------------
+
+names = st.sampled_from(NAMES) | st.from_regex(r"\Avm-[a-z]{1,6}\Z")
+labels = st.sampled_from(["entree", "disque", "fichier", "domaine", "lister_disques",
+                          "lire_fichier", "ping", "statistiques", "x"]) \
+    | st.from_regex(r"\A[a-z][a-z_]{0,11}\Z")
+ids = st.sampled_from(["1", "2", "c1"]) | st.from_regex(r"\A[a-z0-9]{1,8}\Z")
+
+
+@st.composite
+def messages(draw: st.DrawFn, kinds: tuple[str, ...] = ("notification", "commande", "reponse",
+                                                         "journal"),
+             broadcast: bool = False) -> Message:
+    kind = draw(st.sampled_from(kinds))
+    source = draw(names)
+    broadcastable = kind in ("notification", "journal")
+    if broadcast:
+        destination = TOUS
+    else:
+        destination = draw(names | st.just(TOUS)) if broadcastable else draw(names)
+    label = draw(labels)
+    if kind == "notification":
+        payload: dict[str, Any] = {"categorie": label, "evenement": "e", "data": {}}
+    elif kind == "commande":
+        payload = {"id": draw(ids), "commande": label, "arguments": {}}
+    elif kind == "reponse":
+        payload = {"id": draw(ids), "commande": label, "statut": "ok", "resultat": None}
+    else:
+        payload = {"niveau": "info", "texte": "t", "horodatage": "2026-01-01T00:00:00Z",
+                   "composant": label}
+    return from_dict({"type": kind, "source": source, "destination": destination,
+                      "payload": payload})
+
+
+patterns = st.sampled_from([*DOMAINS, DOM0, "*", "@metier", "@tout"])
+rule_types = st.sampled_from(["notification", "commande", "journal", "*"])
+
+
+@st.composite
+def random_policies(draw: st.DrawFn) -> Policy:
+    lines = ['[groupes]\nmetier = ["vm-ui", "vm-diag"]\ntout = ["vm-a", "dom0"]\n']
+    for _ in range(draw(st.integers(1, 8))):
+        lines.append("[[regle]]")
+        lines.append(f'source = "{draw(patterns)}"')
+        lines.append(f'destination = "{draw(patterns | st.just(TOUS))}"')
+        lines.append(f'type = "{draw(rule_types)}"')
+        nom = draw(st.none() | st.lists(st.sampled_from(
+            ["entree", "disque", "lister_*", "l?re_fichier", "*", "ping"]), min_size=1,
+            max_size=3))
+        if nom is not None:
+            lines.append(f"nom = {json.dumps(nom)}")
+        lines.append(f'action = "{draw(st.sampled_from(["allow", "deny"]))}"\n')
+    return parse_policy("\n".join(lines), origin="<random>")
+
+
+policies = st.sampled_from([Policy.allow_all(), DENY_ALL, EXAMPLE]) | random_policies()
+
+
+@st.composite
+def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> View:
+    known = frozenset(draw(st.sets(st.sampled_from(DOMAINS))))
+    up = frozenset(draw(st.sets(st.sampled_from(sorted(known)))) if known else ())
+    pending = draw(st.sets(st.tuples(names, ids, names), max_size=6))
+    return View(draw(policy), known, up, pending)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, msgs: st.SearchStrategy[Message] | None = None
+              ) -> tuple[Message, str, View]:
+    """A message, the channel it came from (usually its source), and a view in which
+    replies often match a pending command."""
+    msg = draw(msgs if msgs is not None else messages())
+    origin = draw(st.just(msg.source) | names)
+    view = draw(views())
+    if msg.type == "reponse" and draw(st.booleans()):
+        view.pending.add((msg.destination, msg.payload["id"], msg.source))
+    return msg, origin, view
+
+
+def recipients(origin: str, view: View) -> set[str]:
+    out = {t for t in view.up if t != origin}
+    if origin != DOM0:
+        out.add(DOM0)
+    return out
+
+
+# -- properties --------------------------------------------------------------------
+
+@SETTINGS
+@given(scenarios())
+def test_route_never_raises_and_its_decision_is_well_formed(s: tuple[Message, str, View]
+                                                            ) -> None:
+    msg, origin, view = s
+    decision = route(msg, origin, view)
+    assert type(decision) in (Deliver, Refuse)
+    assert route(msg, origin, view) == decision, "not deterministic"
+    if type(decision) is Refuse:
+        assert decision.kind in (SPOOFED, UNSOLICITED, UNKNOWN, OFFLINE, DENIED)
+        assert decision.code in CODES and decision.detail
+        if decision.kind in (SPOOFED, UNSOLICITED, DENIED):
+            assert decision.security
+        return
+    assert type(decision) is Deliver
+    for target in decision.targets:
+        assert target == DOM0 or view.is_connected(target), (target, view.up)
+    assert len(set(decision.targets)) == len(decision.targets), "duplicate target"
+
+
+@SETTINGS
+@given(scenarios())
+def test_a_forged_source_is_always_refused(s: tuple[Message, str, View]) -> None:
+    msg, origin, view = s
+    assume(msg.source != origin)
+    decision = route(msg, origin, view)
+    assert type(decision) is Refuse
+    assert decision.kind == SPOOFED and decision.code == Code.REFUSE and decision.security
+
+
+@SETTINGS
+@given(scenarios(messages(("notification", "journal"), broadcast=True)))
+def test_a_broadcast_never_targets_its_origin(s: tuple[Message, str, View]) -> None:
+    msg, _, view = s
+    decision = route(msg, msg.source, view)
+    assert type(decision) is Deliver  # a broadcast is filtered, never refused whole
+    assert msg.source not in decision.targets
+    denied = {d for d, _ in decision.denied}
+    assert msg.source not in denied
+    # Every recipient is decided exactly once: delivered or denied with a rule.
+    assert set(decision.targets) | denied == recipients(msg.source, view)
+    assert not set(decision.targets) & denied
+    assert all(rule for _, rule in decision.denied)
+
+
+@SETTINGS
+@given(scenarios(messages(("commande",))))
+def test_a_refused_commande_always_has_an_error_code(s: tuple[Message, str, View]) -> None:
+    msg, origin, view = s
+    decision = route(msg, origin, view)
+    if type(decision) is Refuse:
+        assert decision.code in CODES
+    else:
+        assert type(decision) is Deliver and len(decision.targets) == 1
+        assert decision.targets == (msg.destination,)
+
+
+@SETTINGS
+@given(messages(), views(st.sampled_from([Policy.allow_all(), DENY_ALL, EXAMPLE])
+                         | random_policies()))
+def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
+    """Differential: a well-sourced message goes exactly where the policy allows."""
+    decision = route(msg, msg.source, view)
+    policy = view.policy
+    if msg.destination == TOUS:
+        assert type(decision) is Deliver
+        allowed = {t for t in recipients(msg.source, view)
+                   if policy.decide(msg.source, t, msg.type, msg.name, broadcast=True).allowed}
+        assert set(decision.targets) == allowed
+        return
+    if msg.destination != DOM0 and msg.destination not in view.up:
+        assert type(decision) is Refuse
+        assert decision.kind == (OFFLINE if msg.destination in view.known else UNKNOWN)
+        return
+    if msg.type == "reponse":  # follows its command, whatever the rules
+        solicited = (msg.destination, msg.payload["id"], msg.source) in view.pending
+        assert (type(decision) is Deliver) == solicited
+        return
+    verdict = policy.decide(msg.source, msg.destination, msg.type, msg.name)
+    if verdict.allowed:
+        assert decision == Deliver((msg.destination,))
+    else:
+        assert type(decision) is Refuse and decision.kind == DENIED
+        assert decision.code == Code.REFUSE and decision.detail == verdict.reason
+
+
+@SETTINGS
+@given(messages(), views(st.just(Policy.allow_all())))
+def test_allow_all_delivers_everything_routable(msg: Message, view: View) -> None:
+    decision = route(msg, msg.source, view)
+    if msg.destination == TOUS:
+        assert type(decision) is Deliver and not decision.denied
+        assert set(decision.targets) == recipients(msg.source, view)
+    elif msg.type != "reponse" and (msg.destination == DOM0 or msg.destination in view.up):
+        assert decision == Deliver((msg.destination,))
+
+
+@SETTINGS
+@given(messages(), views(st.just(DENY_ALL)))
+def test_deny_all_delivers_nothing_but_solicited_answers(msg: Message, view: View) -> None:
+    decision = route(msg, msg.source, view)
+    if type(decision) is Deliver:
+        if msg.destination == TOUS:
+            # "*" never names dom0 and no rule names tous: only dom0 could be let
+            # through, and the default deny refuses it too.
+            assert decision.targets == ()
+        else:
+            assert msg.type == "reponse"
+            assert (msg.destination, msg.payload["id"], msg.source) in view.pending
+    elif msg.type != "reponse" and (msg.destination == DOM0 or msg.destination in view.up):
+        assert decision.kind == DENIED
+
+
+# -- decode then route ---------------------------------------------------------------
+
+valid_frames = messages().map(encode)
+
+
+@st.composite
+def hostile_streams(draw: st.DrawFn) -> bytes:
+    """Valid frames, raw bytes, and valid frames with bytes flipped, cut or spliced."""
+    parts: list[bytes] = []
+    for _ in range(draw(st.integers(1, 6))):
+        choice = draw(st.integers(0, 3))
+        if choice == 0:
+            parts.append(draw(valid_frames))
+        elif choice == 1:
+            parts.append(draw(st.binary(max_size=200)))
+        else:
+            frame = bytearray(draw(valid_frames))
+            for _ in range(draw(st.integers(1, 4))):
+                i = draw(st.integers(0, len(frame) - 1))
+                if choice == 2:
+                    frame[i] = draw(st.integers(0, 255))
+                else:
+                    frame[i:i] = draw(st.binary(min_size=1, max_size=8))
+            parts.append(bytes(frame))
+    return b"".join(parts)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_streams(), st.lists(st.integers(0, 2000), max_size=6), names, views(),
+       st.sampled_from([64, 256, 65536]))
+def test_decode_then_route_never_raises(data: bytes, cuts: list[int], origin: str,
+                                        view: View, max_frame: int) -> None:
+    decoder = FrameDecoder(max_frame)
+    bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+    for a, b in itertools.pairwise(bounds):
+        for item in decoder.feed(data[a:b]):
+            assert decoder.buffered <= max_frame + 1
+            if isinstance(item, Message):
+                decision = route(item, origin, view)
+                assert type(decision) in (Deliver, Refuse)
+                if item.source != origin:
+                    assert type(decision) is Refuse and decision.kind == SPOOFED
