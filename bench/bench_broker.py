@@ -239,8 +239,9 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def write_section(path: Path, body: str) -> None:
-    start, end = "<!-- bench_broker:start -->", "<!-- bench_broker:end -->"
+def write_section(path: Path, body: str, name: str = "bench_broker") -> None:
+    """Replace the block between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
     if start in text:

@@ -3,12 +3,22 @@ or with each other. Each prints one JSON line of results on stdout.
 
     python bench/peers.py send PATH COUNT [--rate R] [--size S] [--source S] [--dest D]
     python bench/peers.py recv PATH COUNT [--latency]
+    python bench/peers.py recvmany PATH,PATH,... COUNT
+
 
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
 end, as fast as possible or at ``--rate`` messages per second; each carries its send
 time (CLOCK_MONOTONIC, shared by all processes on the machine). ``recv`` reads them
 from another DomU end and reports first/last arrival and, with ``--latency``, the
-distribution of one-way latencies. Both open the pty raw.
+distribution of one-way latencies. Both open the pty raw. ``recvmany`` reads COUNT
+messages on each of several DomU ends (broadcast fan-out) and reports when the last one
+arrived.
+
+A PATH may also be ``fd:N``: a stream socket inherited from the parent (the benchmark
+suite connects it, to the broker or to an MQTT server, and hands it over). With
+``send --mqtt`` each message is wrapped in an MQTT 3.1.1 PUBLISH (QoS 0, topic = the
+destination, payload = the same bytes, newline included); receivers need no change,
+since a PUBLISH header of these sizes never contains a newline byte.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import tty
 
 
 def open_raw(path: str) -> int:
+    if path.startswith("fd:"):
+        return int(path[3:])
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
     if os.isatty(fd):
         tty.setraw(fd, termios.TCSANOW)
@@ -39,6 +51,18 @@ def mouse(source: str, dest: str, i: int, t_ns: int) -> bytes:
             % (source.encode(), dest.encode(), i % 1920, i % 1080, i, t_ns))
 
 
+def mqtt_publish(topic: str, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH packet, QoS 0."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            break
+    return b"\x30" + bytes(length) + body
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -47,6 +71,9 @@ def write_all(fd: int, data: bytes) -> None:
 
 def send(args: argparse.Namespace) -> dict[str, float]:
     fd = open_raw(args.path)
+
+    def frame(line: bytes) -> bytes:
+        return mqtt_publish(args.mqtt, line) if args.mqtt else line
     start = time.monotonic_ns()
     if args.rate:
         period = 1e9 / args.rate
@@ -55,12 +82,16 @@ def send(args: argparse.Namespace) -> dict[str, float]:
             while (now := time.monotonic_ns()) < due:
                 if due - now > 200_000:
                     time.sleep((due - now - 100_000) / 1e9)
-            write_all(fd, mouse(args.source, args.dest, i, time.monotonic_ns()))
+            write_all(fd, frame(mouse(args.source, args.dest, i, time.monotonic_ns())))
     else:
         # One burst, built in advance, so that the sender is never the bottleneck.
         t = time.monotonic_ns()
-        write_all(fd, b"".join(mouse(args.source, args.dest, i, t) for i in range(args.count)))
-    return {"start_ns": start, "end_ns": time.monotonic_ns()}
+        burst = b"".join(frame(mouse(args.source, args.dest, i, t)) for i in range(args.count))
+        write_ns = time.monotonic_ns()
+        write_all(fd, burst)
+        # write_ns: when the first byte went out (start_ns also counts building the burst).
+        return {"start_ns": start, "write_ns": write_ns, "end_ns": time.monotonic_ns()}
+    return {"start_ns": start, "write_ns": start, "end_ns": time.monotonic_ns()}
 
 
 def recv(args: argparse.Namespace) -> dict[str, float]:
@@ -102,18 +133,44 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def recvmany(args: argparse.Namespace) -> dict[str, float]:
+    fds = [open_raw(p) for p in args.path.split(",")]
+    seen = dict.fromkeys(fds, 0)
+    last = dict.fromkeys(fds, 0)
+    first = 0
+    poller = select.epoll()
+    for fd in fds:
+        poller.register(fd, select.EPOLLIN)
+    print(json.dumps({"ready": True}), flush=True)
+    waiting = len(fds)
+    deadline = time.monotonic() + args.timeout
+    while waiting and time.monotonic() < deadline:
+        for fd, _ in poller.poll(0.5):
+            data = os.read(fd, 1 << 16)
+            now = time.monotonic_ns()
+            first = first or now
+            last[fd] = now
+            before = seen[fd]
+            seen[fd] += data.count(b"\n")
+            if before < args.count <= seen[fd]:
+                waiting -= 1
+    return {"receivers": len(fds), "received_min": min(seen.values()),
+            "received": sum(seen.values()), "first_ns": first, "last_ns": max(last.values())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["send", "recv"])
+    p.add_argument("mode", choices=["send", "recv", "recvmany"])
     p.add_argument("path")
     p.add_argument("count", type=int)
     p.add_argument("--rate", type=float, default=0)
     p.add_argument("--source", default="vm-sys-usb")
     p.add_argument("--dest", default="vm-ui")
     p.add_argument("--latency", action="store_true")
+    p.add_argument("--mqtt", metavar="TOPIC", help="send: wrap each message in an MQTT PUBLISH")
     p.add_argument("--timeout", type=float, default=120)
     args = p.parse_args()
-    result = send(args) if args.mode == "send" else recv(args)
+    result = {"send": send, "recv": recv, "recvmany": recvmany}[args.mode](args)
     print(json.dumps(result), flush=True)
 
 

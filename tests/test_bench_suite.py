@@ -1,0 +1,43 @@
+"""The benchmark suite (bench/suite.py) in its smallest configuration, so that the
+harness cannot rot: every system and scenario runs, nothing is written to docs/.
+No timing is asserted: this machine's figures are not the test's business."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ["raw relay (socat)", "broker, ptys", "broker, unix sockets", "amqtt", "mosquitto"]
+SCENARIOS = ["burst,", "field:", "latency at 100 msg/s", "latency at 1,000 msg/s",
+             "latency at 10,000 msg/s", "fan-out to 2", "fan-out to 3", "idle,",
+             "under flood"]
+
+
+def test_smoke_run_covers_every_system_and_scenario(tmp_path: Path) -> None:
+    docs = ROOT / "docs"
+    before = {p: p.stat().st_mtime_ns for p in docs.iterdir()}
+    out = tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--smoke",
+                           "--write", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    header = next(line for line in text.splitlines() if line.startswith("| scenario | raw"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == SYSTEMS
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for scenario in SCENARIOS:
+        matching = [r for r in rows if scenario in r]
+        assert len(matching) == 2, (scenario, matching)  # results and ratios
+        cells = [c.strip() for c in matching[0].strip("|").split("|")][1:]
+        assert len(cells) == len(SYSTEMS) and all(cells), matching[0]
+    assert "failed" not in text, text
+    assert "paho-mqtt publisher" in text
+    assert "Targets:" in text and "burst >= 5x amqtt" in text
+    # Written where asked (table between markers, plot beside it), and nowhere else.
+    written = out.read_text()
+    assert "<!-- suite:start -->" in written and "<!-- suite:end -->" in written
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert {p: p.stat().st_mtime_ns for p in docs.iterdir()} == before
