@@ -1,0 +1,209 @@
+"""Honest latency under a flood: what a hostile domain's flood costs the others.
+
+    .venv/bin/python bench/bench_flood.py            # full run (about 40 s)
+    .venv/bin/python bench/bench_flood.py --quick    # a few seconds (the test suite runs it)
+    .venv/bin/python bench/bench_flood.py --write docs/benchmarks.md
+
+Four domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
+vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
+--latency``), while vm-evil writes to vm-sink as fast as it can (``peers.py send``
+without ``--rate``, repeated until the honest run is over; vm-sink drains its end so
+that the flood is limited by the broker, not by back-pressure). Three scenarios in
+the same run, so that ratios are meaningful:
+
+* quiet: no flood;
+* flood, default limits (``limites.debit`` 20 000/s, ``rafale`` 5 000): throttled;
+* flood, no rate limit: what the token bucket buys.
+
+Each peer (senders, receivers, flooder, sink, broker) is its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import structlog
+
+from bench_broker import (
+    PEERS,
+    UNLIMITED,
+    _json_line,
+    broker,
+    machine,
+    pairs,
+    rss_kib,
+)
+from broker_harness import SOCAT, PtyPair, wait_until
+from messagerie import BlockingClient
+
+DOMAINS = ["vm-ui", "vm-diag", "vm-evil", "vm-sink"]
+MARKERS = ("<!-- bench_flood:start -->", "<!-- bench_flood:end -->")
+
+
+def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
+    """vm-ui -> vm-diag at 1 000 msg/s; latencies measured by the receiver.
+
+    ``bench_broker.transfer`` sends as vm-sys-usb to vm-ui; here the honest pair has
+    its own names, so the peers get ``--source``/``--dest``.
+    """
+    recv = subprocess.Popen([*PEERS, "recv", str(dst.domu), str(count), "--latency",
+                             "--timeout", "60"], stdout=subprocess.PIPE, text=True)
+    _json_line(recv)  # ready
+    subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
+                    "--source", "vm-ui", "--dest", "vm-diag"],
+                   capture_output=True, text=True, check=True)
+    got = _json_line(recv)
+    recv.wait(30)
+    if got["received"] < count:
+        raise RuntimeError(f"honest traffic lost: {got['received']} of {count} arrived")
+    return got
+
+
+def statistics(sock: Path) -> dict[str, Any]:
+    with BlockingClient("dom0", path=sock, reconnect=False) as c:
+        result: dict[str, Any] = c.commande("dom0", "statistiques", timeout=10).resultat
+    return result
+
+
+@contextmanager
+def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int) -> Iterator[dict[str, Any]]:
+    """vm-evil -> vm-sink as fast as it can, for as long as the block runs."""
+    assert SOCAT
+    drain = subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{sink.domu},rdonly,raw",
+                              "OPEN:/dev/null"], stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    out: dict[str, Any] = {"sent": 0}
+    before = statistics(sock)["domaines"]["vm-evil"]
+
+    def run() -> None:
+        while not stop.is_set():
+            proc = subprocess.run([*PEERS, "send", str(evil.domu), str(chunk), "--source",
+                                   "vm-evil", "--dest", "vm-sink"], capture_output=True,
+                                  check=False)
+            if proc.returncode == 0:
+                out["sent"] += chunk
+
+    thread = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        # Under way once the broker has read more than the burst allowance.
+        wait_until(lambda: statistics(sock)["domaines"]["vm-evil"]["recus"]
+                   > before["recus"] + 5000, 30, "the flood to be under way", interval=0.05)
+        yield out
+    finally:
+        after = statistics(sock)["domaines"]["vm-evil"]
+        elapsed = time.monotonic() - started
+        stop.set()
+        thread.join(120)
+        drain.kill()
+        drain.wait()
+        out["read_per_second"] = (after["recus"] - before["recus"]) / elapsed
+        out["throttled"] = after["limites"] - before["limites"]
+
+
+def scenario(tmp: Path, extra: str, n_honest: int, chunk: int,
+             quiet_too: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with pairs(tmp, DOMAINS) as p, broker(tmp, p, extra=extra) as b:
+        sock = tmp / "dom0.sock"
+        if quiet_too:
+            results["quiet"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
+        with flood(p["vm-evil"], p["vm-sink"], sock, chunk) as f:
+            results["flood"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
+            results["rss_kib"] = rss_kib(b.proc.pid)
+        results["flood"].update(f)
+        stats = statistics(sock)["domaines"]
+        results["honest_lost"] = stats["vm-diag"]["perdus"] + stats["vm-ui"]["refuses"]
+    return results
+
+
+def run(quick: bool) -> dict[str, Any]:
+    n_honest = 500 if quick else 3_000
+    chunk = 20_000 if quick else 100_000
+    with tempfile.TemporaryDirectory(prefix="messagerie-flood-") as t:
+        tmp = Path(t)
+        limited = scenario(tmp, "", n_honest, chunk, quiet_too=True)
+        unlimited = scenario(tmp, UNLIMITED, n_honest, chunk, quiet_too=False)
+    return {"honest_count": n_honest, "quiet": limited["quiet"], "throttled": limited["flood"],
+            "unlimited": unlimited["flood"], "rss_kib": max(limited["rss_kib"],
+                                                           unlimited["rss_kib"]),
+            "honest_lost": limited["honest_lost"] + unlimited["honest_lost"]}
+
+
+def table(r: dict[str, Any]) -> str:
+    q = r["quiet"]
+
+    def row(name: str, x: dict[str, Any], note: str) -> str:
+        ratio = (f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
+                 f"{x['p99.9_us'] / q['p99.9_us']:.2f}x")
+        flood_rate = (f"{x['read_per_second']:,.0f} msg/s, {x['throttled']:,} throttled"
+                      if "read_per_second" in x else "-")
+        return (f"| {name} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p99.9_us']:.0f} | "
+                f"{x['max_us']:.0f} | {ratio if x is not q else 'baseline'} | {flood_rate} | "
+                f"{note} |")
+
+    return "\n".join([
+        "| scenario | p50 (us) | p99 (us) | p99.9 (us) | max (us) | flood/quiet "
+        "(p50 / p99 / p99.9) | vm-evil read by the broker | note |",
+        "|---|---:|---:|---:|---:|---|---|---|",
+        row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
+        row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
+        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9"),
+    ])
+
+
+def write_section(path: Path, body: str) -> None:
+    # bench_broker.write_section has its own markers built in; same logic, ours.
+    start, end = MARKERS
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text,
+                      flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
+    p.add_argument("--write", type=Path, help="put the table into this Markdown file")
+    p.add_argument("--json", action="store_true", help="print raw results as JSON")
+    args = p.parse_args()
+    # The dom0 client used for statistics logs its connections: keep stdout for results.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    r = run(args.quick)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    body = (f"## Honest latency under a flood\n\nCommand: `.venv/bin/python "
+            f"bench/bench_flood.py{' --quick' if args.quick else ''}`  \n"
+            f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
+            f"Honest traffic: {r['honest_count']:,} notifications of ~220 bytes, vm-ui -> "
+            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Flood: "
+            f"vm-evil -> vm-sink, written as fast as the channel takes it. Honest messages "
+            f"lost: {r['honest_lost']}. Broker RSS under flood: "
+            f"{r['rss_kib'] / 1024:.1f} MiB.\n\n{table(r)}\n")
+    print(body)
+    if args.write:
+        write_section(args.write, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

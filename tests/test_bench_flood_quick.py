@@ -1,0 +1,33 @@
+"""The flood benchmark's harness runs (``bench/bench_flood.py --quick``): it cannot rot.
+No timing is asserted here; figures live in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker_harness import SOCAT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(SOCAT is None, reason="socat is required")
+def test_bench_flood_quick_prints_its_table() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_flood.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "## Honest latency under a flood" in text
+    assert "Honest messages lost: 0." in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "quiet", "flood, default limits", "flood, no rate limit"], rows
+    # The throttled flood was throttled, the unlimited one was not.
+    throttled = [re.search(r"([\d,]+) throttled", r) for r in rows[2:]]
+    assert all(throttled), rows
+    counts = [int(m.group(1).replace(",", "")) for m in throttled if m]
+    assert counts[0] > 0 and counts[1] == 0, rows
