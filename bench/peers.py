@@ -5,7 +5,6 @@ or with each other. Each prints one JSON line of results on stdout.
     python bench/peers.py recv PATH COUNT [--latency]
     python bench/peers.py recvmany PATH,PATH,... COUNT
 
-
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
 end, as fast as possible or at ``--rate`` messages per second; each carries its send
 time (CLOCK_MONOTONIC, shared by all processes on the machine). ``recv`` reads them

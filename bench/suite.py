@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,7 +55,6 @@ from bench_broker import (
     ROOT,
     UNLIMITED,
     _json_line,
-    cpu_seconds,
     machine,
     pairs,
     raw_relay,
@@ -88,17 +88,17 @@ class Sizes:
     fanout: dict[int, int]           # receivers -> messages
     idle_domains: int
     idle_seconds: float
-    flood: int                       # messages in the flood
+    flood: int                       # messages per flood burst (repeated)
     flood_honest: int                # honest messages at 1 000/s during the flood
     paho: int                        # burst through the paho-mqtt client (check)
 
 
 FULL = Sizes(200_000, 5, {100: 1_000, 1_000: 5_000, 10_000: 30_000},
-             {10: 20_000, 50: 4_000, 100: 2_000}, 100, 10.0, 200_000, 2_000, 50_000)
+             {10: 20_000, 50: 4_000, 100: 2_000}, 100, 10.0, 50_000, 3_000, 50_000)
 QUICK = Sizes(10_000, 5, {100: 200, 1_000: 1_000, 10_000: 5_000},
-              {10: 2_000, 50: 400, 100: 200}, 100, 3.0, 20_000, 500, 10_000)
+              {10: 2_000, 50: 400, 100: 200}, 100, 3.0, 10_000, 1_000, 10_000)
 SMOKE = Sizes(300, 1, {100: 5, 1_000: 20, 10_000: 50},
-              {2: 20, 3: 20}, 5, 0.3, 2_000, 20, 200)
+              {2: 20, 3: 20}, 5, 0.3, 500, 20, 200)
 
 
 # ---------------------------------------------------------------- sessions
@@ -111,7 +111,67 @@ class Session:
     fds: tuple[int, ...] = ()
     server_pid: int | None = None
     mqtt: bool = False
+    transport_pids: tuple[int, ...] = ()     # the socat processes standing in for Xen
     keep: list[Any] = field(default_factory=list)
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid``, in ns (schedstat: no 10 ms clock ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def io_counts(pid: int) -> dict[str, int]:
+    """read(2)/write(2) calls and bytes of ``pid`` (for the average chunk sizes)."""
+    try:
+        return {k: int(v) for k, v in (line.split(": ") for line in
+                                       Path(f"/proc/{pid}/io").read_text().splitlines())}
+    except OSError:
+        return {}
+
+
+class Probe:
+    """CPU and I/O of the server and of the transport processes over a measurement."""
+
+    def __init__(self, sess: Session) -> None:
+        self.sess = sess
+        self.server = sess.server_pid
+        self.cpu0 = cpu_ns(self.server) if self.server else 0
+        self.io0 = io_counts(self.server) if self.server else {}
+        self.transport0 = sum(cpu_ns(p) for p in sess.transport_pids)
+
+    def result(self, seconds: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.sess.transport_pids:
+            out["transport_cpu_percent"] = 100 * (sum(
+                cpu_ns(p) for p in self.sess.transport_pids) - self.transport0) / 1e9 / seconds
+        if not self.server:
+            return out
+        out["server_cpu_percent"] = 100 * (cpu_ns(self.server) - self.cpu0) / 1e9 / seconds
+        io = io_counts(self.server)
+        if io and self.io0:
+            reads = io["syscr"] - self.io0["syscr"]
+            writes = io["syscw"] - self.io0["syscw"]
+            out["server_reads"] = reads
+            out["server_writes"] = writes
+            out["server_read_bytes_per_call"] = (io["rchar"] - self.io0["rchar"]) / max(reads, 1)
+            out["server_write_bytes_per_call"] = (io["wchar"] - self.io0["wchar"]) / max(writes,
+                                                                                         1)
+        return out
+
+
+def relay_pid(a: Path) -> int | None:
+    """The pid of the raw relay's socat (bench_broker.raw_relay keeps it to itself)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"65536" in argv and any(x.startswith(f"{a},".encode()) for x in argv):
+                    return int(proc.name)
+    return None
 
 
 def drain(ends: list[str], quiet: float = 0.2) -> None:
@@ -151,6 +211,10 @@ def _start_broker(tmp: Path, paths: dict[str, Path], limits: str) -> BrokerProce
     return proc
 
 
+def _pids(p: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(x.proc.pid for x in p.values() if x.proc is not None)
+
+
 @contextmanager
 def session(system: str, tmp: Path, domains: list[str], *,
             routes: list[tuple[str, str]] = (),  # type: ignore[assignment]
@@ -163,9 +227,13 @@ def session(system: str, tmp: Path, domains: list[str], *,
             if broadcast or not routes:
                 raise NotApplicable("a byte relay has no broadcast or routing")
             p = stack.enter_context(pairs(tmp, domains))
+            relays = []
             for a, b in routes:
                 stack.enter_context(raw_relay(p[a], p[b]))
-            yield Session({n: str(x.domu) for n, x in p.items()})
+                relays.append(relay_pid(p[a].dom0))
+            yield Session({n: str(x.domu) for n, x in p.items()},
+                          server_pid=relays[0] if len(relays) == 1 else None,
+                          transport_pids=_pids(p))
         elif system == "pty":
             p = stack.enter_context(pairs(tmp, domains))
             b = _start_broker(tmp, {n: x.dom0 for n, x in p.items()}, limits)
@@ -174,7 +242,7 @@ def session(system: str, tmp: Path, domains: list[str], *,
                        "all domains connected")
             ends = {n: str(x.domu) for n, x in p.items()}
             drain(list(ends.values()))
-            yield Session(ends, server_pid=b.proc.pid)
+            yield Session(ends, server_pid=b.proc.pid, transport_pids=_pids(p))
         elif system == "unix":
             listeners = {}
             for n in domains:
@@ -318,7 +386,7 @@ def transfer(sess: Session, src: str, dst: str, count: int, *, rate: float = 0,
              latency: bool = False) -> dict[str, Any]:
     """``count`` messages from ``src`` to ``dst``, sender and receiver in their own
     processes; elapsed time from the first byte written to the last one read."""
-    cpu0 = cpu_seconds(sess.server_pid) if sess.server_pid else 0.0
+    probe = Probe(sess)
     recv = subprocess.Popen([*PEERS, "recv", sess.ends[dst], str(count),
                              *(["--latency"] if latency else [])],
                             stdout=subprocess.PIPE, text=True, pass_fds=sess.fds)
@@ -338,15 +406,13 @@ def transfer(sess: Session, src: str, dst: str, count: int, *, rate: float = 0,
     if got["received"] < count:
         raise RuntimeError(f"only {got['received']} of {count} messages arrived")
     elapsed = (got["last_ns"] - sent["write_ns"]) / 1e9
-    out = {**got, "seconds": elapsed, "per_second": count / elapsed}
-    if sess.server_pid:
-        out["server_cpu_percent"] = 100 * (cpu_seconds(sess.server_pid) - cpu0) / elapsed
-    return out
+    return {**got, "seconds": elapsed, "per_second": count / elapsed,
+            **probe.result(elapsed)}
 
 
 def fanout(sess: Session, receivers: list[str], count: int) -> dict[str, Any]:
     """One publisher, ``tous``; receivers split over two processes (two cores)."""
-    cpu0 = cpu_seconds(sess.server_pid) if sess.server_pid else 0.0
+    probe = Probe(sess)
     groups = [receivers[i::2] for i in range(min(2, len(receivers)))]
     procs = [subprocess.Popen([*PEERS, "recvmany", ",".join(sess.ends[r] for r in g),
                                str(count)], stdout=subprocess.PIPE, text=True,
@@ -368,42 +434,51 @@ def fanout(sess: Session, receivers: list[str], count: int) -> dict[str, Any]:
     if worst < count:
         raise RuntimeError(f"a receiver got only {worst} of {count} messages")
     elapsed = (max(g["last_ns"] for g in got) - sent["write_ns"]) / 1e9
-    out = {"seconds": elapsed, "messages": count, "receivers": len(receivers),
-           "per_second": count * len(receivers) / elapsed}
-    if sess.server_pid:
-        out["server_cpu_percent"] = 100 * (cpu_seconds(sess.server_pid) - cpu0) / elapsed
-    return out
+    return {"seconds": elapsed, "messages": count, "receivers": len(receivers),
+            "per_second": count * len(receivers) / elapsed, **probe.result(elapsed)}
 
 
-def flood(sess: Session, count: int, honest: int) -> dict[str, Any]:
-    """Honest latency at 1 000 msg/s from vm-sys-usb to vm-ui while vm-flood sends a
-    burst of ``count`` to vm-sink as fast as it can."""
-    sink = subprocess.Popen([*PEERS, "recv", sess.ends[SINK], str(count)],
-                            stdout=subprocess.PIPE, text=True, pass_fds=sess.fds)
-    flooder = None
+def flood(sess: Session, chunk: int, honest: int) -> dict[str, Any]:
+    """Honest latency at 1 000 msg/s from vm-sys-usb to vm-ui while vm-flood sends bursts
+    of ``chunk`` messages to vm-sink, one after the other, until the honest run is over;
+    vm-sink reads and discards (the flood is limited by the system, not by its reader)."""
+    sink = subprocess.Popen([*PEERS, "recv", sess.ends[SINK], str(1 << 40), "--timeout",
+                             "3600"], stdout=subprocess.PIPE, text=True, pass_fds=sess.fds)
+    stop = threading.Event()
+    state: dict[str, Any] = {"written": 0, "proc": None}
+
+    def flooder() -> None:
+        while not stop.is_set():
+            state["proc"] = subprocess.Popen(
+                [*PEERS, "send", sess.ends[FLOOD], str(chunk), *_dest_args(sess, FLOOD, SINK)],
+                stdout=subprocess.DEVNULL, pass_fds=sess.fds)
+            if state["proc"].wait() == 0:
+                state["written"] += chunk
+
+    thread = threading.Thread(target=flooder, daemon=True)
     try:
         _json_line(sink)
-        flooder = subprocess.Popen([*PEERS, "send", sess.ends[FLOOD], str(count),
-                                    *_dest_args(sess, FLOOD, SINK)],
-                                   stdout=subprocess.PIPE, text=True, pass_fds=sess.fds)
-        time.sleep(0.3)  # the flooder builds its burst first; let it be flowing
+        thread.start()
+        time.sleep(1.0)  # the first burst is built, then flowing
+        t0, written0 = time.monotonic(), state["written"]
         out = transfer(sess, HONEST, UI, honest, rate=1000, latency=True)
-        out["flood_still_running"] = flooder.poll() is None
+        out["flood_written_per_second"] = (state["written"] - written0) / (time.monotonic() - t0)
     finally:
-        for p in (flooder, sink):
-            if p is not None and p.poll() is None:
-                p.kill()
-            if p is not None:
-                p.wait()
+        stop.set()
+        if state["proc"] is not None and state["proc"].poll() is None:
+            state["proc"].kill()
+        thread.join(60)
+        sink.kill()
+        sink.wait()
     return out
 
 
 def idle(sess: Session, seconds: float) -> dict[str, Any]:
     assert sess.server_pid
     time.sleep(0.5)  # let connection set-up settle
-    before = cpu_seconds(sess.server_pid)
+    before = cpu_ns(sess.server_pid)
     time.sleep(seconds)  # measuring idle CPU: nothing to wait for
-    return {"cpu_percent": 100 * (cpu_seconds(sess.server_pid) - before) / seconds,
+    return {"cpu_percent": 100 * (cpu_ns(sess.server_pid) - before) / 1e9 / seconds,
             "rss_kib": rss_kib(sess.server_pid), "domains": len(sess.ends)}
 
 
@@ -564,8 +639,9 @@ def metrics(z: Sizes) -> list[Metric]:
         Metric("idle", f"idle, {z.idle_domains} domains, CPU % (RSS MiB)", False,
                lambda r: r["cpu_percent"],
                lambda r: f"{r['cpu_percent']:.2f} % ({r['rss_kib'] / 1024:.1f})"),
-        Metric("flood", "honest p50 / p99 / p99.9 at 1 000/s under flood", False,
-               lambda r: r["p99_us"], _lat),
+        Metric("flood", "honest p50 / p99 / p99.9 at 1 000/s under flood (flood msg/s "
+               "written)", False, lambda r: r["p99_us"],
+               lambda r: f"{_lat(r)} ({r['flood_written_per_second']:,.0f})"),
     ]
     return out
 
@@ -587,6 +663,8 @@ def ratio(results: dict[str, dict[str, Any]], m: Metric, a: str, b: str) -> floa
     if not ra or not rb or "na" in ra or "na" in rb or "error" in ra or "error" in rb:
         return None
     va, vb = m.value(ra), m.value(rb)
+    if va == vb == 0:
+        return 1.0
     if m.higher_better:
         return va / vb if vb else None
     return vb / va if va else None
@@ -676,11 +754,31 @@ def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, png: str 
                        f"paho-mqtt publisher + subscriber {paho['per_second']:,.0f} msg/s; "
                        f"the suite's raw-socket peers {raw_mq['per_second']:,.0f} msg/s "
                        f"({z.burst:,} messages).\n")
-    cpu = []
+    cpu = ["| system | server CPU | socat ptys CPU | server reads | bytes/read | "
+           "server writes | bytes/write |", "|---|---:|---:|---:|---:|---:|---:|"]
     for s, label in SYSTEMS.items():
         b = results.get(s, {}).get("burst", {})
-        if "server_cpu_percent" in b:
-            cpu.append(f"{label} {b['server_cpu_percent']:.0f} %")
+        if "per_second" in b:
+            def pct(k: str, b: dict[str, Any] = b) -> str:
+                return f"{b[k]:.0f} %" if k in b else "-"
+
+            def num(k: str, b: dict[str, Any] = b) -> str:
+                # Sockets read with recv(2), which /proc/PID/io does not count.
+                return f"{b[k]:,.0f}" if b.get(k) else "-"
+            cpu.append(f"| {label} | {pct('server_cpu_percent')} | "
+                       f"{pct('transport_cpu_percent')} | {num('server_reads')} | "
+                       f"{num('server_read_bytes_per_call')} | {num('server_writes')} | "
+                       f"{num('server_write_bytes_per_call')} |")
+    bf = results.get("bench_flood")
+    flood_note = ""
+    if bf and "quiet" in bf:
+        flood_note = ("\nbench/bench_flood.py (broker over ptys only, its own run): honest "
+                      "p99 at 1 000 msg/s quiet {:,.0f} us, under flood with the default "
+                      "limits {:,.0f} us, without a rate limit {:,.0f} us.\n").format(
+                          bf["quiet"]["p99_us"], bf["throttled"]["p99_us"],
+                          bf["unlimited"]["p99_us"])
+    elif bf:
+        flood_note = f"\nbench/bench_flood.py: {bf.get('na') or bf.get('error')}\n"
     return "\n".join([
         "## Suite: broker vs raw relay, amqtt, mosquitto", "",
         f"Command: `{command}`  ",
@@ -693,8 +791,9 @@ def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, png: str 
         "better; throughputs divided, times and p99 latencies inverted).", "",
         *rat, "",
         "Targets:", "", *targets(results, ms), "",
-        "Server CPU during the burst (100 % = one core): " + (", ".join(cpu) or "n/a") + ".",
-        client_note,
+        f"During the one-to-one burst (CPU: 100 % = one core of {os.cpu_count()}; the "
+        "socat ptys stand in for Xen's channels; read/write counts from /proc/PID/io):", "",
+        *cpu, "", client_note, flood_note,
     ])
 
 
@@ -767,6 +866,16 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
     plt.close(fig)
 
 
+def bench_flood_run(quick: bool) -> dict[str, Any]:
+    """The broker-only flood benchmark (bench/bench_flood.py), when it exists."""
+    try:
+        import bench_flood
+    except ImportError as exc:
+        raise NotApplicable(f"not available ({exc})") from None
+    result: dict[str, Any] = bench_flood.run(quick)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["paho"]:
@@ -790,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         for system in systems:
             results[system] = run_system(system, Path(t), z,
                                          lambda s: print(s, file=sys.stderr, flush=True))
+    if not args.smoke and "pty" in systems:
+        results["bench_flood"] = attempt(lambda: bench_flood_run(args.quick))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     png = args.out.with_suffix(".png") if args.write else None
