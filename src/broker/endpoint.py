@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from messagerie import FrameDecoder
-from messagerie.channel import ChannelError, channel_kind, open_channel
+from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -135,6 +135,11 @@ class Peer(asyncio.Protocol):
         high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
         with contextlib.suppress(AttributeError):
             transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
+        if getattr(transport, "max_size", 0) > READ_SIZE:
+            # asyncio's socket transports read 256 KiB per wake-up: cap them to the
+            # ttys' 64 KiB, so that a flooding channel's turn in the loop is as short on
+            # a unix socket (connection=socket) as on a pty (fairness).
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         self.paused_writing = False
         self.stalled = False
 
