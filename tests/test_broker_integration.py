@@ -343,3 +343,39 @@ def test_dom0_socket_permissions(tmp_path: Path) -> None:
         assert mode == 0o660
     finally:
         assert s.close() == 0
+
+
+def test_sighup_reloads_the_policy_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    a_pair, b_pair = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
+    policy = tmp_path / "policy.toml"
+    allow = ('[[regle]]\nsource = "vm-a"\ndestination = "vm-b"\ntype = "notification"\n'
+             'action = "allow"\n')
+    policy.write_text(allow)
+    config = write_config(tmp_path / "b.toml", {"vm-a": a_pair.dom0, "vm-b": b_pair.dom0},
+                          extra=f'[broker]\npolitique = "{policy}"\n')
+    broker = BrokerProcess(config)
+    try:
+        broker.wait_event("broker.ready")
+        a, b = Domu(a_pair.domu), Domu(b_pair.domu)
+        a.send(notif("vm-a", "vm-b", 1))
+        assert b.wait_messages(1)[0].payload["data"]["i"] == 1
+        policy.write_text(allow.replace('"allow"', '"deny"'))
+        broker.signal(signal.SIGHUP)
+        broker.wait_event("config.reloaded")
+        a.send(notif("vm-a", "vm-b", 2))
+        ev = broker.wait_event("message.refused", why="policy_denied")
+        assert "rule 1 (line 1)" in ev["detail"]
+        policy.write_text(allow + '[[regle]]\nsource = "vm-a"\naction = "maybe"\n')
+        broker.signal(signal.SIGHUP)
+        failed = broker.wait_event("config.reload_failed")
+        assert "policy.toml:6" in failed["error"] and "regle[2]" in failed["error"]
+        a.send(notif("vm-a", "vm-b", 3))  # the deny policy still rules
+        broker.wait_event("message.refused", why="policy_denied", count=2)
+        b.drain_for(0.2)
+        assert [m.payload["data"]["i"] for m in b.messages()] == [1]
+        a.close()
+        b.close()
+    finally:
+        assert broker.stop() == 0
+        a_pair.kill()
+        b_pair.kill()
