@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +23,6 @@ from messagerie.model import Code, Commande, Message, Notification, Reponse
 SCRIPT = Path(sys.executable).with_name("messagerie")
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "messagerie.cli"]
 SUBCOMMANDS = ("notify", "send", "command", "listen", "ping", "status", "schema")
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[SocatPair]:
-    p = SocatPair(tmp_path).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-async def peer(pair: SocatPair) -> AsyncIterator[PtyPeer]:
-    p = PtyPeer(pair.b)
-    yield p
-    p.close()
 
 
 def _env(**extra: str) -> dict[str, str]:

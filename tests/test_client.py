@@ -14,7 +14,7 @@ import random
 import socket
 import termios
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +36,6 @@ from messagerie.client import (
 )
 from messagerie.codec import encode
 from messagerie.model import Code, Commande, Journal, Message, Notification, Reponse, Statut
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[SocatPair]:
-    p = SocatPair(tmp_path).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
-async def peer(pair: SocatPair) -> AsyncIterator[PtyPeer]:
-    p = PtyPeer(pair.b)
-    yield p
-    p.close()
 
 
 def new_client(pair: SocatPair, name: str = "vm-a", **kwargs: Any) -> Client:
