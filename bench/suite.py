@@ -786,6 +786,26 @@ def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, png: str 
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}  ",
         f"Versions: {versions()}", "",
         *([f"![benchmark suite]({png})", ""] if png else []),
+        "How: every sender and receiver is its own process running bench/peers.py, the "
+        "same code for every system: senders write a pre-built burst (or one message per "
+        "tick at a fixed rate) with write(2); receivers count newlines, or parse each "
+        "message's send time for latency (CLOCK_MONOTONIC, one-way). The broker gets "
+        "~220-byte mouse-move notifications; amqtt and mosquitto get the same bytes as "
+        "MQTT 3.1.1 QoS 0 PUBLISH payloads on topic = destination domain (`tous` for "
+        "broadcasts) over loopback TCP with TCP_NODELAY; the suite does CONNECT/SUBSCRIBE "
+        "itself and hands each connected socket to a peer process (paho-mqtt, measured "
+        "below, is an order of magnitude slower than the servers, so it would measure "
+        "itself). mosquitto runs with a generated config: no persistence, no logging, "
+        "`max_queued_messages 0` (no QoS 0 drops: the broker applies back-pressure "
+        "instead); amqtt 0.12 from its CLI with only anonymous auth (no packet logger, no "
+        "$SYS). The broker runs at the production log level (info) with the rate limit "
+        "lifted (benchmarks measure routing, not the token bucket), except in the flood "
+        "scenario, which uses the default limits (20 000 msg/s per domain). The raw relay "
+        "is socat between the two dom0-side ptys: no broadcast, so fan-out and idle are "
+        "n/a. Elapsed times run from the first byte written to the last byte read; fan-out "
+        "waits for every receiver to have every message (receivers in two processes, "
+        "epoll). Systems run one after the other, each with fresh server processes; the "
+        "machine has 2 cores shared by senders, receivers, socat and the server.", "",
         *out, "",
         "Ratios: the broker's performance relative to each system (> 1: the broker is "
         "better; throughputs divided, times and p99 latencies inverted).", "",
