@@ -2,7 +2,7 @@
 
     .venv/bin/python fuzz/fuzz_route.py fuzz/corpus/route -max_total_time=600
 
-The first bytes choose the channel the frames arrive on, the policy (allow-all,
+The first five bytes choose the channel the frames arrive on, the policy (allow-all,
 deny-all, config/policy.toml), which domains are known and connected, and whether
 each answer was solicited; the rest is a byte stream fed to the FrameDecoder. For
 every decoded message ``broker.router.route`` must:
@@ -64,17 +64,25 @@ def check(msg: Message, origin: str, view: View) -> None:
     assert (type(decision) is Deliver) == allowed
 
 
+HEADER = 5
+
+
 def test_one_input(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    origin = fdp.PickValueInList(list(NAMES))
-    policy = POLICIES[fdp.ConsumeIntInRange(0, len(POLICIES) - 1)]
-    known_bits, up_bits = fdp.ConsumeIntInRange(0, 63), fdp.ConsumeIntInRange(0, 63)
-    known = frozenset(d for i, d in enumerate(DOMAINS) if known_bits >> i & 1)
-    up = frozenset(d for i, d in enumerate(DOMAINS) if up_bits >> i & 1 and d in known)
-    solicit = fdp.ConsumeBool()
+    # Header: origin, policy, known domains (bits), connected domains (bits), flags
+    # (bit 0: answers are solicited; bit 1: max_frame 256 instead of 65 536); then the
+    # stream. A fixed header rather than atheris.FuzzedDataProvider, which takes
+    # integers from the end of the input and would cut the seeds' frames.
+    if len(data) < HEADER:
+        return
+    origin = NAMES[data[0] % len(NAMES)]
+    policy = POLICIES[data[1] % len(POLICIES)]
+    known = frozenset(d for i, d in enumerate(DOMAINS) if data[2] >> i & 1)
+    up = frozenset(d for i, d in enumerate(DOMAINS) if data[3] >> i & 1 and d in known)
+    solicit = bool(data[4] & 1)
     view = View(policy, known, up)
-    decoder = FrameDecoder(fdp.PickValueInList([256, 65536]))
-    for item in decoder.feed(fdp.ConsumeBytes(fdp.remaining_bytes()) + b"\n"):
+    decoder = FrameDecoder(256 if data[4] & 2 else 65536)
+    stream = data[HEADER:]
+    for item in decoder.feed(stream + b"\n"):
         if not isinstance(item, Message):
             continue
         if solicit and item.type == "reponse":
