@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,12 +45,12 @@ from bench_broker import (
     machine,
     pairs,
     rss_kib,
+    write_section,
 )
 from broker_harness import SOCAT, PtyPair, wait_until
 from messagerie import BlockingClient
 
 DOMAINS = ["vm-ui", "vm-diag", "vm-evil", "vm-sink"]
-MARKERS = ("<!-- bench_flood:start -->", "<!-- bench_flood:end -->")
 
 
 def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
@@ -167,19 +166,6 @@ def table(r: dict[str, Any]) -> str:
     ])
 
 
-def write_section(path: Path, body: str) -> None:
-    # bench_broker.write_section has its own markers built in; same logic, ours.
-    start, end = MARKERS
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
@@ -201,7 +187,7 @@ def main() -> int:
             f"{r['rss_kib'] / 1024:.1f} MiB.\n\n{table(r)}\n")
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, body, "bench_flood")
     return 0
 
 
