@@ -45,6 +45,7 @@ class FakeTransport:
         """What get_write_buffer_size() reports (set it to simulate a full transport)."""
         self.calls: list[str] = []
         self.writes = 0
+        self._max_read_size = 0
         self.limits: tuple[int | None, int | None] | None = None
         self.closing = False
 
@@ -616,6 +617,21 @@ async def test_token_bucket_pauses_then_resumes() -> None:
     await wait_for(lambda: s.t["vm-a"].calls == ["pause", "resume"])
     # Six messages over the burst at 200/s: about 30 ms of refill, not sooner.
     assert time.monotonic() - started >= 0.02
+
+
+async def test_throttled_peer_is_read_in_small_bites_until_back_in_budget() -> None:
+    s = Setup(rate=1000.0, burst=4)
+    a, t = s.eps["vm-a"], s.t["vm-a"]
+    t._max_read_size = 64 * 1024  # as messagerie.channel's tty transport has
+    a.connection_made(t)  # type: ignore[arg-type]
+    assert t._max_read_size == 64 * 1024
+    s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 10)  # over rate + burst
+    assert t._max_read_size == 4 * 1024
+    # Once the bucket has refilled, a read within budget gives it full reads again.
+    await wait_for(lambda: a._throttle_timer is None)
+    await wait_for(lambda: time.monotonic() - a._last_refill > 0.01)
+    s.send(a, Notification("vm-a", "vm-b", "x", "y"))
+    assert t._max_read_size == 64 * 1024
 
 
 async def test_throttled_peer_not_resumed_while_held() -> None:

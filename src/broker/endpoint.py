@@ -36,6 +36,8 @@ from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_chann
 if TYPE_CHECKING:
     from .core import Broker
 
+THROTTLED_READ_SIZE = 4 * 1024
+"""Bytes read per wake-up from a domain over its rate (see ``Peer.data_received``)."""
 MIN_HIGH_WATER = 16 * 1024
 """Back-pressure starts at a quarter of ``queue_bytes`` (at least this much)."""
 HARD_LIMIT_FACTOR = 4
@@ -122,6 +124,7 @@ class Peer(asyncio.Protocol):
         self.tokens = self.burst
         self._last_refill = time.monotonic()
         self.in_flight = 0
+        self._read_size = READ_SIZE
         self._out: list[bytes] = []
         self._out_size = 0
         self._loop = asyncio.get_event_loop()
@@ -135,11 +138,10 @@ class Peer(asyncio.Protocol):
         high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
         with contextlib.suppress(AttributeError):
             transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
-        if getattr(transport, "max_size", 0) > READ_SIZE:
-            # asyncio's socket transports read 256 KiB per wake-up: cap them to the
-            # ttys' 64 KiB, so that a flooding channel's turn in the loop is as short on
-            # a unix socket (connection=socket) as on a pty (fairness).
-            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
+        # asyncio's socket transports read 256 KiB per wake-up: cap them to the ttys'
+        # 64 KiB, so that a flooding channel's turn in the loop is as short on a unix
+        # socket (connection=socket) as on a pty (fairness).
+        self._set_read_size(READ_SIZE)
         self.paused_writing = False
         self.stalled = False
 
@@ -158,10 +160,23 @@ class Peer(asyncio.Protocol):
             broker.flush()
         if self.tokens < 0 and self.transport is not None and self._throttle_timer is None:
             # Over its rate: stop reading this channel until the bucket refills. The
-            # excess waits in the domain's own channel, costing us nothing.
+            # excess waits in the domain's own channel, costing us nothing. Until it is
+            # back within its budget, read it in small bites: 64 KiB of tiny junk lines
+            # is 30 000 frames to refuse, a long turn in the loop for everyone else.
             self.transport.pause_reading()
+            self._set_read_size(THROTTLED_READ_SIZE)
             delay = -self.tokens / self.rate
             self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._unthrottle)
+        elif self._read_size != READ_SIZE and self.tokens >= self.burst / 2:
+            self._set_read_size(READ_SIZE)
+
+    def _set_read_size(self, size: int) -> None:
+        t = self.transport
+        self._read_size = size
+        if hasattr(t, "_max_read_size"):  # messagerie.channel's tty transport
+            t._max_read_size = size
+        elif hasattr(t, "max_size"):  # asyncio's unix socket transport
+            t.max_size = size
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
