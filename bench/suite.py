@@ -652,6 +652,9 @@ def cell(r: dict[str, Any] | None, m: Metric) -> str:
     if "na" in r:
         return "n/a"
     if "error" in r:
+        if "messages arrived" in r["error"]:  # the receiver gave up waiting (120 s)
+            return "starved: " + r["error"].split(": ", 1)[1].replace(
+                "messages arrived", "arrived in 120 s")
         return f"failed: {r['error'][:60]}"
     return m.show(r)
 
@@ -732,7 +735,8 @@ def _first_line(cmd: list[str], index: int = 0) -> str:
         return "?"
 
 
-def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, png: str | None) -> str:
+def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, date: str,
+           png: str | None) -> str:
     ms = metrics(z)
     head = "| scenario | " + " | ".join(SYSTEMS.values()) + " |"
     out = [head, "|---|" + "---:|" * len(SYSTEMS)]
@@ -783,7 +787,7 @@ def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, png: str 
         "## Suite: broker vs raw relay, amqtt, mosquitto", "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M')}  ",
+        f"Date: {date}  ",
         f"Versions: {versions()}", "",
         *([f"![benchmark suite]({png})", ""] if png else []),
         "How: every sender and receiver is its own process running bench/peers.py, the "
@@ -850,6 +854,9 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
         for i, v in enumerate(vals):
             if not math.isnan(v):
                 ax.annotate(_short(v), (i, v), ha="center", va="bottom", fontsize=8)
+            elif "error" in results.get(names[i], {}).get(key, {}):
+                ax.annotate("failed / starved", (i, 0.5), xycoords=("data", "axes fraction"),
+                            ha="center", fontsize=8, color=colors[names[i]], rotation=90)
 
     bars(axes[0][0], "burst", lambda r: r["per_second"],
          f"one-to-one burst ({z.burst:,} msgs), msg/s, higher is better")
@@ -873,9 +880,10 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
         if not all(math.isnan(y) for y in ys):
             ax.plot(ns, ys, marker="o", label=SYSTEMS[s], color=colors[s])
     ax.set_xticks(ns)
+    ax.set_yscale("log")
     ax.set_xlabel("receivers")
-    ax.set_title("broadcast fan-out, deliveries/s (no raw equivalent)", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title("broadcast fan-out, deliveries/s (log; no raw equivalent)", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     bars(axes[1][1], "idle", lambda r: r["cpu_percent"],
          f"idle with {z.idle_domains} domains: server CPU %, lower is better")
     bars(axes[1][2], "flood", lambda r: r["p99_us"],
@@ -907,6 +915,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the table into --out and the plot beside it")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path, help="also dump the raw results here")
+    p.add_argument("--from-json", type=Path, metavar="FILE",
+                   help="no run: report (and --write) the results a --json run saved")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated subset of " + ",".join(SYSTEMS))
     args = p.parse_args(argv)
@@ -915,16 +925,22 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python bench/suite.py" + "".join(
         f" {a}" for a in argv if a in ("--quick", "--smoke", "--write"))
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="messagerie-suite-") as t:
-        for system in systems:
-            results[system] = run_system(system, Path(t), z,
-                                         lambda s: print(s, file=sys.stderr, flush=True))
-    if not args.smoke and "pty" in systems:
-        results["bench_flood"] = attempt(lambda: bench_flood_run(args.quick))
+    date = time.strftime("%Y-%m-%d %H:%M")
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results, command, date = saved["results"], saved["command"], saved["date"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="messagerie-suite-") as t:
+            for system in systems:
+                results[system] = run_system(system, Path(t), z,
+                                             lambda s: print(s, file=sys.stderr, flush=True))
+        if not args.smoke and "pty" in systems:
+            results["bench_flood"] = attempt(lambda: bench_flood_run(args.quick))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"command": command, "date": date,
+                                         "results": results}, indent=2))
     png = args.out.with_suffix(".png") if args.write else None
-    body = report(results, z, command, png.name if png else None)
+    body = report(results, z, command, date, png.name if png else None)
     print(body)
     if args.write:
         assert png is not None
