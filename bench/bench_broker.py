@@ -67,7 +67,8 @@ def transfer(src: Path, dst: Path, count: int, *, rate: float = 0,
     recv.wait(30)
     if got["received"] < count:
         raise RuntimeError(f"only {got['received']} of {count} messages arrived")
-    elapsed = (got["last_ns"] - sent["start_ns"]) / 1e9
+    # From the first byte written (not from building the burst) to the last received.
+    elapsed = (got["last_ns"] - sent["write_ns"]) / 1e9
     return {**got, "seconds": elapsed, "per_second": count / elapsed}
 
 
