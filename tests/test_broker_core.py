@@ -69,6 +69,10 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closing
 
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closing = True
+
     def close(self) -> None:
         self.closing = True
 
@@ -508,6 +512,20 @@ async def test_journal_to_dom0_logged() -> None:
     assert s.hub.received_journal == 1
 
 
+async def test_journal_flood_is_budgeted_and_cut() -> None:
+    s = Setup()
+    huge = Journal("vm-a", DOM0, "critical", "x" * 30_000, "evil", data={"k": "y" * 30_000})
+    with capture_logs() as logs:
+        s.send(s.eps["vm-a"], *[huge] * 200)
+    events = [e for e in logs if e["event"] == "domain.journal"]
+    assert len(events) == 50  # a domain cannot flood the journal
+    assert len(events[0]["text"]) <= 2003
+    assert events[0]["data"] == {"truncated_bytes": len(b'{"k":""}') + 30_000}
+    # The broker's own warnings about that domain keep their separate budget.
+    s.send(s.eps["vm-a"], b"junk\n")
+    assert s.eps["vm-a"].log_budget.allow()
+
+
 async def test_domain_state_notifications() -> None:
     s = Setup()
     _, tsvc = s.service()
@@ -688,3 +706,33 @@ async def test_send_to_disconnected_transport(kind: str) -> None:
     if kind == "commande":
         assert error_of(s.out("vm-a")[0]) == ("c1", Code.DESTINATION_HORS_LIGNE)
     assert s.broker.pending == {}
+
+
+async def test_domain_removed_and_readded_under_the_same_name() -> None:
+    s = Setup()
+    a, old_b = s.eps["vm-a"], s.eps["vm-b"]
+    s.send(a, Commande("vm-a", "vm-b", "lister", id="c1"))
+    assert s.out("vm-b")[0].payload["id"] == "c1"
+    s.broker.remove_domain("vm-b")
+    assert s.t["vm-b"].calls[-1] == "abort"  # not close(): it might never read again
+    s.flush()
+
+    got: list[Message] = []
+
+    def answers() -> list[Message]:  # out() hands each message over once
+        got.extend(m for m in s.out("vm-a") if isinstance(m, Reponse))
+        return got
+    (answer,) = answers()
+    assert error_of(answer) == ("c1", "destination_inconnue")
+    assert a.in_flight == 0
+    new_b = s.connect("vm-b")  # e.g. discovery found it at a new path
+    assert s.broker.domains["vm-b"] is new_b
+    # The old endpoint going down later does not touch the new one.
+    s.broker.domain_down(old_b)
+    assert s.broker.domains["vm-b"] is new_b
+    s.send(a, Commande("vm-a", "vm-b", "lister", id="c2"))
+    # Only the endpoint that was asked may answer: not the stale one.
+    s.send(old_b, Reponse("vm-b", "vm-a", "c2", "lister", resultat=1))
+    assert len(answers()) == 1  # still only the first answer
+    s.send(new_b, Reponse("vm-b", "vm-a", "c2", "lister", resultat=2))
+    assert answers()[-1].payload["resultat"] == 2

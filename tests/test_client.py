@@ -609,3 +609,46 @@ async def test_close_is_idempotent_and_fails_pending(pair: SocatPair, peer: PtyP
     with pytest.raises(Disconnected):
         await c.notify("tous", "a", "b")
 
+
+
+async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Path) -> None:
+    # The caller was told Disconnected (so it may retry): the command must not then be
+    # written on the next channel behind its back (a retried delete would run twice).
+    path = tmp_path / "channel.sock"
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append((reader, writer))
+        if len(conns) == 2:  # the first connection is never read: its buffer fills
+            while line := await reader.readline():
+                got.append(line)
+
+    server = await asyncio.start_unix_server(handle, str(path))
+    client = Client("vm-ui", path=path, write_buffer_high=16 * 1024, backoff_min=0.05)
+    try:
+        async with client:
+            await async_wait_until(lambda: len(conns) == 1, what="first connection")
+            big = {"x": "y" * 4000}
+
+            async def fill() -> None:
+                while True:
+                    await client.send(Notification("vm-ui", "tous", "c", "e", big), timeout=30)
+
+            filler = asyncio.create_task(fill())
+            conn = client._conn
+            assert conn is not None
+            await async_wait_until(lambda: not conn._can_write.is_set(), what="buffer full")
+            command = asyncio.create_task(client.commande("vm-x", "supprimer", timeout=5))
+            await async_wait_until(lambda: bool(client._pending), what="command pending")
+            filler.cancel()
+            conns[0][1].transport.abort()  # the channel resets
+            with pytest.raises(Disconnected):
+                await command
+            await async_wait_until(lambda: len(conns) == 2, what="reconnection")
+            await client.notify("tous", "c", "marker")
+            await async_wait_until(lambda: any(b"marker" in line for line in got),
+                                   what="marker on the new channel")
+            assert not any(b"supprimer" in line for line in got)
+    finally:
+        server.close()

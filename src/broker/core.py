@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 
 import messagerie
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
 
 
 
+JOURNAL_TEXT_MAX = 2000
+"""Characters of a domain's ``journal`` text written to the broker's log."""
+JOURNAL_DATA_MAX = 4096
+"""Bytes of a domain's ``journal`` data written to the broker's log."""
+encode_json = msgspec.json.Encoder().encode
+
+
 @dataclass(slots=True)
 class Pending:
     """A command on its way: who answers it, until when, and (dom0) who asked."""
@@ -46,8 +54,10 @@ class Pending:
     destination: str
     deadline: float
     asker: Peer
-    server: Peer | None
-    """For commands to dom0: the dom0 service that serves it."""
+    target: Peer
+    """The endpoint the command went to (a domain's, or the dom0 service serving it):
+    compared by identity, so a domain re-added under the same name, or another dom0
+    service, cannot answer in its place."""
     command: str = "inconnue"
     """The command's name, echoed by the answers the broker gives on its behalf."""
 
@@ -64,6 +74,8 @@ class Broker:
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
+        self.stopping = False
+        """Shutdown began: peers are never resumed."""
         self.receiving = False
         """True while a peer's read is being processed: sends are corked until then."""
         self.dirty: list[Peer] = []
@@ -135,11 +147,11 @@ class Broker:
             # very peer that asked (a domain, or one of several dom0 services).
             key = (msg.destination, msg.payload["id"])
             pending = self.pending[key]
-            if pending.server is not None and pending.server is not peer:
-                # Several dom0 services share the name dom0: only the one serving the
-                # command may answer it.
+            if pending.target is not peer:
+                # Several dom0 services share the name dom0, and a domain may have been
+                # re-added under the same name: only the endpoint asked may answer.
                 self.refuse(peer, msg, Refuse(UNSOLICITED, Code.REFUSE,
-                                              "this dom0 service was not asked", True))
+                                              "this endpoint was not asked", True))
                 return
             del self.pending[key]
             pending.asker.in_flight -= 1
@@ -229,12 +241,14 @@ class Broker:
             self.refuse(peer, msg, Refuse("too_many_commands", Code.LIMITE,
                                           f"more than {limit} commands in flight"))
             return False
-        server = None
+        server: Peer | None
         if target == DOM0:
             assert self.dom0 is not None
             server = self.dom0.services.get(cmd.commande)
             if server is None:
                 return True  # the hub answers commande_inconnue
+        else:
+            server = self.domains[target]
         peer.in_flight += 1
         self.pending[key] = Pending(target, time.monotonic() + self.config.limits.command_ttl,
                                     peer, server, cmd.commande)
@@ -247,9 +261,7 @@ class Broker:
                 del self.pending[key]
                 # A DomainEndpoint is reused when its domain comes back: free the slot.
                 gone.in_flight -= 1
-            elif pending.server is gone or (pending.server is None
-                                            and pending.destination == gone.name
-                                            and gone.kind == "domain"):
+            elif pending.target is gone:
                 del self.pending[key]
                 pending.asker.in_flight -= 1
                 commander, id = key
@@ -279,12 +291,14 @@ class Broker:
         self.log.info("domain.added", domain=name, path=path, discovered=discovered)
         return ep
 
-    async def remove_domain(self, name: str) -> None:
+    def remove_domain(self, name: str) -> None:
+        """Forget a domain now (synchronously: a domain re-added under the same name
+        right after is a new endpoint, untouched by this removal)."""
         ep = self.domains.pop(name, None)
         if ep is None:
             return
         was_up = ep.connected_since is not None
-        await ep.stop()
+        ep.detach()
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
         self.log.info("domain.removed", domain=name)
         if was_up:
@@ -294,6 +308,8 @@ class Broker:
         self.emit_state(ep.name, Evenement.CONNECTE)
 
     def domain_down(self, ep: DomainEndpoint) -> None:
+        if self.domains.get(ep.name) is not ep:
+            return  # removed meanwhile: remove_domain() already answered and notified
         self.fail_pending(ep, Code.DESTINATION_HORS_LIGNE,
                           f"domain {ep.name} went down before answering")
         self.emit_state(ep.name, Evenement.DECONNECTE)
@@ -353,14 +369,26 @@ class Broker:
                 "dom0": dom0, "commandes_en_attente": len(self.pending)}
 
     def journal(self, msg: Journal, peer: Peer) -> None:
-        """A ``journal`` message to dom0: into the broker's own log, as an event."""
-        level = msg.payload.get("niveau", "info")
+        """A ``journal`` message to dom0: into the broker's own log, as an event.
+
+        A domain chooses the level and the text, so it has its own budget (separate
+        from the broker's warnings about it, which it must not be able to crowd out of
+        journald's rate limit) and its text and data are cut to a bounded size."""
+        if not peer.journal_budget.allow():
+            return
+        payload = msg.payload
+        level = payload.get("niveau", "info")
         method = {"debug": peer.log.debug, "info": peer.log.info,
                   "warning": peer.log.warning, "error": peer.log.error,
                   "critical": peer.log.critical}.get(level, peer.log.info)
-        method("domain.journal", component=msg.payload.get("composant"),
-               text=msg.payload.get("texte"), at=msg.payload.get("horodatage"),
-               data=msg.payload.get("data"))
+        text = str(payload.get("texte", ""))
+        data = payload.get("data") or {}
+        size = len(encode_json(data))
+        method("domain.journal", component=payload.get("composant"),
+               text=text if len(text) <= JOURNAL_TEXT_MAX else text[:JOURNAL_TEXT_MAX] + "...",
+               at=payload.get("horodatage"),
+               data=data if size <= JOURNAL_DATA_MAX else {"truncated_bytes": size},
+               suppressed=peer.journal_budget.take_suppressed())
 
     def totals(self) -> dict[str, int]:
         total = {"received": 0, "sent": 0, "refused": 0, "invalid": 0, "dropped": 0}

@@ -72,7 +72,7 @@ class Daemon:
         self.rescan()
         for sig, handler in ((signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set),
-                             (signal.SIGHUP, self._reload_soon)):
+                             (signal.SIGHUP, self.reload)):
             loop.add_signal_handler(sig, handler)
         self.tasks = [
             loop.create_task(self._every(cfg.discovery_interval, self.rescan), name="discovery"),
@@ -121,20 +121,20 @@ class Daemon:
             if name in declared or self.discovered.get(name) == path:
                 continue
             if name in self.discovered:  # same name, new path
-                asyncio.get_running_loop().create_task(self.broker.remove_domain(name))
+                self.broker.remove_domain(name)
             self.discovered[name] = path
             self.broker.add_domain(name, path, discovered=True)
         for name in list(self.discovered):
             if name not in found or name in declared:
                 del self.discovered[name]
                 if name not in declared:
-                    asyncio.get_running_loop().create_task(self.broker.remove_domain(name))
+                    self.broker.remove_domain(name)
 
-    def _reload_soon(self) -> None:
-        asyncio.get_running_loop().create_task(self.reload())
+    def reload(self) -> bool:
+        """Apply the configuration file again. False (and nothing changed) if invalid.
 
-    async def reload(self) -> bool:
-        """Apply the configuration file again. False (and nothing changed) if invalid."""
+        Synchronous on purpose: a reload never interleaves with another one, nor with
+        discovery or a read being routed."""
         self.notifier.reloading("reloading configuration")
         if self.config_path is None:
             self.log.warning("config.reload_ignored", detail="embedded configuration")
@@ -158,18 +158,17 @@ class Daemon:
         logs.configure(new.log_level)
         broker.log = structlog.get_logger("broker").bind()
         for ep in list(broker.domains.values()) + list(self.hub.clients):
-            ep.queue_bytes = new.limits.queue_bytes
-            ep.rate = new.limits.rate
-            ep.burst = float(new.limits.burst)
-            ep.log = structlog.get_logger("broker").bind(domain=ep.name)
+            ep.apply_limits(new.limits)
+            # Bound loggers keep the level they were made with: remake them, same context.
+            ep.log = structlog.get_logger("broker").bind(**structlog.get_context(ep.log))
         removed = [n for n, ep in broker.domains.items()
                    if not ep.discovered and (n not in new.domains
                                              or new.domains[n].path != ep.path)]
         for name in removed:
-            await broker.remove_domain(name)
+            broker.remove_domain(name)
         for name, domain in new.domains.items():
             if name in broker.domains and broker.domains[name].discovered:
-                await broker.remove_domain(name)
+                broker.remove_domain(name)
                 self.discovered.pop(name, None)
             if name not in broker.domains:
                 broker.add_domain(name, domain.path)
@@ -191,16 +190,15 @@ class Daemon:
         self.notifier.status(self._status_text())
 
     async def shutdown(self) -> None:
-        """Stop reading, flush what is queued (bounded), close everything."""
+        """Stop reading, flush what is queued (bounded), then abort what is left."""
         self.notifier.stopping("draining")
         self.log.info("broker.stopping")
+        self.broker.stopping = True  # nothing resumes reading from now on
         for task in self.tasks:
             task.cancel()
         peers = list(self.broker.domains.values()) + list(self.hub.clients)
         for peer in peers:
-            if peer.transport is not None:
-                with contextlib.suppress(Exception):
-                    peer.transport.pause_reading()
+            peer.stop_reading()
         deadline = time.monotonic() + DRAIN_TIMEOUT
         # Transports have no "drained" event; poll, bounded.
         while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110

@@ -34,6 +34,7 @@ from messagerie import FrameDecoder
 from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
 
 if TYPE_CHECKING:
+    from .config import Limits
     from .core import Broker
 
 THROTTLED_READ_SIZE = 4 * 1024
@@ -106,6 +107,8 @@ class Peer(asyncio.Protocol):
         self.transport: Any = None
         self.decoder = FrameDecoder(broker.config.max_frame)
         self.log_budget = LogBudget()
+        self.journal_budget = LogBudget(per_second=50)
+        """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
         self.queue_bytes = broker.config.limits.queue_bytes
         # Outbound back-pressure state.
@@ -135,9 +138,7 @@ class Peer(asyncio.Protocol):
         self.transport = transport
         self._loop = asyncio.get_running_loop()
         self.decoder = FrameDecoder(self.broker.config.max_frame)
-        high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
-        with contextlib.suppress(AttributeError):
-            transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
+        self._set_write_limits(transport)
         # asyncio's socket transports read 256 KiB per wake-up: cap them to the ttys'
         # 64 KiB, so that a flooding channel's turn in the loop is as short on a unix
         # socket (connection=socket) as on a pty (fairness).
@@ -170,6 +171,11 @@ class Peer(asyncio.Protocol):
         elif self._read_size != READ_SIZE and self.tokens >= self.burst / 2:
             self._set_read_size(READ_SIZE)
 
+    def _set_write_limits(self, transport: Any) -> None:
+        high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
+        with contextlib.suppress(AttributeError):
+            transport.set_write_buffer_limits(high=high, low=high // 4)
+
     def _set_read_size(self, size: int) -> None:
         t = self.transport
         self._read_size = size
@@ -180,8 +186,22 @@ class Peer(asyncio.Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
-        if not self._held_by and self.transport is not None and not self.transport.is_closing():
+        if (not self._held_by and self.transport is not None and not self.broker.stopping
+                and not self.transport.is_closing()):
             self.transport.resume_reading()
+
+    def stop_reading(self) -> None:
+        """Shutdown: read nothing more from this peer (its domain keeps it queued)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def apply_limits(self, limits: Limits) -> None:
+        """Take the limits of a reloaded configuration, now."""
+        self.queue_bytes = limits.queue_bytes
+        self.rate = limits.rate
+        self.burst = float(limits.burst)
+        if self.transport is not None:
+            self._set_write_limits(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -279,7 +299,7 @@ class Peer(asyncio.Protocol):
     def release(self, dest: Peer) -> None:
         self._held_by.discard(dest)
         if (not self._held_by and self._throttle_timer is None and self.transport is not None
-                and not self.transport.is_closing()):
+                and not self.broker.stopping and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     def _stall(self) -> None:
@@ -320,13 +340,22 @@ class DomainEndpoint(Peer):
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
                                                             name=f"domain:{self.name}")
 
-    async def stop(self) -> None:
+    def detach(self) -> asyncio.Task[None] | None:
+        """Stop at once: no more reconnection, the channel aborted (not closed: a domain
+        that stopped reading would keep its fd and buffer forever). Returns the
+        supervisor task, cancelled, for the caller to await if it wants."""
         self._stopping = True
-        self.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self.transport is not None:
+            self.transport.abort()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        return task
+
+    async def stop(self) -> None:
+        task = self.detach()
+        if task is not None:
+            await asyncio.wait([task])  # not wait_for: our caller's cancellation stays its own
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -105,8 +105,11 @@ class Dom0Hub:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            # Abort, not close: close() waits for a service that may never read again,
+            # and from Python 3.12 wait_closed() waits for every connection.
             for conn in list(self.clients):
-                conn.close()
+                if conn.transport is not None:
+                    conn.transport.abort()
             await self.server.wait_closed()
             self.server = None
         if self.path is not None:

@@ -549,9 +549,16 @@ class Client:
         data = encode(message)
         await self._send_bytes(data, self.connect_timeout if timeout is None else timeout)
 
-    async def _send_bytes(self, data: bytes, timeout: float | None) -> None:  # noqa: ASYNC109
+    async def _send_bytes(self, data: bytes, timeout: float | None,  # noqa: ASYNC109
+                          abandon: asyncio.Future[Reponse] | None = None) -> None:
+        """Write ``data`` once the channel is up and not full. With ``abandon`` (a
+        command's future): if it is settled meanwhile (the channel reset and the
+        command was failed), do not write: the caller was told it failed, so it must
+        not be executed behind its back."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if abandon is not None and abandon.done():
+                raise Disconnected(f"channel {self.path} reset before the command was sent")
             conn = await self._writer(None if deadline is None
                                       else max(0.0, deadline - time.monotonic()))
             try:
@@ -565,6 +572,8 @@ class Client:
                                    f"{timeout:g} s") from None
             except Disconnected:
                 continue  # the channel reset while we waited: wait for the next one
+            if abandon is not None and abandon.done():
+                raise Disconnected(f"channel {self.path} reset before the command was sent")
             assert conn.transport is not None
             conn.transport.write(data)
             return
@@ -612,7 +621,7 @@ class Client:
         try:
             send_timeout = self.connect_timeout if wait is None else min(wait,
                                                                          self.connect_timeout)
-            await self.send(cmd, timeout=send_timeout)
+            await self._send_bytes(encode(cmd), send_timeout, abandon=fut)
             try:
                 async with asyncio.timeout(remaining()):
                     rep = await fut
