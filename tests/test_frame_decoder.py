@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -168,3 +169,20 @@ def test_unexpected_exception_in_a_frame_becomes_an_error(
 def test_output_is_json_compatible_message() -> None:
     msg = messages(FrameDecoder().feed(LINE))[0]
     assert json.loads(msg.raw or b"") == msg.to_dict()
+
+
+def test_a_frame_trickled_in_small_pieces_costs_its_size_not_its_square() -> None:
+    # A hostile domain may send a large frame 4 KiB at a time: each read must not copy
+    # or rescan what is already buffered. A complexity guard, not a benchmark: the
+    # linear decoder takes about a millisecond here, a quadratic one (joining the
+    # buffer on every read) several seconds; the bound leaves 1000x of headroom.
+    decoder = FrameDecoder(max_frame=16 * 1024 * 1024)
+    chunk = b"x" * 4096
+    started = time.process_time()
+    for _ in range(2048):
+        assert decoder.feed(chunk) == []
+    elapsed = time.process_time() - started
+    assert decoder.buffered == 2048 * 4096
+    (error,) = decoder.feed(b'"}\n')
+    assert isinstance(error, FrameError) and error.reason is Reason.INVALID_JSON
+    assert elapsed < 1.0, f"8 MiB in 4 KiB reads took {elapsed:.2f} s of CPU"

@@ -176,19 +176,23 @@ class FrameDecoder:
     buffered, up to the next newline. ``\\r\\n`` is accepted; empty lines are skipped.
     """
 
-    __slots__ = ("_buffer", "_discarding", "max_frame")
+    __slots__ = ("_discarding", "_parts", "_size", "max_frame")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self.max_frame = max_frame
-        self._buffer = b""
+        # An incomplete frame, as the chunks it came in: appending is O(1) and a newline
+        # is looked for in new bytes only, so a frame sent a byte at a time costs
+        # O(its size), not O(size²).
+        self._parts: list[bytes] = []
+        self._size = 0
         self._discarding = False
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame (never more than ``max_frame`` + 1)."""
-        return len(self._buffer)
+        return self._size
 
     def feed(self, data: bytes) -> list[Message | FrameError]:
         out: list[Message | FrameError] = []
@@ -198,11 +202,25 @@ class FrameDecoder:
                 return out
             self._discarding = False
             data = data[end + 1:]
-        if self._buffer:
-            data = self._buffer + data
+        limit = self.max_frame
+        if self._parts:
+            if b"\n" not in data:
+                self._parts.append(data)
+                self._size += len(data)
+                if self._size > limit + 1:
+                    out.append(FrameError(Reason.TOO_LARGE,
+                                          f"frame exceeds {limit} bytes without a newline",
+                                          self._size, excerpt=b"".join(self._parts)[:64]))
+                    self._discarding = True
+                    self._parts = []
+                    self._size = 0
+                return out
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
         lines = data.split(b"\n")
         rest = lines.pop()
-        limit = self.max_frame
         for frame in lines:
             # \r\n: drop the \r so that ``raw`` is canonical and the fast path applies.
             line = frame[:-1] if frame[-1:] == b"\r" else frame
@@ -225,6 +243,7 @@ class FrameDecoder:
                                   f"frame exceeds {limit} bytes without a newline",
                                   len(rest), excerpt=rest[:64]))
             self._discarding = True
-            rest = b""
-        self._buffer = rest
+        elif rest:
+            self._parts.append(rest)
+            self._size = len(rest)
         return out
