@@ -379,3 +379,22 @@ def test_sighup_reloads_the_policy_and_refuses_a_bad_one(tmp_path: Path) -> None
         assert broker.stop() == 0
         a_pair.kill()
         b_pair.kill()
+
+
+def test_a_second_broker_does_not_steal_the_dom0_socket(tmp_path: Path) -> None:
+    pair = PtyPair(tmp_path, "vm-a")
+    config = write_config(tmp_path / "b.toml", {"vm-a": pair.dom0})
+    first = BrokerProcess(config)
+    try:
+        first.wait_event("broker.ready")
+        second = BrokerProcess(config)
+        assert second.proc.wait(15) == 1
+        ev = second.wait_event("broker.failed")
+        assert "another broker is listening" in ev["error"]
+        # The first one still serves its socket.
+        ping = subprocess.run([str(BIN / "messagerie"), "--path", str(tmp_path / "dom0.sock"),
+                               "ping"], capture_output=True, text=True, check=False)
+        assert ping.returncode == 0, ping.stderr
+    finally:
+        assert first.stop() == 0
+        pair.kill()

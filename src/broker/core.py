@@ -172,7 +172,7 @@ class Broker:
     def _after_broadcast(self, peer: Peer, msg: Message, deliver: Deliver,
                          data: bytes) -> None:
         if peer.kind == "dom0" and self.dom0 is not None:
-            self.dom0.broadcast_local(data, exclude=peer)
+            self.dom0.broadcast_local(data, exclude=peer, msg=msg)
         if deliver.denied:
             peer.stats.refused += 1
             if peer.log_budget.allow():
@@ -331,7 +331,7 @@ class Broker:
                 if target != DOM0:
                     self.domains[target].send(data)
         if self.dom0 is not None and msg.destination in (TOUS, DOM0):
-            self.dom0.broadcast_local(data, exclude=None)
+            self.dom0.broadcast_local(data, exclude=None, msg=msg)
 
     # -- built-in commands ---------------------------------------------------------
     def builtin(self, cmd: Commande, peer: Peer) -> Reponse:

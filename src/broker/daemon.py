@@ -51,6 +51,7 @@ class Daemon:
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.discovered: dict[str, str] = {}
+        self.reported_bad: set[str] = set()
         self.log = structlog.get_logger("broker").bind()
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
@@ -114,8 +115,9 @@ class Daemon:
             return
         found, rejected = scan(self.config.discovery_patterns)
         for path in rejected:
-            if path not in self.discovered.values():
+            if path not in self.reported_bad:
                 self.log.warning("discovery.bad_name", path=path)
+        self.reported_bad = set(rejected)  # said once while it stays there
         declared = self.config.domains
         for name, path in found.items():
             if name in declared or self.discovered.get(name) == path:

@@ -133,12 +133,15 @@ class Dom0Hub:
         if kind == "journal":
             self.received_journal += 1
             self.broker.journal(msg, origin)  # type: ignore[arg-type]
-        self.broadcast_local(data, exclude=origin)
+        self.broadcast_local(data, exclude=origin, msg=msg)
 
-    def broadcast_local(self, data: bytes, exclude: Peer | None) -> None:
+    def broadcast_local(self, data: bytes, exclude: Peer | None,
+                        msg: Message | None = None) -> None:
+        """To every dom0 service but ``exclude`` (the sender, whose reading is held
+        back while a service is full, as for a domain). Drops are counted and logged."""
         for conn in self.clients:
-            if conn is not exclude:
-                conn.send(data)
+            if conn is not exclude and not conn.send(data, exclude) and msg is not None:
+                self.broker._dropped(exclude or conn, conn, msg)
 
     def register(self, cmd: Commande, conn: LocalConnection) -> Reponse:
         names = cmd.arguments.get("commandes")
@@ -172,4 +175,12 @@ def _prepare_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(f"{path} exists and is not a socket")
-    os.unlink(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale socket from a previous run
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"{path}: another broker is listening there")
