@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from broker.router import (
     Deliver,
     PolicyLike,
     Refuse,
+    StaticView,
     route,
 )
 from messagerie import DOM0, TOUS, Code, FrameDecoder, Message, encode, from_dict
@@ -46,27 +45,7 @@ DENY_ALL = parse_policy('[[regle]]\nsource = "*"\ndestination = "*"\ntype = "*"\
                         'action = "deny"\n', origin="<deny-all>")
 
 
-@dataclass
-class View:
-    """What the router may know: who exists, who is up, which commands await answers."""
-
-    policy: PolicyLike
-    known: frozenset[str]
-    up: frozenset[str]
-    pending: set[tuple[str, str, str]] = field(default_factory=set)
-    """(commander, id, replier)"""
-
-    def is_known(self, name: str) -> bool:
-        return name in self.known
-
-    def is_connected(self, name: str) -> bool:
-        return name in self.up
-
-    def connected(self) -> Iterator[str]:
-        return iter(sorted(self.up))
-
-    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
-        return (commander, id, replier) in self.pending
+View = StaticView
 
 
 # -- strategies --------------------------------------------------------------------

@@ -17,34 +17,18 @@ from broker.router import (
     Deliver,
     PolicyLike,
     Refuse,
+    StaticView,
     route,
 )
 from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Reponse
 
 
-class View:
-    """A registry in a few lines: known domains, the connected ones, pending commands."""
-
-    def __init__(self, connected: Iterable[str] = (), offline: Iterable[str] = (),
-                 policy: PolicyLike | None = None,
-                 pending: Iterable[tuple[str, str, str]] = ()) -> None:
-        self._connected = list(connected)
-        self._known = set(self._connected) | set(offline)
-        self.policy: PolicyLike = policy or Policy.allow_all()
-        self.pending = set(pending)
-        """(commander, id, replier)"""
-
-    def is_known(self, name: str) -> bool:
-        return name in self._known
-
-    def is_connected(self, name: str) -> bool:
-        return name in self._connected
-
-    def connected(self) -> Iterable[str]:
-        return iter(self._connected)
-
-    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
-        return (commander, id, replier) in self.pending
+def View(connected: Iterable[str] = (), offline: Iterable[str] = (),
+         policy: PolicyLike | None = None,
+         pending: Iterable[tuple[str, str, str]] = ()) -> StaticView:
+    """A registry in a few lines: connected and offline domains, pending commands."""
+    up = frozenset(connected)
+    return StaticView(policy or Policy.allow_all(), up | frozenset(offline), up, set(pending))
 
 
 POLICY = parse_policy(textwrap.dedent("""\

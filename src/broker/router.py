@@ -20,7 +20,7 @@ Rules, in order:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from messagerie import DOM0, TOUS, Code, Message
@@ -127,6 +127,32 @@ def route(message: Message, origin: str, view: RoutingView) -> Decision:
     if not verdict.allowed:
         return Refuse(DENIED, Code.REFUSE, verdict.reason, security=True)
     return _unicast(destination)
+
+
+@dataclass
+class StaticView:
+    """A :class:`RoutingView` held in memory: which domains exist, which are connected,
+    which answers are awaited. For "what would the router do?" questions (tests,
+    fuzzing, tools) without a broker."""
+
+    policy: PolicyLike
+    known: frozenset[str] = frozenset()
+    up: frozenset[str] = frozenset()
+    """Connected domains (a subset of ``known``)."""
+    pending: set[tuple[str, str, str]] = field(default_factory=set)
+    """Commands awaiting an answer: (commander, id, replier)."""
+
+    def is_known(self, name: str) -> bool:
+        return name in self.known
+
+    def is_connected(self, name: str) -> bool:
+        return name in self.up
+
+    def connected(self) -> Iterable[str]:
+        return iter(sorted(self.up))
+
+    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
+        return (commander, id, replier) in self.pending
 
 
 _UNICAST: dict[str, Deliver] = {}
