@@ -449,12 +449,20 @@ async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
         cmd = Commande("vm-ui", "dom0", "stocker")
         peer.send(cmd)
         assert await peer.recv() == cmd.reply("stocké")
-        # After a reset, the handlers are registered again.
+        # After a reset, the handlers are registered again; a broker that is not
+        # ready yet (or refuses for now) is asked again, not given up on.
         peer.close()
         peer = await server.accept()
         reg = await peer.recv()
         assert isinstance(reg, Commande) and reg.commande == "enregistrer"
-        peer.send(reg.reply(None))
+        peer.send(reg.fail(Code.REFUSE, "already served: stocker"))
+        again = await peer.recv()
+        assert isinstance(again, Commande) and again.commande == "enregistrer"
+        assert again.id != reg.id
+        peer.send(again.reply(None))
+        cmd = Commande("vm-ui", "dom0", "stocker")
+        peer.send(cmd)
+        assert await peer.recv() == cmd.reply("stocké")
         await c.close()
     finally:
         await server.stop()

@@ -510,10 +510,7 @@ class Client:
                     continue
                 break
             self._log.info("channel.reconnected", attempts=attempts)
-            try:
-                await self._register()
-            except (MessagerieError, MessageInvalide) as exc:
-                self._log.error("dom0.register_failed", error=str(exc))
+            self._spawn(self._register_quietly())
 
     async def _register(self) -> None:
         """dom0 only: tell the broker which commands this client serves."""
@@ -701,10 +698,21 @@ class Client:
         self._handlers.pop(name, None)
 
     async def _register_quietly(self) -> None:
-        try:
-            await self._register()
-        except (MessagerieError, MessageInvalide) as exc:
-            self._log.error("dom0.register_failed", error=str(exc))
+        """Register until the broker says yes: a dom0 service that silently stopped
+        serving its commands after a broker restart would be worse than a loud one.
+        Gives up only when the channel drops (the next connection registers again)."""
+        delay = self.backoff_min
+        conn = self._conn
+        while self._open and not self._closing:
+            try:
+                await self._register()
+                return
+            except (MessagerieError, MessageInvalide) as exc:
+                self._log.error("dom0.register_failed", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+            if self._conn is not conn:
+                return
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
