@@ -736,3 +736,20 @@ async def test_domain_removed_and_readded_under_the_same_name() -> None:
     assert len(answers()) == 1  # still only the first answer
     s.send(new_b, Reponse("vm-b", "vm-a", "c2", "lister", resultat=2))
     assert answers()[-1].payload["resultat"] == 2
+
+
+async def test_traffic_summary_counts_what_flowed() -> None:
+    s = Setup("vm-a", "vm-b", "vm-c")
+    s.send(s.eps["vm-a"], *[Notification("vm-a", "vm-b", "entree", "souris")] * 3,
+           Notification("vm-a", TOUS, "usb_device", "usb_connect"))
+    s.send(s.eps["vm-b"], Commande("vm-b", "vm-c", "lister", id="t1"))
+    s.send(s.eps["vm-b"], Notification("vm-a", "vm-c", "x", "forged"))  # refused: not counted
+    with capture_logs() as logs:
+        s.broker.log_traffic(10.0)
+        s.broker.log_traffic(10.0)  # nothing since: no event
+    (event,) = [e for e in logs if e["event"] == "traffic.summary"]
+    assert event["log_level"] == "info" and event["messages"] == 5
+    assert event["flows"] == [
+        {"source": "vm-a", "destination": "tous", "type": "notification", "messages": 1},
+        {"source": "vm-a", "destination": "vm-b", "type": "notification", "messages": 3},
+        {"source": "vm-b", "destination": "vm-c", "type": "commande", "messages": 1}]

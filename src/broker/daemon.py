@@ -31,6 +31,8 @@ from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
 
 DRAIN_TIMEOUT = 5.0
+TRAFFIC_INTERVAL = 10.0
+"""Seconds between two ``traffic.summary`` events."""
 READY_TIMEOUT = 5.0
 
 
@@ -79,6 +81,7 @@ class Daemon:
             loop.create_task(self._every(cfg.discovery_interval, self.rescan), name="discovery"),
             loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
             loop.create_task(self._every(5.0, self._status), name="status"),
+            loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
         interval = watchdog_interval()
         if interval:
@@ -188,6 +191,9 @@ class Daemon:
                 f"services; {t['received']} received, {t['refused']} refused, "
                 f"{t['invalid']} invalid, {t['dropped']} dropped")
 
+    def _traffic(self) -> None:
+        self.broker.log_traffic(TRAFFIC_INTERVAL)
+
     def _status(self) -> None:
         self.notifier.status(self._status_text())
 
@@ -206,6 +212,7 @@ class Daemon:
         while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         left = sum(p.queued() for p in peers)
+        self.broker.log_traffic(TRAFFIC_INTERVAL)
         await self.hub.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
