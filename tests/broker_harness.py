@@ -247,3 +247,34 @@ def write_config(path: Path, domains: dict[str, Path], *, extra: str = "",
         lines.append(f'[domaines.{name}]\nchemin = "{chemin}"\n')
     path.write_text("\n".join(lines))
     return path
+
+
+class BrokerSystem:
+    """Domains on socat ptys, the broker started on them as users start it, and each
+    domain's DomU end. ``missing`` domains are configured with a path that does not
+    exist (offline)."""
+
+    def __init__(self, tmp: Path, names: tuple[str, ...], *, extra: str = "",
+                 missing: tuple[str, ...] = (), dom0_socket: Path | None = None,
+                 wait_connected: bool = False) -> None:
+        self.tmp = tmp
+        self.pairs = {n: PtyPair(tmp, n) for n in names}
+        paths = {n: p.dom0 for n, p in self.pairs.items()}
+        paths.update({n: tmp / f"{n}.absent" for n in missing})
+        self.dom0_socket = dom0_socket or tmp / "dom0.sock"
+        self.config = write_config(tmp / "broker.toml", paths, extra=extra,
+                                   dom0_socket=self.dom0_socket)
+        self.broker = BrokerProcess(self.config)
+        self.broker.wait_event("broker.ready")
+        if wait_connected:
+            wait_until(lambda: len(self.broker.find("domain.connected")) >= len(names), 10,
+                       f"{len(names)} domains connected")
+        self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+
+    def close(self) -> int:
+        code = self.broker.stop()
+        for d in self.domus.values():
+            d.close()
+        for p in self.pairs.values():
+            p.kill()
+        return code

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from broker_harness import BIN, BrokerProcess, Domu, PtyPair, QemuSocket, wait_until, write_config
+from broker_harness import (
+    BIN,
+    BrokerProcess,
+    BrokerSystem,
+    Domu,
+    PtyPair,
+    QemuSocket,
+    wait_until,
+    write_config,
+)
 from messagerie import Reponse
 
 SPEC = (b'{"type":"notification","source":"vm-a","destination":"tous",'
@@ -30,35 +39,17 @@ def cmd(src: str, dst: str, id: str, name: str = "lister_disques") -> dict[str, 
             "payload": {"id": id, "commande": name, "arguments": {}}}
 
 
-class Setup:
-    def __init__(self, tmp: Path, names: tuple[str, ...], extra: str = "",
-                 missing: tuple[str, ...] = ()) -> None:
-        self.tmp = tmp
-        self.pairs = {n: PtyPair(tmp, n) for n in names}
-        paths = {n: p.dom0 for n, p in self.pairs.items()}
-        paths.update({n: tmp / f"{n}.absent" for n in missing})
-        self.config = write_config(tmp / "broker.toml", paths, extra=extra)
-        self.broker = BrokerProcess(self.config)
-        self.broker.wait_event("broker.ready")
-        self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
 
-    def close(self) -> int:
-        code = self.broker.stop()
-        for d in self.domus.values():
-            d.close()
-        for p in self.pairs.values():
-            p.kill()
-        return code
 
 
 @pytest.fixture
-def three(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path, ("vm-a", "vm-b", "vm-c"), missing=("vm-off",))
+def three(tmp_path: Path) -> Iterator[BrokerSystem]:
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), missing=("vm-off",))
     yield s
     assert s.close() == 0
 
 
-def test_unicast_forwards_the_bytes_unchanged(three: Setup) -> None:
+def test_unicast_forwards_the_bytes_unchanged(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     # Unusual but valid spacing and key order: forwarded as received, not re-encoded.
     line = (b'{"payload": {"evenement":"connect","categorie":"device","data":{}},'
@@ -71,7 +62,7 @@ def test_unicast_forwards_the_bytes_unchanged(three: Setup) -> None:
     assert c.messages() == []
 
 
-def test_broadcast_reaches_everyone_but_its_sender(three: Setup) -> None:
+def test_broadcast_reaches_everyone_but_its_sender(three: BrokerSystem) -> None:
     a, b, c = (three.domus[n] for n in ("vm-a", "vm-b", "vm-c"))
     a.write(SPEC)
     for d in (b, c):
@@ -81,7 +72,7 @@ def test_broadcast_reaches_everyone_but_its_sender(three: Setup) -> None:
     assert a.messages() == [], "a broadcast came back to its sender"
 
 
-def test_spoofed_source_is_refused_and_logged(three: Setup) -> None:
+def test_spoofed_source_is_refused_and_logged(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(notif("vm-b", "tous"))
     a.send(cmd("vm-c", "vm-b", "s1"))
@@ -92,7 +83,7 @@ def test_spoofed_source_is_refused_and_logged(three: Setup) -> None:
     assert msg.payload["data"]["i"] == 42
 
 
-def test_garbage_and_oversize_frames_between_valid_ones(three: Setup) -> None:
+def test_garbage_and_oversize_frames_between_valid_ones(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(notif("vm-a", "vm-b", 1))
     a.write(b"\x00\xff garbage \x01\n")
@@ -108,7 +99,7 @@ def test_garbage_and_oversize_frames_between_valid_ones(three: Setup) -> None:
     assert reasons == {"invalid_json", "too_large", "unknown_type"}
 
 
-def test_command_to_offline_or_unknown_domain_is_answered_at_once(three: Setup) -> None:
+def test_command_to_offline_or_unknown_domain_is_answered_at_once(three: BrokerSystem) -> None:
     a = three.domus["vm-a"]
     a.send(cmd("vm-a", "vm-off", "c1"))
     a.send(cmd("vm-a", "vm-nowhere", "c2"))
@@ -122,7 +113,7 @@ def test_command_to_offline_or_unknown_domain_is_answered_at_once(three: Setup) 
     assert replies["c3"].ok and replies["c3"].resultat["pong"] is True
 
 
-def test_command_round_trip_and_unsolicited_reponse_refused(three: Setup) -> None:
+def test_command_round_trip_and_unsolicited_reponse_refused(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(cmd("vm-a", "vm-b", "r1"))
     (asked,) = b.wait_messages(1)
@@ -139,7 +130,7 @@ def test_command_round_trip_and_unsolicited_reponse_refused(three: Setup) -> Non
     assert len(a.messages()) == 1
 
 
-def test_domain_killed_and_restarted_is_found_again(three: Setup) -> None:
+def test_domain_killed_and_restarted_is_found_again(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     three.domus["vm-b"].close()
     three.pairs["vm-b"].kill()
@@ -159,7 +150,7 @@ def test_domain_killed_and_restarted_is_found_again(three: Setup) -> None:
     assert msg.payload["data"]["i"] == 7
 
 
-def test_pending_command_answered_when_its_destination_goes_down(three: Setup) -> None:
+def test_pending_command_answered_when_its_destination_goes_down(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(cmd("vm-a", "vm-b", "lost"))
     b.wait_messages(1)
@@ -173,7 +164,7 @@ def test_pending_command_answered_when_its_destination_goes_down(three: Setup) -
 
 
 def test_a_domain_that_never_reads_does_not_delay_the_others(tmp_path: Path) -> None:
-    s = Setup(tmp_path, ("vm-a", "vm-b", "vm-mute"),
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-mute"),
               extra="[limites]\nfile_octets = 65536\ndelai_blocage = 0.2\n"
                     "debit = 1000000\nrafale = 1000000\n")
     try:
@@ -326,7 +317,7 @@ def test_check_config_exit_status(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    s = Setup(tmp_path, ("vm-a", "vm-b"))
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"))
     a, b = s.domus["vm-a"], s.domus["vm-b"]
     for i in range(200):
         a.send(notif("vm-a", "vm-b", i))
@@ -337,7 +328,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_dom0_socket_permissions(tmp_path: Path) -> None:
-    s = Setup(tmp_path, ("vm-a",), extra="")
+    s = BrokerSystem(tmp_path, ("vm-a",), extra="")
     try:
         mode = os.stat(tmp_path / "dom0.sock").st_mode & 0o777
         assert mode == 0o660

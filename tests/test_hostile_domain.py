@@ -27,7 +27,12 @@ from typing import Any
 
 import pytest
 
-from broker_harness import SOCAT, BrokerProcess, Domu, PtyPair, wait_until, write_config
+from broker_harness import (
+    SOCAT,
+    BrokerSystem,
+    Domu,
+    wait_until,
+)
 from messagerie import BlockingClient, Message
 from messagerie.channel import READ_SIZE
 
@@ -98,25 +103,17 @@ def rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
-class Hostile:
+class Hostile(BrokerSystem):
     """vm-evil, vm-ui and vm-diag on socat ptys; the broker with the policy above."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
         policy = tmp / "policy.toml"
         policy.write_text(POLICY)
-        self.pairs = {n: PtyPair(tmp, n) for n in ("vm-evil", "vm-ui", "vm-diag")}
-        self.dom0_socket = tmp / "dom0.sock"
         extra = (f'[broker]\ntaille_max_trame = {MAX_FRAME}\npolitique = "{policy}"\n\n'
                  f"[limites]\ndebit = {RATE}\nrafale = {BURST}\n\n"
                  "[reconnexion]\nmin = 0.05\nmax = 0.2\n")
-        config = write_config(tmp / "broker.toml", {n: p.dom0 for n, p in self.pairs.items()},
-                              extra=extra, dom0_socket=self.dom0_socket)
-        self.broker = BrokerProcess(config)
-        self.broker.wait_event("broker.ready")
-        wait_until(lambda: len(self.broker.find("domain.connected")) >= 3, 10,
-                   "three domains connected")
-        self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+        super().__init__(tmp, ("vm-evil", "vm-ui", "vm-diag"), extra=extra,
+                         wait_connected=True)
         self.evil, self.ui, self.diag = (self.domus[n] for n in ("vm-evil", "vm-ui", "vm-diag"))
 
     @property
@@ -130,15 +127,6 @@ class Hostile:
 
     def alive(self) -> None:
         assert self.broker.proc.poll() is None, f"broker died: {self.broker.tail(20)}"
-
-    def close(self) -> int:
-        code = self.broker.stop()
-        for d in self.domus.values():
-            d.close()
-        for p in self.pairs.values():
-            p.kill()
-        return code
-
 
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Hostile]:
