@@ -264,7 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = replace(config, log_level=args.log_level)
     logs.configure(config.log_level)
     try:
-        return asyncio.run(Daemon(config, policy, path).run())
+        code = asyncio.run(Daemon(config, policy, path).run())
+        # The loop is closed and its signal handlers with it: a second SIGTERM now
+        # (systemd's, an impatient operator's) must not turn exit 0 into "killed".
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except OSError as exc:  # e.g. the dom0 socket's directory is not writable
         structlog.get_logger("broker").error("broker.failed", error=str(exc))
         return 1
