@@ -15,7 +15,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -78,7 +78,9 @@ class Daemon:
                              (signal.SIGHUP, self.reload)):
             loop.add_signal_handler(sig, handler)
         self.tasks = [
-            loop.create_task(self._every(cfg.discovery_interval, self.rescan), name="discovery"),
+            # The interval is read at each turn: a reload that changes it applies.
+            loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
+                             name="discovery"),
             loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
@@ -105,11 +107,12 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), READY_TIMEOUT)
 
-    async def _every(self, interval: float, fn: object) -> None:
+    async def _every(self, interval: float | Callable[[], float],
+                     fn: Callable[[], None]) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval() if callable(interval) else interval)
             try:
-                fn()  # type: ignore[operator]
+                fn()
             except Exception:
                 self.log.exception("broker.task_failed", task=getattr(fn, "__name__", "?"))
 
