@@ -156,14 +156,40 @@ def test_decoder_state_is_per_instance() -> None:
     assert messages(a.feed(FRAME[10:] + b"\n")) == [MSG]
 
 
-def test_unexpected_exception_in_a_frame_becomes_an_error(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_exception_in_a_frame_becomes_an_error() -> None:
     def boom(line: bytes) -> Message:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(codec, "decode", boom)
-    out = FrameDecoder().feed(LINE + LINE)
+    out = FrameDecoder(decode=boom).feed(LINE + LINE)
     assert [o.reason for o in out if isinstance(o, FrameError)] == [Reason.INVALID_JSON] * 2
+
+
+def test_a_failing_batch_falls_back_on_each_frame() -> None:
+    calls: list[list[bytes]] = []
+
+    def batch(lines: list[bytes]) -> list[Message] | None:
+        calls.append(lines)
+        if len(calls) == 1:
+            return None  # "cannot": each frame is decoded instead
+        raise RuntimeError("bug")  # a bug in the batch must not break the stream either
+
+    d = FrameDecoder(decode=codec.decode, batch=batch)
+    assert messages(d.feed(LINE + LINE)) == [MSG, MSG]
+    assert messages(d.feed(LINE)) == [MSG]
+    assert calls == [[FRAME, FRAME], [FRAME]]
+
+
+def test_batch_never_sees_an_oversize_frame() -> None:
+    seen: list[list[bytes]] = []
+
+    def batch(lines: list[bytes]) -> list[Message] | None:
+        seen.append(lines)
+        return None
+
+    d = FrameDecoder(len(FRAME), decode=codec.decode, batch=batch)
+    out = d.feed(LINE + b"x" * (len(FRAME) + 1) + b"\n" + LINE)
+    assert [type(o) for o in out] == [type(MSG), FrameError, type(MSG)]
+    assert seen == []
 
 
 def test_output_is_json_compatible_message() -> None:

@@ -22,6 +22,10 @@ from messagerie import DOM0, MAX_FRAME, is_valid_name
 LEVELS: Final = ("debug", "info", "warning", "error")
 
 
+VALIDATIONS: Final = ("enveloppe", "complete")
+"""How much of each frame the broker checks (``broker.validation``)."""
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the text names the file and the key."""
 
@@ -62,6 +66,10 @@ class Config:
     dom0_group: str | None = None
     log_level: str = "info"
     max_frame: int = MAX_FRAME
+    validation: str = "enveloppe"
+    """``enveloppe``: check what routing decides on (the envelope) and the JSON syntax
+    of the whole frame; ``complete``: also refuse a key repeated inside ``data``, as
+    :func:`messagerie.decode` does (slower)."""
     policy_path: str | None = None
     limits: Limits = field(default_factory=Limits)
     reconnect_min: float = 0.1
@@ -110,7 +118,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         return str(base / p) if base is not None and not p.is_absolute() else value
 
     broker = _table(data, "broker", "")
-    _unknown(broker, {"niveau_journal", "taille_max_trame", "politique"}, "broker.")
+    _unknown(broker, {"niveau_journal", "taille_max_trame", "politique", "validation"},
+             "broker.")
     level = _get(broker, "niveau_journal", str, "broker.", "info")
     if level not in LEVELS:
         raise ConfigError(f"broker.niveau_journal: {level!r} is not one of {', '.join(LEVELS)}")
@@ -118,6 +127,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     if not 256 <= max_frame <= 16 * 1024 * 1024:
         raise ConfigError(f"broker.taille_max_trame: {max_frame} is not within 256..16777216")
     policy = _get(broker, "politique", str, "broker.", None)
+    validation = _get(broker, "validation", str, "broker.", "enveloppe")
+    if validation not in VALIDATIONS:
+        raise ConfigError(f"broker.validation: {validation!r} is not one of "
+                          f"{', '.join(VALIDATIONS)}")
 
     dom0 = _table(data, "dom0", "")
     _unknown(dom0, {"socket", "mode", "groupe"}, "dom0.")
@@ -187,6 +200,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         discovery_interval=interval,
         dom0_socket=path_of(socket_path) if socket_path else None,
         dom0_mode=int(mode_text, 8), dom0_group=group, log_level=level, max_frame=max_frame,
+        validation=validation,
         policy_path=path_of(policy) if policy else None, limits=limits,
         reconnect_min=rmin, reconnect_max=rmax, source=source)
 

@@ -7,7 +7,7 @@ applies decisions: it writes bytes, answers refused commands, counts and logs.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,26 +25,58 @@ from messagerie import (
     FrameError,
     Journal,
     Message,
+    MessageInvalide,
     Notification,
     Reponse,
+    decode,
     encode,
 )
+from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config
 from .endpoint import DomainEndpoint, Peer
 from .policy import Policy
-from .router import BUILTINS, DENIED, UNSOLICITED, Deliver, PolicyLike, Refuse, route
+from .router import (
+    BUILTINS,
+    DENIED,
+    UNSOLICITED,
+    Decision,
+    Deliver,
+    PolicyLike,
+    Refuse,
+    Routable,
+    route,
+)
 
 if TYPE_CHECKING:
     from .local import Dom0Hub, LocalConnection
 
 
 
+Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
+FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
+    "enveloppe": (decode_envelope, decode_runs), "complete": (decode_complete, None)}
+"""Per ``broker.validation``: how a frame is decoded, and how a read's frames may be."""
 JOURNAL_TEXT_MAX = 2000
 """Characters of a domain's ``journal`` text written to the broker's log."""
 JOURNAL_DATA_MAX = 4096
 """Bytes of a domain's ``journal`` data written to the broker's log."""
 encode_json = msgspec.json.Encoder().encode
+
+
+ROUTE_CACHE_MAX = 4096
+"""Routing decisions kept (per source, destination, type and name)."""
+RouteKey = tuple[str, str, str, str | None]
+
+
+class _Route:
+    """A cached routing decision and the messages it routed since the last summary."""
+
+    __slots__ = ("count", "decision")
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self.count = 0
 
 
 @dataclass(slots=True)
@@ -67,7 +99,11 @@ class Broker:
 
     def __init__(self, config: Config, policy: PolicyLike | None = None) -> None:
         self.config = config
-        self.policy: PolicyLike = policy or Policy.allow_all()
+        self._routes: dict[RouteKey, _Route] = {}
+        self.traffic: dict[tuple[str, str, str], int] = {}
+        """Messages routed per (source, destination, type) since the last summary
+        (plus the counts kept with the cached decisions)."""
+        self._policy: PolicyLike = policy or Policy.allow_all()
         self.domains: dict[str, DomainEndpoint] = {}
         self.dom0: Dom0Hub | None = None
         self.pending: dict[tuple[str, str], Pending] = {}
@@ -79,8 +115,18 @@ class Broker:
         self.receiving = False
         """True while a peer's read is being processed: sends are corked until then."""
         self.dirty: list[Peer] = []
-        self.traffic: dict[tuple[str, str, str], int] = {}
-        """Messages routed per (source, destination, type) since the last summary."""
+        self.frame_decode, self.frame_batch = FRAME_DECODERS[config.validation]
+        """How each frame is decoded (``broker.validation``): its envelope only, or
+        completely; and how the frames of one read may be validated together."""
+
+    @property
+    def policy(self) -> PolicyLike:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: PolicyLike) -> None:
+        self._policy = policy
+        self.invalidate_routes()
 
     # -- RoutingView ---------------------------------------------------------------
     def is_known(self, name: str) -> bool:
@@ -100,25 +146,37 @@ class Broker:
         return pending is not None and pending.destination == replier
 
     # -- receive path --------------------------------------------------------------
-    def receive(self, peer: Peer, item: Message | FrameError) -> None:
+    def receive(self, peer: Peer, item: Envelope | Run | FrameError) -> None:
         """Called by a peer for every frame it decoded (or failed to). Hot path."""
+        if type(item) is Run:
+            self.receive_run(peer, item)
+            return
         if type(item) is FrameError:
             self.invalid(peer, item)
             return
-        msg: Message = item  # type: ignore[assignment]
+        msg: Envelope = item  # type: ignore[assignment]
         stats = peer.stats
         stats.received += 1
         peer.tokens -= 1
         if peer.tokens < 0:
             stats.throttled += 1
-        decision = route(msg, peer.name, self)
+        kind = msg.type
+        cached: _Route | None = None
+        if kind != "reponse" and msg.source == peer.name:
+            # Decisions on everything but answers depend only on the registry,
+            # connectivity and the policy: cached until one of them changes.
+            key = (msg.source, msg.destination, kind, msg.name)
+            cached = self._routes.get(key)
+            if cached is None:
+                cached = self._route(msg, key)
+            decision = cached.decision
+        else:
+            decision = route(msg, peer.name, self)
         if type(decision) is Refuse:
             self.refuse(peer, msg, decision)
             return
         deliver: Deliver = decision  # type: ignore[assignment]
-        raw = msg.raw
-        data = raw + b"\n" if raw is not None else encode(msg)
-        kind = msg.type
+        data = msg.raw + b"\n"
         if kind == "notification":
             for target in deliver.targets:
                 if target == DOM0:
@@ -131,17 +189,77 @@ class Broker:
             self._deliver_other(peer, msg, deliver, data)
         if msg.destination == TOUS:
             self._after_broadcast(peer, msg, deliver, data)
-        flow = (msg.source, msg.destination, kind)
-        self.traffic[flow] = self.traffic.get(flow, 0) + 1
+        if cached is not None:
+            cached.count += 1
+        else:
+            flow = (msg.source, msg.destination, kind)
+            self.traffic[flow] = self.traffic.get(flow, 0) + 1
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
-                           type=kind, name=msg.name, id=msg.payload.get("id"),
+                           type=kind, name=msg.name, id=msg.id,
                            size=len(data), targets=list(deliver.targets))
+
+    def receive_run(self, peer: Peer, run: Run) -> None:
+        """Consecutive notifications from one source to one domain with one category:
+        one decision, one write, the counters by ``count``. Hottest path."""
+        msg = run.envelope
+        n = run.count
+        stats = peer.stats
+        stats.received += n
+        peer.tokens -= n
+        if peer.tokens < 0:
+            stats.throttled += min(n, int(-peer.tokens) + 1)
+        cached: _Route | None = None
+        if msg.source == peer.name:
+            key = (msg.source, msg.destination, "notification", msg.name)
+            cached = self._routes.get(key)
+            if cached is None:
+                cached = self._route(msg, key)
+            decision = cached.decision
+        else:
+            decision = route(msg, peer.name, self)
+        if type(decision) is Refuse:
+            for _ in range(n):
+                self.refuse(peer, msg, decision)
+            return
+        deliver: Deliver = decision  # type: ignore[assignment]
+        # A run never goes to tous or dom0 (decode_runs): one target, a domain.
+        dest = self.domains[deliver.targets[0]]
+        if not dest.send(run.data, peer, count=n):
+            self._dropped(peer, dest, msg, count=n)
+        assert cached is not None  # a genuine source, or refused above
+        cached.count += n
+        if self.debug:
+            peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
+                           type=msg.type, name=msg.name, id=None, size=len(run.data),
+                           targets=list(deliver.targets), count=n)
+
+    def _route(self, msg: Envelope, key: RouteKey) -> _Route:
+        routes = self._routes
+        if len(routes) >= ROUTE_CACHE_MAX:  # bounded whatever names a domain invents
+            self.invalidate_routes()
+        cached = routes[key] = _Route(route(msg, msg.source, self))
+        return cached
+
+    def invalidate_routes(self) -> None:
+        """Forget cached decisions: the registry, a domain's connection or the policy
+        changed. Their traffic counts go to the next summary."""
+        self._fold_counts()
+        self._routes.clear()
+
+    def _fold_counts(self) -> None:
+        traffic = self.traffic
+        for (source, destination, kind, _), cached in self._routes.items():
+            if cached.count:
+                flow = (source, destination, kind)
+                traffic[flow] = traffic.get(flow, 0) + cached.count
+                cached.count = 0
 
     def log_traffic(self, interval: float) -> None:
         """One ``traffic.summary`` event (info) with the messages routed per (source,
         destination, type) since the last one: what flows, at the production level,
         for the price of a counter per message (``message.routed`` is debug)."""
+        self._fold_counts()
         if not self.traffic:
             return
         flows = [{"source": s, "destination": d, "type": t, "messages": n}
@@ -157,11 +275,12 @@ class Broker:
             peer._flush()
         dirty.clear()
 
-    def _deliver_other(self, peer: Peer, msg: Message, deliver: Deliver, data: bytes) -> None:
+    def _deliver_other(self, peer: Peer, msg: Envelope, deliver: Deliver, data: bytes) -> None:
         if msg.type == "reponse":
             # The router checked that this answers a pending command: it goes to the
             # very peer that asked (a domain, or one of several dom0 services).
-            key = (msg.destination, msg.payload["id"])
+            assert msg.id is not None  # a reponse always has one
+            key = (msg.destination, msg.id)
             pending = self.pending[key]
             if pending.target is not peer:
                 # Several dom0 services share the name dom0, and a domain may have been
@@ -185,7 +304,7 @@ class Broker:
                 if not dest.send(data, peer):
                     self._dropped(peer, dest, msg)
 
-    def _after_broadcast(self, peer: Peer, msg: Message, deliver: Deliver,
+    def _after_broadcast(self, peer: Peer, msg: Envelope, deliver: Deliver,
                          data: bytes) -> None:
         if peer.kind == "dom0" and self.dom0 is not None:
             self.dom0.broadcast_local(data, exclude=peer, msg=msg)
@@ -195,6 +314,19 @@ class Broker:
                 peer.log.warning("message.filtered", security=True, type=msg.type,
                                  name=msg.name, denied=[d for d, _ in deliver.denied],
                                  rules=sorted({r for _, r in deliver.denied}))
+
+    def complete(self, peer: Peer, msg: Envelope) -> Message | None:
+        """The whole message, for what the broker reads itself (built-in commands,
+        ``journal``): decoded and validated completely. ``None`` if its contents are
+        invalid, which is logged as an invalid frame (and a command answered)."""
+        try:
+            return decode(msg.raw)
+        except MessageInvalide as exc:
+            raw = msg.raw
+            self.invalid(peer, FrameError(exc.reason, exc.detail, len(raw), exc.field, raw[:64]))
+            if msg.type == "commande":
+                self.answer(peer, msg, Code.MESSAGE_INVALIDE, str(exc))
+            return None
 
     def invalid(self, peer: Peer, error: FrameError) -> None:
         stats = peer.stats
@@ -210,64 +342,66 @@ class Broker:
                              excerpt=error.excerpt[:32].decode("ascii", "backslashreplace"),
                              suppressed=peer.log_budget.take_suppressed())
 
-    def refuse(self, peer: Peer, msg: Message, decision: Refuse) -> None:
+    def refuse(self, peer: Peer, msg: Envelope, decision: Refuse) -> None:
         peer.stats.refused += 1
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
             log("message.refused", why=decision.kind, detail=decision.detail, type=msg.type,
                 source=msg.source, destination=msg.destination, name=msg.name,
-                id=msg.payload.get("id"), security=decision.security,
+                id=msg.id, security=decision.security,
                 suppressed=peer.log_budget.take_suppressed())
         if msg.type == "commande":
             # The deciding rule is for the log: a DomU is not told the policy's content.
             text = ("refused by the routing policy" if decision.kind == DENIED
                     else decision.detail)
-            self.answer(peer, msg, decision.code, text)  # type: ignore[arg-type]
+            self.answer(peer, msg, decision.code, text)
 
-    def answer(self, peer: Peer, cmd: Commande, code: str, text: str) -> None:
-        """Send the broker's error reponse to ``cmd`` back on ``peer``'s channel,
-        addressed to the peer (not to a ``source`` it may have forged)."""
-        reply = Reponse(DOM0, peer.name, cmd.id, cmd.commande, "erreur",
+    def answer(self, peer: Peer, cmd: Routable, code: str, text: str) -> None:
+        """Send the broker's error reponse to the command ``cmd`` back on ``peer``'s
+        channel, addressed to the peer (not to a ``source`` it may have forged)."""
+        assert cmd.id is not None and cmd.name is not None
+        reply = Reponse(DOM0, peer.name, cmd.id, cmd.name, "erreur",
                         erreur={"code": code, "message": text})
         peer.send(encode(reply))
 
-    def _dropped(self, sender: Peer, dest: Peer, msg: Message) -> None:
+    def _dropped(self, sender: Peer, dest: Peer, msg: Routable, count: int = 1) -> None:
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
-                             type=msg.type, name=msg.name, queued=dest.queued(),
+                             type=msg.type, name=msg.name, count=count, queued=dest.queued(),
                              suppressed=dest.log_budget.take_suppressed())
         if msg.type == "commande":
-            self.pending.pop((msg.source, msg.payload["id"]), None)
+            self.pending.pop((msg.source, msg.id), None)  # type: ignore[arg-type]
             sender.in_flight -= 1
-            self.answer(sender, msg, Code.DESTINATION_SATUREE,  # type: ignore[arg-type]
+            self.answer(sender, msg, Code.DESTINATION_SATUREE,
                         f"{dest.name} is not reading its channel")
 
     # -- commands in flight -------------------------------------------------------
-    def _track_command(self, peer: Peer, msg: Message, target: str) -> bool:
-        cmd: Commande = msg  # type: ignore[assignment]
-        if target == DOM0 and cmd.commande in BUILTINS:
+    def _track_command(self, peer: Peer, cmd: Envelope, target: str) -> bool:
+        name, id = cmd.name, cmd.id
+        assert name is not None and id is not None
+        if target == DOM0 and name in BUILTINS:
             return True  # answered at once by the hub, nothing to track
-        key = (cmd.source, cmd.id)
+        key = (cmd.source, id)
         if key in self.pending:
-            self.refuse(peer, msg, Refuse("duplicate_id", Code.MESSAGE_INVALIDE,
-                                          f"a command with id {cmd.id!r} is already in flight"))
+            self.refuse(peer, cmd, Refuse("duplicate_id", Code.MESSAGE_INVALIDE,
+                                          f"a command with id {id!r} is already in flight"))
             return False
         limit = self.config.limits.commands_in_flight
         if peer.in_flight >= limit:
-            self.refuse(peer, msg, Refuse("too_many_commands", Code.LIMITE,
+            self.refuse(peer, cmd, Refuse("too_many_commands", Code.LIMITE,
                                           f"more than {limit} commands in flight"))
             return False
         server: Peer | None
         if target == DOM0:
             assert self.dom0 is not None
-            server = self.dom0.services.get(cmd.commande)
+            server = self.dom0.services.get(name)
             if server is None:
                 return True  # the hub answers commande_inconnue
         else:
             server = self.domains[target]
         peer.in_flight += 1
         self.pending[key] = Pending(target, time.monotonic() + self.config.limits.command_ttl,
-                                    peer, server, cmd.commande)
+                                    peer, server, name)
         return True
 
     def fail_pending(self, gone: Peer, code: str, text: str) -> None:
@@ -303,6 +437,7 @@ class Broker:
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
         ep = DomainEndpoint(self, name, path, discovered=discovered)
         self.domains[name] = ep
+        self.invalidate_routes()
         ep.start()
         self.log.info("domain.added", domain=name, path=path, discovered=discovered)
         return ep
@@ -313,6 +448,7 @@ class Broker:
         ep = self.domains.pop(name, None)
         if ep is None:
             return
+        self.invalidate_routes()
         was_up = ep.connected_since is not None
         ep.detach()
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
@@ -321,6 +457,7 @@ class Broker:
             self.emit_state(name, Evenement.DECONNECTE)
 
     def domain_up(self, ep: DomainEndpoint) -> None:
+        self.invalidate_routes()
         self.emit_state(ep.name, Evenement.CONNECTE)
 
     def domain_down(self, ep: DomainEndpoint) -> None:
@@ -341,7 +478,7 @@ class Broker:
 
     def emit(self, msg: Message) -> None:
         data = encode(msg)
-        decision = route(msg, DOM0, self)
+        decision = route(msg, DOM0, self)  # a Message is routable like an Envelope
         if type(decision) is Deliver:
             for target in decision.targets:
                 if target != DOM0:

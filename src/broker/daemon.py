@@ -24,7 +24,7 @@ import messagerie
 
 from . import logs
 from .config import Config, ConfigError, load_config
-from .core import Broker
+from .core import FRAME_DECODERS, Broker
 from .discovery import scan
 from .local import Dom0Hub
 from .notify import Notifier, watchdog_interval, watchdog_loop
@@ -165,8 +165,10 @@ class Daemon:
         broker.debug = new.log_level == "debug"
         logs.configure(new.log_level)
         broker.log = structlog.get_logger("broker").bind()
+        broker.frame_decode, broker.frame_batch = FRAME_DECODERS[new.validation]
         for ep in list(broker.domains.values()) + list(self.hub.clients):
             ep.apply_limits(new.limits)
+            ep.decoder.decode, ep.decoder.batch = broker.frame_decode, broker.frame_batch
             # Bound loggers keep the level they were made with: remake them, same context.
             ep.log = structlog.get_logger("broker").bind(**structlog.get_context(ep.log))
         removed = [n for n, ep in broker.domains.items()

@@ -32,6 +32,7 @@ import structlog
 
 from messagerie import FrameDecoder
 from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
+from messagerie.envelope import Envelope, Run
 
 if TYPE_CHECKING:
     from .config import Limits
@@ -105,7 +106,7 @@ class Peer(asyncio.Protocol):
         self.name = name
         self.stats = Stats()
         self.transport: Any = None
-        self.decoder = FrameDecoder(broker.config.max_frame)
+        self.decoder = self._decoder()
         self.log_budget = LogBudget()
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
@@ -133,11 +134,16 @@ class Peer(asyncio.Protocol):
         self._loop = asyncio.get_event_loop()
         """Commands from this peer awaiting an answer."""
 
+    def _decoder(self) -> FrameDecoder[Envelope | Run]:
+        broker = self.broker
+        return FrameDecoder[Envelope | Run](broker.config.max_frame, decode=broker.frame_decode,
+                                           batch=broker.frame_batch)
+
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self._loop = asyncio.get_running_loop()
-        self.decoder = FrameDecoder(self.broker.config.max_frame)
+        self.decoder = self._decoder()
         self._set_write_limits(transport)
         # asyncio's socket transports read 256 KiB per wake-up: cap them to the ttys'
         # 64 KiB, so that a flooding channel's turn in the loop is as short on a unix
@@ -205,6 +211,7 @@ class Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.broker.invalidate_routes()  # decisions sending here are stale
         if self._out:
             self.stats.dropped += len(self._out)
             self._out.clear()
@@ -245,7 +252,7 @@ class Peer(asyncio.Protocol):
         t = self.transport
         return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def send(self, data: bytes, sender: Peer | None = None) -> bool:
+    def send(self, data: bytes, sender: Peer | None = None, count: int = 1) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
 
         Writes are corked while a read is processed: a read of 64 KiB carries ~300
@@ -260,7 +267,7 @@ class Peer(asyncio.Protocol):
             # already read still fit; once it is stalled, what exceeds the bound drops.
             size = t.get_write_buffer_size() + self._out_size + len(data)
             if size > self.queue_bytes * (1 if self.stalled else HARD_LIMIT_FACTOR):
-                self.stats.dropped += 1
+                self.stats.dropped += count
                 return False
         out = self._out
         if not out:
@@ -270,7 +277,7 @@ class Peer(asyncio.Protocol):
                 self._loop.call_soon(self._flush)
         out.append(data)
         self._out_size += len(data)
-        self.stats.sent += 1
+        self.stats.sent += count
         if self.paused_writing and sender is not None and sender is not self and not self.stalled:
             sender.hold(self)
         return True

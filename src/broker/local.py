@@ -27,10 +27,11 @@ import stat
 import struct
 from typing import TYPE_CHECKING, Any
 
-from messagerie import DOM0, Code, Commande, Message, Reponse, encode
+from messagerie import DOM0, Code, Commande, Reponse, encode
+from messagerie.envelope import Envelope
 
 from .endpoint import Peer
-from .router import BUILTINS
+from .router import BUILTINS, Routable
 
 if TYPE_CHECKING:
     from .core import Broker
@@ -116,27 +117,33 @@ class Dom0Hub:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
 
-    def deliver(self, msg: Message, data: bytes, origin: Peer) -> None:
+    def deliver(self, msg: Envelope, data: bytes, origin: Peer) -> None:
         kind = msg.type
         if kind == "commande":
-            cmd: Commande = msg  # type: ignore[assignment]
-            if cmd.commande in BUILTINS:
-                origin.send(encode(self.broker.builtin(cmd, origin)))
+            name = msg.name
+            if name in BUILTINS:
+                # The broker reads this one itself: the whole message, arguments too.
+                cmd = self.broker.complete(origin, msg)
+                if cmd is not None:
+                    origin.send(encode(self.broker.builtin(cmd, origin)))  # type: ignore[arg-type]
                 return
-            server = self.services.get(cmd.commande)
+            server = self.services.get(name)  # type: ignore[arg-type]
             if server is None:
-                origin.send(encode(cmd.fail(Code.COMMANDE_INCONNUE,
-                                            f"no dom0 service serves {cmd.commande!r}")))
+                self.broker.answer(origin, msg, Code.COMMANDE_INCONNUE,
+                                   f"no dom0 service serves {name!r}")
             elif not server.send(data, origin):
                 self.broker._dropped(origin, server, msg)
             return
         if kind == "journal":
             self.received_journal += 1
-            self.broker.journal(msg, origin)  # type: ignore[arg-type]
+            journal = self.broker.complete(origin, msg)
+            if journal is None:
+                return
+            self.broker.journal(journal, origin)  # type: ignore[arg-type]
         self.broadcast_local(data, exclude=origin, msg=msg)
 
     def broadcast_local(self, data: bytes, exclude: Peer | None,
-                        msg: Message | None = None) -> None:
+                        msg: Routable | None = None) -> None:
         """To every dom0 service but ``exclude`` (the sender, whose reading is held
         back while a service is full, as for a domain). Drops are counted and logged."""
         for conn in self.clients:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from messagerie import DOM0, TOUS, Code, Message
+from messagerie import DOM0, TOUS, Code
 
 BUILTINS: Final = frozenset({"ping", "domaines", "statistiques", "enregistrer"})
 """Commands the broker itself answers at destination ``dom0``."""
@@ -51,6 +51,26 @@ class PolicyLike(Protocol):
 
     def decide(self, source: str, destination: str, type: str, name: str | None = None,
                *, broadcast: bool = False) -> DecisionLike: ...
+
+
+class Routable(Protocol):
+    """What the router reads of a message: a :class:`messagerie.Message`, or the
+    :class:`messagerie.envelope.Envelope` of a frame (the broker's hot path)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def destination(self) -> str: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+    @property
+    def id(self) -> str | None: ...
 
 
 class RoutingView(Protocol):
@@ -90,7 +110,7 @@ class Refuse:
 Decision = Deliver | Refuse
 
 
-def route(message: Message, origin: str, view: RoutingView) -> Decision:
+def route(message: Routable, origin: str, view: RoutingView) -> Decision:
     source = message.source
     if source != origin:
         return Refuse(SPOOFED, Code.REFUSE,
@@ -119,7 +139,8 @@ def route(message: Message, origin: str, view: RoutingView) -> Decision:
         return Refuse(OFFLINE, Code.DESTINATION_HORS_LIGNE,
                       f"domain {destination!r} is not connected")
     if kind == "reponse":
-        if view.expects_reponse(destination, message.payload["id"], source):
+        id = message.id
+        if id is not None and view.expects_reponse(destination, id, source):
             return _unicast(destination)
         return Refuse(UNSOLICITED, Code.REFUSE,
                       "no command from the destination awaits this id", security=True)

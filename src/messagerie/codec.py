@@ -10,8 +10,9 @@ its input, resynchronises at the next newline and never buffers more than one fr
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar, overload
 
 import msgspec
 
@@ -66,11 +67,8 @@ def _check_duplicates(line: bytes, obj: dict[str, Any]) -> None:
             raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
 
 
-def decode(line: bytes | bytearray | memoryview | str) -> Message:
-    """Decode and validate one message. A final ``\\n`` or ``\\r\\n`` is allowed.
-
-    Raises :class:`MessageInvalide` naming the field and the reason.
-    """
+def _strip(line: bytes | bytearray | memoryview | str) -> bytes:
+    """The frame as bytes, without its final ``\\n`` or ``\\r\\n``."""
     if type(line) is not bytes:
         try:
             line = line.encode() if isinstance(line, str) else bytes(line)
@@ -79,6 +77,11 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
                                   f"unencodable character at {exc.start}") from None
     if line[-1:] == b"\n":
         line = line[:-2] if line[-2:] == b"\r\n" else line[:-1]
+    return line
+
+
+def _decode_object(line: bytes) -> dict[str, Any]:
+    """Parse one frame (UTF-8 and JSON syntax throughout) into a dict."""
     try:
         obj = _json_decode(line)
     except UnicodeDecodeError as exc:
@@ -93,7 +96,16 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     if type(obj) is not dict:
         raise MessageInvalide(Reason.NOT_AN_OBJECT,
                               f"a message is a JSON object, got {_type_name(obj)}")
-    return _from_object(obj, line)
+    return obj
+
+
+def decode(line: bytes | bytearray | memoryview | str) -> Message:
+    """Decode and validate one message. A final ``\\n`` or ``\\r\\n`` is allowed.
+
+    Raises :class:`MessageInvalide` naming the field and the reason.
+    """
+    line = _strip(line)
+    return _from_object(_decode_object(line), line)
 
 
 def from_dict(obj: dict[str, Any]) -> Message:
@@ -101,7 +113,9 @@ def from_dict(obj: dict[str, Any]) -> Message:
     return _from_object(obj, None)
 
 
-def _from_object(obj: dict[str, Any], line: bytes | None) -> Message:
+def _from_object(obj: dict[str, Any], line: bytes | None, *,
+                 duplicates: Callable[[bytes, dict[str, Any]], None] = _check_duplicates,
+                 ) -> Message:
     kind = obj.get("type")
     cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
     if cls is None:
@@ -138,7 +152,7 @@ def _from_object(obj: dict[str, Any], line: bytes | None) -> Message:
         raise MessageInvalide(Reason.WRONG_TYPE, f"expected an object, got {_type_name(payload)}",
                               "payload")
     if line is not None:
-        _check_duplicates(line, obj)
+        duplicates(line, obj)
     cls.check_payload(payload)
     msg = cls.__new__(cls)
     msg.source = source  # type: ignore[assignment]
@@ -166,7 +180,10 @@ class FrameError:
         return f"{self.reason}: {where}{self.detail}"
 
 
-class FrameDecoder:
+T = TypeVar("T")
+
+
+class FrameDecoder(Generic[T]):
     """Split a byte stream into newline-terminated frames and decode each one.
 
     Feed it bytes as they come, in any fragmentation; it returns, in order, a
@@ -174,14 +191,36 @@ class FrameDecoder:
     It never raises on its input. A frame longer than ``max_frame`` bytes is refused
     as soon as the limit is passed and the rest of it is discarded without being
     buffered, up to the next newline. ``\\r\\n`` is accepted; empty lines are skipped.
+
+    ``decode`` replaces :func:`decode` for each frame: a relay passes
+    :func:`messagerie.envelope.decode_envelope` to get
+    :class:`~messagerie.envelope.Envelope` values instead of messages. It must raise
+    :class:`MessageInvalide` to refuse a frame. ``batch`` (e.g.
+    :func:`messagerie.envelope.decode_runs`) may validate the frames of one feed
+    together, faster; it falls back on ``decode`` when it cannot.
     """
 
-    __slots__ = ("_discarding", "_parts", "_size", "max_frame")
+    __slots__ = ("_discarding", "_parts", "_size", "batch", "decode", "max_frame")
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    @overload
+    def __init__(self: FrameDecoder[Message], max_frame: int = MAX_FRAME) -> None: ...
+
+    @overload
+    def __init__(self, max_frame: int = MAX_FRAME, *, decode: Callable[[bytes], T],
+                 batch: Callable[[list[bytes]], list[T] | None] | None = None) -> None: ...
+
+    def __init__(self, max_frame: int = MAX_FRAME, *,
+                 decode: Callable[[bytes], Any] = decode,
+                 batch: Callable[[list[bytes]], list[Any] | None] | None = None) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self.max_frame = max_frame
+        self.decode = decode
+        """The function applied to each complete frame (may be replaced between feeds)."""
+        self.batch = batch
+        """Optional: called first with all the complete frames of one feed; it returns
+        their items (not necessarily one per frame), or ``None`` to have each frame
+        decoded by ``decode`` instead (which explains what is wrong)."""
         # An incomplete frame, as the chunks it came in: appending is O(1) and a newline
         # is looked for in new bytes only, so a frame sent a byte at a time costs
         # O(its size), not O(size²).
@@ -194,8 +233,8 @@ class FrameDecoder:
         """Bytes held for an incomplete frame (never more than ``max_frame`` + 1)."""
         return self._size
 
-    def feed(self, data: bytes) -> list[Message | FrameError]:
-        out: list[Message | FrameError] = []
+    def feed(self, data: bytes) -> list[T | FrameError]:
+        out: list[T | FrameError] = []
         if self._discarding:
             end = data.find(b"\n")
             if end < 0:
@@ -221,6 +260,16 @@ class FrameDecoder:
             self._size = 0
         lines = data.split(b"\n")
         rest = lines.pop()
+        decode = self.decode
+        batch = self.batch
+        if batch is not None and lines and max(map(len, lines)) <= limit:
+            try:
+                items = batch(lines)
+            except Exception:  # a bug there must not break the stream: frame by frame
+                items = None
+            if items is not None:
+                out.extend(items)
+                lines = []
         for frame in lines:
             # \r\n: drop the \r so that ``raw`` is canonical and the fast path applies.
             line = frame[:-1] if frame[-1:] == b"\r" else frame

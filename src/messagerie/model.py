@@ -252,6 +252,11 @@ class Message:
         """What the policy and the logs call this message: category or command name."""
         return None
 
+    @property
+    def id(self) -> str | None:
+        """The correlation id of a ``commande`` or ``reponse`` (``None`` otherwise)."""
+        return None
+
 
 class Categorie:
     """Notification categories named by the spec and seen in the field. Open set."""

@@ -1,0 +1,343 @@
+"""Envelope-only decoding, sans-IO: what a relay needs to route a frame, and no more.
+
+:func:`decode_envelope` checks a frame the way a relay must and returns an
+:class:`Envelope` (type, source, destination, name, id and the frame's bytes):
+
+* the whole frame is one JSON object in valid UTF-8 (syntax checked throughout,
+  ``data`` included: a receiver never gets bytes it cannot parse);
+* the envelope is valid exactly as :func:`messagerie.decode` checks it: ``type``,
+  ``source`` and ``destination`` (names, ``tous`` rules), ``payload`` an object with the
+  fields its type requires (``categorie``/``evenement``; ``id``/``commande``;
+  ``id``/``commande``/``statut``/``erreur``; the journal's fields), and no key repeated
+  at the top level, in ``payload`` or in a ``reponse``'s ``erreur``;
+* the contents (``data``, ``arguments``, ``resultat``) are not interpreted: they must be
+  of the right JSON kind (an object where the spec says so) but a key repeated *inside*
+  them is left to the receiver, whose :func:`messagerie.decode` refuses it. The relay
+  decides nothing on them, so it cannot be misled by them.
+
+The common frame, compact JSON with the keys in the order :func:`messagerie.encode`
+writes them, is decoded into C structures with the contents left as raw bytes and
+checked by re-encoding: about three times cheaper than :func:`messagerie.decode`.
+Anything else (other key orders, spaces, unknown keys, non-ASCII text) takes an exact
+slow path; both accept and refuse the same frames.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Final
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType
+
+from .codec import _decode_object, _from_object, _strip, decode
+from .model import (
+    DOM0,
+    TOUS,
+    Message,
+    MessageInvalide,
+    Reason,
+    _valid_token,
+    valid_name_or_tous,
+)
+
+_OPEN_BRACE: Final = ord("{")
+_NULL: Final = Raw(b"null")
+
+
+class Envelope:
+    """A frame whose envelope was validated: what routing, policy and logs need.
+
+    ``name`` is what the policy calls the message (category, command or component),
+    ``id`` the correlation id of a ``commande`` or ``reponse`` (else ``None``), ``raw``
+    the frame's exact bytes (without the newline), to forward unchanged.
+    """
+
+    __slots__ = ("destination", "id", "name", "raw", "source", "type")
+
+    def __init__(self, type: str, source: str, destination: str, *, name: str | None,
+                 id: str | None, raw: bytes) -> None:
+        self.type = type
+        self.source = source
+        self.destination = destination
+        self.name = name
+        self.id = id
+        self.raw = raw
+
+    @classmethod
+    def of(cls, message: Message, raw: bytes | None = None) -> Envelope:
+        """The envelope of a message (``raw`` defaults to the bytes it was decoded from)."""
+        data = raw if raw is not None else message.raw
+        if data is None:
+            raise ValueError("a message built locally has no bytes: pass raw=encode(...)")
+        return cls(message.type, message.source, message.destination, name=message.name,
+                   id=message.id, raw=data)
+
+    def __repr__(self) -> str:
+        return (f"Envelope(type={self.type!r}, source={self.source!r}, "
+                f"destination={self.destination!r}, name={self.name!r}, id={self.id!r})")
+
+
+# -- the fast path: the canonical frame as C structures ----------------------------------
+# Field order is messagerie.encode()'s: a frame in that form re-encodes to itself, which
+# proves that no key was repeated (a repeat would have collapsed) and none was unknown
+# (it would have been skipped). Contents are Raw: syntax-checked, not built.
+
+class _NotificationPayload(Struct):
+    categorie: str
+    evenement: str
+    data: Raw | UnsetType = UNSET
+
+
+class _CommandePayload(Struct):
+    id: str
+    commande: str
+    arguments: Raw | UnsetType = UNSET
+
+
+class _Erreur(Struct):
+    code: str
+    message: str
+
+
+class _ReponsePayload(Struct):
+    id: str
+    commande: str
+    statut: str
+    resultat: Raw | UnsetType = UNSET
+    erreur: _Erreur | UnsetType = UNSET
+
+
+class _Notification(Struct, tag_field="type", tag="notification"):
+    kind: ClassVar[str] = "notification"
+    source: str
+    destination: str
+    payload: _NotificationPayload
+
+
+class _Commande(Struct, tag_field="type", tag="commande"):
+    kind: ClassVar[str] = "commande"
+    source: str
+    destination: str
+    payload: _CommandePayload
+
+
+class _Reponse(Struct, tag_field="type", tag="reponse"):
+    kind: ClassVar[str] = "reponse"
+    source: str
+    destination: str
+    payload: _ReponsePayload
+
+
+_fast_decode = msgspec.json.Decoder(_Notification | _Commande | _Reponse).decode
+_fast_encode = msgspec.json.Encoder().encode
+
+
+def _is_object(raw: Raw | UnsetType) -> bool:
+    """An optional object: absent, ``null`` or ``{...}`` (``Raw`` keeps the exact
+    bytes of the value, which in a canonical frame start with its first character)."""
+    return raw is UNSET or memoryview(raw)[0] == _OPEN_BRACE or raw == _NULL
+
+
+def _fast(line: bytes) -> Envelope | None:
+    """The envelope of a canonical, valid frame; ``None`` means "take the exact path"
+    (which explains refusals: this one only accepts)."""
+    try:
+        s = _fast_decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if _fast_encode(s) != line:
+        return None
+    if not line.isascii():
+        try:
+            line.decode()  # contents are not built, so UTF-8 is checked here
+        except UnicodeDecodeError:
+            return None
+    return _checked(s, line)
+
+
+def _checked(s: _Notification | _Commande | _Reponse, line: bytes) -> Envelope | None:
+    """The envelope of a decoded canonical frame if its values are valid."""
+    source = s.source
+    destination = s.destination
+    names = valid_name_or_tous.seen
+    if source not in names or destination not in names or source == TOUS:
+        return None
+    tokens = _valid_token.seen
+    p = s.payload
+    if type(p) is _NotificationPayload:
+        if p.categorie in tokens and p.evenement in tokens and _is_object(p.data):
+            return Envelope("notification", source, destination, name=p.categorie, id=None,
+                            raw=line)
+        return None
+    if destination == TOUS:
+        return None  # a commande or reponse is never broadcast: explained by the exact path
+    if type(p) is _CommandePayload:
+        if p.commande in tokens and _valid_id(p.id) and _is_object(p.arguments):
+            return Envelope("commande", source, destination, name=p.commande, id=p.id,
+                            raw=line)
+        return None
+    assert type(p) is _ReponsePayload
+    if not (p.commande in tokens and _valid_id(p.id)):
+        return None
+    ok = p.erreur is UNSET and p.statut == "ok"
+    # An error carries no resultat (such a frame is explained by the exact path).
+    failed = p.erreur is not UNSET and p.statut == "erreur" and p.resultat is UNSET
+    if ok or failed:
+        return Envelope("reponse", source, destination, name=p.commande, id=p.id, raw=line)
+    return None
+
+
+_fast_decode_list = msgspec.json.Decoder(list[_Notification | _Commande | _Reponse]).decode
+
+
+class Run:
+    """``count`` consecutive notifications with the same source, destination and
+    category, each validated as :func:`decode_envelope` does: ``envelope`` is the
+    first one's, ``data`` their bytes, newlines included, to forward unchanged."""
+
+    __slots__ = ("count", "data", "envelope")
+
+    def __init__(self, envelope: Envelope, count: int, data: bytes) -> None:
+        self.envelope = envelope
+        self.count = count
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Run({self.envelope!r}, count={self.count})"
+
+
+def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
+    """Validate many frames at once (bare, as :class:`~messagerie.FrameDecoder` gives
+    them): consecutive unicast notifications to one domain with the same source and
+    category come as one :class:`Run`, anything else as an :class:`Envelope`.
+
+    ``None`` when any frame is not canonical, not valid, or needs more than the fast
+    path: decode each frame with :func:`decode_envelope` then. A stream of mouse moves
+    is checked here in one C call per read, not one per message."""
+    framed = b"[" + b",".join(lines) + b"]"
+    try:
+        decoded = _fast_decode_list(framed)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if _fast_encode(decoded) != framed:
+        return None  # one is not canonical, or an empty line made ",,"
+    if not framed.isascii():
+        try:
+            framed.decode()
+        except UnicodeDecodeError:
+            return None
+    names = valid_name_or_tous.seen
+    tokens = _valid_token.seen
+    out: list[Envelope | Run] = []
+    start = 0  # first line of the current run
+    key: tuple[str, str, str] | None = None
+    for i, s in enumerate(decoded):
+        p = s.payload
+        if type(p) is _NotificationPayload:
+            source, destination, categorie = s.source, s.destination, p.categorie
+            data = p.data
+            if not (p.evenement in tokens and (data is UNSET or memoryview(data)[0] == _OPEN_BRACE
+                                               or data == _NULL)):
+                return None
+            if key is not None and key[0] == source and key[1] == destination \
+                    and key[2] == categorie:
+                continue  # the run goes on
+            if (source not in names or destination not in names or categorie not in tokens
+                    or source == TOUS):
+                return None
+            if key is not None:
+                _close_run(out, lines, decoded, start, i)
+            if destination in (TOUS, DOM0):
+                key = None
+                out.append(Envelope("notification", source, destination, name=categorie,
+                                    id=None, raw=lines[i]))
+                start = i + 1
+            else:
+                key = (source, destination, categorie)
+                start = i
+            continue
+        if key is not None:
+            _close_run(out, lines, decoded, start, i)
+            key = None
+        envelope = _checked(s, lines[i])
+        if envelope is None:
+            return None
+        out.append(envelope)
+        start = i + 1
+    if key is not None:
+        _close_run(out, lines, decoded, start, len(lines))
+    return out
+
+
+def _close_run(out: list[Envelope | Run], lines: list[bytes],
+               decoded: list[_Notification | _Commande | _Reponse], start: int, end: int) -> None:
+    s = decoded[start]
+    envelope = Envelope("notification", s.source, s.destination,
+                        name=s.payload.categorie,  # type: ignore[union-attr]
+                        id=None, raw=lines[start])
+    if end - start == 1:
+        out.append(envelope)
+    else:
+        out.append(Run(envelope, end - start, b"\n".join(lines[start:end]) + b"\n"))
+
+
+def _valid_id(value: str) -> bool:
+    # The id check of messagerie.model, inlined: 1-64 printable ASCII, no space.
+    return 0 < len(value) <= 64 and value.isascii() and value.isprintable() and " " not in value
+
+
+# -- the exact path -----------------------------------------------------------------------
+
+def _envelope_duplicates(line: bytes, obj: dict[str, Any]) -> None:
+    """Refuse a key repeated at the envelope's levels (top, payload, erreur)."""
+    if msgspec.json.encode(obj) == line:
+        return  # re-encodes to itself: nothing was repeated anywhere
+    repeated: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for key, value in items:
+            if key in d and id(d) not in repeated:
+                repeated[id(d)] = (d, key)  # keeps d alive: its id stays its own
+            d[key] = value
+        return d
+
+    try:
+        top = json.loads(line, object_pairs_hook=pairs)
+    except RecursionError:  # the stdlib parser recurses deeper than msgspec
+        raise MessageInvalide(Reason.INVALID_JSON, "invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # msgspec and json disagree: refuse rather than guess
+        raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
+    payload = top.get("payload")
+    erreur = payload.get("erreur") if type(payload) is dict else None
+    for where, value in (("", top), ("payload.", payload), ("payload.erreur.", erreur)):
+        found = repeated.get(id(value))
+        if found is not None and found[0] is value:
+            raise MessageInvalide(Reason.DUPLICATE_KEY, f"duplicate key {found[1][:40]!r}",
+                                  f"{where}{found[1][:40]}")
+
+
+def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
+    """Validate one frame's envelope (see the module's documentation) and return it.
+
+    A final ``\\n`` or ``\\r\\n`` is allowed. Raises :class:`MessageInvalide` naming
+    the field and the reason, as :func:`messagerie.decode` does.
+    """
+    if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
+        line = _strip(line)
+    envelope = _fast(line)
+    if envelope is not None:
+        return envelope
+    obj = _decode_object(line)
+    message = _from_object(obj, line, duplicates=_envelope_duplicates)
+    return Envelope.of(message, line)
+
+
+def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:
+    """The envelope of a frame validated completely by :func:`messagerie.decode`
+    (repeated keys refused inside the contents too): the broker's
+    ``validation = "complete"``."""
+    message = decode(line)
+    assert message.raw is not None
+    return Envelope.of(message)
