@@ -22,10 +22,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from messagerie import FrameDecoder, Notification, decode, encode
+from messagerie.envelope import Run, decode_envelope, decode_runs
 
 SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
                 b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
@@ -56,16 +58,21 @@ def rate(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float
     return number / best
 
 
-def stream_rate(frames: int, chunk: int, repeats: int) -> float:
-    """Messages per second through a FrameDecoder fed ``chunk``-byte reads."""
+def stream_rate(frames: int, chunk: int, repeats: int, *, envelope: bool = False) -> float:
+    """Messages per second through a FrameDecoder fed ``chunk``-byte reads (with
+    ``envelope``, the broker's: envelope validation, runs of frames)."""
     data = (MOUSE + b"\n") * frames
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
 
+    def count(item: object) -> int:
+        return item.count if isinstance(item, Run) else 1
+
     def run() -> None:
-        d = FrameDecoder()
+        d: FrameDecoder[Any] = (FrameDecoder(decode=decode_envelope, batch=decode_runs)
+                                if envelope else FrameDecoder())
         n = 0
         for c in chunks:
-            n += len(d.feed(c))
+            n += sum(map(count, d.feed(c)))
         assert n == frames
 
     return rate(run, repeats) * frames
@@ -102,6 +109,8 @@ def measure(repeats: int) -> list[tuple[str, float, str]]:
                                 ("mouse move", MOUSE, mouse_msg, mouse_dict)):
         size = f"{len(line)} B"
         ours = add(f"decode+validate, {label} ({size})", lambda line=line: decode(line))
+        add(f"  envelope only (the broker's default), {label}",
+            lambda line=line: decode_envelope(line))
         base = add(f"  baseline msgspec.json.decode to dict, {label}", lambda line=line: bare(line))
         std = add(f"  baseline json.loads, {label}", lambda line=line: json.loads(line))
         rows.append((f"  ratio decode+validate / msgspec bare, {label}", ours / base, "x"))
@@ -115,6 +124,8 @@ def measure(repeats: int) -> list[tuple[str, float, str]]:
     for chunk in (65536, 4096):
         r = stream_rate(1000, chunk, repeats)
         rows.append((f"FrameDecoder, 1000 mouse moves in {chunk} B reads", r, ""))
+        r = stream_rate(1000, chunk, repeats, envelope=True)
+        rows.append((f"  envelope + runs (broker), 1000 mouse moves in {chunk} B reads", r, ""))
     return rows
 
 
