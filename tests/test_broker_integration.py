@@ -163,6 +163,46 @@ def test_pending_command_answered_when_its_destination_goes_down(three: BrokerSy
     three.domus["vm-b"] = Domu(three.pairs["vm-b"].domu)
 
 
+def test_full_speed_burst_arrives_whole_in_order_and_unchanged(tmp_path: Path) -> None:
+    # The hot path over real ptys: runs of canonical mouse moves validated per read,
+    # several tty reads per wake-up; a non-canonical frame (spaces) every 97 messages
+    # and a second sender break the runs. Nothing may be lost, reordered, re-encoded,
+    # or taken for a hang-up (an empty re-read is "nothing yet", not end of file).
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"),
+                     extra="[limites]\ndebit = 1000000\nrafale = 1000000\n")
+    try:
+        a, b, c = s.domus["vm-a"], s.domus["vm-b"], s.domus["vm-c"]
+        n = 30_000
+
+        def frame(src: bytes, i: int) -> bytes:
+            if i % 97 == 0:
+                return (b'{"type": "notification", "source": "%s", "destination": "vm-b", '
+                        b'"payload": {"categorie": "entree", "evenement": "souris", '
+                        b'"data": {"i": %d}}}\n' % (src, i))
+            return (b'{"type":"notification","source":"%s","destination":"vm-b","payload":'
+                    b'{"categorie":"entree","evenement":"souris","data":{"i":%d,'
+                    b'"position":{"x":%d,"y":7},"boutons":{"gauche":0,"droit":1}}}}\n'
+                    % (src, i, i % 1920))
+        burst_a = b"".join(frame(b"vm-a", i) for i in range(n))
+        burst_c = b"".join(frame(b"vm-c", i) for i in range(n // 10))
+        writers = [threading.Thread(target=d.write, args=(data,))
+                   for d, data in ((a, burst_a), (c, burst_c))]
+        for w in writers:
+            w.start()
+        msgs = b.wait_messages(n + n // 10, timeout=60)
+        for w in writers:
+            w.join(10)
+        from_a = [m for m in msgs if m.source == "vm-a"]
+        assert [m.payload["data"]["i"] for m in from_a] == list(range(n)), "lost or reordered"
+        assert b"".join(m.raw + b"\n" for m in from_a if m.raw) == burst_a, "re-encoded"
+        assert [m.payload["data"]["i"] for m in msgs if m.source == "vm-c"] == \
+            list(range(n // 10))
+        assert s.broker.find("domain.disconnected") == []
+        assert s.broker.find("frame.invalid") == []
+    finally:
+        assert s.close() == 0
+
+
 def test_a_domain_that_never_reads_does_not_delay_the_others(tmp_path: Path) -> None:
     s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-mute"),
               extra="[limites]\nfile_octets = 65536\ndelai_blocage = 0.2\n"
