@@ -354,6 +354,24 @@ def _map(raw: Raw) -> dict[str, Raw] | None:
 
 def _slow(line: bytes) -> Envelope:
     try:
+        obj = _json_decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # Invalid, or valid but with a number out of range somewhere: sort it out with
+        # the contents kept raw.
+        return _slow_raw(line)
+    if type(obj) is not dict:
+        _decode_object(line)  # raises: not an object, named as decode() names it
+    message = _from_object(obj, line, duplicates=_compact_or_no_repeat)
+    return Envelope.of(message, line)
+
+
+def _compact_or_no_repeat(line: bytes, obj: dict[str, Any]) -> None:
+    if _fast_encode(obj) != line:  # re-encodes to itself: nothing repeated anywhere
+        _envelope_duplicates(line)
+
+
+def _slow_raw(line: bytes) -> Envelope:
+    try:
         top = _decode_map(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # Not a JSON object: explained as decode() explains it (same reason, same
