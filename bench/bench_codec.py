@@ -151,10 +151,11 @@ def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: in
 
 
 def update_docs(section: str, path: Path = DOCS) -> None:
-    """Replace the ``## Codec`` section of ``path`` (up to the next ``## ``), keeping the
-    rest of the file; create the file with its title if absent."""
+    """Replace the ``## Codec`` section of ``path`` (up to the next ``## `` heading or
+    ``<!--`` marker of another section), keeping the rest of the file; create the file
+    with its title if absent."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Codec\n.*?(?=^## |\Z)", re.M | re.S)
+    pattern = re.compile(r"^## Codec\n.*?(?=^## |^<!-- |\Z)", re.M | re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:
