@@ -155,23 +155,9 @@ class Broker:
             self.invalid(peer, item)
             return
         msg: Envelope = item  # type: ignore[assignment]
-        stats = peer.stats
-        stats.received += 1
-        peer.tokens -= 1
-        if peer.tokens < 0:
-            stats.throttled += 1
+        self._received(peer, 1)
         kind = msg.type
-        cached: _Route | None = None
-        if kind != "reponse" and msg.source == peer.name:
-            # Decisions on everything but answers depend only on the registry,
-            # connectivity and the policy: cached until one of them changes.
-            key = (msg.source, msg.destination, kind, msg.name)
-            cached = self._routes.get(key)
-            if cached is None:
-                cached = self._route(msg, key)
-            decision = cached.decision
-        else:
-            decision = route(msg, peer.name, self)
+        decision, cached = self._decide(peer, msg)
         if type(decision) is Refuse:
             self.refuse(peer, msg, decision)
             return
@@ -204,20 +190,8 @@ class Broker:
         one decision, one write, the counters by ``count``. Hottest path."""
         msg = run.envelope
         n = run.count
-        stats = peer.stats
-        stats.received += n
-        peer.tokens -= n
-        if peer.tokens < 0:
-            stats.throttled += min(n, int(-peer.tokens) + 1)
-        cached: _Route | None = None
-        if msg.source == peer.name:
-            key = (msg.source, msg.destination, "notification", msg.name)
-            cached = self._routes.get(key)
-            if cached is None:
-                cached = self._route(msg, key)
-            decision = cached.decision
-        else:
-            decision = route(msg, peer.name, self)
+        self._received(peer, n)
+        decision, cached = self._decide(peer, msg)
         if type(decision) is Refuse:
             for _ in range(n):
                 self.refuse(peer, msg, decision)
@@ -233,6 +207,27 @@ class Broker:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
                            targets=list(deliver.targets), count=n)
+
+    @staticmethod
+    def _received(peer: Peer, n: int) -> None:
+        """Count ``n`` messages read from ``peer`` and spend its rate budget."""
+        stats = peer.stats
+        stats.received += n
+        peer.tokens -= n
+        if peer.tokens < 0:
+            stats.throttled += min(n, int(-peer.tokens) + 1)
+
+    def _decide(self, peer: Peer, msg: Envelope) -> tuple[Decision, _Route | None]:
+        """The routing decision, and its cache entry when it has one."""
+        if msg.type != "reponse" and msg.source == peer.name:
+            # Decisions on everything but answers depend only on the registry,
+            # connectivity and the policy: cached until one of them changes.
+            key = (msg.source, msg.destination, msg.type, msg.name)
+            cached = self._routes.get(key)
+            if cached is None:
+                cached = self._route(msg, key)
+            return cached.decision, cached
+        return route(msg, peer.name, self), None
 
     def _route(self, msg: Envelope, key: RouteKey) -> _Route:
         routes = self._routes
