@@ -254,6 +254,45 @@ async def test_slow_handler_does_not_block_the_reader(pair: SocatPair, peer: Pty
         assert isinstance(rep, Reponse) and rep.id == "slow" and rep.resultat == "fini"
 
 
+async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
+                                                           peer: PtyPeer) -> None:
+    # Every command gets an answer: a handler still running when the grace period ends,
+    # and a command arriving while the client closes, are answered destination_hors_ligne.
+    c = new_client(pair)
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    @c.handler("lent")
+    async def lent(cmd: Commande) -> str:
+        started.set()
+        await asyncio.sleep(30)
+        finished.append(cmd.id)
+        return "fini"
+
+    @c.handler("rapide")
+    def rapide(cmd: Commande) -> str:
+        finished.append(cmd.id)
+        return "vite"
+
+    await c.open()
+    peer.send(Commande("vm-ui", "vm-a", "lent", id="slow"))
+    await asyncio.wait_for(started.wait(), 5)
+    closing = asyncio.create_task(c.close(grace=0.5))
+    await async_wait_until(lambda: c._closing, 5, "close started")
+    peer.send(Commande("vm-ui", "vm-a", "rapide", id="late"))
+    replies = {}
+    for _ in range(2):
+        rep = await peer.recv()
+        assert isinstance(rep, Reponse)
+        replies[rep.id] = rep
+    await asyncio.wait_for(closing, 5)
+    assert set(replies) == {"slow", "late"}
+    for rep in replies.values():
+        assert (rep.source, rep.destination, rep.statut) == ("vm-a", "vm-ui", Statut.ERREUR)
+        assert rep.erreur is not None and rep.erreur["code"] == Code.DESTINATION_HORS_LIGNE
+    assert finished == [], "a command answered as not done must not have run"
+
+
 async def test_handler_concurrency_is_bounded(pair: SocatPair, peer: PtyPeer) -> None:
     c = new_client(pair, max_handlers=2)
     release = asyncio.Event()

@@ -354,6 +354,8 @@ class Client:
         self._pending: dict[str, asyncio.Future[Reponse]] = {}
         self._streams: weakref.WeakSet[MessageStream] = weakref.WeakSet()
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._handler_cmds: dict[asyncio.Task[None], Commande] = {}
+        """The command each running handler answers (to answer it if it cannot)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._conn: _Connection | None = None
         self._connected: asyncio.Event | None = None
@@ -416,7 +418,9 @@ class Client:
         self._supervisor = asyncio.create_task(self._supervise(), name="messagerie-reconnect")
 
     async def close(self, grace: float = 1.0) -> None:
-        """Close the channel. Handlers still running get ``grace`` seconds to answer;
+        """Close the channel. Handlers still running get ``grace`` seconds to answer,
+        then are cancelled and their commands answered ``destination_hors_ligne``, as
+        are commands arriving meanwhile (every command gets an answer); our own
         commands in flight fail with :class:`Disconnected`; message streams end."""
         if not self._open or self._closing:
             return
@@ -428,6 +432,14 @@ class Client:
         busy = self._handler_tasks | self._tasks
         if busy and self.connected:
             await asyncio.wait(busy, timeout=grace)
+        for task in list(self._handler_tasks):
+            # Every command gets an answer: one its handler did not give in time is
+            # answered now, before the channel closes.
+            cmd = self._handler_cmds.get(task)
+            if cmd is not None and not task.done():
+                self._answer_now(cmd.fail(Code.DESTINATION_HORS_LIGNE,
+                                          f"{self.name} closed before answering",
+                                          source=self.name))
         for task in self._handler_tasks | self._tasks:
             task.cancel()
         if self._handler_tasks | self._tasks:
@@ -721,6 +733,10 @@ class Client:
 
     def _on_commande(self, cmd: Commande) -> None:
         if self._closing:
+            self._log.info("commande.refused_closing", id=cmd.id, commande=cmd.commande,
+                           source=cmd.source)
+            self._answer_now(cmd.fail(Code.DESTINATION_HORS_LIGNE, f"{self.name} is closing",
+                                      source=self.name))
             return
         fn = self._handlers.get(cmd.commande)
         if fn is None:
@@ -738,10 +754,24 @@ class Client:
         else:
             task = asyncio.ensure_future(self._run_handler(cmd, fn))
             self._handler_tasks.add(task)
-            task.add_done_callback(self._handler_tasks.discard)
+            self._handler_cmds[task] = cmd
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handler_tasks.discard(task)
+        self._handler_cmds.pop(task, None)
 
     def _answer(self, rep: Reponse) -> None:
         self._spawn(self._send_reply(rep))
+
+    def _answer_now(self, rep: Reponse) -> None:
+        """Write ``rep`` at once, past flow control (closing: nothing waits any more)."""
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.lost:
+            conn.transport.write(encode(rep))
+        else:
+            self._log.warning("reponse.lost", id=rep.id, commande=rep.commande,
+                              destination=rep.destination, error="channel down while closing")
 
     async def _send_reply(self, rep: Reponse) -> None:
         try:
