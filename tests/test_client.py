@@ -619,9 +619,14 @@ def test_blocking_client(pair: SocatPair) -> None:
 
         with c:
             assert c.name == "vm-a"
+            # A filtered iterator, registered before the traffic: only the echo.
+            echoes = c.messages(type="notification", categorie="echo", timeout=0.3)
             rep = c.commande("vm-b", "echo", {"k": 1}, timeout=5)
             assert rep.resultat == {"echo": {"k": 1}}
             c.notify("vm-b", "domaine", "etat", {"pret": True})
+            # Ends 0.3 s after the last matching message; the command's reply and
+            # anything else went by it (receive() below still sees them).
+            assert list(echoes) == [Notification("vm-b", "vm-a", "echo", "etat")]
             msg = c.receive(timeout=5)
             # The command's reply went to the inbox too: skip it.
             while isinstance(msg, Reponse):

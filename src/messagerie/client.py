@@ -37,7 +37,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
 from types import TracebackType
@@ -936,6 +936,33 @@ class BlockingClient:
         if self._inbox is None:
             raise Disconnected("client is not open")
         return self._run(self._inbox.get(timeout))
+
+    def messages(self, *, type: str | None = None, source: str | None = None,
+                 categorie: str | None = None, commande: str | None = None,
+                 timeout: float | None = None,
+                 maxsize: int | None = None) -> Iterator[Message]:
+        """Incoming messages matching every filter given (as :meth:`Client.messages`),
+        as a blocking iterator with its own queue, registered now: nothing that arrives
+        after this call returns is missed. It ends when the client closes, or after
+        ``timeout`` seconds without a matching message. ``receive()`` still sees
+        every message."""
+        if self._inbox is None:
+            raise Disconnected("client is not open")
+
+        async def make() -> MessageStream:
+            return self._client.messages(type=type, source=source, categorie=categorie,
+                                         commande=commande, maxsize=maxsize)
+
+        return self._iterate(self._run(make()), timeout)
+
+    def _iterate(self, stream: MessageStream, timeout: float | None) -> Iterator[Message]:
+        try:
+            while (msg := self._run(stream.get(timeout))) is not None:
+                yield msg
+        finally:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(stream.close)
 
     def serve_forever(self) -> None:
         """Block until the client is closed (or Ctrl-C); handlers run meanwhile."""
