@@ -25,6 +25,7 @@ from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Repons
 from messagerie.envelope import Run, decode_envelope
 from messagerie.model import _valid_token, valid_name_or_tous
 from test_broker_core import FakeTransport, Setup, error_of
+from test_envelope import mouse
 
 
 class VSetup(Setup):
@@ -58,16 +59,6 @@ class VSetup(Setup):
         """The lines, newline-terminated, in one read on ``name``'s channel."""
         self.eps[name].data_received(b"".join(line + b"\n" for line in lines))
         self.flush()
-
-
-def mouse(source: str, dest: str, i: int, categorie: str = "entree") -> bytes:
-    """bench/peers.py's mouse(), without its newline."""
-    return (b'{"type":"notification","source":"%s","destination":"%s","payload":'
-            b'{"categorie":"%s","evenement":"souris","data":{"entree":"souris",'
-            b'"position":{"x":%d,"y":%d},"boutons":{"gauche":0,"milieu":0,"droit":1},'
-            b'"seq":%d,"t":%d}}}'
-            % (source.encode(), dest.encode(), categorie.encode(), i % 1920, i % 1080, i,
-               1_700_000_000_000_000_000 + i))
 
 
 def moves(source: str, dest: str, n: int, categorie: str = "entree") -> list[bytes]:
