@@ -155,8 +155,12 @@ async def test_builtin_with_a_repeat_in_arguments_is_answered(name: str) -> None
     line = encode(Commande("vm-a", DOM0, name, {"x": 1}, id="b1"))[:-1]
     bad = line.replace(b'{"x":1}', b'{"x":1,"x":2}')
     assert bad != line
+    ep = s.eps["vm-a"]
+    ep.rate = 0.0  # no refill: the tokens count what the frame spent
+    before = ep.tokens
     with capture_logs() as logs:
         s.feed("vm-a", bad)
+    assert before - ep.tokens == 1, "one frame spends one token, invalid or not"
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("b1", Code.MESSAGE_INVALIDE)
     assert isinstance(answer, Reponse) and answer.commande == name

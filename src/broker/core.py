@@ -318,7 +318,10 @@ class Broker:
             return decode(msg.raw)
         except MessageInvalide as exc:
             raw = msg.raw
-            self.invalid(peer, FrameError(exc.reason, exc.detail, len(raw), exc.field, raw[:64]))
+            # Counted and logged as invalid; its rate budget was spent when it was read.
+            peer.stats.invalid += 1
+            self._log_invalid(peer, FrameError(exc.reason, exc.detail, len(raw), exc.field,
+                                               raw[:64]))
             if msg.type == "commande":
                 self.answer(peer, msg, Code.MESSAGE_INVALIDE, str(exc))
             return None
@@ -331,6 +334,10 @@ class Broker:
         peer.tokens -= 1
         if peer.tokens < 0:
             stats.throttled += 1
+        self._log_invalid(peer, error)
+
+    @staticmethod
+    def _log_invalid(peer: Peer, error: FrameError) -> None:
         if peer.log_budget.allow():
             peer.log.warning("frame.invalid", reason=str(error.reason), field=error.field,
                              detail=error.detail, size=error.size,
