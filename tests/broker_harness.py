@@ -252,17 +252,20 @@ def write_config(path: Path, domains: dict[str, Path], *, extra: str = "",
 class BrokerSystem:
     """Domains on socat ptys, the broker started on them as users start it, and each
     domain's DomU end. ``missing`` domains are configured with a path that does not
-    exist (offline)."""
+    exist (offline); ``paths`` adds domains on paths of the caller's (a unix socket, a
+    regular file...)."""
 
     def __init__(self, tmp: Path, names: tuple[str, ...], *, extra: str = "",
-                 missing: tuple[str, ...] = (), dom0_socket: Path | None = None,
-                 wait_connected: bool = False) -> None:
+                 missing: tuple[str, ...] = (), paths: dict[str, Path] | None = None,
+                 dom0_socket: Path | None = None, wait_connected: bool = False) -> None:
         self.tmp = tmp
         self.pairs = {n: PtyPair(tmp, n) for n in names}
-        paths = {n: p.dom0 for n, p in self.pairs.items()}
-        paths.update({n: tmp / f"{n}.absent" for n in missing})
+        self.paths = {n: p.dom0 for n, p in self.pairs.items()}
+        self.paths.update({n: tmp / f"{n}.absent" for n in missing})
+        self.paths.update(paths or {})
         self.dom0_socket = dom0_socket or tmp / "dom0.sock"
-        self.config = write_config(tmp / "broker.toml", paths, extra=extra,
+        self.extra = extra
+        self.config = write_config(tmp / "broker.toml", self.paths, extra=extra,
                                    dom0_socket=self.dom0_socket)
         self.broker = BrokerProcess(self.config)
         self.broker.wait_event("broker.ready")
@@ -270,6 +273,11 @@ class BrokerSystem:
             wait_until(lambda: len(self.broker.find("domain.connected")) >= len(names), 10,
                        f"{len(names)} domains connected")
         self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+
+    def reconfigure(self, paths: dict[str, Path]) -> None:
+        """Rewrite the configuration with these domains (same dom0 socket and extra
+        keys); send SIGHUP to apply it."""
+        write_config(self.config, paths, extra=self.extra, dom0_socket=self.dom0_socket)
 
     def close(self) -> int:
         code = self.broker.stop()

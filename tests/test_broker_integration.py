@@ -291,54 +291,43 @@ def test_discovery_picks_up_a_domain_that_appears(tmp_path: Path) -> None:
 
 
 def test_sighup_reload_and_bad_config_keeps_running(tmp_path: Path) -> None:
-    a_pair, b_pair = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
-    config = write_config(tmp_path / "b.toml", {"vm-a": a_pair.dom0})
-    broker = BrokerProcess(config)
+    s = BrokerSystem(tmp_path, ("vm-a",))
+    b_pair = PtyPair(tmp_path, "vm-b")  # exists, not configured yet
+    b = None
     try:
-        broker.wait_event("broker.ready")
-        a = Domu(a_pair.domu)
-        write_config(config, {"vm-a": a_pair.dom0, "vm-b": b_pair.dom0})
-        broker.signal(signal.SIGHUP)
-        broker.wait_event("config.reloaded")
-        broker.wait_event("domain.connected", domain="vm-b")
+        a = s.domus["vm-a"]
+        s.reconfigure({**s.paths, "vm-b": b_pair.dom0})
+        s.broker.signal(signal.SIGHUP)
+        s.broker.wait_event("config.reloaded")
+        s.broker.wait_event("domain.connected", domain="vm-b")
         b = Domu(b_pair.domu)
         a.send(notif("vm-a", "vm-b", 1))
         assert b.wait_messages(1)[0].payload["data"]["i"] == 1
-        config.write_text("[domaines.vm-a]\nchemin = 12\n")
-        broker.signal(signal.SIGHUP)
-        ev = broker.wait_event("config.reload_failed")
+        s.config.write_text("[domaines.vm-a]\nchemin = 12\n")
+        s.broker.signal(signal.SIGHUP)
+        ev = s.broker.wait_event("config.reload_failed")
         assert "domaines.vm-a.chemin" in ev["error"]
         a.send(notif("vm-a", "vm-b", 2))  # the running configuration stays
         assert b.wait_messages(2)[1].payload["data"]["i"] == 2
-        a.close()
-        b.close()
     finally:
-        assert broker.stop() == 0
-        a_pair.kill()
+        assert s.close() == 0
+        if b is not None:
+            b.close()
         b_pair.kill()
 
 
 def test_unreadable_paths_do_not_stop_the_others(tmp_path: Path) -> None:
-    pair = PtyPair(tmp_path, "vm-a")
-    b_pair = PtyPair(tmp_path, "vm-b")
     (tmp_path / "regular").write_text("not a channel")
-    config = write_config(tmp_path / "b.toml", {"vm-a": pair.dom0, "vm-b": b_pair.dom0,
-                                                "vm-file": tmp_path / "regular",
-                                                "vm-none": tmp_path / "missing"})
-    broker = BrokerProcess(config)
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"), missing=("vm-none",),
+                     paths={"vm-file": tmp_path / "regular"})
     try:
-        broker.wait_event("broker.ready")
-        ev = broker.wait_event("domain.unavailable", domain="vm-file")
+        ev = s.broker.wait_event("domain.unavailable", domain="vm-file")
         assert "not a tty nor a unix socket" in ev["error"]
-        a, b = Domu(pair.domu), Domu(b_pair.domu)
-        a.send(notif("vm-a", "vm-b", 3))
-        assert b.wait_messages(1)[0].payload["data"]["i"] == 3
-        a.close()
-        b.close()
+        s.broker.wait_event("domain.unavailable", domain="vm-none")
+        s.domus["vm-a"].send(notif("vm-a", "vm-b", 3))
+        assert s.domus["vm-b"].wait_messages(1)[0].payload["data"]["i"] == 3
     finally:
-        assert broker.stop() == 0
-        pair.kill()
-        b_pair.kill()
+        assert s.close() == 0
 
 
 def test_check_config_exit_status(tmp_path: Path) -> None:
@@ -377,39 +366,31 @@ def test_dom0_socket_permissions(tmp_path: Path) -> None:
 
 
 def test_sighup_reloads_the_policy_and_refuses_a_bad_one(tmp_path: Path) -> None:
-    a_pair, b_pair = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
     policy = tmp_path / "policy.toml"
     allow = ('[[regle]]\nsource = "vm-a"\ndestination = "vm-b"\ntype = "notification"\n'
              'action = "allow"\n')
     policy.write_text(allow)
-    config = write_config(tmp_path / "b.toml", {"vm-a": a_pair.dom0, "vm-b": b_pair.dom0},
-                          extra=f'[broker]\npolitique = "{policy}"\n')
-    broker = BrokerProcess(config)
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"), extra=f'[broker]\npolitique = "{policy}"\n')
     try:
-        broker.wait_event("broker.ready")
-        a, b = Domu(a_pair.domu), Domu(b_pair.domu)
+        a, b = s.domus["vm-a"], s.domus["vm-b"]
         a.send(notif("vm-a", "vm-b", 1))
         assert b.wait_messages(1)[0].payload["data"]["i"] == 1
         policy.write_text(allow.replace('"allow"', '"deny"'))
-        broker.signal(signal.SIGHUP)
-        broker.wait_event("config.reloaded")
+        s.broker.signal(signal.SIGHUP)
+        s.broker.wait_event("config.reloaded")
         a.send(notif("vm-a", "vm-b", 2))
-        ev = broker.wait_event("message.refused", why="policy_denied")
+        ev = s.broker.wait_event("message.refused", why="policy_denied")
         assert "rule 1 (line 1)" in ev["detail"]
         policy.write_text(allow + '[[regle]]\nsource = "vm-a"\naction = "maybe"\n')
-        broker.signal(signal.SIGHUP)
-        failed = broker.wait_event("config.reload_failed")
+        s.broker.signal(signal.SIGHUP)
+        failed = s.broker.wait_event("config.reload_failed")
         assert "policy.toml:6" in failed["error"] and "regle[2]" in failed["error"]
         a.send(notif("vm-a", "vm-b", 3))  # the deny policy still rules
-        broker.wait_event("message.refused", why="policy_denied", count=2)
+        s.broker.wait_event("message.refused", why="policy_denied", count=2)
         b.drain_for(0.2)
         assert [m.payload["data"]["i"] for m in b.messages()] == [1]
-        a.close()
-        b.close()
     finally:
-        assert broker.stop() == 0
-        a_pair.kill()
-        b_pair.kill()
+        assert s.close() == 0
 
 
 def test_a_second_broker_does_not_steal_the_dom0_socket(tmp_path: Path) -> None:
