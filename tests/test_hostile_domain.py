@@ -397,9 +397,17 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     evil.kill()
     h.broker.wait_event("domain.disconnected", domain="vm-evil", count=disconnected + 1)
     h.broker.wait_event("domain.unavailable", domain="vm-evil", count=before + 1)
-    time.sleep(0.5)  # let the cause settle (observation window, not synchronisation)
+
+    def failures() -> int:
+        return int(h.statistics()["domaines"]["vm-evil"]["echecs_connexion"])
+
+    # Let the cause settle (the pty may still exist and fail before its link is gone):
+    # two more failed attempts. Then six more retries, none of which may be logged.
+    first = failures()
+    wait_until(lambda: failures() >= first + 2, 10, "two more failed attempts")
     settled = len(h.broker.find("domain.unavailable", domain="vm-evil"))
-    time.sleep(1.5)  # at least 6 retries happen here; none may be logged
+    retried = failures()
+    wait_until(lambda: failures() >= retried + 6, 10, "six more failed attempts")
     assert len(h.broker.find("domain.unavailable", domain="vm-evil")) == settled, [
         (e["event"], e.get("error"), e.get("reason"), e.get("timestamp"))
         for e in h.broker.events if e.get("domain") == "vm-evil"][-8:]

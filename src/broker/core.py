@@ -517,6 +517,7 @@ class Broker:
             d: dict[str, Any] = ep.stats.as_dict()
             d["file"] = ep.queued()
             d["en_vol"] = ep.in_flight
+            d["echecs_connexion"] = ep.failed_connects
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
             domains[name] = d
         dom0 = self.dom0.statistics() if self.dom0 is not None else {}

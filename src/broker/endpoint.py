@@ -342,6 +342,9 @@ class DomainEndpoint(Peer):
         self._stopping = False
         self.attempted = asyncio.Event()
         """Set once the first connection attempt is over (success or failure)."""
+        self.failed_connects = 0
+        """Connection attempts that failed (retries are counted here, logged only when
+        their cause changes)."""
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
@@ -379,6 +382,7 @@ class DomainEndpoint(Peer):
                 self._lost.clear()
                 await open_channel(self.path, lambda: self, exclusive=False)
             except (ChannelError, OSError) as exc:
+                self.failed_connects += 1
                 self.attempted.set()
                 reason = str(exc)
                 if reason != failing:  # log state changes, not every retry
