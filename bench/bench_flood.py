@@ -8,12 +8,14 @@ Four domains on socat ptys, one broker: vm-ui sends mouse-move-sized notificatio
 vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
 --latency``), while vm-evil writes to vm-sink as fast as it can (``peers.py send``
 without ``--rate``, repeated until the honest run is over; vm-sink drains its end so
-that the flood is limited by the broker, not by back-pressure). Three scenarios in
+that the flood is limited by the broker, not by back-pressure). Four scenarios in
 the same run, so that ratios are meaningful:
 
 * quiet: no flood;
 * flood, default limits (``limites.debit`` 20 000/s, ``rafale`` 5 000): throttled;
-* flood, no rate limit: what the token bucket buys.
+* flood, no rate limit: what the token bucket buys;
+* junk flood, default limits: tiny invalid lines (``x`` and a newline), the cheapest
+  frames to send and each one a decode attempt and a refusal for the broker.
 
 Each peer (senders, receivers, flooder, sink, broker) is its own process.
 """
@@ -78,9 +80,16 @@ def statistics(sock: Path) -> dict[str, Any]:
     return result
 
 
+def read(stats: dict[str, Any]) -> int:
+    """Frames the broker read from a domain: messages and invalid frames."""
+    return int(stats["recus"]) + int(stats["invalides"])
+
+
 @contextmanager
-def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int) -> Iterator[dict[str, Any]]:
-    """vm-evil -> vm-sink as fast as it can, for as long as the block runs."""
+def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
+          junk: bool = False) -> Iterator[dict[str, Any]]:
+    """vm-evil -> vm-sink as fast as it can, for as long as the block runs (with
+    ``junk``: tiny invalid lines, each refused at the cost of a decode attempt)."""
     assert SOCAT
     drain = subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{sink.domu},rdonly,raw",
                               "OPEN:/dev/null"], stderr=subprocess.DEVNULL)
@@ -91,7 +100,8 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int) -> Iterator[dict
     def run() -> None:
         while not stop.is_set():
             proc = subprocess.run([*PEERS, "send", str(evil.domu), str(chunk), "--source",
-                                   "vm-evil", "--dest", "vm-sink"], capture_output=True,
+                                   "vm-evil", "--dest", "vm-sink",
+                                   *(["--junk"] if junk else [])], capture_output=True,
                                   check=False)
             if proc.returncode == 0:
                 out["sent"] += chunk
@@ -101,8 +111,8 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int) -> Iterator[dict
     thread.start()
     try:
         # Under way once the broker has read more than the burst allowance.
-        wait_until(lambda: statistics(sock)["domaines"]["vm-evil"]["recus"]
-                   > before["recus"] + 5000, 30, "the flood to be under way", interval=0.05)
+        wait_until(lambda: read(statistics(sock)["domaines"]["vm-evil"]) > read(before) + 5000,
+                   30, "the flood to be under way", interval=0.05)
         yield out
     finally:
         after = statistics(sock)["domaines"]["vm-evil"]
@@ -111,18 +121,18 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int) -> Iterator[dict
         thread.join(120)
         drain.kill()
         drain.wait()
-        out["read_per_second"] = (after["recus"] - before["recus"]) / elapsed
+        out["read_per_second"] = (read(after) - read(before)) / elapsed
         out["throttled"] = after["limites"] - before["limites"]
 
 
-def scenario(tmp: Path, extra: str, n_honest: int, chunk: int,
-             quiet_too: bool) -> dict[str, Any]:
+def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
+             quiet_too: bool, junk: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with pairs(tmp, DOMAINS) as p, broker(tmp, p, extra=extra) as b:
         sock = tmp / "dom0.sock"
         if quiet_too:
             results["quiet"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
-        with flood(p["vm-evil"], p["vm-sink"], sock, chunk) as f:
+        with flood(p["vm-evil"], p["vm-sink"], sock, chunk, junk) as f:
             results["flood"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
             results["rss_kib"] = rss_kib(b.proc.pid)
         results["flood"].update(f)
@@ -138,10 +148,12 @@ def run(quick: bool) -> dict[str, Any]:
         tmp = Path(t)
         limited = scenario(tmp, "", n_honest, chunk, quiet_too=True)
         unlimited = scenario(tmp, UNLIMITED, n_honest, chunk, quiet_too=False)
+        junk = scenario(tmp, "", n_honest, chunk, quiet_too=False, junk=True)
+    runs = (limited, unlimited, junk)
     return {"honest_count": n_honest, "quiet": limited["quiet"], "throttled": limited["flood"],
-            "unlimited": unlimited["flood"], "rss_kib": max(limited["rss_kib"],
-                                                           unlimited["rss_kib"]),
-            "honest_lost": limited["honest_lost"] + unlimited["honest_lost"]}
+            "unlimited": unlimited["flood"], "junk": junk["flood"],
+            "rss_kib": max(r["rss_kib"] for r in runs),
+            "honest_lost": sum(r["honest_lost"] for r in runs)}
 
 
 def table(r: dict[str, Any]) -> str:
@@ -163,6 +175,8 @@ def table(r: dict[str, Any]) -> str:
         row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
         row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
         row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9"),
+        row("junk flood, default limits", r["junk"],
+            "tiny invalid lines (x and a newline), each refused"),
     ])
 
 

@@ -1,7 +1,7 @@
 """Benchmark peers, run as separate processes so that no GIL is shared with the broker
 or with each other. Each prints one JSON line of results on stdout.
 
-    python bench/peers.py send PATH COUNT [--rate R] [--size S] [--source S] [--dest D]
+    python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk]
     python bench/peers.py recv PATH COUNT [--latency]
     python bench/peers.py recvmany PATH,PATH,... COUNT
 
@@ -85,7 +85,8 @@ def send(args: argparse.Namespace) -> dict[str, float]:
     else:
         # One burst, built in advance, so that the sender is never the bottleneck.
         t = time.monotonic_ns()
-        burst = b"".join(frame(mouse(args.source, args.dest, i, t)) for i in range(args.count))
+        burst = (b"x\n" * args.count if args.junk else
+                 b"".join(frame(mouse(args.source, args.dest, i, t)) for i in range(args.count)))
         write_ns = time.monotonic_ns()
         write_all(fd, burst)
         # write_ns: when the first byte went out (start_ns also counts building the burst).
@@ -168,6 +169,8 @@ def main() -> None:
     p.add_argument("--latency", action="store_true")
     p.add_argument("--mqtt", metavar="TOPIC", help="send: wrap each message in an MQTT PUBLISH")
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--junk", action="store_true",
+                   help="send: COUNT tiny invalid lines (x and a newline) instead")
     args = p.parse_args()
     result = {"send": send, "recv": recv, "recvmany": recvmany}[args.mode](args)
     print(json.dumps(result), flush=True)

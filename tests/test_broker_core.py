@@ -637,19 +637,27 @@ async def test_token_bucket_pauses_then_resumes() -> None:
     assert time.monotonic() - started >= 0.02
 
 
-async def test_throttled_peer_is_read_in_small_bites_until_back_in_budget() -> None:
-    s = Setup(rate=1000.0, burst=4)
+async def test_read_size_follows_the_rate_budget() -> None:
+    # A wake-up never reads more frames than the peer has tokens for (2 bytes is the
+    # shortest frame), within 4..64 KiB: a flood of tiny junk lines cannot make one long
+    # turn in the loop; a throttled peer is read in 4 KiB bites until back in budget.
+    s = Setup(rate=100.0, burst=20_000)
     a, t = s.eps["vm-a"], s.t["vm-a"]
     t._max_read_size = 64 * 1024  # as messagerie.channel's tty transport has
     a.connection_made(t)  # type: ignore[arg-type]
-    assert t._max_read_size == 64 * 1024
-    s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 10)  # over rate + burst
-    assert t._max_read_size == 4 * 1024
-    # Once the bucket has refilled, a read within budget gives it full reads again.
-    await wait_for(lambda: a._throttle_timer is None)
-    await wait_for(lambda: time.monotonic() - a._last_refill > 0.01)
+    assert t._max_read_size == 40_000
+    s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 200)  # one turn (see below)
+    assert 39_500 <= t._max_read_size <= 39_700  # 19 800 tokens left, plus a little refill
+    a.tokens = 1.0
+    s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 5)  # over its rate
+    assert t._max_read_size == 4 * 1024 and t.calls == ["pause"]
+    a.tokens = float(a.burst)  # refilled
+    a._last_refill = time.monotonic()
     s.send(a, Notification("vm-a", "vm-b", "x", "y"))
-    assert t._max_read_size == 64 * 1024
+    assert t._max_read_size == 39_998
+    big = Setup(rate=1e9, burst=10**9)
+    big.eps["vm-a"].connection_made(big.t["vm-a"])  # type: ignore[arg-type]
+    assert big.t["vm-a"]._max_read_size == 64 * 1024
 
 
 async def test_throttled_peer_not_resumed_while_held() -> None:
@@ -753,3 +761,52 @@ async def test_traffic_summary_counts_what_flowed() -> None:
         {"source": "vm-a", "destination": "tous", "type": "notification", "messages": 1},
         {"source": "vm-a", "destination": "vm-b", "type": "notification", "messages": 3},
         {"source": "vm-b", "destination": "vm-c", "type": "commande", "messages": 1}]
+
+
+async def test_one_turn_processes_at_most_max_frames_per_turn() -> None:
+    # 64 KiB of tiny junk lines is 30 000 frames: refusing them all in one turn of the
+    # loop would delay every other domain. The rest of the read waits for the next turns,
+    # the channel not being read meanwhile; nothing is lost or reordered.
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup(rate=1e9, burst=10**9)
+    a, b = s.eps["vm-a"], s.eps["vm-b"]
+    n = 3 * MAX_FRAMES_PER_TURN + 100
+    moves = [Notification("vm-a", "vm-b", "entree", "souris", {"i": i}) for i in range(n)]
+    data = b"".join(b"x\n" if i % 2 else encode(m) for i, m in enumerate(moves))
+    a.data_received(data)
+    assert a.stats.received + a.stats.invalid == MAX_FRAMES_PER_TURN
+    assert s.t["vm-a"].calls == ["pause"]
+    a.data_received(encode(Notification("vm-a", "vm-b", "entree", "souris", {"i": n})))
+    await wait_for(lambda: s.t["vm-a"].calls == ["pause", "resume"])
+    s.flush()
+    got = [m.payload["data"]["i"] for m in s.out("vm-b")]
+    assert got == [i for i in range(n) if i % 2 == 0] + [n], "lost or reordered"
+    assert a.stats.invalid == n // 2 and a.stats.received == n - n // 2 + 1
+    assert b.stats.sent == n - n // 2 + 1
+
+
+async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup(rate=1000.0, burst=MAX_FRAMES_PER_TURN + 10)
+    a = s.eps["vm-a"]
+    junk = b"x\n" * (2 * MAX_FRAMES_PER_TURN)
+    a.data_received(junk)  # one turn now, the rest next turn: over the burst there
+    await wait_for(lambda: a.stats.invalid == 2 * MAX_FRAMES_PER_TURN)
+    assert a._throttle_timer is not None and "resume" not in s.t["vm-a"].calls, \
+        "throttled: the backlog's end must not resume reading"
+    await wait_for(lambda: s.t["vm-a"].calls[-1:] == ["resume"])  # after the refill
+    assert a._throttle_timer is None
+    # Held by a full destination: the backlog's end does not resume reading either.
+    b = s.eps["vm-b"]
+    b.pause_writing()
+    a.tokens = float(a.burst)
+    a._last_refill = time.monotonic()
+    calls = len(s.t["vm-a"].calls)
+    a.data_received(b"".join(encode(Notification("vm-a", "vm-b", "x", "y", {"i": i}))
+                             for i in range(MAX_FRAMES_PER_TURN + 5)))
+    await wait_for(lambda: a._backlog is None)
+    assert a._held_by == {b} and "resume" not in s.t["vm-a"].calls[calls:]
+    b.resume_writing()
+    assert s.t["vm-a"].calls[-1] == "resume"

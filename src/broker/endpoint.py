@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 THROTTLED_READ_SIZE = 4 * 1024
 """Bytes read per wake-up from a domain over its rate (see ``Peer.data_received``)."""
+MAX_FRAMES_PER_TURN = 256
+"""Frames of one channel processed per turn of the event loop: refusing 256 tiny junk
+lines takes about 1 ms; a 16 KiB read of mouse moves is 72 frames (one turn), a 64 KiB
+socket read 300 (two)."""
+MIN_FRAME_BYTES = 2
+"""The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
 """Back-pressure starts at a quarter of ``queue_bytes`` (at least this much)."""
 HARD_LIMIT_FACTOR = 4
@@ -121,6 +127,8 @@ class Peer(asyncio.Protocol):
         self._held_by: set[Peer] = set()
         """Destinations we wait on; reading resumes when this is empty."""
         self._throttle_timer: asyncio.TimerHandle | None = None
+        self._backlog: bytes | None = None
+        """Bytes read but not yet processed (over MAX_FRAMES_PER_TURN in one read)."""
         # Rate limiting: a token bucket refilled per read.
         limits = broker.config.limits
         self.rate = limits.rate
@@ -147,12 +155,48 @@ class Peer(asyncio.Protocol):
         self._set_write_limits(transport)
         # asyncio's socket transports read 256 KiB per wake-up: cap them to the ttys'
         # 64 KiB, so that a flooding channel's turn in the loop is as short on a unix
-        # socket (connection=socket) as on a pty (fairness).
-        self._set_read_size(READ_SIZE)
+        # socket (connection=socket) as on a pty (fairness); less while its rate
+        # budget is low (see _budgeted_read_size).
+        self._set_read_size(self._budgeted_read_size())
         self.paused_writing = False
         self.stalled = False
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
+            self._backlog += data
+            return
+        self._take(data, first=True)
+
+    def _take(self, data: bytes, *, first: bool) -> None:
+        # At most MAX_FRAMES_PER_TURN frames now: 64 KiB of tiny junk lines is 30 000
+        # frames to refuse, one long turn in the loop for everyone else. The rest waits
+        # for the next iteration, the channel not being read meanwhile.
+        if data.count(b"\n") > MAX_FRAMES_PER_TURN:
+            rest = data.split(b"\n", MAX_FRAMES_PER_TURN)[-1]
+            self._backlog = rest
+            data = data[:len(data) - len(rest)]
+            if first and self.transport is not None:
+                self.transport.pause_reading()
+            self._loop.call_soon(self._next_turn)
+        self._process(data)
+
+    def _next_turn(self) -> None:
+        data, self._backlog = self._backlog, None
+        if data is None or self.transport is None:
+            return  # the channel went away meanwhile: what it had sent goes with it
+        self._take(data, first=False)
+        if self._backlog is None:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Read again, unless something else still holds the channel: a full destination,
+        the rate limit, a backlog of frames, shutdown."""
+        if (not self._held_by and self._throttle_timer is None and self._backlog is None
+                and self.transport is not None and not self.broker.stopping
+                and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
+    def _process(self, data: bytes) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self._last_refill) * self.rate)
         self._last_refill = now
@@ -174,8 +218,18 @@ class Peer(asyncio.Protocol):
             self._set_read_size(THROTTLED_READ_SIZE)
             delay = -self.tokens / self.rate
             self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._unthrottle)
-        elif self._read_size != READ_SIZE and self.tokens >= self.burst / 2:
-            self._set_read_size(READ_SIZE)
+        else:
+            size = self._budgeted_read_size()
+            if size != self._read_size:
+                self._set_read_size(size)
+
+    def _budgeted_read_size(self) -> int:
+        """Bytes the next wake-up may read: never more frames than the peer has tokens
+        for (the shortest frame is 2 bytes), between 4 and 64 KiB. With the default
+        burst (5 000) a flood of tiny junk lines costs one turn of about 5 000 frames,
+        not 30 000; mouse moves (220 bytes) still come 10 KiB at a time."""
+        budget = int(self.tokens) * MIN_FRAME_BYTES
+        return READ_SIZE if budget >= READ_SIZE else max(THROTTLED_READ_SIZE, budget)
 
     def _set_write_limits(self, transport: Any) -> None:
         high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
@@ -192,9 +246,7 @@ class Peer(asyncio.Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
-        if (not self._held_by and self.transport is not None and not self.broker.stopping
-                and not self.transport.is_closing()):
-            self.transport.resume_reading()
+        self._resume()
 
     def stop_reading(self) -> None:
         """Shutdown: read nothing more from this peer (its domain keeps it queued)."""
@@ -211,6 +263,7 @@ class Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._backlog = None
         self.broker.invalidate_routes()  # decisions sending here are stale
         if self._out:
             self.stats.dropped += len(self._out)
@@ -305,9 +358,7 @@ class Peer(asyncio.Protocol):
 
     def release(self, dest: Peer) -> None:
         self._held_by.discard(dest)
-        if (not self._held_by and self._throttle_timer is None and self.transport is not None
-                and not self.broker.stopping and not self.transport.is_closing()):
-            self.transport.resume_reading()
+        self._resume()
 
     def _stall(self) -> None:
         self._stall_timer = None
