@@ -84,19 +84,22 @@ def _decode_object(line: bytes) -> dict[str, Any]:
     """Parse one frame (UTF-8 and JSON syntax throughout) into a dict."""
     try:
         obj = _json_decode(line)
-    except UnicodeDecodeError as exc:
-        raise MessageInvalide(Reason.INVALID_UTF8,
-                              f"invalid UTF-8 at byte {exc.start}") from None
-    except msgspec.DecodeError as exc:
-        raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
-    except msgspec.ValidationError as exc:  # integers beyond 64 bits
-        raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
-    except RecursionError:
-        raise MessageInvalide(Reason.INVALID_JSON, "invalid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError) as exc:
+        raise _parse_error(exc) from None
     if type(obj) is not dict:
         raise MessageInvalide(Reason.NOT_AN_OBJECT,
                               f"a message is a JSON object, got {_type_name(obj)}")
     return obj
+
+
+def _parse_error(exc: BaseException) -> MessageInvalide:
+    """What a parser failure means for the protocol (``msgspec.ValidationError``, a
+    ``DecodeError``, is an integer beyond what Python holds)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return MessageInvalide(Reason.INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}")
+    if isinstance(exc, RecursionError):
+        return MessageInvalide(Reason.INVALID_JSON, "invalid JSON: nested too deeply")
+    return MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}")
 
 
 def decode(line: bytes | bytearray | memoryview | str) -> Message:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Final
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from .codec import _decode_object, _from_object, _json_decode, _strip, decode
+from .codec import _decode_object, _from_object, _json_decode, _parse_error, _strip, decode
 from .model import (
     DOM0,
     TOUS,
@@ -146,6 +146,8 @@ def _is_object(raw: Raw | UnsetType) -> bool:
 def _fast(line: bytes) -> Envelope | None:
     """The envelope of a canonical, valid frame; ``None`` means "take the exact path"
     (which explains refusals: this one only accepts)."""
+    if not line.startswith(b'{"type":"'):
+        return None  # not canonical (the tag comes first): spare junk a failed parse
     try:
         s = _fast_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -355,10 +357,12 @@ def _map(raw: Raw) -> dict[str, Raw] | None:
 def _slow(line: bytes) -> Envelope:
     try:
         obj = _json_decode(line)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        # Invalid, or valid but with a number out of range somewhere: sort it out with
-        # the contents kept raw.
-        return _slow_raw(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        if isinstance(exc, msgspec.DecodeError) and "out of range" in str(exc):
+            # Valid JSON with a number Python cannot hold: it may be in the contents,
+            # which are the receiver's: decide with the contents kept raw.
+            return _slow_raw(line)
+        raise _parse_error(exc) from None  # junk: one parse, as decode() does
     if type(obj) is not dict:
         _decode_object(line)  # raises: not an object, named as decode() names it
     message = _from_object(obj, line, duplicates=_compact_or_no_repeat)
