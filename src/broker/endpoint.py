@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 
 THROTTLED_READ_SIZE = 4 * 1024
 """Bytes read per wake-up from a domain over its rate (see ``Peer.data_received``)."""
-MAX_FRAMES_PER_TURN = 256
-"""Frames of one channel processed per turn of the event loop: refusing 256 tiny junk
-lines takes about 1 ms; a 16 KiB read of mouse moves is 72 frames (one turn), a 64 KiB
-socket read 300 (two)."""
+MAX_FRAMES_PER_TURN = 512
+"""Frames of one channel processed per turn of the event loop: refusing 512 tiny junk
+lines takes under 2 ms; a 64 KiB read of mouse moves (300 frames) is one turn. 256 gave
+the same honest latency under a junk flood (bench_flood.py) and cost unix-socket bursts
+a second turn per read."""
 MIN_FRAME_BYTES = 2
 """The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
@@ -226,7 +227,7 @@ class Peer(asyncio.Protocol):
         """Bytes the next wake-up may read: never more frames than the peer has tokens
         for (the shortest frame is 2 bytes), between 4 and 64 KiB. With the default
         burst (5 000) a flood of tiny junk lines is read 5 000 frames at first, not
-        30 000 (and processed 256 a turn); mouse moves (220 bytes) come 10 KiB at a
+        30 000 (and processed 512 a turn); mouse moves (220 bytes) come 10 KiB at a
         time."""
         budget = int(self.tokens) * MIN_FRAME_BYTES
         return READ_SIZE if budget >= READ_SIZE else max(THROTTLED_READ_SIZE, budget)
