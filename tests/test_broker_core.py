@@ -810,3 +810,30 @@ async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
     assert a._held_by == {b} and "resume" not in s.t["vm-a"].calls[calls:]
     b.resume_writing()
     assert s.t["vm-a"].calls[-1] == "resume"
+
+
+async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
+    # A read over MAX_FRAMES_PER_TURN frames is routed over several turns: if the domain
+    # is removed meanwhile (reload, discovery), the rest goes with it. Found by review:
+    # its commands were tracked after fail_pending() had run, and a domain re-added
+    # under the same name then had its first command refused as a duplicate id.
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup("vm-a", "vm-b", "vm-c", rate=1e9, burst=10**9)
+    a = s.eps["vm-a"]
+    moves = b"".join(encode(Notification("vm-a", "vm-b", "entree", "souris", {"i": i}))
+                     for i in range(MAX_FRAMES_PER_TURN))
+    cmds = b"".join(encode(Commande("vm-a", "vm-c", "x", id=f"cmd-{i}")) for i in range(20))
+    a.data_received(moves + cmds)
+    assert a._backlog is not None
+    s.broker.remove_domain("vm-a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    s.flush()
+    assert [m for m in s.out("vm-c") if m.source == "vm-a"] == [], \
+        "commands routed after their domain was removed"
+    assert s.broker.pending == {}
+    again = s.connect("vm-a")
+    s.send(again, Commande("vm-a", "vm-c", "x", id="cmd-1"))
+    (cmd,) = s.out("vm-c")
+    assert isinstance(cmd, Commande) and cmd.id == "cmd-1"

@@ -183,7 +183,7 @@ class Peer(asyncio.Protocol):
 
     def _next_turn(self) -> None:
         data, self._backlog = self._backlog, None
-        if data is None or self.transport is None:
+        if data is None or self.transport is None or self.transport.is_closing():
             return  # the channel went away meanwhile: what it had sent goes with it
         self._take(data, first=False)
         if self._backlog is None:
@@ -407,6 +407,7 @@ class DomainEndpoint(Peer):
         that stopped reading would keep its fd and buffer forever). Returns the
         supervisor task, cancelled, for the caller to await if it wants."""
         self._stopping = True
+        self._backlog = None  # read but not yet routed: it goes with the domain
         if self.transport is not None:
             self.transport.abort()
         task, self._task = self._task, None
