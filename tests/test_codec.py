@@ -197,3 +197,48 @@ def test_decode_of_a_str_with_a_lone_surrogate() -> None:
 def test_message_invalide_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="payload"):
         decode(frame({**NOTIF, "payload": 3}))
+
+
+AMBIGUOUS = [
+    # (frame, field): keys that parsers matching keys ignoring case (Go's encoding/json,
+    # some Jackson / System.Text.Json settings) read as a second protocol field.
+    (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     b'{"categorie":"entree","evenement":"souris","data":{}},"Source":"dom0"}', "Source"),
+    (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     b'{"categorie":"entree","evenement":"souris","data":{}},"DESTINATION":"vm-c"}',
+     "DESTINATION"),
+    ('{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     '{"categorie":"entree","evenement":"souris","data":{}},"\u017fource":"dom0"}'.encode(),
+     "\u017fource"),  # the long s folds to s
+    (b'{"type":"commande","source":"vm-a","destination":"vm-b","payload":{"id":"1",'
+     b'"commande":"lire","arguments":{},"Commande":"effacer_tout","ID":"2"}}',
+     "payload.Commande"),
+    (b'{"type":"reponse","source":"vm-a","destination":"vm-b","payload":{"id":"1",'
+     b'"commande":"lire","statut":"erreur","erreur":{"code":"x","message":"y","Code":"z"}}}',
+     "payload.erreur.Code"),
+]
+
+
+@pytest.mark.parametrize(("frame", "field"), AMBIGUOUS, ids=[f for _, f in AMBIGUOUS])
+def test_keys_equal_to_a_field_ignoring_case_are_refused(frame: bytes, field: str) -> None:
+    from messagerie.envelope import decode_envelope
+
+    for fn in (decode, decode_envelope):
+        with pytest.raises(MessageInvalide) as exc:
+            fn(frame)
+        assert (exc.value.reason, exc.value.field) == (Reason.DUPLICATE_KEY, field), fn
+
+
+def test_case_differences_inside_contents_or_elsewhere_are_kept() -> None:
+    # Inside data (contents) and for unknown keys that match no field, nothing to refuse.
+    line = (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+            b'{"categorie":"entree","evenement":"souris","data":{"Source":1,"source":2},'
+            b'"Chemin":"x"},"Extra":1}')
+    msg = decode(line)
+    assert msg.extra == {"Extra": 1} and msg.payload["Chemin"] == "x"
+    with pytest.raises(ValueError, match="shadows"):
+        Message.__init__(Notification.__new__(Notification), "vm-a", "vm-b",
+                         {"categorie": "c", "evenement": "e"}, extra={"SOURCE": "dom0"})
+    with pytest.raises(MessageInvalide):  # built locally: the same rule
+        Reponse("vm-a", "vm-b", "1", "lire", "erreur",
+                erreur={"code": "x", "message": "y", "CODE": "z"})

@@ -51,7 +51,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 @st.composite
 def payloads(draw: st.DrawFn, kind: str) -> dict[str, Any]:
     extra = draw(json_objects)
-    payload = {k: v for k, v in extra.items() if k not in REQUIRED[kind]}
+    # Unknown keys are kept; one equal to a field ignoring case is refused (test_codec).
+    payload = {k: v for k, v in extra.items() if k.casefold() not in REQUIRED[kind]}
     if kind == "notification":
         payload.update(categorie=draw(tokens), evenement=draw(tokens))
         if draw(st.booleans()):
@@ -65,7 +66,8 @@ def payloads(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         else:
             payload.update(statut=Statut.ERREUR.value, erreur={
                 "code": draw(st.text(max_size=20)), "message": draw(st.text(max_size=40)),
-                **draw(json_objects)})
+                **{k: v for k, v in draw(json_objects).items()
+                   if k.casefold() not in ("code", "message")}})
     else:
         payload.update(niveau=draw(st.sampled_from(list(Niveau))).value,
                        texte=draw(st.text(max_size=60)), horodatage=draw(stamps),
@@ -79,7 +81,7 @@ def wire_objects(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(list(MESSAGE_TYPES)))
     broadcast = MESSAGE_TYPES[kind].broadcastable and draw(st.booleans())
     obj = {k: v for k, v in draw(json_objects).items()
-           if k not in ("type", "source", "destination", "payload")}
+           if k.casefold() not in ("type", "source", "destination", "payload")}
     obj.update(type=kind, source=draw(names),
                destination=TOUS if broadcast else draw(names),
                payload=draw(payloads(kind)))

@@ -17,6 +17,7 @@ from typing import Any, Final, Generic, TypeVar, overload
 import msgspec
 
 from .model import (
+    ENVELOPE_FIELDS,
     MESSAGE_TYPES,
     TOUS,
     Message,
@@ -24,6 +25,7 @@ from .model import (
     Reason,
     _type_name,
     check_name,
+    check_unambiguous,
     valid_name_or_tous,
 )
 
@@ -157,6 +159,9 @@ def _from_object(obj: dict[str, Any], line: bytes | None, *,
     if line is not None:
         duplicates(line, obj)
     cls.check_payload(payload)
+    cls.check_keys(payload)
+    if len(obj) > 4:
+        check_unambiguous(obj, ENVELOPE_FIELDS, "")
     msg = cls.__new__(cls)
     msg.source = source  # type: ignore[assignment]
     msg.destination = destination  # type: ignore[assignment]

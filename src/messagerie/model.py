@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Final
@@ -171,6 +171,23 @@ def _optional_object(payload: Mapping[str, Any], key: str) -> None:
                               f"payload.{key}")
 
 
+def check_unambiguous(keys: Iterable[str], fields: frozenset[str], where: str) -> None:
+    """Refuse a key that is not one of ``fields`` but equals one of them to parsers that
+    match keys ignoring case (Go's encoding/json, some Jackson and System.Text.Json
+    settings): ``"Source"`` or ``"ſource"`` next to ``"source"`` would be a second
+    source to them, read after the one the broker checked."""
+    for key in keys:
+        if key not in fields and key.casefold() in fields:
+            raise MessageInvalide(
+                Reason.DUPLICATE_KEY,
+                f"{key[:40]!r} is {key.casefold()!r} to parsers that ignore case",
+                f"{where}{key[:40]}")
+
+
+ENVELOPE_FIELDS: Final = frozenset(("type", "source", "destination", "payload"))
+_ERREUR_FIELDS: Final = frozenset(("code", "message"))
+
+
 class _Missing:
     pass
 
@@ -197,6 +214,8 @@ class Message:
     type: ClassVar[str] = ""
     #: May this type be sent to ``tous``?
     broadcastable: ClassVar[bool] = True
+    #: The payload keys the protocol defines for this type.
+    payload_fields: ClassVar[frozenset[str]] = frozenset()
 
     source: str
     destination: str
@@ -218,15 +237,22 @@ class Message:
                                   f"expected an object, got {_type_name(payload)}", "payload")
         self.payload = dict(payload)
         self.check_payload(self.payload)
+        self.check_keys(self.payload)
         self.extra = dict(extra) if extra else {}
         for key in self.extra:
-            if key in ("type", "source", "destination", "payload"):
+            if key.casefold() in ENVELOPE_FIELDS:
                 raise ValueError(f"extra envelope key {key!r} shadows a protocol field")
         self.raw = None
 
     @classmethod
     def check_payload(cls, payload: dict[str, Any]) -> None:
         """Validate ``payload`` for this message type; raise :class:`MessageInvalide`."""
+
+    @classmethod
+    def check_keys(cls, payload: dict[str, Any]) -> None:
+        """Refuse payload keys that case-insensitive parsers would take for a field."""
+        if not payload.keys() <= cls.payload_fields:
+            check_unambiguous(payload, cls.payload_fields, "payload.")
 
     def to_dict(self) -> dict[str, Any]:
         """The message as the JSON object sent on the wire."""
@@ -305,6 +331,7 @@ class Notification(Message):
 
     __slots__ = ()
     type = "notification"
+    payload_fields = frozenset(("categorie", "evenement", "data"))
 
     def __init__(self, source: str, destination: str, categorie: str, evenement: str,
                  data: Mapping[str, Any] | None = None) -> None:
@@ -384,6 +411,7 @@ class Commande(Message):
 
     __slots__ = ()
     type = "commande"
+    payload_fields = frozenset(("id", "commande", "arguments"))
     broadcastable = False
 
     def __init__(self, source: str, destination: str, commande: str,
@@ -434,6 +462,7 @@ class Reponse(Message):
 
     __slots__ = ()
     type = "reponse"
+    payload_fields = frozenset(("id", "commande", "statut", "resultat", "erreur"))
     broadcastable = False
 
     def __init__(self, source: str, destination: str, id: str, commande: str,
@@ -466,6 +495,13 @@ class Reponse(Message):
                 raise MessageInvalide(Reason.WRONG_TYPE,
                                       f"expected a string, got {_type_name(value)}",
                                       f"payload.erreur.{key}")
+
+    @classmethod
+    def check_keys(cls, payload: dict[str, Any]) -> None:
+        super().check_keys(payload)
+        erreur = payload.get("erreur")
+        if type(erreur) is dict and not erreur.keys() <= _ERREUR_FIELDS:
+            check_unambiguous(erreur, _ERREUR_FIELDS, "payload.erreur.")
 
     @property
     def id(self) -> str:
@@ -524,6 +560,7 @@ class Journal(Message):
 
     __slots__ = ()
     type = "journal"
+    payload_fields = frozenset(("niveau", "texte", "horodatage", "composant", "data"))
 
     def __init__(self, source: str, destination: str, niveau: str, texte: str,
                  composant: str, *, horodatage: str | None = None,
