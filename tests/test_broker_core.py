@@ -827,8 +827,11 @@ async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
     a.data_received(moves + cmds)
     assert a._backlog is not None
     s.broker.remove_domain("vm-a")
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    # The next turn was scheduled with call_soon: a callback queued after it runs after
+    # it (FIFO), so once this one has run, the turn has had its chance.
+    done = asyncio.Event()
+    asyncio.get_running_loop().call_soon(done.set)
+    await asyncio.wait_for(done.wait(), 5)
     s.flush()
     assert [m for m in s.out("vm-c") if m.source == "vm-a"] == [], \
         "commands routed after their domain was removed"

@@ -34,7 +34,6 @@ MAX_FRAME: Final = 64 * 1024
 
 _json_decode = msgspec.json.Decoder().decode
 _json_encode = msgspec.json.Encoder().encode
-_KNOWN: Final = frozenset(("type", "source", "destination", "payload"))
 
 
 def encode(message: Message) -> bytes:
@@ -166,7 +165,7 @@ def _from_object(obj: dict[str, Any], line: bytes | None, *,
     msg.source = source  # type: ignore[assignment]
     msg.destination = destination  # type: ignore[assignment]
     msg.payload = payload
-    msg.extra = {k: v for k, v in obj.items() if k not in _KNOWN} if len(obj) > 4 else {}
+    msg.extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
     msg.raw = line
     return msg
 

@@ -37,6 +37,8 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 from .codec import _decode_object, _from_object, _json_decode, _parse_error, _strip, decode
 from .model import (
     DOM0,
+    ERREUR_FIELDS,
+    MESSAGE_TYPES,
     TOUS,
     Message,
     MessageInvalide,
@@ -154,12 +156,20 @@ def _fast(line: bytes) -> Envelope | None:
         return None
     if _fast_encode(s) != line:
         return None
-    if not line.isascii():
-        try:
-            line.decode()  # contents are not built, so UTF-8 is checked here
-        except UnicodeDecodeError:
-            return None
+    if not _utf8(line):
+        return None
     return _checked(s, line)
+
+
+def _utf8(data: bytes) -> bool:
+    """Valid UTF-8? (Raw contents are not decoded, so it is checked here.)"""
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _checked(s: _Notification | _Commande | _Reponse, line: bytes) -> Envelope | None:
@@ -233,11 +243,8 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     # line's bytes (a denied commande forwarded on an allowed notification's decision).
     if len(decoded) != len(lines) or not all(map(eq, map(_fast_encode, decoded), lines)):
         return None  # not aligned, not canonical, or an empty line made ",,"
-    if not framed.isascii():
-        try:
-            framed.decode()
-        except UnicodeDecodeError:
-            return None
+    if not _utf8(framed):
+        return None
     same = _same_envelope(lines, decoded)
     if same is not None:
         return [same]
@@ -250,9 +257,7 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         p = s.payload
         if type(p) is _NotificationPayload:
             source, destination, categorie = s.source, s.destination, p.categorie
-            data = p.data
-            if not (p.evenement in tokens and (data is UNSET or memoryview(data)[0] == _OPEN_BRACE
-                                               or data == _NULL)):
+            if not (p.evenement in tokens and _is_object(p.data)):
                 return None
             if key is not None and key[0] == source and key[1] == destination \
                     and key[2] == categorie:
@@ -327,12 +332,11 @@ def _valid_id(value: str) -> bool:
 # inside them is judged the same way whichever path a frame takes.
 
 _decode_map = msgspec.json.Decoder(dict[str, Raw]).decode
-_ENVELOPE_FIELDS: Final = {
-    "notification": ("categorie", "evenement"),
-    "commande": ("id", "commande"),
-    "reponse": ("id", "commande", "statut"),
-    "journal": ("niveau", "texte", "horodatage", "composant"),
-}
+CONTENTS: Final = frozenset(("data", "arguments", "resultat", "erreur"))
+"""Payload fields left raw by the envelope check (a reponse's ``erreur`` is then read
+for its ``code`` and ``message``)."""
+_ENVELOPE_FIELDS: Final = {kind: cls.payload_fields - CONTENTS
+                           for kind, cls in MESSAGE_TYPES.items()}
 _KIND_OF_FIRST_BYTE: Final[dict[int, Any]] = {
     ord("{"): {}, ord("["): [], ord('"'): "", ord("t"): True, ord("f"): False,
     ord("n"): None}
@@ -395,7 +399,7 @@ def _slow_raw(line: bytes) -> Envelope:
         assert raw_payload is not None
         levels.append(("payload.", payload_map, bytes(raw_payload)))
         kind = obj.get("type")
-        fields = _ENVELOPE_FIELDS.get(kind, ()) if type(kind) is str else ()
+        fields = _ENVELOPE_FIELDS.get(kind, frozenset()) if type(kind) is str else frozenset()
         payload = {k: _value(v) if k in fields else _placeholder(v)
                    for k, v in payload_map.items()}
         raw_erreur = payload_map.get("erreur") if obj.get("type") == "reponse" else None
@@ -403,7 +407,7 @@ def _slow_raw(line: bytes) -> Envelope:
         if erreur_map is not None:
             assert raw_erreur is not None
             levels.append(("payload.erreur.", erreur_map, bytes(raw_erreur)))
-            payload["erreur"] = {k: _value(v) if k in ("code", "message") else _placeholder(v)
+            payload["erreur"] = {k: _value(v) if k in ERREUR_FIELDS else _placeholder(v)
                                  for k, v in erreur_map.items()}
         obj["payload"] = payload
 

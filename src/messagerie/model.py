@@ -185,7 +185,7 @@ def check_unambiguous(keys: Iterable[str], fields: frozenset[str], where: str) -
 
 
 ENVELOPE_FIELDS: Final = frozenset(("type", "source", "destination", "payload"))
-_ERREUR_FIELDS: Final = frozenset(("code", "message"))
+ERREUR_FIELDS: Final = frozenset(("code", "message"))
 
 
 class _Missing:
@@ -500,8 +500,8 @@ class Reponse(Message):
     def check_keys(cls, payload: dict[str, Any]) -> None:
         super().check_keys(payload)
         erreur = payload.get("erreur")
-        if type(erreur) is dict and not erreur.keys() <= _ERREUR_FIELDS:
-            check_unambiguous(erreur, _ERREUR_FIELDS, "payload.erreur.")
+        if type(erreur) is dict and not erreur.keys() <= ERREUR_FIELDS:
+            check_unambiguous(erreur, ERREUR_FIELDS, "payload.erreur.")
 
     @property
     def id(self) -> str:
