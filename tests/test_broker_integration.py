@@ -86,14 +86,13 @@ def test_spoofed_source_is_refused_and_logged(three: BrokerSystem) -> None:
 def test_garbage_and_oversize_frames_between_valid_ones(three: BrokerSystem) -> None:
     a, b = three.domus["vm-a"], three.domus["vm-b"]
     a.send(notif("vm-a", "vm-b", 1))
-    a.write(b"\x00\xff garbage \x01\n")
+    a.write(b"\x00 garbage \x01\n")  # ASCII: "\xff" would be named invalid_utf8 first
     a.write(b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":{"x":"'
             + b"A" * 200_000 + b'"}}\n')
     a.write(b'{"type":"nope","source":"vm-a","destination":"vm-b","payload":{}}\n')
     a.send(notif("vm-a", "vm-b", 2))
     msgs = b.wait_messages(2)
     assert [m.payload["data"]["i"] for m in msgs] == [1, 2]
-    reasons = {e["reason"] for e in three.broker.find("frame.invalid")}
     wait_until(lambda: len(three.broker.find("frame.invalid")) >= 3, 5, "three frame.invalid")
     reasons = {e["reason"] for e in three.broker.find("frame.invalid")}
     assert reasons == {"invalid_json", "too_large", "unknown_type"}

@@ -332,7 +332,8 @@ def test_hostile_bytes_between_valid_frames(h: Hostile) -> None:
     h.broker.wait_event("frame.invalid", domain="vm-evil", count=n)
     events = h.broker.find("frame.invalid", domain="vm-evil")
     reasons = [e["reason"] for e in events]
-    assert reasons == ["invalid_json", "invalid_json", "invalid_json", "too_large",
+    # "\xde\xad\xbe\xef garbage": invalid UTF-8 is named before bad JSON, whatever the parser.
+    assert reasons == ["invalid_utf8", "invalid_json", "invalid_json", "too_large",
                        "invalid_utf8", "invalid_json", "invalid_json"], reasons
     assert "nested too deeply" in events[5]["detail"]
     assert events[3]["size"] > MAX_FRAME
@@ -470,7 +471,7 @@ async def test_socket_channels_are_read_64_kib_at_a_time() -> None:
                                                      sock=ours)
     flood = b"}\n" * (512 * 1024)  # 1 MiB of junk frames, written in one go
     await loop.run_in_executor(None, theirs.sendall, flood)
-    deadline = loop.time() + 10
+    deadline = loop.time() + 60  # generous: 512 Ki junk frames on a loaded machine
     while sum(sizes) < len(flood) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     transport.close()

@@ -15,7 +15,7 @@ from .client import (
     MessagerieError,
     NameUnknown,
 )
-from .codec import MAX_FRAME, FrameDecoder, FrameError, decode, encode, from_dict
+from .codec import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode, encode, from_dict
 from .model import (
     DOM0,
     NAME_MAX,
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DOM0",
+    "MAX_DEPTH",
     "MAX_FRAME",
     "NAME_MAX",
     "TOUS",

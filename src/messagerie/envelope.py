@@ -28,13 +28,24 @@ the contents raw too: both paths accept and refuse the same frames.
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from operator import eq, methodcaller
 from typing import Any, ClassVar, Final
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from .codec import _decode_object, _from_object, _json_decode, _parse_error, _strip, decode
+from .codec import (
+    MAX_DEPTH,
+    _decode_object,
+    _from_object,
+    _json_decode,
+    _parse_error,
+    _strip,
+    check_depth,
+    decode,
+    utf8_error,
+)
 from .model import (
     DOM0,
     ERREUR_FIELDS,
@@ -163,13 +174,7 @@ def _fast(line: bytes) -> Envelope | None:
 
 def _utf8(data: bytes) -> bool:
     """Valid UTF-8? (Raw contents are not decoded, so it is checked here.)"""
-    if data.isascii():
-        return True
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
+    return data.isascii() or utf8_error(data) is None
 
 
 def _checked(s: _Notification | _Commande | _Reponse, line: bytes) -> Envelope | None:
@@ -231,6 +236,11 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     ``None`` when any frame is not canonical, not valid, or needs more than the fast
     path: decode each frame with :func:`decode_envelope` then. A stream of mouse moves
     is checked here in one C call per read, not one per message."""
+    # No line opens more brackets than the depth limit (sound: a line's depth is at most
+    # its count of ``{`` plus ``[``), so no parser reaches its own limit here.
+    if max(map(bytes.count, lines, repeat(b"{"))) + max(map(bytes.count, lines, repeat(b"["))) \
+            > MAX_DEPTH:
+        return None
     framed = b"[" + b",".join(lines) + b"]"
     try:
         decoded = _fast_decode_list(framed)
@@ -366,7 +376,7 @@ def _slow(line: bytes) -> Envelope:
             # Valid JSON with a number Python cannot hold: it may be in the contents,
             # which are the receiver's: decide with the contents kept raw.
             return _slow_raw(line)
-        raise _parse_error(exc) from None  # junk: one parse, as decode() does
+        raise _parse_error(exc, line) from None  # junk: one parse, as decode() does
     if type(obj) is not dict:
         _decode_object(line)  # raises: not an object, named as decode() names it
     message = _from_object(obj, line, duplicates=_compact_or_no_repeat)
@@ -386,10 +396,9 @@ def _slow_raw(line: bytes) -> Envelope:
         # place: which of two faults comes first depends on the parser's path).
         _decode_object(line)
         raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
-    try:
-        line.decode()  # UTF-8 throughout: raw contents are not decoded
-    except UnicodeDecodeError as exc:
-        raise MessageInvalide(Reason.INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}") from None
+    error = utf8_error(line)  # UTF-8 throughout: raw contents are not decoded
+    if error is not None:
+        raise error
     obj: dict[str, Any] = {k: _value(v) if k in ("type", "source", "destination")
                            else _placeholder(v) for k, v in top.items()}
     levels: list[tuple[str, dict[str, Raw], bytes]] = [("", top, line)]
@@ -433,8 +442,6 @@ def _envelope_duplicates(line: bytes) -> None:
 
     try:  # numbers as text: the syntax was checked, their range is not the question
         top = json.loads(line, object_pairs_hook=pairs, parse_int=str, parse_float=str)
-    except RecursionError:  # the stdlib parser recurses deeper than msgspec
-        raise MessageInvalide(Reason.INVALID_JSON, "invalid JSON: nested too deeply") from None
     except ValueError as exc:  # msgspec and json disagree: refuse rather than guess
         raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
     payload = top.get("payload")
@@ -455,6 +462,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     """
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
+    check_depth(line)  # before any parser meets its own limit
     envelope = _fast(line)
     if envelope is not None:
         return envelope
