@@ -18,7 +18,8 @@ import pytest
 
 from helpers_client import PtyPeer, SocatPair, SocketServer
 from messagerie.cli import format_status
-from messagerie.model import Code, Commande, Message, Notification, Reponse
+from messagerie.model import Commande, Message, Notification, Reponse
+from messagerie.vocabulary import Code
 
 SCRIPT = Path(sys.executable).with_name("messagerie")
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "messagerie.cli"]

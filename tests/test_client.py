@@ -35,7 +35,8 @@ from messagerie.client import (
     resolve_domain_name,
 )
 from messagerie.codec import encode
-from messagerie.model import Code, Commande, Journal, Message, Notification, Reponse, Statut
+from messagerie.model import Commande, Journal, Message, Notification, Reponse, Statut
+from messagerie.vocabulary import Code
 
 
 def new_client(pair: SocatPair, name: str = "vm-a", **kwargs: Any) -> Client:

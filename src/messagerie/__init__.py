@@ -20,11 +20,7 @@ from .model import (
     DOM0,
     NAME_MAX,
     TOUS,
-    Categorie,
-    Code,
     Commande,
-    Evenement,
-    FichierEtat,
     Journal,
     Message,
     MessageInvalide,
@@ -37,6 +33,7 @@ from .model import (
     is_valid_name,
     new_id,
 )
+from .vocabulary import Categorie, Code, Evenement, FichierEtat
 
 __version__ = "0.1.0"
 

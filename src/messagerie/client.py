@@ -49,7 +49,6 @@ from .channel import ChannelError, channel_kind, domu_channel_path, open_channel
 from .codec import MAX_FRAME, FrameDecoder, FrameError, encode
 from .model import (
     DOM0,
-    Code,
     Commande,
     Message,
     MessageInvalide,
@@ -57,6 +56,7 @@ from .model import (
     Reponse,
     is_valid_name,
 )
+from .vocabulary import Code
 
 log = structlog.get_logger("messagerie.client")
 
