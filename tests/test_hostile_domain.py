@@ -405,15 +405,15 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     # Let the cause settle (the pty may still exist and fail before its link is gone):
     # two more failed attempts. Then six more retries, none of which may be logged.
     first = failures()
-    wait_until(lambda: failures() >= first + 2, 10, "two more failed attempts")
+    wait_until(lambda: failures() >= first + 2, 60, "two more failed attempts")
     settled = len(h.broker.find("domain.unavailable", domain="vm-evil"))
     retried = failures()
-    wait_until(lambda: failures() >= retried + 6, 10, "six more failed attempts")
+    wait_until(lambda: failures() >= retried + 6, 60, "six more failed attempts")
     assert len(h.broker.find("domain.unavailable", domain="vm-evil")) == settled, [
         (e["event"], e.get("error"), e.get("reason"), e.get("timestamp"))
         for e in h.broker.events if e.get("domain") == "vm-evil"][-8:]
     assert settled - before <= 2, h.broker.find("domain.unavailable", domain="vm-evil")
-    wait_until(lambda: len(os.listdir(f"/proc/{h.pid}/fd")) <= fds_before, 5,
+    wait_until(lambda: len(os.listdir(f"/proc/{h.pid}/fd")) <= fds_before, 30,
                "file descriptors back to their count (no leak)")
     # Counted before the restart: the broker may reconnect before start() returns.
     ups = len(h.broker.find("domain.connected", domain="vm-evil"))
