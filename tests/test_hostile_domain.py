@@ -396,8 +396,9 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     before = len(h.broker.find("domain.unavailable", domain="vm-evil"))
     h.domus.pop("vm-evil").close()
     evil.kill()
-    h.broker.wait_event("domain.disconnected", domain="vm-evil", count=disconnected + 1)
-    h.broker.wait_event("domain.unavailable", domain="vm-evil", count=before + 1)
+    h.broker.wait_event("domain.disconnected", domain="vm-evil", count=disconnected + 1,
+                        timeout=30)
+    h.broker.wait_event("domain.unavailable", domain="vm-evil", count=before + 1, timeout=30)
 
     def failures() -> int:
         return int(h.statistics()["domaines"]["vm-evil"]["echecs_connexion"])
