@@ -1,5 +1,7 @@
 """The messagerie client: an asyncio ``Client`` and a blocking ``BlockingClient``.
 
+Its errors live in :mod:`messagerie.errors` (re-exported here).
+
 A DomU talks to the broker over its pv-channel (``/dev/hvc1``, or
 ``/dev/xen-channel/<name>``); a dom0 service talks to it over the broker's local unix
 socket (``/run/messagerie/dom0.sock``), as ``dom0``. Both use the same ``Client``::
@@ -47,12 +49,12 @@ import structlog
 
 from .channel import ChannelError, channel_kind, domu_channel_path, open_channel
 from .codec import MAX_FRAME, FrameDecoder, FrameError, encode
+from .errors import CommandError, CommandTimeout, Disconnected, MessagerieError, NameUnknown
 from .model import (
     DOM0,
     Code,
     Commande,
     Message,
-    MessageInvalide,
     Notification,
     Reponse,
     is_valid_name,
@@ -77,47 +79,6 @@ T = TypeVar("T")
 # ``timeout=`` parameters (ruff ASYNC109) are part of the API on purpose, as in httpx:
 # they decide which error is raised (CommandTimeout, Disconnected), which an outer
 # asyncio.timeout() cannot.
-
-# -- errors -------------------------------------------------------------------------
-
-class MessagerieError(Exception):
-    """Base class of the client's errors."""
-
-
-class CommandError(MessagerieError):
-    """A command was answered with ``statut: erreur`` (by its destination or by the
-    broker: ``destination_inconnue``, ``destination_hors_ligne``, ``refuse``,
-    ``limite``, ``commande_inconnue``...).
-
-    Raise it from a handler to answer with your own ``code`` and ``message``.
-    ``reponse`` is the error :class:`Reponse` received (``None`` when raised locally).
-    """
-
-    def __init__(self, code: str, message: str = "", reponse: Reponse | None = None) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-        self.message = message
-        self.reponse = reponse
-
-
-class CommandTimeout(MessagerieError, TimeoutError):
-    """No answer to a command within its timeout."""
-
-    def __init__(self, commande: Commande, timeout: float) -> None:
-        super().__init__(f"no answer to {commande.commande!r} from {commande.destination!r} "
-                         f"within {timeout:g} s")
-        self.commande = commande
-        self.timeout = timeout
-
-
-class Disconnected(MessagerieError, ConnectionError):
-    """The channel is down: it reset while a command was in flight, it could not be
-    (re)opened in time, or the client is closed."""
-
-
-class NameUnknown(MessagerieError):
-    """This domain's own name could not be determined."""
-
 
 # -- own name -----------------------------------------------------------------------
 
@@ -719,7 +680,7 @@ class Client:
             try:
                 await self._register()
                 return
-            except (MessagerieError, MessageInvalide) as exc:
+            except MessagerieError as exc:  # MessageInvalide included
                 self._log.error("dom0.register_failed", error=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
