@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import messagerie
-from messagerie import client, errors, model
+from messagerie import blocking, client, errors, identity, model, streams
 
 SRC = Path(messagerie.__file__).resolve().parent.parent
 IO_MODULES = ("asyncio", "serial", "serial_asyncio", "structlog")
@@ -68,7 +68,7 @@ def test_every_exported_name_resolves_to_its_definition() -> None:
         home = importlib.import_module(messagerie._MODULE_OF[name], "messagerie")
         assert getattr(messagerie, name) is vars(home)[name], name
     assert messagerie.Client is client.Client
-    assert messagerie.BlockingClient is client.BlockingClient
+    assert messagerie.BlockingClient is blocking.BlockingClient
     with pytest.raises(AttributeError, match="no attribute 'Klient'"):
         messagerie.Klient  # noqa: B018
 
@@ -87,10 +87,21 @@ def test_type_checking_imports_match_the_lazy_table() -> None:
     assert {name for _, name in table} == set(messagerie.__all__) - {"__version__"}
 
 
-def test_the_client_module_exports_the_errors() -> None:
+def test_the_old_client_module_still_exports_everything() -> None:
+    # Everything messagerie.client used to define is still importable from it, and is
+    # the same object as in its new home.
+    assert client.BlockingClient is blocking.BlockingClient
+    assert client.MessageStream is streams.MessageStream
+    assert client.resolve_domain_name is identity.resolve_domain_name
+    assert (client.DOMAINE_FILE, client.DOMAINE_ENV) == (identity.DOMAINE_FILE,
+                                                          identity.DOMAINE_ENV)
     for name in ("MessagerieError", "CommandError", "CommandTimeout", "Disconnected",
                  "NameUnknown"):
         assert getattr(client, name) is getattr(errors, name)
+    for name in client.__all__:
+        assert getattr(client, name) is not None
+    with pytest.raises(AttributeError):
+        client.Klient  # noqa: B018
 
 
 def test_one_error_hierarchy() -> None:

@@ -16,7 +16,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import BlockingClient, Client
+    from .blocking import BlockingClient
+    from .client import Client, ClientState
     from .codec import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode, encode, from_dict
     from .errors import CommandError, CommandTimeout, Disconnected, MessagerieError, NameUnknown
     from .model import (
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _SOURCES: dict[str, tuple[str, ...]] = {
-    ".client": ("BlockingClient", "Client"),
+    ".blocking": ("BlockingClient",),
+    ".client": ("Client", "ClientState"),
     ".codec": ("MAX_DEPTH", "MAX_FRAME", "FrameDecoder", "FrameError", "decode", "encode",
                "from_dict"),
     ".errors": ("CommandError", "CommandTimeout", "Disconnected", "MessagerieError",
@@ -80,6 +82,7 @@ __all__ = [
     "BlockingClient",
     "Categorie",
     "Client",
+    "ClientState",
     "Code",
     "CommandError",
     "CommandTimeout",
