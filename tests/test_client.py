@@ -708,7 +708,7 @@ async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Pa
         server.close()
 
 
-# -- lifecycle states ---------------------------------------------------------------
+# -- lifecycle states, English names ---------------------------------------------------
 
 async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "s.sock").start()
@@ -797,6 +797,18 @@ async def test_a_second_close_waits_for_the_first(pair: SocatPair, peer: PtyPeer
     assert c.state is ClientState.CLOSED
     assert first.done()
     assert await peer.recv() == Commande("vm-ui", "vm-a", "lent", id="slow").reply("fini")
+
+
+async def test_command_is_the_name_and_commande_its_alias(
+        pair: SocatPair, peer: PtyPeer) -> None:
+    assert Client.commande is Client.command
+    assert BlockingClient.commande is BlockingClient.command
+    async with new_client(pair) as c:
+        task = asyncio.create_task(c.command("vm-b", "lister_disques", {"x": 1}, timeout=5))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande) and cmd.commande == "lister_disques"
+        peer.send(cmd.reply(["sda"]))
+        assert (await task).resultat == ["sda"]
 
 
 def test_a_blocking_call_from_the_clients_own_loop_is_refused() -> None:

@@ -82,7 +82,7 @@ class BlockingClient:
 
         with BlockingClient("vm-ui", path="/dev/hvc1") as c:
             c.notify("tous", "domaine", "etat", {"pret": True})
-            rep = c.commande("vm-sys-usb", "lister_disques")
+            rep = c.command("vm-sys-usb", "lister_disques")
             msg = c.receive(timeout=1.0)   # None on timeout
 
     Handlers are plain functions, run in a worker thread::
@@ -176,11 +176,15 @@ class BlockingClient:
                data: Mapping[str, Any] | None = None) -> None:
         self._run(self._client.notify(destination, categorie, evenement, data))
 
-    def commande(self, destination: str, commande: str,
-                 arguments: Mapping[str, Any] | None = None, *,
-                 timeout: float | None = None) -> Reponse:
-        return self._run(self._client.commande(destination, commande, arguments,
-                                               timeout=timeout))
+    def command(self, destination: str, commande: str,
+                arguments: Mapping[str, Any] | None = None, *,
+                timeout: float | None = None) -> Reponse:
+        """As :meth:`Client.command`. Also available as ``commande()``."""
+        return self._run(self._client.command(destination, commande, arguments,
+                                              timeout=timeout))
+
+    commande = command
+    """French alias of :meth:`command`, kept for existing code."""
 
     def request(self, cmd: Commande, *, timeout: float | None = None) -> Reponse:
         return self._run(self._client.request(cmd, timeout=timeout))

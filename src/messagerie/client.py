@@ -6,7 +6,7 @@ socket (``/run/messagerie/dom0.sock``), as ``dom0``. Both use the same ``Client`
 
     async with Client("vm-ui") as c:
         await c.notify("tous", "domaine", "etat", {"pret": True})
-        rep = await c.commande("vm-sys-usb", "lister_disques", timeout=5.0)
+        rep = await c.command("vm-sys-usb", "lister_disques", timeout=5.0)
         async for msg in c.messages(type="notification", categorie="disque"):
             ...
 
@@ -130,7 +130,7 @@ class Client:
             raise ValueError("give path or channel, not both")
         self.path = Path(path) if path is not None else domu_channel_path(channel)
         self.name = resolve_domain_name(name, self.path)
-        #: Default timeout of :meth:`commande`, in seconds (``None``: wait forever).
+        #: Default timeout of :meth:`command`, in seconds (``None``: wait forever).
         #: Commands' own ``timeout=None`` means this one.
         self.timeout = timeout
         #: How long :meth:`send` waits for the channel to come back before failing.
@@ -425,10 +425,11 @@ class Client:
         """Send a notification from this domain."""
         await self.send(Notification(self.name, destination, categorie, evenement, data))
 
-    async def commande(self, destination: str, commande: str,
-                       arguments: Mapping[str, Any] | None = None, *,
-                       timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
-        """Send a command and return its ``ok`` :class:`Reponse`.
+    async def command(self, destination: str, commande: str,
+                      arguments: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
+        """Send command ``commande`` to ``destination`` and return its ``ok``
+        :class:`Reponse`. Also available as ``commande()``.
 
         Raises :class:`CommandError` for an error reply (from the destination or the
         broker), :class:`CommandTimeout` without a reply within ``timeout`` seconds
@@ -438,8 +439,11 @@ class Client:
         return await self.request(Commande(self.name, destination, commande, arguments),
                                   timeout=timeout)
 
+    commande = command
+    """French alias of :meth:`command`, kept for existing code."""
+
     async def request(self, cmd: Commande, *, timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
-        """Like :meth:`commande`, for a :class:`Commande` built by the caller."""
+        """Like :meth:`command`, for a :class:`Commande` built by the caller."""
         wait = self.timeout if timeout is None else timeout
         if cmd.id in self._pending:
             raise ValueError(f"a command with id {cmd.id!r} is already in flight")
