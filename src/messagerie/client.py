@@ -77,9 +77,9 @@ H = TypeVar("H", bound=Callable[..., Any])
 class ClientState(enum.Enum):
     """Where a :class:`Client` is in its life (``client.state``).
 
-    It moves forward only: UNOPENED -> OPENING -> CONNECTED <-> RECONNECTING ->
-    CLOSING -> CLOSED; except that an ``open()`` that cannot open the channel goes back
-    to UNOPENED, and ``close()`` may come from OPENING.
+    It moves forward only: UNOPENED -> OPENING -> CONNECTED <-> RECONNECTING, and
+    from any of the last three CLOSING -> CLOSED; except that an ``open()`` that cannot
+    open the channel goes back to UNOPENED.
     """
 
     #: Built, not opened yet; or ``open()`` could not open the channel (retry it).
@@ -88,7 +88,8 @@ class ClientState(enum.Enum):
     OPENING = "opening"
     #: Open and the channel is up: messages flow both ways.
     CONNECTED = "connected"
-    #: Open but the channel is down: it is being reopened; senders wait for it.
+    #: Open but the channel is down: it is being reopened (``reconnect=False``: the
+    #: client closes itself); senders wait for it.
     RECONNECTING = "reconnecting"
     #: ``close()`` is running: handlers finish or are answered for; new commands refused.
     CLOSING = "closing"
