@@ -24,9 +24,11 @@ from structlog.testing import capture_logs
 import messagerie
 from helpers_client import PtyPeer, SocatPair, SocketServer, async_wait_until
 from messagerie import client as client_module
+from messagerie import identity
 from messagerie.client import (
     BlockingClient,
     Client,
+    ClientState,
     CommandError,
     CommandTimeout,
     Disconnected,
@@ -279,7 +281,7 @@ async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
     peer.send(Commande("vm-ui", "vm-a", "lent", id="slow"))
     await asyncio.wait_for(started.wait(), 5)
     closing = asyncio.create_task(c.close(grace=0.5))
-    await async_wait_until(lambda: c._closing, 5, "close started")
+    await async_wait_until(lambda: c.state is ClientState.CLOSING, 5, "close started")
     peer.send(Commande("vm-ui", "vm-a", "rapide", id="late"))
     replies = {}
     for _ in range(2):
@@ -544,8 +546,8 @@ def test_name_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sock))
     try:
-        monkeypatch.setattr(client_module, "DOMAINE_FILE", tmp_path / "domaine")
-        monkeypatch.setattr(client_module.shutil, "which", lambda name: None)
+        monkeypatch.setattr(identity, "DOMAINE_FILE", tmp_path / "domaine")
+        monkeypatch.setattr(identity.shutil, "which", lambda name: None)
         monkeypatch.delenv("MESSAGERIE_DOMAINE", raising=False)
         with pytest.raises(NameUnknown, match="MESSAGERIE_DOMAINE"):
             resolve_domain_name(None, tmp_path / "absent")
@@ -565,7 +567,7 @@ def test_name_from_xenstore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     script = tmp_path / "xenstore-read"
     script.write_text("#!/bin/sh\n[ \"$1\" = name ] && echo vm-xen\n")
     script.chmod(0o755)
-    monkeypatch.setattr(client_module, "DOMAINE_FILE", tmp_path / "absent")
+    monkeypatch.setattr(identity, "DOMAINE_FILE", tmp_path / "absent")
     monkeypatch.delenv("MESSAGERIE_DOMAINE", raising=False)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert resolve_domain_name() == "vm-xen"
@@ -705,3 +707,123 @@ async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Pa
             assert not any(b"supprimer" in line for line in got)
     finally:
         server.close()
+
+
+# -- lifecycle states, English names ---------------------------------------------------
+
+async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
+    server = await SocketServer(tmp_path / "s.sock").start()
+    try:
+        c = Client("vm-a", path=server.path, backoff_min=0.05, backoff_max=0.2)
+        assert c.state is ClientState.UNOPENED
+        opening = asyncio.create_task(c.open())
+        await asyncio.sleep(0)
+        assert c.state is ClientState.OPENING
+        await asyncio.wait_for(opening, 5)
+        assert c.state is ClientState.CONNECTED and c.connected
+        peer = await server.accept()
+        peer.close()  # the channel resets
+        await async_wait_until(lambda: c.state is ClientState.RECONNECTING, what="down")
+        assert not c.connected
+        await server.accept()
+        await async_wait_until(lambda: c.state is ClientState.CONNECTED, what="back up")
+        assert c.connected and c.connections == 2
+        await c.close()
+        assert c.state is ClientState.CLOSED and not c.connected
+        with pytest.raises(RuntimeError, match="cannot be reopened"):
+            await c.open()
+    finally:
+        await server.stop()
+
+
+async def test_open_twice_is_refused(pair: SocatPair, peer: PtyPeer) -> None:
+    async with new_client(pair) as c:
+        with pytest.raises(RuntimeError, match="already open"):
+            await c.open()
+        assert c.state is ClientState.CONNECTED
+
+
+async def test_an_open_that_failed_may_be_retried(tmp_path: Path) -> None:
+    c = Client("vm-a", path=tmp_path / "s.sock")
+    stream = c.messages()
+    with pytest.raises(Disconnected, match="cannot open channel"):
+        await c.open()
+    assert c.state is ClientState.UNOPENED
+    assert [m async for m in stream] == []
+    server = await SocketServer(tmp_path / "s.sock").start()
+    try:
+        async with c:
+            assert c.state is ClientState.CONNECTED
+            peer = await server.accept()
+            await c.notify("vm-b", "domaine", "etat")
+            assert isinstance(await peer.recv(), Notification)
+    finally:
+        await server.stop()
+
+
+async def test_close_while_registering_fails_the_open(tmp_path: Path) -> None:
+    server = await SocketServer(tmp_path / "dom0.sock").start()
+    try:
+        c = Client.dom0(path=server.path)
+        c.add_handler("x", lambda cmd: None)
+        opening = asyncio.create_task(c.open())
+        peer = await server.accept()
+        reg = await peer.recv()
+        assert isinstance(reg, Commande) and reg.commande == "enregistrer"
+        assert c.state is ClientState.OPENING
+        await c.close()
+        with pytest.raises(Disconnected):
+            await asyncio.wait_for(opening, 5)
+        assert c.state is ClientState.CLOSED and not c.connected
+    finally:
+        await server.stop()
+
+
+async def test_a_second_close_waits_for_the_first(pair: SocatPair, peer: PtyPeer) -> None:
+    c = new_client(pair)
+    started = asyncio.Event()
+
+    @c.handler("lent")
+    async def lent(cmd: Commande) -> str:
+        started.set()
+        await asyncio.sleep(0.3)
+        return "fini"
+
+    await c.open()
+    peer.send(Commande("vm-ui", "vm-a", "lent", id="slow"))
+    await asyncio.wait_for(started.wait(), 5)
+    first = asyncio.create_task(c.close(grace=2))
+    await async_wait_until(lambda: c.state is ClientState.CLOSING, what="closing")
+    await asyncio.wait_for(c.close(), 5)
+    assert c.state is ClientState.CLOSED
+    assert first.done()
+    assert await peer.recv() == Commande("vm-ui", "vm-a", "lent", id="slow").reply("fini")
+
+
+async def test_command_is_the_name_and_commande_its_alias(
+        pair: SocatPair, peer: PtyPeer) -> None:
+    assert Client.commande is Client.command
+    assert BlockingClient.commande is BlockingClient.command
+    async with new_client(pair) as c:
+        task = asyncio.create_task(c.command("vm-b", "lister_disques", {"x": 1}, timeout=5))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande) and cmd.commande == "lister_disques"
+        peer.send(cmd.reply(["sda"]))
+        assert (await task).resultat == ["sda"]
+
+
+def test_a_blocking_call_from_the_clients_own_loop_is_refused() -> None:
+    # It would wait for the loop it blocks: refuse it instead of hanging.
+    from messagerie.blocking import _Portal
+
+    portal = _Portal("test-portal")
+    try:
+        async def inside() -> str:
+            with pytest.raises(RuntimeError, match="own event loop"):
+                portal.call(asyncio.sleep(0))
+            return "ok"
+
+        assert portal.call(inside()) == "ok"
+    finally:
+        portal.stop()
+    assert not portal.running

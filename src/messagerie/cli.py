@@ -229,7 +229,7 @@ async def _send(args: argparse.Namespace) -> int:
 async def _command(args: argparse.Namespace) -> int:
     arguments = _object(args, "--args")
     async with _client(args) as client:
-        rep = await client.commande(args.destination, args.commande, arguments,
+        rep = await client.command(args.destination, args.commande, arguments,
                                     timeout=args.timeout)
     _print_json(rep.resultat)
     return EXIT_OK
@@ -256,7 +256,7 @@ async def _listen(args: argparse.Namespace) -> int:
 async def _ping(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         start = time.perf_counter()
-        rep = await client.commande(DOM0, "ping", timeout=args.timeout)
+        rep = await client.command(DOM0, "ping", timeout=args.timeout)
         elapsed = time.perf_counter() - start
     info = rep.resultat if isinstance(rep.resultat, dict) else {}
     details = [f"{k} {info[k]}" for k in ("version", "uptime") if k in info]
@@ -268,8 +268,8 @@ async def _ping(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         domaines, stats = await asyncio.gather(
-            client.commande(DOM0, "domaines", timeout=args.timeout),
-            client.commande(DOM0, "statistiques", timeout=args.timeout))
+            client.command(DOM0, "domaines", timeout=args.timeout),
+            client.command(DOM0, "statistiques", timeout=args.timeout))
     if args.json:
         _print_json({"domaines": domaines.resultat, "statistiques": stats.resultat})
     else:

@@ -1,4 +1,4 @@
-"""The messagerie client: an asyncio ``Client`` and a blocking ``BlockingClient``.
+"""The asyncio messagerie client.
 
 A DomU talks to the broker over its pv-channel (``/dev/hvc1``, or
 ``/dev/xen-channel/<name>``); a dom0 service talks to it over the broker's local unix
@@ -6,7 +6,7 @@ socket (``/run/messagerie/dom0.sock``), as ``dom0``. Both use the same ``Client`
 
     async with Client("vm-ui") as c:
         await c.notify("tous", "domaine", "etat", {"pret": True})
-        rep = await c.commande("vm-sys-usb", "lister_disques", timeout=5.0)
+        rep = await c.command("vm-sys-usb", "lister_disques", timeout=5.0)
         async for msg in c.messages(type="notification", categorie="disque"):
             ...
 
@@ -23,287 +23,85 @@ Serving commands::
 
 The client reconnects by itself when the channel resets; commands in flight at that
 moment fail with :class:`Disconnected`. See ``docs/api.md``.
+
+The pieces live in modules of their own: the errors in :mod:`messagerie.errors`, the
+own-name lookup in :mod:`messagerie.identity`, the channel's asyncio protocol in
+:mod:`messagerie.connection`, message streams in :mod:`messagerie.streams`, the
+blocking facade in :mod:`messagerie.blocking`. Their public names are importable from
+here too, as they always were.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import enum
 import inspect
 import os
-import shutil
-import subprocess
-import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import Future as ConcurrentFuture
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
 from .channel import ChannelError, channel_kind, domu_channel_path, open_channel
-from .codec import MAX_FRAME, FrameDecoder, FrameError, encode
-from .model import (
-    DOM0,
-    Commande,
-    Message,
-    MessageInvalide,
-    Notification,
-    Reponse,
-    is_valid_name,
-)
+from .codec import MAX_FRAME, encode
+from .connection import Connection
+from .errors import CommandError, CommandTimeout, Disconnected, MessagerieError, NameUnknown
+from .identity import DOMAINE_ENV, DOMAINE_FILE, resolve_domain_name
+from .model import DOM0, Commande, Message, Notification, Reponse
+from .streams import DEFAULT_QUEUE_SIZE, MessageStream
 from .vocabulary import Code
+
+if TYPE_CHECKING:
+    from .blocking import BlockingClient
 
 log = structlog.get_logger("messagerie.client")
 
 DOM0_SOCKET: Final = Path("/run/messagerie/dom0.sock")
 """Where the broker listens for dom0 services."""
-DOMAINE_FILE: Final = Path("/etc/messagerie/domaine")
-"""A file holding this domain's name (one line), read when no name is given."""
-DOMAINE_ENV: Final = "MESSAGERIE_DOMAINE"
-"""Environment variable naming this domain, read when no name is given."""
 REGISTER_COMMAND: Final = "enregistrer"
 """dom0 only: tell the broker which commands addressed to ``dom0`` this client serves."""
 
 Handler = Callable[[Commande], Awaitable[Any]]
 H = TypeVar("H", bound=Callable[..., Any])
-T = TypeVar("T")
 
 
 # ``timeout=`` parameters (ruff ASYNC109) are part of the API on purpose, as in httpx:
 # they decide which error is raised (CommandTimeout, Disconnected), which an outer
 # asyncio.timeout() cannot.
 
-# -- errors -------------------------------------------------------------------------
 
-class MessagerieError(Exception):
-    """Base class of the client's errors."""
+class ClientState(enum.Enum):
+    """Where a :class:`Client` is in its life (``client.state``).
 
-
-class CommandError(MessagerieError):
-    """A command was answered with ``statut: erreur`` (by its destination or by the
-    broker: ``destination_inconnue``, ``destination_hors_ligne``, ``refuse``,
-    ``limite``, ``commande_inconnue``...).
-
-    Raise it from a handler to answer with your own ``code`` and ``message``.
-    ``reponse`` is the error :class:`Reponse` received (``None`` when raised locally).
+    It moves forward only: UNOPENED -> OPENING -> CONNECTED <-> RECONNECTING, and
+    from any of the last three CLOSING -> CLOSED; except that an ``open()`` that cannot
+    open the channel goes back to UNOPENED.
     """
 
-    def __init__(self, code: str, message: str = "", reponse: Reponse | None = None) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-        self.message = message
-        self.reponse = reponse
+    #: Built, not opened yet; or ``open()`` could not open the channel (retry it).
+    UNOPENED = "unopened"
+    #: ``open()`` is opening the channel and, in dom0, registering the handlers.
+    OPENING = "opening"
+    #: Open and the channel is up: messages flow both ways.
+    CONNECTED = "connected"
+    #: Open but the channel is down: it is being reopened (``reconnect=False``: the
+    #: client closes itself); senders wait for it.
+    RECONNECTING = "reconnecting"
+    #: ``close()`` is running: handlers finish or are answered for; new commands refused.
+    CLOSING = "closing"
+    #: Closed for good: streams ended, sending raises ``Disconnected``. Not reopened.
+    CLOSED = "closed"
 
 
-class CommandTimeout(MessagerieError, TimeoutError):
-    """No answer to a command within its timeout."""
+_OPEN: Final = frozenset({ClientState.OPENING, ClientState.CONNECTED,
+                          ClientState.RECONNECTING})
+"""States in which the client holds (or is getting) a channel and serves on it."""
 
-    def __init__(self, commande: Commande, timeout: float) -> None:
-        super().__init__(f"no answer to {commande.commande!r} from {commande.destination!r} "
-                         f"within {timeout:g} s")
-        self.commande = commande
-        self.timeout = timeout
-
-
-class Disconnected(MessagerieError, ConnectionError):
-    """The channel is down: it reset while a command was in flight, it could not be
-    (re)opened in time, or the client is closed."""
-
-
-class NameUnknown(MessagerieError):
-    """This domain's own name could not be determined."""
-
-
-# -- own name -----------------------------------------------------------------------
-
-def resolve_domain_name(name: str | None = None, path: str | os.PathLike[str] | None = None,
-                        ) -> str:
-    """This domain's name, from the first source that gives one:
-
-    1. ``name``, when given;
-    2. the environment variable ``MESSAGERIE_DOMAINE``;
-    3. ``dom0`` when ``path`` is a unix socket (only dom0 services connect to one: the
-       broker's local socket);
-    4. the first line of ``/etc/messagerie/domaine``;
-    5. ``xenstore-read name``, when that program exists (a DomU with xenstore access).
-
-    Raises :class:`NameUnknown` when none does, and for an invalid name.
-    """
-    origin = "argument"
-    if not name:
-        name, origin = os.environ.get(DOMAINE_ENV, "").strip() or None, DOMAINE_ENV
-    if not name and path is not None:
-        with contextlib.suppress(OSError):
-            if channel_kind(path) == "socket":
-                name, origin = DOM0, "unix socket"
-    if not name:
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            lines = DOMAINE_FILE.read_text().splitlines()
-            name, origin = (lines[0].strip() if lines else None), str(DOMAINE_FILE)
-    if not name:
-        xenstore_read = shutil.which("xenstore-read")
-        if xenstore_read:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                out = subprocess.run([xenstore_read, "name"], capture_output=True, text=True,
-                                     timeout=5, check=True)
-                name, origin = out.stdout.strip() or None, "xenstore-read name"
-    if not name:
-        raise NameUnknown(
-            f"cannot tell this domain's name: pass it, set {DOMAINE_ENV}, "
-            f"or write it to {DOMAINE_FILE}")
-    if not is_valid_name(name):
-        raise NameUnknown(f"invalid domain name {name[:80]!r} (from {origin})")
-    return name
-
-
-# -- the protocol bound to one connection --------------------------------------------
-
-class _Connection(asyncio.Protocol):
-    """One open channel: decodes frames into the client, tracks write flow control."""
-
-    def __init__(self, client: Client, max_frame: int) -> None:
-        self._client = client
-        self._decoder = FrameDecoder(max_frame)
-        self.transport: asyncio.Transport | None = None
-        self.lost = False
-        self.closed = asyncio.Event()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        for item in self._decoder.feed(data):
-            if isinstance(item, FrameError):
-                log.warning("frame.invalid", domain=self._client.name, reason=str(item.reason),
-                            field=item.field, detail=item.detail, size=item.size,
-                            excerpt=item.excerpt)
-            else:
-                self._client._dispatch(item)
-
-    def eof_received(self) -> bool | None:
-        return None  # close the transport: the peer went away
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.closed.set()
-        self._can_write.set()
-        self._client._connection_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
-
-    async def drain(self) -> None:
-        """Wait while the transport's write buffer is above its high-water mark."""
-        await self._can_write.wait()
-        if self.lost:
-            raise Disconnected("channel closed")
-
-
-# -- message streams ----------------------------------------------------------------
-
-class MessageStream:
-    """Incoming messages matching a filter, in order; an async iterator.
-
-    Registered as soon as it is created, so nothing that arrives after
-    :meth:`Client.messages` returns is missed. Its queue is bounded: when the consumer
-    lags, the oldest message is dropped and counted in :attr:`dropped`. Ends when the
-    client closes (after the queued messages) or when :meth:`close` is called.
-    """
-
-    def __init__(self, client: Client, maxsize: int, *, type: str | None,
-                 source: str | None, categorie: str | None, commande: str | None) -> None:
-        if maxsize < 1:
-            raise ValueError("maxsize must be positive")
-        self._client = client
-        self._queue: collections.deque[Message] = collections.deque()
-        self._maxsize = maxsize
-        self._waiter: asyncio.Future[None] | None = None
-        self._overflowing = False
-        self.closed = False
-        #: Messages dropped because the queue was full.
-        self.dropped = 0
-        self.type = type
-        self.source = source
-        self.categorie = categorie
-        self.commande = commande
-
-    def matches(self, msg: Message) -> bool:
-        if self.type is not None and msg.type != self.type:
-            return False
-        if self.source is not None and msg.source != self.source:
-            return False
-        if self.categorie is not None and (
-                not isinstance(msg, Notification) or msg.categorie != self.categorie):
-            return False
-        return not (self.commande is not None and (
-            not isinstance(msg, Commande | Reponse) or msg.commande != self.commande))
-
-    def _put(self, msg: Message) -> None:
-        if len(self._queue) >= self._maxsize:
-            self._queue.popleft()
-            self.dropped += 1
-            if not self._overflowing:  # one event per overflow episode, not per message
-                self._overflowing = True
-                log.warning("messages.dropped", domain=self._client.name, dropped=self.dropped,
-                            maxsize=self._maxsize)
-        self._queue.append(msg)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def close(self) -> None:
-        """Stop receiving; iteration ends once the queued messages are consumed."""
-        self.closed = True
-        self._client._streams.discard(self)
-        self._wake()
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __aiter__(self) -> MessageStream:
-        return self
-
-    async def __anext__(self) -> Message:
-        while not self._queue:
-            if self.closed:
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self._overflowing = False
-        return self._queue.popleft()
-
-    async def get(self, timeout: float | None = None) -> Message | None:  # noqa: ASYNC109
-        """The next message, or ``None`` on timeout or when the stream has ended."""
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.__anext__()
-        except (TimeoutError, StopAsyncIteration):
-            return None
-
-    async def __aenter__(self) -> MessageStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-# -- the client ---------------------------------------------------------------------
 
 class Client:
     """An asyncio messagerie client. See the module docstring and ``docs/api.md``.
@@ -326,7 +124,7 @@ class Client:
         backoff_max: float = 5.0,
         max_handlers: int = 64,
         max_in_flight: int = 64,
-        queue_size: int = 1024,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
         max_frame: int = MAX_FRAME,
         write_buffer_high: int = 256 * 1024,
     ) -> None:
@@ -334,7 +132,7 @@ class Client:
             raise ValueError("give path or channel, not both")
         self.path = Path(path) if path is not None else domu_channel_path(channel)
         self.name = resolve_domain_name(name, self.path)
-        #: Default timeout of :meth:`commande`, in seconds (``None``: wait forever).
+        #: Default timeout of :meth:`command`, in seconds (``None``: wait forever).
         #: Commands' own ``timeout=None`` means this one.
         self.timeout = timeout
         #: How long :meth:`send` waits for the channel to come back before failing.
@@ -357,14 +155,12 @@ class Client:
         self._handler_cmds: dict[asyncio.Task[None], Commande] = {}
         """The command each running handler answers (to answer it if it cannot)."""
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._conn: _Connection | None = None
-        self._connected: asyncio.Event | None = None
-        self._lost: asyncio.Event | None = None
-        self._closed: asyncio.Event | None = None
+        self._conn: Connection | None = None
+        self._state = ClientState.UNOPENED
+        self._changed = asyncio.Event()
+        """Set (and replaced) on every change of state: what waiters wait on."""
         self._supervisor: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._open = False
-        self._closing = False
         #: Times the channel was (re)opened.
         self.connections = 0
         self._log = log.bind(domain=self.name, path=str(self.path))
@@ -379,8 +175,23 @@ class Client:
         return self.name == DOM0
 
     @property
+    def state(self) -> ClientState:
+        """Where the client is in its life; see :class:`ClientState`."""
+        return self._state
+
+    @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.lost
+
+    def _set_state(self, state: ClientState) -> None:
+        self._state = state
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _until(self, *states: ClientState) -> None:
+        """Wait until the client is in one of ``states``."""
+        while self._state not in states:
+            await self._changed.wait()
 
     # -- lifecycle --
 
@@ -396,35 +207,54 @@ class Client:
         """Open the channel (and, in dom0, register the handlers with the broker).
 
         Raises :class:`Disconnected` when the channel cannot be opened, or
-        :class:`CommandError` when the broker refuses the registration.
+        :class:`CommandError` when the broker refuses the registration. A client that
+        could not open its channel may be opened again; a closed one may not.
         """
-        if self._open:
-            raise RuntimeError("client already open")
-        self._connected = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._closed = asyncio.Event()
-        self._closing = False
+        state = self._state  # (a local: mypy would keep self._state narrowed below)
+        if state is not ClientState.UNOPENED:
+            raise RuntimeError("client already open" if state in _OPEN
+                               else "client closed: it cannot be reopened, make a new one")
+        self._changed = asyncio.Event()  # bound to this loop when first waited on
+        self._set_state(ClientState.OPENING)
         try:
             await self._connect()
-        except ChannelError as exc:
-            raise Disconnected(f"cannot open channel {self.path}: {exc.strerror or exc}") \
-                from exc
-        self._open = True
+        except BaseException as exc:
+            if self._state is ClientState.OPENING:
+                self._set_state(ClientState.UNOPENED)
+                self._end_streams()
+            if isinstance(exc, ChannelError):
+                raise Disconnected(
+                    f"cannot open channel {self.path}: {exc.strerror or exc}") from exc
+            raise
+        if self._state is not ClientState.OPENING:  # close() ran while the channel opened
+            conn, self._conn = self._conn, None
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
+            raise Disconnected("client closed while it opened")
         try:
             await self._register()
         except BaseException:
             await self.close()
             raise
+        if self._state is not ClientState.OPENING:  # close() ran meanwhile
+            raise Disconnected("client closed while it opened")
+        self._set_state(ClientState.CONNECTED if self.connected else ClientState.RECONNECTING)
         self._supervisor = asyncio.create_task(self._supervise(), name="messagerie-reconnect")
 
     async def close(self, grace: float = 1.0) -> None:
         """Close the channel. Handlers still running get ``grace`` seconds to answer,
         then are cancelled and their commands answered ``destination_hors_ligne``, as
         are commands arriving meanwhile (every command gets an answer); our own
-        commands in flight fail with :class:`Disconnected`; message streams end."""
-        if not self._open or self._closing:
+        commands in flight fail with :class:`Disconnected`; message streams end.
+
+        Idempotent: closing a closed (or never opened) client does nothing, and a
+        second call while the first runs waits for it to finish."""
+        if self._state is ClientState.CLOSING:
+            await self._until(ClientState.CLOSED)
             return
-        self._closing = True
+        if self._state not in _OPEN:
+            return
+        self._set_state(ClientState.CLOSING)
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -453,42 +283,41 @@ class Client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await conn.closed.wait()
+        self._end_streams()
+        self._set_state(ClientState.CLOSED)  # wakes senders waiting for a channel: they fail
+        self._log.info("client.closed")
+
+    def _end_streams(self) -> None:
         for stream in list(self._streams):
             stream.close()
-        self._open = False
-        assert self._closed is not None and self._connected is not None
-        self._connected.set()  # wake senders waiting for a reconnection: they fail
-        self._closed.set()
-        self._log.info("client.closed")
 
     async def serve_forever(self) -> None:
         """Wait until the client is closed (handlers run meanwhile)."""
-        if not self._open or self._closed is None:
+        if self._state not in (ClientState.CONNECTED, ClientState.RECONNECTING,
+                               ClientState.CLOSING):
             raise RuntimeError("client is not open")
-        await self._closed.wait()
+        await self._until(ClientState.CLOSED)
 
     async def _connect(self) -> None:
         exclusive = channel_kind(self.path) == "tty"
         transport, conn = await open_channel(
-            self.path, lambda: _Connection(self, self.max_frame), exclusive=exclusive)
+            self.path, lambda: Connection(self._dispatch, self._connection_lost,
+                                          max_frame=self.max_frame, domain=self.name),
+            exclusive=exclusive)
         # pyserial-asyncio calls connection_made() on the next loop iteration.
         conn.transport = transport
         transport.set_write_buffer_limits(high=self.write_buffer_high)
         self._conn = conn
         self.connections += 1
-        assert self._connected is not None and self._lost is not None
-        self._lost.clear()
-        self._connected.set()
         self._log.info("channel.connected", kind="tty" if exclusive else "socket",
                        connections=self.connections)
 
-    def _connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
+    def _connection_lost(self, conn: Connection, exc: Exception | None) -> None:
         if conn is not self._conn:
             return
-        assert self._connected is not None and self._lost is not None
-        self._connected.clear()
-        self._lost.set()
-        if not self._closing:
+        if self._state is ClientState.CONNECTED:
+            self._set_state(ClientState.RECONNECTING)  # wakes the supervisor
+        if self._state in _OPEN:
             self._log.warning("channel.lost", error=str(exc) if exc else None,
                               pending=len(self._pending))
             self._fail_pending(Disconnected(f"channel {self.path} reset"))
@@ -500,9 +329,8 @@ class Client:
                 fut.set_exception(error)
 
     async def _supervise(self) -> None:
-        assert self._lost is not None
         while True:
-            await self._lost.wait()
+            await self._until(ClientState.RECONNECTING)
             if not self.reconnect:
                 self._log.info("channel.closed_by_peer")
                 # close() cancels and awaits this task: run it on its own.
@@ -521,6 +349,9 @@ class Client:
                     delay = min(delay * 2, self.backoff_max)
                     continue
                 break
+            if self._state is not ClientState.RECONNECTING:
+                return  # closing: close() takes the new connection down with the rest
+            self._set_state(ClientState.CONNECTED)
             self._log.info("channel.reconnected", attempts=attempts)
             self._spawn(self._register_quietly())
 
@@ -535,18 +366,22 @@ class Client:
 
     # -- sending --
 
-    async def _writer(self, timeout: float | None) -> _Connection:  # noqa: ASYNC109
+    async def _writer(self, timeout: float | None) -> Connection:  # noqa: ASYNC109
         """The open connection, waiting up to ``timeout`` for a reconnection."""
-        if not self._open or self._connected is None:
-            raise Disconnected("client is not open")
         if not self.connected:
+            if self._state is not ClientState.RECONNECTING:
+                # Nothing will reopen the channel: not open yet, reset while opening
+                # (open() fails), closing or closed.
+                raise Disconnected("client is not open" if self._state is not
+                                   ClientState.CLOSING else "client closed")
             try:
                 async with asyncio.timeout(timeout):
-                    await self._connected.wait()
+                    await self._until(ClientState.CONNECTED, ClientState.CLOSING,
+                                      ClientState.CLOSED)
             except TimeoutError:
                 raise Disconnected(f"channel {self.path} down for more than {timeout:g} s") \
                     from None
-            if not self.connected or self._closing:
+            if not self.connected:
                 raise Disconnected("client closed")
         assert self._conn is not None
         return self._conn
@@ -592,10 +427,11 @@ class Client:
         """Send a notification from this domain."""
         await self.send(Notification(self.name, destination, categorie, evenement, data))
 
-    async def commande(self, destination: str, commande: str,
-                       arguments: Mapping[str, Any] | None = None, *,
-                       timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
-        """Send a command and return its ``ok`` :class:`Reponse`.
+    async def command(self, destination: str, commande: str,
+                      arguments: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
+        """Send command ``commande`` to ``destination`` and return its ``ok``
+        :class:`Reponse`. Also available as ``commande()``.
 
         Raises :class:`CommandError` for an error reply (from the destination or the
         broker), :class:`CommandTimeout` without a reply within ``timeout`` seconds
@@ -605,8 +441,11 @@ class Client:
         return await self.request(Commande(self.name, destination, commande, arguments),
                                   timeout=timeout)
 
+    commande = command
+    """French alias of :meth:`command`, kept for existing code."""
+
     async def request(self, cmd: Commande, *, timeout: float | None = None) -> Reponse:  # noqa: ASYNC109
-        """Like :meth:`commande`, for a :class:`Commande` built by the caller."""
+        """Like :meth:`command`, for a :class:`Commande` built by the caller."""
         wait = self.timeout if timeout is None else timeout
         if cmd.id in self._pending:
             raise ValueError(f"a command with id {cmd.id!r} is already in flight")
@@ -660,13 +499,15 @@ class Client:
         ``type`` is ``notification``, ``commande``, ``reponse`` or ``journal``;
         ``categorie`` matches notifications, ``commande`` commands and replies by name.
         Each stream has its own queue of ``maxsize`` (default ``queue_size``) messages.
+        A stream asked for before ``open()`` (or after ``close()``) has already ended.
         """
-        stream = MessageStream(self, maxsize or self.queue_size, type=type, source=source,
-                               categorie=categorie, commande=commande)
-        if not self._open:
-            stream.closed = True
-        else:
+        stream = MessageStream(maxsize or self.queue_size, type=type, source=source,
+                               categorie=categorie, commande=commande, domain=self.name,
+                               on_close=self._streams.discard)
+        if self._state in _OPEN or self._state is ClientState.CLOSING:
             self._streams.add(stream)
+        else:
+            stream.close()
         return stream
 
     def _dispatch(self, msg: Message) -> None:
@@ -678,7 +519,7 @@ class Client:
             else:
                 fut.set_result(msg)
         elif isinstance(msg, Commande):
-            self._on_commande(msg)
+            self._on_command(msg)
         for stream in list(self._streams):
             if stream.matches(msg):
                 stream._put(msg)
@@ -703,7 +544,8 @@ class Client:
         Commande(DOM0, DOM0, name)  # validates the name
         new = name not in self._handlers
         self._handlers[name] = fn
-        if new and self._open and self.is_dom0 and self.connected:
+        if new and self.is_dom0 and self.connected and self._state in (
+                ClientState.OPENING, ClientState.CONNECTED):
             self._spawn(self._register_quietly())
 
     def remove_handler(self, name: str) -> None:
@@ -715,11 +557,11 @@ class Client:
         Gives up only when the channel drops (the next connection registers again)."""
         delay = self.backoff_min
         conn = self._conn
-        while self._open and not self._closing:
+        while self._state in _OPEN:
             try:
                 await self._register()
                 return
-            except (MessagerieError, MessageInvalide) as exc:
+            except MessagerieError as exc:  # MessageInvalide included
                 self._log.error("dom0.register_failed", error=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
@@ -731,8 +573,8 @@ class Client:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _on_commande(self, cmd: Commande) -> None:
-        if self._closing:
+    def _on_command(self, cmd: Commande) -> None:
+        if self._state not in _OPEN:
             self._log.info("commande.refused_closing", id=cmd.id, commande=cmd.commande,
                            source=cmd.source)
             self._answer_now(cmd.fail(Code.DESTINATION_HORS_LIGNE, f"{self.name} is closing",
@@ -798,185 +640,23 @@ class Client:
         await self._send_reply(rep)
 
 
-# -- blocking facade ----------------------------------------------------------------
-
-class BlockingClient:
-    """The :class:`Client` for simple scripts: blocking calls, no asyncio.
-
-    The asyncio client runs on a private event loop in a background thread::
-
-        with BlockingClient("vm-ui", path="/dev/hvc1") as c:
-            c.notify("tous", "domaine", "etat", {"pret": True})
-            rep = c.commande("vm-sys-usb", "lister_disques")
-            msg = c.receive(timeout=1.0)   # None on timeout
-
-    Handlers are plain functions, run in a worker thread::
-
-        c = BlockingClient("vm-sys-usb")
-        @c.handler("lister_disques")
-        def lister(cmd): return ["sda"]
-        with c: c.serve_forever()
-    """
-
-    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
-        self._client = Client(name, **kwargs)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._inbox: MessageStream | None = None
-
-    @property
-    def client(self) -> Client:
-        """The underlying asyncio client (use it only from its own loop)."""
-        return self._client
-
-    @property
-    def name(self) -> str:
-        return self._client.name
-
-    def __enter__(self) -> BlockingClient:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def open(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="messagerie-client", daemon=True)
-        self._thread.start()
-        ready.wait()
-
-        async def start() -> MessageStream:
-            await self._client.open()
-            return self._client.messages()
-
-        try:
-            self._inbox = self._run(start())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def close(self) -> None:
-        if self._loop is None:
-            return
-        try:
-            self._run(self._client.close())
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-
-    def _run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
-        if self._loop is None:
-            if inspect.iscoroutine(coro):
-                coro.close()
-            raise Disconnected("client is not open")
-        future: ConcurrentFuture[T] = asyncio.run_coroutine_threadsafe(
-            _as_coroutine(coro), self._loop)
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def handler(self, name: str) -> Callable[[H], H]:
-        """Decorator: serve ``name`` with a plain function (run in a worker thread) or an
-        async function (run on the client's loop). Same semantics as
-        :meth:`Client.handler`."""
-        def register(fn: H) -> H:
-            self.add_handler(name, fn)
-            return fn
-        return register
-
-    def add_handler(self, name: str, fn: Callable[[Commande], Any]) -> None:
-        if inspect.iscoroutinefunction(fn):
-            target: Callable[[Commande], Any] = fn
-        else:
-            async def target(cmd: Commande) -> Any:
-                return await asyncio.to_thread(fn, cmd)
-        if self._loop is None:
-            self._client.add_handler(name, target)
-        else:
-            self._loop.call_soon_threadsafe(self._client.add_handler, name, target)
-
-    def send(self, message: Message, *, timeout: float | None = None) -> None:
-        self._run(self._client.send(message, timeout=timeout))
-
-    def notify(self, destination: str, categorie: str, evenement: str,
-               data: Mapping[str, Any] | None = None) -> None:
-        self._run(self._client.notify(destination, categorie, evenement, data))
-
-    def commande(self, destination: str, commande: str,
-                 arguments: Mapping[str, Any] | None = None, *,
-                 timeout: float | None = None) -> Reponse:
-        return self._run(self._client.commande(destination, commande, arguments,
-                                               timeout=timeout))
-
-    def request(self, cmd: Commande, *, timeout: float | None = None) -> Reponse:
-        return self._run(self._client.request(cmd, timeout=timeout))
-
-    def receive(self, timeout: float | None = None) -> Message | None:
-        """The next incoming message (any kind), or ``None`` after ``timeout`` seconds
-        or once the client is closed. Up to ``queue_size`` messages are kept."""
-        if self._inbox is None:
-            raise Disconnected("client is not open")
-        return self._run(self._inbox.get(timeout))
-
-    def messages(self, *, type: str | None = None, source: str | None = None,
-                 categorie: str | None = None, commande: str | None = None,
-                 timeout: float | None = None,
-                 maxsize: int | None = None) -> Iterator[Message]:
-        """Incoming messages matching every filter given (as :meth:`Client.messages`),
-        as a blocking iterator with its own queue, registered now: nothing that arrives
-        after this call returns is missed. It ends when the client closes, or after
-        ``timeout`` seconds without a matching message. ``receive()`` still sees
-        every message."""
-        if self._inbox is None:
-            raise Disconnected("client is not open")
-
-        async def make() -> MessageStream:
-            return self._client.messages(type=type, source=source, categorie=categorie,
-                                         commande=commande, maxsize=maxsize)
-
-        return self._iterate(self._run(make()), timeout)
-
-    def _iterate(self, stream: MessageStream, timeout: float | None) -> Iterator[Message]:
-        try:
-            while (msg := self._run(stream.get(timeout))) is not None:
-                yield msg
-        finally:
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(stream.close)
-
-    def serve_forever(self) -> None:
-        """Block until the client is closed (or Ctrl-C); handlers run meanwhile."""
-        self._run(self._client.serve_forever())
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
+def __getattr__(name: str) -> Any:
+    # BlockingClient was defined here; it lives in blocking.py, which imports this
+    # module (so it cannot be imported back at the top).
+    if name == "BlockingClient":
+        from .blocking import BlockingClient
+        return BlockingClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "DOM0_SOCKET",
+    "DOMAINE_ENV",
+    "DOMAINE_FILE",
+    "REGISTER_COMMAND",
     "BlockingClient",
     "Client",
+    "ClientState",
     "CommandError",
     "CommandTimeout",
     "Disconnected",

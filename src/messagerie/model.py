@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Final
 
+from .errors import MessagerieError
+
 DOM0: Final = "dom0"
 """The name of the control domain: the broker and the services it hosts."""
 TOUS: Final = "tous"
@@ -56,8 +58,11 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"
 
 
-class MessageInvalide(ValueError):
+class MessageInvalide(MessagerieError, ValueError):
     """A message (or a frame) that does not follow the protocol.
+
+    A :class:`~messagerie.errors.MessagerieError` like every error of the library, and
+    a ``ValueError`` (what it is to the caller of :func:`~messagerie.decode`).
 
     ``reason`` is a :class:`Reason`, ``field`` the JSON path of the offending field
     (``source``, ``payload.categorie``) when there is one, ``detail`` the explanation.
