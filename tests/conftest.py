@@ -7,19 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from helpers_client import PtyPeer, SocatPair
+from tests.support.peers import PtyPeer
+from tests.support.ptys import PtyPair
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[SocatPair]:
-    """A socat pty pair: the client opens ``pair.a``, the test plays the peer on ``b``."""
-    p = SocatPair(tmp_path).start()
+def pair(tmp_path: Path) -> Iterator[PtyPair]:
+    """A socat pty pair: the client opens ``pair.domu``, the test plays the broker on
+    ``pair.dom0``."""
+    p = PtyPair(tmp_path)
     yield p
     p.stop()
 
 
 @pytest.fixture
-async def peer(pair: SocatPair) -> AsyncIterator[PtyPeer]:
-    p = PtyPeer(pair.b)
+async def peer(pair: PtyPair) -> AsyncIterator[PtyPeer]:
+    p = PtyPeer(pair.dom0)
     yield p
     p.close()

@@ -12,20 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from broker_harness import (
-    BIN,
-    BrokerProcess,
-    BrokerSystem,
-    Domu,
-    PtyPair,
-    QemuSocket,
-    wait_until,
-    write_config,
-)
 from messagerie import Reponse
+from tests.support.broker_process import BIN, BrokerProcess, BrokerSystem, write_config
+from tests.support.corpus import spec_example
+from tests.support.peers import Domu, QemuSocket
+from tests.support.ptys import PtyPair
+from tests.support.waiting import wait_until
 
-SPEC = (b'{"type":"notification","source":"vm-a","destination":"tous",'
-        b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}\n')
+SPEC = spec_example("vm-a") + b"\n"
 
 
 def notif(src: str, dst: str, i: int = 0, cat: str = "entree") -> dict[str, object]:
@@ -37,9 +31,6 @@ def notif(src: str, dst: str, i: int = 0, cat: str = "entree") -> dict[str, obje
 def cmd(src: str, dst: str, id: str, name: str = "lister_disques") -> dict[str, object]:
     return {"type": "commande", "source": src, "destination": dst,
             "payload": {"id": id, "commande": name, "arguments": {}}}
-
-
-
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import pytest
 from structlog.testing import capture_logs
 
 import messagerie
-from helpers_client import PtyPeer, SocatPair, SocketServer, async_wait_until
 from messagerie import client as client_module
 from messagerie.client import (
     BlockingClient,
@@ -36,14 +35,17 @@ from messagerie.client import (
 )
 from messagerie.codec import encode
 from messagerie.model import Code, Commande, Journal, Message, Notification, Reponse, Statut
+from tests.support.peers import PtyPeer, SocketServer
+from tests.support.ptys import PtyPair
+from tests.support.waiting import async_wait_until
 
 
-def new_client(pair: SocatPair, name: str = "vm-a", **kwargs: Any) -> Client:
+def new_client(pair: PtyPair, name: str = "vm-a", **kwargs: Any) -> Client:
     kwargs.setdefault("backoff_max", 0.3)
-    return Client(name, path=pair.a, **kwargs)
+    return Client(name, path=pair.domu, **kwargs)
 
 
-async def test_notify_bytes_on_the_wire(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_notify_bytes_on_the_wire(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         await c.notify("tous", "domaine", "etat", {"pret": True})
         msg = await peer.recv()
@@ -52,14 +54,14 @@ async def test_notify_bytes_on_the_wire(pair: SocatPair, peer: PtyPeer) -> None:
     assert msg == Notification("vm-a", "tous", "domaine", "etat", {"pret": True})
 
 
-async def test_send_any_message(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_send_any_message(pair: PtyPair, peer: PtyPeer) -> None:
     journal = Journal("vm-a", "dom0", "info", "bonjour", "test")
     async with new_client(pair) as c:
         await c.send(journal)
         assert await peer.recv() == journal
 
 
-async def test_command_reply_matched(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_command_reply_matched(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         task = asyncio.create_task(c.commande("vm-b", "lister_disques", {"x": 1}, timeout=5))
         cmd = await peer.recv()
@@ -72,7 +74,7 @@ async def test_command_reply_matched(pair: SocatPair, peer: PtyPeer) -> None:
 
 
 async def test_hundred_concurrent_commands_answered_out_of_order(
-        pair: SocatPair, peer: PtyPeer) -> None:
+        pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, max_in_flight=100) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(100)]
@@ -86,7 +88,7 @@ async def test_hundred_concurrent_commands_answered_out_of_order(
     assert not c._pending
 
 
-async def test_commands_in_flight_are_bounded(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_commands_in_flight_are_bounded(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, max_in_flight=2) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(3)]
@@ -111,7 +113,7 @@ async def test_commands_in_flight_are_bounded(pair: SocatPair, peer: PtyPeer) ->
             task.cancel()
 
 
-async def test_error_reply_raises_command_error(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_error_reply_raises_command_error(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         task = asyncio.create_task(c.commande("vm-x", "lister_disques", timeout=5))
         cmd = await peer.recv()
@@ -126,7 +128,7 @@ async def test_error_reply_raises_command_error(pair: SocatPair, peer: PtyPeer) 
     assert isinstance(info.value, MessagerieError)
 
 
-async def test_timeout_raises_command_timeout(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_timeout_raises_command_timeout(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         with pytest.raises(CommandTimeout) as info:
             await c.commande("vm-b", "lent", timeout=0.2)
@@ -145,13 +147,13 @@ async def test_timeout_raises_command_timeout(pair: SocatPair, peer: PtyPeer) ->
     assert any(e["event"] == "reponse.unmatched" and e["id"] == cmd.id for e in logs)
 
 
-async def test_client_default_timeout(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_client_default_timeout(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, timeout=0.1) as c:
         with pytest.raises(CommandTimeout):
             await c.commande("vm-b", "lent")
 
 
-async def test_invalid_frames_are_logged_and_skipped(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_invalid_frames_are_logged_and_skipped(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages()
         with capture_logs() as logs:
@@ -164,7 +166,7 @@ async def test_invalid_frames_are_logged_and_skipped(pair: SocatPair, peer: PtyP
     assert [e["reason"] for e in invalid] == ["invalid_json", "invalid_json"]
 
 
-async def test_handler_result_becomes_ok_reply(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_handler_result_becomes_ok_reply(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
 
     @c.handler("lister_disques")
@@ -178,7 +180,7 @@ async def test_handler_result_becomes_ok_reply(pair: SocatPair, peer: PtyPeer) -
     assert rep == cmd.reply(["sda", "sdb"])
 
 
-async def test_plain_function_handler(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_plain_function_handler(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
     c.add_handler("plain", lambda cmd: {"ok": True})
     async with c:
@@ -187,7 +189,7 @@ async def test_plain_function_handler(pair: SocatPair, peer: PtyPeer) -> None:
         assert await peer.recv() == cmd.reply({"ok": True})
 
 
-async def test_raising_handler_gives_error_reply(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_raising_handler_gives_error_reply(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
 
     @c.handler("casse")
@@ -220,7 +222,7 @@ async def test_raising_handler_gives_error_reply(pair: SocatPair, peer: PtyPeer)
     assert any(e["event"] == "handler.failed" and e["commande"] == "casse" for e in logs)
 
 
-async def test_no_handler_gives_commande_inconnue(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_no_handler_gives_commande_inconnue(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages(type="commande")
         cmd = Commande("vm-ui", "vm-a", "inconnue")
@@ -232,7 +234,7 @@ async def test_no_handler_gives_commande_inconnue(pair: SocatPair, peer: PtyPeer
     assert rep.erreur is not None and rep.erreur["code"] == "commande_inconnue"
 
 
-async def test_slow_handler_does_not_block_the_reader(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_slow_handler_does_not_block_the_reader(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     release = asyncio.Event()
 
@@ -254,7 +256,7 @@ async def test_slow_handler_does_not_block_the_reader(pair: SocatPair, peer: Pty
         assert isinstance(rep, Reponse) and rep.id == "slow" and rep.resultat == "fini"
 
 
-async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
+async def test_close_answers_the_commands_it_cannot_finish(pair: PtyPair,
                                                            peer: PtyPeer) -> None:
     # Every command gets an answer: a handler still running when the grace period ends,
     # and a command arriving while the client closes, are answered destination_hors_ligne.
@@ -293,7 +295,7 @@ async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
     assert finished == [], "a command answered as not done must not have run"
 
 
-async def test_handler_concurrency_is_bounded(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_handler_concurrency_is_bounded(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, max_handlers=2)
     release = asyncio.Event()
 
@@ -313,7 +315,7 @@ async def test_handler_concurrency_is_bounded(pair: SocatPair, peer: PtyPeer) ->
         assert ids == {"c0", "c1"}
 
 
-async def test_message_filters(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_message_filters(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         everything = c.messages()
         usb = c.messages(type="notification", categorie="usb_device", source="vm-sys-usb")
@@ -345,7 +347,7 @@ async def _take(stream: client_module.MessageStream, n: int) -> AsyncIterator[Me
         yield await asyncio.wait_for(stream.__anext__(), 5)
 
 
-async def test_stream_overflow_drops_oldest(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_stream_overflow_drops_oldest(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages(maxsize=3)
         last = c.messages()
@@ -359,12 +361,12 @@ async def test_stream_overflow_drops_oldest(pair: SocatPair, peer: PtyPeer) -> N
     assert [e["event"] for e in logs].count("messages.dropped") == 1
 
 
-async def test_streams_created_before_open_are_closed(pair: SocatPair) -> None:
+async def test_streams_created_before_open_are_closed(pair: PtyPair) -> None:
     c = new_client(pair)
     assert [m async for m in c.messages()] == []
 
 
-async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_reconnects_when_the_channel_resets(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, backoff_min=0.05, backoff_max=0.2) as c:
         task = asyncio.create_task(c.commande("vm-b", "lent", timeout=10))
         await peer.recv()
@@ -376,7 +378,7 @@ async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer
         # A send while down waits for the channel to come back.
         sender = asyncio.create_task(c.notify("tous", "domaine", "etat", {"pret": True}))
         pair.start()
-        peer2 = PtyPeer(pair.b)
+        peer2 = PtyPeer(pair.dom0)
         try:
             await asyncio.wait_for(sender, 5)
             assert isinstance(await peer2.recv(), Notification)
@@ -390,7 +392,7 @@ async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer
             peer2.close()
 
 
-async def test_send_while_down_times_out(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_send_while_down_times_out(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, connect_timeout=0.2, backoff_min=0.05) as c:
         peer.close()
         pair.stop()
@@ -434,7 +436,7 @@ async def test_tty_is_put_in_raw_mode(tmp_path: Path) -> None:
         os.close(slave)
 
 
-async def test_tty_is_opened_exclusively(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_tty_is_opened_exclusively(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair):
         with pytest.raises(Disconnected):
             async with new_client(pair):
@@ -577,7 +579,7 @@ def test_exports() -> None:
         assert name in messagerie.__all__
 
 
-def test_blocking_client(pair: SocatPair) -> None:
+def test_blocking_client(pair: PtyPair) -> None:
     # The peer runs on its own loop in a thread; the blocking client on another.
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -593,7 +595,7 @@ def test_blocking_client(pair: SocatPair) -> None:
         return None
 
     async def serve() -> None:
-        holder["peer"] = PtyPeer(pair.b)
+        holder["peer"] = PtyPeer(pair.dom0)
         ready.set()
         try:
             await holder["peer"].serve(answer)
@@ -611,7 +613,7 @@ def test_blocking_client(pair: SocatPair) -> None:
     assert ready.wait(5)
     peer: PtyPeer = holder["peer"]
     try:
-        c = BlockingClient("vm-a", path=pair.a)
+        c = BlockingClient("vm-a", path=pair.domu)
 
         @c.handler("addition")
         def addition(cmd: Commande) -> int:
@@ -649,7 +651,7 @@ def test_blocking_client(pair: SocatPair) -> None:
         thread.join(5)
 
 
-async def test_close_is_idempotent_and_fails_pending(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_close_is_idempotent_and_fails_pending(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     await c.open()
     task = asyncio.create_task(c.commande("vm-b", "x", timeout=10))

@@ -40,9 +40,9 @@ from messagerie import (
 )
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
 from messagerie.model import _valid_token, valid_name_or_tous
-from test_hostile import CORPUS
-from test_hostile import notif as hostile_notif
-from test_properties import garbage, ids, json_objects, json_values, wire_objects
+from tests.support.corpus import CORPUS, mouse
+from tests.support.corpus import notif as hostile_notif
+from tests.support.strategies import garbage, ids, json_objects, json_values, wire_objects
 
 SETTINGS = settings(max_examples=120, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -676,16 +676,6 @@ def test_odd_valid_reponses_and_notifications(memo: Memo, line: bytes) -> None:
 
 
 # -- decode_runs ---------------------------------------------------------------------
-
-def mouse(source: str, dest: str, i: int, categorie: str = "entree") -> bytes:
-    """bench/peers.py's mouse(), bare."""
-    return (b'{"type":"notification","source":"%s","destination":"%s","payload":'
-            b'{"categorie":"%s","evenement":"souris","data":{"entree":"souris",'
-            b'"position":{"x":%d,"y":%d},"boutons":{"gauche":0,"milieu":0,"droit":1},'
-            b'"seq":%d,"t":%d}}}'
-            % (source.encode(), dest.encode(), categorie.encode(), i % 1920, i % 1080, i,
-               1_700_000_000_000_000_000 + i))
-
 
 def shape(item: Envelope | Run) -> tuple[Any, ...]:
     if type(item) is Run:

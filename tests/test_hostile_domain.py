@@ -27,14 +27,12 @@ from typing import Any
 
 import pytest
 
-from broker_harness import (
-    SOCAT,
-    BrokerSystem,
-    Domu,
-    wait_until,
-)
 from messagerie import BlockingClient, Message
 from messagerie.channel import READ_SIZE
+from tests.support.broker_process import BrokerSystem
+from tests.support.peers import Domu
+from tests.support.ptys import SOCAT
+from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is required")
 
@@ -127,6 +125,7 @@ class Hostile(BrokerSystem):
 
     def alive(self) -> None:
         assert self.broker.proc.poll() is None, f"broker died: {self.broker.tail(20)}"
+
 
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Hostile]:
@@ -471,10 +470,11 @@ async def test_socket_channels_are_read_64_kib_at_a_time() -> None:
                                                      sock=ours)
     flood = b"}\n" * (512 * 1024)  # 1 MiB of junk frames, written in one go
     await loop.run_in_executor(None, theirs.sendall, flood)
-    deadline = loop.time() + 60  # generous: 512 Ki junk frames on a loaded machine
-    while sum(sizes) < len(flood) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    transport.close()
-    theirs.close()
+    try:
+        # Generous: 512 Ki junk frames on a loaded machine.
+        await async_wait_until(lambda: sum(sizes) >= len(flood), 60, "the whole flood read")
+    finally:
+        transport.close()
+        theirs.close()
     assert sum(sizes) == len(flood)
     assert max(sizes) <= READ_SIZE, max(sizes)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from messagerie import MessageInvalide, from_dict
 from messagerie.model import MESSAGE_TYPES, TOUS, Niveau, Statut
 from messagerie.schema import json_schema, main, render
-from test_properties import json_values, wire_objects
+from tests.support.corpus import spec_example_object
+from tests.support.strategies import json_values, wire_objects
 
 CHECKED_IN = Path(__file__).resolve().parent.parent / "docs" / "schema" / "messagerie.schema.json"
 REGENERATE = "python -m messagerie.schema > docs/schema/messagerie.schema.json"
@@ -79,8 +80,7 @@ def test_main_writes_stdout_or_a_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("obj", [
-    {"type": "notification", "source": "vm-sys-usb", "destination": "tous",
-     "payload": {"categorie": "device", "evenement": "connect", "chemin": "/mnt/usb_in"}},
+    spec_example_object(),
     {"type": "commande", "source": "vm-ui", "destination": "dom0",
      "payload": {"id": "1", "commande": "lister", "arguments": None}},
     {"type": "reponse", "source": "dom0", "destination": "vm-ui",
