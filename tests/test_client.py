@@ -93,7 +93,11 @@ async def test_commands_in_flight_are_bounded(pair: PtyPair, peer: PtyPeer) -> N
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(3)]
         first = [await peer.recv() for _ in range(2)]
-        await peer.expect_nothing(0.2)  # the third waits for a free slot
+        # The third waits for a free slot: a notification sent after it (same channel)
+        # arrives first.
+        sentinel = Notification("vm-a", "vm-b", "sentinelle", "apres")
+        await c.send(sentinel)
+        assert await peer.until_sentinel(lambda m: m == sentinel) == [sentinel]
         assert isinstance(first[1], Commande)
         peer.send(first[1].reply(1))
         third = await peer.recv()

@@ -149,11 +149,12 @@ def test_forged_source_is_refused_logged_and_not_delivered(h: Hostile) -> None:
     # Sentinels, sent after the refusals were decided.
     h.ui.write(line("vm-ui", "vm-diag", 1))
     h.evil.write(line("vm-evil", "vm-ui", 2, "entree"))
-    assert numbers(h.diag.wait_messages(1), "vm-ui") == [1]
+    # vm-ui's: the refusals were logged, so decided, before it was written.
+    assert numbers(h.diag.until_sentinel(lambda m: m.source == "vm-ui"), "vm-ui") == [1]
     assert [m.source for m in h.diag.messages()] == ["vm-ui"]
-    assert [m.source for m in h.ui.wait_messages(1)] == ["vm-evil"]
-    h.ui.drain_for(0.1)
-    assert [(m.source, m.type) for m in h.ui.messages()] == [("vm-evil", "notification")]
+    # vm-evil's: on the forged frames' channel, after them.
+    got = h.ui.until_sentinel(lambda m: m.source == "vm-evil")
+    assert [(m.source, m.type) for m in got] == [("vm-evil", "notification")]
     assert h.statistics()["domaines"]["vm-evil"]["refuses"] == 3
 
 
@@ -172,15 +173,20 @@ def test_broadcast_is_filtered_per_recipient(h: Hostile) -> None:
         assert any(r.startswith("rule 2 (line ") and "deny vm-evil -> *" in r
                    for r in ev["rules"]), ev["rules"]
         assert "default deny (no rule matched)" in ev["rules"]
+    # Sentinels. vm-evil's to vm-ui is on the broadcasts' channel, after them; vm-ui's to
+    # vm-diag is written once both were filtered (logged above), so after they would
+    # have been queued for vm-diag.
     h.evil.write(line("vm-evil", "vm-ui", 3, "entree"))
     h.ui.write(line("vm-ui", "vm-diag", 4))
-    assert numbers(h.ui.wait_messages(2), "vm-evil") == [2, 3]
-    assert numbers(h.diag.wait_messages(1), "vm-ui") == [4]
-    h.ui.drain_for(0.1)
-    h.diag.drain_for(0.1)
-    assert len(h.ui.messages()) == 2 and len(h.diag.messages()) == 1
-    # Nothing comes back to the sender either.
-    assert [m for m in h.evil.messages() if m.source != "dom0"] == []
+    ui = h.ui.until_sentinel(lambda m: m.source == "vm-evil" and m.payload["data"]["i"] == 3)
+    assert numbers(ui, "vm-evil") == [2, 3] and len(ui) == 2
+    diag = h.diag.until_sentinel(lambda m: m.source == "vm-ui")
+    assert numbers(diag, "vm-ui") == [4] and len(diag) == 1
+    # Nothing comes back to the sender either: the refusal of a command it sends after
+    # the broadcasts is the first thing it gets (but the broker's state notifications).
+    h.evil.send(command("vm-evil", "vm-diag", "sentinelle"))
+    back = h.evil.until_sentinel(lambda m: m.type == "reponse")
+    assert [(m.type, m.payload.get("id")) for m in back] == [("reponse", "sentinelle")], back
 
 
 def test_denied_command_is_answered_refuse_without_revealing_the_rule(h: Hostile) -> None:

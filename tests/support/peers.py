@@ -9,6 +9,11 @@ Asyncio, for client and CLI tests (the test plays the broker): :class:`PtyPeer` 
 dom0 end of a pty pair, :class:`SocketServer` serving a unix socket as the broker's
 dom0 socket does, each connection a :class:`SocketPeer`.
 
+Negative checks ("X never arrives") end on a sentinel: something sent *after* X on a
+path that keeps order (one sender's channel, one destination's FIFO queue). Once the
+sentinel is there, X would have been there before it: ``until_sentinel`` returns what
+arrived up to the sentinel, and the test asserts X is not in it. No "nothing within N
+seconds", which passes when X is merely slow.
 """
 
 from __future__ import annotations
@@ -29,6 +34,22 @@ from typing import Any
 from messagerie import FrameDecoder, FrameError, Message, encode
 
 from .waiting import wait_until
+
+#: How long a sentinel may take: generous, it only delays a test that fails.
+SENTINEL_TIMEOUT = 30.0
+
+Sentinel = Callable[[Message], bool]
+
+
+def sentinel(source: str, destination: str, categorie: str = "sentinelle") -> dict[str, Any]:
+    """A notification to send after what must not arrive (a dict for :meth:`Domu.send`)."""
+    return {"type": "notification", "source": source, "destination": destination,
+            "payload": {"categorie": categorie, "evenement": "sentinelle"}}
+
+
+def is_sentinel(m: Message) -> bool:
+    """Whether ``m`` is a :func:`sentinel` (of any ``categorie``)."""
+    return m.type == "notification" and m.payload.get("evenement") == "sentinelle"
 
 
 def _frame(msg: dict[str, Any]) -> bytes:
@@ -88,11 +109,20 @@ class Domu:
                            f"{self.messages(**kw)[-3:]}", interval=0)
         return self.messages(**kw)
 
-    def drain_for(self, seconds: float) -> None:
-        """Read whatever arrives during ``seconds`` (to assert that nothing else does)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.pump(0.02)
+    def until_sentinel(self, is_sentinel: Sentinel, timeout: float = SENTINEL_TIMEOUT,
+                       **kw: Any) -> list[Message]:
+        """Read until a message for which ``is_sentinel`` holds has arrived; return the
+        messages read so far up to and including the first such one (see the module's
+        docstring for why that proves an absence)."""
+        def upto() -> list[Message] | None:
+            msgs = self.messages(**kw)
+            for i, m in enumerate(msgs):
+                if is_sentinel(m):
+                    return msgs[:i + 1]
+            self.pump()
+            return None
+        return wait_until(upto, timeout,
+                          lambda: f"the sentinel (got: {self.messages(**kw)[-3:]})", interval=0)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -171,11 +201,18 @@ class Peer:
         assert isinstance(item, Message), item
         return item
 
-    async def expect_nothing(self, within: float = 0.2) -> None:
-        """Assert that no frame arrives for ``within`` seconds (a negative check)."""
-        with contextlib.suppress(TimeoutError):
-            item = await asyncio.wait_for(self.inbox.get(), within)
-            raise AssertionError(f"unexpected frame {item!r}")
+    async def until_sentinel(self, is_sentinel: Sentinel,
+                             timeout: float = SENTINEL_TIMEOUT) -> list[Message]:
+        """Receive until a message for which ``is_sentinel`` holds; return everything
+        received meanwhile, that message last (see the module's docstring)."""
+        got: list[Message] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while not got or not is_sentinel(got[-1]):
+                    got.append(await self.recv(timeout=timeout))
+        except TimeoutError:
+            raise AssertionError(f"no sentinel within {timeout:g} s (got: {got[-3:]})") from None
+        return got
 
     def send(self, msg: Message) -> None:
         self.write(encode(msg))
