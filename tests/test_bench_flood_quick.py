@@ -14,6 +14,8 @@ from tests.support.ptys import SOCAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 
 @pytest.mark.skipif(SOCAT is None, reason="socat is required")
 def test_bench_flood_quick_prints_its_table() -> None:

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["raw relay (socat)", "broker, ptys", "broker, unix sockets", "amqtt", "mosquitto"]
 SCENARIOS = ["burst,", "field:", "latency at 100 msg/s", "latency at 1,000 msg/s",

@@ -19,6 +19,8 @@ from tests.support.peers import Domu, QemuSocket, is_sentinel, sentinel
 from tests.support.ptys import PtyPair
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.integration
+
 SPEC = spec_example("vm-a") + b"\n"
 
 
@@ -154,6 +156,7 @@ def test_pending_command_answered_when_its_destination_goes_down(three: BrokerSy
     three.domus["vm-b"] = Domu(three.pairs["vm-b"].domu)
 
 
+@pytest.mark.slow
 def test_full_speed_burst_arrives_whole_in_order_and_unchanged(tmp_path: Path) -> None:
     # The hot path over real ptys: runs of canonical mouse moves validated per read,
     # several tty reads per wake-up; a non-canonical frame (spaces) every 97 messages
@@ -194,6 +197,7 @@ def test_full_speed_burst_arrives_whole_in_order_and_unchanged(tmp_path: Path) -
         assert s.close() == 0
 
 
+@pytest.mark.slow
 def test_a_domain_that_never_reads_does_not_delay_the_others(tmp_path: Path) -> None:
     s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-mute"),
               extra="[limites]\nfile_octets = 65536\ndelai_blocage = 0.2\n"

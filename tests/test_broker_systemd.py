@@ -8,9 +8,13 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.support.broker_process import BrokerProcess, write_config
 from tests.support.ptys import PtyPair
 from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
 
 
 class NotifySocket:

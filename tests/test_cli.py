@@ -66,6 +66,8 @@ async def cli(*args: str, **env: str) -> tuple[int, str, str]:
     return await (await start(*args, **env)).finish()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 async def test_help_everywhere() -> None:
     code, out, _ = await cli("--help")
     assert code == 0 and "usage: messagerie" in out
@@ -130,6 +132,7 @@ async def test_command_timeout(pair: PtyPair, peer: PtyPeer) -> None:
     assert len(err.splitlines()) == 1 and "timeout" in err
 
 
+@pytest.mark.integration
 async def test_channel_missing(tmp_path: Path) -> None:
     code, _, err = await cli("--path", str(tmp_path / "absent"), "--as", "vm-a",
                              "command", "vm-b", "x")
@@ -137,6 +140,7 @@ async def test_channel_missing(tmp_path: Path) -> None:
     assert len(err.splitlines()) == 1 and "absent" in err
 
 
+@pytest.mark.slow
 async def test_bad_json_is_one_line_and_exit_2(pair: PtyPair) -> None:
     for args in (["notify", "tous", "a", "b", "--data", "{nope"],
                  ["command", "vm-b", "x", "--args", "[1, 2]"],
@@ -246,12 +250,14 @@ async def _builtin(msg: Message) -> Message | None:
     return msg.fail(Code.COMMANDE_INCONNUE, msg.commande)
 
 
+@pytest.mark.integration
 async def test_ping(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "ping")
     assert code == 0, err
     assert out.startswith("pong from dom0 in ") and "version 0.1.0" in out
 
 
+@pytest.mark.integration
 async def test_status(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "status")
     assert code == 0, err
@@ -267,6 +273,7 @@ async def test_status(dom0_server: SocketServer) -> None:
     assert code == 0 and set(json.loads(out)) == {"domaines", "statistiques"}
 
 
+@pytest.mark.integration
 async def test_dom0_command_unknown(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "command", "dom0", "bidule")
     assert (code, out, err) == (1, "", "error: commande_inconnue: bidule\n")
@@ -277,6 +284,7 @@ def test_format_status_tolerates_odd_input() -> None:
     assert "vm-z" in format_status([], {"domaines": {"vm-z": {"recus": 1}}})
 
 
+@pytest.mark.integration
 async def test_schema() -> None:
     try:
         import messagerie.schema  # noqa: F401

@@ -413,6 +413,7 @@ async def test_open_fails_cleanly_without_channel(tmp_path: Path) -> None:
             pass
 
 
+@pytest.mark.integration
 async def test_tty_is_put_in_raw_mode(tmp_path: Path) -> None:
     # An hvc or pty starts cooked: it echoes and buffers lines. Check from the other
     # side that the client turned that off.
@@ -447,6 +448,7 @@ async def test_tty_is_opened_exclusively(pair: PtyPair, peer: PtyPeer) -> None:
                 pass
 
 
+@pytest.mark.integration
 async def test_flow_control_bounds_the_write_buffer(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "s.sock", reading=False).start()
     try:
@@ -473,6 +475,7 @@ async def test_flow_control_bounds_the_write_buffer(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -513,6 +516,7 @@ async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_registration_refused(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -531,6 +535,7 @@ async def test_dom0_registration_refused(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_without_handlers_does_not_register(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -544,6 +549,7 @@ async def test_dom0_without_handlers_does_not_register(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 def test_name_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sock = tmp_path / "s.sock"
     s = socket.socket(socket.AF_UNIX)
@@ -566,6 +572,7 @@ def test_name_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         s.close()
 
 
+@pytest.mark.integration
 def test_name_from_xenstore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = tmp_path / "xenstore-read"
     script.write_text("#!/bin/sh\n[ \"$1\" = name ] && echo vm-xen\n")
@@ -669,6 +676,7 @@ async def test_close_is_idempotent_and_fails_pending(pair: PtyPair, peer: PtyPee
 
 
 
+@pytest.mark.integration
 async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Path) -> None:
     # The caller was told Disconnected (so it may retry): the command must not then be
     # written on the next channel behind its back (a retried delete would run twice).

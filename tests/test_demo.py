@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.support.broker_process import BROKER
 from tests.support.corpus import SPEC_EXAMPLE_TEXT
+
+pytestmark = pytest.mark.integration
 
 
 def test_demo_shows_the_flows_and_exits_zero() -> None:

@@ -20,7 +20,8 @@ from tests.support.broker_process import BROKER, CLI, BrokerProcess, write_confi
 from tests.support.ptys import PtyPair
 from tests.support.waiting import async_wait_until, wait_until
 
-pytestmark = pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")]
 
 
 class World:
@@ -182,6 +183,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_round_trip(world: World, vm_b: Client) -> None:
     a_path = str(world.pairs["vm-a"].domu)
     code, out, err = await _cli("--path", a_path, "--as", "vm-a", "command", "vm-b", "echo",

@@ -421,6 +421,7 @@ def test_hostile_corpus(line: bytes, reason: Reason, field: str | None, name: st
         assert got == ("refused", reason, field)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(frames(), st.sampled_from([b"", b"\n", b"\r\n"]))
 def test_equivalent_to_decode(memo: Memo, frame: tuple[bytes, str], ending: bytes) -> None:
@@ -882,6 +883,7 @@ VARIANTS: Final = ["evenement", "categorie", "data null", "no data", "data array
                    "unknown key", "commande"]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.tuples(st.sampled_from([*NAMES, DOM0]),
                  st.sampled_from([*NAMES, NAMES[1], DOM0, TOUS]), st.sampled_from(CATEGORIES)),

@@ -34,7 +34,8 @@ from tests.support.peers import Domu
 from tests.support.ptys import SOCAT
 from tests.support.waiting import async_wait_until, wait_until
 
-pytestmark = pytest.mark.skipif(SOCAT is None, reason="socat is required")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(SOCAT is None, reason="socat is required")]
 
 PEERS = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
 RATE = 20_000
@@ -249,6 +250,7 @@ class Reader(threading.Thread):
                         self.honest.append(json.loads(ln)["payload"]["data"]["i"])
 
 
+@pytest.mark.slow
 def test_flood_is_throttled_and_honest_traffic_all_delivered(h: Hostile) -> None:
     n_flood, n_honest = 100_000, 1_000
     rss_before = rss_kib(h.pid)
@@ -352,6 +354,7 @@ def test_hostile_bytes_between_valid_frames(h: Hostile) -> None:
     assert rss_after - rss_before < 40 * 1024, (rss_before, rss_after)
 
 
+@pytest.mark.slow
 def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     fds_before = len(os.listdir(f"/proc/{h.pid}/fd"))
     diag_reader = Reader(h.diag, "vm-ui")
@@ -426,6 +429,7 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     h.broker.wait_event("domain.connected", domain="vm-evil", count=ups + 1)
 
 
+@pytest.mark.slow
 def test_a_flood_of_invalid_frames_is_throttled_too(h: Hostile) -> None:
     # Junk costs a decode attempt per frame like a message does: it spends the same
     # budget, or a hostile domain would get unlimited CPU by sending garbage.
@@ -450,6 +454,7 @@ def test_a_flood_of_invalid_frames_is_throttled_too(h: Hostile) -> None:
     assert sum(e["suppressed"] for e in events) + len(events) <= n
 
 
+@pytest.mark.slow
 async def test_socket_channels_are_read_64_kib_at_a_time() -> None:
     """Fairness on connection=socket channels: one wake-up reads at most 64 KiB, as
     on a pty, so a flooding domain's turn in the loop stays short (asyncio's socket

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +52,7 @@ def normalise(out: list[Message | FrameError], max_frame: int) -> list[Any]:
             for o in out]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(messages.map(lambda m: (True, m)) | garbage.map(lambda g: (False, g)),
                 max_size=12),
@@ -72,6 +74,7 @@ def test_valid_frames_survive_garbage(items: list[tuple[bool, Any]], cuts: list[
     assert d.buffered == 0
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(messages.map(encode) | garbage.map(lambda g: g + b"\n")
                 | st.binary(max_size=300), max_size=10),

@@ -60,6 +60,7 @@ def test_schema_follows_the_model() -> None:
     assert defs["reponse_payload"]["properties"]["statut"]["enum"] == [s.value for s in Statut]
 
 
+@pytest.mark.integration
 def test_module_runs_cleanly() -> None:
     # The documented regeneration command: same text, and no runpy warning (which appears
     # when the package __init__ imports messagerie.schema, so it does not).
@@ -142,6 +143,7 @@ def accepted(obj: dict[str, Any]) -> bool:
     return True
 
 
+@pytest.mark.slow
 @settings(SETTINGS, max_examples=400)
 @given(wire_objects(), st.data())
 def test_schema_and_decoder_agree_on_mutations(obj: dict[str, Any], data: st.DataObject) -> None:
