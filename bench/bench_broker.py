@@ -1,8 +1,8 @@
 """Broker benchmark over socat ptys: the broker against the transport's own limit.
 
-    .venv/bin/python bench/bench_broker.py            # full run (about a minute)
-    .venv/bin/python bench/bench_broker.py --quick    # a few seconds (the test suite runs it)
-    .venv/bin/python bench/bench_broker.py --write docs/benchmarks.md
+    .venv/bin/python -m bench.bench_broker            # full run (about a minute)
+    .venv/bin/python -m bench.bench_broker --quick    # a few seconds (the test suite runs it)
+    .venv/bin/python -m bench.bench_broker --write docs/benchmarks.md
 
 Scenarios, all in one run on the same machine, so that ratios are meaningful:
 
@@ -33,10 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from tests.support.broker_process import BrokerProcess, write_config
+from tests.support.ptys import SOCAT, PtyPair, pty_pairs
+from tests.support.waiting import wait_until
 
-from broker_harness import SOCAT, BrokerProcess, PtyPair, wait_until, write_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PEERS = [sys.executable, str(Path(__file__).with_name("peers.py"))]
 # Benchmarks measure the transport and the broker, not the rate limit.
@@ -70,16 +71,6 @@ def transfer(src: Path, dst: Path, count: int, *, rate: float = 0,
     # From the first byte written (not from building the burst) to the last received.
     elapsed = (got["last_ns"] - sent["write_ns"]) / 1e9
     return {**got, "seconds": elapsed, "per_second": count / elapsed}
-
-
-@contextmanager
-def pairs(tmp: Path, names: list[str]) -> Iterator[dict[str, PtyPair]]:
-    made = {n: PtyPair(tmp, n) for n in names}
-    try:
-        yield made
-    finally:
-        for p in made.values():
-            p.kill()
 
 
 @contextmanager
@@ -150,8 +141,10 @@ def run(quick: bool) -> dict[str, Any]:
         # bursts alternate: the machine's noise hits both alike; medians are reported.
         full = tmp / "complete"  # a second broker, validation = "complete"
         full.mkdir()
-        with pairs(tmp, ["raw-a", "raw-b"]) as rp, pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p, \
-                pairs(full, ["vm-sys-usb", "vm-ui"]) as fp, raw_relay(rp["raw-a"], rp["raw-b"]), \
+        with pty_pairs(tmp, ["raw-a", "raw-b"]) as rp, \
+                pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p, \
+                pty_pairs(full, ["vm-sys-usb", "vm-ui"]) as fp, \
+                raw_relay(rp["raw-a"], rp["raw-b"]), \
                 broker(tmp, p) as b, \
                 broker(full, fp, extra='validation = "complete"\n' + UNLIMITED):
             usb, ui = p["vm-sys-usb"], p["vm-ui"]
@@ -176,17 +169,17 @@ def run(quick: bool) -> dict[str, Any]:
                                               rate=1000, latency=True)
             results["broker_rss_after_burst_kib"] = rss_kib(b.proc.pid)
         for decode in (False, True):
-            with pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
+            with pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
                 usb, ui = p["vm-sys-usb"], p["vm-ui"]
                 with python_relay(usb, ui, decode=decode):
                     key = "python_relay_decode" if decode else "python_relay"
                     results[key] = transfer(usb.domu, ui.domu, burst)
-        with pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
+        with pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
             usb, ui = p["vm-sys-usb"], p["vm-ui"]
             with broker(tmp, p, extra="") as b:
                 results["broker_default_limits"] = transfer(usb.domu, ui.domu, burst)
         names = [f"vm-{i:03d}" for i in range(idle_domains)]
-        with pairs(tmp, names) as p, broker(tmp, p) as b:
+        with pty_pairs(tmp, names) as p, broker(tmp, p) as b:
             pid = b.proc.pid
             before = cpu_seconds(pid)
             time.sleep(idle_seconds)  # measuring idle CPU: nothing to wait for
@@ -271,7 +264,7 @@ def main() -> int:
     results = run(args.quick)
     if args.json:
         print(json.dumps(results, indent=2))
-    body = (f"## Broker over socat ptys\n\nCommand: `.venv/bin/python bench/bench_broker.py"
+    body = (f"## Broker over socat ptys\n\nCommand: `.venv/bin/python -m bench.bench_broker"
             f"{' --quick' if args.quick else ''}`  \nMachine: {machine()}  \n"
             f"Date: {time.strftime('%Y-%m-%d')}  \nBurst size: {results['burst_count']:,} "
             f"messages of ~220 bytes.\n\n{table(results)}\n")

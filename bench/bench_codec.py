@@ -1,7 +1,7 @@
 """Codec throughput on one core: decode+validate, encode, and the FrameDecoder.
 
-    .venv/bin/python bench/bench_codec.py                 # print the figures
-    .venv/bin/python bench/bench_codec.py --update-docs   # also rewrite "## Codec" in
+    .venv/bin/python -m bench.bench_codec                 # print the figures
+    .venv/bin/python -m bench.bench_codec --update-docs   # also rewrite "## Codec" in
                                                           # docs/benchmarks.md
 
 Each figure is the best of N repeats (the machine is shared and noisy); baselines
@@ -28,15 +28,14 @@ import msgspec
 
 from messagerie import FrameDecoder, Notification, decode, encode
 from messagerie.envelope import Run, decode_envelope, decode_runs
+from tests.support.corpus import SPEC_EXAMPLE
 
-SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
-                b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
 MOUSE = encode(Notification("vm-sys-usb", "vm-ui", "entree", "souris", {
     "entree": "souris", "position": {"x": 1024, "y": 600},
     "boutons": {"gauche": 1, "milieu": 0, "droit": 0}}))[:-1]
 TARGET = 500_000
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-COMMAND = ".venv/bin/python bench/bench_codec.py"
+COMMAND = ".venv/bin/python -m bench.bench_codec"
 
 
 def rate(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:

@@ -1,8 +1,8 @@
 """Honest latency under a flood: what a hostile domain's flood costs the others.
 
-    .venv/bin/python bench/bench_flood.py            # full run (about 40 s)
-    .venv/bin/python bench/bench_flood.py --quick    # a few seconds (the test suite runs it)
-    .venv/bin/python bench/bench_flood.py --write docs/benchmarks.md
+    .venv/bin/python -m bench.bench_flood            # full run (about 40 s)
+    .venv/bin/python -m bench.bench_flood --quick    # a few seconds (the test suite runs it)
+    .venv/bin/python -m bench.bench_flood --write docs/benchmarks.md
 
 Four domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
 vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
@@ -35,22 +35,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import structlog
 
-from bench_broker import (
+from bench.bench_broker import (
     PEERS,
     UNLIMITED,
     _json_line,
     broker,
     machine,
-    pairs,
     rss_kib,
     write_section,
 )
-from broker_harness import SOCAT, PtyPair, wait_until
 from messagerie import BlockingClient
+from tests.support.ptys import SOCAT, PtyPair, pty_pairs
+from tests.support.waiting import wait_until
 
 DOMAINS = ["vm-ui", "vm-diag", "vm-evil", "vm-sink"]
 
@@ -128,7 +126,7 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
 def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
              quiet_too: bool, junk: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    with pairs(tmp, DOMAINS) as p, broker(tmp, p, extra=extra) as b:
+    with pty_pairs(tmp, DOMAINS) as p, broker(tmp, p, extra=extra) as b:
         sock = tmp / "dom0.sock"
         if quiet_too:
             results["quiet"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
@@ -192,7 +190,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     body = (f"## Honest latency under a flood\n\nCommand: `.venv/bin/python "
-            f"bench/bench_flood.py{' --quick' if args.quick else ''}`  \n"
+            f"-m bench.bench_flood{' --quick' if args.quick else ''}`  \n"
             f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
             f"Honest traffic: {r['honest_count']:,} notifications of ~220 bytes, vm-ui -> "
             f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Flood: "

@@ -1,10 +1,10 @@
 """Benchmark suite: the broker against the transport's limit, the field figure and two
 established MQTT brokers, all in one run on the same machine.
 
-    .venv/bin/python bench/suite.py              # full run (about 10 minutes)
-    .venv/bin/python bench/suite.py --quick      # smaller counts (a minute or two)
-    .venv/bin/python bench/suite.py --write      # also docs/benchmarks.md + .png
-    .venv/bin/python bench/suite.py --smoke --write --out /tmp/b.md   # seconds (tests)
+    .venv/bin/python -m bench.suite              # full run (about 10 minutes)
+    .venv/bin/python -m bench.suite --quick      # smaller counts (a minute or two)
+    .venv/bin/python -m bench.suite --write      # also docs/benchmarks.md + .png
+    .venv/bin/python -m bench.suite --smoke --write --out /tmp/b.md   # seconds (tests)
 
 Systems: the raw relay (socat copying bytes between the two dom0-side ptys: the
 transport's own limit); the broker over socat ptys and over unix sockets (the DomU end
@@ -48,20 +48,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_broker import (
+from bench.bench_broker import (
     PEERS,
     ROOT,
     UNLIMITED,
     _json_line,
     machine,
-    pairs,
     raw_relay,
     rss_kib,
     write_section,
 )
-from broker_harness import BrokerProcess, wait_until, write_config
+from tests.support.broker_process import BrokerProcess, write_config
+from tests.support.ptys import pty_pairs
+from tests.support.waiting import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SYSTEMS = {
@@ -226,7 +225,7 @@ def session(system: str, tmp: Path, domains: list[str], *,
         if system == "raw":
             if broadcast or not routes:
                 raise NotApplicable("a byte relay has no broadcast or routing")
-            p = stack.enter_context(pairs(tmp, domains))
+            p = stack.enter_context(pty_pairs(tmp, domains))
             relays = []
             for a, b in routes:
                 stack.enter_context(raw_relay(p[a], p[b]))
@@ -235,7 +234,7 @@ def session(system: str, tmp: Path, domains: list[str], *,
                           server_pid=relays[0] if len(relays) == 1 else None,
                           transport_pids=_pids(p))
         elif system == "pty":
-            p = stack.enter_context(pairs(tmp, domains))
+            p = stack.enter_context(pty_pairs(tmp, domains))
             b = _start_broker(tmp, {n: x.dom0 for n, x in p.items()}, limits)
             stack.callback(b.stop)
             wait_until(lambda: len(b.find("domain.connected")) >= len(domains), 60,
@@ -488,7 +487,7 @@ def paho_peer(argv: list[str]) -> int:
     """``suite.py paho send|recv PORT TOPIC COUNT``: the same flow through paho-mqtt."""
     import paho.mqtt.client as mqtt
 
-    from peers import mouse
+    from bench.peers import mouse
 
     mode, port, topic, count = argv[0], int(argv[1]), argv[2], int(argv[3])
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"paho-{mode}")
@@ -524,14 +523,14 @@ def paho_peer(argv: list[str]) -> int:
 
 
 def paho_burst(tmp: Path, count: int) -> dict[str, Any]:
-    me = [sys.executable, __file__, "paho"]
+    me = [sys.executable, "-m", "bench.suite", "paho"]
     with mqtt_server("mosquitto", tmp) as (port, _):
         recv = subprocess.Popen([*me, "recv", str(port), UI, str(count)],
-                                stdout=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
         try:
             _json_line(recv)
             sent = json.loads(subprocess.run([*me, "send", str(port), UI, str(count)],
-                                             capture_output=True, text=True,
+                                             capture_output=True, text=True, cwd=ROOT,
                                              check=True).stdout)
             got = _json_line(recv)
         finally:
@@ -897,7 +896,7 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
 def bench_flood_run(quick: bool) -> dict[str, Any]:
     """The broker-only flood benchmark (bench/bench_flood.py), when it exists."""
     try:
-        import bench_flood
+        from bench import bench_flood
     except ImportError as exc:
         raise NotApplicable(f"not available ({exc})") from None
     result: dict[str, Any] = bench_flood.run(quick)
@@ -922,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     z = SMOKE if args.smoke else QUICK if args.quick else FULL
     systems = args.systems.split(",")
-    command = ".venv/bin/python bench/suite.py" + "".join(
+    command = ".venv/bin/python -m bench.suite" + "".join(
         f" {a}" for a in argv if a in ("--quick", "--smoke", "--write"))
     results: dict[str, dict[str, Any]] = {}
     date = time.strftime("%Y-%m-%d %H:%M")

@@ -1,4 +1,4 @@
-"""The benchmark suite (bench/suite.py) in its smallest configuration, so that the
+"""The benchmark suite (``python -m bench.suite``) in its smallest configuration, so that the
 harness cannot rot: every system and scenario runs, nothing is written to docs/.
 No timing is asserted: this machine's figures are not the test's business."""
 
@@ -7,6 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["raw relay (socat)", "broker, ptys", "broker, unix sockets", "amqtt", "mosquitto"]
@@ -18,7 +22,7 @@ SCENARIOS = ["burst,", "field:", "latency at 100 msg/s", "latency at 1,000 msg/s
 def test_smoke_run_covers_every_system_and_scenario(tmp_path: Path) -> None:
     before = _docs_state()
     out = tmp_path / "bench.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--smoke",
+    proc = subprocess.run([sys.executable, "-m", "bench.suite", "--smoke",
                            "--write", "--out", str(out)],
                           capture_output=True, text=True, timeout=240, cwd=ROOT,
                           check=False)

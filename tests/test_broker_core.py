@@ -34,6 +34,7 @@ from messagerie import (
     decode,
     encode,
 )
+from tests.support.waiting import async_wait_until
 
 
 class FakeTransport:
@@ -147,14 +148,10 @@ def error_of(msg: Message) -> tuple[str, str]:
     return msg.id, msg.erreur["code"]
 
 
-async def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        if condition():
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` every millisecond (some tests catch a state that a timer
+    ends soon after) until it holds."""
+    await async_wait_until(condition, interval=0.001)
 
 
 # -- routing ------------------------------------------------------------------------

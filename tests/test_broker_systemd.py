@@ -6,10 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
-from broker_harness import BrokerProcess, PtyPair, write_config
+import pytest
+
+from tests.support.broker_process import BrokerProcess, write_config
+from tests.support.ptys import PtyPair
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.integration
 
 
 class NotifySocket:
@@ -20,21 +25,24 @@ class NotifySocket:
         self.received: list[dict[str, str]] = []
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
+        def found() -> dict[str, str] | None:
             for datagram in self.received:
                 if key in datagram and (value is None or datagram[key] == value):
                     return datagram
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key}={value} from the broker; got {self.received}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.received.append(dict(line.split("=", 1)
-                                      for line in data.decode().splitlines() if "=" in line))
+            self.receive(0.05)
+            return None
+        return wait_until(found, timeout, lambda: f"{key}={value} from the broker; "
+                          f"got {self.received}", interval=0)
+
+    def receive(self, timeout: float) -> None:
+        """Add the next datagram to ``received``, if one comes within ``timeout``."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return
+        self.received.append(dict(line.split("=", 1)
+                                  for line in data.decode().splitlines() if "=" in line))
 
     def close(self) -> None:
         self.sock.close()
@@ -96,10 +104,7 @@ def test_journald_lines_carry_their_priority(tmp_path: Path) -> None:
                                                 "vm-gone": tmp_path / "missing"})
     broker = BrokerProcess(config, env={"JOURNAL_STREAM": "8:12345"})
     try:
-        deadline = time.monotonic() + 10
-        while not any('"broker.ready"' in line for line in broker.tail(50)):
-            assert time.monotonic() < deadline, broker.tail()
-            time.sleep(0.02)
+        broker.wait_line('"broker.ready"')
         lines = broker.tail(50)
         ready = next(line for line in lines if '"broker.ready"' in line)
         unavailable = next(line for line in lines if '"domain.unavailable"' in line)

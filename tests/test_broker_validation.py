@@ -24,8 +24,8 @@ from broker.router import PolicyLike
 from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Reponse, encode
 from messagerie.envelope import Run, decode_envelope
 from messagerie.model import _valid_token, valid_name_or_tous
-from test_broker_core import FakeTransport, Setup, error_of
-from test_envelope import mouse
+from tests.support.corpus import mouse
+from tests.test_broker_core import FakeTransport, Setup, error_of
 
 
 class VSetup(Setup):

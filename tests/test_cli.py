@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers_client import PtyPeer, SocatPair, SocketServer
 from messagerie.cli import format_status
 from messagerie.model import Commande, Message, Notification, Reponse
 from messagerie.vocabulary import Code
+from tests.support.peers import PtyPeer, SocketServer
+from tests.support.ptys import PtyPair
 
 SCRIPT = Path(sys.executable).with_name("messagerie")
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "messagerie.cli"]
@@ -66,6 +67,8 @@ async def cli(*args: str, **env: str) -> tuple[int, str, str]:
     return await (await start(*args, **env)).finish()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 async def test_help_everywhere() -> None:
     code, out, _ = await cli("--help")
     assert code == 0 and "usage: messagerie" in out
@@ -76,8 +79,8 @@ async def test_help_everywhere() -> None:
         assert f"usage: messagerie {name}" in out2 and "--path" in out2
 
 
-async def test_notify(pair: SocatPair, peer: PtyPeer) -> None:
-    code, out, err = await cli("--path", str(pair.a), "--as", "vm-a", "notify", "tous",
+async def test_notify(pair: PtyPair, peer: PtyPeer) -> None:
+    code, out, err = await cli("--path", str(pair.domu), "--as", "vm-a", "notify", "tous",
                                "disque", "etat", "--set", "nom=sda", "--set", "connecte=true")
     assert (code, out, err) == (0, "", "")
     msg = await peer.recv()
@@ -86,23 +89,23 @@ async def test_notify(pair: SocatPair, peer: PtyPeer) -> None:
 
 
 async def test_notify_data_json_and_options_after_subcommand(
-        pair: SocatPair, peer: PtyPeer) -> None:
+        pair: PtyPair, peer: PtyPeer) -> None:
     code, _, err = await cli("notify", "vm-b", "domaine", "etat", "--data", '{"pret": false}',
-                             "--path", str(pair.a), MESSAGERIE_DOMAINE="vm-env")
+                             "--path", str(pair.domu), MESSAGERIE_DOMAINE="vm-env")
     assert code == 0, err
     assert await peer.recv() == Notification("vm-env", "vm-b", "domaine", "etat",
                                              {"pret": False})
 
 
-async def test_path_from_environment(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_path_from_environment(pair: PtyPair, peer: PtyPeer) -> None:
     code, _, err = await cli("--as", "vm-a", "notify", "tous", "a", "b",
-                             MESSAGERIE_PATH=str(pair.a))
+                             MESSAGERIE_PATH=str(pair.domu))
     assert code == 0, err
     assert (await peer.recv()).source == "vm-a"
 
 
-async def test_command_ok(pair: SocatPair, peer: PtyPeer) -> None:
-    run = await start("--path", str(pair.a), "--as", "vm-a", "command", "vm-sys-usb",
+async def test_command_ok(pair: PtyPair, peer: PtyPeer) -> None:
+    run = await start("--path", str(pair.domu), "--as", "vm-a", "command", "vm-sys-usb",
                       "lister_fichiers", "--args", '{"disque": "sda"}', "--set", "n=2")
     cmd = await peer.recv(timeout=10)
     assert isinstance(cmd, Commande)
@@ -113,8 +116,8 @@ async def test_command_ok(pair: SocatPair, peer: PtyPeer) -> None:
     assert json.loads(out) == ["a.txt", "é.pdf"]
 
 
-async def test_command_error_reply(pair: SocatPair, peer: PtyPeer) -> None:
-    run = await start("--path", str(pair.a), "--as", "vm-a", "command", "vm-x", "lister")
+async def test_command_error_reply(pair: PtyPair, peer: PtyPeer) -> None:
+    run = await start("--path", str(pair.domu), "--as", "vm-a", "command", "vm-x", "lister")
     cmd = await peer.recv(timeout=10)
     assert isinstance(cmd, Commande)
     peer.send(cmd.fail(Code.DESTINATION_HORS_LIGNE, "vm-x is not connected", source="dom0"))
@@ -123,13 +126,14 @@ async def test_command_error_reply(pair: SocatPair, peer: PtyPeer) -> None:
     assert err == "error: destination_hors_ligne: vm-x is not connected\n"
 
 
-async def test_command_timeout(pair: SocatPair, peer: PtyPeer) -> None:
-    code, out, err = await cli("--path", str(pair.a), "--as", "vm-a", "command", "vm-b",
+async def test_command_timeout(pair: PtyPair, peer: PtyPeer) -> None:
+    code, out, err = await cli("--path", str(pair.domu), "--as", "vm-a", "command", "vm-b",
                                "lent", "--timeout", "0.3")
     assert (code, out) == (3, "")
     assert len(err.splitlines()) == 1 and "timeout" in err
 
 
+@pytest.mark.integration
 async def test_channel_missing(tmp_path: Path) -> None:
     code, _, err = await cli("--path", str(tmp_path / "absent"), "--as", "vm-a",
                              "command", "vm-b", "x")
@@ -137,7 +141,8 @@ async def test_channel_missing(tmp_path: Path) -> None:
     assert len(err.splitlines()) == 1 and "absent" in err
 
 
-async def test_bad_json_is_one_line_and_exit_2(pair: SocatPair) -> None:
+@pytest.mark.slow
+async def test_bad_json_is_one_line_and_exit_2(pair: PtyPair) -> None:
     for args in (["notify", "tous", "a", "b", "--data", "{nope"],
                  ["command", "vm-b", "x", "--args", "[1, 2]"],
                  ["send", "not json"],
@@ -145,7 +150,7 @@ async def test_bad_json_is_one_line_and_exit_2(pair: SocatPair) -> None:
                  ["notify", "tous", "a", "b", "--set", "novalue"],
                  ["notify"],
                  ["--timeout", "abc", "ping"]):
-        code, out, err = await cli("--path", str(pair.a), "--as", "vm-a", *args)
+        code, out, err = await cli("--path", str(pair.domu), "--as", "vm-a", *args)
         assert code == 2, (args, err)
         assert out == "" and len(err.splitlines()) == 1, (args, err)
         assert "Traceback" not in err
@@ -155,22 +160,22 @@ NAMED_HOST = Path("/etc/messagerie/domaine").exists()
 
 
 @pytest.mark.skipif(NAMED_HOST, reason="this machine names itself")
-async def test_unknown_own_name_is_a_usage_error(pair: SocatPair) -> None:
-    code, _, err = await cli("--path", str(pair.a), "notify", "tous", "a", "b",
+async def test_unknown_own_name_is_a_usage_error(pair: PtyPair) -> None:
+    code, _, err = await cli("--path", str(pair.domu), "notify", "tous", "a", "b",
                              PATH="/nonexistent")
     assert code == 2 and "MESSAGERIE_DOMAINE" in err and len(err.splitlines()) == 1
 
 
-async def test_send_fills_source_and_waits_for_commands(pair: SocatPair,
+async def test_send_fills_source_and_waits_for_commands(pair: PtyPair,
                                                         peer: PtyPeer) -> None:
-    code, _, err = await cli("--path", str(pair.a), "--as", "vm-a", "send",
+    code, _, err = await cli("--path", str(pair.domu), "--as", "vm-a", "send",
                              '{"type": "notification", "destination": "tous", "payload": '
                              '{"categorie": "c", "evenement": "e", "chemin": "/mnt"}}')
     assert code == 0, err
     msg = await peer.recv()
     assert msg.source == "vm-a" and msg.payload["chemin"] == "/mnt"
 
-    run = await start("--path", str(pair.a), "--as", "vm-a", "send",
+    run = await start("--path", str(pair.domu), "--as", "vm-a", "send",
                       '{"type": "commande", "destination": "vm-b", "payload": '
                       '{"id": "abc", "commande": "x"}}')
     cmd = await peer.recv(timeout=10)
@@ -180,8 +185,8 @@ async def test_send_fills_source_and_waits_for_commands(pair: SocatPair,
     assert (code, json.loads(out), err) == (0, {"fait": True}, "")
 
 
-async def test_listen_count_and_filters(pair: SocatPair, peer: PtyPeer) -> None:
-    run = await start("--debug", "--path", str(pair.a), "--as", "vm-a", "listen",
+async def test_listen_count_and_filters(pair: PtyPair, peer: PtyPeer) -> None:
+    run = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen",
                       "--type", "notification", "--source", "vm-sys-usb", "--count", "2")
     await run.wait_for_stderr("channel.connected")
     sent: list[Message] = [
@@ -199,8 +204,8 @@ async def test_listen_count_and_filters(pair: SocatPair, peer: PtyPeer) -> None:
     assert [json.loads(line) for line in lines] == [sent[0].to_dict(), sent[3].to_dict()]
 
 
-async def test_listen_categorie(pair: SocatPair, peer: PtyPeer) -> None:
-    run = await start("--debug", "--path", str(pair.a), "--as", "vm-a", "listen",
+async def test_listen_categorie(pair: PtyPair, peer: PtyPeer) -> None:
+    run = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen",
                       "--categorie", "fichier", "--count", "1")
     await run.wait_for_stderr("channel.connected")
     peer.send(Notification("dom0", "tous", "disque", "etat"))
@@ -246,12 +251,14 @@ async def _builtin(msg: Message) -> Message | None:
     return msg.fail(Code.COMMANDE_INCONNUE, msg.commande)
 
 
+@pytest.mark.integration
 async def test_ping(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "ping")
     assert code == 0, err
     assert out.startswith("pong from dom0 in ") and "version 0.1.0" in out
 
 
+@pytest.mark.integration
 async def test_status(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "status")
     assert code == 0, err
@@ -267,6 +274,7 @@ async def test_status(dom0_server: SocketServer) -> None:
     assert code == 0 and set(json.loads(out)) == {"domaines", "statistiques"}
 
 
+@pytest.mark.integration
 async def test_dom0_command_unknown(dom0_server: SocketServer) -> None:
     code, out, err = await cli("--path", str(dom0_server.path), "command", "dom0", "bidule")
     assert (code, out, err) == (1, "", "error: commande_inconnue: bidule\n")
@@ -277,6 +285,7 @@ def test_format_status_tolerates_odd_input() -> None:
     assert "vm-z" in format_status([], {"domaines": {"vm-z": {"recus": 1}}})
 
 
+@pytest.mark.integration
 async def test_schema() -> None:
     try:
         import messagerie.schema  # noqa: F401

@@ -22,7 +22,6 @@ import pytest
 from structlog.testing import capture_logs
 
 import messagerie
-from helpers_client import PtyPeer, SocatPair, SocketServer, async_wait_until
 from messagerie import client as client_module
 from messagerie import identity
 from messagerie.client import (
@@ -39,14 +38,17 @@ from messagerie.client import (
 from messagerie.codec import encode
 from messagerie.model import Commande, Journal, Message, Notification, Reponse, Statut
 from messagerie.vocabulary import Code
+from tests.support.peers import PtyPeer, SocketServer
+from tests.support.ptys import PtyPair
+from tests.support.waiting import async_wait_until
 
 
-def new_client(pair: SocatPair, name: str = "vm-a", **kwargs: Any) -> Client:
+def new_client(pair: PtyPair, name: str = "vm-a", **kwargs: Any) -> Client:
     kwargs.setdefault("backoff_max", 0.3)
-    return Client(name, path=pair.a, **kwargs)
+    return Client(name, path=pair.domu, **kwargs)
 
 
-async def test_notify_bytes_on_the_wire(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_notify_bytes_on_the_wire(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         await c.notify("tous", "domaine", "etat", {"pret": True})
         msg = await peer.recv()
@@ -55,14 +57,14 @@ async def test_notify_bytes_on_the_wire(pair: SocatPair, peer: PtyPeer) -> None:
     assert msg == Notification("vm-a", "tous", "domaine", "etat", {"pret": True})
 
 
-async def test_send_any_message(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_send_any_message(pair: PtyPair, peer: PtyPeer) -> None:
     journal = Journal("vm-a", "dom0", "info", "bonjour", "test")
     async with new_client(pair) as c:
         await c.send(journal)
         assert await peer.recv() == journal
 
 
-async def test_command_reply_matched(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_command_reply_matched(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         task = asyncio.create_task(c.commande("vm-b", "lister_disques", {"x": 1}, timeout=5))
         cmd = await peer.recv()
@@ -75,7 +77,7 @@ async def test_command_reply_matched(pair: SocatPair, peer: PtyPeer) -> None:
 
 
 async def test_hundred_concurrent_commands_answered_out_of_order(
-        pair: SocatPair, peer: PtyPeer) -> None:
+        pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, max_in_flight=100) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(100)]
@@ -89,12 +91,16 @@ async def test_hundred_concurrent_commands_answered_out_of_order(
     assert not c._pending
 
 
-async def test_commands_in_flight_are_bounded(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_commands_in_flight_are_bounded(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, max_in_flight=2) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(3)]
         first = [await peer.recv() for _ in range(2)]
-        await peer.expect_nothing(0.2)  # the third waits for a free slot
+        # The third waits for a free slot: a notification sent after it (same channel)
+        # arrives first.
+        sentinel = Notification("vm-a", "vm-b", "sentinelle", "apres")
+        await c.send(sentinel)
+        assert await peer.until_sentinel(lambda m: m == sentinel) == [sentinel]
         assert isinstance(first[1], Commande)
         peer.send(first[1].reply(1))
         third = await peer.recv()
@@ -114,7 +120,7 @@ async def test_commands_in_flight_are_bounded(pair: SocatPair, peer: PtyPeer) ->
             task.cancel()
 
 
-async def test_error_reply_raises_command_error(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_error_reply_raises_command_error(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         task = asyncio.create_task(c.commande("vm-x", "lister_disques", timeout=5))
         cmd = await peer.recv()
@@ -129,7 +135,7 @@ async def test_error_reply_raises_command_error(pair: SocatPair, peer: PtyPeer) 
     assert isinstance(info.value, MessagerieError)
 
 
-async def test_timeout_raises_command_timeout(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_timeout_raises_command_timeout(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         with pytest.raises(CommandTimeout) as info:
             await c.commande("vm-b", "lent", timeout=0.2)
@@ -148,13 +154,13 @@ async def test_timeout_raises_command_timeout(pair: SocatPair, peer: PtyPeer) ->
     assert any(e["event"] == "reponse.unmatched" and e["id"] == cmd.id for e in logs)
 
 
-async def test_client_default_timeout(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_client_default_timeout(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, timeout=0.1) as c:
         with pytest.raises(CommandTimeout):
             await c.commande("vm-b", "lent")
 
 
-async def test_invalid_frames_are_logged_and_skipped(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_invalid_frames_are_logged_and_skipped(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages()
         with capture_logs() as logs:
@@ -167,7 +173,7 @@ async def test_invalid_frames_are_logged_and_skipped(pair: SocatPair, peer: PtyP
     assert [e["reason"] for e in invalid] == ["invalid_json", "invalid_json"]
 
 
-async def test_handler_result_becomes_ok_reply(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_handler_result_becomes_ok_reply(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
 
     @c.handler("lister_disques")
@@ -181,7 +187,7 @@ async def test_handler_result_becomes_ok_reply(pair: SocatPair, peer: PtyPeer) -
     assert rep == cmd.reply(["sda", "sdb"])
 
 
-async def test_plain_function_handler(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_plain_function_handler(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
     c.add_handler("plain", lambda cmd: {"ok": True})
     async with c:
@@ -190,7 +196,7 @@ async def test_plain_function_handler(pair: SocatPair, peer: PtyPeer) -> None:
         assert await peer.recv() == cmd.reply({"ok": True})
 
 
-async def test_raising_handler_gives_error_reply(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_raising_handler_gives_error_reply(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
 
     @c.handler("casse")
@@ -223,7 +229,7 @@ async def test_raising_handler_gives_error_reply(pair: SocatPair, peer: PtyPeer)
     assert any(e["event"] == "handler.failed" and e["commande"] == "casse" for e in logs)
 
 
-async def test_no_handler_gives_commande_inconnue(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_no_handler_gives_commande_inconnue(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages(type="commande")
         cmd = Commande("vm-ui", "vm-a", "inconnue")
@@ -235,7 +241,7 @@ async def test_no_handler_gives_commande_inconnue(pair: SocatPair, peer: PtyPeer
     assert rep.erreur is not None and rep.erreur["code"] == "commande_inconnue"
 
 
-async def test_slow_handler_does_not_block_the_reader(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_slow_handler_does_not_block_the_reader(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     release = asyncio.Event()
 
@@ -257,7 +263,7 @@ async def test_slow_handler_does_not_block_the_reader(pair: SocatPair, peer: Pty
         assert isinstance(rep, Reponse) and rep.id == "slow" and rep.resultat == "fini"
 
 
-async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
+async def test_close_answers_the_commands_it_cannot_finish(pair: PtyPair,
                                                            peer: PtyPeer) -> None:
     # Every command gets an answer: a handler still running when the grace period ends,
     # and a command arriving while the client closes, are answered destination_hors_ligne.
@@ -296,7 +302,7 @@ async def test_close_answers_the_commands_it_cannot_finish(pair: SocatPair,
     assert finished == [], "a command answered as not done must not have run"
 
 
-async def test_handler_concurrency_is_bounded(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_handler_concurrency_is_bounded(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, max_handlers=2)
     release = asyncio.Event()
 
@@ -316,7 +322,7 @@ async def test_handler_concurrency_is_bounded(pair: SocatPair, peer: PtyPeer) ->
         assert ids == {"c0", "c1"}
 
 
-async def test_message_filters(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_message_filters(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         everything = c.messages()
         usb = c.messages(type="notification", categorie="usb_device", source="vm-sys-usb")
@@ -348,7 +354,7 @@ async def _take(stream: client_module.MessageStream, n: int) -> AsyncIterator[Me
         yield await asyncio.wait_for(stream.__anext__(), 5)
 
 
-async def test_stream_overflow_drops_oldest(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_stream_overflow_drops_oldest(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         stream = c.messages(maxsize=3)
         last = c.messages()
@@ -362,12 +368,12 @@ async def test_stream_overflow_drops_oldest(pair: SocatPair, peer: PtyPeer) -> N
     assert [e["event"] for e in logs].count("messages.dropped") == 1
 
 
-async def test_streams_created_before_open_are_closed(pair: SocatPair) -> None:
+async def test_streams_created_before_open_are_closed(pair: PtyPair) -> None:
     c = new_client(pair)
     assert [m async for m in c.messages()] == []
 
 
-async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_reconnects_when_the_channel_resets(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, backoff_min=0.05, backoff_max=0.2) as c:
         task = asyncio.create_task(c.commande("vm-b", "lent", timeout=10))
         await peer.recv()
@@ -379,7 +385,7 @@ async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer
         # A send while down waits for the channel to come back.
         sender = asyncio.create_task(c.notify("tous", "domaine", "etat", {"pret": True}))
         pair.start()
-        peer2 = PtyPeer(pair.b)
+        peer2 = PtyPeer(pair.dom0)
         try:
             await asyncio.wait_for(sender, 5)
             assert isinstance(await peer2.recv(), Notification)
@@ -393,7 +399,7 @@ async def test_reconnects_when_the_channel_resets(pair: SocatPair, peer: PtyPeer
             peer2.close()
 
 
-async def test_send_while_down_times_out(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_send_while_down_times_out(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair, connect_timeout=0.2, backoff_min=0.05) as c:
         peer.close()
         pair.stop()
@@ -410,6 +416,7 @@ async def test_open_fails_cleanly_without_channel(tmp_path: Path) -> None:
             pass
 
 
+@pytest.mark.integration
 async def test_tty_is_put_in_raw_mode(tmp_path: Path) -> None:
     # An hvc or pty starts cooked: it echoes and buffers lines. Check from the other
     # side that the client turned that off.
@@ -437,13 +444,14 @@ async def test_tty_is_put_in_raw_mode(tmp_path: Path) -> None:
         os.close(slave)
 
 
-async def test_tty_is_opened_exclusively(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_tty_is_opened_exclusively(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair):
         with pytest.raises(Disconnected):
             async with new_client(pair):
                 pass
 
 
+@pytest.mark.integration
 async def test_flow_control_bounds_the_write_buffer(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "s.sock", reading=False).start()
     try:
@@ -470,6 +478,7 @@ async def test_flow_control_bounds_the_write_buffer(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -510,6 +519,7 @@ async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_registration_refused(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -528,6 +538,7 @@ async def test_dom0_registration_refused(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_dom0_without_handlers_does_not_register(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
@@ -541,6 +552,7 @@ async def test_dom0_without_handlers_does_not_register(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 def test_name_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sock = tmp_path / "s.sock"
     s = socket.socket(socket.AF_UNIX)
@@ -563,6 +575,7 @@ def test_name_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         s.close()
 
 
+@pytest.mark.integration
 def test_name_from_xenstore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = tmp_path / "xenstore-read"
     script.write_text("#!/bin/sh\n[ \"$1\" = name ] && echo vm-xen\n")
@@ -580,7 +593,7 @@ def test_exports() -> None:
         assert name in messagerie.__all__
 
 
-def test_blocking_client(pair: SocatPair) -> None:
+def test_blocking_client(pair: PtyPair) -> None:
     # The peer runs on its own loop in a thread; the blocking client on another.
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -596,7 +609,7 @@ def test_blocking_client(pair: SocatPair) -> None:
         return None
 
     async def serve() -> None:
-        holder["peer"] = PtyPeer(pair.b)
+        holder["peer"] = PtyPeer(pair.dom0)
         ready.set()
         try:
             await holder["peer"].serve(answer)
@@ -614,7 +627,7 @@ def test_blocking_client(pair: SocatPair) -> None:
     assert ready.wait(5)
     peer: PtyPeer = holder["peer"]
     try:
-        c = BlockingClient("vm-a", path=pair.a)
+        c = BlockingClient("vm-a", path=pair.domu)
 
         @c.handler("addition")
         def addition(cmd: Commande) -> int:
@@ -652,7 +665,7 @@ def test_blocking_client(pair: SocatPair) -> None:
         thread.join(5)
 
 
-async def test_close_is_idempotent_and_fails_pending(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_close_is_idempotent_and_fails_pending(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     await c.open()
     task = asyncio.create_task(c.commande("vm-b", "x", timeout=10))
@@ -666,6 +679,7 @@ async def test_close_is_idempotent_and_fails_pending(pair: SocatPair, peer: PtyP
 
 
 
+@pytest.mark.integration
 async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Path) -> None:
     # The caller was told Disconnected (so it may retry): the command must not then be
     # written on the next channel behind its back (a retried delete would run twice).
@@ -736,7 +750,7 @@ async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_open_twice_is_refused(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_open_twice_is_refused(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
         with pytest.raises(RuntimeError, match="already open"):
             await c.open()
@@ -779,7 +793,7 @@ async def test_close_while_registering_fails_the_open(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_a_second_close_waits_for_the_first(pair: SocatPair, peer: PtyPeer) -> None:
+async def test_a_second_close_waits_for_the_first(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     started = asyncio.Event()
 
@@ -801,7 +815,7 @@ async def test_a_second_close_waits_for_the_first(pair: SocatPair, peer: PtyPeer
 
 
 async def test_command_is_the_name_and_commande_its_alias(
-        pair: SocatPair, peer: PtyPeer) -> None:
+        pair: PtyPair, peer: PtyPeer) -> None:
     assert Client.commande is Client.command
     assert BlockingClient.commande is BlockingClient.command
     async with new_client(pair) as c:

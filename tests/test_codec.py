@@ -22,9 +22,7 @@ from messagerie import (
     encode,
     from_dict,
 )
-
-SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
-                b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
+from tests.support.corpus import SPEC_EXAMPLE
 
 SAMPLES: list[Message] = [
     Notification("vm-sys-usb", TOUS, "disque", "etat", {"nom": "sda", "connecte": True}),

@@ -34,6 +34,7 @@ def test_name_from_path() -> None:
     assert name_from_path("/x/*.sock", "/x/.sock") == ""
 
 
+@pytest.mark.integration
 def test_scan_sockets_and_files(tmp_path: Path, sockets: list[socket.socket]) -> None:
     usb = bind(tmp_path / "vm-sys-usb-msg.sock", sockets)
     ui = bind(tmp_path / "vm-ui-msg.sock", sockets)
@@ -52,6 +53,7 @@ def test_scan_nothing(tmp_path: Path) -> None:
     assert scan([]) == ({}, [])
 
 
+@pytest.mark.integration
 def test_invalid_names_rejected(tmp_path: Path, sockets: list[socket.socket]) -> None:
     good = bind(tmp_path / "vm-a-msg.sock", sockets)
     bad = []
@@ -64,6 +66,7 @@ def test_invalid_names_rejected(tmp_path: Path, sockets: list[socket.socket]) ->
     assert rejected == sorted(bad)
 
 
+@pytest.mark.integration
 def test_first_pattern_wins(tmp_path: Path, sockets: list[socket.socket]) -> None:
     first = tmp_path / "first"
     second = tmp_path / "second"

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from messagerie import Code, Message, MessageInvalide, Notification, Reason, decode, encode
+from tests.support.corpus import SPEC_EXAMPLE_TEXT as SPEC_EXAMPLE
 
 PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
-SPEC_EXAMPLE = ('{"type":"notification","source":"vm-sys-usb","destination":"tous",'
-                '"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
 FENCE = re.compile(r"^```(json[^\n]*)\n(.*?)^```\s*$", re.M | re.S)
 
 

@@ -9,65 +9,49 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers_client import SocatPair, async_wait_until, wait_until
 from messagerie.client import Client, CommandError, CommandTimeout
 from messagerie.model import Commande, Notification
+from tests.support.broker_process import BROKER, CLI, BrokerProcess, write_config
+from tests.support.ptys import PtyPair
+from tests.support.waiting import async_wait_until, wait_until
 
-BIN = Path(sys.executable).parent
-BROKER = BIN / "messagerie-broker"
-CLI = BIN / "messagerie"
-
-pytestmark = pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")]
 
 
 class World:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.socket = directory / "dom0.sock"
-        self.pairs = {name: SocatPair(directory, name) for name in ("vm-a", "vm-b")}
-        self.config = directory / "broker.toml"
-        self.config.write_text(
-            f'[dom0]\nsocket = "{self.socket}"\n'
-            + "".join(f'[domaines.{name}]\nchemin = "{p.b}"\n' for name, p in self.pairs.items()))
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.log = open(directory / "broker.log", "wb")  # noqa: SIM115
+        self.pairs = {name: PtyPair(directory, name, start=False) for name in ("vm-a", "vm-b")}
+        self.config = write_config(directory / "broker.toml",
+                                   {name: p.dom0 for name, p in self.pairs.items()},
+                                   dom0_socket=self.socket)
+        self.broker: BrokerProcess | None = None
 
     def start_broker(self) -> None:
-        self.broker = subprocess.Popen([str(BROKER), "--config", str(self.config)],
-                                       stdout=self.log, stderr=subprocess.STDOUT)
+        self.broker = BrokerProcess(self.config)
         # Ready means the dom0 socket listens AND every channel is open: the socket
         # alone appears earlier, and bytes a DomU writes before the broker opens its
         # pty are flushed by that open.
-        log = self.dir / "broker.log"
-        start = log.stat().st_size
-        wait_until(lambda: b'"broker.ready"' in log.read_bytes()[start:]
-                   or self.broker is None or self.broker.poll() is not None,
-                   10, "broker.ready")
-        assert self.broker.poll() is None, log.read_text()
+        self.broker.wait_ready()
         assert self.socket.exists()
 
     def stop_broker(self) -> None:
         if self.broker is None:
             return
-        self.broker.send_signal(signal.SIGTERM)
-        try:
-            self.broker.wait(10)
-        except subprocess.TimeoutExpired:
-            self.broker.kill()
-            self.broker.wait()
+        code = self.broker.stop()
+        assert code == 0, self.broker.tail(20)
         self.broker = None
-        wait_until(lambda: not self.socket.exists(), 10, "dom0 socket removed")
+        wait_until(lambda: not self.socket.exists(), what="dom0 socket removed")
 
     def domu(self, name: str, **kwargs: object) -> Client:
-        return Client(name, path=self.pairs[name].a, backoff_max=0.5, **kwargs)  # type: ignore[arg-type]
+        return Client(name, path=self.pairs[name].domu, backoff_max=0.5, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -80,7 +64,6 @@ def world(tmp_path: Path) -> Iterator[World]:
     w.stop_broker()
     for pair in w.pairs.values():
         pair.stop()
-    w.log.close()
 
 
 @pytest.fixture
@@ -200,8 +183,9 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_cli_round_trip(world: World, vm_b: Client) -> None:
-    a_path = str(world.pairs["vm-a"].a)
+    a_path = str(world.pairs["vm-a"].domu)
     code, out, err = await _cli("--path", a_path, "--as", "vm-a", "command", "vm-b", "echo",
                                 "--set", "z=3")
     assert code == 0, err

@@ -40,9 +40,9 @@ from messagerie import (
 )
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
 from messagerie.model import _valid_token, valid_name_or_tous
-from test_hostile import CORPUS
-from test_hostile import notif as hostile_notif
-from test_properties import garbage, ids, json_objects, json_values, wire_objects
+from tests.support.corpus import CORPUS, mouse
+from tests.support.corpus import notif as hostile_notif
+from tests.support.strategies import garbage, ids, json_objects, json_values, wire_objects
 
 SETTINGS = settings(max_examples=120, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -421,6 +421,7 @@ def test_hostile_corpus(line: bytes, reason: Reason, field: str | None, name: st
         assert got == ("refused", reason, field)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(frames(), st.sampled_from([b"", b"\n", b"\r\n"]))
 def test_equivalent_to_decode(memo: Memo, frame: tuple[bytes, str], ending: bytes) -> None:
@@ -677,16 +678,6 @@ def test_odd_valid_reponses_and_notifications(memo: Memo, line: bytes) -> None:
 
 # -- decode_runs ---------------------------------------------------------------------
 
-def mouse(source: str, dest: str, i: int, categorie: str = "entree") -> bytes:
-    """bench/peers.py's mouse(), bare."""
-    return (b'{"type":"notification","source":"%s","destination":"%s","payload":'
-            b'{"categorie":"%s","evenement":"souris","data":{"entree":"souris",'
-            b'"position":{"x":%d,"y":%d},"boutons":{"gauche":0,"milieu":0,"droit":1},'
-            b'"seq":%d,"t":%d}}}'
-            % (source.encode(), dest.encode(), categorie.encode(), i % 1920, i % 1080, i,
-               1_700_000_000_000_000_000 + i))
-
-
 def shape(item: Envelope | Run) -> tuple[Any, ...]:
     if type(item) is Run:
         e = item.envelope
@@ -892,6 +883,7 @@ VARIANTS: Final = ["evenement", "categorie", "data null", "no data", "data array
                    "unknown key", "commande"]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.tuples(st.sampled_from([*NAMES, DOM0]),
                  st.sampled_from([*NAMES, NAMES[1], DOM0, TOUS]), st.sampled_from(CATEGORIES)),

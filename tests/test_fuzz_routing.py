@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -156,6 +157,7 @@ def test_route_never_raises_and_its_decision_is_well_formed(s: tuple[Message, st
     assert len(set(decision.targets)) == len(decision.targets), "duplicate target"
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(scenarios())
 def test_a_forged_source_is_always_refused(s: tuple[Message, str, View]) -> None:
@@ -276,6 +278,7 @@ def hostile_streams(draw: st.DrawFn) -> bytes:
     return b"".join(parts)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_streams(), st.lists(st.integers(0, 2000), max_size=6), names, views(),
        st.sampled_from([64, 256, 65536]))

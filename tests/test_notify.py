@@ -62,6 +62,7 @@ def supervisor(request: pytest.FixtureRequest, path_supervisor: Supervisor,
     return path_supervisor if request.param == "path" else abstract_supervisor
 
 
+@pytest.mark.integration
 def test_protocol_messages(supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", supervisor.text)
     with Notifier() as notifier:
@@ -87,6 +88,7 @@ def test_protocol_messages(supervisor: Supervisor, monkeypatch: pytest.MonkeyPat
         assert supervisor.receive() == ["STOPPING=1", "STATUS=draining"]
 
 
+@pytest.mark.integration
 def test_explicit_address(path_supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notifier = Notifier(path_supervisor.text)
@@ -111,6 +113,7 @@ def test_noop_without_notify_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Notifier("vsock:2:1234").enabled  # not supported: disabled, not an error
 
 
+@pytest.mark.integration
 def test_send_failure_returns_false(tmp_path: Path) -> None:
     notifier = Notifier(str(tmp_path / "nobody-listens.sock"))
     assert notifier.enabled
@@ -150,6 +153,7 @@ def test_watchdog_interval_defaults_to_our_pid(monkeypatch: pytest.MonkeyPatch) 
     assert watchdog_interval() is None
 
 
+@pytest.mark.integration
 async def test_watchdog_loop_pings_from_the_loop(path_supervisor: Supervisor) -> None:
     notifier = Notifier(path_supervisor.text)
     task = asyncio.create_task(watchdog_loop(notifier, 0.01))
@@ -164,6 +168,7 @@ async def test_watchdog_loop_pings_from_the_loop(path_supervisor: Supervisor) ->
         notifier.close()
 
 
+@pytest.mark.integration
 async def test_watchdog_loop_skips_pings_while_unhealthy(path_supervisor: Supervisor) -> None:
     notifier = Notifier(path_supervisor.text)
     healthy = asyncio.Event()
@@ -205,6 +210,7 @@ async def test_watchdog_loop_returns_when_disabled() -> None:
     await asyncio.wait_for(watchdog_loop(Notifier("/x"), 0), TIMEOUT)
 
 
+@pytest.mark.integration
 def test_a_wedged_loop_stops_the_pings(path_supervisor: Supervisor) -> None:
     """The point of pinging from the loop: a blocked loop sends nothing."""
     notifier = Notifier(path_supervisor.text)

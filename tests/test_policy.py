@@ -300,6 +300,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.integration
 def test_explain_cli_allowed() -> None:
     r = run_cli(str(EXAMPLE), "--source", "vm-ui", "--destination", "vm-sys-usb",
                 "--type", "commande", "--nom", "lister_disques")
@@ -308,6 +309,7 @@ def test_explain_cli_allowed() -> None:
     assert "allow: rule " in r.stdout and "allow vm-ui -> vm-sys-usb commande" in r.stdout
 
 
+@pytest.mark.integration
 def test_explain_cli_denied_by_rule_and_by_default() -> None:
     r = run_cli(str(EXAMPLE), "-s", "vm-sys-usb", "-d", "vm-ui", "-t", "commande", "-n", "x")
     assert r.returncode == 1
@@ -319,6 +321,7 @@ def test_explain_cli_denied_by_rule_and_by_default() -> None:
     assert "deny: default deny" in r.stdout
 
 
+@pytest.mark.integration
 def test_explain_cli_broadcast_allowed() -> None:
     r = run_cli(str(EXAMPLE), "-s", "vm-sys-usb", "-d", "vm-diag", "-t", "notification",
                 "-n", "disque", "--broadcast")
@@ -326,6 +329,7 @@ def test_explain_cli_broadcast_allowed() -> None:
     assert "allow vm-sys-usb -> tous notification" in r.stdout
 
 
+@pytest.mark.integration
 def test_explain_cli_bad_policy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(rule("a", "b", action="alow"))

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from messagerie import MessageInvalide, from_dict
 from messagerie.model import MESSAGE_TYPES, TOUS, Niveau, Statut
 from messagerie.schema import json_schema, main, render
-from test_properties import json_values, wire_objects
+from tests.support.corpus import spec_example_object
+from tests.support.strategies import json_values, wire_objects
 
 CHECKED_IN = Path(__file__).resolve().parent.parent / "docs" / "schema" / "messagerie.schema.json"
 REGENERATE = "python -m messagerie.schema > docs/schema/messagerie.schema.json"
@@ -59,6 +60,7 @@ def test_schema_follows_the_model() -> None:
     assert defs["reponse_payload"]["properties"]["statut"]["enum"] == [s.value for s in Statut]
 
 
+@pytest.mark.integration
 def test_module_runs_cleanly() -> None:
     # The documented regeneration command: same text, and no runpy warning (which appears
     # when the package __init__ imports messagerie.schema, so it does not).
@@ -79,8 +81,7 @@ def test_main_writes_stdout_or_a_file(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("obj", [
-    {"type": "notification", "source": "vm-sys-usb", "destination": "tous",
-     "payload": {"categorie": "device", "evenement": "connect", "chemin": "/mnt/usb_in"}},
+    spec_example_object(),
     {"type": "commande", "source": "vm-ui", "destination": "dom0",
      "payload": {"id": "1", "commande": "lister", "arguments": None}},
     {"type": "reponse", "source": "dom0", "destination": "vm-ui",
@@ -142,6 +143,7 @@ def accepted(obj: dict[str, Any]) -> bool:
     return True
 
 
+@pytest.mark.slow
 @settings(SETTINGS, max_examples=400)
 @given(wire_objects(), st.data())
 def test_schema_and_decoder_agree_on_mutations(obj: dict[str, Any], data: st.DataObject) -> None:

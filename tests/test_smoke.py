@@ -1,7 +1,5 @@
 import messagerie
-
-SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
-                b'"payload":{"categorie":"device","evenement":"connect","chemin":"/mnt/usb_in"}}')
+from tests.support.corpus import SPEC_EXAMPLE
 
 
 def test_spec_example_round_trips() -> None:

@@ -44,6 +44,7 @@ def make_testable_copy(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.integration
 @needs_analyze
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     copy = make_testable_copy(tmp_path)
@@ -57,6 +58,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert ours == [], output
 
 
+@pytest.mark.integration
 @needs_analyze
 def test_systemd_analyze_verify_catches_errors(tmp_path: Path) -> None:
     """The verify test is not vacuous: a misspelt directive is reported."""
@@ -68,6 +70,7 @@ def test_systemd_analyze_verify_catches_errors(tmp_path: Path) -> None:
     assert "ProtectHomme" in result.stdout + result.stderr
 
 
+@pytest.mark.integration
 @needs_analyze
 def test_security_exposure(tmp_path: Path) -> None:
     assert ANALYZE is not None
@@ -148,6 +151,7 @@ def test_limit_nofile_is_set() -> None:
     assert int(directives(UNIT)["LimitNOFILE"][0]) > 0
 
 
+@pytest.mark.integration
 def test_sysusers_creates_user_and_group(tmp_path: Path) -> None:
     sysusers = shutil.which("systemd-sysusers")
     if sysusers is None:

@@ -1,0 +1,14 @@
+"""What the tests (and the benchmarks in ``bench/``) share, one module per job:
+
+* :mod:`.waiting`: wait on a condition with a deadline (never a fixed sleep);
+* :mod:`.ptys`: socat pty pairs standing in for Xen pv-channels;
+* :mod:`.peers`: the ends of a channel a test plays (a DomU end, QEMU's listening
+  socket, a fake broker on a pty or a unix socket);
+* :mod:`.broker_process`: the broker started as users start it (its console script);
+* :mod:`.corpus`: the specification's example frame and the hostile corpus;
+* :mod:`.strategies`: Hypothesis strategies shared by the property tests.
+
+Imported as ``tests.support.<module>``: the repository root is on ``sys.path`` under
+pytest (``tests`` is a package, and ``pythonpath`` in pyproject.toml) and for the
+benchmarks, run from the root as ``python -m bench.<script>``.
+"""

@@ -1,0 +1,150 @@
+"""The broker started as users start it: ``messagerie-broker --config FILE``, its
+console script, as a subprocess; its JSON log events read from its stdout.
+
+:class:`BrokerSystem` puts it together with domains on socat ptys and their DomU ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .peers import Domu
+from .ptys import PtyPair
+from .waiting import wait_until
+
+BIN = Path(sys.executable).parent
+BROKER = BIN / "messagerie-broker"
+CLI = BIN / "messagerie"
+
+
+class BrokerProcess:
+    """``messagerie-broker --config FILE`` as a subprocess; its JSON log events are
+    collected from stdout by a thread."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.events: list[dict[str, Any]] = []
+        self.raw_lines: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [str(BROKER), "--config", str(config), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            text = line.decode(errors="replace").strip()
+            with self._lock:
+                self.raw_lines.append(text)
+                with contextlib.suppress(ValueError):
+                    self.events.append(json.loads(text))
+
+    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e.get("event") == event
+                    and all(e.get(k) == v for k, v in match.items())]
+
+    def wait_event(self, event: str, timeout: float = 10.0, count: int = 1,
+                   **match: Any) -> dict[str, Any]:
+        """Wait until ``event`` (with these fields) was logged ``count`` times; return
+        the ``count``-th."""
+        found = wait_until(lambda: len(self.find(event, **match)) >= count and
+                           self.find(event, **match), timeout,
+                           lambda: f"log event {event} {match} (have: {self.tail()})")
+        return found[count - 1]
+
+    def wait_line(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until a raw output line contains ``text`` (for lines that are not bare
+        JSON, e.g. with a journald priority prefix); return it."""
+        def line() -> str | None:
+            with self._lock:
+                return next((ln for ln in self.raw_lines if text in ln), None)
+        return wait_until(line, timeout, lambda: f"a line with {text!r} (have: {self.tail()})")
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """``broker.ready``: the dom0 socket listens and every channel had its first
+        attempt. Fails at once, with the output, if the broker exits instead."""
+        wait_until(lambda: self.find("broker.ready") or self.proc.poll() is not None,
+                   timeout, lambda: f"broker.ready (have: {self.tail()})")
+        assert self.proc.poll() is None, f"the broker exited: {self.tail(20)}"
+
+    def tail(self, n: int = 8) -> list[str]:
+        with self._lock:
+            return self.raw_lines[-n:]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then the exit status (a broker that does not exit fails the test)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("broker did not exit on SIGTERM") from None
+        finally:
+            self._reader.join(5)
+
+
+def write_config(path: Path, domains: dict[str, Path], *, extra: str = "",
+                 dom0_socket: Path | None = None) -> Path:
+    lines = [f'[dom0]\nsocket = "{dom0_socket or path.parent / "dom0.sock"}"\n']
+    if extra:
+        lines.append(extra)
+    for name, chemin in domains.items():
+        lines.append(f'[domaines.{name}]\nchemin = "{chemin}"\n')
+    path.write_text("\n".join(lines))
+    return path
+
+
+class BrokerSystem:
+    """Domains on socat ptys, the broker started on them as users start it, and each
+    domain's DomU end. ``missing`` domains are configured with a path that does not
+    exist (offline); ``paths`` adds domains on paths of the caller's (a unix socket, a
+    regular file...)."""
+
+    def __init__(self, tmp: Path, names: tuple[str, ...], *, extra: str = "",
+                 missing: tuple[str, ...] = (), paths: dict[str, Path] | None = None,
+                 dom0_socket: Path | None = None, wait_connected: bool = False) -> None:
+        self.tmp = tmp
+        self.pairs = {n: PtyPair(tmp, n) for n in names}
+        self.paths = {n: p.dom0 for n, p in self.pairs.items()}
+        self.paths.update({n: tmp / f"{n}.absent" for n in missing})
+        self.paths.update(paths or {})
+        self.dom0_socket = dom0_socket or tmp / "dom0.sock"
+        self.extra = extra
+        self.config = write_config(tmp / "broker.toml", self.paths, extra=extra,
+                                   dom0_socket=self.dom0_socket)
+        self.broker = BrokerProcess(self.config)
+        self.broker.wait_event("broker.ready")
+        if wait_connected:
+            wait_until(lambda: len(self.broker.find("domain.connected")) >= len(names),
+                       what=f"{len(names)} domains connected")
+        self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+
+    def reconfigure(self, paths: dict[str, Path]) -> None:
+        """Rewrite the configuration with these domains (same dom0 socket and extra
+        keys); send SIGHUP to apply it."""
+        write_config(self.config, paths, extra=self.extra, dom0_socket=self.dom0_socket)
+
+    def close(self) -> int:
+        code = self.broker.stop()
+        for d in self.domus.values():
+            d.close()
+        for p in self.pairs.values():
+            p.kill()
+        return code
