@@ -725,6 +725,7 @@ async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Pa
 
 # -- lifecycle states, English names ---------------------------------------------------
 
+@pytest.mark.integration
 async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "s.sock").start()
     try:
@@ -757,6 +758,7 @@ async def test_open_twice_is_refused(pair: PtyPair, peer: PtyPeer) -> None:
         assert c.state is ClientState.CONNECTED
 
 
+@pytest.mark.integration
 async def test_an_open_that_failed_may_be_retried(tmp_path: Path) -> None:
     c = Client("vm-a", path=tmp_path / "s.sock")
     stream = c.messages()
@@ -775,6 +777,7 @@ async def test_an_open_that_failed_may_be_retried(tmp_path: Path) -> None:
         await server.stop()
 
 
+@pytest.mark.integration
 async def test_close_while_registering_fails_the_open(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:

@@ -23,6 +23,8 @@ from messagerie import blocking, client, errors, identity, model, streams
 
 SRC = Path(messagerie.__file__).resolve().parent.parent
 IO_MODULES = ("asyncio", "serial", "serial_asyncio", "structlog")
+pytestmark = pytest.mark.integration  # each check runs a fresh interpreter
+
 PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.model", "messagerie.vocabulary",
                 "messagerie.codec", "messagerie.envelope", "messagerie.schema")
 
