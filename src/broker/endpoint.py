@@ -233,9 +233,10 @@ class Endpoint(asyncio.Protocol):
 
     def _process(self, data: bytes) -> None:
         bucket = self.bucket
-        bucket.refill()
         spend = bucket.spend
-        stats = self.stats
+        # The balance in a local while the read is processed: only what is over budget
+        # costs a call (TokenBucket.spend counts it), nothing else reads the bucket then.
+        tokens = bucket.refill()
         sink = self.sink
         receive = sink.receive
         cork = sink.cork
@@ -244,11 +245,16 @@ class Endpoint(asyncio.Protocol):
             for item in self.decoder.feed(data):
                 # A junk frame costs a decode attempt like a message: it spends the same
                 # rate budget, or a domain flooding garbage would escape throttling.
-                over = spend(item.count if type(item) is Run else 1)
-                if over:
-                    stats.throttled += over
+                n = item.count if type(item) is Run else 1
+                if tokens >= n:
+                    tokens -= n
+                else:
+                    bucket.tokens = tokens
+                    self.stats.throttled += spend(n)
+                    tokens = bucket.tokens
                 receive(self, item)
         finally:
+            bucket.tokens = tokens
             cork.release()
         if bucket.tokens < 0 and self.transport is not None and self._throttle_timer is None:
             # Over its rate: stop reading this channel until the bucket refills. The

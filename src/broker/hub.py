@@ -161,33 +161,34 @@ class Broker:
         peer.stats.received += 1
         kind = msg.type
         routed, cached = self._route(peer, msg)
-        decision: Decision[Endpoint] = routed
-        if type(routed) is Deliver and kind in DISPATCHED:
-            decision = dispatch(msg, routed, peer, self)
-        data = msg.raw + b"\n"
-        dtype = type(decision)
-        if dtype is Deliver:
-            self._deliver(peer, msg, decision, data)  # type: ignore[arg-type]
-        elif dtype is Refuse:
-            self.refuse(peer, msg, decision)  # type: ignore[arg-type]
+        if type(routed) is Refuse:
+            self.refuse(peer, msg, routed)
             return
-        elif dtype is Forward:
-            self._forward(peer, msg, decision, data)  # type: ignore[arg-type]
-        elif dtype is Answer:
-            self._answer(peer, msg, decision, data)  # type: ignore[arg-type]
+        deliver: Deliver = routed  # type: ignore[assignment]
+        data = msg.raw + b"\n"
+        if kind in DISPATCHED:
+            if not self._dispatch(peer, msg, dispatch(msg, deliver, peer, self), data):
+                return
         else:
-            assert dtype is Builtin
-            self._builtin(peer, msg)
+            # A notification or a journal: the route decided (hot path, inlined).
+            for target in deliver.targets:
+                if target == DOM0:
+                    self._to_dom0(peer, msg, data)
+                else:
+                    dest = self.domains[target]
+                    if not dest.send(data, peer):
+                        self._dropped(peer, dest, msg)
+            if deliver.dom0_services or deliver.denied:
+                self._after_broadcast(peer, msg, deliver, data)
         if cached is not None:
             cached.count += 1
         else:
             flow = (msg.source, msg.destination, kind)
             self.traffic[flow] = self.traffic.get(flow, 0) + 1
         if self.debug:
-            targets = decision.targets if type(decision) is Deliver else (msg.destination,)
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=kind, name=msg.name, id=msg.id,
-                           size=len(data), targets=list(targets))
+                           size=len(data), targets=list(deliver.targets))
 
     def receive_run(self, peer: Endpoint, run: Run) -> None:
         """Consecutive notifications from one source to one domain with one category:
@@ -259,10 +260,27 @@ class Broker:
         self.log.info("traffic.summary", interval=interval, messages=total, flows=flows)
 
     # -- applying decisions ----------------------------------------------------------
+    def _dispatch(self, peer: Endpoint, msg: Envelope, decision: Decision[Endpoint],
+                  data: bytes) -> bool:
+        """Apply what ``router.dispatch`` decided on a commande or a reponse; False if
+        it was refused."""
+        dtype = type(decision)
+        if dtype is Forward:
+            self._forward(peer, msg, decision, data)  # type: ignore[arg-type]
+        elif dtype is Answer:
+            self._answer(peer, msg, decision, data)  # type: ignore[arg-type]
+        elif dtype is Builtin:
+            self._builtin(peer, msg)
+        else:
+            assert dtype is Refuse, decision
+            self.refuse(peer, msg, decision)  # type: ignore[arg-type]
+            return False
+        return True
+
     def _deliver(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
                  data: bytes) -> None:
         """A notification or a journal: to each target (dom0: its services and, for a
-        journal, the broker's log)."""
+        journal, the broker's log). ``receive`` has this inlined."""
         for target in deliver.targets:
             if target == DOM0:
                 self._to_dom0(peer, msg, data)
@@ -270,6 +288,11 @@ class Broker:
                 dest = self.domains[target]
                 if not dest.send(data, peer) and peer is not None:
                     self._dropped(peer, dest, msg)
+        if deliver.dom0_services or deliver.denied:
+            self._after_broadcast(peer, msg, deliver, data)
+
+    def _after_broadcast(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
+                         data: bytes) -> None:
         if deliver.dom0_services:
             self._to_dom0_services(peer, msg, data)
         if deliver.denied and peer is not None:
