@@ -16,10 +16,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.config import Config, DomainConfig, Limits
-from broker.core import Broker
-from broker.endpoint import HARD_LIMIT_FACTOR, DomainEndpoint, LogBudget, Peer
-from broker.local import Dom0Hub, LocalConnection
+from broker.dom0 import Dom0Connection
+from broker.endpoint import HARD_LIMIT_FACTOR, DomainEndpoint, Endpoint
+from broker.hub import Broker
 from broker.policy import parse_policy
+from broker.ratelimit import LogBudget
 from broker.router import PolicyLike
 from messagerie import (
     DOM0,
@@ -38,7 +39,7 @@ from tests.support.waiting import async_wait_until
 
 
 class FakeTransport:
-    """Enough of an asyncio transport for a Peer: collects writes, records calls."""
+    """Enough of an asyncio transport for an Endpoint: collects writes, records calls."""
 
     def __init__(self) -> None:
         self.written = bytearray()
@@ -100,8 +101,7 @@ class Setup:
 
     def __init__(self, *names: str, policy: PolicyLike | None = None, **limits: Any) -> None:
         self.broker = Broker(config(**limits), policy)
-        self.hub = Dom0Hub(self.broker)
-        self.broker.dom0 = self.hub
+        self.hub = self.broker.dom0
         self.eps: dict[str, DomainEndpoint] = {}
         self.t: dict[str, FakeTransport] = {}
         for name in names or ("vm-a", "vm-b"):
@@ -121,22 +121,22 @@ class Setup:
         self.broker.domains[name] = ep
         return ep
 
-    def service(self) -> tuple[LocalConnection, FakeTransport]:
-        conn = LocalConnection(self.broker, self.hub)
+    def service(self) -> tuple[Dom0Connection, FakeTransport]:
+        conn = Dom0Connection(self.broker, self.hub)
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         return conn, transport
 
-    def send(self, peer: Peer, *messages: Message | bytes) -> None:
+    def send(self, peer: Endpoint, *messages: Message | bytes) -> None:
         data = b"".join(m if isinstance(m, bytes) else encode(m) for m in messages)
         peer.data_received(data)
         self.flush()
 
     def flush(self) -> None:
         for ep in self.eps.values():
-            ep._flush()
+            ep.flush()
         for conn in self.hub.clients:
-            conn._flush()
+            conn.flush()
 
     def out(self, name: str) -> list[Message]:
         return self.t[name].messages()
@@ -241,7 +241,7 @@ async def test_refusals_answered_for_commands_only() -> None:
     assert answers[0].destination == "vm-a"  # addressed to the real sender, not the forged
     assert s.out("vm-b") == []               # source, on the sender's own channel
     assert a.stats.refused == 6
-    assert s.broker.pending == {}
+    assert len(s.broker.pending) == 0
 
 
 async def test_policy_denial_answered_without_the_rule() -> None:
@@ -266,10 +266,10 @@ async def test_reponse_goes_to_asker_once() -> None:
     cmd = Commande("vm-a", "vm-b", "lister", {"x": 1}, id="c1")
     s.send(a, cmd)
     assert s.out("vm-b") == [cmd]
-    assert a.in_flight == 1 and ("vm-a", "c1") in s.broker.pending
+    assert s.broker.pending.in_flight(a) == 1 and ("vm-a", "c1") in s.broker.pending
     s.send(b, cmd.reply(["sda"]))
     assert s.out("vm-a") == [cmd.reply(["sda"])]
-    assert a.in_flight == 0 and s.broker.pending == {}
+    assert s.broker.pending.in_flight(a) == 0 and len(s.broker.pending) == 0
     s.send(b, cmd.reply(["again"]))  # a second answer: unsolicited, refused
     assert s.out("vm-a") == [] and s.out("vm-b") == []
     assert b.stats.refused == 1
@@ -290,7 +290,7 @@ async def test_fail_pending_when_destination_goes_down() -> None:
     s.send(a, Commande("vm-a", "vm-b", "lister", id="c1"),
            Commande("vm-a", "vm-b", "lister", id="c2"))
     s.send(b, Commande("vm-b", "vm-a", "etat", id="b1"))  # asked by the one going down
-    assert a.in_flight == 2 and b.in_flight == 1
+    assert s.broker.pending.in_flight(a) == 2 and s.broker.pending.in_flight(b) == 1
     b.connection_lost(None)
     b.connected_since = None
     s.broker.domain_down(b)
@@ -302,8 +302,8 @@ async def test_fail_pending_when_destination_goes_down() -> None:
     states = [m for m in msgs if isinstance(m, Notification)]
     assert [(m.evenement, m.data) for m in states] == [
         (Evenement.DECONNECTE, {"domaine": "vm-b"})]
-    assert a.in_flight == 0
-    assert s.broker.pending == {}  # b1 forgotten: nobody to answer
+    assert s.broker.pending.in_flight(a) == 0
+    assert len(s.broker.pending) == 0  # b1 forgotten: nobody to answer
 
 
 async def test_asker_down_frees_its_slots() -> None:
@@ -312,18 +312,18 @@ async def test_asker_down_frees_its_slots() -> None:
     s = Setup(commands_in_flight=2)
     b = s.eps["vm-b"]
     s.send(b, Commande("vm-b", "vm-a", "etat", id="b1"), Commande("vm-b", "vm-a", "etat", id="b2"))
-    assert b.in_flight == 2
+    assert s.broker.pending.in_flight(b) == 2
     assert len(s.out("vm-a")) == 2
     b.connection_lost(None)
     b.connected_since = None
     s.broker.domain_down(b)
-    assert s.broker.pending == {}
+    assert len(s.broker.pending) == 0
     # The same endpoint reconnects (DomainEndpoint._supervise reuses it).
     transport = FakeTransport()
     b.connection_made(transport)  # type: ignore[arg-type]
     b.connected_since = time.time()
     s.t["vm-b"] = transport
-    assert b.in_flight == 0
+    assert s.broker.pending.in_flight(b) == 0
     s.send(b, Commande("vm-b", "vm-a", "etat", id="b3"))
     assert transport.messages() == []  # not answered "limite"
     assert [m.payload["id"] for m in s.out("vm-a") if isinstance(m, Commande)] == ["b3"]
@@ -347,7 +347,7 @@ async def test_expire_pending() -> None:
     s.send(a, Commande("vm-a", "vm-b", "lister", id="slow"))
     s.broker.expire_pending()  # not yet
     s.flush()
-    assert s.out("vm-a") == [] and a.in_flight == 1
+    assert s.out("vm-a") == [] and s.broker.pending.in_flight(a) == 1
 
     def expired() -> bool:
         s.broker.expire_pending()
@@ -358,7 +358,7 @@ async def test_expire_pending() -> None:
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("slow", Code.DELAI_DEPASSE)
     assert isinstance(answer, Reponse) and answer.commande == "lister"
-    assert a.in_flight == 0
+    assert s.broker.pending.in_flight(a) == 0
     # A late answer is now unsolicited.
     s.send(s.eps["vm-b"], Reponse("vm-b", "vm-a", "slow", "lister", resultat=1))
     assert s.out("vm-a") == []
@@ -372,7 +372,7 @@ async def test_commands_in_flight_limit() -> None:
     assert s.out("vm-b") == cmds[:2]
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("c2", Code.LIMITE)
-    assert a.in_flight == 2
+    assert s.broker.pending.in_flight(a) == 2
     s.send(s.eps["vm-b"], cmds[0].reply(1))
     s.out("vm-a")
     s.send(a, cmds[2])  # room again
@@ -387,7 +387,7 @@ async def test_duplicate_id() -> None:
     assert len(s.out("vm-b")) == 1
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("same", Code.MESSAGE_INVALIDE)
-    assert a.in_flight == 1
+    assert s.broker.pending.in_flight(a) == 1
 
 
 # -- built-ins ----------------------------------------------------------------------
@@ -410,7 +410,7 @@ async def test_builtins() -> None:
     assert isinstance(stats, Reponse) and stats.ok
     assert stats.resultat["domaines"]["vm-a"]["recus"] == 4
     assert stats.resultat["domaines"]["vm-b"]["envoyes"] == 1
-    assert s.broker.pending == {} and a.in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(a) == 0
 
 
 async def test_enregistrer_refused_from_a_domain() -> None:
@@ -443,7 +443,7 @@ async def test_dom0_services() -> None:
     assert tother.messages() == []
     s.send(svc, Reponse(DOM0, "vm-a", "e1", "etat", resultat="ok"))
     assert s.out("vm-a") == [Reponse(DOM0, "vm-a", "e1", "etat", resultat="ok")]
-    assert s.broker.pending == {} and s.eps["vm-a"].in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(s.eps["vm-a"]) == 0
 
     # Nobody serves it.
     s.send(s.eps["vm-a"], Commande("vm-a", DOM0, "inconnue", id="u1"))
@@ -460,7 +460,7 @@ async def test_dom0_service_gone_fails_its_commands() -> None:
     s.flush()
     assert error_of(s.out("vm-a")[0]) == ("e1", Code.DESTINATION_HORS_LIGNE)
     assert s.hub.services == {} and svc not in s.hub.clients
-    assert s.eps["vm-a"].in_flight == 0
+    assert s.broker.pending.in_flight(s.eps["vm-a"]) == 0
 
 
 async def test_dom0_command_to_domain_and_answer_back() -> None:
@@ -577,7 +577,7 @@ async def test_stalled_destination_releases_senders_and_drops() -> None:
     assert s.t["vm-a"].calls == ["pause", "resume"]
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("c1", Code.DESTINATION_SATUREE)
-    assert s.broker.pending == {} and a.in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(a) == 0
     assert [e["why"] for e in logs if e["event"] == "message.dropped"] == ["queue_full"] * 2
     # It drains: back to normal.
     s.t["vm-b"].buffered = 0
@@ -613,7 +613,7 @@ async def test_dropped_command_to_dom0_service() -> None:
     s.send(s.eps["vm-a"], Commande("vm-a", DOM0, "etat", id="e1"))
     assert tsvc.take() == b""
     assert error_of(s.out("vm-a")[0]) == ("e1", Code.DESTINATION_SATUREE)
-    assert s.broker.pending == {} and s.eps["vm-a"].in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(s.eps["vm-a"]) == 0
 
 
 # -- rate limiting ------------------------------------------------------------------
@@ -645,11 +645,11 @@ async def test_read_size_follows_the_rate_budget() -> None:
     assert t._max_read_size == 40_000
     s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 200)  # one turn (see below)
     assert 39_500 <= t._max_read_size <= 39_700  # 19 800 tokens left, plus a little refill
-    a.tokens = 1.0
+    a.bucket.tokens = 1.0
     s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 5)  # over its rate
     assert t._max_read_size == 4 * 1024 and t.calls == ["pause"]
-    a.tokens = float(a.burst)  # refilled
-    a._last_refill = time.monotonic()
+    a.bucket.tokens = a.bucket.burst  # refilled
+    a.bucket.last = time.monotonic()
     s.send(a, Notification("vm-a", "vm-b", "x", "y"))
     assert t._max_read_size == 39_998
     big = Setup(rate=1e9, burst=10**9)
@@ -710,7 +710,7 @@ async def test_send_to_disconnected_transport(kind: str) -> None:
     # is_connected also requires a transport: refused as offline.
     if kind == "commande":
         assert error_of(s.out("vm-a")[0]) == ("c1", Code.DESTINATION_HORS_LIGNE)
-    assert s.broker.pending == {}
+    assert len(s.broker.pending) == 0
 
 
 async def test_domain_removed_and_readded_under_the_same_name() -> None:
@@ -729,7 +729,7 @@ async def test_domain_removed_and_readded_under_the_same_name() -> None:
         return got
     (answer,) = answers()
     assert error_of(answer) == ("c1", "destination_inconnue")
-    assert a.in_flight == 0
+    assert s.broker.pending.in_flight(a) == 0
     new_b = s.connect("vm-b")  # e.g. discovery found it at a new path
     assert s.broker.domains["vm-b"] is new_b
     # The old endpoint going down later does not touch the new one.
@@ -798,8 +798,8 @@ async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
     # Held by a full destination: the backlog's end does not resume reading either.
     b = s.eps["vm-b"]
     b.pause_writing()
-    a.tokens = float(a.burst)
-    a._last_refill = time.monotonic()
+    a.bucket.tokens = a.bucket.burst
+    a.bucket.last = time.monotonic()
     calls = len(s.t["vm-a"].calls)
     a.data_received(b"".join(encode(Notification("vm-a", "vm-b", "x", "y", {"i": i}))
                              for i in range(MAX_FRAMES_PER_TURN + 5)))
@@ -832,7 +832,7 @@ async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
     s.flush()
     assert [m for m in s.out("vm-c") if m.source == "vm-a"] == [], \
         "commands routed after their domain was removed"
-    assert s.broker.pending == {}
+    assert len(s.broker.pending) == 0
     again = s.connect("vm-a")
     s.send(again, Commande("vm-a", "vm-c", "x", id="cmd-1"))
     (cmd,) = s.out("vm-c")

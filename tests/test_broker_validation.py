@@ -15,10 +15,9 @@ from typing import Any, Final
 import pytest
 from structlog.testing import capture_logs
 
-from broker import core
+from broker import hub
 from broker.config import Config, ConfigError, DomainConfig, parse_config
-from broker.core import Broker
-from broker.local import Dom0Hub
+from broker.hub import Broker
 from broker.policy import parse_policy
 from broker.router import PolicyLike
 from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Reponse, encode
@@ -39,8 +38,7 @@ class VSetup(Setup):
             config = Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
                             dom0_socket=None, **extra)
         self.broker = Broker(config, policy)
-        self.hub = Dom0Hub(self.broker)
-        self.broker.dom0 = self.hub
+        self.hub = self.broker.dom0
         self.eps = {}
         self.t = {}
         for name in names:
@@ -156,18 +154,18 @@ async def test_builtin_with_a_repeat_in_arguments_is_answered(name: str) -> None
     bad = line.replace(b'{"x":1}', b'{"x":1,"x":2}')
     assert bad != line
     ep = s.eps["vm-a"]
-    ep.rate = 0.0  # no refill: the tokens count what the frame spent
-    before = ep.tokens
+    ep.bucket.rate = 0.0  # no refill: the tokens count what the frame spent
+    before = ep.bucket.tokens
     with capture_logs() as logs:
         s.feed("vm-a", bad)
-    assert before - ep.tokens == 1, "one frame spends one token, invalid or not"
+    assert before - ep.bucket.tokens == 1, "one frame spends one token, invalid or not"
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("b1", Code.MESSAGE_INVALIDE)
     assert isinstance(answer, Reponse) and answer.commande == name
     assert (answer.source, answer.destination) == (DOM0, "vm-a")
     assert s.eps["vm-a"].stats.invalid == 1
     assert [e["reason"] for e in events(logs, "frame.invalid")] == ["duplicate_key"]
-    assert s.broker.pending == {} and s.eps["vm-a"].in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(s.eps["vm-a"]) == 0
     assert s.hub.services == {}
     # The same command without the repeat is served.
     s.feed("vm-a", line)
@@ -322,7 +320,7 @@ async def test_disconnect_invalidates_cached_routes() -> None:
     assert a.stats.refused == 12
     (answer,) = s.out("vm-a")
     assert error_of(answer) == ("c2", Code.DESTINATION_HORS_LIGNE)
-    assert s.broker.pending == {} and a.in_flight == 0
+    assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(a) == 0
     assert {e["why"] for e in events(logs, "message.refused")} == {"offline_destination"}
     # It comes back (the supervisor: connection_made, connected_since, domain_up).
     transport = FakeTransport()
@@ -393,7 +391,7 @@ async def test_traffic_counts_survive_invalidation() -> None:
 
 
 async def test_traffic_counts_survive_the_cache_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "ROUTE_CACHE_MAX", 3)
+    monkeypatch.setattr(hub, "ROUTE_CACHE_MAX", 3)
     s = VSetup()
     categories = [f"cat{i}" for i in range(7)]
     frames = [mouse("vm-a", "vm-b", 0, c) for c in categories]

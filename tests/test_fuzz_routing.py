@@ -1,11 +1,15 @@
-"""Hypothesis properties of the routing decision (issue 5, item 4).
+"""Hypothesis properties of the routing decision.
 
-``broker.router.route(message, origin, view)`` is pure: these properties drive it with
-a fake :class:`~broker.router.RoutingView` (registry and pending commands drawn by
-Hypothesis) and real :mod:`broker.policy` policies: allow-all, deny-all, the example
-policy of ``config/policy.toml``, and random rule lists parsed from TOML. The last
-property feeds arbitrary and mutated bytes through the sans-IO decode-then-route
-pipeline. Long runs: ``fuzz/`` (atheris), see ``docs/fuzzing.md``.
+``broker.router.decide(message, origin, sender, view)`` is pure: these properties drive
+it with a fake :class:`~broker.router.RoutingView` (registry, commands in flight, dom0
+services and the endpoints involved drawn by Hypothesis) and real :mod:`broker.policy`
+policies: allow-all, deny-all, the example policy of ``config/policy.toml``, and random
+rule lists parsed from TOML. Both stages are covered: :func:`~broker.router.route` (the
+cached one) and :func:`~broker.router.dispatch` (duplicate ids, the in-flight limit,
+answers only from the endpoint asked, dom0's built-ins and services), the latter also
+as a sequence of messages applied to the table of commands in flight as the broker
+applies them. The last property feeds arbitrary and mutated bytes through the sans-IO
+decode-then-route pipeline. Long runs: ``fuzz/`` (atheris), see ``docs/fuzzing.md``.
 """
 
 from __future__ import annotations
@@ -21,15 +25,25 @@ from hypothesis import strategies as st
 
 from broker.policy import Policy, load_policy, parse_policy
 from broker.router import (
+    BUILTINS,
     DENIED,
+    DISPATCHED,
+    DUPLICATE,
+    KINDS,
     OFFLINE,
     SPOOFED,
+    TOO_MANY,
     UNKNOWN,
+    UNKNOWN_COMMAND,
     UNSOLICITED,
+    Answer,
+    Builtin,
     Deliver,
+    Forward,
     PolicyLike,
     Refuse,
     StaticView,
+    decide,
     route,
 )
 from messagerie import DOM0, TOUS, Code, FrameDecoder, Message, encode, from_dict
@@ -53,7 +67,7 @@ View = StaticView
 
 names = st.sampled_from(NAMES) | st.from_regex(r"\Avm-[a-z]{1,6}\Z")
 labels = st.sampled_from(["entree", "disque", "fichier", "domaine", "lister_disques",
-                          "lire_fichier", "ping", "statistiques", "x"]) \
+                          "lire_fichier", "ping", "statistiques", "enregistrer", "x"]) \
     | st.from_regex(r"\A[a-z][a-z_]{0,11}\Z")
 ids = st.sampled_from(["1", "2", "c1"]) | st.from_regex(r"\A[a-z0-9]{1,8}\Z")
 
@@ -107,12 +121,36 @@ def random_policies(draw: st.DrawFn) -> Policy:
 policies = st.sampled_from([Policy.allow_all(), DENY_ALL, EXAMPLE]) | random_policies()
 
 
+SERVICES = ["svc-1", "svc-2"]
+"""Endpoints of dom0 services: they all speak as dom0, each is an endpoint of its own."""
+
+
+def endpoints_of(name: str) -> st.SearchStrategy[str]:
+    """The endpoints a name may be read from: its own (``StaticView.endpoint``), a
+    stale one (the domain was removed and re-added under the same name), and for dom0
+    one of its services."""
+    own = st.sampled_from([name, f"{name}#old"])
+    return own | st.sampled_from(SERVICES) if name == DOM0 else own
+
+
 @st.composite
 def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> View:
     known = frozenset(draw(st.sets(st.sampled_from(DOMAINS))))
     up = frozenset(draw(st.sets(st.sampled_from(sorted(known)))) if known else ())
-    pending = draw(st.sets(st.tuples(names, ids, names), max_size=6))
-    return View(draw(policy), known, up, pending)
+    view = View(draw(policy), known, up)
+    view.pending.limit = draw(st.integers(1, 4))
+    view.services = draw(st.dictionaries(labels, st.sampled_from(SERVICES), max_size=4))
+    for commander, id, replier in draw(st.lists(st.tuples(names, ids, names), max_size=6)):
+        if (commander, id) not in view.pending:
+            view.expect(commander, id, replier, asker=draw(endpoints_of(commander)),
+                        target=draw(endpoints_of(replier)))
+    return view
+
+
+def awaiting(view: View, commander: str, id: str, replier: str, target: str) -> None:
+    """Make ``view`` await this answer (replacing a command with the same id)."""
+    view.pending.close(commander, id)
+    view.expect(commander, id, replier, target=target)
 
 
 @st.composite
@@ -124,8 +162,44 @@ def scenarios(draw: st.DrawFn, msgs: st.SearchStrategy[Message] | None = None
     origin = draw(st.just(msg.source) | names)
     view = draw(views())
     if msg.type == "reponse" and draw(st.booleans()):
-        view.pending.add((msg.destination, msg.payload["id"], msg.source))
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, msg.source)
     return msg, origin, view
+
+
+@st.composite
+def dispatch_scenarios(draw: st.DrawFn) -> tuple[Message, str, str, View]:
+    """A well-sourced message, the endpoint it came from, and a view in which its id
+    is often in flight, answers often awaited (from this endpoint or another one),
+    and its sender often at its limit."""
+    msg = draw(messages(("commande", "reponse", "notification", "journal")))
+    if msg.type in DISPATCHED and draw(st.integers(0, 2)) == 0:
+        wire = msg.to_dict()
+        wire["destination"] = DOM0  # built-ins, services
+        if msg.type == "commande" and draw(st.booleans()):
+            wire["payload"]["commande"] = draw(st.sampled_from(sorted(BUILTINS)))
+        msg = from_dict(wire)
+    sender = draw(endpoints_of(msg.source))
+    # Mostly allow-all: the policy's part is route()'s, tested above.
+    view = draw(views(st.just(Policy.allow_all()) if draw(st.integers(0, 3)) else policies))
+    destination = msg.destination
+    if destination not in (DOM0, TOUS) and draw(st.integers(0, 3)):
+        view.known |= {destination}  # usually routable: the point is what comes next
+        view.up |= {destination}
+    if msg.type == "reponse" and draw(st.booleans()):
+        target = draw(st.just(sender) | endpoints_of(msg.source))
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, target)
+    if msg.type == "commande":
+        key = (msg.source, msg.payload["id"])
+        view.pending.close(*key)
+        if draw(st.integers(0, 3)) == 0:  # its id already in flight
+            view.expect(*key, draw(names), asker=draw(endpoints_of(msg.source)))
+        if draw(st.booleans()):  # a dom0 service serves it
+            view.services[msg.payload["commande"]] = draw(st.sampled_from(SERVICES))
+        for i in range(draw(st.integers(0, view.pending.limit))):
+            key = (msg.source, f"other-{i}")
+            if key not in view.pending:
+                view.expect(*key, draw(names), asker=sender)
+    return msg, msg.source, sender, view
 
 
 def recipients(origin: str, view: View) -> set[str]:
@@ -213,7 +287,7 @@ def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
         assert decision.kind == (OFFLINE if msg.destination in view.known else UNKNOWN)
         return
     if msg.type == "reponse":  # follows its command, whatever the rules
-        solicited = (msg.destination, msg.payload["id"], msg.source) in view.pending
+        solicited = view.pending.expects(msg.destination, msg.payload["id"], msg.source)
         assert (type(decision) is Deliver) == solicited
         return
     verdict = policy.decide(msg.source, msg.destination, msg.type, msg.name)
@@ -246,9 +320,128 @@ def test_deny_all_delivers_nothing_but_solicited_answers(msg: Message, view: Vie
             assert decision.targets == ()
         else:
             assert msg.type == "reponse"
-            assert (msg.destination, msg.payload["id"], msg.source) in view.pending
+            assert view.pending.expects(msg.destination, msg.payload["id"], msg.source)
     elif msg.type != "reponse" and (msg.destination == DOM0 or msg.destination in view.up):
         assert decision.kind == DENIED
+
+
+# -- dispatch: the rules that depend on the message itself ----------------------------
+
+def in_flight_table(view: View) -> list[tuple[str, str, str, str, str]]:
+    return sorted((p.commander, p.id, p.replier, p.asker, p.target) for p in view.pending)
+
+
+@SETTINGS
+@given(dispatch_scenarios() | scenarios().map(lambda s: (s[0], s[1], s[1], s[2])))
+def test_decide_never_raises_and_its_decision_is_well_formed(
+        s: tuple[Message, str, str, View]) -> None:
+    msg, origin, sender, view = s
+    before = in_flight_table(view)
+    routed = route(msg, origin, view)
+    decision = decide(msg, origin, sender, view)
+    assert decide(msg, origin, sender, view) == decision, "not deterministic"
+    assert in_flight_table(view) == before, "the router changed the table"
+    if type(routed) is Refuse or msg.type not in DISPATCHED:
+        # What route() refuses stays refused; other types are the route's to decide
+        # (the broker skips dispatch() for them on its hot path).
+        assert decision == routed
+        return
+    kind, name, id = msg.type, msg.name, msg.payload.get("id")
+    if type(decision) is Refuse:
+        assert decision.kind in KINDS and decision.code in CODES and decision.detail
+    elif type(decision) is Builtin:
+        assert (kind, msg.destination, decision.name) == ("commande", DOM0, name)
+        assert name in BUILTINS
+    elif type(decision) is Forward:
+        assert kind == "commande" and (name not in BUILTINS or msg.destination != DOM0)
+        assert decision.target == msg.destination
+        assert (msg.source, id) not in view.pending, "a duplicate id forwarded"
+        assert view.pending.in_flight(sender) < view.pending.limit, "over the limit"
+        expected = (view.services.get(name) if msg.destination == DOM0  # type: ignore[arg-type]
+                    else msg.destination)
+        assert decision.server == expected
+    else:
+        assert type(decision) is Answer, decision
+        assert kind == "reponse"
+        command = decision.command
+        assert command is view.pending.get(msg.destination, id)  # type: ignore[arg-type]
+        assert command.replier == msg.source and command.target == sender
+
+
+@SETTINGS
+@given(dispatch_scenarios())
+def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) -> None:
+    """Differential: the decision a reader of docs/broker.md expects, rule by rule."""
+    msg, origin, sender, view = s
+    routed = route(msg, origin, view)
+    decision = decide(msg, origin, sender, view)
+    if type(routed) is not Deliver or msg.type not in DISPATCHED:
+        return
+    id = msg.payload["id"]
+    if msg.type == "reponse":
+        command = view.pending.get(msg.destination, id)
+        assert command is not None  # route() let it through
+        if command.target == sender:
+            assert decision == Answer(command)
+        else:
+            assert type(decision) is Refuse
+            assert (decision.kind, decision.code, decision.security) == (
+                UNSOLICITED, Code.REFUSE, True)
+        return
+    name = msg.payload["commande"]
+    to_dom0 = msg.destination == DOM0
+    if to_dom0 and name in BUILTINS:
+        assert decision == Builtin(name)  # never tracked: neither a duplicate nor limited
+    elif (msg.source, id) in view.pending:
+        assert type(decision) is Refuse
+        assert (decision.kind, decision.code) == (DUPLICATE, Code.MESSAGE_INVALIDE)
+    elif view.pending.in_flight(sender) >= view.pending.limit:
+        assert type(decision) is Refuse and (decision.kind, decision.code) == (
+            TOO_MANY, Code.LIMITE)
+    elif to_dom0 and name not in view.services:
+        assert type(decision) is Refuse and (decision.kind, decision.code) == (
+            UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE)
+    else:
+        server = view.services[name] if to_dom0 else msg.destination
+        assert decision == Forward(msg.destination, server)
+    if type(decision) is Refuse:
+        assert not decision.security  # the sender's own mistake or bound, not an attack
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(messages(("commande", "reponse", "notification")),
+                          st.sampled_from(["", "#old", "svc-1", "svc-2"])),
+                max_size=40),
+       st.integers(1, 3))
+def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
+                                            limit: int) -> None:
+    """A sequence of messages, each decided and applied as the broker does (a Forward
+    is tracked, an Answer closes its command): each endpoint's count is the number of
+    its commands in the table and never exceeds the limit; a command is answered at
+    most once, and only by the endpoint it went to."""
+    view = View(Policy.allow_all(), frozenset(DOMAINS), frozenset(DOMAINS))
+    view.pending.limit = limit
+    view.services = {"lister_disques": "svc-1", "etat": "svc-2"}
+    answered: set[tuple[str, str]] = set()
+    for msg, variant in traffic:
+        sender = variant if msg.source == DOM0 and variant.startswith("svc") else (
+            msg.source + ("#old" if variant == "#old" else ""))
+        decision = decide(msg, msg.source, sender, view)
+        if type(decision) is Forward:
+            view.pending.add(msg.source, msg.payload["id"], msg.destination,
+                             msg.payload["commande"], asker=sender, target=decision.server)
+        elif type(decision) is Answer:
+            command = decision.command
+            assert command.target == sender
+            assert command.key not in answered, "answered twice"
+            answered.add(command.key)
+            assert view.pending.close(*command.key) is command
+        counts: dict[str, int] = {}
+        for p in view.pending:
+            counts[p.asker] = counts.get(p.asker, 0) + 1
+        for endpoint, n in counts.items():
+            assert view.pending.in_flight(endpoint) == n <= limit
+        assert sum(counts.values()) == len(view.pending)
 
 
 # -- decode then route ---------------------------------------------------------------
@@ -294,3 +487,5 @@ def test_decode_then_route_never_raises(data: bytes, cuts: list[int], origin: st
                 assert type(decision) in (Deliver, Refuse)
                 if item.source != origin:
                     assert type(decision) is Refuse and decision.kind == SPOOFED
+                full = decide(item, origin, origin, view)
+                assert type(full) in (Deliver, Refuse, Builtin, Forward, Answer)

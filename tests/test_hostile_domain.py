@@ -464,8 +464,8 @@ async def test_socket_channels_are_read_64_kib_at_a_time() -> None:
     import socket
 
     from broker.config import Config, Limits
-    from broker.core import Broker
-    from broker.endpoint import Peer
+    from broker.endpoint import Endpoint as Peer
+    from broker.hub import Broker
 
     sizes: list[int] = []
 

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.cli import policy_main
 from broker.policy import (
     CACHE_SIZE,
     Action,
-    Decision,
     Policy,
     PolicyError,
-    explain_main,
+    Verdict,
     load_policy,
     parse_policy,
 )
@@ -52,7 +52,7 @@ def test_first_match_wins() -> None:
 def test_default_deny() -> None:
     p = policy(rule("vm-a", "vm-b"))
     d = p.decide("vm-b", "vm-a", "notification", "x")
-    assert d == Decision(False, None, "default deny (no rule matched)")
+    assert d == Verdict(False, None, "default deny (no rule matched)")
     assert not d
     assert d.describe() == "deny: default deny (no rule matched)"
 
@@ -296,7 +296,8 @@ def test_example_policy_decisions() -> None:
 # --- The explain CLI ---------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker.policy", *args],
+    # The console script, as users run it (pyproject.toml: broker.cli:policy_main).
+    return subprocess.run([str(Path(sys.executable).parent / "messagerie-policy"), *args],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -339,9 +340,9 @@ def test_explain_cli_bad_policy(tmp_path: Path) -> None:
     assert r.stdout == ""
 
 
-def test_explain_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    assert explain_main([str(EXAMPLE), "-s", "vm-ui", "-d", "dom0", "-t", "journal",
-                         "-n", "ui"]) == 0
+def test_policy_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert policy_main([str(EXAMPLE), "-s", "vm-ui", "-d", "dom0", "-t", "journal",
+                        "-n", "ui"]) == 0
     assert "allow: rule" in capsys.readouterr().out
 
 

@@ -10,14 +10,22 @@ import pytest
 from broker.policy import Policy, parse_policy
 from broker.router import (
     DENIED,
+    DUPLICATE,
     OFFLINE,
     SPOOFED,
+    TOO_MANY,
     UNKNOWN,
+    UNKNOWN_COMMAND,
     UNSOLICITED,
+    Answer,
+    Builtin,
     Deliver,
+    Forward,
     PolicyLike,
     Refuse,
     StaticView,
+    decide,
+    dispatch,
     route,
 )
 from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Reponse
@@ -26,9 +34,13 @@ from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Repons
 def View(connected: Iterable[str] = (), offline: Iterable[str] = (),
          policy: PolicyLike | None = None,
          pending: Iterable[tuple[str, str, str]] = ()) -> StaticView:
-    """A registry in a few lines: connected and offline domains, pending commands."""
+    """A registry in a few lines: connected and offline domains, pending commands
+    (commander, id, replier; asked by the commander's endpoint, sent to the replier's)."""
     up = frozenset(connected)
-    return StaticView(policy or Policy.allow_all(), up | frozenset(offline), up, set(pending))
+    view = StaticView(policy or Policy.allow_all(), up | frozenset(offline), up)
+    for commander, id, replier in pending:
+        view.expect(commander, id, replier)
+    return view
 
 
 POLICY = parse_policy(textwrap.dedent("""\
@@ -180,12 +192,12 @@ def test_reponse_only_when_expected() -> None:
     decision = route(answer, "vm-b", view)
     assert isinstance(decision, Refuse)
     assert (decision.kind, decision.code, decision.security) == (UNSOLICITED, Code.REFUSE, True)
-    view.pending.add(("vm-a", "c1", "vm-b"))
+    view.expect("vm-a", "c1", "vm-b")
     assert route(answer, "vm-b", view) == Deliver(("vm-a",))
     # Another id, or another replier for the same id: still unsolicited.
     other = Reponse("vm-b", "vm-a", "c2", "lister", resultat=[])
     assert isinstance(route(other, "vm-b", view), Refuse)
-    view.pending = {("vm-a", "c1", "vm-c")}
+    view = View(connected=["vm-a", "vm-b"], pending=[("vm-a", "c1", "vm-c")])
     assert isinstance(route(answer, "vm-b", view), Refuse)
 
 
@@ -244,5 +256,139 @@ def test_route_does_not_mutate_view_or_message() -> None:
     before = answer.to_dict()
     route(answer, "vm-b", view)
     route(answer, "vm-b", view)
-    assert view.pending == {("vm-a", "c1", "vm-b")}  # the broker pops it, not the router
+    # The broker closes it, not the router.
+    assert [(p.commander, p.id, p.replier) for p in view.pending] == [("vm-a", "c1", "vm-b")]
     assert answer.to_dict() == before
+
+
+def test_broadcast_from_dom0_also_reaches_the_other_dom0_services() -> None:
+    view = View(connected=["vm-a"])
+    assert route(usb(source=DOM0), DOM0, view).dom0_services is True  # type: ignore[union-attr]
+    assert route(usb(), "vm-a", view) == Deliver((DOM0,))  # a domain's: dom0 is a target
+
+
+# -- dispatch: what depends on the message itself ------------------------------------
+
+def test_notifications_and_journals_are_the_routes_to_decide() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    for msg in (usb(destination="vm-b"), usb(), Journal("vm-a", DOM0, "info", "t", "c")):
+        decision = route(msg, "vm-a", view)
+        assert isinstance(decision, Deliver)
+        assert dispatch(msg, decision, "vm-a", view) is decision
+        assert decide(msg, "vm-a", "vm-a", view) == decision
+
+
+def test_command_forwarded_to_the_domains_endpoint() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    cmd = Commande("vm-a", "vm-b", "lister", id="c1")
+    assert decide(cmd, "vm-a", "vm-a", view) == Forward("vm-b", "vm-b")
+    assert len(view.pending) == 0  # the broker tracks it when it applies the decision
+
+
+def test_duplicate_id_refused_before_the_limit() -> None:
+    view = View(connected=["vm-a", "vm-b"], pending=[("vm-a", "c1", "vm-b")])
+    view.pending.limit = 1  # vm-a is also at its limit: the duplicate is said first
+    decision = decide(Commande("vm-a", "vm-b", "autre", id="c1"), "vm-a", "vm-a", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code, decision.security) == (
+        DUPLICATE, Code.MESSAGE_INVALIDE, False)
+    assert "'c1'" in decision.detail
+    # Another commander may use the same id.
+    assert decide(Commande("vm-b", "vm-a", "x", id="c1"), "vm-b", "vm-b", view) == Forward(
+        "vm-a", "vm-a")
+
+
+def test_in_flight_limit_is_per_endpoint() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    view.pending.limit = 1
+    view.expect(DOM0, "d1", "vm-a", asker="svc-1")
+    cmd = Commande(DOM0, "vm-a", "lister", id="d2")
+    decision = decide(cmd, DOM0, "svc-1", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code) == (TOO_MANY, Code.LIMITE)
+    assert "more than 1 commands in flight" in decision.detail
+    # Another dom0 service (same name, another endpoint) has its own count.
+    assert decide(cmd, DOM0, "svc-2", view) == Forward("vm-a", "vm-a")
+
+
+def test_dom0_builtins_registered_services_and_unknown_commands() -> None:
+    view = View(connected=["vm-a"], pending=[("vm-a", "same", "dom0")])
+    view.pending.limit = 1  # at its limit, with the id in flight: built-ins still answer
+    view.services = {"etat": "svc-1"}
+    for name in ("ping", "domaines", "statistiques", "enregistrer"):
+        assert decide(Commande("vm-a", DOM0, name, id="same"), "vm-a", "vm-a",
+                      view) == Builtin(name)
+    view.pending.limit = 5
+    assert decide(Commande("vm-a", DOM0, "etat", id="e1"), "vm-a", "vm-a",
+                  view) == Forward(DOM0, "svc-1")
+    decision = decide(Commande("vm-a", DOM0, "inconnue", id="u1"), "vm-a", "vm-a", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code, decision.security) == (
+        UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE, False)
+    assert "'inconnue'" in decision.detail
+
+
+def test_reponse_accepted_only_from_the_endpoint_asked() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    command = view.expect("vm-a", "c1", "vm-b", target="vm-b#new")
+    answer = Reponse("vm-b", "vm-a", "c1", "lister", resultat=[])
+    # The name matches (route() lets it through) but the stale endpoint was not asked.
+    assert route(answer, "vm-b", view) == Deliver(("vm-a",))
+    decision = decide(answer, "vm-b", "vm-b#old", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code, decision.security) == (UNSOLICITED, Code.REFUSE, True)
+    assert decision.detail == "this endpoint was not asked"
+    assert decide(answer, "vm-b", "vm-b#new", view) == Answer(command)
+
+
+def test_reponse_from_a_dom0_service_only_from_the_one_asked() -> None:
+    view = View(connected=["vm-a"])
+    command = view.expect("vm-a", "e1", DOM0, target="svc-1")
+    answer = Reponse(DOM0, "vm-a", "e1", "etat", resultat="ok")
+    assert isinstance(decide(answer, DOM0, "svc-2", view), Refuse)
+    assert decide(answer, DOM0, "svc-1", view) == Answer(command)
+
+
+# -- the pure layer stays pure ---------------------------------------------------------
+
+PURE = ("router", "pending", "ratelimit", "config", "discovery", "policy/__init__",
+        "policy/rules", "policy/parser")
+EDGES = ("endpoint", "dom0", "hub", "daemon", "demo")
+
+
+def _imports(module: str) -> set[str]:
+    import ast
+    from pathlib import Path
+
+    import broker
+
+    path = Path(broker.__file__).parent / f"{module}.py"
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            if node.module:
+                names.add(base)
+            else:  # from . import logs
+                names.update(base + alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_asyncio(module: str) -> None:
+    assert not {n for n in _imports(module) if n.split(".")[0] == "asyncio"}
+
+
+@pytest.mark.parametrize("module", [*PURE, *EDGES])
+def test_dependencies_point_one_way(module: str) -> None:
+    """Endpoints and the dom0 socket know the broker as a Sink, not its module; the
+    daemon knows nothing of its command line, nor of the demo that runs it."""
+    forbidden = {"endpoint": {".hub", ".dom0", ".daemon", ".cli"},
+                 "dom0": {".hub", ".daemon", ".cli"},
+                 "hub": {".daemon", ".cli", ".demo"},
+                 "daemon": {".cli", ".demo"},
+                 "demo": {".cli"}}.get(module, {".hub", ".endpoint", ".dom0", ".daemon",
+                                                ".cli", ".demo"})
+    assert not _imports(module) & forbidden

@@ -1,4 +1,6 @@
-"""``messagerie-broker``: the daemon's wiring. Signals, systemd, discovery, reload.
+"""The daemon's wiring: signals, systemd, discovery, reload, drain.
+
+The command line that starts it is :mod:`broker.cli`.
 
 Behaves as systemd's daemon guidance asks: no forking, no pid file, logs on stdout;
 ``READY=1`` once the dom0 socket listens and every configured channel had its first
@@ -9,13 +11,11 @@ outbound queues and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -24,9 +24,9 @@ import messagerie
 
 from . import logs
 from .config import Config, ConfigError, load_config
-from .core import FRAME_DECODERS, Broker
 from .discovery import scan
-from .local import Dom0Hub
+from .dom0 import Dom0Socket
+from .hub import Broker
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
 
@@ -48,8 +48,7 @@ class Daemon:
         self.config_path = config_path
         self.policy = policy
         self.broker = Broker(config, policy)
-        self.hub = Dom0Hub(self.broker)
-        self.broker.dom0 = self.hub
+        self.dom0_socket = Dom0Socket(self.broker, self.broker.dom0)
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.discovered: dict[str, str] = {}
@@ -69,7 +68,7 @@ class Daemon:
             self.log.warning("policy.none", detail="no policy configured: every message is "
                              "allowed; set broker.politique for a deployment")
         if cfg.dom0_socket:
-            await self.hub.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
+            await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
@@ -160,17 +159,9 @@ class Daemon:
             self.log.warning("config.restart_needed",
                              detail="dom0.socket and broker.taille_max_trame apply at restart")
         broker = self.broker
-        broker.config = new
-        broker.policy = self.policy = policy
-        broker.debug = new.log_level == "debug"
         logs.configure(new.log_level)
-        broker.log = structlog.get_logger("broker").bind()
-        broker.frame_decode, broker.frame_batch = FRAME_DECODERS[new.validation]
-        for ep in list(broker.domains.values()) + list(self.hub.clients):
-            ep.apply_limits(new.limits)
-            ep.decoder.decode, ep.decoder.batch = broker.frame_decode, broker.frame_batch
-            # Bound loggers keep the level they were made with: remake them, same context.
-            ep.log = structlog.get_logger("broker").bind(**structlog.get_context(ep.log))
+        broker.reconfigure(new)
+        broker.policy = self.policy = policy
         removed = [n for n, ep in broker.domains.items()
                    if not ep.discovered and (n not in new.domains
                                              or new.domains[n].path != ep.path)]
@@ -192,7 +183,7 @@ class Daemon:
         b = self.broker
         up = sum(1 for _ in b.connected())
         t = b.totals()
-        return (f"{up}/{len(b.domains)} domains connected, {len(self.hub.clients)} dom0 "
+        return (f"{up}/{len(b.domains)} domains connected, {len(b.dom0.clients)} dom0 "
                 f"services; {t['received']} received, {t['refused']} refused, "
                 f"{t['invalid']} invalid, {t['dropped']} dropped")
 
@@ -209,7 +200,7 @@ class Daemon:
         self.broker.stopping = True  # nothing resumes reading from now on
         for task in self.tasks:
             task.cancel()
-        peers = list(self.broker.domains.values()) + list(self.hub.clients)
+        peers = self.broker.endpoints()
         for peer in peers:
             peer.stop_reading()
         deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -218,67 +209,8 @@ class Daemon:
             await asyncio.sleep(0.01)
         left = sum(p.queued() for p in peers)
         self.broker.log_traffic(TRAFFIC_INTERVAL)
-        await self.hub.stop()
+        await self.dom0_socket.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())
         self.notifier.close()
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="messagerie-broker",
-        description="Route messagerie messages between Xen domains (dom0 daemon).")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
-    g.add_argument("--check-config", metavar="FILE",
-                   help="validate a configuration (and its policy), then exit")
-    g.add_argument("--demo", action="store_true",
-                   help="run the embedded demo: three simulated domains on socat ptys")
-    g.add_argument("--explain", nargs=argparse.REMAINDER, metavar="ARGS",
-                   help="would this message be allowed, and by which rule? "
-                        "(POLICY --source S --destination D --type T [--nom N])")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="override broker.niveau_journal")
-    p.add_argument("--version", action="version", version=messagerie.__version__)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.explain is not None:
-        from .policy import explain_main
-        return explain_main(args.explain)
-    if args.demo:
-        from .demo import run_demo
-        return run_demo(log_level=args.log_level or "info")
-    path = args.check_config or args.config
-    try:
-        config, policy = load_everything(path)
-    except (ConfigError, PolicyError) as exc:
-        print(f"messagerie-broker: {exc}", file=sys.stderr)
-        return 2
-    if args.check_config:
-        print(f"{path}: ok ({len(config.domains)} domains, "
-              f"{len(config.discovery_patterns)} discovery patterns, "
-              f"policy: {config.policy_path or 'none (allow all)'}"
-              f"{f', {len(policy)} rules' if config.policy_path else ''})")
-        return 0
-    if args.log_level:
-        from dataclasses import replace
-        config = replace(config, log_level=args.log_level)
-    logs.configure(config.log_level)
-    try:
-        code = asyncio.run(Daemon(config, policy, path).run())
-        # The loop is closed and its signal handlers with it: a second SIGTERM now
-        # (systemd's, an impatient operator's) must not turn exit 0 into "killed".
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return code
-    except OSError as exc:  # e.g. the dom0 socket's directory is not writable
-        structlog.get_logger("broker").error("broker.failed", error=str(exc))
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

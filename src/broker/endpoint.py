@@ -1,8 +1,11 @@
 """Endpoints: one per channel the broker speaks on.
 
-A :class:`Peer` is the asyncio protocol of one byte stream: it splits frames with the
-sans-IO :class:`~messagerie.FrameDecoder`, hands every message or frame error to the
-broker, and owns the outbound side with its bound and back-pressure.
+An :class:`Endpoint` is the asyncio protocol of one byte stream: it splits frames with
+the sans-IO :class:`~messagerie.FrameDecoder`, spends its rate budget
+(:class:`~broker.ratelimit.TokenBucket`), hands every message or frame error to its
+:class:`Sink` (the broker), and owns the outbound side with its bound and
+back-pressure. It knows the broker only as a :class:`Sink` and its limits only as
+:class:`Settings`: nothing here imports the broker.
 
 Outbound policy, per destination (documented in docs/broker.md):
 
@@ -14,7 +17,7 @@ Outbound policy, per destination (documented in docs/broker.md):
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
   dropped ``commande`` is answered ``destination_saturee``.
 
-A :class:`DomainEndpoint` is a :class:`Peer` that keeps its channel open: it connects,
+A :class:`DomainEndpoint` is an :class:`Endpoint` that keeps its channel open: it connects,
 and when the channel goes away (domain shutdown, pty hang-up, socket closed, EIO) it
 retries with exponential backoff until the domain comes back.
 """
@@ -25,21 +28,26 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from messagerie import FrameDecoder
+from messagerie import FrameDecoder, FrameError
 from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
-from messagerie.envelope import Envelope, Run
+from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
-if TYPE_CHECKING:
-    from .config import Limits
-    from .core import Broker
+from .config import Config, Limits
+from .ratelimit import LogBudget, TokenBucket
+
+Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
+FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
+    "enveloppe": (decode_envelope, decode_runs), "complete": (decode_complete, None)}
+"""Per ``broker.validation``: how a frame is decoded, and how a read's frames may be."""
 
 THROTTLED_READ_SIZE = 4 * 1024
-"""Bytes read per wake-up from a domain over its rate (see ``Peer.data_received``)."""
+"""Bytes read per wake-up from a domain over its rate (see ``Endpoint._process``)."""
 MAX_FRAMES_PER_TURN = 512
 """Frames of one channel processed per turn of the event loop: refusing 512 tiny junk
 lines takes under 2 ms; a 64 KiB read of mouse moves (300 frames) is one turn. 256 gave
@@ -75,41 +83,72 @@ class Stats:
                 "invalides": self.invalid, "perdus": self.dropped, "limites": self.throttled}
 
 
-class LogBudget:
-    """At most ``per_second`` warnings a second from one peer; the rest are counted
-    and reported with the next one, so a hostile domain cannot flood the journal."""
+@dataclass(slots=True)
+class Settings:
+    """What endpoints read of the configuration: their limits and how frames are
+    decoded. One object for all of them; a reload replaces it (``Sink.settings``)."""
 
-    __slots__ = ("_count", "_per_second", "_window", "suppressed")
+    limits: Limits
+    max_frame: int
+    decode: Callable[[bytes], Envelope]
+    batch: Batch | None
+    reconnect_min: float
+    reconnect_max: float
 
-    def __init__(self, per_second: int = 20) -> None:
-        self._per_second = per_second
-        self._window = 0.0
-        self._count = 0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._window >= 1.0:
-            self._window = now
-            self._count = 0
-        self._count += 1
-        if self._count <= self._per_second:
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        n, self.suppressed = self.suppressed, 0
-        return n
+    @classmethod
+    def of(cls, config: Config) -> Settings:
+        decode, batch = FRAME_DECODERS[config.validation]
+        return cls(config.limits, config.max_frame, decode, batch, config.reconnect_min,
+                   config.reconnect_max)
 
 
-class Peer(asyncio.Protocol):
+class WriteCork:
+    """Writes queued while one read is processed leave together when it ends: a read
+    of 64 KiB carries ~300 mouse moves, which leave in one write per destination
+    instead of one system call each. Outside a read, a write waits for the end of the
+    loop iteration."""
+
+    __slots__ = ("active", "dirty")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.dirty: list[Endpoint] = []
+
+    def release(self) -> None:
+        self.active = False
+        dirty = self.dirty
+        for endpoint in dirty:
+            endpoint.flush()
+        dirty.clear()
+
+
+class Sink(Protocol):
+    """What an endpoint knows of the broker: where its frames go, whom it tells when it
+    comes and goes, the limits it reads, the cork its writes share."""
+
+    settings: Settings
+    cork: WriteCork
+    stopping: bool
+    """Shutdown began: endpoints are never resumed."""
+
+    def receive(self, endpoint: Endpoint, item: Envelope | Run | FrameError) -> None:
+        """Every frame ``endpoint`` decoded (or failed to), in order. Hot path."""
+
+    def lost(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s connection is gone (decisions sending there are stale)."""
+
+    def domain_up(self, endpoint: DomainEndpoint) -> None: ...
+
+    def domain_down(self, endpoint: DomainEndpoint) -> None: ...
+
+
+class Endpoint(asyncio.Protocol):
     """One byte stream: a domain's channel or a dom0 service's connection."""
 
     kind = "peer"
 
-    def __init__(self, broker: Broker, name: str) -> None:
-        self.broker = broker
+    def __init__(self, sink: Sink, name: str) -> None:
+        self.sink = sink
         self.name = name
         self.stats = Stats()
         self.transport: Any = None
@@ -118,35 +157,30 @@ class Peer(asyncio.Protocol):
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
-        self.queue_bytes = broker.config.limits.queue_bytes
+        limits = sink.settings.limits
+        self.queue_bytes = limits.queue_bytes
         # Outbound back-pressure state.
         self.paused_writing = False
         self.stalled = False
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._waiters: set[Peer] = set()
+        self._waiters: set[Endpoint] = set()
         """Peers not being read because they sent to us while we were full."""
-        self._held_by: set[Peer] = set()
+        self._held_by: set[Endpoint] = set()
         """Destinations we wait on; reading resumes when this is empty."""
         self._throttle_timer: asyncio.TimerHandle | None = None
         self._backlog: bytes | None = None
         """Bytes read but not yet processed (over MAX_FRAMES_PER_TURN in one read)."""
-        # Rate limiting: a token bucket refilled per read.
-        limits = broker.config.limits
-        self.rate = limits.rate
-        self.burst = float(limits.burst)
-        self.tokens = self.burst
-        self._last_refill = time.monotonic()
-        self.in_flight = 0
+        self.bucket = TokenBucket(limits.rate, limits.burst)
+        """Rate limiting: one token per frame read, refilled per read."""
         self._read_size = READ_SIZE
         self._out: list[bytes] = []
         self._out_size = 0
         self._loop = asyncio.get_event_loop()
-        """Commands from this peer awaiting an answer."""
 
     def _decoder(self) -> FrameDecoder[Envelope | Run]:
-        broker = self.broker
-        return FrameDecoder[Envelope | Run](broker.config.max_frame, decode=broker.frame_decode,
-                                           batch=broker.frame_batch)
+        settings = self.sink.settings
+        return FrameDecoder[Envelope | Run](settings.max_frame, decode=settings.decode,
+                                           batch=settings.batch)
 
     # -- asyncio.Protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -193,30 +227,42 @@ class Peer(asyncio.Protocol):
         """Read again, unless something else still holds the channel: a full destination,
         the rate limit, a backlog of frames, shutdown."""
         if (not self._held_by and self._throttle_timer is None and self._backlog is None
-                and self.transport is not None and not self.broker.stopping
+                and self.transport is not None and not self.sink.stopping
                 and not self.transport.is_closing()):
             self.transport.resume_reading()
 
     def _process(self, data: bytes) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self._last_refill) * self.rate)
-        self._last_refill = now
-        broker = self.broker
-        receive = broker.receive
-        broker.receiving = True
+        bucket = self.bucket
+        spend = bucket.spend
+        # The balance in a local while the read is processed: only what is over budget
+        # costs a call (TokenBucket.spend counts it), nothing else reads the bucket then.
+        tokens = bucket.refill()
+        sink = self.sink
+        receive = sink.receive
+        cork = sink.cork
+        cork.active = True
         try:
             for item in self.decoder.feed(data):
+                # A junk frame costs a decode attempt like a message: it spends the same
+                # rate budget, or a domain flooding garbage would escape throttling.
+                n = item.count if type(item) is Run else 1
+                if tokens >= n:
+                    tokens -= n
+                else:
+                    bucket.tokens = tokens
+                    self.stats.throttled += spend(n)
+                    tokens = bucket.tokens
                 receive(self, item)
         finally:
-            broker.receiving = False
-            broker.flush()
-        if self.tokens < 0 and self.transport is not None and self._throttle_timer is None:
+            bucket.tokens = tokens
+            cork.release()
+        if bucket.tokens < 0 and self.transport is not None and self._throttle_timer is None:
             # Over its rate: stop reading this channel until the bucket refills. The
             # excess waits in the domain's own channel, costing us nothing. Until it is
             # back within its budget, it is read in small bites.
             self.transport.pause_reading()
             self._set_read_size(THROTTLED_READ_SIZE)
-            delay = -self.tokens / self.rate
+            delay = bucket.deficit
             self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._unthrottle)
         else:
             size = self._budgeted_read_size()
@@ -229,7 +275,7 @@ class Peer(asyncio.Protocol):
         burst (5 000) a flood of tiny junk lines is read 5 000 frames at first, not
         30 000 (and processed 512 a turn); mouse moves (220 bytes) come 10 KiB at a
         time."""
-        budget = int(self.tokens) * MIN_FRAME_BYTES
+        budget = int(self.bucket.tokens) * MIN_FRAME_BYTES
         return READ_SIZE if budget >= READ_SIZE else max(THROTTLED_READ_SIZE, budget)
 
     def _set_write_limits(self, transport: Any) -> None:
@@ -254,18 +300,19 @@ class Peer(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
-    def apply_limits(self, limits: Limits) -> None:
-        """Take the limits of a reloaded configuration, now."""
+    def apply(self, settings: Settings) -> None:
+        """Take the settings of a reloaded configuration, now."""
+        limits = settings.limits
         self.queue_bytes = limits.queue_bytes
-        self.rate = limits.rate
-        self.burst = float(limits.burst)
+        self.bucket.configure(limits.rate, limits.burst)
+        self.decoder.decode, self.decoder.batch = settings.decode, settings.batch
         if self.transport is not None:
             self._set_write_limits(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._backlog = None
-        self.broker.invalidate_routes()  # decisions sending here are stale
+        self.sink.lost(self)  # decisions sending here are stale
         if self._out:
             self.stats.dropped += len(self._out)
             self._out.clear()
@@ -306,13 +353,10 @@ class Peer(asyncio.Protocol):
         t = self.transport
         return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def send(self, data: bytes, sender: Peer | None = None, count: int = 1) -> bool:
+    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
 
-        Writes are corked while a read is processed: a read of 64 KiB carries ~300
-        mouse moves, which leave in one write per destination instead of one system
-        call each (outside a read, until the end of the loop iteration).
-        """
+        Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
             return False
@@ -325,10 +369,11 @@ class Peer(asyncio.Protocol):
                 return False
         out = self._out
         if not out:
-            if self.broker.receiving:
-                self.broker.dirty.append(self)  # flushed when this read is processed
+            cork = self.sink.cork
+            if cork.active:
+                cork.dirty.append(self)  # flushed when this read is processed
             else:
-                self._loop.call_soon(self._flush)
+                self._loop.call_soon(self.flush)
         out.append(data)
         self._out_size += len(data)
         self.stats.sent += count
@@ -336,7 +381,8 @@ class Peer(asyncio.Protocol):
             sender.hold(self)
         return True
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write out what is queued, in one write."""
         out = self._out
         if not out:
             return
@@ -346,7 +392,7 @@ class Peer(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def hold(self, dest: Peer) -> None:
+    def hold(self, dest: Endpoint) -> None:
         """Stop reading this peer until ``dest`` drains (or is declared stalled)."""
         if dest in self._held_by or self.transport is None:
             return
@@ -355,9 +401,9 @@ class Peer(asyncio.Protocol):
         self.transport.pause_reading()
         if dest._stall_timer is None:
             dest._stall_timer = asyncio.get_running_loop().call_later(
-                self.broker.config.limits.stall_timeout, dest._stall)
+                self.sink.settings.limits.stall_timeout, dest._stall)
 
-    def release(self, dest: Peer) -> None:
+    def release(self, dest: Endpoint) -> None:
         self._held_by.discard(dest)
         self._resume()
 
@@ -377,13 +423,13 @@ class Peer(asyncio.Protocol):
             self.transport.close()
 
 
-class DomainEndpoint(Peer):
+class DomainEndpoint(Endpoint):
     """A DomU's channel, kept open: connect, serve, and reconnect with backoff."""
 
     kind = "domain"
 
-    def __init__(self, broker: Broker, name: str, path: str, *, discovered: bool = False) -> None:
-        super().__init__(broker, name)
+    def __init__(self, sink: Sink, name: str, path: str, *, discovered: bool = False) -> None:
+        super().__init__(sink, name)
         self.path = path
         self.discovered = discovered
         self.channel_type = "?"
@@ -426,8 +472,7 @@ class DomainEndpoint(Peer):
         self._lost.set()
 
     async def _supervise(self) -> None:
-        cfg = self.broker.config
-        delay = cfg.reconnect_min
+        delay = self.sink.settings.reconnect_min
         failing: str | None = None
         while not self._stopping:
             try:
@@ -443,17 +488,17 @@ class DomainEndpoint(Peer):
                                      retry_in=round(delay, 3))
                     failing = reason
                 await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
-                delay = min(delay * 2, cfg.reconnect_max)
+                delay = min(delay * 2, self.sink.settings.reconnect_max)
                 continue
             failing = None
-            delay = cfg.reconnect_min
+            delay = self.sink.settings.reconnect_min
             self.connected_since = time.time()
             self.log.info("domain.connected", path=self.path, channel=self.channel_type)
-            self.broker.domain_up(self)
+            self.sink.domain_up(self)
             self.attempted.set()
             await self._lost.wait()
             self.connected_since = None
             self.log.info("domain.disconnected", reason=self._lost_reason)
-            self.broker.domain_down(self)
+            self.sink.domain_down(self)
             # A channel that drops at once (a pty nobody holds) should not spin.
             await asyncio.sleep(delay)

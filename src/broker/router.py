@@ -1,32 +1,59 @@
-"""The routing decision, as a pure function.
+"""Every routing decision, as pure functions.
 
-``route(message, origin, view)`` answers: to whom does this message go, or why is it
-refused? It reads the registry and the policy through :class:`RoutingView` and does
-no I/O, so every rule below is unit-testable and fuzzable without a loop or a pty.
+``decide(message, origin, sender, view)`` answers: to whom does this message go, or why
+is it refused? It reads the registry, the commands in flight and the policy through
+:class:`RoutingView` and does no I/O, so every rule below is unit-testable and
+fuzzable without a loop or a pty. The broker applies the :data:`Decision` it returns
+and decides nothing itself.
 
+It is two stages, because the first one can be cached and the second one cannot:
+
+:func:`route` (``message``, ``origin``): depends only on the registry, connectivity,
+the policy and (for a ``reponse``) the names in the table of commands in flight.
 Rules, in order:
 
 1. ``source`` must be ``origin``, the domain whose channel the bytes came from
    (``dom0`` for the broker's local socket). Anything else is a forgery.
-2. A ``reponse`` must answer a command the broker saw go from its destination to its
-   source with that ``id``, and not yet answered: nobody can inject answers.
-3. ``tous`` goes to every connected domain and to dom0, never back to the origin,
-   each recipient filtered by the policy.
-4. ``dom0`` goes to the broker's dom0 side; a domain name to that domain's channel,
+2. ``tous`` goes to every connected domain and to dom0, never back to the origin,
+   each recipient filtered by the policy; from dom0, also to the other dom0 services.
+3. ``dom0`` goes to the broker's dom0 side; a domain name to that domain's channel,
    if it is known and connected.
+4. A ``reponse`` must answer a command the broker saw go from its destination to its
+   source with that ``id``, and not yet answered: nobody can inject answers.
 5. The policy has the last word (answers to allowed commands always pass).
+
+:func:`dispatch` (the ``sender`` endpoint too): for the types in :data:`DISPATCHED`,
+whose fate depends on the message itself and not only on its route. For the others
+it returns the route's decision unchanged.
+
+6. A ``reponse`` is accepted only from the endpoint the command went to (a domain
+   re-added under the same name, or another dom0 service, was not asked).
+7. A ``commande`` to dom0 that the broker implements (:data:`BUILTINS`) is answered by
+   the broker (:class:`Builtin`); it is never tracked.
+8. Any other ``commande`` is refused if its id is already in flight for its source,
+   or if its sender has ``limit`` commands in flight; one to dom0 goes to the service
+   that registered its name (``commande_inconnue`` if none). It is then forwarded
+   and tracked until answered (:class:`Forward`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 from messagerie import DOM0, TOUS, Code
 
+from .pending import Pending, PendingCommands
+
+E = TypeVar("E")
+"""An endpoint (the broker's objects; strings in tests), compared by identity."""
+
 BUILTINS: Final = frozenset({"ping", "domaines", "statistiques", "enregistrer"})
 """Commands the broker itself answers at destination ``dom0``."""
+
+DISPATCHED: Final = frozenset({"commande", "reponse"})
+"""Types whose decision :func:`dispatch` refines; for the others the route decides."""
 
 # Refusal kinds, for logs and counters.
 SPOOFED: Final = "spoofed_source"
@@ -34,9 +61,16 @@ UNSOLICITED: Final = "unsolicited_reponse"
 UNKNOWN: Final = "unknown_destination"
 OFFLINE: Final = "offline_destination"
 DENIED: Final = "policy_denied"
+DUPLICATE: Final = "duplicate_id"
+TOO_MANY: Final = "too_many_commands"
+UNKNOWN_COMMAND: Final = "unknown_command"
+KINDS: Final = frozenset({SPOOFED, UNSOLICITED, UNKNOWN, OFFLINE, DENIED, DUPLICATE,
+                          TOO_MANY, UNKNOWN_COMMAND})
 
 
-class DecisionLike(Protocol):
+class VerdictLike(Protocol):
+    """What the router reads of a policy's answer (``broker.policy.Verdict``)."""
+
     @property
     def allowed(self) -> bool: ...
 
@@ -50,7 +84,7 @@ class PolicyLike(Protocol):
     """What the router needs of a policy (``broker.policy.Policy``)."""
 
     def decide(self, source: str, destination: str, type: str, name: str | None = None,
-               *, broadcast: bool = False) -> DecisionLike: ...
+               *, broadcast: bool = False) -> VerdictLike: ...
 
 
 class Routable(Protocol):
@@ -73,10 +107,11 @@ class Routable(Protocol):
     def id(self) -> str | None: ...
 
 
-class RoutingView(Protocol):
+class RoutingView(Protocol[E]):
     """What the router may know of the broker's state."""
 
     policy: PolicyLike
+    pending: PendingCommands[E]
 
     def is_known(self, name: str) -> bool: ...
 
@@ -84,16 +119,26 @@ class RoutingView(Protocol):
 
     def connected(self) -> Iterable[str]: ...
 
-    def expects_reponse(self, commander: str, id: str, replier: str) -> bool: ...
+    def endpoint(self, name: str) -> E:
+        """The endpoint of a connected domain."""
+        ...
+
+    def dom0_service(self, command: str) -> E | None:
+        """The dom0 service that registered ``command``, if any."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Send the message's bytes to each of ``targets`` (domain names or ``dom0``)."""
+    """Send the message's bytes to each of ``targets`` (domain names, or ``dom0``: every
+    dom0 service but the sender, and the broker's log for a ``journal``)."""
 
     targets: tuple[str, ...]
     denied: tuple[tuple[str, str], ...] = ()
     """Broadcast recipients the policy filtered out: (recipient, rule)."""
+    dom0_services: bool = False
+    """Also to every dom0 service but the sender: a broadcast from dom0 (they all speak
+    as dom0, so the policy has no say among them; dom0 is never its own recipient)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +152,45 @@ class Refuse:
     """A security event: forged source, policy denial, unsolicited answer."""
 
 
-Decision = Deliver | Refuse
+@dataclass(frozen=True, slots=True)
+class Builtin:
+    """A command the broker answers itself (one of :data:`BUILTINS`)."""
+
+    name: str
 
 
-def route(message: Routable, origin: str, view: RoutingView) -> Decision:
+@dataclass(frozen=True, slots=True)
+class Forward(Generic[E]):
+    """Forward a ``commande`` to ``server`` (``target``'s endpoint, or the dom0 service
+    that registered it) and track it until it is answered."""
+
+    target: str
+    server: E
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[E]):
+    """An awaited ``reponse``: deliver it to ``command.asker``, and close ``command``."""
+
+    command: Pending[E]
+
+
+Route: TypeAlias = Deliver | Refuse
+"""What :func:`route` decides."""
+Decision: TypeAlias = Deliver | Refuse | Builtin | Forward[E] | Answer[E]
+"""What :func:`decide` (and :func:`dispatch`) decide: the broker's one decision type."""
+
+
+def decide(message: Routable, origin: str, sender: E, view: RoutingView[E]) -> Decision[E]:
+    """The whole decision on ``message``, read from ``sender``'s channel (whose domain
+    is ``origin``): :func:`route`, then :func:`dispatch`."""
+    decision = route(message, origin, view)
+    if type(decision) is Deliver and message.type in DISPATCHED:
+        return dispatch(message, decision, sender, view)
+    return decision
+
+
+def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
     source = message.source
     if source != origin:
         return Refuse(SPOOFED, Code.REFUSE,
@@ -131,7 +211,7 @@ def route(message: Routable, origin: str, view: RoutingView) -> Decision:
                 targets.append(target)
             else:
                 denied.append((target, verdict.reason))
-        return Deliver(tuple(targets), tuple(denied))
+        return Deliver(tuple(targets), tuple(denied), dom0_services=origin == DOM0)
     if destination != DOM0 and not view.is_connected(destination):
         if not view.is_known(destination):
             return Refuse(UNKNOWN, Code.DESTINATION_INCONNUE,
@@ -140,7 +220,7 @@ def route(message: Routable, origin: str, view: RoutingView) -> Decision:
                       f"domain {destination!r} is not connected")
     if kind == "reponse":
         id = message.id
-        if id is not None and view.expects_reponse(destination, id, source):
+        if id is not None and view.pending.expects(destination, id, source):
             return _unicast(destination)
         return Refuse(UNSOLICITED, Code.REFUSE,
                       "no command from the destination awaits this id", security=True)
@@ -150,18 +230,56 @@ def route(message: Routable, origin: str, view: RoutingView) -> Decision:
     return _unicast(destination)
 
 
+def dispatch(message: Routable, decision: Deliver, sender: E,
+             view: RoutingView[E]) -> Decision[E]:
+    """Rules 6 to 8, for a message :func:`route` let through (``decision``)."""
+    kind = message.type
+    if kind == "reponse":
+        id = message.id
+        assert id is not None  # route() let it through: it answers a pending command
+        awaited = view.pending.get(message.destination, id)
+        if awaited is None or awaited.target != sender:
+            # Several dom0 services share the name dom0, and a domain may have been
+            # re-added under the same name: only the endpoint asked may answer.
+            return Refuse(UNSOLICITED, Code.REFUSE, "this endpoint was not asked", True)
+        return Answer(awaited)
+    if kind != "commande":
+        return decision
+    name, id = message.name, message.id
+    assert name is not None and id is not None  # a valid commande has both
+    (target,) = decision.targets
+    if target == DOM0 and name in BUILTINS:
+        return Builtin(name)
+    pending = view.pending
+    if (message.source, id) in pending:
+        return Refuse(DUPLICATE, Code.MESSAGE_INVALIDE,
+                      f"a command with id {id!r} is already in flight")
+    if pending.at_limit(sender):
+        return Refuse(TOO_MANY, Code.LIMITE, f"more than {pending.limit} commands in flight")
+    if target != DOM0:
+        return Forward(target, view.endpoint(target))
+    server = view.dom0_service(name)
+    if server is None:
+        return Refuse(UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE,
+                      f"no dom0 service serves {name!r}")
+    return Forward(target, server)
+
+
 @dataclass
 class StaticView:
-    """A :class:`RoutingView` held in memory: which domains exist, which are connected,
-    which answers are awaited. For "what would the router do?" questions (tests,
-    fuzzing, tools) without a broker."""
+    """A :class:`RoutingView` held in memory, whose endpoints are names: which domains
+    exist, which are connected, which commands are in flight, which dom0 services
+    serve what. For "what would the router do?" questions (tests, fuzzing, tools)
+    without a broker."""
 
     policy: PolicyLike
     known: frozenset[str] = frozenset()
     up: frozenset[str] = frozenset()
     """Connected domains (a subset of ``known``)."""
-    pending: set[tuple[str, str, str]] = field(default_factory=set)
-    """Commands awaiting an answer: (commander, id, replier)."""
+    pending: PendingCommands[str] = field(
+        default_factory=lambda: PendingCommands[str](limit=64, ttl=300.0))
+    services: dict[str, str] = field(default_factory=dict)
+    """dom0 commands registered: command name -> the service (a name of its own)."""
 
     def is_known(self, name: str) -> bool:
         return name in self.known
@@ -172,8 +290,19 @@ class StaticView:
     def connected(self) -> Iterable[str]:
         return iter(sorted(self.up))
 
-    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
-        return (commander, id, replier) in self.pending
+    def endpoint(self, name: str) -> str:
+        return name
+
+    def dom0_service(self, command: str) -> str | None:
+        return self.services.get(command)
+
+    def expect(self, commander: str, id: str, replier: str, *, asker: str | None = None,
+               target: str | None = None, command: str = "x") -> Pending[str]:
+        """Record a command in flight from ``commander`` to ``replier`` (asked by the
+        endpoint ``asker``, sent to ``target``: the names themselves by default)."""
+        return self.pending.add(commander, id, replier, command,
+                                asker=commander if asker is None else asker,
+                                target=replier if target is None else target)
 
 
 _UNICAST: dict[str, Deliver] = {}

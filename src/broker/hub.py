@@ -1,15 +1,17 @@
-"""The broker: registry of endpoints, the receive path, pending commands, built-ins.
+"""The broker: the registry of endpoints and the receive path.
 
-Everything that decides is elsewhere (``router.route``, the policy); this module
-applies decisions: it writes bytes, answers refused commands, counts and logs.
+Everything that decides is in the pure layer (``router.decide``: the route, then the
+per-message rules; the policy; ``PendingCommands``); this module applies decisions:
+it writes bytes, answers refused commands, counts and logs, and answers the built-in
+commands. It is the endpoints' :class:`~broker.endpoint.Sink` and the router's
+:class:`~broker.router.RoutingView`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import structlog
@@ -31,32 +33,29 @@ from messagerie import (
     decode,
     encode,
 )
-from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
+from messagerie.envelope import Envelope, Run
 
 from .config import Config
-from .endpoint import DomainEndpoint, Peer
+from .dom0 import Dom0Connection, Dom0Services
+from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
+from .pending import Pending, PendingCommands
 from .policy import Policy
 from .router import (
-    BUILTINS,
     DENIED,
-    UNSOLICITED,
+    DISPATCHED,
+    Answer,
+    Builtin,
     Decision,
     Deliver,
+    Forward,
     PolicyLike,
     Refuse,
     Routable,
+    Route,
+    dispatch,
     route,
 )
 
-if TYPE_CHECKING:
-    from .local import Dom0Hub, LocalConnection
-
-
-
-Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
-FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
-    "enveloppe": (decode_envelope, decode_runs), "complete": (decode_complete, None)}
-"""Per ``broker.validation``: how a frame is decoded, and how a read's frames may be."""
 JOURNAL_TEXT_MAX = 2000
 """Characters of a domain's ``journal`` text written to the broker's log."""
 JOURNAL_DATA_MAX = 4096
@@ -74,24 +73,9 @@ class _Route:
 
     __slots__ = ("count", "decision")
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Route) -> None:
         self.decision = decision
         self.count = 0
-
-
-@dataclass(slots=True)
-class Pending:
-    """A command on its way: who answers it, until when, and (dom0) who asked."""
-
-    destination: str
-    deadline: float
-    asker: Peer
-    target: Peer
-    """The endpoint the command went to (a domain's, or the dom0 service serving it):
-    compared by identity, so a domain re-added under the same name, or another dom0
-    service, cannot answer in its place."""
-    command: str = "inconnue"
-    """The command's name, echoed by the answers the broker gives on its behalf."""
 
 
 class Broker:
@@ -99,25 +83,25 @@ class Broker:
 
     def __init__(self, config: Config, policy: PolicyLike | None = None) -> None:
         self.config = config
+        self.settings = Settings.of(config)
+        """What every endpoint reads of the configuration (``Sink.settings``)."""
+        self.cork = WriteCork()
+        """Sends are corked while an endpoint's read is processed."""
         self._routes: dict[RouteKey, _Route] = {}
         self.traffic: dict[tuple[str, str, str], int] = {}
         """Messages routed per (source, destination, type) since the last summary
         (plus the counts kept with the cached decisions)."""
         self._policy: PolicyLike = policy or Policy.allow_all()
         self.domains: dict[str, DomainEndpoint] = {}
-        self.dom0: Dom0Hub | None = None
-        self.pending: dict[tuple[str, str], Pending] = {}
+        self.dom0 = Dom0Services()
+        limits = config.limits
+        self.pending = PendingCommands[Endpoint](limit=limits.commands_in_flight,
+                                                 ttl=limits.command_ttl)
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
         self.stopping = False
-        """Shutdown began: peers are never resumed."""
-        self.receiving = False
-        """True while a peer's read is being processed: sends are corked until then."""
-        self.dirty: list[Peer] = []
-        self.frame_decode, self.frame_batch = FRAME_DECODERS[config.validation]
-        """How each frame is decoded (``broker.validation``): its envelope only, or
-        completely; and how the frames of one read may be validated together."""
+        """Shutdown began: endpoints are never resumed."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -127,6 +111,23 @@ class Broker:
     def policy(self, policy: PolicyLike) -> None:
         self._policy = policy
         self.invalidate_routes()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration's limits, validation and log level, now."""
+        self.config = config
+        self.settings = settings = Settings.of(config)
+        self.pending.limit = config.limits.commands_in_flight
+        self.pending.ttl = config.limits.command_ttl
+        self.debug = config.log_level == "debug"
+        self.log = structlog.get_logger("broker").bind()
+        for ep in self.endpoints():
+            ep.apply(settings)
+            # Bound loggers keep the level they were made with: remake them, same context.
+            ep.log = structlog.get_logger("broker").bind(**structlog.get_context(ep.log))
+
+    def endpoints(self) -> list[Endpoint]:
+        """Every endpoint: the domains' and dom0's services'."""
+        return [*self.domains.values(), *self.dom0.clients]
 
     # -- RoutingView ---------------------------------------------------------------
     def is_known(self, name: str) -> bool:
@@ -141,13 +142,15 @@ class Broker:
             if ep.connected_since is not None and ep.transport is not None:
                 yield name
 
-    def expects_reponse(self, commander: str, id: str, replier: str) -> bool:
-        pending = self.pending.get((commander, id))
-        return pending is not None and pending.destination == replier
+    def endpoint(self, name: str) -> Endpoint:
+        return self.domains[name]
 
-    # -- receive path --------------------------------------------------------------
-    def receive(self, peer: Peer, item: Envelope | Run | FrameError) -> None:
-        """Called by a peer for every frame it decoded (or failed to). Hot path."""
+    def dom0_service(self, command: str) -> Endpoint | None:
+        return self.dom0.services.get(command)
+
+    # -- receive path (Sink) -------------------------------------------------------
+    def receive(self, peer: Endpoint, item: Envelope | Run | FrameError) -> None:
+        """Called by an endpoint for every frame it decoded (or failed to). Hot path."""
         if type(item) is Run:
             self.receive_run(peer, item)
             return
@@ -155,26 +158,28 @@ class Broker:
             self.invalid(peer, item)
             return
         msg: Envelope = item  # type: ignore[assignment]
-        self._received(peer, 1)
+        peer.stats.received += 1
         kind = msg.type
-        decision, cached = self._decide(peer, msg)
-        if type(decision) is Refuse:
-            self.refuse(peer, msg, decision)
+        routed, cached = self._route(peer, msg)
+        if type(routed) is Refuse:
+            self.refuse(peer, msg, routed)
             return
-        deliver: Deliver = decision  # type: ignore[assignment]
+        deliver: Deliver = routed  # type: ignore[assignment]
         data = msg.raw + b"\n"
-        if kind == "notification":
+        if kind in DISPATCHED:
+            if not self._dispatch(peer, msg, dispatch(msg, deliver, peer, self), data):
+                return
+        else:
+            # A notification or a journal: the route decided (hot path, inlined).
             for target in deliver.targets:
                 if target == DOM0:
-                    self.dom0.deliver(msg, data, peer)  # type: ignore[union-attr]
+                    self._to_dom0(peer, msg, data)
                 else:
                     dest = self.domains[target]
                     if not dest.send(data, peer):
                         self._dropped(peer, dest, msg)
-        else:
-            self._deliver_other(peer, msg, deliver, data)
-        if msg.destination == TOUS:
-            self._after_broadcast(peer, msg, deliver, data)
+            if deliver.dom0_services or deliver.denied:
+                self._after_broadcast(peer, msg, deliver, data)
         if cached is not None:
             cached.count += 1
         else:
@@ -185,13 +190,13 @@ class Broker:
                            type=kind, name=msg.name, id=msg.id,
                            size=len(data), targets=list(deliver.targets))
 
-    def receive_run(self, peer: Peer, run: Run) -> None:
+    def receive_run(self, peer: Endpoint, run: Run) -> None:
         """Consecutive notifications from one source to one domain with one category:
         one decision, one write, the counters by ``count``. Hottest path."""
         msg = run.envelope
         n = run.count
-        self._received(peer, n)
-        decision, cached = self._decide(peer, msg)
+        peer.stats.received += n
+        decision, cached = self._route(peer, msg)
         if type(decision) is Refuse:
             for _ in range(n):
                 self.refuse(peer, msg, decision)
@@ -208,28 +213,19 @@ class Broker:
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
                            targets=list(deliver.targets), count=n)
 
-    @staticmethod
-    def _received(peer: Peer, n: int) -> None:
-        """Count ``n`` messages read from ``peer`` and spend its rate budget."""
-        stats = peer.stats
-        stats.received += n
-        peer.tokens -= n
-        if peer.tokens < 0:
-            stats.throttled += min(n, int(-peer.tokens) + 1)
-
-    def _decide(self, peer: Peer, msg: Envelope) -> tuple[Decision, _Route | None]:
-        """The routing decision, and its cache entry when it has one."""
+    def _route(self, peer: Endpoint, msg: Envelope) -> tuple[Route, _Route | None]:
+        """The route's decision (``router.route``), and its cache entry when it has one."""
         if msg.type != "reponse" and msg.source == peer.name:
-            # Decisions on everything but answers depend only on the registry,
+            # Routes of everything but answers depend only on the registry,
             # connectivity and the policy: cached until one of them changes.
             key = (msg.source, msg.destination, msg.type, msg.name)
             cached = self._routes.get(key)
             if cached is None:
-                cached = self._route(msg, key)
+                cached = self._cache_route(msg, key)
             return cached.decision, cached
         return route(msg, peer.name, self), None
 
-    def _route(self, msg: Envelope, key: RouteKey) -> _Route:
+    def _cache_route(self, msg: Envelope, key: RouteKey) -> _Route:
         routes = self._routes
         if len(routes) >= ROUTE_CACHE_MAX:  # bounded whatever names a domain invents
             self.invalidate_routes()
@@ -263,54 +259,89 @@ class Broker:
         self.traffic = {}
         self.log.info("traffic.summary", interval=interval, messages=total, flows=flows)
 
-    def flush(self) -> None:
-        """Write out what the read just processed queued, one write per destination."""
-        dirty = self.dirty
-        for peer in dirty:
-            peer._flush()
-        dirty.clear()
+    # -- applying decisions ----------------------------------------------------------
+    def _dispatch(self, peer: Endpoint, msg: Envelope, decision: Decision[Endpoint],
+                  data: bytes) -> bool:
+        """Apply what ``router.dispatch`` decided on a commande or a reponse; False if
+        it was refused."""
+        dtype = type(decision)
+        if dtype is Forward:
+            self._forward(peer, msg, decision, data)  # type: ignore[arg-type]
+        elif dtype is Answer:
+            self._answer(peer, msg, decision, data)  # type: ignore[arg-type]
+        elif dtype is Builtin:
+            self._builtin(peer, msg)
+        else:
+            assert dtype is Refuse, decision
+            self.refuse(peer, msg, decision)  # type: ignore[arg-type]
+            return False
+        return True
 
-    def _deliver_other(self, peer: Peer, msg: Envelope, deliver: Deliver, data: bytes) -> None:
-        if msg.type == "reponse":
-            # The router checked that this answers a pending command: it goes to the
-            # very peer that asked (a domain, or one of several dom0 services).
-            assert msg.id is not None  # a reponse always has one
-            key = (msg.destination, msg.id)
-            pending = self.pending[key]
-            if pending.target is not peer:
-                # Several dom0 services share the name dom0, and a domain may have been
-                # re-added under the same name: only the endpoint asked may answer.
-                self.refuse(peer, msg, Refuse(UNSOLICITED, Code.REFUSE,
-                                              "this endpoint was not asked", True))
-                return
-            del self.pending[key]
-            pending.asker.in_flight -= 1
-            if not pending.asker.send(data, peer):
-                self._dropped(peer, pending.asker, msg)
-            return
-        if msg.type == "commande" and not self._track_command(peer, msg, deliver.targets[0]):
-            return
+    def _deliver(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
+                 data: bytes) -> None:
+        """A notification or a journal: to each target (dom0: its services and, for a
+        journal, the broker's log). ``receive`` has this inlined."""
         for target in deliver.targets:
             if target == DOM0:
-                assert self.dom0 is not None
-                self.dom0.deliver(msg, data, peer)
+                self._to_dom0(peer, msg, data)
             else:
                 dest = self.domains[target]
-                if not dest.send(data, peer):
+                if not dest.send(data, peer) and peer is not None:
                     self._dropped(peer, dest, msg)
+        if deliver.dom0_services or deliver.denied:
+            self._after_broadcast(peer, msg, deliver, data)
 
-    def _after_broadcast(self, peer: Peer, msg: Envelope, deliver: Deliver,
+    def _after_broadcast(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
                          data: bytes) -> None:
-        if peer.kind == "dom0" and self.dom0 is not None:
-            self.dom0.broadcast_local(data, exclude=peer, msg=msg)
-        if deliver.denied:
+        if deliver.dom0_services:
+            self._to_dom0_services(peer, msg, data)
+        if deliver.denied and peer is not None:
             peer.stats.refused += 1
             if peer.log_budget.allow():
                 peer.log.warning("message.filtered", security=True, type=msg.type,
                                  name=msg.name, denied=[d for d, _ in deliver.denied],
                                  rules=sorted({r for _, r in deliver.denied}))
 
-    def complete(self, peer: Peer, msg: Envelope) -> Message | None:
+    def _to_dom0(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+        if msg.type == "journal" and peer is not None:
+            self.dom0.received_journal += 1
+            journal = self.complete(peer, msg)  # type: ignore[arg-type]
+            if journal is None:
+                return
+            self.journal(journal, peer)  # type: ignore[arg-type]
+        self._to_dom0_services(peer, msg, data)
+
+    def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+        """To every dom0 service but ``peer`` (the sender, whose reading is held back
+        while a service is full, as for a domain). Drops are counted and logged."""
+        for conn in self.dom0.clients:
+            if conn is not peer and not conn.send(data, peer):
+                self._dropped(peer or conn, conn, msg)
+
+    def _forward(self, peer: Endpoint, msg: Envelope, forward: Forward[Endpoint],
+                 data: bytes) -> None:
+        name, id = msg.name, msg.id
+        assert name is not None and id is not None  # a commande has both
+        server = forward.server
+        self.pending.add(msg.source, id, forward.target, name, asker=peer, target=server)
+        if not server.send(data, peer):
+            self._dropped(peer, server, msg)
+
+    def _answer(self, peer: Endpoint, msg: Envelope, answer: Answer[Endpoint],
+                data: bytes) -> None:
+        # The very endpoint that asked (a domain, or one of several dom0 services).
+        command = answer.command
+        self.pending.close(command.commander, command.id)
+        if not command.asker.send(data, peer):
+            self._dropped(peer, command.asker, msg)
+
+    def _builtin(self, peer: Endpoint, msg: Envelope) -> None:
+        # The broker reads this one itself: the whole message, arguments too.
+        cmd = self.complete(peer, msg)
+        if cmd is not None:
+            peer.send(encode(self.builtin(cmd, peer)))  # type: ignore[arg-type]
+
+    def complete(self, peer: Endpoint, msg: Envelope) -> Message | None:
         """The whole message, for what the broker reads itself (built-in commands,
         ``journal``): decoded and validated completely. ``None`` if its contents are
         invalid, which is logged as an invalid frame (and a command answered)."""
@@ -326,25 +357,20 @@ class Broker:
                 self.answer(peer, msg, Code.MESSAGE_INVALIDE, str(exc))
             return None
 
-    def invalid(self, peer: Peer, error: FrameError) -> None:
-        stats = peer.stats
-        stats.invalid += 1
-        # A junk frame costs a decode attempt like a message: it spends the same rate
-        # budget, or a domain flooding garbage would escape throttling.
-        peer.tokens -= 1
-        if peer.tokens < 0:
-            stats.throttled += 1
+    def invalid(self, peer: Endpoint, error: FrameError) -> None:
+        # Its rate budget was spent when it was read (Endpoint._process).
+        peer.stats.invalid += 1
         self._log_invalid(peer, error)
 
     @staticmethod
-    def _log_invalid(peer: Peer, error: FrameError) -> None:
+    def _log_invalid(peer: Endpoint, error: FrameError) -> None:
         if peer.log_budget.allow():
             peer.log.warning("frame.invalid", reason=str(error.reason), field=error.field,
                              detail=error.detail, size=error.size,
                              excerpt=error.excerpt[:32].decode("ascii", "backslashreplace"),
                              suppressed=peer.log_budget.take_suppressed())
 
-    def refuse(self, peer: Peer, msg: Envelope, decision: Refuse) -> None:
+    def refuse(self, peer: Endpoint, msg: Envelope, decision: Refuse) -> None:
         peer.stats.refused += 1
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
@@ -358,7 +384,7 @@ class Broker:
                     else decision.detail)
             self.answer(peer, msg, decision.code, text)
 
-    def answer(self, peer: Peer, cmd: Routable, code: str, text: str) -> None:
+    def answer(self, peer: Endpoint, cmd: Routable, code: str, text: str) -> None:
         """Send the broker's error reponse to the command ``cmd`` back on ``peer``'s
         channel, addressed to the peer (not to a ``source`` it may have forged)."""
         assert cmd.id is not None and cmd.name is not None
@@ -366,74 +392,33 @@ class Broker:
                         erreur={"code": code, "message": text})
         peer.send(encode(reply))
 
-    def _dropped(self, sender: Peer, dest: Peer, msg: Routable, count: int = 1) -> None:
+    def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1) -> None:
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),
                              suppressed=dest.log_budget.take_suppressed())
         if msg.type == "commande":
-            self.pending.pop((msg.source, msg.id), None)  # type: ignore[arg-type]
-            sender.in_flight -= 1
+            assert msg.id is not None
+            self.pending.close(msg.source, msg.id)
             self.answer(sender, msg, Code.DESTINATION_SATUREE,
                         f"{dest.name} is not reading its channel")
 
-    # -- commands in flight -------------------------------------------------------
-    def _track_command(self, peer: Peer, cmd: Envelope, target: str) -> bool:
-        name, id = cmd.name, cmd.id
-        assert name is not None and id is not None
-        if target == DOM0 and name in BUILTINS:
-            return True  # answered at once by the hub, nothing to track
-        key = (cmd.source, id)
-        if key in self.pending:
-            self.refuse(peer, cmd, Refuse("duplicate_id", Code.MESSAGE_INVALIDE,
-                                          f"a command with id {id!r} is already in flight"))
-            return False
-        limit = self.config.limits.commands_in_flight
-        if peer.in_flight >= limit:
-            self.refuse(peer, cmd, Refuse("too_many_commands", Code.LIMITE,
-                                          f"more than {limit} commands in flight"))
-            return False
-        server: Peer | None
-        if target == DOM0:
-            assert self.dom0 is not None
-            server = self.dom0.services.get(name)
-            if server is None:
-                return True  # the hub answers commande_inconnue
-        else:
-            server = self.domains[target]
-        peer.in_flight += 1
-        self.pending[key] = Pending(target, time.monotonic() + self.config.limits.command_ttl,
-                                    peer, server, name)
-        return True
-
-    def fail_pending(self, gone: Peer, code: str, text: str) -> None:
+    # -- commands in flight ---------------------------------------------------------
+    def fail_pending(self, gone: Endpoint, code: str, text: str) -> None:
         """Answer every command waiting on ``gone``; forget the ones it asked."""
-        for key, pending in list(self.pending.items()):
-            if pending.asker is gone:
-                del self.pending[key]
-                # A DomainEndpoint is reused when its domain comes back: free the slot.
-                gone.in_flight -= 1
-            elif pending.target is gone:
-                del self.pending[key]
-                pending.asker.in_flight -= 1
-                commander, id = key
-                self._answer_for(pending, commander, id, code, text)
+        for pending in self.pending.fail(gone):
+            self._answer_for(pending, code, text)
 
-    def _answer_for(self, pending: Pending, commander: str, id: str, code: str,
-                    text: str) -> None:
-        reply = Reponse(DOM0, commander, id, pending.command, "erreur",
+    @staticmethod
+    def _answer_for(pending: Pending[Endpoint], code: str, text: str) -> None:
+        reply = Reponse(DOM0, pending.commander, pending.id, pending.command, "erreur",
                         erreur={"code": code, "message": text})
         pending.asker.send(encode(reply))
 
     def expire_pending(self) -> None:
-        now = time.monotonic()
-        for key, pending in list(self.pending.items()):
-            if pending.deadline <= now:
-                del self.pending[key]
-                pending.asker.in_flight -= 1
-                self._answer_for(pending, key[0], key[1], Code.DELAI_DEPASSE,
-                                 f"{pending.destination} did not answer in "
-                                 f"{self.config.limits.command_ttl:g} s")
+        for pending in self.pending.expire():
+            self._answer_for(pending, Code.DELAI_DEPASSE,
+                             f"{pending.replier} did not answer in {self.pending.ttl:g} s")
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
@@ -458,6 +443,9 @@ class Broker:
         if was_up:
             self.emit_state(name, Evenement.DECONNECTE)
 
+    def lost(self, endpoint: Endpoint) -> None:
+        self.invalidate_routes()  # decisions sending there are stale
+
     def domain_up(self, ep: DomainEndpoint) -> None:
         self.invalidate_routes()
         self.emit_state(ep.name, Evenement.CONNECTE)
@@ -469,7 +457,7 @@ class Broker:
                           f"domain {ep.name} went down before answering")
         self.emit_state(ep.name, Evenement.DECONNECTE)
 
-    def local_gone(self, conn: LocalConnection) -> None:
+    def service_gone(self, conn: Dom0Connection) -> None:
         self.fail_pending(conn, Code.DESTINATION_HORS_LIGNE,
                           "the dom0 service serving this command disconnected")
 
@@ -479,17 +467,13 @@ class Broker:
         self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}))
 
     def emit(self, msg: Message) -> None:
-        data = encode(msg)
+        """A message from the broker itself (dom0, no endpoint), routed like any."""
         decision = route(msg, DOM0, self)  # a Message is routable like an Envelope
         if type(decision) is Deliver:
-            for target in decision.targets:
-                if target != DOM0:
-                    self.domains[target].send(data)
-        if self.dom0 is not None and msg.destination in (TOUS, DOM0):
-            self.dom0.broadcast_local(data, exclude=None, msg=msg)
+            self._deliver(None, msg, decision, encode(msg))
 
     # -- built-in commands ---------------------------------------------------------
-    def builtin(self, cmd: Commande, peer: Peer) -> Reponse:
+    def builtin(self, cmd: Commande, peer: Endpoint) -> Reponse:
         name = cmd.commande
         if name == "ping":
             return cmd.reply({"pong": True, "version": messagerie.__version__,
@@ -499,9 +483,9 @@ class Broker:
         if name == "statistiques":
             return cmd.reply(self.statistics())
         assert name == "enregistrer"
-        if peer.kind != "dom0" or self.dom0 is None:
+        if not isinstance(peer, Dom0Connection):
             return cmd.fail(Code.REFUSE, "only dom0 services register commands")
-        return self.dom0.register(cmd, peer)  # type: ignore[arg-type]
+        return self.dom0.register(cmd, peer)
 
     def domain_list(self) -> list[dict[str, Any]]:
         out = []
@@ -516,15 +500,14 @@ class Broker:
         for name, ep in sorted(self.domains.items()):
             d: dict[str, Any] = ep.stats.as_dict()
             d["file"] = ep.queued()
-            d["en_vol"] = ep.in_flight
+            d["en_vol"] = self.pending.in_flight(ep)
             d["echecs_connexion"] = ep.failed_connects
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
             domains[name] = d
-        dom0 = self.dom0.statistics() if self.dom0 is not None else {}
         return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,
-                "dom0": dom0, "commandes_en_attente": len(self.pending)}
+                "dom0": self.dom0.statistics(), "commandes_en_attente": len(self.pending)}
 
-    def journal(self, msg: Journal, peer: Peer) -> None:
+    def journal(self, msg: Journal, peer: Endpoint) -> None:
         """A ``journal`` message to dom0: into the broker's own log, as an event.
 
         A domain chooses the level and the text, so it has its own budget (separate

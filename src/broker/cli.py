@@ -1,0 +1,120 @@
+"""The command lines: ``messagerie-broker`` and ``messagerie-policy``.
+
+``messagerie-broker`` runs the daemon (``--config``), validates a configuration
+(``--check-config``), explains a policy decision (``--explain``) or runs the embedded
+demo (``--demo``); ``messagerie-policy`` is the explain tool on its own. Nothing else
+imports this module: the daemon and the demo know nothing of their command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+import messagerie
+
+from . import logs
+from .config import ConfigError
+from .daemon import Daemon, load_everything
+from .policy import RULE_TYPES, PolicyError, load_policy
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="messagerie-broker",
+        description="Route messagerie messages between Xen domains (dom0 daemon).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
+    g.add_argument("--check-config", metavar="FILE",
+                   help="validate a configuration (and its policy), then exit")
+    g.add_argument("--demo", action="store_true",
+                   help="run the embedded demo: three simulated domains on socat ptys")
+    g.add_argument("--explain", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="would this message be allowed, and by which rule? "
+                        "(POLICY --source S --destination D --type T [--nom N])")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override broker.niveau_journal")
+    p.add_argument("--version", action="version", version=messagerie.__version__)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``messagerie-broker``."""
+    args = _parser().parse_args(argv)
+    if args.explain is not None:
+        return policy_main(args.explain)
+    if args.demo:
+        from .demo import run_demo
+        return run_demo(log_level=args.log_level or "info")
+    path = args.check_config or args.config
+    try:
+        config, policy = load_everything(path)
+    except (ConfigError, PolicyError) as exc:
+        print(f"messagerie-broker: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"{path}: ok ({len(config.domains)} domains, "
+              f"{len(config.discovery_patterns)} discovery patterns, "
+              f"policy: {config.policy_path or 'none (allow all)'}"
+              f"{f', {len(policy)} rules' if config.policy_path else ''})")
+        return 0
+    if args.log_level:
+        from dataclasses import replace
+        config = replace(config, log_level=args.log_level)
+    logs.configure(config.log_level)
+    try:
+        code = asyncio.run(Daemon(config, policy, path).run())
+        # The loop is closed and its signal handlers with it: a second SIGTERM now
+        # (systemd's, an impatient operator's) must not turn exit 0 into "killed".
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
+    except OSError as exc:  # e.g. the dom0 socket's directory is not writable
+        structlog.get_logger("broker").error("broker.failed", error=str(exc))
+        return 1
+
+
+def policy_main(argv: Sequence[str] | None = None) -> int:
+    """``messagerie-policy POLICY_FILE --source S --destination D --type T [--nom N]
+    [--broadcast]``: would this message be allowed, and by which rule? Prints the
+    verdict and the deciding rule. Exit status 0 when allowed, 1 when denied, 2 when
+    the policy file is invalid (or the arguments are)."""
+    parser = argparse.ArgumentParser(
+        prog="messagerie-policy",
+        description="Would this message be allowed by the routing policy, and by which rule?")
+    parser.add_argument("policy", metavar="POLICY_FILE", help="the policy file (TOML)")
+    parser.add_argument("--source", "-s", required=True, help="sending domain")
+    parser.add_argument("--destination", "-d", required=True,
+                        help="destination domain (the recipient, with --broadcast), or tous")
+    parser.add_argument("--type", "-t", required=True,
+                        choices=sorted((*RULE_TYPES, "reponse")), help="message type")
+    parser.add_argument("--nom", "-n", default=None,
+                        help="category (notification), command name (commande, reponse) "
+                             "or composant (journal)")
+    parser.add_argument("--broadcast", "-b", action="store_true",
+                        help="the message is a broadcast (to tous); --destination is one "
+                             "of its recipients")
+    args = parser.parse_args(argv)
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"messagerie-policy: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    verdict = policy.evaluate(args.source, args.destination, args.type, args.nom,
+                              broadcast=args.broadcast)
+    what = f"{args.type} {args.nom or '(no name)'}"
+    route = f"{args.source} -> {args.destination}"
+    if args.broadcast:
+        route += " (recipient of a broadcast)"
+    print(f"{route}: {what}")
+    print(verdict.describe())
+    return 0 if verdict.allowed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

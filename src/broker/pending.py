@@ -1,0 +1,150 @@
+"""Commands in flight, pure: who asked what of whom, until when.
+
+:class:`PendingCommands` is the one owner of the table of commands the broker forwarded
+and that await their ``reponse``, and of each commander's count of them. The router
+reads it (is this answer awaited? is this id already in flight? is this commander at
+its limit?); the broker changes it only through :meth:`~PendingCommands.add`,
+:meth:`~PendingCommands.close`, :meth:`~PendingCommands.fail` and
+:meth:`~PendingCommands.expire`, so a count can never drift from the table.
+
+Endpoints are opaque here (``E``: the broker's endpoint objects, plain strings in
+tests and fuzzing), compared by identity: a domain re-added under the same name, or
+another dom0 service (they all speak as ``dom0``), is another endpoint (objects compare
+by identity unless they say otherwise; ``Endpoint`` does not). Time comes
+from an injectable ``clock``. No asyncio, no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+E = TypeVar("E")
+"""An endpoint, compared by identity."""
+
+Key = tuple[str, str]
+"""(commander, id): a command's identity on the wire."""
+
+
+@dataclass(slots=True, eq=False)
+class Pending(Generic[E]):
+    """A command on its way: who answers it, until when, and who asked."""
+
+    commander: str
+    """The command's ``source`` (the domain, or ``dom0``)."""
+    id: str
+    replier: str
+    """The command's ``destination``: the only name its ``reponse`` may come from."""
+    command: str
+    """The command's name, echoed by the answers the broker gives on its behalf."""
+    asker: E
+    """The endpoint the command came in by; its answer goes back there."""
+    target: E
+    """The endpoint the command went to (a domain's, or the dom0 service serving it):
+    only this one may answer."""
+    deadline: float
+
+    @property
+    def key(self) -> Key:
+        return (self.commander, self.id)
+
+
+class PendingCommands(Generic[E]):
+    """The commands in flight and, per asking endpoint, how many it has.
+
+    ``limit`` is how many one endpoint may have (``limites.commandes_en_vol``), ``ttl``
+    how long one waits before it is answered ``delai_depasse`` on its destination's
+    behalf (``limites.duree_commande``); a reload changes both at once.
+    """
+
+    __slots__ = ("_counts", "_table", "clock", "limit", "ttl")
+
+    def __init__(self, *, limit: int, ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.ttl = ttl
+        self.clock = clock
+        self._table: dict[Key, Pending[E]] = {}
+        self._counts: dict[E, int] = {}
+
+    # -- reading ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __iter__(self) -> Iterator[Pending[E]]:
+        return iter(list(self._table.values()))
+
+    def __repr__(self) -> str:
+        return f"PendingCommands({sorted(self._table)!r})"
+
+    def get(self, commander: str, id: str) -> Pending[E] | None:
+        return self._table.get((commander, id))
+
+    def expects(self, commander: str, id: str, replier: str) -> bool:
+        """Does ``commander`` await a reponse with this ``id`` from ``replier``?"""
+        pending = self._table.get((commander, id))
+        return pending is not None and pending.replier == replier
+
+    def in_flight(self, asker: E) -> int:
+        """Commands ``asker`` sent that await an answer."""
+        return self._counts.get(asker, 0)
+
+    def at_limit(self, asker: E) -> bool:
+        return self._counts.get(asker, 0) >= self.limit
+
+    # -- changing -----------------------------------------------------------------
+    def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
+            target: E) -> Pending[E]:
+        """Track a command forwarded to ``target``. The router refused duplicates and
+        commanders at their limit before: this is not a decision, it is bookkeeping."""
+        key = (commander, id)
+        assert key not in self._table, f"{key} is already in flight"
+        pending = Pending(commander, id, replier, command, asker, target,
+                          self.clock() + self.ttl)
+        self._table[key] = pending
+        self._counts[asker] = self._counts.get(asker, 0) + 1
+        return pending
+
+    def close(self, commander: str, id: str) -> Pending[E] | None:
+        """Forget a command (answered, or dropped before its destination saw it)."""
+        pending = self._table.pop((commander, id), None)
+        if pending is not None:
+            self._release(pending.asker)
+        return pending
+
+    def fail(self, gone: E) -> list[Pending[E]]:
+        """An endpoint went away: forget the commands it asked, and return the ones
+        that waited on it (for the caller to answer on their asker's behalf)."""
+        orphans = []
+        for key, pending in list(self._table.items()):
+            if pending.asker == gone:
+                del self._table[key]
+                self._release(gone)
+            elif pending.target == gone:
+                del self._table[key]
+                self._release(pending.asker)
+                orphans.append(pending)
+        return orphans
+
+    def expire(self) -> list[Pending[E]]:
+        """Forget and return the commands whose deadline has passed."""
+        now = self.clock()
+        expired = []
+        for key, pending in list(self._table.items()):
+            if pending.deadline <= now:
+                del self._table[key]
+                self._release(pending.asker)
+                expired.append(pending)
+        return expired
+
+    def _release(self, asker: E) -> None:
+        n = self._counts[asker] - 1
+        if n:
+            self._counts[asker] = n
+        else:
+            del self._counts[asker]  # endpoints come and go: no entry per dead one
