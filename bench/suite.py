@@ -696,10 +696,10 @@ def targets(results: dict[str, dict[str, Any]], ms: list[Metric]) -> list[str]:
         check(f"{label}: idle CPU with {idle_r.get('domains', '?')} domains < 1 %", v,
               None if v is None else v < 1)
         v = results[sysname].get("lat1000", {}).get("p99_us")
-        check(f"{label}: p99 at 1 000 msg/s <= 1 000 us (issue 3)", v,
+        check(f"{label}: p99 at 1 000 msg/s <= 1 000 us", v,
               None if v is None else v <= 1000)
         v = results[sysname].get("field", {}).get("ms")
-        check(f"{label}: field 1 000 moves <= 20 ms (issue 3; 117 ms on real Xen)", v,
+        check(f"{label}: field 1 000 moves <= 20 ms (117 ms on real Xen)", v,
               None if v is None else v <= 20)
         v = idle_r.get("rss_kib")
         check(f"{label}: RSS with {idle_r.get('domains', '?')} domains <= 60 MB (MiB)",

@@ -1,5 +1,5 @@
 """A hostile domain against the real broker: socat ptys, the broker as a subprocess,
-a routing policy. Issue 5, item 3.
+a routing policy.
 
 vm-evil plays vm-sys-usb (it parses untrusted USB content and is assumed owned): it
 may only send ``entree`` notifications to vm-ui. vm-ui and vm-diag are honest and
