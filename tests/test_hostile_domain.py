@@ -403,7 +403,10 @@ def test_reconnect_storm_does_not_disturb_the_honest_pair(h: Hostile) -> None:
     # e.g. the pty still exists but fails, then the link is gone), not per retry.
     before = len(h.broker.find("domain.unavailable", domain="vm-evil"))
     h.domus.pop("vm-evil").close()
-    evil.kill()
+    # SIGTERM: socat removes its links. After a SIGKILL they would dangle towards a
+    # /dev/pts number that any process on the machine may get next, and the broker would
+    # open that stranger's pty (a static pty path is only as good as its binding).
+    evil.stop()
     h.broker.wait_event("domain.disconnected", domain="vm-evil", count=disconnected + 1,
                         timeout=30)
     h.broker.wait_event("domain.unavailable", domain="vm-evil", count=before + 1, timeout=30)
