@@ -3,6 +3,7 @@ the channel keeps working (the valid frame after it decodes)."""
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 import pytest
@@ -100,6 +101,25 @@ def test_depth_is_counted_outside_strings_and_invalid_utf8_comes_first() -> None
         with pytest.raises(MessageInvalide) as exc:
             check(deep_bad)
         assert exc.value.reason is Reason.INVALID_UTF8
+
+
+@pytest.mark.parametrize("frame", [
+    b"[" * 65 + b'"' + b'\\"' * 32_700,  # escaped quotes in a string never closed
+    b"[" * 65 + b'"\\' * 32_700,
+    b"[" * 65 + b'"' + b"\\" * 65_000,
+    b'["' * 32_700,
+    b"[" * 65_000,
+    b"[]" * 32_700,
+], ids=["escaped quotes", "quote backslash", "backslashes", "open strings", "open", "wide"])
+def test_depth_check_is_linear_on_hostile_frames(frame: bytes) -> None:
+    # A liveness bound, not a benchmark: one 64 KiB frame must not hold the broker's loop
+    # anywhere near its 10 s watchdog. Matching strings that must be closed made these
+    # quadratic (about 20 s each); linear, they take milliseconds.
+    for check in (decode, decode_envelope):
+        start = time.process_time()
+        with pytest.raises(MessageInvalide):
+            check(frame)
+        assert time.process_time() - start < 1.0, check
 
 
 def test_encode_refuses_what_no_receiver_accepts() -> None:

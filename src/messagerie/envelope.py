@@ -236,6 +236,8 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     ``None`` when any frame is not canonical, not valid, or needs more than the fast
     path: decode each frame with :func:`decode_envelope` then. A stream of mouse moves
     is checked here in one C call per read, not one per message."""
+    if not lines:
+        return []
     # No line opens more brackets than the depth limit (sound: a line's depth is at most
     # its count of ``{`` plus ``[``), so no parser reaches its own limit here.
     if max(map(bytes.count, lines, repeat(b"{"))) + max(map(bytes.count, lines, repeat(b"["))) \
