@@ -19,6 +19,7 @@ SCENARIOS = ["burst,", "field:", "latency at 100 msg/s", "latency at 1,000 msg/s
              "under flood"]
 
 
+@pytest.mark.timeout(300)  # the run's own deadline (240 s) decides, not the default 120 s
 def test_smoke_run_covers_every_system_and_scenario(tmp_path: Path) -> None:
     before = _docs_state()
     out = tmp_path / "bench.md"

@@ -107,7 +107,7 @@ async def test_path_from_environment(pair: PtyPair, peer: PtyPeer) -> None:
 async def test_command_ok(pair: PtyPair, peer: PtyPeer) -> None:
     run = await start("--path", str(pair.domu), "--as", "vm-a", "command", "vm-sys-usb",
                       "lister_fichiers", "--args", '{"disque": "sda"}', "--set", "n=2")
-    cmd = await peer.recv(timeout=10)
+    cmd = await peer.recv(timeout=30)
     assert isinstance(cmd, Commande)
     assert cmd.arguments == {"disque": "sda", "n": 2}
     peer.send(cmd.reply(["a.txt", "é.pdf"], source="vm-sys-usb"))
@@ -118,7 +118,7 @@ async def test_command_ok(pair: PtyPair, peer: PtyPeer) -> None:
 
 async def test_command_error_reply(pair: PtyPair, peer: PtyPeer) -> None:
     run = await start("--path", str(pair.domu), "--as", "vm-a", "command", "vm-x", "lister")
-    cmd = await peer.recv(timeout=10)
+    cmd = await peer.recv(timeout=30)
     assert isinstance(cmd, Commande)
     peer.send(cmd.fail(Code.DESTINATION_HORS_LIGNE, "vm-x is not connected", source="dom0"))
     code, out, err = await run.finish()
@@ -178,7 +178,7 @@ async def test_send_fills_source_and_waits_for_commands(pair: PtyPair,
     run = await start("--path", str(pair.domu), "--as", "vm-a", "send",
                       '{"type": "commande", "destination": "vm-b", "payload": '
                       '{"id": "abc", "commande": "x"}}')
-    cmd = await peer.recv(timeout=10)
+    cmd = await peer.recv(timeout=30)
     assert isinstance(cmd, Commande) and cmd.id == "abc"
     peer.send(cmd.reply({"fait": True}))
     code, out, err = await run.finish()

@@ -196,7 +196,7 @@ class Peer:
         for item in self.decoder.feed(data):
             self.inbox.put_nowait(item)
 
-    async def recv(self, timeout: float = 5.0) -> Message:
+    async def recv(self, timeout: float = 15.0) -> Message:
         item = await asyncio.wait_for(self.inbox.get(), timeout)
         assert isinstance(item, Message), item
         return item
