@@ -11,13 +11,13 @@ from __future__ import annotations
 import compileall
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from guest_lab import FIGURES, ROOT, GuestLab
-from guestvm import GuestUnavailable, ensure_assets, ensure_qemu
+from guestvm import Channel, Guest, GuestUnavailable, ensure_assets, ensure_qemu
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,16 @@ def guest_ready() -> None:
     # or a read-only tree would otherwise make each run pay).
     for tree in (ROOT / "src", Path(__file__).parent):
         compileall.compile_dir(tree, quiet=1)
+
+
+@pytest.fixture
+def run_in_guest(guest_ready: None) -> Callable[..., int]:
+    """``run_in_guest(argv, channels=(), timeout=...)``: boot, run, power off; the
+    command's exit status (124 timeout, 125 the guest could not run it)."""
+    def run(argv: Sequence[str], channels: Sequence[Channel] = (), *,
+            timeout: float = 300.0, **kwargs: Any) -> int:
+        return Guest(argv, channels, **kwargs).start().wait(timeout)
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -129,19 +129,23 @@ class GuestLab:
                             Channel(self.control, "controle")],
                            cwd=ROOT, console=self.console)
         self.guest.start()
-        self.agent = AgentLink(self.control)
-        self.config = write_config(tmp / "broker.toml",
-                                   {VM: self.vm_socket, VM_B: self.pty.dom0},
-                                   extra='[broker]\nniveau_journal = "debug"\n',
-                                   dom0_socket=tmp / "dom0.sock")
         self.brokers: list[BrokerProcess] = []
-        self.start_broker()
-        self.vm_b = Domu(self.pty.domu)
         try:
-            self.ready = self.agent.wait_ready(timeout=300)
-        except AssertionError:
-            raise AssertionError(f"no agent in the guest:\n{self.console_tail()}\n"
-                                 f"{self.guest.kernel_log()}") from None
+            self.agent = AgentLink(self.control)
+            self.config = write_config(tmp / "broker.toml",
+                                       {VM: self.vm_socket, VM_B: self.pty.dom0},
+                                       extra='[broker]\nniveau_journal = "debug"\n',
+                                       dom0_socket=tmp / "dom0.sock")
+            self.start_broker()
+            self.vm_b = Domu(self.pty.domu)
+            try:
+                self.ready = self.agent.wait_ready(timeout=300)
+            except AssertionError:
+                raise AssertionError(f"no agent in the guest:\n{self.console_tail()}\n"
+                                     f"{self.guest.kernel_log()}") from None
+        except BaseException:
+            self._teardown()
+            raise
         self.boot_seconds = time.monotonic() - self.started
 
     @property
@@ -165,7 +169,7 @@ class GuestLab:
 
     def diagnostics(self) -> str:
         """The end of the broker's log and of the guest's console, for a failure."""
-        broker = "\n".join(self.broker.tail(25))
+        broker = "\n".join(self.broker.tail(25)) if self.brokers else ""
         return (f"--- broker log (last lines) ---\n{broker}\n"
                 f"--- guest console (last lines) ---\n{self.console_tail(25)}")
 
@@ -174,21 +178,30 @@ class GuestLab:
         text = self.console_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def close(self) -> int:
+    def close(self) -> int | None:
+        """Ask the agent to exit, power the guest off; the command's exit status."""
         status = None
         try:
             if not self.agent.closed:
                 self.agent.call("exit", timeout=60)
             status = self.guest.wait(timeout=60)
         finally:
-            self.guest.kill()
-            self.agent.close()
-            for b in self.brokers:
-                b.stop()
-            self.vm_b.close()
-            self.pty.kill()
-            self.console.close()
+            self._teardown()
         return status
+
+    def _teardown(self) -> None:
+        """Stop everything this lab started (also after a failed start)."""
+        self.guest.kill()
+        agent: AgentLink | None = getattr(self, "agent", None)
+        if agent is not None:
+            agent.close()
+        for b in self.brokers:
+            b.stop()
+        vm_b: Domu | None = getattr(self, "vm_b", None)
+        if vm_b is not None:
+            vm_b.close()
+        self.pty.kill()
+        self.console.close()
 
 
 def wait_vm_b(lab: GuestLab, count: int, timeout: float = 60.0, **match: Any) -> list[Any]:
