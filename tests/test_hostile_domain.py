@@ -202,6 +202,8 @@ def test_denied_command_is_answered_refuse_without_revealing_the_rule(h: Hostile
         err = rep.payload["erreur"]
         assert err["code"] == "refuse", err
         assert not re.search(r"rule|line \d|deny|@metier|vm-evil", err["message"])
+    # The broker's log is read by another thread: wait for its lines, do not race them.
+    h.broker.wait_event("message.refused", why="policy_denied", count=3, timeout=30)
     denials = {e["id"]: e for e in h.broker.find("message.refused", why="policy_denied")}
     assert set(denials) == {"c1", "c2", "c3"}
     assert denials["c1"]["security"] is True and denials["c1"]["domain"] == "vm-evil"
