@@ -18,8 +18,9 @@ DEFAULT_TIMEOUT = 10.0
 Description = str | Callable[[], str]
 
 
-def _describe(what: Description) -> str:
-    return what() if callable(what) else what
+def _timed_out(timeout: float, what: Description) -> AssertionError:
+    return AssertionError(f"timed out after {timeout:g} s waiting for "
+                          f"{what() if callable(what) else what}")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT,
@@ -34,8 +35,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT,
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for "
-                                 f"{_describe(what)}")
+            raise _timed_out(timeout, what)
         if interval:
             time.sleep(interval)
 
@@ -49,6 +49,5 @@ async def async_wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for "
-                                 f"{_describe(what)}")
+            raise _timed_out(timeout, what)
         await asyncio.sleep(interval)
