@@ -39,6 +39,7 @@ from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_chann
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
+from .echo import EchoWindow
 from .ratelimit import LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
@@ -443,6 +444,13 @@ class DomainEndpoint(Endpoint):
         self.failed_connects = 0
         """Connection attempts that failed (retries are counted here, logged only when
         their cause changes)."""
+        self.echo = EchoWindow()
+        """What was written here lately, to recognise it if the DomU's tty echoes it."""
+
+    def flush(self) -> None:
+        if self._out:
+            self.echo.sent(self._out)
+        super().flush()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
