@@ -105,7 +105,7 @@ def test_a_plain_open_echoes_what_dom0_sent_before(lab: GuestLab) -> None:
     assert any('"avant"' in line for line in closed["read"])  # delivered too, cooked
     wait_vm_b(lab, 1, 120, categorie="sentinelle", evenement="plain")  # echoes all in
     assert lab.vm_refusals() == []
-    assert echoed[0]["log_level"] == "info"
+    assert echoed[0]["level"] == "info"
     sources = {e["source"] for e in lab.events("frame.echoed", domain=VM)}
     assert sources == {"dom0", VM_B}, sources  # the broker's connecte, vm-b's message
     FIGURES["plain open: frames echoed back (dropped as frame.echoed)"] = lab.vm_echoes()
