@@ -23,6 +23,8 @@ from typing import Any, Final, TypeVar
 import serial
 import serial_asyncio
 
+from .holders import busy_message, is_busy
+
 READ_SIZE: Final = 64 * 1024
 """Bytes read per wake-up on a tty. pyserial-asyncio reads 1 KiB by default, which
 costs one loop iteration per ~5 mouse moves and halves throughput on a pty."""
@@ -202,6 +204,8 @@ async def open_channel(path: str | os.PathLike[str], protocol_factory: Callable[
     try:
         port = _NonBlockingSerial(str(path), baudrate=115200, exclusive=exclusive or None)
     except (serial.SerialException, OSError) as exc:
+        if is_busy(exc):  # our words and the holder, not pyserial's "Could not lock"
+            raise ChannelError(errno.EBUSY, busy_message(path), str(path)) from None
         raise ChannelError(getattr(exc, "errno", None) or errno.EIO, str(exc), str(path)) \
             from None
     try:
