@@ -22,6 +22,7 @@ Wire names are the field's (``liste_disques``, ``lit_fichier``, categories ``eta
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +47,15 @@ VM_SYS_USB: Final = "vm-sys-usb"
 """The domain that owns the USB disks (and relays input)."""
 DEPOT_LOCAL: Final = "local"
 """The dom0 file store (the "dépôt local"), as a disk name."""
+
+ERREUR_DISQUE_ABSENT: Final = "disque_absent"
+"""Error code: no connected disk of that name."""
+ERREUR_FICHIER_ABSENT: Final = "fichier_absent"
+"""Error code: no such file on that disk (or in the store)."""
+ERREUR_CHEMIN_REFUSE: Final = "chemin_refuse"
+"""Error code: the path leads out of its disk (a symbolic link) or names no regular file."""
+ERREUR_TROP_GRAND: Final = "trop_grand"
+"""Error code: the file is larger than the service accepts."""
 
 # -- value types -------------------------------------------------------------------
 
@@ -359,7 +369,8 @@ def sert(spec: CommandSpec[A, R], client: Client | BlockingClient | None = None,
     in ``fn.served`` (a :class:`ServedCommand`) to register later."""
     def register(fn: F) -> F:
         served = ServedCommand(spec, fn)
-        fn.served = served  # type: ignore[attr-defined]
+        with contextlib.suppress(AttributeError):  # a bound method takes no attribute
+            fn.served = served  # type: ignore[attr-defined]
         if client is not None:
             client.add_handler(spec.commande, served)
         return fn
