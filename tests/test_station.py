@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,3 +243,52 @@ async def test_digest_mismatch_on_read_is_a_fichier_erreur(station: Station) -> 
         await usb.command("dom0", "depot_ecrit", {"nom_fichier": "y.txt", "decalage": 5,
                                                   "donnees": ""}, timeout=10)
     assert err.value.code == "message_invalide" and "arguments.decalage" in err.value.message
+
+
+def test_station_services_as_users_start_them(tmp_path: Path) -> None:
+    """``python -m messagerie.station depot|usb|ui``, each its own process, as on a
+    station: the UI's tour reads a stick's file, copies it to the other, deletes it."""
+    pairs = {n: PtyPair(tmp_path, n) for n in ("vm-sys-usb", "vm-ui")}
+    socket = tmp_path / "dom0.sock"
+    config = write_config(tmp_path / "broker.toml", {n: p.dom0 for n, p in pairs.items()},
+                          dom0_socket=socket,
+                          extra=f'[broker]\npolitique = "{ROOT / "config/socle-policy.toml"}"\n')
+    broker = BrokerProcess(config)
+    broker.wait_ready()
+    usb_dir = tmp_path / "usb"
+    (usb_dir / "cle-1").mkdir(parents=True)
+    (usb_dir / "cle-1" / "a.txt").write_bytes(b"from the first stick")
+    (usb_dir / "cle-2").mkdir()
+    station = [sys.executable, "-m", "messagerie.station"]
+    services: list[subprocess.Popen[bytes]] = []
+    try:
+        services.append(subprocess.Popen([*station, "depot", "--racine", str(tmp_path / "depot"),
+                                          "--socket", str(socket)]))
+        broker.wait_event("dom0.service_registered", timeout=30)
+        services.append(subprocess.Popen([*station, "usb", "--montages", str(usb_dir),
+                                          "--dossiers", "--intervalle", "0.1", "--nom",
+                                          "vm-sys-usb", "--chemin", str(pairs["vm-sys-usb"].domu)]))
+        ui = subprocess.run([*station, "ui", "--copie-vers", "cle-2", "--attendre", "2",
+                             "--nom", "vm-ui", "--chemin", str(pairs["vm-ui"].domu)],
+                            capture_output=True, text=True, timeout=90, check=False)
+        assert ui.returncode == 0, ui.stdout + ui.stderr
+        assert ui.stdout.splitlines() == [
+            "disks: ['cle-1', 'cle-2']", "cle-1: ['a.txt']", "cle-2: []",
+            "read cle-1:a.txt into the store: disponible", "copied a.txt to cle-2: copié",
+            "deleted a.txt from the store: supprimé"]
+        assert (usb_dir / "cle-2/a.txt").read_bytes() == b"from the first stick"
+        assert (usb_dir / "cle-2/a.txt.hash").read_text().startswith(
+            hashlib.sha256(b"from the first stick").hexdigest())
+        assert not (tmp_path / "depot/fichiers/a.txt").exists()
+    finally:
+        for proc in services:
+            proc.send_signal(signal.SIGINT)
+        for proc in services:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert broker.stop() == 0, broker.tail(20)
+        for pair in pairs.values():
+            pair.stop()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..client import DOM0_SOCKET, Client
+from ..errors import MessagerieError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"the broker's dom0 socket (default {DOM0_SOCKET})")
     ui = sub.add_parser("ui", help="a UI domain: list, read, copy, delete")
     ui.add_argument("--copie-vers", metavar="DISK", help="copy the file read to this disk")
+    ui.add_argument("--attendre", metavar="N", type=int, default=0,
+                    help="first wait until N disks are connected")
     for q in (usb, ui):
         q.add_argument("--nom", help="this domain's name (default: /etc/messagerie/domaine)")
         q.add_argument("--chemin", type=Path, help="the channel (default /dev/hvc1)")
@@ -45,7 +48,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.service == "ui":
         from .ui import tour
         async with client:
-            return await tour(client, copie_vers=args.copie_vers)
+            try:
+                return await tour(client, copie_vers=args.copie_vers, attendre=args.attendre)
+            except (MessagerieError, TimeoutError) as exc:
+                print(f"station ui: {exc}", file=sys.stderr)
+                return 1
     from .usb import UsbService
     service = UsbService(client, args.montages, intervalle=args.intervalle)
     if args.dossiers:

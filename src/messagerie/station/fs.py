@@ -8,6 +8,7 @@ run these calls in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -71,7 +72,7 @@ def open_file(root: Path, rel: str, *, write: bool = False, create_dirs: bool = 
             fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                          0o644, dir_fd=dfd)
         except OSError as exc:
-            if exc.errno in (40, 20):  # ELOOP: a symbolic link; ENOTDIR
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symbolic link
                 raise UnsafePath(f"{rel[:80]!r} is a symbolic link") from exc
             raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
