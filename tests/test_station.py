@@ -167,6 +167,23 @@ async def test_typed_calls_on_a_blocking_client(station: Station, tmp_path: Path
     assert disques == ["cle-1"] and lu == socle.Fichier("a.txt", "disponible")
 
 
+async def test_input_and_domu_state_notifications(station: Station) -> None:
+    entrees = station.ui.messages(type="notification", categorie=socle.INPUT.categorie)
+    etats = station.usb.messages(type="notification", categorie=socle.ETAT_DOMU.categorie)
+    tap = [socle.Tactile(socle.Position(12, 34), 1), socle.Tactile(socle.Position(12, 34), 0)]
+    sent = [*tap, socle.Clavier("q"),
+            socle.Souris(socle.Position(5, 6), socle.Boutons(gauche=1, milieu=0, droit=0))]
+    for entree in sent:
+        await station.usb.send(socle.INPUT.build("vm-sys-usb", entree))
+    async with asyncio.timeout(10):
+        got = [socle.INPUT.parse(await anext(entrees)) for _ in sent]  # type: ignore[arg-type]
+    assert got == sent
+    await station.ui.send(socle.ETAT_DOMU.build("vm-ui", socle.EtatDomu(True)))
+    async with asyncio.timeout(10):
+        msg = await anext(etats)
+    assert (msg.source, socle.ETAT_DOMU.parse(msg)) == ("vm-ui", socle.EtatDomu(True))  # type: ignore[arg-type]
+
+
 async def test_refusals(station: Station) -> None:
     ui, usb = station.ui, station.usb
     await station.stick("cle-1", {"a.txt": b"a", "gros.bin": b"x" * (MAX_SIZE + 1)},

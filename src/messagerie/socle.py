@@ -94,8 +94,7 @@ class Disque(msgspec.Struct):
 
 
 class Fichier(msgspec.Struct, omit_defaults=True):
-    """FICHIER: a file's state. ``message`` (our addition, absent when empty) says why
-    an ``erreur`` happened."""
+    """FICHIER: a file's state; ``message`` (ours, absent when empty) says why an erreur."""
 
     fichier: Chemin
     etat: Literal["disponible", "erreur", "copié", "supprimé"]
