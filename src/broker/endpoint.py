@@ -143,6 +143,9 @@ class Sink(Protocol):
     def lost(self, endpoint: Endpoint) -> None:
         """``endpoint``'s connection is gone (decisions sending there are stale)."""
 
+    def drained(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s queue went back below its low-water mark."""
+
     def domain_up(self, endpoint: DomainEndpoint) -> None: ...
 
     def domain_down(self, endpoint: DomainEndpoint) -> None: ...
@@ -356,6 +359,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
     @property
