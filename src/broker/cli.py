@@ -28,7 +28,14 @@ from .policy import RULE_TYPES, Policy, PolicyError, load_policy
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="messagerie-broker",
-        description="Route messagerie messages between Xen domains (dom0 daemon).")
+        description="Route messagerie messages between Xen domains (dom0 daemon).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  messagerie-broker --config /etc/messagerie/broker.toml\n"
+               "  messagerie-broker --check-config /etc/messagerie/broker.toml\n"
+               "  messagerie-broker --demo\n"
+               "  messagerie-broker --explain /etc/messagerie/policy.toml --source vm-ui \\\n"
+               "      --destination vm-sys-usb --type commande --nom lister_disques")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
     g.add_argument("--check-config", metavar="FILE",
@@ -96,7 +103,14 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     ``*`` for any other DomU); allowed when at least one recipient gets it."""
     parser = argparse.ArgumentParser(
         prog="messagerie-policy",
-        description="Would this message be allowed by the routing policy, and by which rule?")
+        description="Would this message be allowed by the routing policy, and by which rule?",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  messagerie-policy /etc/messagerie/policy.toml -s vm-ui -d vm-sys-usb \\\n"
+               "      -t commande -n lister_disques\n"
+               "  messagerie-policy /etc/messagerie/policy.toml -s vm-sys-usb -d vm-ui \\\n"
+               "      -t notification -n disque --broadcast\n"
+               "exit status: 0 allowed, 1 denied, 2 invalid policy or arguments")
     parser.add_argument("policy", metavar="POLICY_FILE", help="the policy file (TOML)")
     parser.add_argument("--source", "-s", required=True, help="sending domain")
     parser.add_argument("--destination", "-d", required=True,

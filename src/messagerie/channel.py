@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from .holders import busy_message
+
 READ_SIZE: Final = 64 * 1024
 """Bytes read per wake-up on a tty. Reading 1 KiB (pyserial-asyncio's default) cost one
 loop iteration per ~5 mouse moves and halved throughput on a pty."""
@@ -286,9 +288,8 @@ def _open_tty(path: str, *, exclusive: bool) -> int:
         if exclusive:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ChannelError(errno.EBUSY, "busy: another process has it open "
-                                   "exclusively", path) from None
+            except BlockingIOError:  # our words and the holder
+                raise ChannelError(errno.EBUSY, busy_message(path), path) from None
         try:
             attrs = termios.tcgetattr(fd)
         except termios.error:

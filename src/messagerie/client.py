@@ -45,8 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import structlog
-
+from . import log as _events
 from .channel import ChannelError, channel_kind, domu_channel_path, open_channel
 from .codec import MAX_FRAME, encode
 from .connection import Connection
@@ -59,7 +58,7 @@ from .vocabulary import Code
 if TYPE_CHECKING:
     from .blocking import BlockingClient
 
-log = structlog.get_logger("messagerie.client")
+log = _events.get_logger("messagerie.client")
 
 DOM0_SOCKET: Final = Path("/run/messagerie/dom0.sock")
 """Where the broker listens for dom0 services."""
