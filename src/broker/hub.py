@@ -102,8 +102,9 @@ class Broker:
         self.domains: dict[str, DomainEndpoint] = {}
         self.dom0 = Dom0Services()
         limits = config.limits
-        self.pending = PendingCommands[Endpoint](limit=limits.commands_in_flight,
-                                                 ttl=limits.command_ttl)
+        self.pending = PendingCommands[Endpoint](
+            limit=limits.commands_in_flight, ttl=limits.command_ttl,
+            per_target=min(limits.commands_per_destination, limits.commands_in_flight))
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
@@ -126,6 +127,8 @@ class Broker:
         self.config = config
         self.settings = settings = Settings.of(config)
         self.pending.limit = config.limits.commands_in_flight
+        self.pending.per_target = min(config.limits.commands_per_destination,
+                                      config.limits.commands_in_flight)
         self.pending.ttl = config.limits.command_ttl
         self.debug = config.log_level == "debug"
         self.log = structlog.get_logger("broker").bind()
