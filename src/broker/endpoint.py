@@ -36,7 +36,13 @@ from typing import Any, Protocol
 import structlog
 
 from messagerie import FrameDecoder, FrameError
-from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
+from messagerie.channel import (
+    READ_SIZE,
+    ChannelError,
+    channel_kind,
+    open_channel,
+    read_remaining,
+)
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
@@ -148,6 +154,9 @@ class Sink(Protocol):
 
     def lost(self, endpoint: Endpoint) -> None:
         """``endpoint``'s connection is gone (decisions sending there are stale)."""
+
+    def drained(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s queue went back below its low-water mark."""
 
     def domain_up(self, endpoint: DomainEndpoint) -> None: ...
 
@@ -322,6 +331,13 @@ class Endpoint(asyncio.Protocol):
             self._set_write_limits(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.transport is not None and not self.sink.stopping:
+            # A failed write (EPIPE) closed a socket before its last frames were read:
+            # they are still in the socket, read them now (it closes after we return).
+            rest = (self._backlog or b"") + read_remaining(self.transport)
+            self._backlog = None
+            if rest:
+                self._process(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -355,6 +371,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
     @property
