@@ -91,6 +91,12 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     [--broadcast]``: would this message be allowed, and by which rule? Prints the
     verdict and the deciding rule. Exit status 0 when allowed, 1 when denied, 2 when
     the policy file is invalid (or the arguments are)."""
+    parser = _policy_parser()
+    args = parser.parse_args(argv)
+    return _explain(args)
+
+
+def _policy_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="messagerie-policy",
         description="Would this message be allowed by the routing policy, and by which rule?",
@@ -113,7 +119,10 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--broadcast", "-b", action="store_true",
                         help="the message is a broadcast (to tous); --destination is one "
                              "of its recipients")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
