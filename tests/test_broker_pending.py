@@ -31,8 +31,10 @@ def test_add_counts_per_asking_endpoint_and_close_frees_it() -> None:
     # Counted per endpoint, not per name: two dom0 services each have their own.
     assert (pending.in_flight("ep-a"), pending.in_flight("svc-1"),
             pending.in_flight("svc-2")) == (1, 1, 1)
-    assert pending.expects("vm-a", "c1", "vm-b")
-    assert not pending.expects("vm-a", "c1", "vm-c") and not pending.expects("vm-a", "c2", "vm-b")
+    assert pending.expects("vm-a", "c1", "vm-b", "lister")
+    assert not pending.expects("vm-a", "c1", "vm-c", "lister")
+    assert not pending.expects("vm-a", "c2", "vm-b", "lister")
+    assert not pending.expects("vm-a", "c1", "vm-b", "supprimer_tout")  # another command's name
     assert pending.close("vm-a", "c1") is first
     assert pending.close("vm-a", "c1") is None  # at most once
     assert pending.in_flight("ep-a") == 0 and len(pending) == 2

@@ -147,10 +147,11 @@ def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> 
     return view
 
 
-def awaiting(view: View, commander: str, id: str, replier: str, target: str) -> None:
+def awaiting(view: View, commander: str, id: str, replier: str, *, target: str,
+             command: str) -> None:
     """Make ``view`` await this answer (replacing a command with the same id)."""
     view.pending.close(commander, id)
-    view.expect(commander, id, replier, target=target)
+    view.expect(commander, id, replier, target=target, command=command)
 
 
 @st.composite
@@ -162,7 +163,10 @@ def scenarios(draw: st.DrawFn, msgs: st.SearchStrategy[Message] | None = None
     origin = draw(st.just(msg.source) | names)
     view = draw(views())
     if msg.type == "reponse" and draw(st.booleans()):
-        awaiting(view, msg.destination, msg.payload["id"], msg.source, msg.source)
+        # Usually the command it names; sometimes another one (a relabelled answer).
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, target=msg.source,
+                 command=command)
     return msg, origin, view
 
 
@@ -187,7 +191,9 @@ def dispatch_scenarios(draw: st.DrawFn) -> tuple[Message, str, str, View]:
         view.up |= {destination}
     if msg.type == "reponse" and draw(st.booleans()):
         target = draw(st.just(sender) | endpoints_of(msg.source))
-        awaiting(view, msg.destination, msg.payload["id"], msg.source, target)
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, target=target,
+                 command=command)
     if msg.type == "commande":
         key = (msg.source, msg.payload["id"])
         view.pending.close(*key)
@@ -287,7 +293,9 @@ def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
         assert decision.kind == (OFFLINE if msg.destination in view.known else UNKNOWN)
         return
     if msg.type == "reponse":  # follows its command, whatever the rules
-        solicited = view.pending.expects(msg.destination, msg.payload["id"], msg.source)
+        command = view.pending.get(msg.destination, msg.payload["id"])
+        solicited = (command is not None and command.replier == msg.source
+                     and command.command == msg.payload["commande"])
         assert (type(decision) is Deliver) == solicited
         return
     verdict = policy.decide(msg.source, msg.destination, msg.type, msg.name)
@@ -320,7 +328,8 @@ def test_deny_all_delivers_nothing_but_solicited_answers(msg: Message, view: Vie
             assert decision.targets == ()
         else:
             assert msg.type == "reponse"
-            assert view.pending.expects(msg.destination, msg.payload["id"], msg.source)
+            assert view.pending.expects(msg.destination, msg.payload["id"], msg.source,
+                                        msg.payload["commande"])
     elif msg.type != "reponse" and (msg.destination == DOM0 or msg.destination in view.up):
         assert decision.kind == DENIED
 
@@ -380,7 +389,8 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
     id = msg.payload["id"]
     if msg.type == "reponse":
         command = view.pending.get(msg.destination, id)
-        assert command is not None  # route() let it through
+        assert command is not None  # route() let it through: its id, replier and name
+        assert (command.replier, command.command) == (msg.source, msg.payload["commande"])
         if command.target == sender:
             assert decision == Answer(command)
         else:
@@ -433,6 +443,7 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
         elif type(decision) is Answer:
             command = decision.command
             assert command.target == sender
+            assert command.command == msg.payload["commande"], "another command's answer"
             assert command.key not in answered, "answered twice"
             answered.add(command.key)
             assert view.pending.close(*command.key) is command

@@ -61,6 +61,13 @@ class Config:
     domains: dict[str, DomainConfig] = field(default_factory=dict)
     discovery_patterns: tuple[str, ...] = ()
     discovery_interval: float = 1.0
+    xenstore: bool = False
+    """Bind domains to their channels from xenstore (``decouverte.xenstore``)."""
+    xenstore_channel: str = "org.messagerie.0"
+    """The channel's ``name`` in each domain's xl configuration; ``{domaine}`` stands
+    for the domain's name (``decouverte.canal``)."""
+    xenstore_path: str | None = None
+    """xenstored's socket or ``/dev/xen/xenbus``; None: the first that exists."""
     dom0_socket: str | None = "/run/messagerie/dom0.sock"
     dom0_mode: int = 0o660
     dom0_group: str | None = None
@@ -144,7 +151,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     group = _get(dom0, "groupe", str, "dom0.", None)
 
     disc = _table(data, "decouverte", "")
-    _unknown(disc, {"motifs", "intervalle"}, "decouverte.")
+    _unknown(disc, {"motifs", "intervalle", "xenstore", "canal", "xenstore_chemin"},
+             "decouverte.")
     patterns = _get(disc, "motifs", list, "decouverte.", [])
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
@@ -155,6 +163,12 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
                 "name, which becomes the domain name (e.g. /var/run/*-msg.sock)")
     interval = _positive(float(_get(disc, "intervalle", (int, float), "decouverte.", 1.0)),
                          "decouverte.intervalle")
+    xenstore = _get(disc, "xenstore", bool, "decouverte.", False)
+    xs_channel = _get(disc, "canal", str, "decouverte.", "org.messagerie.0")
+    if not re.fullmatch(r"(?:[A-Za-z0-9_.-]|\{domaine\})+", xs_channel):
+        raise ConfigError(f"decouverte.canal: {xs_channel!r} is not a channel name (letters, "
+                          "digits, - _ . and {domaine} for the domain's name)")
+    xs_path = _get(disc, "xenstore_chemin", str, "decouverte.", None)
 
     lim = _table(data, "limites", "")
     keys = {"file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
@@ -192,12 +206,13 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
             raise ConfigError(f"{where}chemin: required (the channel's tty or unix socket path)")
         domains[name] = DomainConfig(name, path_of(chemin))
 
-    if not domains and not patterns:
-        raise ConfigError("no domain: declare [domaines.<name>] chemin = ... or "
-                          "[decouverte] motifs = [...]")
+    if not domains and not patterns and not xenstore:
+        raise ConfigError("no domain: declare [domaines.<name>] chemin = ..., "
+                          "[decouverte] motifs = [...] or [decouverte] xenstore = true")
     return Config(
         domains=domains, discovery_patterns=tuple(path_of(p) for p in patterns),
-        discovery_interval=interval,
+        discovery_interval=interval, xenstore=xenstore, xenstore_channel=xs_channel,
+        xenstore_path=path_of(xs_path) if xs_path else None,
         dom0_socket=path_of(socket_path) if socket_path else None,
         dom0_mode=int(mode_text, 8), dom0_group=group, log_level=level, max_frame=max_frame,
         validation=validation,

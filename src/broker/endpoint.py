@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_chann
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
+from .echo import EchoWindow
 from .ratelimit import LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
@@ -443,6 +445,17 @@ class DomainEndpoint(Endpoint):
         self.failed_connects = 0
         """Connection attempts that failed (retries are counted here, logged only when
         their cause changes)."""
+        self.echo = EchoWindow()
+        """What was written here lately, to recognise it if the DomU's tty echoes it."""
+        self.verify: Callable[[], Awaitable[bool]] | None = None
+        """Asked before every connection attempt, when set: is ``path`` still this
+        domain's channel? (xenstore-bound domains: a path it no longer lists is never
+        opened.)"""
+
+    def flush(self) -> None:
+        if self._out:
+            self.echo.sent(self._out)
+        super().flush()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
@@ -476,6 +489,9 @@ class DomainEndpoint(Endpoint):
         failing: str | None = None
         while not self._stopping:
             try:
+                if self.verify is not None and not await self.verify():
+                    raise ChannelError(errno.ESTALE, "xenstore no longer gives this path "
+                                       "to this domain", self.path)
                 self.channel_type = channel_kind(self.path)
                 self._lost.clear()
                 await open_channel(self.path, lambda: self, exclusive=False)

@@ -43,6 +43,7 @@ from .policy import Policy
 from .router import (
     DENIED,
     DISPATCHED,
+    SPOOFED,
     Answer,
     Builtin,
     Decision,
@@ -198,6 +199,8 @@ class Broker:
         peer.stats.received += n
         decision, cached = self._route(peer, msg)
         if type(decision) is Refuse:
+            if decision.kind == SPOOFED and self._echoed(peer, msg, run.data, n):
+                return
             for _ in range(n):
                 self.refuse(peer, msg, decision)
             return
@@ -371,6 +374,8 @@ class Broker:
                              suppressed=peer.log_budget.take_suppressed())
 
     def refuse(self, peer: Endpoint, msg: Envelope, decision: Refuse) -> None:
+        if decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
+            return
         peer.stats.refused += 1
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
@@ -383,6 +388,24 @@ class Broker:
             text = ("refused by the routing policy" if decision.kind == DENIED
                     else decision.detail)
             self.answer(peer, msg, decision.code, text)
+
+    @staticmethod
+    def _echoed(peer: Endpoint, msg: Envelope, data: bytes, count: int = 1) -> bool:
+        """Whether a frame refused for its source is the broker's own output coming
+        back on a DomU's tty in echo mode (``broker.echo``): dropped, logged as what it
+        is, not as a forgery. Looked up only for refused frames."""
+        if not isinstance(peer, DomainEndpoint):
+            return False
+        echo = peer.echo
+        if not (echo.all_echoes(data) if count > 1 else echo.is_echo(data)):
+            return False
+        if peer.log_budget.allow():
+            peer.log.info("frame.echoed", type=msg.type, source=msg.source,
+                          destination=msg.destination, name=msg.name, count=count,
+                          echoed=echo.echoed, suppressed=peer.log_budget.take_suppressed(),
+                          detail="the DomU's channel echoed what dom0 wrote (no raw-mode "
+                                 "holder when it was opened)")
+        return True
 
     def answer(self, peer: Endpoint, cmd: Routable, code: str, text: str) -> None:
         """Send the broker's error reponse to the command ``cmd`` back on ``peer``'s
@@ -502,6 +525,7 @@ class Broker:
             d["file"] = ep.queued()
             d["en_vol"] = self.pending.in_flight(ep)
             d["echecs_connexion"] = ep.failed_connects
+            d["echos"] = ep.echo.echoed
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
             domains[name] = d
         return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,

@@ -85,10 +85,13 @@ class PendingCommands(Generic[E]):
     def get(self, commander: str, id: str) -> Pending[E] | None:
         return self._table.get((commander, id))
 
-    def expects(self, commander: str, id: str, replier: str) -> bool:
-        """Does ``commander`` await a reponse with this ``id`` from ``replier``?"""
+    def expects(self, commander: str, id: str, replier: str, command: str | None) -> bool:
+        """Does ``commander`` await a reponse with this ``id`` from ``replier``, to the
+        command named ``command``? (An answer echoing another command's name would make
+        its asker act on a result it never asked for.)"""
         pending = self._table.get((commander, id))
-        return pending is not None and pending.replier == replier
+        return (pending is not None and pending.replier == replier
+                and pending.command == command)
 
     def in_flight(self, asker: E) -> int:
         """Commands ``asker`` sent that await an answer."""

@@ -19,7 +19,8 @@ Rules, in order:
 3. ``dom0`` goes to the broker's dom0 side; a domain name to that domain's channel,
    if it is known and connected.
 4. A ``reponse`` must answer a command the broker saw go from its destination to its
-   source with that ``id``, and not yet answered: nobody can inject answers.
+   source with that ``id`` and that ``commande`` name, and not yet answered: nobody
+   can inject answers, nor relabel one as the answer to another command.
 5. The policy has the last word (answers to allowed commands always pass).
 
 :func:`dispatch` (the ``sender`` endpoint too): for the types in :data:`DISPATCHED`,
@@ -220,10 +221,11 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
                       f"domain {destination!r} is not connected")
     if kind == "reponse":
         id = message.id
-        if id is not None and view.pending.expects(destination, id, source):
+        if id is not None and view.pending.expects(destination, id, source, message.name):
             return _unicast(destination)
         return Refuse(UNSOLICITED, Code.REFUSE,
-                      "no command from the destination awaits this id", security=True)
+                      "no command from the destination awaits this id and command",
+                      security=True)
     verdict = view.policy.decide(source, destination, kind, message.name)
     if not verdict.allowed:
         return Refuse(DENIED, Code.REFUSE, verdict.reason, security=True)
