@@ -96,8 +96,10 @@ class Broker:
         self.domains: dict[str, DomainEndpoint] = {}
         self.dom0 = Dom0Services()
         limits = config.limits
-        self.pending = PendingCommands[Endpoint](limit=limits.commands_in_flight,
-                                                 ttl=limits.command_ttl)
+        self.pending = PendingCommands[Endpoint](
+            limit=limits.commands_in_flight, ttl=limits.command_ttl,
+            limit_of=lambda ep: ep.limits.commands_in_flight,
+            ttl_of=lambda ep: ep.limits.command_ttl)
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
@@ -441,7 +443,8 @@ class Broker:
     def expire_pending(self) -> None:
         for pending in self.pending.expire():
             self._answer_for(pending, Code.DELAI_DEPASSE,
-                             f"{pending.replier} did not answer in {self.pending.ttl:g} s")
+                             f"{pending.replier} did not answer in "
+                             f"{self.pending.ttl_for(pending.asker):g} s")
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:

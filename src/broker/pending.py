@@ -59,12 +59,17 @@ class PendingCommands(Generic[E]):
     behalf (``limites.duree_commande``); a reload changes both at once.
     """
 
-    __slots__ = ("_counts", "_table", "clock", "limit", "ttl")
+    __slots__ = ("_counts", "_table", "clock", "limit", "limit_of", "ttl", "ttl_of")
 
     def __init__(self, *, limit: int, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limit_of: Callable[[E], int] | None = None,
+                 ttl_of: Callable[[E], float] | None = None) -> None:
         self.limit = limit
         self.ttl = ttl
+        self.limit_of = limit_of
+        self.ttl_of = ttl_of
+        """Per-asker ``limit`` and ``ttl`` (a domain's ``[domaines.NAME]``), if given."""
         self.clock = clock
         self._table: dict[Key, Pending[E]] = {}
         self._counts: dict[E, int] = {}
@@ -97,8 +102,14 @@ class PendingCommands(Generic[E]):
         """Commands ``asker`` sent that await an answer."""
         return self._counts.get(asker, 0)
 
+    def limit_for(self, asker: E) -> int:
+        return self.limit if self.limit_of is None else self.limit_of(asker)
+
+    def ttl_for(self, asker: E) -> float:
+        return self.ttl if self.ttl_of is None else self.ttl_of(asker)
+
     def at_limit(self, asker: E) -> bool:
-        return self._counts.get(asker, 0) >= self.limit
+        return self._counts.get(asker, 0) >= self.limit_for(asker)
 
     # -- changing -----------------------------------------------------------------
     def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
@@ -108,7 +119,7 @@ class PendingCommands(Generic[E]):
         key = (commander, id)
         assert key not in self._table, f"{key} is already in flight"
         pending = Pending(commander, id, replier, command, asker, target,
-                          self.clock() + self.ttl)
+                          self.clock() + self.ttl_for(asker))
         self._table[key] = pending
         self._counts[asker] = self._counts.get(asker, 0) + 1
         return pending

@@ -257,7 +257,8 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
         return Refuse(DUPLICATE, Code.MESSAGE_INVALIDE,
                       f"a command with id {id!r} is already in flight")
     if pending.at_limit(sender):
-        return Refuse(TOO_MANY, Code.LIMITE, f"more than {pending.limit} commands in flight")
+        return Refuse(TOO_MANY, Code.LIMITE,
+                      f"more than {pending.limit_for(sender)} commands in flight")
     if target != DOM0:
         return Forward(target, view.endpoint(target))
     server = view.dom0_service(name)
