@@ -371,3 +371,12 @@ def test_limits_alone_for_a_discovered_domain() -> None:
                            "domaines": {"vm-b": {"debit": 1}}})
     assert config.domains == {}
     assert config.limits_for("vm-b").rate == 1.0
+
+
+def test_trace_socket_only_with_a_group() -> None:
+    assert parse_config(MINIMAL).trace_group is None                 # no trace socket
+    config = parse_config(with_(trace={"groupe": "adm", "socket": "t.sock"}),
+                          base=Path("/run/x"))
+    assert (config.trace_group, config.trace_socket) == ("adm", "/run/x/t.sock")
+    assert "trace.mode: unknown key" in error(with_(trace={"mode": "0600"}))
+    assert "trace.groupe: expected str" in error(with_(trace={"groupe": 4}))

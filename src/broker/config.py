@@ -103,6 +103,10 @@ class Config:
     dom0_socket: str | None = "/run/messagerie/dom0.sock"
     dom0_mode: int = 0o660
     dom0_group: str | None = None
+    trace_socket: str = "/run/messagerie/trace.sock"
+    trace_group: str | None = None
+    """``[trace] groupe``: the group whose members may watch the traffic
+    (``messagerie trace``); None: no trace socket."""
     log_level: str = "info"
     max_frame: int = MAX_FRAME
     validation: str = "enveloppe"
@@ -167,7 +171,8 @@ def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
 def parse_config(data: dict[str, Any], source: str = "<string>", *,
                  base: Path | None = None) -> Config:
     """Validate a parsed TOML document. Relative paths are taken from ``base``."""
-    _unknown(data, {"broker", "dom0", "decouverte", "limites", "reconnexion", "domaines"}, "")
+    _unknown(data, {"broker", "dom0", "trace", "decouverte", "limites", "reconnexion",
+                    "domaines"}, "")
 
     def path_of(value: str) -> str:
         p = Path(value)
@@ -198,6 +203,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         raise ConfigError(f"dom0.mode: {mode_text!r} gives other users access: whoever can "
                           "connect speaks as dom0 (use 0660 and dom0.groupe)")
     group = _get(dom0, "groupe", str, "dom0.", None)
+
+    trace = _table(data, "trace", "")
+    _unknown(trace, {"socket", "groupe"}, "trace.")
+    trace_socket = _get(trace, "socket", str, "trace.", "/run/messagerie/trace.sock")
+    if not trace_socket:
+        raise ConfigError("trace.socket: expected a path (leave trace.groupe out to have "
+                          "no trace socket)")
+    trace_group = _get(trace, "groupe", str, "trace.", None) or None
 
     disc = _table(data, "decouverte", "")
     _unknown(disc, {"motifs", "intervalle", "xenstore", "canal", "xenstore_chemin"},
@@ -277,7 +290,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         discovery_interval=interval, xenstore=xenstore, xenstore_channel=xs_channel,
         xenstore_path=path_of(xs_path) if xs_path else None,
         dom0_socket=path_of(socket_path) if socket_path else None,
-        dom0_mode=int(mode_text, 8), dom0_group=group, log_level=level, max_frame=max_frame,
+        dom0_mode=int(mode_text, 8), dom0_group=group, trace_socket=path_of(trace_socket),
+        trace_group=trace_group, log_level=level, max_frame=max_frame,
         validation=validation,
         policy_path=path_of(policy) if policy else None, limits=limits,
         domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax, source=source)

@@ -56,6 +56,7 @@ from .router import (
     dispatch,
     route,
 )
+from .trace import Tracer
 
 JOURNAL_TEXT_MAX = 2000
 """Characters of a domain's ``journal`` text written to the broker's log."""
@@ -105,6 +106,8 @@ class Broker:
         self.debug = config.log_level == "debug"
         self.stopping = False
         """Shutdown began: endpoints are never resumed."""
+        self.tracer: Tracer | None = None
+        """The traffic monitors (``messagerie trace``), while at least one listens."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -188,6 +191,8 @@ class Broker:
         else:
             flow = (msg.source, msg.destination, kind)
             self.traffic[flow] = self.traffic.get(flow, 0) + 1
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(data), deliver.targets)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=kind, name=msg.name, id=msg.id,
@@ -213,6 +218,8 @@ class Broker:
             self._dropped(peer, dest, msg, count=n)
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(run.data), deliver.targets, count=n)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
@@ -301,6 +308,8 @@ class Broker:
         if deliver.dom0_services:
             self._to_dom0_services(peer, msg, data)
         if deliver.denied and peer is not None:
+            if self.tracer is not None:
+                self.tracer.filtered(peer, msg, deliver.denied)
             peer.stats.refused += 1
             if peer.log_budget.allow():
                 peer.log.warning("message.filtered", security=True, type=msg.type,
@@ -379,6 +388,8 @@ class Broker:
         if decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
         peer.stats.refused += 1
+        if self.tracer is not None:
+            self.tracer.refused(peer, msg, decision.kind, decision.detail)
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
             log("message.refused", why=decision.kind, detail=decision.detail, type=msg.type,
@@ -418,6 +429,8 @@ class Broker:
         peer.send(encode(reply))
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1) -> None:
+        if self.tracer is not None:
+            self.tracer.dropped(sender, dest, msg, count)
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),
