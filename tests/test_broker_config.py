@@ -323,12 +323,12 @@ def test_every_limit_key_can_be_set_per_domain_and_by_pattern() -> None:
         "domaines": {
             "vm-ui": {"chemin": "/dev/pts/3", "file_octets": 10, "delai_blocage": 2,
                       "debit": 1.5, "rafale": 3, "commandes_en_vol": 4,
-                      "duree_commande": 0.5},
+                      "duree_commande": 0.5, "commandes_en_vol_destination": 2},
             "vm-usb-*": {"debit": 50, "commandes_en_vol": 2},
             "vm-usb-[0-9]": {"debit": 10, "rafale": 7},     # later: only its other keys
             "vm-usb-2": {"rafale": 1},                      # discovered, limits only
         }})
-    assert config.limits_for("vm-ui") == Limits(10, 2.0, 1.5, 3, 4, 0.5)
+    assert config.limits_for("vm-ui") == Limits(10, 2.0, 1.5, 3, 4, 0.5, 2)
     assert config.limits_for("vm-usb-1") == Limits(rate=50.0, burst=7, commands_in_flight=2)
     # Its own table first, then the first pattern that sets each key, then [limites].
     assert config.limits_for("vm-usb-2") == Limits(rate=50.0, burst=1, commands_in_flight=2)
