@@ -29,6 +29,13 @@ type = "commande"
 action = "deny"
 
 [[regle]]
+source = "vm-b"
+destination = "*"
+type = "notification"
+nom = "secret"
+action = "deny"
+
+[[regle]]
 source = "*"
 destination = "*"
 type = "*"
@@ -102,6 +109,18 @@ def test_routed_refused_and_filtered_each_one_line(system: BrokerSystem) -> None
     lines = out.splitlines()
     assert len(lines) == 2 and all(" REFUSED " in line for line in lines), lines
     assert " vm-b -> vm-a commande lister id=c1 " in lines[1]
+
+
+def test_a_broadcast_filtered_for_everyone_is_one_filtered_line(system: BrokerSystem) -> None:
+    proc = trace(system, "--domaine", "vm-b", "--json", "--count", "3")
+    system.domus["vm-b"].send(notif("vm-b", "tous", 1, "secret"))   # nobody may get it
+    system.domus["vm-b"].send(notif("vm-b", "tous", 2))             # vm-a may (not dom0)
+    out, _ = proc.communicate(timeout=20)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["verdict"], e["name"], sorted(e.get("denied") or e.get("targets") or []))
+            for e in events] == [("filtered", "secret", ["dom0", "vm-a"]),
+                                 ("filtered", "mesure", ["dom0"]),
+                                 ("routed", "mesure", ["vm-a"])]
 
 
 def test_payload_is_shown_only_when_asked_and_audited(system: BrokerSystem) -> None:

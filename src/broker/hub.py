@@ -205,7 +205,7 @@ class Broker:
             flow = (msg.source, msg.destination, kind)
             self.traffic[flow] = self.traffic.get(flow, 0) + 1
         if self.tracer is not None:
-            self.tracer.routed(peer, msg, len(data), deliver.targets)
+            self.tracer.routed(peer, msg, len(data), deliver)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=kind, name=msg.name, id=msg.id,
@@ -232,7 +232,7 @@ class Broker:
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
         if self.tracer is not None:
-            self.tracer.routed(peer, msg, len(run.data), deliver.targets, count=n)
+            self.tracer.routed(peer, msg, len(run.data), deliver, count=n)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),

@@ -38,7 +38,7 @@ import structlog
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
-    from .router import Routable
+    from .router import Deliver, Routable
 
 VERDICTS: Final = ("routed", "refused", "filtered", "dropped")
 MAX_BUFFER: Final = 256 * 1024
@@ -230,10 +230,13 @@ class Tracer:
             if sub is not None and sub.matches(event):
                 monitor.offer(event, _payload(msg) if sub.payload else None)
 
-    def routed(self, peer: Endpoint, msg: Routable, size: int, targets: Iterable[str],
+    def routed(self, peer: Endpoint, msg: Routable, size: int, deliver: Deliver,
                count: int = 1) -> None:
+        targets = [*deliver.targets, *(["dom0"] if deliver.dom0_services else [])]
+        if not targets:
+            return  # a broadcast the policy filtered for everyone: "filtered" says it
         for _ in range(count):
-            self._emit(peer, msg, "routed", size // count, targets=list(targets))
+            self._emit(peer, msg, "routed", size // count, targets=targets)
 
     def refused(self, peer: Endpoint, msg: Routable, why: str, detail: str) -> None:
         self._emit(peer, msg, "refused", _size(msg), why=why, rule=detail)
