@@ -25,6 +25,7 @@ from messagerie import cli
 FILES = {
     "messagerie": [("/dev/hvc1, /dev/xen-channel/NAME", "a DomU's channel to dom0"),
                    ("/run/messagerie/dom0.sock", "the broker's local socket (dom0)"),
+                   ("/run/messagerie/trace.sock", "the broker's trace socket (trace)"),
                    ("/etc/messagerie/domaine", "this domain's name (a DomU)")],
     "messagerie-broker": [("/etc/messagerie/broker.toml", "the configuration"),
                           ("/etc/messagerie/policy.toml", "the routing policy"),

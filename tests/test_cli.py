@@ -24,7 +24,7 @@ from tests.support.ptys import PtyPair
 
 SCRIPT = Path(sys.executable).with_name("messagerie")
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "messagerie.cli"]
-SUBCOMMANDS = ("notify", "send", "command", "listen", "ping", "status", "schema")
+SUBCOMMANDS = ("notify", "send", "command", "listen", "ping", "status", "schema", "trace")
 
 
 def _env(**extra: str) -> dict[str, str]:

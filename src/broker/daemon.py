@@ -29,6 +29,7 @@ from .dom0 import Dom0Socket
 from .hub import Broker
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
+from .trace import Tracer
 from .xenstore import Binding, Bound, XenstoreDiscovery, changes, verifier
 
 DRAIN_TIMEOUT = 5.0
@@ -50,6 +51,7 @@ class Daemon:
         self.policy = policy
         self.broker = Broker(config, policy)
         self.dom0_socket = Dom0Socket(self.broker, self.broker.dom0)
+        self.tracer = Tracer(self.broker)
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.discovered: dict[str, str] = {}
@@ -73,6 +75,8 @@ class Daemon:
                              "allowed; set broker.politique for a deployment")
         if cfg.dom0_socket:
             await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
+        if cfg.trace_group:
+            await self.tracer.start(cfg.trace_socket, cfg.trace_group)
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
@@ -189,10 +193,11 @@ class Daemon:
             return False
         old = self.config
         if (new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame
+                or (new.trace_socket, new.trace_group) != (old.trace_socket, old.trace_group)
                 or (new.xenstore, new.xenstore_channel, new.xenstore_path)
                 != (old.xenstore, old.xenstore_channel, old.xenstore_path)):
             self.log.warning("config.restart_needed",
-                             detail="dom0.socket, broker.taille_max_trame and "
+                             detail="dom0.socket, trace.*, broker.taille_max_trame and "
                                     "decouverte.xenstore* apply at restart")
         broker = self.broker
         logs.configure(new.log_level)
@@ -249,6 +254,7 @@ class Daemon:
         left = sum(p.queued() for p in peers)
         self.broker.log_traffic(TRAFFIC_INTERVAL)
         await self.dom0_socket.stop()
+        await self.tracer.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())

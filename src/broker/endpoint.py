@@ -112,12 +112,14 @@ class Settings:
     batch: Batch | None
     reconnect_min: float
     reconnect_max: float
+    limits_for: Callable[[str], Limits]
+    """One domain's limits (``[domaines.NAME]`` over ``[limites]``): ``Config.limits_for``."""
 
     @classmethod
     def of(cls, config: Config) -> Settings:
         decode, batch = FRAME_DECODERS[config.validation]
         return cls(config.limits, config.max_frame, decode, batch, config.reconnect_min,
-                   config.reconnect_max)
+                   config.reconnect_max, config.limits_for)
 
 
 class WriteCork:
@@ -178,7 +180,8 @@ class Endpoint(asyncio.Protocol):
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
-        limits = sink.settings.limits
+        self.limits = limits = sink.settings.limits_for(name)
+        """This endpoint's own limits (its domain's, or ``[limites]`` for dom0's)."""
         self.queue_bytes = limits.queue_bytes
         # Outbound back-pressure state.
         self.paused_writing = False
@@ -323,7 +326,7 @@ class Endpoint(asyncio.Protocol):
 
     def apply(self, settings: Settings) -> None:
         """Take the settings of a reloaded configuration, now."""
-        limits = settings.limits
+        self.limits = limits = settings.limits_for(self.name)
         self.queue_bytes = limits.queue_bytes
         self.bucket.configure(limits.rate, limits.burst)
         self.decoder.decode, self.decoder.batch = settings.decode, settings.batch
@@ -430,7 +433,7 @@ class Endpoint(asyncio.Protocol):
         self.transport.pause_reading()
         if dest._stall_timer is None:
             dest._stall_timer = asyncio.get_running_loop().call_later(
-                self.sink.settings.limits.stall_timeout, dest._stall)
+                dest.limits.stall_timeout, dest._stall)
 
     def release(self, dest: Endpoint) -> None:
         self._held_by.discard(dest)

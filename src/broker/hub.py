@@ -58,6 +58,7 @@ from .router import (
     dispatch,
     route,
 )
+from .trace import Tracer
 
 JOURNAL_TEXT_MAX = 2000
 """Characters of a domain's ``journal`` text written to the broker's log."""
@@ -104,12 +105,18 @@ class Broker:
         limits = config.limits
         self.pending = PendingCommands[Endpoint](
             limit=limits.commands_in_flight, ttl=limits.command_ttl,
-            per_target=min(limits.commands_per_destination, limits.commands_in_flight))
+            per_target=min(limits.commands_per_destination, limits.commands_in_flight),
+            limit_of=lambda ep: ep.limits.commands_in_flight,
+            ttl_of=lambda ep: ep.limits.command_ttl,
+            per_target_of=lambda ep: min(ep.limits.commands_per_destination,
+                                         ep.limits.commands_in_flight))
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
         self.stopping = False
         """Shutdown began: endpoints are never resumed."""
+        self.tracer: Tracer | None = None
+        """The traffic monitors (``messagerie trace``), while at least one listens."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
 
@@ -197,6 +204,8 @@ class Broker:
         else:
             flow = (msg.source, msg.destination, kind)
             self.traffic[flow] = self.traffic.get(flow, 0) + 1
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(data), deliver)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=kind, name=msg.name, id=msg.id,
@@ -222,6 +231,8 @@ class Broker:
             self._dropped(peer, dest, msg, count=n)
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(run.data), deliver, count=n)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
@@ -310,6 +321,8 @@ class Broker:
         if deliver.dom0_services:
             self._to_dom0_services(peer, msg, data)
         if deliver.denied and peer is not None:
+            if self.tracer is not None:
+                self.tracer.filtered(peer, msg, deliver.denied)
             peer.stats.refused += 1
             if peer.log_budget.allow():
                 peer.log.warning("message.filtered", security=True, type=msg.type,
@@ -432,6 +445,8 @@ class Broker:
         if decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
         peer.stats.refused += 1
+        if self.tracer is not None:
+            self.tracer.refused(peer, msg, decision.kind, decision.detail)
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
             log("message.refused", why=decision.kind, detail=decision.detail, type=msg.type,
@@ -471,6 +486,8 @@ class Broker:
         peer.send(encode(reply))
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1) -> None:
+        if self.tracer is not None:
+            self.tracer.dropped(sender, dest, msg, count)
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),
@@ -496,7 +513,8 @@ class Broker:
     def expire_pending(self) -> None:
         for pending in self.pending.expire():
             self._answer_for(pending, Code.DELAI_DEPASSE,
-                             f"{pending.replier} did not answer in {self.pending.ttl:g} s")
+                             f"{pending.replier} did not answer in "
+                             f"{self.pending.ttl_for(pending.asker):g} s")
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:

@@ -63,13 +63,22 @@ class PendingCommands(Generic[E]):
     destination's behalf (``limites.duree_commande``); a reload changes them at once.
     """
 
-    __slots__ = ("_counts", "_pairs", "_table", "clock", "limit", "per_target", "ttl")
+    __slots__ = ("_counts", "_pairs", "_table", "clock", "limit", "limit_of", "per_target",
+                 "per_target_of", "ttl", "ttl_of")
 
     def __init__(self, *, limit: int, ttl: float, per_target: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 limit_of: Callable[[E], int] | None = None,
+                 ttl_of: Callable[[E], float] | None = None,
+                 per_target_of: Callable[[E], int] | None = None) -> None:
         self.limit = limit
         self.per_target = limit if per_target is None else per_target
         self.ttl = ttl
+        self.limit_of = limit_of
+        self.ttl_of = ttl_of
+        self.per_target_of = per_target_of
+        """Per-asker ``limit``, ``ttl`` and ``per_target`` (a domain's
+        ``[domaines.NAME]``), if given."""
         self.clock = clock
         self._table: dict[Key, Pending[E]] = {}
         self._counts: dict[E, int] = {}
@@ -103,15 +112,24 @@ class PendingCommands(Generic[E]):
         """Commands ``asker`` sent that await an answer."""
         return self._counts.get(asker, 0)
 
+    def limit_for(self, asker: E) -> int:
+        return self.limit if self.limit_of is None else self.limit_of(asker)
+
+    def ttl_for(self, asker: E) -> float:
+        return self.ttl if self.ttl_of is None else self.ttl_of(asker)
+
     def at_limit(self, asker: E) -> bool:
-        return self._counts.get(asker, 0) >= self.limit
+        return self._counts.get(asker, 0) >= self.limit_for(asker)
 
     def in_flight_to(self, asker: E, target: E) -> int:
         """Commands ``asker`` sent to ``target`` that await an answer."""
         return self._pairs.get((asker, target), 0)
 
+    def per_target_for(self, asker: E) -> int:
+        return self.per_target if self.per_target_of is None else self.per_target_of(asker)
+
     def at_target_limit(self, asker: E, target: E) -> bool:
-        return self._pairs.get((asker, target), 0) >= self.per_target
+        return self._pairs.get((asker, target), 0) >= self.per_target_for(asker)
 
     # -- changing -----------------------------------------------------------------
     def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
@@ -121,7 +139,7 @@ class PendingCommands(Generic[E]):
         key = (commander, id)
         assert key not in self._table, f"{key} is already in flight"
         pending = Pending(commander, id, replier, command, asker, target,
-                          self.clock() + self.ttl)
+                          self.clock() + self.ttl_for(asker))
         self._table[key] = pending
         self._counts[asker] = self._counts.get(asker, 0) + 1
         pair = (asker, target)

@@ -259,7 +259,8 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
         return Refuse(DUPLICATE, Code.MESSAGE_INVALIDE,
                       f"a command with id {id!r} is already in flight")
     if pending.at_limit(sender):
-        return Refuse(TOO_MANY, Code.LIMITE, f"more than {pending.limit} commands in flight")
+        return Refuse(TOO_MANY, Code.LIMITE,
+                      f"more than {pending.limit_for(sender)} commands in flight")
     if target != DOM0:
         server = view.endpoint(target)
     else:
@@ -270,7 +271,7 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
         server = found
     if pending.at_target_limit(sender, server):
         return Refuse(TOO_MANY, Code.LIMITE,
-                      f"more than {pending.per_target} commands in flight to {target}")
+                      f"more than {pending.per_target_for(sender)} commands in flight to {target}")
     return Forward(target, server)
 
 

@@ -46,6 +46,7 @@ EXIT_TIMEOUT: Final = 3
 EXIT_CHANNEL: Final = 4
 
 PATH_ENV: Final = "MESSAGERIE_PATH"
+TRACE_SOCKET: Final = Path("/run/messagerie/trace.sock")
 DEFAULT_TIMEOUT: Final = 10.0
 
 
@@ -102,6 +103,9 @@ EXAMPLES: Final[dict[str, list[str]]] = {
     "status": ["messagerie status", "messagerie status --json"],
     "schema": ["messagerie schema > message.schema.json",
                "messagerie schema --socle > socle.schema.json"],
+    "trace": ["messagerie trace --domaine vm-sys-usb",
+              "messagerie trace --verdict refused --json",
+              "messagerie trace --type commande --nom liste_disques --payload"],
 }
 
 
@@ -178,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Ask dom0's broker for 'domaines' and 'statistiques'; print a table.")
     p.add_argument("--json", action="store_true", help="print both results as JSON")
     p.set_defaults(run=_status)
+
+    p = add("trace", "watch the broker's traffic live (dom0, members of [trace] groupe)",
+            "Print every message the broker routes, refuses, filters or drops, one line "
+            "each: time, source -> destination, type, name, id, size, verdict and "
+            "targets or rule. Reads the broker's trace socket (--path, default "
+            f"{TRACE_SOCKET}); a monitor that reads too slowly loses events, counted "
+            "and shown, and never slows the routing.")
+    p.add_argument("--domaine", metavar="DOMAIN", help="only messages from or to DOMAIN")
+    p.add_argument("--type", choices=["notification", "commande", "reponse", "journal"])
+    p.add_argument("--nom", metavar="NAME", help="only this category, command or component")
+    p.add_argument("--verdict", choices=["routed", "refused", "filtered", "dropped"])
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--payload", action="store_true",
+                   help="show payloads too (off by default; the broker logs it as a "
+                        "security event)")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    p.set_defaults(run=_trace)
 
     p = add("schema", "print the JSON Schema of messages",
             "Print the JSON Schema that every message follows (--socle: the socle's "
@@ -313,6 +334,76 @@ async def _listen(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             seen += 1
     return EXIT_OK
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count: expected a positive number")
+    path = Path(args.path) if args.path else TRACE_SOCKET
+    try:
+        async with asyncio.timeout(_wait(args)):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
+    except (OSError, TimeoutError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        hint = (" (is [trace] groupe set in broker.toml, and are you in that group?)"
+                if isinstance(exc, FileNotFoundError | PermissionError) else "")
+        raise ChannelError(getattr(exc, "errno", None) or 0, f"{text}{hint}",
+                           str(path)) from None
+    subscription = {"domaine": args.domaine, "type": args.type, "nom": args.nom,
+                    "verdict": args.verdict, "payload": args.payload}
+    writer.write(json.dumps({k: v for k, v in subscription.items() if v}).encode() + b"\n")
+    seen = 0
+    try:
+        while args.count is None or seen < args.count:
+            try:
+                async with asyncio.timeout(args.timeout):
+                    line = await reader.readline()
+            except TimeoutError:
+                if args.count is None and seen:
+                    return EXIT_OK
+                raise ListenTimeout(f"no trace event in {args.timeout:g} s") from None
+            if not line:
+                raise Disconnected("the broker closed the trace socket")
+            event = json.loads(line)
+            if "trace" in event:
+                if event["trace"] != "ok":
+                    raise UsageError(f"trace: {event.get('message')}")
+                continue
+            if not args.json:
+                sys.stdout.write(format_trace(event) + "\n")
+            else:
+                sys.stdout.write(line.decode())
+            sys.stdout.flush()
+            if "perdus" not in event:
+                seen += 1
+    finally:
+        writer.close()
+    return EXIT_OK
+
+
+def format_trace(event: dict[str, Any]) -> str:
+    """One ``trace`` line: ``HH:MM:SS.mmm source -> destination type name id size
+    verdict targets-or-rule``."""
+    if "perdus" in event:
+        return f"# {event['perdus']} events lost: this monitor read too slowly"
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+    millis = int((event.get("time", 0) % 1) * 1000)
+    verdict = str(event.get("verdict", "?"))
+    if verdict == "routed":
+        outcome = "-> " + ",".join(event.get("targets") or [])
+    elif verdict == "filtered":
+        outcome = f"denied to {','.join(event.get('denied') or [])}: {event.get('rule')}"
+    elif verdict == "dropped":
+        outcome = f"{event.get('why')} at {','.join(event.get('targets') or [])}"
+    else:
+        outcome = f"{event.get('why')}: {event.get('rule')}"
+    line = (f"{stamp}.{millis:03d} {event.get('source')} -> {event.get('destination')} "
+            f"{event.get('type')} {event.get('name') or '-'} id={event.get('id') or '-'} "
+            f"{event.get('size')}B {verdict.upper()} {outcome}")
+    if "payload" in event:
+        line += f" payload={event['payload']}"
+    # What domains sent reaches a terminal: no control character goes there raw.
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)
 
 
 async def _ping(args: argparse.Namespace) -> int:
