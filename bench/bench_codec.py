@@ -108,11 +108,12 @@ def measure(repeats: int) -> list[tuple[str, float, str]]:
                                 ("mouse move", MOUSE, mouse_msg, mouse_dict)):
         size = f"{len(line)} B"
         ours = add(f"decode+validate, {label} ({size})", lambda line=line: decode(line))
-        add(f"  envelope only (the broker's default), {label}",
-            lambda line=line: decode_envelope(line))
+        env = add(f"  envelope only (the broker's default), {label}",
+                  lambda line=line: decode_envelope(line))
         base = add(f"  baseline msgspec.json.decode to dict, {label}", lambda line=line: bare(line))
         std = add(f"  baseline json.loads, {label}", lambda line=line: json.loads(line))
         rows.append((f"  ratio decode+validate / msgspec bare, {label}", ours / base, "x"))
+        rows.append((f"  ratio envelope / msgspec bare, {label}", env / base, "x"))
         rows.append((f"  ratio decode+validate / json.loads, {label}", ours / std, "x"))
         ours = add(f"encode, {label}", lambda msg=msg: encode(msg))
         base = add(f"  baseline msgspec encode of the dict, {label}", lambda d=d: enc(d))

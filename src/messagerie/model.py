@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, TypeVar, overload
 
 from . import wire
 from .errors import MessageInvalide, Reason
@@ -63,6 +63,33 @@ def check_name(value: object, field: str = "name", *, broadcast: bool = False) -
 def is_valid_name(value: str) -> bool:
     """True when ``value`` can name a domain (``tous`` cannot)."""
     return value != TOUS and valid_name_or_tous(value)
+
+
+T = TypeVar("T")
+
+
+class _Field(Generic[T]):
+    """A payload field read as an attribute (``msg.categorie``); with ``empty``, an absent
+    or ``null`` object reads as ``{}``."""
+
+    def __init__(self, key: str, *, empty: bool = False) -> None:
+        self.key = key
+        self.empty = empty
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Field[T]: ...
+
+    @overload
+    def __get__(self, obj: Message, owner: type) -> T: ...
+
+    def __get__(self, obj: Message | None, owner: type) -> T | _Field[T]:
+        if obj is None:
+            return self
+        if self.empty:
+            value: T = obj.payload.get(self.key) or {}  # type: ignore[assignment]
+            return value
+        found: T = obj.payload[self.key]
+        return found
 
 
 def new_id() -> str:
@@ -168,20 +195,9 @@ class Notification(Message):
             "categorie": categorie, "evenement": evenement,
             "data": dict(data) if data is not None else {}})
 
-    @property
-    def categorie(self) -> str:
-        value: str = self.payload["categorie"]
-        return value
-
-    @property
-    def evenement(self) -> str:
-        value: str = self.payload["evenement"]
-        return value
-
-    @property
-    def data(self) -> dict[str, Any]:
-        value: dict[str, Any] = self.payload.get("data") or {}
-        return value
+    categorie: _Field[str] = _Field("categorie")
+    evenement: _Field[str] = _Field("evenement")
+    data: _Field[dict[str, Any]] = _Field("data", empty=True)
 
     @property
     def name(self) -> str:
@@ -204,20 +220,9 @@ class Commande(Message):
             "id": id if id is not None else new_id(), "commande": commande,
             "arguments": dict(arguments) if arguments is not None else {}})
 
-    @property
-    def id(self) -> str:
-        value: str = self.payload["id"]
-        return value
-
-    @property
-    def commande(self) -> str:
-        value: str = self.payload["commande"]
-        return value
-
-    @property
-    def arguments(self) -> dict[str, Any]:
-        value: dict[str, Any] = self.payload.get("arguments") or {}
-        return value
+    id: _Field[str] = _Field("id")
+    commande: _Field[str] = _Field("commande")
+    arguments: _Field[dict[str, Any]] = _Field("arguments", empty=True)
 
     @property
     def name(self) -> str:
@@ -251,15 +256,8 @@ class Reponse(Message):
             payload["erreur"] = dict(erreur) if erreur is not None else {}
         super().__init__(source, destination, payload)
 
-    @property
-    def id(self) -> str:
-        value: str = self.payload["id"]
-        return value
-
-    @property
-    def commande(self) -> str:
-        value: str = self.payload["commande"]
-        return value
+    id: _Field[str] = _Field("id")
+    commande: _Field[str] = _Field("commande")
 
     @property
     def statut(self) -> Statut:
@@ -307,25 +305,10 @@ class Journal(Message):
     def niveau(self) -> Niveau:
         return Niveau(self.payload["niveau"])
 
-    @property
-    def texte(self) -> str:
-        value: str = self.payload["texte"]
-        return value
-
-    @property
-    def horodatage(self) -> str:
-        value: str = self.payload["horodatage"]
-        return value
-
-    @property
-    def composant(self) -> str:
-        value: str = self.payload["composant"]
-        return value
-
-    @property
-    def data(self) -> dict[str, Any]:
-        value: dict[str, Any] = self.payload.get("data") or {}
-        return value
+    texte: _Field[str] = _Field("texte")
+    horodatage: _Field[str] = _Field("horodatage")
+    composant: _Field[str] = _Field("composant")
+    data: _Field[dict[str, Any]] = _Field("data", empty=True)
 
     @property
     def name(self) -> str:

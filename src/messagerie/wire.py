@@ -132,43 +132,42 @@ class JournalPayload(Struct):
     data: ObjectContents | UnsetType = UNSET
 
 
-class Notification(Struct, tag_field="type", tag="notification"):
+class _Frame(Struct, tag_field="type"):
+    """What every message has: its type (the tag), its source and its destination."""
+
+    source: Name
+    destination: Name
+
+
+class Notification(_Frame, tag="notification"):
     """A notification message."""
 
     broadcastable: ClassVar[bool] = True
     name_field: ClassVar[str] = "categorie"
-    source: Name
-    destination: Name
     payload: NotificationPayload
 
 
-class Commande(Struct, tag_field="type", tag="commande"):
+class Commande(_Frame, tag="commande"):
     """A commande message."""
 
     broadcastable: ClassVar[bool] = False
     name_field: ClassVar[str] = "commande"
-    source: Name
-    destination: Name
     payload: CommandePayload
 
 
-class Reponse(Struct, tag_field="type", tag="reponse"):
+class Reponse(_Frame, tag="reponse"):
     """A reponse message."""
 
     broadcastable: ClassVar[bool] = False
     name_field: ClassVar[str] = "commande"
-    source: Name
-    destination: Name
     payload: ReponsePayload
 
 
-class Journal(Struct, tag_field="type", tag="journal"):
+class Journal(_Frame, tag="journal"):
     """A journal message."""
 
     broadcastable: ClassVar[bool] = True
     name_field: ClassVar[str] = "composant"
-    source: Name
-    destination: Name
     payload: JournalPayload
 
 
