@@ -182,7 +182,7 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         s = None
     if s is not None and _json_encode(s) == line:
         kind = MODEL_TWINS[type(s)]
-        if accepts(s, kind):
+        if accepts(s, kind) is not None:
             return _message(kind, s.source, s.destination, _payload(s.payload), line)
     return _from_object(_decode_object(line), line)
 

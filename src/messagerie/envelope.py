@@ -39,7 +39,7 @@ from . import wire
 from .codec import MAX_DEPTH, _decode_object, _json_decode, _strip, check_depth, decode, utf8_error
 from .errors import MessageInvalide, Reason
 from .model import Message
-from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object
+from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object, is_object
 
 _OPEN_BRACE: Final = ord("{")
 
@@ -87,29 +87,27 @@ _fast_decode = msgspec.json.Decoder(wire.union(_TWINS)).decode
 _fast_decode_list = msgspec.json.Decoder(list[wire.union(_TWINS)]).decode  # type: ignore[misc]
 _fast_encode = msgspec.json.Encoder().encode
 _JOURNAL: Final = wire.KINDS["journal"]
+assert all(k.object_field == "data" for k in wire.KINDS.values() if k.simple)  # see below
 
 
-def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope:
-    p = s.payload
-    return Envelope(kind.tag, s.source, s.destination, name=getattr(p, kind.name_field),
-                    id=getattr(p, "id", None), raw=raw)
-
-
-def _fast(line: bytes) -> Envelope | None:
-    """The envelope of a canonical, valid frame; ``None`` means "take the exact path"
-    (which explains refusals: this one only accepts)."""
-    if not line.startswith(b'{"type":"'):
-        return None  # not canonical (the tag comes first): spare junk a failed parse
-    try:
-        s = _fast_decode(line)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope | None:
+    """The envelope of the loose-decoded canonical frame ``s``, if valid."""
+    key = _accepts(s, kind)
+    if key is None:
         return None
-    if _fast_encode(s) != line or not _utf8(line):
+    return _build(kind, key, s, raw)
+
+
+def _accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
+    """:func:`~messagerie.wire.accepts`, and the object field really an object."""
+    if kind.object_field is not None and not is_object(getattr(s.payload, kind.object_field)):
         return None
-    kind = _TWINS[type(s)]
-    if not accepts(s, kind):
-        return None
-    return _envelope(s, kind, line)
+    return accepts(s, kind)
+
+
+def _build(kind: Kind, key: tuple[str, ...], s: Any, raw: bytes) -> Envelope:
+    return Envelope(kind.tag, key[0], key[1], name=key[2],
+                    id=s.payload.id if kind.has_id else None, raw=raw)
 
 
 def _utf8(data: bytes) -> bool:
@@ -170,12 +168,13 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         return [same]
     out: list[Envelope | Run] = []
     start = 0  # first line of the current run
-    key: tuple[str, str, str] | None = None
+    key: tuple[str, ...] | None = None
     for i, (s, kind) in enumerate(zip(decoded, kinds, strict=True)):
-        if not accepts(s, kind):
+        valid = _accepts(s, kind)
+        if valid is None:
             return None
         if kind is _NOTIFICATION and s.destination not in (TOUS, DOM0):
-            here = (s.source, s.destination, s.payload.categorie)
+            here = valid[:3]  # source, destination, categorie
             if here == key:
                 continue  # the run goes on
             if key is not None:
@@ -186,7 +185,7 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         if key is not None:
             _close_run(out, lines, decoded, start, i)
             key = None
-        out.append(_envelope(s, kind, lines[i]))
+        out.append(_build(kind, valid, s, lines[i]))
         start = i + 1
     if key is not None:
         _close_run(out, lines, decoded, start, len(lines))
@@ -209,15 +208,17 @@ def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | 
     prefix = first[:cut + 9]
     if sum(map(methodcaller("startswith", prefix), lines)) != len(lines):
         return None
-    s = decoded[0]
-    if s.destination in (TOUS, DOM0) or not accepts(s, kind):
+    envelope = _envelope(decoded[0], kind, first)
+    if envelope is None or envelope.destination in (TOUS, DOM0):
         return None
-    return Run(_envelope(s, kind, first), len(lines), b"\n".join(lines) + b"\n")
+    return Run(envelope, len(lines), b"\n".join(lines) + b"\n")
 
 
 def _close_run(out: list[Envelope | Run], lines: list[bytes], decoded: list[Any],
                start: int, end: int) -> None:
-    envelope = _envelope(decoded[start], _NOTIFICATION, lines[start])
+    s = decoded[start]
+    envelope = _build(_NOTIFICATION, (s.source, s.destination, s.payload.categorie), s,
+                      lines[start])
     if end - start == 1:
         out.append(envelope)
     else:
@@ -326,7 +327,20 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
     check_depth(line)  # before any parser meets its own limit
-    return _fast(line) or _exact(line)
+    try:
+        s = _fast_decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return _exact(line)  # explained there
+    if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
+        kind = _TWINS[type(s)]
+        key = kind.key(s)
+        if kind.simple and key in kind.known and is_object(s.payload.data):
+            # _accepts(), inlined for the common frame (simple kinds have a data field)
+            return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
+        envelope = _envelope(s, kind, line)
+        if envelope is not None:
+            return envelope
+    return _exact(line)  # not canonical, or to explain
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

@@ -225,8 +225,12 @@ def _derive(tp: Any, contents: Any, patterns: bool) -> Any:
         value = derive(get_args(tp)[1], contents, patterns=patterns)
         return dict[str, value] if contents is Raw else dict[Any, value]  # type: ignore[valid-type]
     if origin is Union or origin is UnionType:
-        args = tuple(derive(a, contents, patterns=patterns) for a in get_args(tp))
-        return Union[args]  # noqa: UP007  (built from a tuple)
+        args = get_args(tp)
+        if contents is Raw and any(get_origin(a) is dict for a in args):
+            # Object contents to the relay: Raw too (its kind is checked on its first
+            # byte, see is_object()), not a dict of Raw values built for every frame.
+            args = (Raw, *(a for a in args if get_origin(a) is not dict and a is not type(None)))
+        return Union[tuple(derive(a, contents, patterns=patterns) for a in args)]  # noqa: UP007
     return tp
 
 
@@ -317,6 +321,10 @@ class Kind:
                                   if _has_raw(f.type))
         #: The payload fields the relay reads.
         self.read = self.payload_fields - self.contents
+        #: The payload field that must be an object (or null), if any.
+        self.object_field = next((f.encode_name for f in msgspec.structs.fields(self.payload_cls)
+                                  if any(get_origin(a) is dict for a in get_args(f.type))),
+                                 None)
         repeating = [f"payload.{name}" for name, memo in self.payload_checks
                      if memo.pattern in (NAME_PATTERN, TOKEN_PATTERN)]
         self.unique = [(attrgetter(name), memo) for name, memo in self.payload_checks
@@ -329,6 +337,8 @@ class Kind:
             if memo.pattern in (NAME_PATTERN, TOKEN_PATTERN)]
         #: Tuples of memoised values known valid for this type (at most 4096).
         self.known: set[tuple[str, ...]] = set()
+        #: Nothing to check beyond the memoised values (no id, timestamp or erreur).
+        self.simple = not self.unique and not self.with_erreur
 
 
 KINDS: Final = {tag_of(cls): Kind(cls) for cls in FRAMES}
@@ -354,15 +364,21 @@ def twins(contents: Any) -> dict[type, Kind]:
     return out
 
 
-def accepts(s: Any, kind: Kind) -> bool:
-    """Does the loose-decoded frame ``s`` follow the rules msgspec did not check?
-    ``False`` means "explain it with :func:`explain`" (which may still accept: an
-    ``erreur`` left to be read)."""
-    key = kind.key(s)
-    if key not in kind.known:
+def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
+    """Does the loose-decoded frame ``s`` follow the rules msgspec did not check? Its
+    memoised values (source, destination, then its tokens: ``key[2]`` is its name) if so;
+    ``None`` means "explain it with :func:`explain`" (which may still accept: an
+    ``erreur`` to read closely)."""
+    key: tuple[str, ...] = kind.key(s)
+    if key in kind.known:  # this source, destination and tokens passed every check
+        if kind.simple:
+            return key
+    else:
         for value, memo in zip(key, kind.key_memos, strict=True):
             if value not in memo.seen and not memo(value):
-                return False
+                return None
+        if key[0] == TOUS or (key[1] == TOUS and not kind.broadcastable):
+            return None
         if len(kind.known) >= 4096:
             kind.known.clear()
         kind.known.add(key)
@@ -370,15 +386,23 @@ def accepts(s: Any, kind: Kind) -> bool:
         p = s.payload
         for get, memo in kind.unique:
             if memo._fullmatch(get(p)) is None:
-                return False
-    if key[0] == TOUS or (key[1] == TOUS and not kind.broadcastable):
-        return False
+                return None
     if kind.with_erreur:
         erreur = s.payload.erreur
         if erreur is not UNSET:
-            return _plain_erreur(erreur)
-        return bool(s.payload.statut != Statut.ERREUR)
-    return True
+            return key if _plain_erreur(erreur) else None
+        return key if s.payload.statut != Statut.ERREUR else None
+    return key
+
+
+_NULL: Final = Raw(b"null")
+
+
+def is_object(raw: Raw | UnsetType) -> bool:
+    """Is the raw value of an object field absent, ``null`` or an object? (``Raw`` keeps
+    the exact bytes of the value, which in a canonical frame start with its first
+    character.)"""
+    return raw is UNSET or memoryview(raw)[0] == 123 or raw == _NULL
 
 
 _decode_erreur = msgspec.json.Decoder(Erreur).decode
@@ -590,7 +614,7 @@ def check_object(obj: dict[str, Any]) -> Kind:
         s = None
     if s is not None:
         kind = MODEL_TWINS[type(s)]
-    if s is None or not accepts(s, kind):
+    if s is None or accepts(s, kind) is None:
         error = explain(obj)
         if error is not None:
             raise error
