@@ -87,9 +87,11 @@ def _strip(line: bytes | bytearray | memoryview | str) -> bytes:
     return line
 
 
-def _decode_object(line: bytes) -> dict[str, Any]:
-    """Parse one frame (UTF-8 and JSON syntax throughout) into a dict."""
-    check_depth(line)
+def _decode_object(line: bytes, *, checked: bool = False) -> dict[str, Any]:
+    """Parse one frame (UTF-8 and JSON syntax throughout) into a dict (``checked``: its
+    depth was checked already)."""
+    if not checked:
+        check_depth(line)
     try:
         obj = _json_decode(line)
     except (UnicodeDecodeError, msgspec.DecodeError, RecursionError) as exc:
@@ -162,11 +164,6 @@ def check_depth(line: bytes) -> None:
         raise utf8_error(line) or MessageInvalide(Reason.INVALID_JSON, _TOO_DEEP)
 
 
-_decode_twin = msgspec.json.Decoder(wire.union(MODEL_TWINS)).decode
-_asdict = msgspec.structs.asdict
-_UNSET = msgspec.UNSET
-
-
 def decode(line: bytes | bytearray | memoryview | str) -> Message:
     """Decode and validate one message. A final ``\\n`` or ``\\r\\n`` is allowed.
 
@@ -184,7 +181,14 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         kind = MODEL_TWINS[type(s)]
         if accepts(s, kind) is not None:
             return _message(kind, s.source, s.destination, _payload(s.payload), line)
-    return _from_object(_decode_object(line), line)
+    # Anything else (unknown keys, another order, spaces, a refusal to explain) as an
+    # object, which keeps every key; the Struct already decoded spares a conversion.
+    return _from_object(_decode_object(line, checked=True), line, s)
+
+
+_decode_twin = msgspec.json.Decoder(wire.union(MODEL_TWINS)).decode
+_asdict = msgspec.structs.asdict
+_UNSET = msgspec.UNSET
 
 
 def _payload(p: Any) -> dict[str, Any]:
@@ -199,10 +203,10 @@ def from_dict(obj: dict[str, Any]) -> Message:
     return _from_object(obj, None)
 
 
-def _from_object(obj: dict[str, Any], line: bytes | None) -> Message:
+def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None) -> Message:
     if line is not None:
         _check_duplicates(line, obj)
-    kind = check_object(obj)
+    kind = check_object(obj, s)
     extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
     return _message(kind, obj["source"], obj["destination"], obj["payload"], line, extra=extra)
 

@@ -92,17 +92,10 @@ assert all(k.object_field == "data" for k in wire.KINDS.values() if k.simple)  #
 
 def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope | None:
     """The envelope of the loose-decoded canonical frame ``s``, if valid."""
-    key = _accepts(s, kind)
+    key = accepts(s, kind)
     if key is None:
         return None
     return _build(kind, key, s, raw)
-
-
-def _accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
-    """:func:`~messagerie.wire.accepts`, and the object field really an object."""
-    if kind.object_field is not None and not is_object(getattr(s.payload, kind.object_field)):
-        return None
-    return accepts(s, kind)
 
 
 def _build(kind: Kind, key: tuple[str, ...], s: Any, raw: bytes) -> Envelope:
@@ -160,17 +153,15 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         return None  # not aligned, not canonical, or an empty line made ",,"
     if not _utf8(framed):
         return None
-    kinds = list(map(_TWINS.__getitem__, map(type, decoded)))
-    if _JOURNAL in kinds:
-        return None  # to dom0, rare: frame by frame
-    same = _same_envelope(lines, decoded, kinds[0])
+    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])])
     if same is not None:
         return [same]
     out: list[Envelope | Run] = []
     start = 0  # first line of the current run
     key: tuple[str, ...] | None = None
-    for i, (s, kind) in enumerate(zip(decoded, kinds, strict=True)):
-        valid = _accepts(s, kind)
+    for i, s in enumerate(decoded):
+        kind = _TWINS[type(s)]
+        valid = accepts(s, kind) if kind is not _JOURNAL else None  # journals: one by one
         if valid is None:
             return None
         if kind is _NOTIFICATION and s.destination not in (TOUS, DOM0):
@@ -259,13 +250,35 @@ def _level(raw: dict[str, Raw], read: frozenset[str]) -> dict[str, Any]:
     return {k: _value(v) if k in read else _placeholder(v) for k, v in raw.items()}
 
 
-def _exact(line: bytes) -> Envelope:
+def _exact(line: bytes, s: Any) -> Envelope:
+    """The exact path; ``s`` is the frame decoded into a twin, if it could be."""
+    try:
+        obj = _json_decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # Perhaps valid JSON with a number Python cannot hold, which may be in the
+        # contents (the receiver's call): decide with the contents kept raw.
+        return _exact_raw(line)
+    if type(obj) is not dict:
+        _decode_object(line, checked=True)  # raises: not an object, as decode() says it
+    if _fast_encode(obj) != line:  # re-encodes to itself: nothing repeated anywhere
+        _envelope_duplicates(line)  # not compact, or a key collapsed: find out exactly
+    return _checked(obj, line, s)
+
+
+def _checked(obj: dict[str, Any], line: bytes, s: Any = None) -> Envelope:
+    kind = check_object(obj, s)
+    p = obj["payload"]
+    return Envelope(kind.tag, obj["source"], obj["destination"], name=p[kind.name_field],
+                    id=p["id"] if kind.has_id else None, raw=line)
+
+
+def _exact_raw(line: bytes) -> Envelope:
     try:
         top = _decode_map(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # Not a JSON object: explained as decode() explains it (same reason, same
         # place: which of two faults comes first depends on the parser's path).
-        _decode_object(line)
+        _decode_object(line, checked=True)
         raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
     error = utf8_error(line)  # UTF-8 throughout: raw contents are not decoded
     if error is not None:
@@ -286,10 +299,7 @@ def _exact(line: bytes) -> Envelope:
                 payload["erreur"] = _level(erreur_map, ERREUR_FIELDS)
     if any(_fast_encode(m) != raw for m, raw in levels):
         _envelope_duplicates(line)  # not compact, or a key collapsed: find out exactly
-    kind = check_object(obj)
-    p = obj["payload"]
-    return Envelope(kind.tag, obj["source"], obj["destination"], name=p[kind.name_field],
-                    id=p["id"] if kind.has_id else None, raw=line)
+    return _checked(obj, line)
 
 
 def _envelope_duplicates(line: bytes) -> None:
@@ -330,17 +340,17 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     try:
         s = _fast_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return _exact(line)  # explained there
+        return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
         kind = _TWINS[type(s)]
         key = kind.key(s)
         if kind.simple and key in kind.known and is_object(s.payload.data):
-            # _accepts(), inlined for the common frame (simple kinds have a data field)
+            # accepts(), inlined for the common frame (simple kinds have a data field)
             return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
         envelope = _envelope(s, kind, line)
         if envelope is not None:
             return envelope
-    return _exact(line)  # not canonical, or to explain
+    return _exact(line, s)  # not canonical, or to explain
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

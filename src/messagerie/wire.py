@@ -226,9 +226,9 @@ def _derive(tp: Any, contents: Any, patterns: bool) -> Any:
         return dict[str, value] if contents is Raw else dict[Any, value]  # type: ignore[valid-type]
     if origin is Union or origin is UnionType:
         args = get_args(tp)
-        if contents is Raw and any(get_origin(a) is dict for a in args):
-            # Object contents to the relay: Raw too (its kind is checked on its first
-            # byte, see is_object()), not a dict of Raw values built for every frame.
+        if not patterns and any(get_origin(a) is dict for a in args):
+            # Object contents: taken as they come (Raw, or any value) and their kind
+            # checked by accepts(), not rebuilt as a dict for every frame.
             args = (Raw, *(a for a in args if get_origin(a) is not dict and a is not type(None)))
         return Union[tuple(derive(a, contents, patterns=patterns) for a in args)]  # noqa: UP007
     return tp
@@ -370,6 +370,10 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
     ``None`` means "explain it with :func:`explain`" (which may still accept: an
     ``erreur`` to read closely)."""
     key: tuple[str, ...] = kind.key(s)
+    if kind.object_field is not None:
+        value = getattr(s.payload, kind.object_field)
+        if type(value) is not dict and not is_object(value):
+            return None
     if key in kind.known:  # this source, destination and tokens passed every check
         if kind.simple:
             return key
@@ -395,14 +399,16 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
     return key
 
 
-_NULL: Final = Raw(b"null")
+_OBJECT_OR_NULL: Final = frozenset(b"{n")
 
 
-def is_object(raw: Raw | UnsetType) -> bool:
-    """Is the raw value of an object field absent, ``null`` or an object? (``Raw`` keeps
-    the exact bytes of the value, which in a canonical frame start with its first
-    character.)"""
-    return raw is UNSET or memoryview(raw)[0] == 123 or raw == _NULL
+def is_object(value: Any) -> bool:
+    """Is the value of an object field absent, ``null`` or an object? Decoded, or raw
+    (``Raw`` keeps the exact bytes of the value, which start with its first character:
+    ``{``, or ``n`` for ``null``)."""
+    if value is UNSET or value is None or type(value) is dict:
+        return True
+    return type(value) is Raw and memoryview(value)[0] in _OBJECT_OR_NULL
 
 
 _decode_erreur = msgspec.json.Decoder(Erreur).decode
@@ -602,19 +608,20 @@ MODEL_TWINS: Final = twins(Any)
 _MODEL_FRAMES: Final = {kind.tag: twin for twin, kind in MODEL_TWINS.items()}
 
 
-def check_object(obj: dict[str, Any]) -> Kind:
+def check_object(obj: dict[str, Any], s: Any = None) -> Kind:
     """Validate a wire object whose contents are decoded (or stand-ins of their JSON
     kind) and return its :class:`Kind`; raise :class:`MessageInvalide` otherwise.
-    Repeated keys are the caller's: a dict has none left."""
-    tag = obj.get("type")
-    twin = _MODEL_FRAMES.get(tag) if type(tag) is str else None
-    try:
-        s = msgspec.convert(obj, twin) if twin is not None else None
-    except msgspec.ValidationError:
-        s = None
-    if s is not None:
-        kind = MODEL_TWINS[type(s)]
-    if s is None or accepts(s, kind) is None:
+    ``s`` is the object already decoded into a twin, if it was. Repeated keys are the
+    caller's: a dict has none left."""
+    if s is None:
+        tag = obj.get("type")
+        twin = _MODEL_FRAMES.get(tag) if type(tag) is str else None
+        try:
+            s = msgspec.convert(obj, twin) if twin is not None else None
+        except msgspec.ValidationError:
+            s = None
+    kind = kind_of_twin(type(s)) if s is not None else None
+    if kind is None or accepts(s, kind) is None:
         error = explain(obj)
         if error is not None:
             raise error
