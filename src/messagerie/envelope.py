@@ -17,12 +17,15 @@
   the receiver, whose :func:`messagerie.decode` refuses it. The relay decides nothing
   on them, so it cannot be misled by them.
 
-The common frame, compact JSON with the keys in the order :func:`messagerie.encode`
-writes them, is decoded into C structures with the contents left as raw bytes and
-checked by re-encoding: 1.4 us for a mouse move against 2.0 for :func:`messagerie.decode`,
-0.8 to 1.0 us when :func:`decode_runs` checks a read's frames together. Anything else
-(other key orders, spaces, escapes, unknown keys) takes an exact slow path that keeps
-the contents raw too: both paths accept and refuse the same frames.
+The frame is decoded into the wire's own Structs (:mod:`messagerie.wire`, without their
+patterns, which are checked against a memo) with the contents left as raw bytes. When it
+re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
+that is the whole check; :func:`decode_runs` does the same for all the frames of a read
+in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
+to explain) takes the exact path, which validates the frame as an object the way
+:func:`messagerie.decode` does, reading only the envelope's levels for repeated keys;
+when a full decode fails there, the contents are kept raw (a number Python cannot hold
+is the receiver's call), so both paths accept and refuse the same frames.
 """
 
 from __future__ import annotations
