@@ -180,7 +180,7 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     if s is not None and _json_encode(s) == line:
         kind = MODEL_TWINS[type(s)]
         if accepts(s, kind) is not None:
-            return _message(kind, s.source, s.destination, _payload(s.payload), line)
+            return _message(kind, s.source, s.destination, _payload(kind, s.payload), line)
     # Anything else (unknown keys, another order, spaces, a refusal to explain) as an
     # object, which keeps every key; the Struct already decoded spares a conversion.
     return _from_object(_decode_object(line, checked=True), line, s)
@@ -191,10 +191,11 @@ _asdict = msgspec.structs.asdict
 _UNSET = msgspec.UNSET
 
 
-def _payload(p: Any) -> dict[str, Any]:
+def _payload(kind: Kind, p: Any) -> dict[str, Any]:
     payload = _asdict(p)
-    if _UNSET in payload.values():  # an optional field that was absent stays absent
-        payload = {k: v for k, v in payload.items() if v is not _UNSET}
+    for field in kind.optional:
+        if payload[field] is _UNSET:  # an optional field that was absent stays absent
+            del payload[field]
     return payload
 
 

@@ -321,6 +321,9 @@ class Kind:
                                   if _has_raw(f.type))
         #: The payload fields the relay reads.
         self.read = self.payload_fields - self.contents
+        #: The payload fields that may be absent.
+        self.optional = tuple(f.encode_name for f in msgspec.structs.fields(self.payload_cls)
+                              if not f.required)
         #: The payload field that must be an object (or null), if any.
         self.object_field = next((f.encode_name for f in msgspec.structs.fields(self.payload_cls)
                                   if any(get_origin(a) is dict for a in get_args(f.type))),
