@@ -47,19 +47,20 @@ from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object, is_obj
 _OPEN_BRACE: Final = ord("{")
 
 
-class _Envelope(Struct, gc=False):
+class _Envelope(Struct, gc=False, eq=False):
     type: str
     source: str
     destination: str
 
 
-class Envelope(_Envelope, kw_only=True, gc=False):
+class Envelope(_Envelope, kw_only=True, gc=False, eq=False):
     """A frame whose envelope was validated: what routing, policy and logs need.
 
     ``name`` is what the policy calls the message (category, command or component),
     ``id`` the correlation id of a ``commande`` or ``reponse`` (else ``None``), ``raw``
     the frame's exact bytes (without the newline), to forward unchanged. A Struct: one
-    is built per frame on the relay's hot path, in C.
+    is built per frame on the relay's hot path, in C (compared and hashed by identity,
+    as any object).
     """
 
     name: str | None
