@@ -244,7 +244,9 @@ def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: in
                 f"{runs} runs (range).", "",
                 "| Operation | Ratio to bare decode (median) | Range |", "|---|---:|---:|"]
         out += [f"| {name} | {value:.2f}x | {spread} |" for name, value, _, spread in compared]
-        out.append("")
+        out += ["", "The table of rates above is sequential: on a shared machine its figures "
+                "drift with the load of the moment (an operation measured while another job "
+                "ran looks slower). The interleaved ratios are the comparison to read.", ""]
     return "\n".join(out)
 
 
