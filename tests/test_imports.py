@@ -1,8 +1,8 @@
 """Import purity and the package's exports.
 
-The sans-IO modules (the model, the codec, the envelope decoder, the schema, the
-errors, and the package root itself) must be importable without asyncio or
-structlog: a router, a policy tool or a fuzzer should not pay for, or depend on, the
+The sans-IO modules (the wire definition, the model, the codec, the envelope decoder,
+the schema, the socle's catalogue, the errors, and the package root itself) must be
+importable without asyncio or structlog: a router, a policy tool or a fuzzer should not pay for, or depend on, the
 client's I/O. Each check runs in a fresh interpreter (``-I``: no user site, no
 PYTHON* variables), since this test process has long imported everything.
 """
@@ -25,9 +25,9 @@ SRC = Path(messagerie.__file__).resolve().parent.parent
 IO_MODULES = ("asyncio", "structlog")
 pytestmark = pytest.mark.integration  # each check runs a fresh interpreter
 
-PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.model", "messagerie.vocabulary",
-                "messagerie.codec", "messagerie.envelope", "messagerie.schema",
-                "messagerie.socle")
+PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.wire", "messagerie.model",
+                "messagerie.vocabulary", "messagerie.codec", "messagerie.envelope",
+                "messagerie.schema", "messagerie.socle")
 
 
 def loaded_by(statement: str) -> tuple[set[str], set[str]]:
