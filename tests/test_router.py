@@ -407,3 +407,25 @@ def test_dependencies_point_one_way(module: str) -> None:
                  "demo": {".cli"}}.get(module, {".hub", ".endpoint", ".dom0", ".daemon",
                                                 ".cli", ".demo"})
     assert not _imports(module) & forbidden
+
+
+def test_a_destination_that_never_answers_holds_only_its_share_of_slots() -> None:
+    view = View(connected=["vm-ui", "vm-usb", "vm-diag"])
+    view.pending.limit, view.pending.per_target = 8, 3
+    view.services = {"etat": "svc-1"}
+    for i in range(3):  # vm-usb never answers these
+        view.expect("vm-ui", f"u{i}", "vm-usb")
+    decision = decide(Commande("vm-ui", "vm-usb", "lister", id="u3"), "vm-ui", "vm-ui", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code) == (TOO_MANY, Code.LIMITE)
+    assert decision.detail == "more than 3 commands in flight to vm-usb"
+    # Every other destination, dom0's services included, still gets vm-ui's commands.
+    assert decide(Commande("vm-ui", "vm-diag", "lister", id="d1"), "vm-ui", "vm-ui",
+                  view) == Forward("vm-diag", "vm-diag")
+    assert decide(Commande("vm-ui", DOM0, "etat", id="e1"), "vm-ui", "vm-ui",
+                  view) == Forward(DOM0, "svc-1")
+    # The per-commander bound still holds over all destinations.
+    for i in range(5):
+        view.expect("vm-ui", f"x{i}", f"vm-{i}")
+    decision = decide(Commande("vm-ui", "vm-diag", "lister", id="d2"), "vm-ui", "vm-ui", view)
+    assert isinstance(decision, Refuse) and decision.detail == "more than 8 commands in flight"

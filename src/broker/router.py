@@ -33,8 +33,10 @@ it returns the route's decision unchanged.
    the broker (:class:`Builtin`); it is never tracked.
 8. Any other ``commande`` is refused if its id is already in flight for its source,
    or if its sender has ``limit`` commands in flight; one to dom0 goes to the service
-   that registered its name (``commande_inconnue`` if none). It is then forwarded
-   and tracked until answered (:class:`Forward`).
+   that registered its name (``commande_inconnue`` if none); it is refused if its
+   sender has ``per_target`` commands in flight to that endpoint (one that never
+   answers holds only those slots). It is then forwarded and tracked until answered
+   (:class:`Forward`).
 """
 
 from __future__ import annotations
@@ -259,11 +261,16 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
     if pending.at_limit(sender):
         return Refuse(TOO_MANY, Code.LIMITE, f"more than {pending.limit} commands in flight")
     if target != DOM0:
-        return Forward(target, view.endpoint(target))
-    server = view.dom0_service(name)
-    if server is None:
-        return Refuse(UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE,
-                      f"no dom0 service serves {name!r}")
+        server = view.endpoint(target)
+    else:
+        found = view.dom0_service(name)
+        if found is None:
+            return Refuse(UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE,
+                          f"no dom0 service serves {name!r}")
+        server = found
+    if pending.at_target_limit(sender, server):
+        return Refuse(TOO_MANY, Code.LIMITE,
+                      f"more than {pending.per_target} commands in flight to {target}")
     return Forward(target, server)
 
 

@@ -303,7 +303,7 @@ class Client:
             self.path, lambda: Connection(self._dispatch, self._connection_lost,
                                           max_frame=self.max_frame, domain=self.name),
             exclusive=exclusive)
-        # pyserial-asyncio calls connection_made() on the next loop iteration.
+        # The channel transport calls connection_made() on the next loop iteration.
         conn.transport = transport
         transport.set_write_buffer_limits(high=self.write_buffer_high)
         self._conn = conn
