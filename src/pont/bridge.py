@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import ssl
 import time
@@ -47,6 +48,12 @@ from .mapping import (
     matches_any,
     topic_for,
 )
+
+_QUIET = logging.getLogger("pont.aiomqtt")
+_QUIET.setLevel(logging.ERROR)
+"""aiomqtt's own logger: it warns at every publish beyond 10 awaiting confirmation,
+which the window does on purpose (and costs more than the publish); the bridge logs
+its own events."""
 
 MAX_FRAME = 65536
 WINDOW = 64
@@ -173,6 +180,10 @@ class Bridge:
                         self.from_broker(item)
         except OSError as exc:
             self.log.info("broker.read_failed", error=str(exc))
+        except asyncio.CancelledError:
+            # The bridge stops. (Re-raised, asyncio's stream server would log the
+            # cancelled handler as an error.)
+            pass
         finally:
             if self.broker is writer:
                 self.broker = None
@@ -288,7 +299,7 @@ class Bridge:
             identifier=m.client_id or f"messagerie-pont-{self.config.host}",
             protocol=aiomqtt.ProtocolVersion.V5, keepalive=m.keepalive,
             tls_context=self._tls, timeout=10.0,
-            max_queued_incoming_messages=1024)
+            max_queued_incoming_messages=1024, logger=_QUIET)
 
     def subscriptions(self) -> list[str]:
         return [*self.config.in_topics, *(f"{r.topic}/{REQUEST}" for r in self.config.requests)]
