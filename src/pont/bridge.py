@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -56,6 +57,8 @@ which the window does on purpose (and costs more than the publish); the bridge l
 its own events."""
 
 MAX_FRAME = 65536
+PUBLISH_TIMEOUT = 10.0
+"""Seconds a window of publications may take before the connection is deemed lost."""
 WINDOW = 64
 """Messages published at once, awaiting their confirmation."""
 BROKER_WRITE_HIGH = 1 << 20
@@ -170,6 +173,7 @@ class Bridge:
         writer.transport.set_write_buffer_limits(high=BROKER_WRITE_HIGH)
         self.counters.broker_connections += 1
         self.log.info("broker.connected")
+        self.write_status()
         decoder = FrameDecoder(MAX_FRAME)
         try:
             while data := await reader.read(1 << 16):
@@ -188,6 +192,7 @@ class Bridge:
             if self.broker is writer:
                 self.broker = None
                 self.log.info("broker.disconnected")
+                self.write_status()
                 self._fail_pending("the broker's channel reset")
             writer.transport.abort()
 
@@ -266,8 +271,13 @@ class Bridge:
                 self.queued.clear()
                 await self.queued.wait()
                 continue
-            results = await asyncio.gather(*(self._publish(client, item) for item in batch),
-                                           return_exceptions=True)
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    results = await asyncio.gather(
+                        *(self._publish(client, item) for item in batch),
+                        return_exceptions=True)
+            except TimeoutError:
+                results = [aiomqtt.MqttError("publish timed out")] * len(batch)
             failed = [item for item, r in zip(batch, results, strict=True) if r is not None]
             self.counters.published += len(batch) - len(failed)
             if failed:
@@ -287,8 +297,10 @@ class Bridge:
         if item.correlation is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = item.correlation
+        # No timeout per message (the batch has one): aiomqtt then awaits the
+        # confirmation directly instead of through a task and a timer of its own.
         await client.publish(item.topic, item.payload, qos=item.qos, properties=props,
-                             timeout=10.0)
+                             timeout=math.inf)
 
     # --- the MQTT side -----------------------------------------------------------------
 
@@ -324,6 +336,7 @@ class Bridge:
                                   tls=self._tls is not None, abonnements=topics,
                                   queued=len(self.buffer))
                     self.mqtt_up.set()
+                    self.write_status()
                     async for message in client.messages:
                         await self.from_mqtt(message)
             except aiomqtt.MqttError as exc:
@@ -340,6 +353,7 @@ class Bridge:
                 self.mqtt = None
                 self.mqtt_up.clear()
                 self.mqtt_gone.set()
+                self.write_status()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.backoff_max)
 
@@ -431,6 +445,7 @@ class Bridge:
         }
 
     def write_status(self) -> None:
+        """Every second, and at once when a side connects or goes."""
         path = self.config.status_path
         if path is None:
             return
