@@ -55,7 +55,8 @@ class Host:
     """One appliance: a broker with the DomU vm-a on a pty and the bridge."""
 
     def __init__(self, directory: Path, name: str, mqtt_port: int, *, pont_extra: str = "",
-                 tls: Tls | None = None, ca: Path | None = None, qos: int = 0) -> None:
+                 tls: Tls | None = None, ca: Path | None = None, qos: int = 0,
+                 login: tuple[str, str] | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.dir = directory
@@ -65,8 +66,8 @@ class Host:
         policy.write_text(POLICY)
         self.pont_config = pont_config(
             directory / "pont.toml", host=name, port=mqtt_port, channel=self.channel,
-            tls=tls, ca=ca, extra=(OUT + IN).replace("{host}", name).replace("{qos}", str(qos))
-            + pont_extra)
+            tls=tls, ca=ca, login=login,
+            extra=(OUT + IN).replace("{host}", name).replace("{qos}", str(qos)) + pont_extra)
         self.pont = PontProcess(self.pont_config)
         self.pont.wait_event("pont.ready")
         config = write_config(directory / "broker.toml",
@@ -318,6 +319,25 @@ async def test_tls_with_a_test_ca_and_a_bad_certificate(tmp_path: Path) -> None:
         assert failed["level"] == "error"
         wait_until(lambda: bad.status()["mqtt_erreur"] == failed["error"], what="status")
         assert bad.status()["mqtt_connecte"] is False
+        assert bad.pont.find("mqtt.connected") == []
+    finally:
+        for h in hosts:
+            h.close()
+        broker.stop()
+
+
+async def test_username_and_password(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path, users={"kiosque": "s3cret"})
+    hosts: list[Host] = []
+    try:
+        ok = Host(tmp_path / "ok", "h1", broker.port, login=("kiosque", "s3cret"))
+        hosts.append(ok)
+        ok.pont.wait_event("mqtt.connected")
+        bad = Host(tmp_path / "bad", "h2", broker.port, login=("kiosque", "wrong"))
+        hosts.append(bad)
+        failed = bad.pont.wait_event("mqtt.connect_failed")
+        assert "not authorized" in failed["error"].lower() or \
+            "bad user name or password" in failed["error"].lower(), failed
         assert bad.pont.find("mqtt.connected") == []
     finally:
         for h in hosts:

@@ -23,6 +23,7 @@ from .broker_process import BIN
 from .waiting import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 PONT = BIN / "messagerie-pont"
 
@@ -79,7 +80,7 @@ class Mosquitto:
     certificate when ``tls`` is given)."""
 
     def __init__(self, directory: Path, *, tls: Tls | None = None, port: int | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, users: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.tls = tls
         self.conf = directory / f"mosquitto-{self.port}.conf"
@@ -89,6 +90,14 @@ class Mosquitto:
                  f"listener {self.port} 127.0.0.1", "allow_anonymous true",
                  "persistence false", "log_dest stderr", "log_type error",
                  "log_type warning", "max_queued_messages 100000", "max_inflight_messages 100"]
+        if users:
+            passwords = directory / f"passwords-{self.port}"
+            passwords.touch(mode=0o600)
+            for user, password in users.items():
+                subprocess.run([MOSQUITTO_PASSWD, "-b", str(passwords), user, password],
+                               check=True, capture_output=True, timeout=30)
+            lines[2] = "allow_anonymous false"
+            lines.append(f"password_file {passwords}")
         if tls is not None:
             lines += [f"cafile {tls.ca}", f"certfile {tls.server_cert}",
                       f"keyfile {tls.server_key}", "require_certificate true"]
@@ -170,13 +179,16 @@ class PontProcess:
 
 
 def pont_config(path: Path, *, host: str, port: int, channel: Path, extra: str = "",
-                tls: Tls | None = None, ca: Path | None = None) -> Path:
+                tls: Tls | None = None, ca: Path | None = None,
+                login: tuple[str, str] | None = None) -> Path:
     lines = ["[pont]", f'hote = "{host}"', f'canal = "{channel}"',
              f'etat = "{path.parent / (host + "-status.json")}"', "",
              "[mqtt]", 'hote = "127.0.0.1"', f"port = {port}"]
     if tls is not None:
         lines += [f'ca = "{ca or tls.ca}"', f'certificat = "{tls.client_cert}"',
                   f'cle = "{tls.client_key}"']
+    if login is not None:
+        lines += [f'utilisateur = "{login[0]}"', f'mot_de_passe = "{login[1]}"']
     lines += ["", "[reconnexion]", "min = 0.1", "max = 0.5", "", extra]
     path.write_text("\n".join(lines) + "\n")
     return path
