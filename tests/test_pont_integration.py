@@ -302,6 +302,29 @@ async def test_uplink_down_mid_flow(tmp_path: Path, bound: int, during: int) -> 
         broker.stop()
 
 
+async def test_a_dead_uplink_never_holds_the_broker_back(tmp_path: Path) -> None:
+    """mosquitto gone, a burst for the bridge: the bridge reads it all (the broker
+    neither drops for it nor declares it stalled); beyond its buffer the oldest are
+    dropped and counted."""
+    mosq = Mosquitto(tmp_path)
+    host = Host(tmp_path / "h1", "h1", mosq.port, pont_extra="[tampon]\nmessages = 100\n")
+    try:
+        host.pont.wait_event("mqtt.connected")
+        mosq.stop()
+        host.pont.wait_event("mqtt.disconnected")
+        n = 3000
+        with open(host.pair.domu, "wb", buffering=0) as domu:
+            domu.write(b"".join(notification_frame("disque", i) for i in range(n)))
+        wait_until(lambda: host.status()["pertes"]["nombre"] == n - 100,  # type: ignore[index]
+                   what=lambda: f"{n - 100} drops counted: {host.status()}")
+        assert host.status()["tampon"]["messages"] == 100  # type: ignore[index]
+        assert host.pont.wait_event("uplink.dropping")["mqtt_connected"] is False
+        assert host.broker.find("message.dropped") == []
+        assert host.broker.find("domain.stalled") == []
+    finally:
+        host.close()
+
+
 async def test_tls_with_a_test_ca_and_a_bad_certificate(tmp_path: Path) -> None:
     good, other = make_ca(tmp_path, "ca"), make_ca(tmp_path, "other")
     broker = Mosquitto(tmp_path, tls=good)
