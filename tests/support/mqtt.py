@@ -8,18 +8,16 @@ the same port, to cut the bridge's uplink mid-flow.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
-import json
 import shutil
 import socket
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .broker_process import BIN
+from .process import LoggedProcess
 from .waiting import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -128,54 +126,18 @@ class Mosquitto:
             self.proc = None
 
 
-class PontProcess:
+class PontProcess(LoggedProcess):
     """``messagerie-pont --config FILE`` as a subprocess; its JSON events collected."""
 
     def __init__(self, config: Path, *args: str) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.raw_lines: list[str] = []
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen([str(PONT), "--config", str(config), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            text = line.decode(errors="replace").strip()
-            with self._lock:
-                self.raw_lines.append(text)
-                with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(text))
-
-    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e.get("event") == event
-                    and all(e.get(k) == v for k, v in match.items())]
-
-    def tail(self, n: int = 12) -> list[str]:
-        with self._lock:
-            return self.raw_lines[-n:]
+        super().__init__([str(PONT), "--config", str(config), *args])
 
     def wait_event(self, event: str, timeout: float = 15.0, count: int = 1,
                    **match: Any) -> dict[str, Any]:
-        found = wait_until(lambda: len(self.find(event, **match)) >= count and
-                           self.find(event, **match), timeout,
-                           lambda: f"log event {event} {match} (have: {self.tail()})")
-        return found[count - 1]
+        return super().wait_event(event, timeout, count, **match)
 
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("messagerie-pont did not exit on SIGTERM") from None
-        finally:
-            self._reader.join(5)
+    def tail(self, n: int = 12) -> list[str]:
+        return super().tail(n)
 
 
 def pont_config(path: Path, *, host: str, port: int, channel: Path, extra: str = "",
