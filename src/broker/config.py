@@ -57,6 +57,9 @@ class Limits:
     commands_per_destination: int = 16
     """Of those, how many may wait on one destination: one that never answers cannot
     take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
+    queues_memory: int | None = None
+    """Bytes all the outbound queues together may hold (``limites.memoire_files``);
+    None: two fifths of the cgroup's memory.max (``broker.memory``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
             "debit": ("rate", float), "rafale": ("burst", int),
             "commandes_en_vol": ("commands_in_flight", int),
             "commandes_en_vol_destination": ("commands_per_destination", int),
+            "memoire_files": ("queues_memory", int),
             "duree_commande": ("command_ttl", float)}
     _unknown(lim, set(keys), "limites.")
     values: dict[str, Any] = {}
