@@ -88,7 +88,7 @@ def test_default_budget_follows_the_cgroup_memory_max(tmp_path: Path) -> None:
     unit.mkdir(parents=True)
     (unit / "memory.max").write_text("268435456\n")
     assert cgroup_memory_max(proc, tmp_path / "fs") == 256 * 1024 * 1024
-    assert default_budget(256 * 1024 * 1024) == int(256 * 1024 * 1024 * 0.4)
+    assert default_budget(256 * 1024 * 1024) == int(256 * 1024 * 1024 * 0.3)
     (unit / "memory.max").write_text("max\n")  # unlimited here: the parent's limit
     (unit.parent / "memory.max").write_text("1073741824\n")
     assert cgroup_memory_max(proc, tmp_path / "fs") == 1 << 30

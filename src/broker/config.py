@@ -59,7 +59,7 @@ class Limits:
     take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
     queues_memory: int | None = None
     """Bytes all the outbound queues together may hold (``limites.memoire_files``);
-    None: two fifths of the cgroup's memory.max (``broker.memory``)."""
+    None: 30 % of the cgroup's memory.max (``broker.memory``)."""
 
 
 @dataclass(frozen=True, slots=True)
