@@ -31,3 +31,9 @@ def test_installed_distribution_provides_both_import_packages_and_the_commands()
         "messagerie-broker": "broker.cli:main",
         "messagerie-policy": "broker.cli:policy_main",
     }
+
+
+def test_debian_changelog_version_is_the_project_version() -> None:
+    # packaging/build-deb refuses to build otherwise; this says so before CI builds.
+    first = (ROOT / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"{NAME} ({messagerie.__version__}) "), first

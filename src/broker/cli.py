@@ -101,6 +101,12 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     routes it: the policy decides for each recipient, so the verdict of every
     recipient is printed (the domains the policy names, or ``--destinataires``, and
     ``*`` for any other DomU); allowed when at least one recipient gets it."""
+    parser = _policy_parser()
+    args = parser.parse_args(argv)
+    return _explain(args)
+
+
+def _policy_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="messagerie-policy",
         description="Would this message be allowed by the routing policy, and by which rule?",
@@ -127,7 +133,10 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--destinataires", metavar="D1,D2", default=None,
                         help="with --destination tous: the connected domains to decide for "
                              "(default: every domain the policy names, and * for the others)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:

@@ -29,9 +29,16 @@ def _command_line(pid: int) -> str:
             return (PROC / str(pid) / "comm").read_text().strip()
         except OSError:
             return ""
-    if len(words) > 1 and os.path.basename(words[0]).startswith("python") \
-            and not words[1].startswith("-"):
-        words = words[1:]  # "python3 /usr/bin/messagerie listen": the script's name
+    if os.path.basename(words[0]).startswith("python"):
+        # "python3 /usr/bin/messagerie listen" or "python3 -I -m messagerie.cli listen":
+        # what runs is the script or the module, not the interpreter.
+        rest = words[1:]
+        while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
+            rest = rest[1:]
+        if rest[:1] == ["-m"] and len(rest) > 1:
+            words = rest[1:]
+        elif rest and not rest[0].startswith("-"):
+            words = rest
     words[0] = os.path.basename(words[0])
     line = " ".join(words)
     return line if len(line) <= 80 else line[:77] + "..."
