@@ -49,14 +49,15 @@ class Limits:
     busiest flow, mouse input, peaks around 8 500/s."""
     burst: int = 5000
     """Messages a domain may send at once above the rate."""
-    commands_in_flight: int = 64
+    commands_in_flight: int = 128
     """Commands a domain may have waiting for an answer."""
     command_ttl: float = 300.0
     """After this long without an answer, a command is forgotten (and answered
     ``delai_depasse`` on behalf of its destination)."""
-    commands_per_destination: int = 16
+    commands_per_destination: int = 64
     """Of those, how many may wait on one destination: one that never answers cannot
-    take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
+    take all of its commanders' slots (``limites.commandes_en_vol_destination``; 64 is
+    the client's ``max_in_flight``, so an honest client never meets it)."""
     queues_memory: int | None = None
     """Bytes all the outbound queues together may hold (``limites.memoire_files``);
     None: 30 % of the cgroup's memory.max (``broker.memory``)."""
