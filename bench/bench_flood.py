@@ -15,7 +15,12 @@ the same run, so that ratios are meaningful:
 * flood, default limits (``limites.debit`` 20 000/s, ``rafale`` 5 000): throttled;
 * flood, no rate limit: what the token bucket buys;
 * junk flood, default limits: tiny invalid lines (``x`` and a newline), the cheapest
-  frames to send and each one a decode attempt and a refusal for the broker.
+  frames to send and each one a decode attempt and a refusal for the broker;
+* broadcast flood, default limits: vm-evil sends mouse moves to ``tous``, delivered to
+  vm-diag (the honest receiver), vm-sink and ``LISTENERS`` more domains, all reading:
+  the rate budget counts deliveries, so it is throttled N times sooner;
+* CPU-heavy frames, default limits: valid 60 KiB non-canonical frames of 15 000 ``{}``
+  each (the costliest frames to check), to vm-sink.
 
 Each peer (senders, receivers, flooder, sink, broker) is its own process.
 """
@@ -51,6 +56,16 @@ from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
 
 DOMAINS = ["vm-ui", "vm-diag", "vm-evil", "vm-sink"]
+LISTENERS = 16
+"""Extra domains for the broadcast flood (drained, as honest readers are)."""
+FANOUT_POLICY = "".join(
+    f'[[regle]]\nsource = "{s}"\ndestination = "{d}"\ntype = "*"\naction = "{a}"\n\n'
+    for s, d, a in [("vm-evil", "dom0", "deny"), ("vm-evil", "vm-ui", "deny"),
+                    ("*", "tous", "allow"), ("*", "*", "allow"), ("*", "dom0", "allow"),
+                    ("dom0", "*", "allow"), ("dom0", "dom0", "allow")])
+"""Everything allowed but vm-evil's broadcasts to dom0 (whose statistics client would
+read the flood too) and to vm-ui (the honest sender, which reads nothing: its socat
+would stop relaying its writes once the other direction is full)."""
 
 
 def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
@@ -60,7 +75,8 @@ def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
     its own names, so the peers get ``--source``/``--dest``.
     """
     recv = subprocess.Popen([*PEERS, "recv", str(dst.domu), str(count), "--latency",
-                             "--timeout", "60"], stdout=subprocess.PIPE, text=True)
+                             "--from", "vm-ui", "--timeout", "60"],
+                            stdout=subprocess.PIPE, text=True)
     _json_line(recv)  # ready
     subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
                     "--source", "vm-ui", "--dest", "vm-diag"],
@@ -84,13 +100,17 @@ def read(stats: dict[str, Any]) -> int:
 
 
 @contextmanager
-def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
-          junk: bool = False) -> Iterator[dict[str, Any]]:
-    """vm-evil -> vm-sink as fast as it can, for as long as the block runs (with
-    ``junk``: tiny invalid lines, each refused at the cost of a decode attempt)."""
+def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
+          kind: str = "") -> Iterator[dict[str, Any]]:
+    """vm-evil -> vm-sink as fast as it can, for as long as the block runs (``kind``:
+    ``junk`` tiny invalid lines, each refused at the cost of a decode attempt;
+    ``heavy`` costly frames; ``tous`` a broadcast to every domain, ``sinks`` drained)."""
     assert SOCAT
-    drain = subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{sink.domu},rdonly,raw",
-                              "OPEN:/dev/null"], stderr=subprocess.DEVNULL)
+    drains = [subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{s.domu},rdonly,raw",
+                                "OPEN:/dev/null"], stderr=subprocess.DEVNULL) for s in sinks]
+    flags = {"junk": ["--junk"], "heavy": ["--heavy"], "tous": ["--dest", "tous"]}.get(kind, [])
+    if kind == "heavy":
+        chunk = max(1, chunk // 400)  # each one is 60 KiB
     stop = threading.Event()
     out: dict[str, Any] = {"sent": 0}
     before = statistics(sock)["domaines"]["vm-evil"]
@@ -98,9 +118,8 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
     def run() -> None:
         while not stop.is_set():
             proc = subprocess.run([*PEERS, "send", str(evil.domu), str(chunk), "--source",
-                                   "vm-evil", "--dest", "vm-sink",
-                                   *(["--junk"] if junk else [])], capture_output=True,
-                                  check=False)
+                                   "vm-evil", "--dest", "vm-sink", *flags],
+                                  capture_output=True, check=False)
             if proc.returncode == 0:
                 out["sent"] += chunk
 
@@ -109,7 +128,8 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
     thread.start()
     try:
         # Under way once the broker has read more than the burst allowance.
-        wait_until(lambda: read(statistics(sock)["domaines"]["vm-evil"]) > read(before) + 5000,
+        ahead = 20 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
+        wait_until(lambda: read(statistics(sock)["domaines"]["vm-evil"]) > read(before) + ahead,
                    30, "the flood to be under way", interval=0.05)
         yield out
     finally:
@@ -117,25 +137,31 @@ def flood(evil: PtyPair, sink: PtyPair, sock: Path, chunk: int,
         elapsed = time.monotonic() - started
         stop.set()
         thread.join(120)
-        drain.kill()
-        drain.wait()
+        for drain in drains:
+            drain.kill()
+            drain.wait()
         out["read_per_second"] = (read(after) - read(before)) / elapsed
         out["throttled"] = after["limites"] - before["limites"]
 
 
 def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
-             quiet_too: bool, junk: bool = False) -> dict[str, Any]:
+             quiet_too: bool, kind: str = "", listeners: int = 0) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    with pty_pairs(tmp, DOMAINS) as p, broker(tmp, p, extra=extra) as b:
+    extra_names = [f"vm-l{i:02d}" for i in range(listeners)]
+    with pty_pairs(tmp, DOMAINS + extra_names) as p, broker(tmp, p, extra=extra) as b:
         sock = tmp / "dom0.sock"
         if quiet_too:
             results["quiet"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
-        with flood(p["vm-evil"], p["vm-sink"], sock, chunk, junk) as f:
+        sinks = [p["vm-sink"], *(p[n] for n in extra_names)]
+        with flood(p["vm-evil"], sinks, sock, chunk, kind) as f:
             results["flood"] = honest(p["vm-ui"], p["vm-diag"], n_honest)
             results["rss_kib"] = rss_kib(b.proc.pid)
         results["flood"].update(f)
         stats = statistics(sock)["domaines"]
-        results["honest_lost"] = stats["vm-diag"]["perdus"] + stats["vm-ui"]["refuses"]
+        # honest() fails if one of its messages did not arrive; vm-diag's drops are
+        # honest messages too, but for a broadcast flood that reaches vm-diag as well.
+        results["honest_lost"] = stats["vm-ui"]["refuses"] + (
+            0 if kind == "tous" else stats["vm-diag"]["perdus"])
     return results
 
 
@@ -146,10 +172,16 @@ def run(quick: bool) -> dict[str, Any]:
         tmp = Path(t)
         limited = scenario(tmp, "", n_honest, chunk, quiet_too=True)
         unlimited = scenario(tmp, UNLIMITED, n_honest, chunk, quiet_too=False)
-        junk = scenario(tmp, "", n_honest, chunk, quiet_too=False, junk=True)
-    runs = (limited, unlimited, junk)
+        junk = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="junk")
+        policy = tmp / "fanout-policy.toml"
+        policy.write_text(FANOUT_POLICY)
+        fanout = scenario(tmp, f'politique = "{policy}"\n', n_honest, chunk, quiet_too=False,
+                          kind="tous", listeners=4 if quick else LISTENERS)
+        heavy = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="heavy")
+    runs = (limited, unlimited, junk, fanout, heavy)
     return {"honest_count": n_honest, "quiet": limited["quiet"], "throttled": limited["flood"],
-            "unlimited": unlimited["flood"], "junk": junk["flood"],
+            "unlimited": unlimited["flood"], "junk": junk["flood"], "fanout": fanout["flood"],
+            "heavy": heavy["flood"], "listeners": 4 if quick else LISTENERS,
             "rss_kib": max(r["rss_kib"] for r in runs),
             "honest_lost": sum(r["honest_lost"] for r in runs)}
 
@@ -175,6 +207,10 @@ def table(r: dict[str, Any]) -> str:
         row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9"),
         row("junk flood, default limits", r["junk"],
             "tiny invalid lines (x and a newline), each refused"),
+        row("broadcast flood, default limits", r["fanout"],
+            f"mouse moves to tous: {r['listeners'] + 2} recipients each"),
+        row("CPU-heavy frames, default limits", r["heavy"],
+            "60 KiB non-canonical frames of 15 000 {} each"),
     ])
 
 

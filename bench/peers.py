@@ -1,8 +1,8 @@
 """Benchmark peers, run as separate processes so that no GIL is shared with the broker
 or with each other. Each prints one JSON line of results on stdout.
 
-    python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk]
-    python bench/peers.py recv PATH COUNT [--latency]
+    python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk|--heavy]
+    python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE]
     python bench/peers.py recvmany PATH,PATH,... COUNT
 
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
@@ -50,6 +50,14 @@ def mouse(source: str, dest: str, i: int, t_ns: int) -> bytes:
             % (source.encode(), dest.encode(), i % 1920, i % 1080, i, t_ns))
 
 
+def heavy(source: str, dest: str) -> bytes:
+    """A valid notification of ~63 KiB that is as costly as a frame gets for the broker:
+    non-canonical (spaces), 15 000 empty objects to walk."""
+    head = (f'{{"type": "notification", "source": "{source}", "destination": "{dest}", '
+            '"payload": {"categorie": "fichier", "evenement": "lourd", "data": {"l": [')
+    return (head + ", ".join(["{}"] * 15_000) + "]}}}\n").encode()
+
+
 def mqtt_publish(topic: str, payload: bytes) -> bytes:
     """An MQTT 3.1.1 PUBLISH packet, QoS 0."""
     body = len(topic).to_bytes(2, "big") + topic.encode() + payload
@@ -85,8 +93,13 @@ def send(args: argparse.Namespace) -> dict[str, float]:
     else:
         # One burst, built in advance, so that the sender is never the bottleneck.
         t = time.monotonic_ns()
-        burst = (b"x\n" * args.count if args.junk else
-                 b"".join(frame(mouse(args.source, args.dest, i, t)) for i in range(args.count)))
+        if args.junk:
+            burst = b"x\n" * args.count
+        elif args.heavy:
+            burst = heavy(args.source, args.dest) * args.count
+        else:
+            burst = b"".join(frame(mouse(args.source, args.dest, i, t))
+                             for i in range(args.count))
         write_ns = time.monotonic_ns()
         write_all(fd, burst)
         # write_ns: when the first byte went out (start_ns also counts building the burst).
@@ -101,6 +114,8 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
     first = last = 0
     latencies: list[int] = []
     pending = b""
+    # Only the flow measured: a broadcast flood reaches this domain too.
+    wanted = b'"source":"%s"' % args.source_filter.encode() if args.source_filter else None
     deadline = time.monotonic() + args.timeout
     while seen < args.count:
         ready, _, _ = select.select([fd], [], [], 0.5)
@@ -117,7 +132,7 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
             lines = (pending + data).split(b"\n")
             pending = lines.pop()
             for line in lines:
-                if b'"seq"' in line:
+                if b'"seq"' in line and (wanted is None or wanted in line):
                     t = int(line.rsplit(b'"t":', 1)[1].split(b"}", 1)[0])
                     latencies.append(now - t)
                     seen += 1
@@ -171,6 +186,10 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--junk", action="store_true",
                    help="send: COUNT tiny invalid lines (x and a newline) instead")
+    p.add_argument("--heavy", action="store_true",
+                   help="send: COUNT costly frames (60 KiB, non-canonical, 15 000 {}) instead")
+    p.add_argument("--from", dest="source_filter", default=None,
+                   help="recv --latency: count only the messages from this source")
     args = p.parse_args()
     result = {"send": send, "recv": recv, "recvmany": recvmany}[args.mode](args)
     print(json.dumps(result), flush=True)

@@ -30,7 +30,8 @@ def test_bench_flood_quick_prints_its_table() -> None:
     rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "quiet", "flood, default limits", "flood, no rate limit",
-        "junk flood, default limits"], rows
+        "junk flood, default limits", "broadcast flood, default limits",
+        "CPU-heavy frames, default limits"], rows
     # The throttled floods were throttled (junk too), the unlimited one was not.
     throttled = [re.search(r"([\d,]+) throttled", r) for r in rows[2:]]
     assert all(throttled), rows

@@ -45,7 +45,7 @@ def test_example_file_every_key() -> None:
     assert config.discovery_patterns == ("/var/run/*-msg.sock",)
     assert config.discovery_interval == 1.0
     assert config.limits == Limits(queue_bytes=1048576, stall_timeout=1.0, rate=20000.0,
-                                   burst=5000, commands_in_flight=64, command_ttl=300.0)
+                                   burst=5000, commands_in_flight=128, command_ttl=300.0)
     assert config.reconnect_min == 0.1
     assert config.reconnect_max == 5.0
     assert set(config.domains) == {"vm-sys-usb", "vm-ui"}

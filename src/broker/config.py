@@ -50,14 +50,18 @@ class Limits:
     busiest flow, mouse input, peaks around 8 500/s."""
     burst: int = 5000
     """Messages a domain may send at once above the rate."""
-    commands_in_flight: int = 64
+    commands_in_flight: int = 128
     """Commands a domain may have waiting for an answer."""
     command_ttl: float = 300.0
     """After this long without an answer, a command is forgotten (and answered
     ``delai_depasse`` on behalf of its destination)."""
-    commands_per_destination: int = 16
+    commands_per_destination: int = 64
     """Of those, how many may wait on one destination: one that never answers cannot
-    take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
+    take all of its commanders' slots (``limites.commandes_en_vol_destination``; the
+    client's defaults, 64 in all and 16 to one destination, never meet it)."""
+    queues_memory: int | None = None
+    """Bytes all the outbound queues together may hold (``limites.memoire_files``);
+    None: 30 % of the cgroup's memory.max (``broker.memory``)."""
 
 
 LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
@@ -68,6 +72,10 @@ LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
     "duree_commande": ("command_ttl", float)}
 """``[limites]`` keys (the same under ``[domaines.NAME]``): the :class:`Limits` field
 each sets, and its type."""
+GLOBAL_LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
+    **LIMIT_KEYS, "memoire_files": ("queues_memory", int)}
+"""``[limites]`` keys, those of the whole broker included (``memoire_files``: one
+budget for every queue, so never per domain)."""
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
 
@@ -237,8 +245,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     xs_path = _get(disc, "xenstore_chemin", str, "decouverte.", None)
 
     lim = _table(data, "limites", "")
-    _unknown(lim, set(LIMIT_KEYS), "limites.")
-    limits = Limits(**_limit_values(lim, "limites."))
+    _unknown(lim, set(GLOBAL_LIMIT_KEYS), "limites.")
+    limits = Limits(**_limit_values(lim, "limites.", GLOBAL_LIMIT_KEYS))
 
     rec = _table(data, "reconnexion", "")
     _unknown(rec, {"min", "max"}, "reconnexion.")
@@ -301,10 +309,11 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax, source=source)
 
 
-def _limit_values(table: dict[str, Any], where: str) -> dict[str, Any]:
+def _limit_values(table: dict[str, Any], where: str,
+                  keys: dict[str, tuple[str, type]] = LIMIT_KEYS) -> dict[str, Any]:
     """The :class:`Limits` fields that ``table``'s ``[limites]`` keys set, validated."""
     values: dict[str, Any] = {}
-    for key, (attr, kind) in LIMIT_KEYS.items():
+    for key, (attr, kind) in keys.items():
         if key in table:
             raw = _get(table, key, (int, float) if kind is float else int, where, None)
             values[attr] = kind(_positive(raw, f"{where}{key}"))

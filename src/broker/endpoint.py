@@ -47,6 +47,7 @@ from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope,
 
 from .config import Config, Limits
 from .echo import EchoWindow
+from .memory import MemoryBudget
 from .ratelimit import LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
@@ -148,6 +149,8 @@ class Sink(Protocol):
 
     settings: Settings
     cork: WriteCork
+    memory: MemoryBudget
+    """Every queue's bytes together (checked on a full queue's path only)."""
     stopping: bool
     """Shutdown began: endpoints are never resumed."""
 
@@ -196,8 +199,18 @@ class Endpoint(asyncio.Protocol):
         """Bytes read but not yet processed (over MAX_FRAMES_PER_TURN in one read)."""
         self.bucket = TokenBucket(limits.rate, limits.burst)
         """Rate limiting: one token per frame read, refilled per read."""
+        self.charge = 0
+        """Tokens the broker charges beyond one per frame during the current read (a
+        broadcast costs one per recipient), spent when the read is processed."""
         self._read_size = READ_SIZE
         self._out: list[bytes] = []
+        self._shares: dict[Endpoint | None, int] = {}
+        """Bytes accepted per sender since this queue got full (``_admit``)."""
+        self._shares_total = 0
+        self._top: Endpoint | None = None
+        """The sender with the most bytes in ``_shares``."""
+        self._high = MIN_HIGH_WATER
+        """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
         self._loop = asyncio.get_event_loop()
 
@@ -278,7 +291,9 @@ class Endpoint(asyncio.Protocol):
                     tokens = bucket.tokens
                 receive(self, item)
         finally:
-            bucket.tokens = tokens
+            # What the frames cost beyond one token each (a broadcast's deliveries).
+            bucket.tokens = tokens - self.charge
+            self.charge = 0
             cork.release()
         if bucket.tokens < 0 and self.transport is not None and self._throttle_timer is None:
             # Over its rate: stop reading this channel until the bucket refills. The
@@ -303,7 +318,10 @@ class Endpoint(asyncio.Protocol):
         return READ_SIZE if budget >= READ_SIZE else max(THROTTLED_READ_SIZE, budget)
 
     def _set_write_limits(self, transport: Any) -> None:
-        high = max(MIN_HIGH_WATER, self.queue_bytes // 4)
+        # A quarter of the queue's bound, and never more than half of its share of the
+        # memory budget: a thousand destinations that stop reading each hold this much.
+        high = max(MIN_HIGH_WATER, min(self.queue_bytes // 4, self.sink.memory.share // 2))
+        self._high = high
         with contextlib.suppress(AttributeError):
             transport.set_write_buffer_limits(high=high, low=high // 4)
 
@@ -362,6 +380,9 @@ class Endpoint(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused_writing = True
+        self._shares.clear()
+        self._shares_total = 0
+        self._top = None
 
     def resume_writing(self) -> None:
         self.paused_writing = False
@@ -392,13 +413,8 @@ class Endpoint(asyncio.Protocol):
         t = self.transport
         if t is None:
             return False
-        if self.paused_writing:
-            # Full. While its senders are held back (a transient burst) the chunks they
-            # already read still fit; once it is stalled, what exceeds the bound drops.
-            size = t.get_write_buffer_size() + self._out_size + len(data)
-            if size > self.queue_bytes * (1 if self.stalled else HARD_LIMIT_FACTOR):
-                self.stats.dropped += count
-                return False
+        if self.paused_writing and not self._admit(t, data, sender, count):
+            return False
         out = self._out
         if not out:
             cork = self.sink.cork
@@ -409,7 +425,49 @@ class Endpoint(asyncio.Protocol):
         out.append(data)
         self._out_size += len(data)
         self.stats.sent += count
-        if self.paused_writing and sender is not None and sender is not self and not self.stalled:
+        return True
+
+    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int) -> bool:
+        """A full queue shared among its senders (the slow path of :meth:`send`).
+
+        Bytes accepted since the queue got full are counted per sender (``None``: the
+        broker's own messages). The sender that sent the most since then (the one
+        filling it), or one past its equal share of the high-water mark, stops being
+        read until the queue drains: back-pressure on whoever fills it, not on the
+        honest senders of a few messages. Once the queue is stalled and past
+        ``queue_bytes``, the same senders' messages are dropped, while the others' are
+        still queued up to the hard bound (``HARD_LIMIT_FACTOR`` times it): a flooder
+        fills only its own share, honest senders keep theirs. Over the memory budget
+        of all the queues together, a queue past its share of the budget takes no
+        more."""
+        n = len(data)
+        shares = self._shares
+        mine = shares.get(sender, 0) + n
+        senders = len(shares) + (sender not in shares)
+        top = self._top
+        filling = top is sender or not shares or mine > shares.get(top, 0)
+        queued = t.get_write_buffer_size() + self._out_size + n
+        bound = self.queue_bytes
+        over_share = filling or mine > bound // senders
+        if queued > bound * HARD_LIMIT_FACTOR or (
+                self.stalled and queued > bound and over_share):
+            self.stats.dropped += count
+            return False
+        memory = self.sink.memory
+        if queued > memory.share and memory.over(n):
+            self.stats.dropped += count
+            return False
+        memory.add(n)
+        shares[sender] = mine
+        if filling:
+            self._top = sender
+        self._shares_total += n
+        if self._shares_total > 2 * bound:  # recent shares count, not all since full
+            for key in shares:
+                shares[key] //= 2
+            self._shares_total //= 2
+        if (sender is not None and sender is not self and not self.stalled
+                and (filling or mine > self._high // senders)):
             sender.hold(self)
         return True
 

@@ -40,6 +40,7 @@ from messagerie.envelope import Envelope, Run
 from .config import Config
 from .dom0 import Dom0Connection, Dom0Services
 from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
+from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
 from .router import (
@@ -117,6 +118,9 @@ class Broker:
         """Shutdown began: endpoints are never resumed."""
         self.tracer: Tracer | None = None
         """The traffic monitors (``messagerie trace``), while at least one listens."""
+        self.memory = MemoryBudget(
+            limits.queues_memory or default_budget(cgroup_memory_max()), self.endpoints)
+        """All the queues' bytes together (``Sink.memory``)."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
 
@@ -133,6 +137,9 @@ class Broker:
         """Apply a reloaded configuration's limits, validation and log level, now."""
         self.config = config
         self.settings = settings = Settings.of(config)
+        self.memory.limit = (config.limits.queues_memory
+                             or default_budget(cgroup_memory_max()))
+        self.memory.resize(len(self.domains))
         self.pending.limit = config.limits.commands_in_flight
         self.pending.per_target = min(config.limits.commands_per_destination,
                                       config.limits.commands_in_flight)
@@ -190,13 +197,17 @@ class Broker:
                 return
         else:
             # A notification or a journal: the route decided (hot path, inlined).
-            for target in deliver.targets:
+            targets = deliver.targets
+            for target in targets:
                 if target == DOM0:
                     self._to_dom0(peer, msg, data)
                 else:
                     dest = self.domains[target]
                     if not dest.send(data, peer):
                         self._dropped(peer, dest, msg)
+            if len(targets) > 1:
+                # The rate budget counts deliveries: a broadcast to N costs N tokens.
+                peer.charge += len(targets) - 1
             if deliver.dom0_services or deliver.denied:
                 self._after_broadcast(peer, msg, deliver, data)
         if cached is not None:
@@ -520,6 +531,7 @@ class Broker:
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
         ep = DomainEndpoint(self, name, path, discovered=discovered)
         self.domains[name] = ep
+        self.memory.resize(len(self.domains))
         self.invalidate_routes()
         ep.start()
         self.log.info("domain.added", domain=name, path=path, discovered=discovered)
@@ -531,6 +543,7 @@ class Broker:
         ep = self.domains.pop(name, None)
         if ep is None:
             return
+        self.memory.resize(len(self.domains))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
         ep.detach()

@@ -1,0 +1,183 @@
+"""Hostile load against the broker as users start it.
+
+Scale: 1 000 domains on ptys under the shipped unit's limits (``LimitNOFILE``, the
+memory budget derived from ``MemoryMax``), half of them not reading while one
+broadcasts 4 KiB frames at full speed: every domain connects (no ``EMFILE``), the
+broker stays up and its RSS stays under ``MemoryMax``. The readers get what their
+share of the queue budget holds (a Python thread reads all 500 of them here, slower
+than 500 domains would): under memory pressure a slow reader's queue is cut at its
+share like a mute one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import select
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.memory import default_budget
+from tests.support.broker_process import BrokerProcess, write_config
+from tests.support.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = (ROOT / "systemd" / "messagerie-broker.service").read_text()
+
+
+def unit_value(key: str) -> str:
+    match = re.search(rf"^{key}=(\S+)$", UNIT, re.MULTILINE)
+    assert match, key
+    return match.group(1)
+
+
+def memory_max() -> int:
+    text = unit_value("MemoryMax")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def peak_rss(pid: int, box: list[int]) -> int:
+    box[0] = max(box[0], rss(pid))
+    return box[0]
+
+
+@contextlib.contextmanager
+def nofile(limit: int) -> Iterator[None]:
+    """Spawn with this RLIMIT_NOFILE (as systemd's LimitNOFILE= sets it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+BROADCASTS = 150
+
+
+class Ptys:
+    """Many ptys held by their master side (the DomU ends, in this process)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.master: dict[str, int] = {}
+        self.path: dict[str, str] = {}
+        for name in names:
+            master, slave = os.openpty()
+            self.path[name] = os.ttyname(slave)
+            os.close(slave)  # the broker opens it by name
+            os.set_blocking(master, False)
+            self.master[name] = master
+
+    def close(self) -> None:
+        for fd in self.master.values():
+            os.close(fd)
+
+
+class Reader(threading.Thread):
+    """Reads the DomU ends of ``names`` and counts the broadcasts each got."""
+
+    def __init__(self, ptys: Ptys, names: list[str], marker: bytes) -> None:
+        super().__init__(daemon=True)
+        self.fds = {ptys.master[n]: n for n in names}
+        self.marker = marker
+        self.counts = dict.fromkeys(names, 0)
+        self.stop = threading.Event()
+        self.last = time.monotonic()
+        self.tails: dict[int, bytes] = {}
+
+    def quiet(self, seconds: float) -> bool:
+        """Nothing arrived for ``seconds``."""
+        return time.monotonic() - self.last > seconds
+
+    def run(self) -> None:
+        poller = select.epoll()
+        for fd in self.fds:
+            poller.register(fd, select.EPOLLIN)
+        while not self.stop.is_set():
+            for fd, _ in poller.poll(0.2):
+                with contextlib.suppress(OSError):
+                    data = self.tails.get(fd, b"") + os.read(fd, 1 << 16)
+                    self.counts[self.fds[fd]] += data.count(self.marker)
+                    self.tails[fd] = data[-(len(self.marker) - 1):]  # a marker cut in two
+                    self.last = time.monotonic()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Path) -> None:
+    n = 1000
+    names = [f"vm-{i:04d}" for i in range(n)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 256:  # this process holds the thousand DomU ends
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * n), hard))
+    ptys = Ptys(names)
+    budget = default_budget(memory_max())  # what the broker derives under its unit
+    config = write_config(tmp_path / "broker.toml", dict(ptys.path.items()),
+                          extra=f"[limites]\nmemoire_files = {budget}\n"
+                                "debit = 10000000\nrafale = 10000000\n")
+    readers = names[1:n // 2]  # names[n // 2:] never read their channel
+    reader = Reader(ptys, readers, b'"bcast"')
+    reader.start()
+    try:
+        with nofile(int(unit_value("LimitNOFILE"))):
+            broker = BrokerProcess(config)
+        try:
+            broker.wait_ready(timeout=120)
+            broker.wait_event("domain.connected", count=n, timeout=120)
+            box = [rss(broker.proc.pid)]
+            assert not broker.find("domain.unavailable")  # no EMFILE, nothing refused
+            # vm-0000 broadcasts 150 frames of 4 KiB: 600 KB for each domain that does
+            # not read, 300 MB for the mute half together, over the whole MemoryMax.
+            pad = "p" * 4000
+            frames = b"".join(
+                b'{"type":"notification","source":"vm-0000","destination":"tous",'
+                b'"payload":{"categorie":"bcast","evenement":"e","data":{"i":%d,"p":"%s"}}}\n'
+                % (i, pad.encode()) for i in range(BROADCASTS))
+            fd = ptys.master["vm-0000"]
+            view = memoryview(frames)
+            peak = 0
+            deadline = time.monotonic() + 120
+            while view and time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    view = view[os.write(fd, view[:16384]):]
+                peak = max(peak, rss(broker.proc.pid))
+                select.select([], [fd], [], 0.05)
+            assert not view, "the broker did not read the broadcaster"
+
+            # The broker goes on with what it read; the readers get what their share
+            # of the budget holds (a Python thread reads 500 ptys here: slower than
+            # 500 domains would). Measured until the traffic settles.
+            settled = wait_until(lambda: broker.find("domain.stalled") and (
+                peak_rss(broker.proc.pid, box) or True) and reader.quiet(3.0), 120,
+                lambda: "the fan-out to settle")
+            assert settled
+            peak = max(peak, box[0])
+            assert peak < memory_max(), f"RSS {peak >> 20} MiB over MemoryMax"
+            got = sorted(reader.counts.values())
+            print(f"\n1000 domains, half not reading: broker peak RSS {peak / 2**20:.0f} MiB"
+                  f" (MemoryMax {memory_max() >> 20} MiB, queue budget {budget >> 20} MiB);"
+                  f" readers got {got[0]}-{got[-1]} of {BROADCASTS} broadcasts")
+            assert got[0] > 0  # every reader was served (its share of the budget)
+            assert broker.proc.poll() is None and not broker.find("broker.failed")
+            assert broker.proc.poll() is None
+        finally:
+            broker.stop(timeout=60)
+    finally:
+        reader.stop.set()
+        reader.join(5)
+        ptys.close()
