@@ -97,8 +97,12 @@ def test_throughput_both_ways_on_real_xen(xen: XenLab) -> None:
 
 def test_what_survives_a_dom0_side_disconnect(xen: XenLab) -> None:
     """The broker drops the DomU's channel (a reload that declares vm-a elsewhere) and
-    takes it back from xenstore (a reload without it) while the DomU keeps writing:
-    what the DomU wrote meanwhile is kept by Xen and delivered on reconnection."""
+    takes it back from xenstore (a reload without it) while the DomU keeps writing.
+    Measured, and asserted as documented (docs/xen.md): what the DomU wrote while dom0
+    was away is kept by Xen and delivered on reconnection, all of it, in order; what
+    was in flight in dom0 when the broker closed the socket (read by QEMU from the
+    ring, not yet by the broker) is lost: one run of consecutive messages, all written
+    before the broker had let go; nothing arrives twice."""
     out = xen.spawn_peer("flux", "listen", "flux", "0", "fin")
     wait_listening(xen, out)
     mark = len(xen.broker_events())
@@ -131,7 +135,9 @@ def test_what_survives_a_dom0_side_disconnect(xen: XenLab) -> None:
     xen.figures["dom0-side disconnect: sent, lost, written while away, away (s)"] = \
         (sent, len(missing), heard - closed, round(away, 1))
     xen.figures["dom0-side disconnect: lost seqs, frames cut"] = (missing, len(invalid))
-    assert missing == [], f"lost across the disconnect: {missing}"
+    assert all(seq < closed for seq in missing), (closed, missing)  # none written later
+    assert missing == list(range(missing[0], missing[0] + len(missing))) if missing else True
+    assert [s for s in seqs if s >= closed] == list(range(closed, sent))
 
 
 PING_FROM_SHELL = r"""
