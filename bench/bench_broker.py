@@ -24,16 +24,17 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.broker_process import BrokerProcess, write_config
+from tests.support.broker_process import BROKER, BrokerProcess, write_config
 from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
 
@@ -100,10 +101,10 @@ def python_relay(a: PtyPair, b: PtyPair, *, decode: bool) -> Iterator[None]:
 
 @contextmanager
 def broker(tmp: Path, domains: dict[str, PtyPair], extra: str = UNLIMITED,
-           level: str = "info") -> Iterator[BrokerProcess]:
+           level: str = "info", command: Path = BROKER) -> Iterator[BrokerProcess]:
     config = write_config(tmp / "bench.toml", {n: p.dom0 for n, p in domains.items()},
                           extra=f'[broker]\nniveau_journal = "{level}"\n{extra}')
-    proc = BrokerProcess(config)
+    proc = BrokerProcess(config, broker=command)
     try:
         proc.wait_event("broker.ready", timeout=60)
         wait_until(lambda: len(proc.find("domain.connected")) >= len(domains), 60,
@@ -128,52 +129,82 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(quick: bool) -> dict[str, Any]:
+BURSTS = ("raw", "python_relay", "python_relay_decode", "broker", "baseline",
+          "broker_complete")
+"""The systems whose bursts alternate, run by run (``baseline`` only with --baseline)."""
+
+
+def baseline_broker(tree: Path) -> tuple[Path, str]:
+    """The console script of another source tree (a worktree of another commit with its
+    own ``.venv``, ``pip install -e .`` done there) and a label for it."""
+    script = tree / ".venv" / "bin" / "messagerie-broker"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: make a venv in {tree} and pip install -e . there")
+    label = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return script, label or tree.name
+
+
+def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
+        burst_only: bool = False) -> dict[str, Any]:
     burst = 20_000 if quick else 200_000
     latency_n = 500 if quick else 3_000
     idle_domains = 20 if quick else 100
     idle_seconds = 2.0 if quick else 10.0
-    repeats = 1 if quick else 5
-    results: dict[str, Any] = {"burst_count": burst}
-    with tempfile.TemporaryDirectory(prefix="messagerie-bench-") as t:
+    repeats = repeats or (2 if quick else 5)
+    results: dict[str, Any] = {"burst_count": burst, "repeats": repeats}
+    with tempfile.TemporaryDirectory(prefix="messagerie-bench-") as t, ExitStack() as stack:
         tmp = Path(t)
-        # The raw relay and the broker run side by side on their own ptys, and their
-        # bursts alternate: the machine's noise hits both alike; medians are reported.
-        full = tmp / "complete"  # a second broker, validation = "complete"
-        full.mkdir()
-        with pty_pairs(tmp, ["raw-a", "raw-b"]) as rp, \
-                pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p, \
-                pty_pairs(full, ["vm-sys-usb", "vm-ui"]) as fp, \
-                raw_relay(rp["raw-a"], rp["raw-b"]), \
-                broker(tmp, p) as b, \
-                broker(full, fp, extra='validation = "complete"\n' + UNLIMITED):
+        # Every system of the burst runs side by side on its own ptys, and their bursts
+        # alternate (in a rotating order): the machine's noise and drift hit all alike.
+        # Ratios are taken within a run, against that run's raw relay; medians reported.
+        ends: dict[str, tuple[Path, Path]] = {}
+        brokers: dict[str, BrokerProcess] = {}
+        for system in BURSTS:
+            if system == "baseline" and baseline is None:
+                continue
+            d = tmp / system
+            d.mkdir()
+            p = stack.enter_context(pty_pairs(d, ["vm-sys-usb", "vm-ui"]))
             usb, ui = p["vm-sys-usb"], p["vm-ui"]
-            raws, brokers, completes = [], [], []
-            for _ in range(repeats):
-                raws.append(transfer(rp["raw-a"].domu, rp["raw-b"].domu, burst))
-                cpu_before = cpu_seconds(b.proc.pid)
-                run_ = transfer(usb.domu, ui.domu, burst)
-                run_["cpu_percent"] = 100 * (cpu_seconds(b.proc.pid) - cpu_before) / run_["seconds"]
-                brokers.append(run_)
-                completes.append(transfer(fp["vm-sys-usb"].domu, fp["vm-ui"].domu, burst))
-            results["raw"] = median(raws)
-            results["broker"] = median(brokers)
-            results["broker_complete"] = median(completes)
-            results["ratios"] = [br["per_second"] / ra["per_second"]
-                                 for ra, br in zip(raws, brokers, strict=True)]
-            results["field"] = median([transfer(usb.domu, ui.domu, 1000) for _ in range(3)],
-                                      key="seconds")
-            results["latency"] = transfer(usb.domu, ui.domu, latency_n, rate=1000,
-                                          latency=True)
-            results["raw_latency"] = transfer(rp["raw-a"].domu, rp["raw-b"].domu, latency_n,
-                                              rate=1000, latency=True)
-            results["broker_rss_after_burst_kib"] = rss_kib(b.proc.pid)
-        for decode in (False, True):
-            with pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
-                usb, ui = p["vm-sys-usb"], p["vm-ui"]
-                with python_relay(usb, ui, decode=decode):
-                    key = "python_relay_decode" if decode else "python_relay"
-                    results[key] = transfer(usb.domu, ui.domu, burst)
+            ends[system] = (usb.domu, ui.domu)
+            if system == "raw":
+                stack.enter_context(raw_relay(usb, ui))
+            elif system.startswith("python_relay"):
+                stack.enter_context(python_relay(usb, ui, decode=system.endswith("decode")))
+            elif system == "baseline":
+                assert baseline is not None
+                script, results["baseline_label"] = baseline_broker(baseline)
+                brokers[system] = stack.enter_context(broker(d, p, command=script))
+            else:
+                extra = ('validation = "complete"\n' if system == "broker_complete" else "")
+                brokers[system] = stack.enter_context(broker(d, p, extra=extra + UNLIMITED))
+        order = list(ends)
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in order}
+        for i in range(repeats):
+            for system in order[i % len(order):] + order[:i % len(order)]:
+                pid = brokers[system].proc.pid if system in brokers else None
+                cpu_before = cpu_seconds(pid) if pid else 0.0
+                one = transfer(*ends[system], burst)
+                if pid:
+                    one["cpu_percent"] = 100 * (cpu_seconds(pid) - cpu_before) / one["seconds"]
+                runs[system].append(one)
+        for system, rs in runs.items():
+            results[system] = median(rs)
+            results[system]["ratios"] = [r["per_second"] / raw["per_second"]
+                                         for r, raw in zip(rs, runs["raw"], strict=True)]
+            results[system]["ratio"] = statistics.median(results[system]["ratios"])
+        if "baseline" in runs:  # the two brokers' runs paired: this tree's / the baseline's
+            results["vs_baseline"] = [b["per_second"] / o["per_second"] for b, o in
+                                      zip(runs["broker"], runs["baseline"], strict=True)]
+        if burst_only:
+            return results
+        usb_ui = ends["broker"]
+        results["field"] = median([transfer(*usb_ui, 1000) for _ in range(3)], key="seconds")
+        results["latency"] = transfer(*usb_ui, latency_n, rate=1000, latency=True)
+        results["raw_latency"] = transfer(*ends["raw"], latency_n, rate=1000, latency=True)
+        results["broker_rss_after_burst_kib"] = rss_kib(brokers["broker"].proc.pid)
+        stack.close()
         with pty_pairs(tmp, ["vm-sys-usb", "vm-ui"]) as p:
             usb, ui = p["vm-sys-usb"], p["vm-ui"]
             with broker(tmp, p, extra="") as b:
@@ -186,30 +217,36 @@ def run(quick: bool) -> dict[str, Any]:
             results["idle"] = {"domains": idle_domains, "seconds": idle_seconds,
                                "cpu_percent": 100 * (cpu_seconds(pid) - before) / idle_seconds,
                                "rss_kib": rss_kib(pid)}
-    results["ratio_broker_raw"] = results["broker"]["per_second"] / results["raw"]["per_second"]
     return results
 
 
 def table(r: dict[str, Any]) -> str:
-    raw, brk = r["raw"], r["broker"]
+    raw = r["raw"]
+
+    def burst(key: str, label: str, note: str) -> tuple[str, str, str]:
+        x = r[key]
+        runs = ", ".join(f"{v:.2f}" for v in x["ratios"])
+        cpu = f"; CPU {x['cpu_percent']:.0f} %" if "cpu_percent" in x else ""
+        return (label, f"{x['per_second']:,.0f} msg/s",
+                f"**{x['ratio']:.2f}x raw** (runs: {runs}){cpu}: {note}")
     rows = [
         ("burst, raw relay (socat)", f"{raw['per_second']:,.0f} msg/s",
-         "baseline (median of the alternating runs)"),
-        ("burst, Python relay, no validation", f"{r['python_relay']['per_second']:,.0f} msg/s",
-         f"{r['python_relay']['per_second'] / raw['per_second']:.2f}x raw: ceiling for "
-         "any Python process here"),
-        ("burst, Python relay + FrameDecoder",
-         f"{r['python_relay_decode']['per_second']:,.0f} msg/s",
-         f"{r['python_relay_decode']['per_second'] / raw['per_second']:.2f}x raw: a blocking "
-         "copy loop decoding every frame completely, one by one"),
-        ("burst, broker (info level)", f"{brk['per_second']:,.0f} msg/s",
-         f"**{r['ratio_broker_raw']:.2f}x raw** (target >= 0.70; per run: "
-         f"{', '.join(f'{x:.2f}' for x in r['ratios'])}); broker CPU "
-         f"{brk['cpu_percent']:.0f} %"),
-        ('burst, broker, validation = "complete"',
-         f"{r['broker_complete']['per_second']:,.0f} msg/s",
-         f"{r['broker_complete']['per_second'] / raw['per_second']:.2f}x raw: every frame "
-         "decoded completely (docs/broker.md, Validation)"),
+         "baseline: socat copying between the two dom0-side ptys"),
+        burst("python_relay", "burst, Python relay, no validation",
+              "a blocking copy loop: the ceiling for any Python process here"),
+        burst("python_relay_decode", "burst, Python relay + FrameDecoder",
+              "the copy loop decoding every frame completely, one by one"),
+        burst("broker", "burst, broker (info level)", "target >= 0.70"),
+    ]
+    if "baseline" in r:
+        v = r["vs_baseline"]
+        rows.append(burst("baseline", f"burst, broker at {r.get('baseline_label', '?')} "
+                          "(info level)", "the baseline tree's broker, same run; this "
+                          f"broker / it: {statistics.median(v):.2f}x (runs: "
+                          f"{', '.join(f'{x:.2f}' for x in v)})"))
+    rows += [
+        burst("broker_complete", 'burst, broker, validation = "complete"',
+              "every frame decoded completely (docs/broker.md, Validation)"),
         ("burst, broker, default rate limit",
          f"{r['broker_default_limits']['per_second']:,.0f} msg/s",
          "limites.debit = 20 000/s per domain"),
@@ -260,14 +297,37 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
     p.add_argument("--write", type=Path, help="put the table into this Markdown file")
     p.add_argument("--json", action="store_true", help="print raw results as JSON")
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="also run the broker of this source tree (a worktree of another "
+                   "commit with its own .venv), alternating with this one's")
+    p.add_argument("--repeats", type=int, help="alternating runs per system (default 5)")
+    p.add_argument("--burst-only", action="store_true",
+                   help="only the alternating bursts, printed briefly (for profiling work)")
     args = p.parse_args()
-    results = run(args.quick)
+    results = run(args.quick, args.baseline, args.repeats, args.burst_only)
     if args.json:
         print(json.dumps(results, indent=2))
-    body = (f"## Broker over socat ptys\n\nCommand: `.venv/bin/python -m bench.bench_broker"
-            f"{' --quick' if args.quick else ''}`  \nMachine: {machine()}  \n"
+    if args.burst_only:
+        for system in BURSTS:
+            if system in results:
+                x = results[system]
+                print(f"{system:20} {x['per_second']:9,.0f} msg/s {x['ratio']:.2f}x raw (runs: "
+                      f"{', '.join(f'{v:.2f}' for v in x['ratios'])})")
+        if "vs_baseline" in results:
+            v = results["vs_baseline"]
+            print(f"broker / baseline    {statistics.median(v):.2f}x (runs: "
+                  f"{', '.join(f'{x:.2f}' for x in v)})")
+        return 0
+    command = ".venv/bin/python -m bench.bench_broker" + "".join(
+        a for a, on in ((" --quick", args.quick), (f" --repeats {args.repeats}", args.repeats),
+                        (" --baseline TREE", args.baseline)) if on)
+    baseline = (f"TREE: a worktree of commit {results['baseline_label']} with its own venv. "
+                if args.baseline else "")
+    body = (f"## Broker over socat ptys\n\nCommand: `{command}`  \n{baseline}"
+            f"Machine: {machine()}  \n"
             f"Date: {time.strftime('%Y-%m-%d')}  \nBurst size: {results['burst_count']:,} "
-            f"messages of ~220 bytes.\n\n{table(results)}\n")
+            f"messages of ~220 bytes, {results['repeats']} alternating runs per system "
+            "(medians; ratios per run against the same run's raw relay).\n\n{table(results)}\n")
     print(body)
     if args.write:
         write_section(args.write, body)

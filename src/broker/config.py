@@ -54,6 +54,9 @@ class Limits:
     command_ttl: float = 300.0
     """After this long without an answer, a command is forgotten (and answered
     ``delai_depasse`` on behalf of its destination)."""
+    commands_per_destination: int = 16
+    """Of those, how many may wait on one destination: one that never answers cannot
+    take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     keys = {"file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
             "debit": ("rate", float), "rafale": ("burst", int),
             "commandes_en_vol": ("commands_in_flight", int),
+            "commandes_en_vol_destination": ("commands_per_destination", int),
             "duree_commande": ("command_ttl", float)}
     _unknown(lim, set(keys), "limites.")
     values: dict[str, Any] = {}

@@ -36,7 +36,13 @@ from typing import Any, Protocol
 import structlog
 
 from messagerie import FrameDecoder, FrameError
-from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
+from messagerie.channel import (
+    READ_SIZE,
+    ChannelError,
+    channel_kind,
+    open_channel,
+    read_remaining,
+)
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
@@ -62,6 +68,16 @@ MIN_HIGH_WATER = 16 * 1024
 HARD_LIMIT_FACTOR = 4
 """Even while its senders are held, a destination never queues more than this many
 times ``queue_bytes`` (the senders' read chunks already in flight)."""
+
+
+def _frames(data: bytes) -> int:
+    """The newlines in ``data``, exactly. ``bytes.count`` looks at every byte (70 us for
+    a 64 KiB read on the benchmark machine, 5 % of the broker's CPU in a burst);
+    ``replace`` jumps from newline to newline (memchr) and copies the rest, 8x faster on
+    ~220-byte frames, slower on tiny ones: the first KiB decides which to use."""
+    if data.count(b"\n", 0, 1024) > 16:
+        return data.count(b"\n")
+    return len(data) - len(data.replace(b"\n", b""))
 
 
 @dataclass(slots=True)
@@ -139,6 +155,9 @@ class Sink(Protocol):
     def lost(self, endpoint: Endpoint) -> None:
         """``endpoint``'s connection is gone (decisions sending there are stale)."""
 
+    def drained(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s queue went back below its low-water mark."""
+
     def domain_up(self, endpoint: DomainEndpoint) -> None: ...
 
     def domain_down(self, endpoint: DomainEndpoint) -> None: ...
@@ -208,7 +227,7 @@ class Endpoint(asyncio.Protocol):
         # At most MAX_FRAMES_PER_TURN frames now: 64 KiB of tiny junk lines is 30 000
         # frames to refuse, one long turn in the loop for everyone else. The rest waits
         # for the next iteration, the channel not being read meanwhile.
-        if data.count(b"\n") > MAX_FRAMES_PER_TURN:
+        if _frames(data) > MAX_FRAMES_PER_TURN:
             rest = data.split(b"\n", MAX_FRAMES_PER_TURN)[-1]
             self._backlog = rest
             data = data[:len(data) - len(rest)]
@@ -312,6 +331,13 @@ class Endpoint(asyncio.Protocol):
             self._set_write_limits(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.transport is not None and not self.sink.stopping:
+            # A failed write (EPIPE) closed a socket before its last frames were read:
+            # they are still in the socket, read them now (it closes after we return).
+            rest = (self._backlog or b"") + read_remaining(self.transport)
+            self._backlog = None
+            if rest:
+                self._process(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -345,6 +371,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
     @property

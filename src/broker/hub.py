@@ -9,6 +9,8 @@ commands. It is the endpoints' :class:`~broker.endpoint.Sink` and the router's
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -62,6 +64,10 @@ JOURNAL_TEXT_MAX = 2000
 JOURNAL_DATA_MAX = 4096
 """Bytes of a domain's ``journal`` data written to the broker's log."""
 encode_json = msgspec.json.Encoder().encode
+DEFERRED_MAX = 4096
+"""Built-in commands of one asker whose answers may wait for its queue to drain."""
+DEFERRED_RETRY = 0.005
+"""Seconds before a waiting answer looks again at a queue that reported no drain."""
 
 
 ROUTE_CACHE_MAX = 4096
@@ -96,13 +102,16 @@ class Broker:
         self.domains: dict[str, DomainEndpoint] = {}
         self.dom0 = Dom0Services()
         limits = config.limits
-        self.pending = PendingCommands[Endpoint](limit=limits.commands_in_flight,
-                                                 ttl=limits.command_ttl)
+        self.pending = PendingCommands[Endpoint](
+            limit=limits.commands_in_flight, ttl=limits.command_ttl,
+            per_target=min(limits.commands_per_destination, limits.commands_in_flight))
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
         self.stopping = False
         """Shutdown began: endpoints are never resumed."""
+        self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
+        """Built-in commands whose answers wait for their asker's queue to drain."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -118,6 +127,8 @@ class Broker:
         self.config = config
         self.settings = settings = Settings.of(config)
         self.pending.limit = config.limits.commands_in_flight
+        self.pending.per_target = min(config.limits.commands_per_destination,
+                                      config.limits.commands_in_flight)
         self.pending.ttl = config.limits.command_ttl
         self.debug = config.log_level == "debug"
         self.log = structlog.get_logger("broker").bind()
@@ -339,10 +350,54 @@ class Broker:
             self._dropped(peer, command.asker, msg)
 
     def _builtin(self, peer: Endpoint, msg: Envelope) -> None:
+        """Answer a built-in command; its answer waits while the asker's own queue is
+        full (a pipeline of ``statistiques`` asks for more than it reads: it is held
+        back, as a sender to a full destination is, and nothing is dropped)."""
+        waiting = self._deferred.get(peer)
+        # Beyond the bound, or once the asker is stalled, the answers go out now (dropped
+        # past the queue's bound, counted): a peer cannot grow this list by not reading.
+        if waiting is not None and not peer.stalled and len(waiting) < DEFERRED_MAX:
+            waiting.append(msg)
+            return
+        self._answer_builtin(peer, msg)
+
+    def _answer_builtin(self, peer: Endpoint, msg: Envelope) -> bool:
+        """Answer now if the answer fits in the asker's queue (or its queue is empty);
+        else keep the command for when it drains, hold the asker and return False."""
         # The broker reads this one itself: the whole message, arguments too.
         cmd = self.complete(peer, msg)
-        if cmd is not None:
-            peer.send(encode(self.builtin(cmd, peer)))  # type: ignore[arg-type]
+        if cmd is None:
+            return True
+        data = encode(self.builtin(cmd, peer))  # type: ignore[arg-type]
+        queued = peer.queued()
+        if queued and queued + len(data) > peer.queue_bytes and not peer.stalled:
+            self._deferred.setdefault(peer, collections.deque()).appendleft(msg)
+            peer.hold(peer)
+            # Its drain is reported when its transport was over its high-water mark;
+            # if the kernel took it all at once there is none: look again soon.
+            asyncio.get_running_loop().call_later(DEFERRED_RETRY, self._retry, peer)
+            return False
+        peer.send(data)
+        return True
+
+    def _retry(self, endpoint: Endpoint) -> None:
+        if endpoint in self._deferred and not endpoint.paused_writing:
+            self.drained(endpoint)
+
+    def drained(self, endpoint: Endpoint) -> None:
+        """Answer the built-ins that waited for ``endpoint``'s queue, in order, while
+        they fit; then read it again (or hold it on until it drains again)."""
+        waiting = self._deferred.pop(endpoint, None)
+        if waiting is None:
+            return
+        while waiting:
+            msg = waiting.popleft()
+            if not self._answer_builtin(endpoint, msg):
+                # Back at the front of a fresh list: put the rest behind it.
+                self._deferred[endpoint].extend(waiting)
+                return
+        endpoint._waiters.discard(endpoint)
+        endpoint.release(endpoint)
 
     def complete(self, peer: Endpoint, msg: Envelope) -> Message | None:
         """The whole message, for what the broker reads itself (built-in commands,
@@ -468,6 +523,7 @@ class Broker:
 
     def lost(self, endpoint: Endpoint) -> None:
         self.invalidate_routes()  # decisions sending there are stale
+        self._deferred.pop(endpoint, None)
 
     def domain_up(self, ep: DomainEndpoint) -> None:
         self.invalidate_routes()
@@ -486,13 +542,19 @@ class Broker:
 
     def emit_state(self, name: str, event: str) -> None:
         """Tell ``tous`` that a domain came or went (the field's domain-state
-        notification), through the router like any message from dom0."""
-        self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}))
+        notification), through the router like any message from dom0; never the
+        domain itself (it knows, and would take its own arrival for another's)."""
+        self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}),
+                  but=name)
 
-    def emit(self, msg: Message) -> None:
-        """A message from the broker itself (dom0, no endpoint), routed like any."""
+    def emit(self, msg: Message, *, but: str | None = None) -> None:
+        """A message from the broker itself (dom0, no endpoint), routed like any (to
+        every recipient but the domain ``but``)."""
         decision = route(msg, DOM0, self)  # a Message is routable like an Envelope
         if type(decision) is Deliver:
+            if but is not None and but in decision.targets:
+                decision = Deliver(tuple(t for t in decision.targets if t != but),
+                                   decision.denied, decision.dom0_services)
             self._deliver(None, msg, decision, encode(msg))
 
     # -- built-in commands ---------------------------------------------------------

@@ -27,15 +27,17 @@ CLI = BIN / "messagerie"
 
 class BrokerProcess:
     """``messagerie-broker --config FILE`` as a subprocess; its JSON log events are
-    collected from stdout by a thread."""
+    collected from stdout by a thread. ``broker`` is the console script to run (the
+    benchmarks run another source tree's, to compare two commits in one run)."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
+                 broker: Path = BROKER) -> None:
         self.config = config
         self.events: list[dict[str, Any]] = []
         self.raw_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [str(BROKER), "--config", str(config), *args],
+            [str(broker), "--config", str(config), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
