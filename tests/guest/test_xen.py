@@ -43,16 +43,21 @@ def sentinel_to_dom0(xen: XenLab, categorie: str, evenement: str) -> None:
 
 
 def test_client_in_the_domu_over_the_real_channel(xen: XenLab) -> None:
-    """The DomU opens /dev/hvc1 with no holder: the broker's ``connecte``, written
-    while the DomU booted, comes back echoed and is recognised (``frame.echoed``, no
-    security event); then a command each way and a broadcast reach their ends."""
+    """A dom0 service writes to vm-a before any DomU program has /dev/hvc1 open; the
+    DomU opens it with no holder: that notification comes back echoed and the broker
+    recognises it (``frame.echoed``, no security event); then a command each way and a
+    broadcast reach their ends."""
+    xen.peer("send", DOMU, "avant", "1")
+    xen.wait_event("message.routed", name="avant")
     xen.domu.call("open", name=DOMU, device="/dev/hvc1")
     ping = xen.domu.call("commande", destination="dom0", commande="ping")
     assert ping["source"] == "dom0" and ping["resultat"]["pong"] is True
     xen.figures["ping DomU -> dom0 built-in, Client (ms)"] = round(ping["seconds"] * 1000)
+    # the echo came back before the ping, on the same channel
     echoed = xen.find("frame.echoed", domain=DOMU)
-    refused = xen.find("message.refused", domain=DOMU)
-    assert refused == [], refused
+    assert [(e["source"], e["name"]) for e in echoed] == [("dom0", "avant")], echoed
+    assert xen.find("message.refused", domain=DOMU) == []
+    assert xen.domu.call("count", count=1, categorie="avant") == 1  # delivered too
     xen.figures["frames echoed at the first open (no holder), recognised"] = \
         sum(e["count"] for e in echoed)
     # dom0 -> a handler in the DomU
