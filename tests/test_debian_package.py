@@ -122,7 +122,7 @@ def test_check_config_and_the_demo_from_the_installed_paths(installed: Path) -> 
     demo = run("/usr/bin/messagerie-broker", "--demo", timeout=120)
     lines = [line for line in demo.stdout.splitlines() if line.startswith("demo |")]
     assert lines and lines[-1].endswith("stopped, exit status 0"), demo.stdout[-2000:]
-    assert '"statut":"ok","resultat":["sda1"]' in demo.stdout
+    assert '"commande":"liste_disques","statut":"ok","resultat":["cle-1"]' in demo.stdout
 
 
 def test_unit_users_and_directories(installed: Path) -> None:

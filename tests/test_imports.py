@@ -26,7 +26,8 @@ IO_MODULES = ("asyncio", "structlog")
 pytestmark = pytest.mark.integration  # each check runs a fresh interpreter
 
 PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.model", "messagerie.vocabulary",
-                "messagerie.codec", "messagerie.envelope", "messagerie.schema")
+                "messagerie.codec", "messagerie.envelope", "messagerie.schema",
+                "messagerie.socle")
 
 
 def loaded_by(statement: str) -> tuple[set[str], set[str]]:

@@ -100,7 +100,8 @@ EXAMPLES: Final[dict[str, list[str]]] = {
                "messagerie listen --count 1 --timeout 5    # exit 3 if nothing in 5 s"],
     "ping": ["messagerie ping"],
     "status": ["messagerie status", "messagerie status --json"],
-    "schema": ["messagerie schema > message.schema.json"],
+    "schema": ["messagerie schema > message.schema.json",
+               "messagerie schema --socle > socle.schema.json"],
 }
 
 
@@ -179,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_status)
 
     p = add("schema", "print the JSON Schema of messages",
-            "Print the JSON Schema that every message follows.")
+            "Print the JSON Schema that every message follows (--socle: the socle's "
+            "commands' arguments and results, and its notifications' data).")
+    p.add_argument("--socle", action="store_true",
+                   help="the socle's catalogue instead (docs/schema/socle.schema.json)")
     p.set_defaults(run=_schema, offline=True)
     return parser
 
@@ -384,6 +388,10 @@ def _duration(seconds: Any) -> str:
 
 
 async def _schema(args: argparse.Namespace) -> int:
+    if args.socle:
+        from . import socle  # the same bytes as docs/schema/socle.schema.json
+        sys.stdout.write(socle.render())
+        return EXIT_OK
     from .schema import render  # loaded on demand: the other subcommands do not need it
 
     # The same bytes as docs/schema/messagerie.schema.json.
