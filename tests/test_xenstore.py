@@ -332,3 +332,33 @@ def test_xenstore_keys_of_the_configuration() -> None:
         parse_config({"decouverte": {"xenstore": True, "canal": "a b"}})
     with pytest.raises(ConfigError, match="no domain"):
         parse_config({"decouverte": {"xenstore": False}})
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_broker_without_xenstore_says_so_and_binds_once_it_appears(tmp_path: Path) -> None:
+    """No xenstored yet (dom0 still starting): the broker serves anyway, says why it
+    binds nothing, and binds once xenstore answers."""
+    path = tmp_path / "xenstored.sock"
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[dom0]\nsocket = "{tmp_path / "dom0.sock"}"\n'
+                      f'[decouverte]\nxenstore = true\nxenstore_chemin = "{path}"\n'
+                      f'[reconnexion]\nmin = 0.05\nmax = 0.2\n')
+    broker = BrokerProcess(config)
+    fake = None
+    try:
+        broker.wait_ready(15)
+        down = broker.wait_event("xenstore.unavailable")
+        assert str(path) in down["error"]
+        fake = FakeXenstored(path)
+        qemu = QemuSocket(tmp_path / "vm-a.sock")
+        fake.add_domain(5, "vm-a", socket_channel(qemu.path))
+        broker.wait_event("xenstore.connected", timeout=15)
+        broker.wait_event("domain.bound", domain="vm-a", domid=5)
+        qemu.accept(10)
+        assert ping(qemu, "vm-a", "p")["statut"] == "ok"
+        qemu.close()
+    finally:
+        broker.stop()
+        if fake is not None:
+            fake.close()

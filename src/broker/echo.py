@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-WINDOW: Final = 16 * 1024
-"""Bytes of recent output kept per channel: four times the tty input buffer."""
+WINDOW: Final = 8 * 1024
+"""Bytes of recent output kept per channel (at most twice that between trims): twice
+the tty's 4 KiB input buffer, so that 1 000 domains cost at most 16 MiB."""
 
 
 class EchoWindow:

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from guest_lab import FIGURES, ROOT, GuestLab
-from guestvm import Channel, Guest, GuestUnavailable, ensure_assets, ensure_qemu
+from guestvm import Channel, Guest, GuestUnavailable, ensure_assets, ensure_qemu, ensure_xen
+from xen_lab import XenLab
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,27 @@ def guest_ready() -> None:
     # or a read-only tree would otherwise make each run pay).
     for tree in (ROOT / "src", Path(__file__).parent):
         compileall.compile_dir(tree, quiet=1)
+
+
+@pytest.fixture(scope="session")
+def xen(guest_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[XenLab]:
+    """Xen booted once for the whole session (~40 s to a usable dom0, under TCG), the
+    broker started in dom0, vm-a created: every xen test runs in it, in order."""
+    try:
+        ensure_xen()
+    except GuestUnavailable as exc:
+        if os.environ.get("MESSAGERIE_GUEST_REQUIRED") == "1":
+            pytest.fail(f"xen tier required but unavailable: {exc}", pytrace=False)
+        pytest.skip(f"xen tier unavailable: {exc}")
+    lab = XenLab(tmp_path_factory.mktemp("xen"))
+    FIGURES["xen: QEMU start to dom0 toolstack ready (s)"] = round(lab.boot_seconds, 1)
+    FIGURES["xen: dom0 toolstack copy / start (s)"] = (lab.ready.get("copy_seconds"),
+                                                      lab.ready.get("toolstack_seconds"))
+    yield lab
+    status = lab.close()
+    FIGURES.update({f"xen: {k}": v for k, v in lab.figures.items()})
+    FIGURES["xen: session, start to power-off (s)"] = round(time.monotonic() - lab.started, 1)
+    assert status == 0, f"dom0's agent exited {status}:\n{lab.console_tail()}"
 
 
 @pytest.fixture
@@ -63,8 +85,9 @@ def lab(guest_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    lab = getattr(item, "funcargs", {}).get("lab")
-    if report.failed and isinstance(lab, GuestLab):
+    funcargs = getattr(item, "funcargs", {})
+    lab = funcargs.get("lab") or funcargs.get("xen")
+    if report.failed and isinstance(lab, GuestLab | XenLab):
         report.sections.append(("guest lab", lab.diagnostics()))
     return report
 

@@ -175,7 +175,8 @@ class Agent:
 
         async def consume() -> None:
             async for msg in stream:
-                self.inbox.append({**msg.to_dict(), "_raw": (msg.raw or b"").decode()})
+                self.inbox.append({**msg.to_dict(), "_raw": (msg.raw or b"").decode(),
+                                   "_t": time.monotonic()})
                 self.arrived.set()
         self.consumer = asyncio.get_running_loop().create_task(consume())
 
@@ -210,6 +211,14 @@ class Agent:
     async def op_count(self, count: int, timeout: float = 60.0, **match: Any) -> int:
         """Wait until ``count`` matching messages arrived; how many there are."""
         return len(await self.op_messages(count, timeout, **match))
+
+    async def op_span(self, count: int, timeout: float = 60.0,
+                      **match: Any) -> dict[str, Any]:
+        """Wait for ``count`` matching messages; seconds from the first's arrival to
+        the last's, and their ``seq`` numbers."""
+        got = (await self.op_messages(count, timeout, **match))[:count]
+        return {"seconds": round(got[-1]["_t"] - got[0]["_t"], 3),
+                "seqs": [m["payload"]["data"].get("seq") for m in got]}
 
     async def op_close(self) -> None:
         if self.stream_task is not None:

@@ -16,8 +16,13 @@ A named channel also gets ``/dev/xen-channel/<name>``.
 Under TCG (the only accelerator that works on every CI machine) a boot to the command
 takes 3-6 s and CPU-bound Python runs 12-25x slower than on the host.
 
-    python3 tests/guest/guestvm.py [-c SOCK[,name=N]]... [-t SECONDS] -- COMMAND...
+    python3 tests/guest/guestvm.py [-c SOCK[,name=N]]... [-t SECONDS] [-X] -- COMMAND...
     tools/run-guest ...                       (the same)
+
+With ``-X`` the guest kernel boots as the PV dom0 of Debian's Xen (``xen-hypervisor-*``
+and the toolstack, fetched with ``apt-get download`` and unpacked into the cache): the
+command runs in dom0, where tests/guest/xen_agent.py starts xenstored, xenconsoled and
+creates DomUs with ``xl`` (the xen tier). ~20 s to dom0's command under TCG.
 
 Exit status: the command's; 124 on timeout; 125 when the guest could not run it.
 Cache: ``$MESSAGERIE_GUEST_CACHE`` (default ``~/.cache/messagerie-guest``), ~140 MB.
@@ -48,9 +53,19 @@ TIMEOUT_STATUS: Final = 124
 INFRA_STATUS: Final = 125
 QEMU: Final = "qemu-system-x86_64"
 QBOOT: Final = Path("/usr/share/qemu/qboot.rom")
-MODULES: Final = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
+MODULES: Final = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay",
+                  "9pnet_xen", "xen_evtchn", "xenfs", "xen_privcmd", "xen_gntdev",
+                  "xen_gntalloc")
 """What the initramfs loads (their dependencies are found from each module's
-``depends=``): the virtio transport, the consoles, the 9p root and the overlay."""
+``depends=``): the virtio transport, the consoles, the 9p root and the overlay; and for
+Xen (they refuse to load elsewhere, quietly): 9p over Xen for a DomU's root, and what
+dom0's toolstack opens (/dev/xen/evtchn, privcmd, gntdev, xenfs)."""
+XEN_LIBS: Final = ("xen-utils-common", "xenstore-utils", "libxenstore4", "libxencall1",
+                   "libxenevtchn1", "libxenforeignmemory1", "libxengnttab1",
+                   "libxentoollog1", "libxentoolcore1", "libxendevicemodel1",
+                   "libxenhypfs1", "libyajl2", "qemu-system-xen")
+"""Xen's toolstack as dom0 needs it (with xen-utils-X and libxenmiscX of the
+hypervisor's version X): unpacked into the cache, copied into dom0 at boot."""
 KERNEL_OPTIONS: Final = "quiet loglevel=3 mitigations=off i8042.noaux i8042.nokbd"
 # Host variables that describe the host's terminal or session, not the command's needs.
 ENV_SKIP: Final = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "TERM", "HOSTNAME", "DISPLAY",
@@ -73,13 +88,16 @@ fail() {
 mount -t devtmpfs dev /dev
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-while read -r m; do
-  insmod "/lib/modules/$m.ko" || echo "guest init: insmod $m failed" >/dev/console
-done </lib/modules/order
+# the xen modules do not load outside Xen, nor virtio ones in a Xen DomU
+while read -r m; do insmod "/lib/modules/$m.ko" 2>/dev/null; done </lib/modules/order
 RUN=
-for a in $(cat /proc/cmdline); do case "$a" in mg.run=*) RUN=${a#mg.run=};; esac; done
+TRANS=virtio
+for a in $(cat /proc/cmdline); do
+  case "$a" in mg.run=*) RUN=${a#mg.run=};; mg.trans=*) TRANS=${a#mg.trans=};; esac
+done
 [ -n "$RUN" ] || fail "no mg.run= on the kernel command line"
 O=trans=virtio,version=9p2000.L,msize=512000
+[ "$TRANS" = xen ] && O=trans=xen,version=9p2000.L
 mount -t 9p -o "$O,ro,cache=loose" hostroot /lower || fail "cannot mount the host's root"
 mount -t tmpfs -o mode=755 rw /rw
 mkdir -p /rw/upper /rw/work
@@ -128,6 +146,15 @@ class Assets:
     kernel: Path
     initrd: Path
     bios: Path | None
+
+
+@dataclass(frozen=True)
+class XenAssets:
+    hypervisor: Path
+    """Xen itself, uncompressed (QEMU boots it as a multiboot kernel)."""
+    root: Path
+    """The toolstack, unpacked: dom0 copies it onto its root at boot."""
+    version: str
 
 
 @dataclass(frozen=True)
@@ -258,6 +285,53 @@ def ensure_assets(cache: Path | None = None, install: bool = True) -> Assets:
     return Assets(kernel, initrd, bios)
 
 
+def _xen_version() -> str:
+    """The hypervisor's version Debian's xen-system-amd64 depends on (``4.17``)."""
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "depends", "xen-system-amd64"],
+                             capture_output=True, text=True, check=False).stdout
+        m = re.search(r"Depends: xen-hypervisor-(\d+\.\d+)-amd64", out)
+        if m:
+            return m.group(1)
+        if attempt == 0:
+            _apt("update", "-qq")
+    raise GuestUnavailable("apt-cache knows no xen-system-amd64: run apt-get update "
+                           "(Debian's main archive has it)")
+
+
+def ensure_xen(cache: Path | None = None, install: bool = True) -> XenAssets:
+    """Xen's hypervisor and toolstack, fetched with apt-get download and unpacked into
+    the cache on first use (~30 MB, a few seconds)."""
+    cache = cache or cache_dir()
+    hypervisor, root, stamp = cache / "xen", cache / "xen-root", cache / "xen-stamp"
+    if hypervisor.exists() and root.is_dir() and stamp.exists():
+        return XenAssets(hypervisor, root, stamp.read_text().strip())
+    if not install or not _can_apt():
+        raise GuestUnavailable(f"no Xen in {cache}: it is fetched there with apt-get "
+                               "download and dpkg-deb (Debian/Ubuntu) on first use")
+    version = _xen_version()
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _log(f"fetching Xen {version} into {cache} (once)")
+    hv = _download(f"xen-hypervisor-{version}-amd64", debs)
+    tools = [_download(p, debs) for p in (f"xen-utils-{version}", f"libxenmisc{version}",
+                                          *XEN_LIBS)]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(hv), tmp], check=True)
+        image = next((Path(tmp) / "boot").glob("xen-*.gz"))
+        hypervisor.with_suffix(".tmp").write_bytes(gzip.decompress(image.read_bytes()))
+    shutil.rmtree(root, ignore_errors=True)
+    staging = cache / "xen-root.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for deb in tools:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
+    shutil.rmtree(staging / "usr" / "share" / "doc", ignore_errors=True)
+    staging.replace(root)
+    hypervisor.with_suffix(".tmp").replace(hypervisor)
+    stamp.write_text(version + "\n")
+    return XenAssets(hypervisor, root, version)
+
+
 def _extract_vmlinux(vmlinuz: Path, out: Path) -> None:
     """The uncompressed ELF kernel inside a bzImage. QEMU boots it through its PVH
     entry point: no real-mode setup and no in-guest xz decompression, which alone
@@ -359,9 +433,44 @@ class Guest:
     console: IO[Any] | int | None = None
     """Where the command's output goes (a file, ``subprocess.PIPE``...; default: ours)."""
     install: bool = True
+    xen: bool = False
+    """Boot Xen with the guest as its PV dom0: the command runs in dom0; its output
+    is Xen's serial console (``console``); channels are virtio serial ports there
+    (``/dev/vport*p<N>``, not ttys: the lab's own control links)."""
     run_dir: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+
+    def xen_args(self, assets: Assets, xen: XenAssets, run_dir: Path) -> list[str]:
+        dom0_mib = self.memory_mib // 2
+        args = [
+            # -cpu max makes dom0 crash at its first instruction under TCG
+            "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64",
+            "-smp", str(self.cpus), "-m", str(self.memory_mib),
+            "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+            "-no-reboot",
+            "-kernel", str(xen.hypervisor),
+            "-append", f"console=com1 com1=115200,8n1 dom0_mem={dom0_mib}M,max:{dom0_mib}M "
+                       "dom0_max_vcpus=1 noreboot loglvl=warning guest_loglvl=warning",
+            # multiboot modules: dom0's kernel with its command line, its initramfs
+            "-initrd", f"{assets.kernel} console=hvc0 {KERNEL_OPTIONS} panic=-1 "
+                       f"mg.run={run_dir},{assets.initrd}",
+            "-serial", "stdio",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                       "multidevs=remap",
+            "-virtfs", f"local,path={run_dir},mount_tag=rundir,security_model=none,"
+                       "multidevs=remap",
+        ]
+        for i, share in enumerate(self.shares):
+            args += ["-virtfs", f"local,path={share},mount_tag=share{i},"
+                                "security_model=none,multidevs=remap"]
+        if self.channels:
+            args += ["-device", "virtio-serial-pci,id=vser0"]
+        for n, ch in enumerate(self.channels, start=1):
+            args += ["-chardev", f"socket,id=ch{n},path={ch.socket},server=on,wait=off",
+                     "-device", f"virtserialport,chardev=ch{n},id=port{n},nr={n}"
+                                + (f",name={ch.name}" if ch.name else "")]
+        return args
 
     def qemu_args(self, assets: Assets, run_dir: Path) -> list[str]:
         args = [
@@ -394,6 +503,7 @@ class Guest:
     def start(self, timeout: float = 30.0) -> Guest:
         qemu = ensure_qemu(self.install)
         assets = ensure_assets(install=self.install)
+        xen = ensure_xen(install=self.install) if self.xen else None
         self.run_dir = Path(tempfile.mkdtemp(prefix="messagerie-guest."))
         run = self.run_dir
         env = dict(os.environ if self.env is None else self.env)
@@ -405,7 +515,8 @@ class Guest:
             ch.socket.parent.mkdir(parents=True, exist_ok=True)
             ch.socket.unlink(missing_ok=True)
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen([qemu, *self.qemu_args(assets, run)],
+        args = self.xen_args(assets, xen, run) if xen else self.qemu_args(assets, run)
+        self.proc = subprocess.Popen([qemu, *args],
                                      stdin=subprocess.DEVNULL, stdout=self.console,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -495,6 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-t", "--timeout", type=float, default=600.0, metavar="SECONDS")
     parser.add_argument("-p", "--cpus", type=int, default=2)
     parser.add_argument("-m", "--memory", type=int, default=1024, metavar="MiB")
+    parser.add_argument("-X", "--xen", action="store_true",
+                        help="boot Debian's Xen with the guest as its PV dom0; the command "
+                             "runs in dom0 (channels become virtio serial ports there, "
+                             "/dev/vport*pN); the toolstack is unpacked in the cache "
+                             "(tests/guest/xen_agent.py shows how to start it)")
     parser.add_argument("--prepare", action="store_true",
                         help="only install QEMU and build the guest kernel (cache)")
     parser.add_argument("command", nargs="*")
@@ -503,15 +619,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             ensure_qemu()
             assets = ensure_assets()
+            xen = ensure_xen() if args.xen else None
         except GuestUnavailable as exc:
             _log(str(exc))
             return INFRA_STATUS
         print(f"{assets.kernel}\n{assets.initrd}")
+        if xen is not None:
+            print(f"{xen.hypervisor}\n{xen.root}")
         return 0
     if not args.command:
         parser.error("no command")
     return run(args.command, args.channel, timeout=args.timeout, shares=args.share,
-               cpus=args.cpus, memory_mib=args.memory)
+               cpus=args.cpus, memory_mib=2048 if args.xen and args.memory == 1024
+               else args.memory, xen=args.xen)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ def sentinel(lab: GuestLab, what: str) -> None:
 
 def test_a_plain_open_echoes_what_dom0_sent_before(lab: GuestLab) -> None:
     """The hazard, shown on the real device with no holder (the control for the next
-    test): the broker wrote to the channel while the guest booted (``connecte``) and
-    vm-b wrote too; a program that opens /dev/hvc1 without raw mode sends it back. The
+    test): vm-b wrote to the guest's channel while no program had it open; a program
+    that opens /dev/hvc1 without raw mode sends it back. The
     broker recognises its own bytes and drops them as ``frame.echoed``: no
     ``spoofed_source`` security event, no refusal at all."""
     wait_until(lambda: lab.events("domain.connected", domain=VM), 60, "vm connected")
@@ -107,7 +107,7 @@ def test_a_plain_open_echoes_what_dom0_sent_before(lab: GuestLab) -> None:
     assert lab.vm_refusals() == []
     assert echoed[0]["level"] == "info"
     sources = {e["source"] for e in lab.events("frame.echoed", domain=VM)}
-    assert sources == {"dom0", VM_B}, sources  # the broker's connecte, vm-b's message
+    assert VM_B in sources, sources  # vm-b's message (and whatever else dom0 sent)
     FIGURES["plain open: frames echoed back (dropped as frame.echoed)"] = lab.vm_echoes()
 
 
