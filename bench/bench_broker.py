@@ -34,6 +34,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.lifetime import unwind_on_signals
 from tests.support.broker_process import BROKER, BrokerProcess, write_config
 from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
@@ -304,6 +305,7 @@ def main() -> int:
     p.add_argument("--burst-only", action="store_true",
                    help="only the alternating bursts, printed briefly (for profiling work)")
     args = p.parse_args()
+    unwind_on_signals()
     results = run(args.quick, args.baseline, args.repeats, args.burst_only)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -46,6 +46,7 @@ from bench.bench_broker import (
     rss_kib,
     write_section,
 )
+from bench.lifetime import unwind_on_signals
 from messagerie import BlockingClient
 from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
@@ -186,6 +187,7 @@ def main() -> int:
     args = p.parse_args()
     # The dom0 client used for statistics logs its connections: keep stdout for results.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    unwind_on_signals()
     r = run(args.quick)
     if args.json:
         print(json.dumps(r, indent=2))
