@@ -1,14 +1,22 @@
 """Broker benchmark over socat ptys: the broker against the transport's own limit.
 
-    .venv/bin/python -m bench.bench_broker            # full run (about a minute)
-    .venv/bin/python -m bench.bench_broker --quick    # a few seconds (the test suite runs it)
+    .venv/bin/python -m bench.bench_broker            # full run (a few minutes)
+    .venv/bin/python -m bench.bench_broker --quick    # under a minute (the test suite runs it)
     .venv/bin/python -m bench.bench_broker --write docs/benchmarks.md
+    .venv/bin/python -m bench.bench_broker --baseline ../old --burst-only --repeats 11
+
+``--baseline TREE`` also runs the broker of another source tree, e.g. a worktree of the
+previous commit (``git worktree add ../old HEAD~1``), in the same run: this is how a
+change to the hot path is measured, old and new alternating on the same machine.
 
 Scenarios, all in one run on the same machine, so that ratios are meaningful:
 
 * burst: N mouse-move notifications (~220 bytes) from vm-sys-usb to vm-ui, through
   (a) a raw relay (socat copying bytes between the two dom0-side ptys: what the
-  transport itself can do) and (b) the broker at the production log level (info);
+  transport itself can do), (b) two Python copy loops (bench/py_relay.py: bare, and
+  decoding every frame), (c) the broker at the production log level (info), with
+  ``validation = "complete"``, and the baseline tree's broker if asked; every system
+  has its own ptys and their bursts alternate run by run, in a rotating order;
 * field: the field benchmark, 1 000 mouse moves end to end (117 ms on real Xen);
 * latency: one-way latency at 1 000 msg/s, through the broker and the raw relay;
 * rss: the broker's resident memory with 100 connected domains, and its CPU use
@@ -29,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -102,12 +110,13 @@ def python_relay(a: PtyPair, b: PtyPair, *, decode: bool) -> Iterator[None]:
 
 @contextmanager
 def broker(tmp: Path, domains: dict[str, PtyPair], extra: str = UNLIMITED,
-           level: str = "info", command: Path = BROKER) -> Iterator[BrokerProcess]:
+           level: str = "info", *, command: Sequence[str] = (str(BROKER),),
+           env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
     config = write_config(tmp / "bench.toml", {n: p.dom0 for n, p in domains.items()},
                           extra=f'[broker]\nniveau_journal = "{level}"\n{extra}')
-    proc = BrokerProcess(config, broker=command)
+    proc = BrokerProcess(config, command=command, env=env)
     try:
-        proc.wait_event("broker.ready", timeout=60)
+        proc.wait_ready(timeout=60)  # fails at once if the broker exits instead
         wait_until(lambda: len(proc.find("domain.connected")) >= len(domains), 60,
                    "all domains connected")
         yield proc
@@ -135,15 +144,21 @@ BURSTS = ("raw", "python_relay", "python_relay_decode", "broker", "baseline",
 """The systems whose bursts alternate, run by run (``baseline`` only with --baseline)."""
 
 
-def baseline_broker(tree: Path) -> tuple[Path, str]:
-    """The console script of another source tree (a worktree of another commit with its
-    own ``.venv``, ``pip install -e .`` done there) and a label for it."""
+def baseline_broker(tree: Path) -> tuple[list[str], dict[str, str], str]:
+    """How to start another source tree's broker (a worktree of another commit): its own
+    venv's console script when it has one (``TREE/.venv``, ``pip install -e .`` done
+    there), else this interpreter on ``TREE/src``. With a label for it."""
+    if not (tree / "src" / "broker").is_dir():
+        raise SystemExit(f"{tree} is not a source tree of the broker (no src/broker)")
     script = tree / ".venv" / "bin" / "messagerie-broker"
+    command, env = [str(script)], {}
     if not script.exists():
-        raise SystemExit(f"{script} not found: make a venv in {tree} and pip install -e . there")
+        command = [sys.executable, "-c", "import sys; from broker.cli import main; "
+                   "sys.exit(main())"]
+        env = {"PYTHONPATH": str(tree.resolve() / "src")}
     label = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h"],
                            capture_output=True, text=True, check=False).stdout.strip()
-    return script, label or tree.name
+    return command, env, label or tree.name
 
 
 def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
@@ -175,8 +190,8 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
                 stack.enter_context(python_relay(usb, ui, decode=system.endswith("decode")))
             elif system == "baseline":
                 assert baseline is not None
-                script, results["baseline_label"] = baseline_broker(baseline)
-                brokers[system] = stack.enter_context(broker(d, p, command=script))
+                command, env, results["baseline_label"] = baseline_broker(baseline)
+                brokers[system] = stack.enter_context(broker(d, p, command=command, env=env))
             else:
                 extra = ('validation = "complete"\n' if system == "broker_complete" else "")
                 brokers[system] = stack.enter_context(broker(d, p, extra=extra + UNLIMITED))
@@ -300,7 +315,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print raw results as JSON")
     p.add_argument("--baseline", type=Path, metavar="TREE",
                    help="also run the broker of this source tree (a worktree of another "
-                   "commit with its own .venv), alternating with this one's")
+                   "commit; its own .venv if it has one), alternating with this one's")
     p.add_argument("--repeats", type=int, help="alternating runs per system (default 5)")
     p.add_argument("--burst-only", action="store_true",
                    help="only the alternating bursts, printed briefly (for profiling work)")
@@ -323,13 +338,13 @@ def main() -> int:
     command = ".venv/bin/python -m bench.bench_broker" + "".join(
         a for a, on in ((" --quick", args.quick), (f" --repeats {args.repeats}", args.repeats),
                         (" --baseline TREE", args.baseline)) if on)
-    baseline = (f"TREE: a worktree of commit {results['baseline_label']} with its own venv. "
+    baseline = (f"TREE: a worktree of commit {results['baseline_label']}.  \n"
                 if args.baseline else "")
     body = (f"## Broker over socat ptys\n\nCommand: `{command}`  \n{baseline}"
             f"Machine: {machine()}  \n"
             f"Date: {time.strftime('%Y-%m-%d')}  \nBurst size: {results['burst_count']:,} "
             f"messages of ~220 bytes, {results['repeats']} alternating runs per system "
-            "(medians; ratios per run against the same run's raw relay).\n\n{table(results)}\n")
+            f"(medians; ratios per run against the same run's raw relay).\n\n{table(results)}\n")
     print(body)
     if args.write:
         write_section(args.write, body)

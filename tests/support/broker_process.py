@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,17 @@ CLI = BIN / "messagerie"
 
 class BrokerProcess:
     """``messagerie-broker --config FILE`` as a subprocess; its JSON log events are
-    collected from stdout by a thread. ``broker`` is the console script to run (the
-    benchmarks run another source tree's, to compare two commits in one run)."""
+    collected from stdout by a thread. ``command`` starts the broker (the benchmarks
+    run another source tree's, to compare two commits in one run)."""
 
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
-                 broker: Path = BROKER) -> None:
+                 command: Sequence[str] = (str(BROKER),)) -> None:
         self.config = config
         self.events: list[dict[str, Any]] = []
         self.raw_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [str(broker), "--config", str(config), *args],
+            [*command, "--config", str(config), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
