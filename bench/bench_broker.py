@@ -203,16 +203,24 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
                 cpu_before = cpu_seconds(pid) if pid else 0.0
                 one = transfer(*ends[system], burst)
                 if pid:
-                    one["cpu_percent"] = 100 * (cpu_seconds(pid) - cpu_before) / one["seconds"]
+                    cpu = cpu_seconds(pid) - cpu_before
+                    one["cpu_percent"] = 100 * cpu / one["seconds"]
+                    one["cpu_us_per_message"] = 1e6 * cpu / burst
                 runs[system].append(one)
         for system, rs in runs.items():
             results[system] = median(rs)
             results[system]["ratios"] = [r["per_second"] / raw["per_second"]
                                          for r, raw in zip(rs, runs["raw"], strict=True)]
             results[system]["ratio"] = statistics.median(results[system]["ratios"])
+        for system in brokers:  # CPU time is steadier than throughput on a busy machine
+            results[system]["cpu_us_per_message"] = statistics.median(
+                r["cpu_us_per_message"] for r in runs[system])
         if "baseline" in runs:  # the two brokers' runs paired: this tree's / the baseline's
             results["vs_baseline"] = [b["per_second"] / o["per_second"] for b, o in
                                       zip(runs["broker"], runs["baseline"], strict=True)]
+            results["cpu_vs_baseline"] = [
+                b["cpu_us_per_message"] / o["cpu_us_per_message"]
+                for b, o in zip(runs["broker"], runs["baseline"], strict=True)]
         if burst_only:
             return results
         usb_ui = ends["broker"]
@@ -242,7 +250,8 @@ def table(r: dict[str, Any]) -> str:
     def burst(key: str, label: str, note: str) -> tuple[str, str, str]:
         x = r[key]
         runs = ", ".join(f"{v:.2f}" for v in x["ratios"])
-        cpu = f"; CPU {x['cpu_percent']:.0f} %" if "cpu_percent" in x else ""
+        cpu = (f"; CPU {x['cpu_us_per_message']:.2f} us per message ({x['cpu_percent']:.0f} %)"
+               if "cpu_percent" in x else "")
         return (label, f"{x['per_second']:,.0f} msg/s",
                 f"**{x['ratio']:.2f}x raw** (runs: {runs}){cpu}: {note}")
     rows = [
@@ -255,11 +264,13 @@ def table(r: dict[str, Any]) -> str:
         burst("broker", "burst, broker (info level)", "target >= 0.70"),
     ]
     if "baseline" in r:
-        v = r["vs_baseline"]
+        v, c = r["vs_baseline"], r["cpu_vs_baseline"]
         rows.append(burst("baseline", f"burst, broker at {r.get('baseline_label', '?')} "
                           "(info level)", "the baseline tree's broker, same run; this "
                           f"broker / it: {statistics.median(v):.2f}x (runs: "
-                          f"{', '.join(f'{x:.2f}' for x in v)})"))
+                          f"{', '.join(f'{x:.2f}' for x in v)}), its CPU per message "
+                          f"{statistics.median(c):.2f}x (runs: "
+                          f"{', '.join(f'{x:.2f}' for x in c)})"))
     rows += [
         burst("broker_complete", 'burst, broker, validation = "complete"',
               "every frame decoded completely (docs/broker.md, Validation)"),
@@ -328,12 +339,17 @@ def main() -> int:
         for system in BURSTS:
             if system in results:
                 x = results[system]
+                cpu = (f", CPU {x['cpu_us_per_message']:.2f} us/msg"
+                       if "cpu_us_per_message" in x else "")
                 print(f"{system:20} {x['per_second']:9,.0f} msg/s {x['ratio']:.2f}x raw (runs: "
-                      f"{', '.join(f'{v:.2f}' for v in x['ratios'])})")
+                      f"{', '.join(f'{v:.2f}' for v in x['ratios'])}){cpu}")
         if "vs_baseline" in results:
             v = results["vs_baseline"]
             print(f"broker / baseline    {statistics.median(v):.2f}x (runs: "
                   f"{', '.join(f'{x:.2f}' for x in v)})")
+            c = results["cpu_vs_baseline"]
+            print(f"CPU/msg, broker / baseline {statistics.median(c):.2f}x (runs: "
+                  f"{', '.join(f'{x:.2f}' for x in c)})")
         return 0
     command = ".venv/bin/python -m bench.bench_broker" + "".join(
         a for a, on in ((" --quick", args.quick), (f" --repeats {args.repeats}", args.repeats),

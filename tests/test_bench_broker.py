@@ -46,6 +46,8 @@ def _run_and_check(tmp_path: Path) -> None:
         # Two alternating runs, each against its own run's raw relay.
         match = re.search(r"\*\*([\d.]+)x raw\*\* \(runs: ([\d.]+), ([\d.]+)\)", rows[label])
         assert match and float(match.group(1)) > 0, rows[label]
-    assert re.search(r"this broker / it: [\d.]+x \(runs: [\d.]+, [\d.]+\)", text), text
+    assert re.search(r"this broker / it: [\d.]+x \(runs: [\d.]+, [\d.]+\), its CPU per "
+                     r"message [\d.]+x \(runs: [\d.]+, [\d.]+\)", text), text
+    assert re.search(r"CPU [\d.]+ us per message", rows["burst, broker (info level)"])
     assert "idle, 20 domains connected" in rows
     assert not list(tmp_path.glob("messagerie-bench-*")), "temporary directory left behind"
