@@ -173,7 +173,7 @@ def table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|---|---|",
         row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
         row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
-        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9"),
+        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9, delai_blocage 60 s"),
         row("junk flood, default limits", r["junk"],
             "tiny invalid lines (x and a newline), each refused"),
     ])
