@@ -44,6 +44,12 @@ def _stop_group(proc: subprocess.Popen[str]) -> None:
             proc.wait(10)
 
 
+def _group(pgid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(pgid)], capture_output=True,
+                        text=True, check=False)
+    return ps.stdout.splitlines()
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -112,7 +118,8 @@ def test_a_run_stopped_midway_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "benchmark stopped: SIGTERM received" in log.read_text()
         assert not list(tmp_path.glob("messagerie-suite-*")), "temporary directory left"
         # Processes of the run (socat, brokers, peers) are gone, soon if not at once.
-        wait_until(lambda: not _group_alive(proc.pid), 15, "the run's processes gone")
+        wait_until(lambda: not _group_alive(proc.pid), 15,
+                   lambda: f"the run's processes gone (left: {_group(proc.pid)})")
     finally:
         _stop_group(proc)
 
