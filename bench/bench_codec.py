@@ -3,22 +3,34 @@
     .venv/bin/python -m bench.bench_codec                 # print the figures
     .venv/bin/python -m bench.bench_codec --update-docs   # also rewrite "## Codec" in
                                                           # docs/benchmarks.md
+    .venv/bin/python -m bench.bench_codec --baseline DIR  # also compare with the codec of
+                                                          # another checkout (DIR/src)
 
 Each figure is the best of N repeats (the machine is shared and noisy); baselines
 measured in the same run (bare ``msgspec.json.decode`` to a dict, ``json.loads``) give
 ratios that travel better between machines than absolute numbers.
+
+With ``--baseline``, the other checkout's ``messagerie`` is loaded under another name in
+the same process and both are timed in short batches taken in turn (so that the load of
+a shared machine hits both alike): each figure is the best batch of a run, each ratio is
+to a bare ``msgspec.json.decode`` of the same frames in the same run, and the median of
+``--runs`` runs is reported with its range.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import re
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,11 +120,12 @@ def measure(repeats: int) -> list[tuple[str, float, str]]:
                                 ("mouse move", MOUSE, mouse_msg, mouse_dict)):
         size = f"{len(line)} B"
         ours = add(f"decode+validate, {label} ({size})", lambda line=line: decode(line))
-        add(f"  envelope only (the broker's default), {label}",
-            lambda line=line: decode_envelope(line))
+        env = add(f"  envelope only (the broker's default), {label}",
+                  lambda line=line: decode_envelope(line))
         base = add(f"  baseline msgspec.json.decode to dict, {label}", lambda line=line: bare(line))
         std = add(f"  baseline json.loads, {label}", lambda line=line: json.loads(line))
         rows.append((f"  ratio decode+validate / msgspec bare, {label}", ours / base, "x"))
+        rows.append((f"  ratio envelope / msgspec bare, {label}", env / base, "x"))
         rows.append((f"  ratio decode+validate / json.loads, {label}", ours / std, "x"))
         ours = add(f"encode, {label}", lambda msg=msg: encode(msg))
         base = add(f"  baseline msgspec encode of the dict, {label}", lambda d=d: enc(d))
@@ -128,7 +141,85 @@ def measure(repeats: int) -> list[tuple[str, float, str]]:
     return rows
 
 
-def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: int) -> str:
+def load_baseline(checkout: Path) -> Any:
+    """The ``messagerie`` package of another checkout, as ``messagerie_baseline``."""
+    target = Path(tempfile.mkdtemp(prefix="bench-codec-")) / "messagerie_baseline"
+    shutil.copytree(checkout / "src" / "messagerie", target)  # its imports are relative
+    spec = importlib.util.spec_from_file_location(
+        "messagerie_baseline", target / "__init__.py", submodule_search_locations=[str(target)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["messagerie_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _best_batch(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def compare(baseline: Any, runs: int) -> list[tuple[str, float, str, str]]:
+    """Rows (name, median ratio to bare, unit, range) for the baseline and this tree."""
+    import messagerie
+    import messagerie.envelope as new_env
+    from tests.support.corpus import mouse
+    old_env = importlib.import_module("messagerie_baseline.envelope")
+    bare = msgspec.json.Decoder().decode
+    mice = [mouse("vm-a", "vm-b", i) for i in range(1000)]
+    stream = b"".join(m + b"\n" for m in mice)
+    rows: list[tuple[str, float, str, str]] = []
+
+    def feed(mod: Any, env: Any, chunk: int) -> Callable[[], object]:
+        chunks = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+
+        def run() -> None:
+            d = mod.FrameDecoder(decode=env.decode_envelope, batch=env.decode_runs)
+            for c in chunks:
+                d.feed(c)
+        return run
+
+    cases: list[tuple[str, dict[str, Any], int]] = []
+    for label, line in (("spec example", SPEC_EXAMPLE), ("mouse move", MOUSE)):
+        cases.append((label, {
+            "bare": lambda line=line: bare(line),
+            "decode+validate": (lambda line=line: baseline.decode(line),
+                                lambda line=line: messagerie.decode(line)),
+            "envelope only": (lambda line=line: old_env.decode_envelope(line),
+                              lambda line=line: new_env.decode_envelope(line)),
+        }, 200))
+    for chunk in (65536, 4096):
+        cases.append((f"1000 mouse moves in {chunk} B reads", {
+            "bare": lambda: [bare(m) for m in mice],
+            "envelope + runs (broker)": (feed(baseline, old_env, chunk),
+                                         feed(messagerie, new_env, chunk)),
+        }, 2))
+    for label, fns, number in cases:
+        flat: dict[str, Callable[[], object]] = {"bare": fns["bare"]}
+        for name, pair in fns.items():
+            if name != "bare":
+                flat[f"{name} before"], flat[f"{name} after"] = pair
+        for fn in flat.values():
+            fn()
+        ratios: dict[str, list[float]] = {k: [] for k in flat if k != "bare"}
+        for _ in range(runs):
+            best = dict.fromkeys(flat, float("inf"))
+            for _ in range(60 if number > 10 else 40):
+                for k, fn in flat.items():
+                    best[k] = min(best[k], _best_batch(fn, number))
+            for k, found in ratios.items():
+                found.append(best["bare"] / best[k])
+        for k, values in ratios.items():
+            rows.append((f"{k}, {label}", statistics.median(values), "x",
+                         f"{min(values):.2f}-{max(values):.2f}"))
+    return rows
+
+
+def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: int, *,
+           compared: list[tuple[str, float, str, str]] | None = None,
+           baseline: str = "", runs: int = 0) -> str:
     out = ["## Codec", "",
            f"Command: `{COMMAND}` (best of {repeats} repeats per figure, one core).", "",
            f"- Machine: `{info['uname']}`",
@@ -146,6 +237,16 @@ def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: in
             "Decode+validate includes UTF-8 and JSON checks, the repeated-key check (a "
             "re-encode compared with the frame), name, token and payload validation, and "
             "building the Message.", ""]
+    if compared:
+        out += [f"Before and after, same process: `{COMMAND} --baseline DIR --runs {runs}` "
+                f"(DIR: a checkout of {baseline}). Each ratio is to a bare "
+                "`msgspec.json.decode` of the same frames in the same run; median of "
+                f"{runs} runs (range).", "",
+                "| Operation | Ratio to bare decode (median) | Range |", "|---|---:|---:|"]
+        out += [f"| {name} | {value:.2f}x | {spread} |" for name, value, _, spread in compared]
+        out += ["", "The table of rates above is sequential: on a shared machine its figures "
+                "drift with the load of the moment (an operation measured while another job "
+                "ran looks slower). The interleaved ratios are the comparison to read.", ""]
     return "\n".join(out)
 
 
@@ -167,13 +268,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7, help="best of N (default 7)")
     parser.add_argument("--update-docs", action="store_true",
                         help=f"rewrite the '## Codec' section of {DOCS.name}")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of an older commit to compare with")
+    parser.add_argument("--runs", type=int, default=5, help="with --baseline: runs (default 5)")
     args = parser.parse_args()
+    compared = None
+    described = ""
+    if args.baseline is not None:
+        baseline = load_baseline(args.baseline)
+        described = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h"],
+                                   capture_output=True, text=True, check=False).stdout.strip()
+        compared = compare(baseline, args.runs)
+        for name, value, _, spread in compared:
+            print(f"{name:<70}  {value:6.2f} x  ({spread})")
     rows = measure(args.repeats)
     width = max(len(n) for n, _, _ in rows)
     for name, value, unit in rows:
         shown = f"{value:10.2f} x" if unit == "x" else f"{value:12,.0f} /s"
         print(f"{name:<{width}}  {shown}")
-    section = render(rows, machine(), args.repeats)
+    section = render(rows, machine(), args.repeats, compared=compared,
+                     baseline=described or "the baseline", runs=args.runs)
     if args.update_docs:
         update_docs(section)
         print(f"updated {DOCS}")

@@ -312,3 +312,71 @@ def test_relative_paths_kept_without_base() -> None:
                            "domaines": {"vm-a": {"chemin": "pts/1"}}})
     assert config.policy_path == "p.toml"
     assert config.domains["vm-a"].path == "pts/1"
+
+
+# -- per-domain limits ----------------------------------------------------------------
+
+def test_every_limit_key_can_be_set_per_domain_and_by_pattern() -> None:
+    config = parse_config({
+        "decouverte": {"motifs": ["/run/*-msg.sock"]},
+        "limites": {"debit": 1000, "rafale": 100},
+        "domaines": {
+            "vm-ui": {"chemin": "/dev/pts/3", "file_octets": 10, "delai_blocage": 2,
+                      "debit": 1.5, "rafale": 3, "commandes_en_vol": 4,
+                      "duree_commande": 0.5, "commandes_en_vol_destination": 2},
+            "vm-usb-*": {"debit": 50, "commandes_en_vol": 2},
+            "vm-usb-[0-9]": {"debit": 10, "rafale": 7},     # later: only its other keys
+            "vm-usb-2": {"rafale": 1},                      # discovered, limits only
+        }})
+    assert config.limits_for("vm-ui") == Limits(10, 2.0, 1.5, 3, 4, 0.5, 2)
+    assert config.limits_for("vm-usb-1") == Limits(rate=50.0, burst=7, commands_in_flight=2)
+    # Its own table first, then the first pattern that sets each key, then [limites].
+    assert config.limits_for("vm-usb-2") == Limits(rate=50.0, burst=1, commands_in_flight=2)
+    assert config.limits_for("vm-usb-10") == Limits(rate=50.0, burst=100,
+                                                    commands_in_flight=2)
+    assert config.limits_for("vm-other") == config.limits == Limits(rate=1000.0, burst=100)
+    assert config.limits_for("dom0") == config.limits             # never by a pattern
+    assert set(config.domains) == {"vm-ui"}                       # no channel for the others
+    assert isinstance(config.limits_for("vm-usb-1").rate, float)
+    assert isinstance(config.limits_for("vm-ui").burst, int)
+
+
+def test_without_overrides_every_domain_has_the_global_limits() -> None:
+    config = parse_config(with_(limites={"debit": 5}))
+    assert config.limits_for("vm-a") is config.limits
+
+
+@pytest.mark.parametrize(("doc", "text"), [
+    (with_(domaines={"vm-a": {"chemin": "/x", "debit": 0}}), "domaines.vm-a.debit: must be"),
+    (with_(domaines={"vm-a": {"chemin": "/x", "rafale": 1.5}}),
+     "domaines.vm-a.rafale: expected int"),
+    (with_(domaines={"vm-a": {"chemin": "/x", "debit_max": 1}}),
+     "domaines.vm-a.debit_max: unknown key"),
+    ({"domaines": {"vm-*": {"chemin": "/x", "debit": 1}}},
+     "domaines.vm-*.chemin: a pattern only sets limits"),
+    ({**MINIMAL, "domaines": {**MINIMAL["domaines"], "vm-*": {}}},
+     "domaines.vm-*: a pattern sets limits"),
+    ({**MINIMAL, "domaines": {**MINIMAL["domaines"], "vm a*": {"debit": 1}}},
+     "domaines.vm a*: not a domain name pattern"),
+    # Limits alone name a domain discovery finds; without discovery, that is a mistake.
+    ({**MINIMAL, "domaines": {**MINIMAL["domaines"], "vm-b": {"debit": 1}}},
+     "domaines.vm-b.chemin: required"),
+])
+def test_per_domain_limit_errors_name_the_key(doc: dict[str, Any], text: str) -> None:
+    assert text in error(doc)
+
+
+def test_limits_alone_for_a_discovered_domain() -> None:
+    config = parse_config({"decouverte": {"motifs": ["/run/*-msg.sock"]},
+                           "domaines": {"vm-b": {"debit": 1}}})
+    assert config.domains == {}
+    assert config.limits_for("vm-b").rate == 1.0
+
+
+def test_trace_socket_only_with_a_group() -> None:
+    assert parse_config(MINIMAL).trace_group is None                 # no trace socket
+    config = parse_config(with_(trace={"groupe": "adm", "socket": "t.sock"}),
+                          base=Path("/run/x"))
+    assert (config.trace_group, config.trace_socket) == ("adm", "/run/x/t.sock")
+    assert "trace.mode: unknown key" in error(with_(trace={"mode": "0600"}))
+    assert "trace.groupe: expected str" in error(with_(trace={"groupe": 4}))

@@ -31,8 +31,10 @@ def test_add_counts_per_asking_endpoint_and_close_frees_it() -> None:
     # Counted per endpoint, not per name: two dom0 services each have their own.
     assert (pending.in_flight("ep-a"), pending.in_flight("svc-1"),
             pending.in_flight("svc-2")) == (1, 1, 1)
-    assert pending.expects("vm-a", "c1", "vm-b")
-    assert not pending.expects("vm-a", "c1", "vm-c") and not pending.expects("vm-a", "c2", "vm-b")
+    assert pending.expects("vm-a", "c1", "vm-b", "lister")
+    assert not pending.expects("vm-a", "c1", "vm-c", "lister")
+    assert not pending.expects("vm-a", "c2", "vm-b", "lister")
+    assert not pending.expects("vm-a", "c1", "vm-b", "supprimer_tout")  # another command's name
     assert pending.close("vm-a", "c1") is first
     assert pending.close("vm-a", "c1") is None  # at most once
     assert pending.in_flight("ep-a") == 0 and len(pending) == 2
@@ -108,3 +110,19 @@ def test_log_budget_window_follows_the_clock() -> None:
     assert not budget.allow() and budget.suppressed == 2
     clock.now += 0.001
     assert budget.allow() and budget.take_suppressed() == 2
+
+
+def test_counts_per_asker_and_target_follow_the_table() -> None:
+    pending, _ = table()
+    pending.per_target = 2
+    pending.add("vm-a", "1", "vm-b", "x", asker="ep-a", target="ep-b")
+    pending.add("vm-a", "2", "vm-b", "x", asker="ep-a", target="ep-b")
+    pending.add("vm-a", "3", "vm-c", "x", asker="ep-a", target="ep-c")
+    assert pending.at_target_limit("ep-a", "ep-b") and not pending.at_target_limit("ep-a", "ep-c")
+    assert (pending.in_flight_to("ep-a", "ep-b"), pending.in_flight_to("ep-a", "ep-c")) == (2, 1)
+    pending.close("vm-a", "1")
+    assert not pending.at_target_limit("ep-a", "ep-b")
+    assert [p.id for p in pending.fail("ep-b")] == ["2"]  # its target went away
+    assert pending.in_flight_to("ep-a", "ep-b") == 0 and pending.in_flight("ep-a") == 1
+    pending.fail("ep-a")
+    assert pending._pairs == {} and pending._counts == {}

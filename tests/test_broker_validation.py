@@ -22,7 +22,7 @@ from broker.policy import parse_policy
 from broker.router import PolicyLike
 from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Reponse, encode
 from messagerie.envelope import Run, decode_envelope
-from messagerie.model import _valid_token, valid_name_or_tous
+from messagerie.wire import clear_memos
 from tests.support.corpus import mouse
 from tests.test_broker_core import FakeTransport, Setup, error_of
 
@@ -71,11 +71,9 @@ def warm(*lines: bytes) -> None:
 
 @pytest.fixture
 def cold() -> Iterator[None]:
-    valid_name_or_tous.seen.clear()
-    _valid_token.seen.clear()
+    clear_memos()
     yield
-    valid_name_or_tous.seen.clear()
-    _valid_token.seen.clear()
+    clear_memos()
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -204,9 +202,9 @@ async def test_a_run_of_mouse_moves_is_forwarded_byte_identical() -> None:
 async def test_a_run_with_a_cold_memo_is_forwarded_the_same(cold: None) -> None:
     s = VSetup()
     lines = moves("vm-a", "vm-b", 100)
-    s.feed("vm-a", *lines[:50])  # frame by frame: the slow path fills the memo
-    s.feed("vm-a", *lines[50:])  # then the batch path
-    assert s.runs == [50]
+    s.feed("vm-a", *lines[:50])  # cold: the batch path checks the patterns and fills the memo
+    s.feed("vm-a", *lines[50:])  # warm: the batch path again
+    assert s.runs == [50, 50]
     assert s.t["vm-b"].take() == b"".join(line + b"\n" for line in lines)
     assert (s.eps["vm-a"].stats.received, s.eps["vm-b"].stats.sent) == (100, 100)
 

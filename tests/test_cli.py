@@ -24,7 +24,7 @@ from tests.support.ptys import PtyPair
 
 SCRIPT = Path(sys.executable).with_name("messagerie")
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "messagerie.cli"]
-SUBCOMMANDS = ("notify", "send", "command", "listen", "ping", "status", "schema")
+SUBCOMMANDS = ("notify", "send", "command", "listen", "ping", "status", "schema", "trace")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -295,3 +295,86 @@ async def test_schema() -> None:
     assert code == 0, err
     schema = json.loads(out)
     assert isinstance(schema, dict) and schema
+
+
+async def test_listen_timeout_exits_3_when_nothing_arrives(pair: PtyPair,
+                                                           peer: PtyPeer) -> None:
+    run = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen",
+                      "--source", "vm-sys-usb", "--timeout", "0.5")
+    await run.wait_for_stderr("channel.connected")
+    peer.send(Notification("vm-ui", "tous", "domaine", "etat"))  # filtered out
+    code, out, err = await run.finish()
+    assert (code, out) == (3, "")
+    assert err.splitlines()[-1] == "messagerie: timeout: no message in 0.5 s"
+
+
+async def test_listen_timeout_after_messages(pair: PtyPair, peer: PtyPeer) -> None:
+    # Without --count, what arrived before the silence is the result: exit 0.
+    run = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen",
+                      "--timeout", "0.5")
+    await run.wait_for_stderr("channel.connected")
+    peer.send(Notification("vm-ui", "tous", "domaine", "etat"))
+    code, out, err = await run.finish()
+    assert code == 0, err
+    assert [json.loads(line)["source"] for line in out.splitlines()] == ["vm-ui"]
+    # With --count, fewer than asked for is a timeout: exit 3, what came is printed.
+    run = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen",
+                      "--count", "2", "--timeout", "0.5")
+    await run.wait_for_stderr("channel.connected")
+    peer.send(Notification("vm-ui", "tous", "domaine", "etat"))
+    code, out, err = await run.finish()
+    assert code == 3
+    assert len(out.splitlines()) == 1
+    assert err.splitlines()[-1] == \
+        "messagerie: timeout: no message in 0.5 s (1 of 2 received)"
+
+
+async def test_busy_channel_names_its_holder(pair: PtyPair, peer: PtyPeer) -> None:
+    holder = await start("--debug", "--path", str(pair.domu), "--as", "vm-a", "listen")
+    try:
+        await holder.wait_for_stderr("channel.connected")
+        code, out, err = await cli("--path", str(pair.domu), "--as", "vm-a",
+                                   "notify", "tous", "a", "b")
+    finally:
+        holder.proc.terminate()
+        await holder.finish()
+    assert (code, out) == (4, "")
+    assert err.startswith(f"messagerie: channel: cannot open channel {pair.domu}: busy: "
+                          f"held by pid {holder.proc.pid} (messagerie --debug --path "), err
+    assert err.rstrip().endswith("a channel has one reader at a time")
+    assert "Could not exclusively lock" not in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_holders_found_by_open_file_when_no_lock_names_them(pair: PtyPair) -> None:
+    import subprocess
+
+    from messagerie.holders import busy_message, channel_holders
+
+    with open(pair.domu, "rb") as tty:
+        sleeper = subprocess.Popen(["sleep", "60"], stdin=tty)
+    try:
+        assert (sleeper.pid, "sleep 60") in channel_holders(pair.domu)
+        assert f"pid {sleeper.pid} (sleep 60)" in busy_message(pair.domu)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sleeper.pid not in [pid for pid, _ in channel_holders(pair.domu)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+async def test_every_help_shows_an_example() -> None:
+    for name in ("", *SUBCOMMANDS):
+        code, out, err = await cli(*([name] if name else []), "--help")
+        assert code == 0, err
+        examples = out.split("examples:\n", 1)[1].splitlines()
+        assert examples[0].startswith(f"  messagerie {name}".rstrip()), out
+    for tool in ("messagerie-broker", "messagerie-policy"):
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name(tool)), "--help",
+            stdout=asyncio.subprocess.PIPE)
+        out = (await proc.communicate())[0].decode()
+        assert proc.returncode == 0
+        assert out.split("examples:\n", 1)[1].startswith(f"  {tool} "), out

@@ -29,9 +29,13 @@ class World:
         self.dir = directory
         self.socket = directory / "dom0.sock"
         self.pairs = {name: PtyPair(directory, name, start=False) for name in ("vm-a", "vm-b")}
+        # The client keeps up to 64 commands on the wire (the broker's default
+        # commandes_en_vol); the broker's per-destination share (16 by default) would
+        # refuse the 17th of test_hundred_concurrent_commands, all to vm-b.
         self.config = write_config(directory / "broker.toml",
                                    {name: p.dom0 for name, p in self.pairs.items()},
-                                   dom0_socket=self.socket)
+                                   dom0_socket=self.socket,
+                                   extra="[limites]\ncommandes_en_vol_destination = 64\n")
         self.broker: BrokerProcess | None = None
 
     def start_broker(self) -> None:

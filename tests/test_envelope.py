@@ -4,9 +4,9 @@ FrameDecoder's batch path.
 The reference is :func:`messagerie.decode`: decode_envelope() must accept exactly the
 frames it accepts, except those whose only defect is a key repeated *inside* the
 contents (``data``, ``arguments``, ``resultat``), which it leaves to the receiver; and
-when both refuse, they must say the same thing. The fast paths read memo sets that the
-slow path fills (``valid_name_or_tous.seen``, ``_valid_token.seen``): every property
-runs with a cold memo (cleared before each call) and a warm one.
+when both refuse, they must say the same thing. The fast paths read memo sets of
+strings known valid (messagerie.wire): every property runs with a cold memo (cleared
+before each call) and a warm one.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from messagerie import (
     from_dict,
 )
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
-from messagerie.model import _valid_token, valid_name_or_tous
+from messagerie.wire import clear_memos
 from tests.support.corpus import CORPUS, mouse
 from tests.support.corpus import notif as hostile_notif
 from tests.support.strategies import garbage, ids, json_objects, json_values, wire_objects
@@ -52,8 +52,7 @@ SETTINGS = settings(max_examples=120, deadline=None,
 # -- the memo -----------------------------------------------------------------------
 
 def clear_memo() -> None:
-    valid_name_or_tous.seen.clear()
-    _valid_token.seen.clear()
+    clear_memos()
 
 
 class Memo:

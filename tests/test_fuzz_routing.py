@@ -139,6 +139,7 @@ def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> 
     up = frozenset(draw(st.sets(st.sampled_from(sorted(known)))) if known else ())
     view = View(draw(policy), known, up)
     view.pending.limit = draw(st.integers(1, 4))
+    view.pending.per_target = draw(st.integers(1, view.pending.limit))
     view.services = draw(st.dictionaries(labels, st.sampled_from(SERVICES), max_size=4))
     for commander, id, replier in draw(st.lists(st.tuples(names, ids, names), max_size=6)):
         if (commander, id) not in view.pending:
@@ -147,10 +148,11 @@ def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> 
     return view
 
 
-def awaiting(view: View, commander: str, id: str, replier: str, target: str) -> None:
+def awaiting(view: View, commander: str, id: str, replier: str, *, target: str,
+             command: str) -> None:
     """Make ``view`` await this answer (replacing a command with the same id)."""
     view.pending.close(commander, id)
-    view.expect(commander, id, replier, target=target)
+    view.expect(commander, id, replier, target=target, command=command)
 
 
 @st.composite
@@ -162,7 +164,10 @@ def scenarios(draw: st.DrawFn, msgs: st.SearchStrategy[Message] | None = None
     origin = draw(st.just(msg.source) | names)
     view = draw(views())
     if msg.type == "reponse" and draw(st.booleans()):
-        awaiting(view, msg.destination, msg.payload["id"], msg.source, msg.source)
+        # Usually the command it names; sometimes another one (a relabelled answer).
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, target=msg.source,
+                 command=command)
     return msg, origin, view
 
 
@@ -187,7 +192,9 @@ def dispatch_scenarios(draw: st.DrawFn) -> tuple[Message, str, str, View]:
         view.up |= {destination}
     if msg.type == "reponse" and draw(st.booleans()):
         target = draw(st.just(sender) | endpoints_of(msg.source))
-        awaiting(view, msg.destination, msg.payload["id"], msg.source, target)
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        awaiting(view, msg.destination, msg.payload["id"], msg.source, target=target,
+                 command=command)
     if msg.type == "commande":
         key = (msg.source, msg.payload["id"])
         view.pending.close(*key)
@@ -198,7 +205,10 @@ def dispatch_scenarios(draw: st.DrawFn) -> tuple[Message, str, str, View]:
         for i in range(draw(st.integers(0, view.pending.limit))):
             key = (msg.source, f"other-{i}")
             if key not in view.pending:
-                view.expect(*key, draw(names), asker=sender)
+                # Often to the very endpoint this command would go to.
+                replier = draw(st.just(destination) | names)
+                view.expect(*key, replier, asker=sender,
+                            target=draw(st.just(replier) | st.sampled_from(SERVICES)))
     return msg, msg.source, sender, view
 
 
@@ -287,7 +297,9 @@ def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
         assert decision.kind == (OFFLINE if msg.destination in view.known else UNKNOWN)
         return
     if msg.type == "reponse":  # follows its command, whatever the rules
-        solicited = view.pending.expects(msg.destination, msg.payload["id"], msg.source)
+        command = view.pending.get(msg.destination, msg.payload["id"])
+        solicited = (command is not None and command.replier == msg.source
+                     and command.command == msg.payload["commande"])
         assert (type(decision) is Deliver) == solicited
         return
     verdict = policy.decide(msg.source, msg.destination, msg.type, msg.name)
@@ -320,7 +332,8 @@ def test_deny_all_delivers_nothing_but_solicited_answers(msg: Message, view: Vie
             assert decision.targets == ()
         else:
             assert msg.type == "reponse"
-            assert view.pending.expects(msg.destination, msg.payload["id"], msg.source)
+            assert view.pending.expects(msg.destination, msg.payload["id"], msg.source,
+                                        msg.payload["commande"])
     elif msg.type != "reponse" and (msg.destination == DOM0 or msg.destination in view.up):
         assert decision.kind == DENIED
 
@@ -380,7 +393,8 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
     id = msg.payload["id"]
     if msg.type == "reponse":
         command = view.pending.get(msg.destination, id)
-        assert command is not None  # route() let it through
+        assert command is not None  # route() let it through: its id, replier and name
+        assert (command.replier, command.command) == (msg.source, msg.payload["commande"])
         if command.target == sender:
             assert decision == Answer(command)
         else:
@@ -403,7 +417,13 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
             UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE)
     else:
         server = view.services[name] if to_dom0 else msg.destination
-        assert decision == Forward(msg.destination, server)
+        to_server = sum(1 for p in view.pending if p.asker == sender and p.target == server)
+        if to_server >= view.pending.per_target:
+            assert type(decision) is Refuse and (decision.kind, decision.code) == (
+                TOO_MANY, Code.LIMITE)
+            assert f"in flight to {msg.destination}" in decision.detail
+        else:
+            assert decision == Forward(msg.destination, server)
     if type(decision) is Refuse:
         assert not decision.security  # the sender's own mistake or bound, not an attack
 
@@ -412,15 +432,17 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
 @given(st.lists(st.tuples(messages(("commande", "reponse", "notification")),
                           st.sampled_from(["", "#old", "svc-1", "svc-2"])),
                 max_size=40),
-       st.integers(1, 3))
+       st.integers(1, 3), st.integers(1, 3))
 def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
-                                            limit: int) -> None:
+                                            limit: int, per_target: int) -> None:
     """A sequence of messages, each decided and applied as the broker does (a Forward
     is tracked, an Answer closes its command): each endpoint's count is the number of
-    its commands in the table and never exceeds the limit; a command is answered at
-    most once, and only by the endpoint it went to."""
+    its commands in the table and never exceeds the limit, nor per target endpoint
+    its per-target limit; a command is answered at most once, and only by the endpoint
+    it went to."""
     view = View(Policy.allow_all(), frozenset(DOMAINS), frozenset(DOMAINS))
     view.pending.limit = limit
+    view.pending.per_target = per_target
     view.services = {"lister_disques": "svc-1", "etat": "svc-2"}
     answered: set[tuple[str, str]] = set()
     for msg, variant in traffic:
@@ -433,15 +455,21 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
         elif type(decision) is Answer:
             command = decision.command
             assert command.target == sender
+            assert command.command == msg.payload["commande"], "another command's answer"
             assert command.key not in answered, "answered twice"
             answered.add(command.key)
             assert view.pending.close(*command.key) is command
         counts: dict[str, int] = {}
+        pairs: dict[tuple[str, str], int] = {}
         for p in view.pending:
             counts[p.asker] = counts.get(p.asker, 0) + 1
+            pairs[p.asker, p.target] = pairs.get((p.asker, p.target), 0) + 1
         for endpoint, n in counts.items():
             assert view.pending.in_flight(endpoint) == n <= limit
+        for (asker, target), n in pairs.items():
+            assert view.pending.in_flight_to(asker, target) == n <= per_target
         assert sum(counts.values()) == len(view.pending)
+        assert view.pending._pairs == pairs  # no stale entry left behind
 
 
 # -- decode then route ---------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Import purity and the package's exports.
 
-The sans-IO modules (the model, the codec, the envelope decoder, the schema, the
-errors, and the package root itself) must be importable without asyncio, pyserial or
-structlog: a router, a policy tool or a fuzzer should not pay for, or depend on, the
+The sans-IO modules (the wire definition, the model, the codec, the envelope decoder,
+the schema, the socle's catalogue, the errors, and the package root itself) must be
+importable without asyncio or structlog: a router, a policy tool or a fuzzer should not pay for, or depend on, the
 client's I/O. Each check runs in a fresh interpreter (``-I``: no user site, no
 PYTHON* variables), since this test process has long imported everything.
 """
@@ -22,11 +22,12 @@ import messagerie
 from messagerie import blocking, client, errors, identity, model, streams
 
 SRC = Path(messagerie.__file__).resolve().parent.parent
-IO_MODULES = ("asyncio", "serial", "serial_asyncio", "structlog")
+IO_MODULES = ("asyncio", "structlog")
 pytestmark = pytest.mark.integration  # each check runs a fresh interpreter
 
-PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.model", "messagerie.vocabulary",
-                "messagerie.codec", "messagerie.envelope", "messagerie.schema")
+PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.wire", "messagerie.model",
+                "messagerie.vocabulary", "messagerie.codec", "messagerie.envelope",
+                "messagerie.schema", "messagerie.socle")
 
 
 def loaded_by(statement: str) -> tuple[set[str], set[str]]:
@@ -59,7 +60,7 @@ def test_package_root_names_need_no_io_until_used() -> None:
     # ... and asking for the client loads it (the control: laziness is what keeps
     # asyncio out above, not an interpreter that cannot load it).
     _, after = loaded_by("from messagerie import Client")
-    assert {"asyncio", "serial", "serial_asyncio", "structlog"} <= after
+    assert {"asyncio", "structlog"} <= after
 
 
 def test_every_exported_name_resolves_to_its_definition() -> None:

@@ -407,3 +407,27 @@ def test_property_decision_is_first_matching_rule(rules: list[str], query: Query
         if dest == "dom0":
             assert r.destination.text in ("dom0", "@g", "tous")
             assert r.destination.text != "tous" or broadcast
+
+
+def test_explain_tous_decides_per_recipient_as_the_broker(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The broker decides a broadcast per recipient (broadcast=True): a rule naming the
+    # recipient lets it through, with no rule naming "tous". The explanation must agree.
+    path = tmp_path / "p.toml"
+    path.write_text(rule("vm-a", "vm-b", "notification") + rule("*", "*", action="deny"))
+    loaded = load_policy(path)
+    assert loaded.decide("vm-a", "vm-b", "notification", "x", broadcast=True).allowed
+    assert policy_main([str(path), "-s", "vm-a", "-d", "tous", "-t", "notification",
+                        "-n", "x"]) == 0
+    out = capsys.readouterr().out
+    assert "vm-a -> tous: notification x" in out
+    assert "  vm-b: allow: rule 1" in out
+    assert "  any other domain: deny: rule 2" in out
+    assert "  dom0: deny: default deny" in out
+    assert "delivered to 1 of 3 recipients" in out
+    # The recipients given: only those; the source is never its own recipient.
+    assert policy_main([str(path), "-s", "vm-a", "-d", "tous", "-t", "notification",
+                        "--destinataires", "vm-a,vm-c"]) == 1
+    out = capsys.readouterr().out
+    assert "vm-a:" not in out and "  vm-c: deny: rule 2" in out
+    assert "delivered to 0 of 2 recipients" in out

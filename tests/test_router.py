@@ -33,13 +33,14 @@ from messagerie import DOM0, TOUS, Code, Commande, Journal, Notification, Repons
 
 def View(connected: Iterable[str] = (), offline: Iterable[str] = (),
          policy: PolicyLike | None = None,
-         pending: Iterable[tuple[str, str, str]] = ()) -> StaticView:
+         pending: Iterable[tuple[str, ...]] = ()) -> StaticView:
     """A registry in a few lines: connected and offline domains, pending commands
-    (commander, id, replier; asked by the commander's endpoint, sent to the replier's)."""
+    (commander, id, replier and optionally the command's name, ``x`` by default; asked
+    by the commander's endpoint, sent to the replier's)."""
     up = frozenset(connected)
     view = StaticView(policy or Policy.allow_all(), up | frozenset(offline), up)
-    for commander, id, replier in pending:
-        view.expect(commander, id, replier)
+    for commander, id, replier, *command in pending:
+        view.expect(commander, id, replier, command=command[0] if command else "x")
     return view
 
 
@@ -192,25 +193,39 @@ def test_reponse_only_when_expected() -> None:
     decision = route(answer, "vm-b", view)
     assert isinstance(decision, Refuse)
     assert (decision.kind, decision.code, decision.security) == (UNSOLICITED, Code.REFUSE, True)
-    view.expect("vm-a", "c1", "vm-b")
+    view.expect("vm-a", "c1", "vm-b", command="lister")
     assert route(answer, "vm-b", view) == Deliver(("vm-a",))
     # Another id, or another replier for the same id: still unsolicited.
     other = Reponse("vm-b", "vm-a", "c2", "lister", resultat=[])
     assert isinstance(route(other, "vm-b", view), Refuse)
-    view = View(connected=["vm-a", "vm-b"], pending=[("vm-a", "c1", "vm-c")])
+    view = View(connected=["vm-a", "vm-b"], pending=[("vm-a", "c1", "vm-c", "lister")])
     assert isinstance(route(answer, "vm-b", view), Refuse)
+
+
+def test_reponse_must_name_the_command_it_answers() -> None:
+    """The right id from the right replier, relabelled as the answer to another
+    command, is refused: its asker would act on a result it never asked for."""
+    view = View(connected=["vm-a", "vm-b"], pending=[("vm-a", "c1", "vm-b", "lister")])
+    forged = Reponse("vm-b", "vm-a", "c1", "supprimer_tout", resultat=[])
+    decision = route(forged, "vm-b", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code, decision.security) == (UNSOLICITED, Code.REFUSE, True)
+    assert ("vm-a", "c1") in view.pending  # still awaits its genuine answer
+    genuine = Reponse("vm-b", "vm-a", "c1", "lister", resultat=[])
+    assert route(genuine, "vm-b", view) == Deliver(("vm-a",))
 
 
 def test_reponse_not_subject_to_policy() -> None:
     """Whether a reponse passes comes from the pending table, not from the policy."""
-    view = View(connected=["vm-a", "vm-c"], policy=POLICY, pending=[("vm-a", "k", "vm-c")])
+    view = View(connected=["vm-a", "vm-c"], policy=POLICY,
+                pending=[("vm-a", "k", "vm-c", "lister")])
     # vm-c has no rule at all (default deny), yet its expected answer passes.
     answer = Reponse("vm-c", "vm-a", "k", "lister", resultat=1)
     assert route(answer, "vm-c", view) == Deliver(("vm-a",))
 
 
 def test_reponse_to_dom0() -> None:
-    view = View(connected=["vm-a"], pending=[(DOM0, "d1", "vm-a")])
+    view = View(connected=["vm-a"], pending=[(DOM0, "d1", "vm-a", "etat")])
     answer = Reponse("vm-a", DOM0, "d1", "etat", resultat=None)
     assert route(answer, "vm-a", view) == Deliver((DOM0,))
     assert isinstance(route(Reponse("vm-a", DOM0, "d2", "etat"), "vm-a", view), Refuse)
@@ -330,7 +345,7 @@ def test_dom0_builtins_registered_services_and_unknown_commands() -> None:
 
 def test_reponse_accepted_only_from_the_endpoint_asked() -> None:
     view = View(connected=["vm-a", "vm-b"])
-    command = view.expect("vm-a", "c1", "vm-b", target="vm-b#new")
+    command = view.expect("vm-a", "c1", "vm-b", target="vm-b#new", command="lister")
     answer = Reponse("vm-b", "vm-a", "c1", "lister", resultat=[])
     # The name matches (route() lets it through) but the stale endpoint was not asked.
     assert route(answer, "vm-b", view) == Deliver(("vm-a",))
@@ -343,7 +358,7 @@ def test_reponse_accepted_only_from_the_endpoint_asked() -> None:
 
 def test_reponse_from_a_dom0_service_only_from_the_one_asked() -> None:
     view = View(connected=["vm-a"])
-    command = view.expect("vm-a", "e1", DOM0, target="svc-1")
+    command = view.expect("vm-a", "e1", DOM0, target="svc-1", command="etat")
     answer = Reponse(DOM0, "vm-a", "e1", "etat", resultat="ok")
     assert isinstance(decide(answer, DOM0, "svc-2", view), Refuse)
     assert decide(answer, DOM0, "svc-1", view) == Answer(command)
@@ -392,3 +407,25 @@ def test_dependencies_point_one_way(module: str) -> None:
                  "demo": {".cli"}}.get(module, {".hub", ".endpoint", ".dom0", ".daemon",
                                                 ".cli", ".demo"})
     assert not _imports(module) & forbidden
+
+
+def test_a_destination_that_never_answers_holds_only_its_share_of_slots() -> None:
+    view = View(connected=["vm-ui", "vm-usb", "vm-diag"])
+    view.pending.limit, view.pending.per_target = 8, 3
+    view.services = {"etat": "svc-1"}
+    for i in range(3):  # vm-usb never answers these
+        view.expect("vm-ui", f"u{i}", "vm-usb")
+    decision = decide(Commande("vm-ui", "vm-usb", "lister", id="u3"), "vm-ui", "vm-ui", view)
+    assert isinstance(decision, Refuse)
+    assert (decision.kind, decision.code) == (TOO_MANY, Code.LIMITE)
+    assert decision.detail == "more than 3 commands in flight to vm-usb"
+    # Every other destination, dom0's services included, still gets vm-ui's commands.
+    assert decide(Commande("vm-ui", "vm-diag", "lister", id="d1"), "vm-ui", "vm-ui",
+                  view) == Forward("vm-diag", "vm-diag")
+    assert decide(Commande("vm-ui", DOM0, "etat", id="e1"), "vm-ui", "vm-ui",
+                  view) == Forward(DOM0, "svc-1")
+    # The per-commander bound still holds over all destinations.
+    for i in range(5):
+        view.expect("vm-ui", f"x{i}", f"vm-{i}")
+    decision = decide(Commande("vm-ui", "vm-diag", "lister", id="d2"), "vm-ui", "vm-ui", view)
+    assert isinstance(decision, Refuse) and decision.detail == "more than 8 commands in flight"

@@ -147,8 +147,15 @@ def test_no_private_users() -> None:
     assert "PrivateUsers= is deliberately NOT set" in UNIT.read_text()
 
 
-def test_limit_nofile_is_set() -> None:
-    assert int(directives(UNIT)["LimitNOFILE"][0]) > 0
+SUPPORTED_DOMAINS = 1000
+"""What docs/broker.md ("Scale") promises."""
+
+
+def test_limit_nofile_fits_the_supported_domains() -> None:
+    # One fd per channel (tests/test_hostile_channels.py checks it), a few for the
+    # process itself, room for dom0 services and for channels being reopened.
+    assert int(directives(UNIT)["LimitNOFILE"][0]) >= SUPPORTED_DOMAINS * 2 + 256
+    assert "broker supports 1 000 domains" in (ROOT / "docs" / "broker.md").read_text()
 
 
 @pytest.mark.integration

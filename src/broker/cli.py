@@ -17,17 +17,25 @@ from collections.abc import Sequence
 import structlog
 
 import messagerie
+from messagerie import DOM0, TOUS
 
 from . import logs
 from .config import ConfigError
 from .daemon import Daemon, load_everything
-from .policy import RULE_TYPES, PolicyError, load_policy
+from .policy import RULE_TYPES, Policy, PolicyError, load_policy
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="messagerie-broker",
-        description="Route messagerie messages between Xen domains (dom0 daemon).")
+        description="Route messagerie messages between Xen domains (dom0 daemon).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  messagerie-broker --config /etc/messagerie/broker.toml\n"
+               "  messagerie-broker --check-config /etc/messagerie/broker.toml\n"
+               "  messagerie-broker --demo\n"
+               "  messagerie-broker --explain /etc/messagerie/policy.toml --source vm-ui \\\n"
+               "      --destination vm-sys-usb --type commande --nom lister_disques")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
     g.add_argument("--check-config", metavar="FILE",
@@ -79,18 +87,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+OTHER_DOMU = "*"
+"""The recipient ``--destination tous`` stands for "any DomU the policy does not name"."""
+
+
 def policy_main(argv: Sequence[str] | None = None) -> int:
     """``messagerie-policy POLICY_FILE --source S --destination D --type T [--nom N]
     [--broadcast]``: would this message be allowed, and by which rule? Prints the
     verdict and the deciding rule. Exit status 0 when allowed, 1 when denied, 2 when
-    the policy file is invalid (or the arguments are)."""
+    the policy file is invalid (or the arguments are).
+
+    ``--destination tous`` (without ``--broadcast``) is a broadcast as the broker
+    routes it: the policy decides for each recipient, so the verdict of every
+    recipient is printed (the domains the policy names, or ``--destinataires``, and
+    ``*`` for any other DomU); allowed when at least one recipient gets it."""
+    parser = _policy_parser()
+    args = parser.parse_args(argv)
+    return _explain(args)
+
+
+def _policy_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="messagerie-policy",
-        description="Would this message be allowed by the routing policy, and by which rule?")
+        description="Would this message be allowed by the routing policy, and by which rule?",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  messagerie-policy /etc/messagerie/policy.toml -s vm-ui -d vm-sys-usb \\\n"
+               "      -t commande -n lister_disques\n"
+               "  messagerie-policy /etc/messagerie/policy.toml -s vm-sys-usb -d vm-ui \\\n"
+               "      -t notification -n disque --broadcast\n"
+               "exit status: 0 allowed, 1 denied, 2 invalid policy or arguments")
     parser.add_argument("policy", metavar="POLICY_FILE", help="the policy file (TOML)")
     parser.add_argument("--source", "-s", required=True, help="sending domain")
     parser.add_argument("--destination", "-d", required=True,
-                        help="destination domain (the recipient, with --broadcast), or tous")
+                        help="destination domain (the recipient, with --broadcast), or tous "
+                             "(every recipient's verdict)")
     parser.add_argument("--type", "-t", required=True,
                         choices=sorted((*RULE_TYPES, "reponse")), help="message type")
     parser.add_argument("--nom", "-n", default=None,
@@ -99,21 +130,53 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--broadcast", "-b", action="store_true",
                         help="the message is a broadcast (to tous); --destination is one "
                              "of its recipients")
-    args = parser.parse_args(argv)
+    parser.add_argument("--destinataires", metavar="D1,D2", default=None,
+                        help="with --destination tous: the connected domains to decide for "
+                             "(default: every domain the policy names, and * for the others)")
+    return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         print(f"messagerie-policy: invalid policy: {exc}", file=sys.stderr)
         return 2
+    what = f"{args.type} {args.nom or '(no name)'}"
+    if args.destination == TOUS and not args.broadcast:
+        return _explain_broadcast(policy, args.source, args.type, args.nom, what=what,
+                                  listed=args.destinataires)
     verdict = policy.evaluate(args.source, args.destination, args.type, args.nom,
                               broadcast=args.broadcast)
-    what = f"{args.type} {args.nom or '(no name)'}"
     route = f"{args.source} -> {args.destination}"
     if args.broadcast:
         route += " (recipient of a broadcast)"
     print(f"{route}: {what}")
     print(verdict.describe())
     return 0 if verdict.allowed else 1
+
+
+def _explain_broadcast(policy: Policy, source: str, type: str, name: str | None, *, what: str,
+                       listed: str | None) -> int:
+    """What the broker's router does with a message to ``tous``: every connected domain
+    but the source, and dom0 unless it is the source, each decided by the policy as a
+    recipient of a broadcast (from dom0, its other services get it without the policy)."""
+    if listed is not None:
+        recipients = [r for r in dict.fromkeys(listed.split(",")) if r]
+    else:
+        recipients = [*sorted(policy.domains() - {DOM0}), OTHER_DOMU]
+    recipients = [r for r in recipients if r not in (source, DOM0)]
+    if source != DOM0:
+        recipients.append(DOM0)
+    print(f"{source} -> {TOUS}: {what}")
+    delivered = 0
+    for recipient in recipients:
+        verdict = policy.evaluate(source, recipient, type, name, broadcast=True)
+        delivered += verdict.allowed
+        label = "any other domain" if recipient == OTHER_DOMU else recipient
+        print(f"  {label}: {verdict.describe()}")
+    print(f"delivered to {delivered} of {len(recipients)} recipients")
+    return 0 if delivered else 1
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ See ``config/broker.toml`` for every key with its default and meaning.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,6 +55,41 @@ class Limits:
     command_ttl: float = 300.0
     """After this long without an answer, a command is forgotten (and answered
     ``delai_depasse`` on behalf of its destination)."""
+    commands_per_destination: int = 16
+    """Of those, how many may wait on one destination: one that never answers cannot
+    take all of its commanders' slots (``limites.commandes_en_vol_destination``)."""
+
+
+LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
+    "file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
+    "debit": ("rate", float), "rafale": ("burst", int),
+    "commandes_en_vol": ("commands_in_flight", int),
+    "commandes_en_vol_destination": ("commands_per_destination", int),
+    "duree_commande": ("command_ttl", float)}
+"""``[limites]`` keys (the same under ``[domaines.NAME]``): the :class:`Limits` field
+each sets, and its type."""
+
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainLimits:
+    """``[limites]`` keys set under ``[domaines.NAME]``: for the domain called ``NAME``,
+    or, when ``NAME`` has ``*``, ``?`` or ``[...]`` (``[domaines."vm-usb-*"]``), for
+    every domain whose name matches (declared or discovered)."""
+
+    name: str
+    values: dict[str, Any]
+    """:class:`Limits` field -> value."""
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in self.name for c in "*?[")
+
+    def matches(self, domain: str) -> bool:
+        if self.is_pattern:
+            return fnmatch.fnmatchcase(domain, self.name)
+        return domain == self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +97,20 @@ class Config:
     domains: dict[str, DomainConfig] = field(default_factory=dict)
     discovery_patterns: tuple[str, ...] = ()
     discovery_interval: float = 1.0
+    xenstore: bool = False
+    """Bind domains to their channels from xenstore (``decouverte.xenstore``)."""
+    xenstore_channel: str = "org.messagerie.0"
+    """The channel's ``name`` in each domain's xl configuration; ``{domaine}`` stands
+    for the domain's name (``decouverte.canal``)."""
+    xenstore_path: str | None = None
+    """xenstored's socket or ``/dev/xen/xenbus``; None: the first that exists."""
     dom0_socket: str | None = "/run/messagerie/dom0.sock"
     dom0_mode: int = 0o660
     dom0_group: str | None = None
+    trace_socket: str = "/run/messagerie/trace.sock"
+    trace_group: str | None = None
+    """``[trace] groupe``: the group whose members may watch the traffic
+    (``messagerie trace``); None: no trace socket."""
     log_level: str = "info"
     max_frame: int = MAX_FRAME
     validation: str = "enveloppe"
@@ -72,10 +119,27 @@ class Config:
     :func:`messagerie.decode` does (slower)."""
     policy_path: str | None = None
     limits: Limits = field(default_factory=Limits)
+    """``[limites]``: every domain's, and dom0's services', unless overridden below."""
+    domain_limits: tuple[DomainLimits, ...] = ()
+    """Per-domain overrides, in file order (:meth:`limits_for`)."""
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
     source: str = "<defaults>"
     """Where this configuration came from, for logs."""
+
+    def limits_for(self, domain: str) -> Limits:
+        """The limits of ``domain``, key by key: its own ``[domaines.NAME]`` table,
+        else the first pattern table (in file order) that matches it and sets the key,
+        else ``[limites]``. dom0's services always get ``[limites]``."""
+        if domain == DOM0 or not self.domain_limits:
+            return self.limits
+        values: dict[str, Any] = {}
+        exact = [d for d in self.domain_limits if not d.is_pattern and d.matches(domain)]
+        patterns = [d for d in self.domain_limits if d.is_pattern and d.matches(domain)]
+        for entry in (*exact, *patterns):
+            for attr, value in entry.values.items():
+                values.setdefault(attr, value)
+        return replace(self.limits, **values) if values else self.limits
 
 
 def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -111,7 +175,8 @@ def _unknown(table: dict[str, Any], known: set[str], where: str) -> None:
 def parse_config(data: dict[str, Any], source: str = "<string>", *,
                  base: Path | None = None) -> Config:
     """Validate a parsed TOML document. Relative paths are taken from ``base``."""
-    _unknown(data, {"broker", "dom0", "decouverte", "limites", "reconnexion", "domaines"}, "")
+    _unknown(data, {"broker", "dom0", "trace", "decouverte", "limites", "reconnexion",
+                    "domaines"}, "")
 
     def path_of(value: str) -> str:
         p = Path(value)
@@ -143,8 +208,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
                           "connect speaks as dom0 (use 0660 and dom0.groupe)")
     group = _get(dom0, "groupe", str, "dom0.", None)
 
+    trace = _table(data, "trace", "")
+    _unknown(trace, {"socket", "groupe"}, "trace.")
+    trace_socket = _get(trace, "socket", str, "trace.", "/run/messagerie/trace.sock")
+    if not trace_socket:
+        raise ConfigError("trace.socket: expected a path (leave trace.groupe out to have "
+                          "no trace socket)")
+    trace_group = _get(trace, "groupe", str, "trace.", None) or None
+
     disc = _table(data, "decouverte", "")
-    _unknown(disc, {"motifs", "intervalle"}, "decouverte.")
+    _unknown(disc, {"motifs", "intervalle", "xenstore", "canal", "xenstore_chemin"},
+             "decouverte.")
     patterns = _get(disc, "motifs", list, "decouverte.", [])
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
@@ -155,19 +229,16 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
                 "name, which becomes the domain name (e.g. /var/run/*-msg.sock)")
     interval = _positive(float(_get(disc, "intervalle", (int, float), "decouverte.", 1.0)),
                          "decouverte.intervalle")
+    xenstore = _get(disc, "xenstore", bool, "decouverte.", False)
+    xs_channel = _get(disc, "canal", str, "decouverte.", "org.messagerie.0")
+    if not re.fullmatch(r"(?:[A-Za-z0-9_.-]|\{domaine\})+", xs_channel):
+        raise ConfigError(f"decouverte.canal: {xs_channel!r} is not a channel name (letters, "
+                          "digits, - _ . and {domaine} for the domain's name)")
+    xs_path = _get(disc, "xenstore_chemin", str, "decouverte.", None)
 
     lim = _table(data, "limites", "")
-    keys = {"file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
-            "debit": ("rate", float), "rafale": ("burst", int),
-            "commandes_en_vol": ("commands_in_flight", int),
-            "duree_commande": ("command_ttl", float)}
-    _unknown(lim, set(keys), "limites.")
-    values: dict[str, Any] = {}
-    for key, (attr, kind) in keys.items():
-        if key in lim:
-            raw = _get(lim, key, (int, float) if kind is float else int, "limites.", None)
-            values[attr] = kind(_positive(raw, f"limites.{key}"))
-    limits = Limits(**values)
+    _unknown(lim, set(LIMIT_KEYS), "limites.")
+    limits = Limits(**_limit_values(lim, "limites."))
 
     rec = _table(data, "reconnexion", "")
     _unknown(rec, {"min", "max"}, "reconnexion.")
@@ -179,30 +250,65 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         raise ConfigError("reconnexion.max: must be at least reconnexion.min")
 
     domains: dict[str, DomainConfig] = {}
+    domain_limits: list[DomainLimits] = []
+    discovering = bool(patterns) or xenstore
     for name, table in _table(data, "domaines", "").items():
         where = f"domaines.{name}."
-        if not is_valid_name(name) or name == DOM0:
+        entry = DomainLimits(name, {})
+        if entry.is_pattern:
+            if isinstance(table, dict) and "chemin" in table:
+                raise ConfigError(f"{where}chemin: a pattern only sets limits (a channel "
+                                  "belongs to one domain)")
+            if not _NAME_PATTERN.fullmatch(name):
+                raise ConfigError(f"domaines.{name}: not a domain name pattern (1-64 of "
+                                  "A-Z a-z 0-9 - _ . and * ? [...])")
+        elif not is_valid_name(name) or name == DOM0:
             raise ConfigError(f"domaines.{name}: not a valid domain name (1-64 of A-Z a-z 0-9 "
-                              "- _ ., not 'dom0' nor 'tous')")
+                              "- _ ., not 'dom0' nor 'tous'; or a pattern with * ? [...])")
         if not isinstance(table, dict):
             raise ConfigError(f"domaines.{name}: expected a table with a 'chemin' key")
-        _unknown(table, {"chemin"}, where)
+        _unknown(table, ({"chemin"} if not entry.is_pattern else set()) | set(LIMIT_KEYS),
+                 where)
+        values = _limit_values(table, where)
+        if values:
+            domain_limits.append(DomainLimits(name, values))
+        if entry.is_pattern:
+            if not values:
+                raise ConfigError(f"domaines.{name}: a pattern sets limits (keys of "
+                                  f"[limites]: {', '.join(LIMIT_KEYS)}); it has none")
+            continue
         chemin = _get(table, "chemin", str, where, None)
-        if not chemin:
-            raise ConfigError(f"{where}chemin: required (the channel's tty or unix socket path)")
-        domains[name] = DomainConfig(name, path_of(chemin))
+        if chemin:
+            domains[name] = DomainConfig(name, path_of(chemin))
+        elif not (values and discovering):
+            # Limits alone are for a domain that discovery finds: say so if none can.
+            raise ConfigError(f"{where}chemin: required (the channel's tty or unix socket "
+                              "path; without it, the table only sets limits for a domain "
+                              "found by [decouverte])")
 
-    if not domains and not patterns:
-        raise ConfigError("no domain: declare [domaines.<name>] chemin = ... or "
-                          "[decouverte] motifs = [...]")
+    if not domains and not patterns and not xenstore:
+        raise ConfigError("no domain: declare [domaines.<name>] chemin = ..., "
+                          "[decouverte] motifs = [...] or [decouverte] xenstore = true")
     return Config(
         domains=domains, discovery_patterns=tuple(path_of(p) for p in patterns),
-        discovery_interval=interval,
+        discovery_interval=interval, xenstore=xenstore, xenstore_channel=xs_channel,
+        xenstore_path=path_of(xs_path) if xs_path else None,
         dom0_socket=path_of(socket_path) if socket_path else None,
-        dom0_mode=int(mode_text, 8), dom0_group=group, log_level=level, max_frame=max_frame,
+        dom0_mode=int(mode_text, 8), dom0_group=group, trace_socket=path_of(trace_socket),
+        trace_group=trace_group, log_level=level, max_frame=max_frame,
         validation=validation,
         policy_path=path_of(policy) if policy else None, limits=limits,
-        reconnect_min=rmin, reconnect_max=rmax, source=source)
+        domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax, source=source)
+
+
+def _limit_values(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The :class:`Limits` fields that ``table``'s ``[limites]`` keys set, validated."""
+    values: dict[str, Any] = {}
+    for key, (attr, kind) in LIMIT_KEYS.items():
+        if key in table:
+            raw = _get(table, key, (int, float) if kind is float else int, where, None)
+            values[attr] = kind(_positive(raw, f"{where}{key}"))
+    return values
 
 
 def load_config(path: str | Path) -> Config:

@@ -29,6 +29,8 @@ from .dom0 import Dom0Socket
 from .hub import Broker
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
+from .trace import Tracer
+from .xenstore import Binding, Bound, XenstoreDiscovery, changes, verifier
 
 DRAIN_TIMEOUT = 5.0
 TRAFFIC_INTERVAL = 10.0
@@ -49,6 +51,7 @@ class Daemon:
         self.policy = policy
         self.broker = Broker(config, policy)
         self.dom0_socket = Dom0Socket(self.broker, self.broker.dom0)
+        self.tracer = Tracer(self.broker)
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.discovered: dict[str, str] = {}
@@ -56,6 +59,9 @@ class Daemon:
         self.log = structlog.get_logger("broker").bind()
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
+        self.xenstore: XenstoreDiscovery | None = None
+        self.xen_bound: dict[str, Binding] = {}
+        """Domains bound through xenstore, by name."""
 
     @property
     def config(self) -> Config:
@@ -69,6 +75,8 @@ class Daemon:
                              "allowed; set broker.politique for a deployment")
         if cfg.dom0_socket:
             await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
+        if cfg.trace_group:
+            await self.tracer.start(cfg.trace_socket, cfg.trace_group)
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
@@ -84,6 +92,13 @@ class Daemon:
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
+        if cfg.xenstore:
+            self.xenstore = XenstoreDiscovery(self.apply_xenstore, path=cfg.xenstore_path,
+                                              template=cfg.xenstore_channel,
+                                              retry_max=cfg.reconnect_max)
+            self.tasks.append(loop.create_task(self.xenstore.run(), name="xenstore"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.xenstore.connected.wait(), READY_TIMEOUT)
         interval = watchdog_interval()
         if interval:
             self.tasks.append(loop.create_task(watchdog_loop(
@@ -125,17 +140,39 @@ class Daemon:
         self.reported_bad = set(rejected)  # said once while it stays there
         declared = self.config.domains
         for name, path in found.items():
-            if name in declared or self.discovered.get(name) == path:
+            if name in declared or name in self.xen_bound or self.discovered.get(name) == path:
                 continue
             if name in self.discovered:  # same name, new path
                 self.broker.remove_domain(name)
             self.discovered[name] = path
             self.broker.add_domain(name, path, discovered=True)
         for name in list(self.discovered):
-            if name not in found or name in declared:
+            if name not in found or name in declared or name in self.xen_bound:
                 del self.discovered[name]
                 if name not in declared:
                     self.broker.remove_domain(name)
+
+    def apply_xenstore(self, bound: Bound) -> None:
+        """Bind, rebind and unbind domains as xenstore now shows them. A domain whose
+        domid or path changed (a reboot) gets a new endpoint; its old path is not
+        reopened (each endpoint asks xenstore before every attempt: ``verify``)."""
+        declared = self.config.domains
+        wanted = {n: b for n, b in bound.bindings.items() if n not in declared}
+        gone, made = changes(self.xen_bound, wanted)
+        for name in gone:
+            old = self.xen_bound.pop(name)
+            self.broker.remove_domain(name)
+            self.log.info("domain.unbound", domain=name, domid=old.domid, path=old.path,
+                          now=wanted[name].domid if name in wanted else None)
+        for b in made:
+            if self.discovered.pop(b.domain, None) is not None:  # xenstore knows better
+                self.broker.remove_domain(b.domain)
+            ep = self.broker.add_domain(b.domain, b.path, discovered=True)
+            assert self.xenstore is not None
+            ep.verify = verifier(self.xenstore, b)
+            self.xen_bound[b.domain] = b
+            self.log.info("domain.bound", domain=b.domain, domid=b.domid, devid=b.devid,
+                          path=b.path, connection=b.connection)
 
     def reload(self) -> bool:
         """Apply the configuration file again. False (and nothing changed) if invalid.
@@ -155,9 +192,13 @@ class Daemon:
             self.notifier.ready(self._status_text())
             return False
         old = self.config
-        if new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame:
+        if (new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame
+                or (new.trace_socket, new.trace_group) != (old.trace_socket, old.trace_group)
+                or (new.xenstore, new.xenstore_channel, new.xenstore_path)
+                != (old.xenstore, old.xenstore_channel, old.xenstore_path)):
             self.log.warning("config.restart_needed",
-                             detail="dom0.socket and broker.taille_max_trame apply at restart")
+                             detail="dom0.socket, trace.*, broker.taille_max_trame and "
+                                    "decouverte.xenstore* apply at restart")
         broker = self.broker
         logs.configure(new.log_level)
         broker.reconfigure(new)
@@ -171,8 +212,11 @@ class Daemon:
             if name in broker.domains and broker.domains[name].discovered:
                 broker.remove_domain(name)
                 self.discovered.pop(name, None)
+                self.xen_bound.pop(name, None)
             if name not in broker.domains:
                 broker.add_domain(name, domain.path)
+        if self.xenstore is not None:
+            self.apply_xenstore(self.xenstore.current)  # a domain no longer declared
         self.rescan()
         self.log.info("config.reloaded", config=new.source, domains=len(broker.domains),
                       policy=new.policy_path or "allow-all", rules=len(policy))
@@ -210,6 +254,7 @@ class Daemon:
         left = sum(p.queued() for p in peers)
         self.broker.log_traffic(TRAFFIC_INTERVAL)
         await self.dom0_socket.stop()
+        await self.tracer.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())

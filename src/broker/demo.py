@@ -1,11 +1,15 @@
 """``messagerie-broker --demo``: the clean station of usage-reel.md, on one machine.
 
 Three simulated domains (vm-sys-usb, vm-ui, vm-diag), each on a socat pty pair as a
-stand-in for its Xen pv-channel; the broker runs on an embedded configuration and
-policy. vm-sys-usb announces a USB stick to ``tous`` (the spec's example), vm-ui
-receives it and asks vm-sys-usb for its disks, vm-sys-usb answers. Then the broker
-shows what it refuses: a forged source, a command the policy denies, a command to a
-domain that does not exist. Every message that flows is printed; it exits cleanly.
+stand-in for its Xen pv-channel, and a dom0 service on the broker's socket; the broker
+runs on an embedded configuration and policy (the socle's, config/socle-policy.toml).
+vm-sys-usb announces a USB stick to ``tous`` (the spec's example). Then the station
+(:mod:`messagerie.station`) works: a stick (a temporary directory) appears, vm-ui lists
+the disks and the stick's files, reads one into dom0's store, a second stick appears,
+vm-ui copies the file there (with its ``.hash``) and deletes it from the store. Then the
+broker shows what it refuses: a path escape, a forged source, a command the policy
+denies, a command to a domain that does not exist. Every message is printed; it exits
+cleanly.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from messagerie import Commande, Message, decode, encode
+from messagerie import Message, decode, encode, socle
 from messagerie.client import Client, CommandError
+from messagerie.station.depot import DepotService
+from messagerie.station.usb import UsbService
 
 from . import logs
 from .config import parse_config
@@ -33,49 +39,97 @@ DOMAINS = ("vm-sys-usb", "vm-ui", "vm-diag")
 SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
                 b'"payload":{"categorie":"device","evenement":"connect",'
                 b'"chemin":"/mnt/usb_in"}}')
-POLICY = """
+SOCLE_POLICY = """\
+# Routing policy allowing exactly the socle's flows (messagerie.socle's catalogue) and
+# the reference station's transfers between vm-sys-usb and dom0's store; nothing else.
+# First match wins; what no rule allows is denied. Check a case with:
+#   messagerie-policy config/socle-policy.toml -s vm-ui -d vm-sys-usb -t commande -n lit_fichier
+# Reponses are not listed: a reponse passes iff the commande it answers passed.
+
 [groupes]
+# The business domains (the field's "DomU"): they ask, they never serve.
 metier = ["vm-ui", "vm-diag"]
 
-[[regle]]  # the broker itself (domain state) and dom0 services: anything
-source = "dom0"
-destination = "*"
-type = "*"
-action = "allow"
-
-[[regle]]  # dom0 is matched only when named: dom0 services may ask the broker
-source = "dom0"
-destination = "dom0"
-type = "*"
-action = "allow"
-
-[[regle]]  # vm-sys-usb announces devices, disks and its state to everyone
-source = "vm-sys-usb"
-destination = "tous"
-type = "notification"
-action = "allow"
-
-[[regle]]  # business domains may ask vm-sys-usb about disks and files
+# --- Commands (DomU -> handler), as the catalogue's "handled by" says ------------
+# LISTE_DISQUES, LISTE_FICHIERS, LIT_FICHIER, COPIE_FICHIER, SUPPRIME_FICHIER: vm-sys-usb.
+[[regle]]
 source = "@metier"
 destination = "vm-sys-usb"
 type = "commande"
-nom = ["lister_disques", "lister_fichiers"]
+nom = ["liste_disques", "liste_fichiers", "lit_fichier", "copie_fichier", "supprime_fichier"]
 action = "allow"
 
-[[regle]]  # and ask dom0's broker how things are
-source = "*"
+# SUPPRIME_FICHIER and LISTE_FICHIERS on the disk "local" (the dom0 store): dom0.
+[[regle]]
+source = "@metier"
 destination = "dom0"
 type = "commande"
-nom = ["ping", "domaines", "statistiques"]
+nom = ["supprime_fichier", "liste_fichiers"]
 action = "allow"
 
-[[regle]]  # state notifications from anyone
-source = "*"
+# --- Notifications (to tous) -------------------------------------------------------
+# DISQUE and INPUT: from vm-sys-usb.
+[[regle]]
+source = "vm-sys-usb"
 destination = "tous"
 type = "notification"
-nom = "domaine"
+nom = ["disque", "entree"]
 action = "allow"
+
+# ETAT_DOMU: from each DomU.
+[[regle]]
+source = "@metier"
+destination = "tous"
+type = "notification"
+nom = "etat_domu"
+action = "allow"
+
+# FICHIER: from dom0 only (the store announces every file state); and the broker's
+# own domain states (domaine: connecte, deconnecte).
+[[regle]]
+source = "dom0"
+destination = "tous"
+type = "notification"
+nom = ["fichier", "domaine"]
+action = "allow"
+
+# dom0's services talk to the broker (registration, ping, domaines, statistiques).
+[[regle]]
+source = "dom0"
+destination = "dom0"
+type = "*"
+action = "allow"
+
+# --- The reference station's transfers (messagerie.station) ------------------------
+# vm-sys-usb moves file contents into and out of dom0's store (LIT_FICHIER,
+# COPIE_FICHIER) and reports what it did; dom0 then announces FICHIER.
+[[regle]]
+source = "vm-sys-usb"
+destination = "dom0"
+type = "commande"
+nom = ["depot_ecrit", "depot_lit", "depot_compte_rendu"]
+action = "allow"
+
+# Everything else is denied (the default; said out loud).
+[[regle]]
+source = "*"
+destination = "*"
+type = "*"
+action = "deny"
 """
+"""config/socle-policy.toml, embedded (a test keeps the two identical): the socle's flows."""
+POLICY = """\
+[[regle]]  # the demo's first message: the spec's example, from vm-sys-usb
+source = "vm-sys-usb"
+destination = "tous"
+type = "notification"
+nom = "device"
+action = "allow"
+
+""" + SOCLE_POLICY
+"""The demo's policy: the spec's example, then exactly the socle's flows."""
+USB_FILES = {"rapport.pdf": b"%PDF-1.4 a report scanned by the clean station\n",
+             "photos/plage.jpg": b"\xff\xd8\xff\xe0 not really a JPEG\n"}
 
 
 def _say(who: str, text: str) -> None:
@@ -92,6 +146,59 @@ async def _wait_for(predicate: Any, seconds: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def _printer(who: str, client: Client) -> None:
+    """Show every message ``who`` receives."""
+    async for msg in client.messages():
+        _say(who, f"<- {_show(msg)}")
+
+
+def _new_stick(usb: Path, name: str, files: dict[str, bytes]) -> None:
+    """A stick appears: its files are made beside the mount directory, then moved in
+    at once (a real mount is atomic too)."""
+    staging = usb.parent / f".{name}"
+    staging.mkdir()
+    for rel, data in files.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    staging.rename(usb / name)
+
+
+async def _station(tmp: Path, usb_client: Client, ui: Client, dom0: Client,
+                   service: UsbService) -> None:
+    usb = service.montages
+    disques = ui.messages(type="notification", categorie=socle.DISQUE.categorie)
+
+    async def disk_appears(name: str, files: dict[str, bytes]) -> None:
+        _say("demo", f"a stick appears: {name} ({', '.join(files) or 'empty'})")
+        _new_stick(usb, name, files)
+        async with asyncio.timeout(10):
+            async for msg in disques:
+                if socle.DISQUE.parse(msg).nom == name:  # type: ignore[arg-type]
+                    return
+
+    _say("vm-ui", "-> ETAT_DOMU: ready")
+    await ui.send(socle.ETAT_DOMU.build(ui.name, socle.EtatDomu(True)))
+    await disk_appears("cle-1", USB_FILES)
+    _say("vm-ui", f"= liste_disques: {await socle.liste_disques(ui, timeout=5)}")
+    fichiers = await socle.liste_fichiers(ui, "cle-1", timeout=5)
+    _say("vm-ui", f"= liste_fichiers cle-1: {fichiers}")
+    lu = await socle.lit_fichier(ui, "cle-1", "rapport.pdf", timeout=10)
+    _say("vm-ui", f"= lit_fichier cle-1 rapport.pdf: FICHIER {lu.etat}")
+    await disk_appears("cle-2", {})
+    copie = await socle.copie_fichier(ui, "rapport.pdf", "cle-2", timeout=10)
+    hash_text = (usb / "cle-2" / "rapport.pdf.hash").read_text().strip()
+    _say("vm-ui", f"= copie_fichier rapport.pdf cle-2: FICHIER {copie.etat}; "
+                  f"cle-2/rapport.pdf.hash: {hash_text}")
+    supprime = await socle.supprime_fichier(ui, "rapport.pdf", timeout=10)
+    _say("vm-ui", f"= supprime_fichier rapport.pdf (local): FICHIER {supprime.etat}")
+    _say("vm-ui", "-> lit_fichier cle-1 ../../etc/passwd (a path escape)")
+    try:
+        await socle.lit_fichier(ui, "cle-1", "../../etc/passwd", timeout=5)
+    except CommandError as exc:
+        _say("vm-ui", f"<- error {exc.code}: {exc.message}")
+    await service.idle()
 
 
 async def _demo(tmp: Path, log_level: str) -> int:
@@ -116,13 +223,14 @@ async def _demo(tmp: Path, log_level: str) -> int:
         usb = Client("vm-sys-usb", path=tmp / "vm-sys-usb.domu")
         ui = Client("vm-ui", path=tmp / "vm-ui.domu")
         diag = Client("vm-diag", path=tmp / "vm-diag.domu")
+        dom0 = Client.dom0(tmp / "dom0.sock")
+        (tmp / "usb").mkdir()
+        # The station: vm-sys-usb serves the sticks under tmp/usb (plain directories
+        # stand for mount points), dom0 serves the store.
+        service = UsbService(usb, tmp / "usb", est_disque=Path.is_dir, intervalle=0.05)
+        DepotService(dom0, tmp / "depot")
 
-        @usb.handler("lister_disques")
-        async def lister_disques(cmd: Commande) -> list[str]:
-            _say("vm-sys-usb", f"<- {_show(cmd)}")
-            return ["sda1"]
-
-        async with usb, ui, diag:
+        async with usb, ui, diag, dom0:
             ui_stream = ui.messages(categorie="device")
             diag_stream = diag.messages(categorie="device")
 
@@ -132,9 +240,17 @@ async def _demo(tmp: Path, log_level: str) -> int:
                 got = await asyncio.wait_for(stream.__anext__(), 5)
                 _say(who, f"<- {_show(got)}")
 
-            _say("vm-ui", "-> commande lister_disques to vm-sys-usb")
-            rep = await ui.commande("vm-sys-usb", "lister_disques", timeout=5)
-            _say("vm-ui", f"<- {_show(rep)}")
+            _say("demo", "the station: every message each domain receives is shown")
+            printers = [asyncio.create_task(_printer(who, client)) for who, client in
+                        (("vm-sys-usb", usb), ("vm-ui", ui), ("dom0", dom0))]
+            watcher = asyncio.create_task(service.watch())
+            try:
+                await _station(tmp, usb, ui, dom0, service)
+            finally:
+                watcher.cancel()
+                await asyncio.sleep(0.05)  # let the printers show the last messages
+                for task in printers:
+                    task.cancel()
 
             _say("vm-sys-usb", "-> forged: a notification claiming to come from vm-ui")
             fd = os.open(tmp / "vm-sys-usb.domu", os.O_WRONLY | os.O_NOCTTY)
@@ -146,15 +262,14 @@ async def _demo(tmp: Path, log_level: str) -> int:
 
             for who, client, dest, name in (
                     ("vm-diag", diag, "vm-ui", "lire_ecran"),
-                    ("vm-ui", ui, "vm-absent", "lister_disques")):
+                    ("vm-ui", ui, "vm-absent", "liste_disques")):
                 _say(who, f"-> commande {name} to {dest}")
                 try:
                     await client.commande(dest, name, timeout=5)
                 except CommandError as exc:
                     _say(who, f"<- error {exc.code}: {exc.message}")
 
-            async with Client.dom0(tmp / "dom0.sock") as dom0:
-                stats = (await dom0.commande("dom0", "statistiques", timeout=5)).resultat
+            stats = (await dom0.commande("dom0", "statistiques", timeout=5)).resultat
             for name, counters in stats["domaines"].items():
                 _say("dom0", f"{name}: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
 

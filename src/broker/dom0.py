@@ -26,15 +26,20 @@ import asyncio
 import contextlib
 import grp
 import os
+import re
 import socket
 import stat
 import struct
 from typing import Any, Protocol
 
 from messagerie import DOM0, Code, Commande, Reponse
+from messagerie.model import TOKEN_PATTERN
 
 from .endpoint import Endpoint, Sink
 from .router import BUILTINS
+
+_COMMAND_NAME = re.compile(TOKEN_PATTERN[1:-1])
+"""What a ``commande``'s name may be (the wire's token pattern)."""
 
 
 class Dom0Sink(Sink, Protocol):
@@ -59,6 +64,12 @@ class Dom0Services:
         names = cmd.arguments.get("commandes")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             return cmd.fail(Code.MESSAGE_INVALIDE, "arguments.commandes: expected a list of names")
+        # A name no commande can carry would be served by nobody, forever.
+        bad = [n for n in names if _COMMAND_NAME.fullmatch(n) is None]
+        if bad:
+            shown = ", ".join(repr(n[:80]) for n in bad[:5])
+            return cmd.fail(Code.MESSAGE_INVALIDE, f"arguments.commandes: {shown} cannot "
+                            f"name a command (names match {TOKEN_PATTERN})")
         taken = [n for n in names if n in BUILTINS or
                  (n in self.services and self.services[n] is not conn)]
         if taken:

@@ -26,19 +26,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from messagerie import FrameDecoder, FrameError
-from messagerie.channel import READ_SIZE, ChannelError, channel_kind, open_channel
+from messagerie.channel import (
+    READ_SIZE,
+    ChannelError,
+    channel_kind,
+    open_channel,
+    read_remaining,
+)
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
+from .echo import EchoWindow
 from .ratelimit import LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
@@ -104,12 +112,14 @@ class Settings:
     batch: Batch | None
     reconnect_min: float
     reconnect_max: float
+    limits_for: Callable[[str], Limits]
+    """One domain's limits (``[domaines.NAME]`` over ``[limites]``): ``Config.limits_for``."""
 
     @classmethod
     def of(cls, config: Config) -> Settings:
         decode, batch = FRAME_DECODERS[config.validation]
         return cls(config.limits, config.max_frame, decode, batch, config.reconnect_min,
-                   config.reconnect_max)
+                   config.reconnect_max, config.limits_for)
 
 
 class WriteCork:
@@ -147,6 +157,9 @@ class Sink(Protocol):
     def lost(self, endpoint: Endpoint) -> None:
         """``endpoint``'s connection is gone (decisions sending there are stale)."""
 
+    def drained(self, endpoint: Endpoint) -> None:
+        """``endpoint``'s queue went back below its low-water mark."""
+
     def domain_up(self, endpoint: DomainEndpoint) -> None: ...
 
     def domain_down(self, endpoint: DomainEndpoint) -> None: ...
@@ -167,7 +180,8 @@ class Endpoint(asyncio.Protocol):
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
-        limits = sink.settings.limits
+        self.limits = limits = sink.settings.limits_for(name)
+        """This endpoint's own limits (its domain's, or ``[limites]`` for dom0's)."""
         self.queue_bytes = limits.queue_bytes
         # Outbound back-pressure state.
         self.paused_writing = False
@@ -312,7 +326,7 @@ class Endpoint(asyncio.Protocol):
 
     def apply(self, settings: Settings) -> None:
         """Take the settings of a reloaded configuration, now."""
-        limits = settings.limits
+        self.limits = limits = settings.limits_for(self.name)
         self.queue_bytes = limits.queue_bytes
         self.bucket.configure(limits.rate, limits.burst)
         self.decoder.decode, self.decoder.batch = settings.decode, settings.batch
@@ -320,6 +334,13 @@ class Endpoint(asyncio.Protocol):
             self._set_write_limits(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.transport is not None and not self.sink.stopping:
+            # A failed write (EPIPE) closed a socket before its last frames were read:
+            # they are still in the socket, read them now (it closes after we return).
+            rest = (self._backlog or b"") + read_remaining(self.transport)
+            self._backlog = None
+            if rest:
+                self._process(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -353,6 +374,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
     @property
@@ -411,7 +433,7 @@ class Endpoint(asyncio.Protocol):
         self.transport.pause_reading()
         if dest._stall_timer is None:
             dest._stall_timer = asyncio.get_running_loop().call_later(
-                self.sink.settings.limits.stall_timeout, dest._stall)
+                dest.limits.stall_timeout, dest._stall)
 
     def release(self, dest: Endpoint) -> None:
         self._held_by.discard(dest)
@@ -453,6 +475,17 @@ class DomainEndpoint(Endpoint):
         self.failed_connects = 0
         """Connection attempts that failed (retries are counted here, logged only when
         their cause changes)."""
+        self.echo = EchoWindow()
+        """What was written here lately, to recognise it if the DomU's tty echoes it."""
+        self.verify: Callable[[], Awaitable[bool]] | None = None
+        """Asked before every connection attempt, when set: is ``path`` still this
+        domain's channel? (xenstore-bound domains: a path it no longer lists is never
+        opened.)"""
+
+    def flush(self) -> None:
+        if self._out:
+            self.echo.sent(self._out)
+        super().flush()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
@@ -486,6 +519,9 @@ class DomainEndpoint(Endpoint):
         failing: str | None = None
         while not self._stopping:
             try:
+                if self.verify is not None and not await self.verify():
+                    raise ChannelError(errno.ESTALE, "xenstore no longer gives this path "
+                                       "to this domain", self.path)
                 self.channel_type = channel_kind(self.path)
                 self._lost.clear()
                 await open_channel(self.path, lambda: self, exclusive=False)

@@ -9,6 +9,8 @@ commands. It is the endpoints' :class:`~broker.endpoint.Sink` and the router's
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +45,7 @@ from .policy import Policy
 from .router import (
     DENIED,
     DISPATCHED,
+    SPOOFED,
     Answer,
     Builtin,
     Decision,
@@ -55,12 +58,17 @@ from .router import (
     dispatch,
     route,
 )
+from .trace import Tracer
 
 JOURNAL_TEXT_MAX = 2000
 """Characters of a domain's ``journal`` text written to the broker's log."""
 JOURNAL_DATA_MAX = 4096
 """Bytes of a domain's ``journal`` data written to the broker's log."""
 encode_json = msgspec.json.Encoder().encode
+DEFERRED_MAX = 4096
+"""Built-in commands of one asker whose answers may wait for its queue to drain."""
+DEFERRED_RETRY = 0.005
+"""Seconds before a waiting answer looks again at a queue that reported no drain."""
 
 
 ROUTE_CACHE_MAX = 4096
@@ -95,13 +103,22 @@ class Broker:
         self.domains: dict[str, DomainEndpoint] = {}
         self.dom0 = Dom0Services()
         limits = config.limits
-        self.pending = PendingCommands[Endpoint](limit=limits.commands_in_flight,
-                                                 ttl=limits.command_ttl)
+        self.pending = PendingCommands[Endpoint](
+            limit=limits.commands_in_flight, ttl=limits.command_ttl,
+            per_target=min(limits.commands_per_destination, limits.commands_in_flight),
+            limit_of=lambda ep: ep.limits.commands_in_flight,
+            ttl_of=lambda ep: ep.limits.command_ttl,
+            per_target_of=lambda ep: min(ep.limits.commands_per_destination,
+                                         ep.limits.commands_in_flight))
         self.started = time.monotonic()
         self.log = structlog.get_logger("broker").bind()
         self.debug = config.log_level == "debug"
         self.stopping = False
         """Shutdown began: endpoints are never resumed."""
+        self.tracer: Tracer | None = None
+        """The traffic monitors (``messagerie trace``), while at least one listens."""
+        self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
+        """Built-in commands whose answers wait for their asker's queue to drain."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -117,6 +134,8 @@ class Broker:
         self.config = config
         self.settings = settings = Settings.of(config)
         self.pending.limit = config.limits.commands_in_flight
+        self.pending.per_target = min(config.limits.commands_per_destination,
+                                      config.limits.commands_in_flight)
         self.pending.ttl = config.limits.command_ttl
         self.debug = config.log_level == "debug"
         self.log = structlog.get_logger("broker").bind()
@@ -185,6 +204,8 @@ class Broker:
         else:
             flow = (msg.source, msg.destination, kind)
             self.traffic[flow] = self.traffic.get(flow, 0) + 1
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(data), deliver)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=kind, name=msg.name, id=msg.id,
@@ -198,6 +219,8 @@ class Broker:
         peer.stats.received += n
         decision, cached = self._route(peer, msg)
         if type(decision) is Refuse:
+            if decision.kind == SPOOFED and self._echoed(peer, msg, run.data, n):
+                return
             for _ in range(n):
                 self.refuse(peer, msg, decision)
             return
@@ -208,6 +231,8 @@ class Broker:
             self._dropped(peer, dest, msg, count=n)
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
+        if self.tracer is not None:
+            self.tracer.routed(peer, msg, len(run.data), deliver, count=n)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
@@ -296,6 +321,8 @@ class Broker:
         if deliver.dom0_services:
             self._to_dom0_services(peer, msg, data)
         if deliver.denied and peer is not None:
+            if self.tracer is not None:
+                self.tracer.filtered(peer, msg, deliver.denied)
             peer.stats.refused += 1
             if peer.log_budget.allow():
                 peer.log.warning("message.filtered", security=True, type=msg.type,
@@ -336,10 +363,54 @@ class Broker:
             self._dropped(peer, command.asker, msg)
 
     def _builtin(self, peer: Endpoint, msg: Envelope) -> None:
+        """Answer a built-in command; its answer waits while the asker's own queue is
+        full (a pipeline of ``statistiques`` asks for more than it reads: it is held
+        back, as a sender to a full destination is, and nothing is dropped)."""
+        waiting = self._deferred.get(peer)
+        # Beyond the bound, or once the asker is stalled, the answers go out now (dropped
+        # past the queue's bound, counted): a peer cannot grow this list by not reading.
+        if waiting is not None and not peer.stalled and len(waiting) < DEFERRED_MAX:
+            waiting.append(msg)
+            return
+        self._answer_builtin(peer, msg)
+
+    def _answer_builtin(self, peer: Endpoint, msg: Envelope) -> bool:
+        """Answer now if the answer fits in the asker's queue (or its queue is empty);
+        else keep the command for when it drains, hold the asker and return False."""
         # The broker reads this one itself: the whole message, arguments too.
         cmd = self.complete(peer, msg)
-        if cmd is not None:
-            peer.send(encode(self.builtin(cmd, peer)))  # type: ignore[arg-type]
+        if cmd is None:
+            return True
+        data = encode(self.builtin(cmd, peer))  # type: ignore[arg-type]
+        queued = peer.queued()
+        if queued and queued + len(data) > peer.queue_bytes and not peer.stalled:
+            self._deferred.setdefault(peer, collections.deque()).appendleft(msg)
+            peer.hold(peer)
+            # Its drain is reported when its transport was over its high-water mark;
+            # if the kernel took it all at once there is none: look again soon.
+            asyncio.get_running_loop().call_later(DEFERRED_RETRY, self._retry, peer)
+            return False
+        peer.send(data)
+        return True
+
+    def _retry(self, endpoint: Endpoint) -> None:
+        if endpoint in self._deferred and not endpoint.paused_writing:
+            self.drained(endpoint)
+
+    def drained(self, endpoint: Endpoint) -> None:
+        """Answer the built-ins that waited for ``endpoint``'s queue, in order, while
+        they fit; then read it again (or hold it on until it drains again)."""
+        waiting = self._deferred.pop(endpoint, None)
+        if waiting is None:
+            return
+        while waiting:
+            msg = waiting.popleft()
+            if not self._answer_builtin(endpoint, msg):
+                # Back at the front of a fresh list: put the rest behind it.
+                self._deferred[endpoint].extend(waiting)
+                return
+        endpoint._waiters.discard(endpoint)
+        endpoint.release(endpoint)
 
     def complete(self, peer: Endpoint, msg: Envelope) -> Message | None:
         """The whole message, for what the broker reads itself (built-in commands,
@@ -371,7 +442,11 @@ class Broker:
                              suppressed=peer.log_budget.take_suppressed())
 
     def refuse(self, peer: Endpoint, msg: Envelope, decision: Refuse) -> None:
+        if decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
+            return
         peer.stats.refused += 1
+        if self.tracer is not None:
+            self.tracer.refused(peer, msg, decision.kind, decision.detail)
         if peer.log_budget.allow():
             log = peer.log.warning if decision.security else peer.log.info
             log("message.refused", why=decision.kind, detail=decision.detail, type=msg.type,
@@ -384,6 +459,24 @@ class Broker:
                     else decision.detail)
             self.answer(peer, msg, decision.code, text)
 
+    @staticmethod
+    def _echoed(peer: Endpoint, msg: Envelope, data: bytes, count: int = 1) -> bool:
+        """Whether a frame refused for its source is the broker's own output coming
+        back on a DomU's tty in echo mode (``broker.echo``): dropped, logged as what it
+        is, not as a forgery. Looked up only for refused frames."""
+        if not isinstance(peer, DomainEndpoint):
+            return False
+        echo = peer.echo
+        if not (echo.all_echoes(data) if count > 1 else echo.is_echo(data)):
+            return False
+        if peer.log_budget.allow():
+            peer.log.info("frame.echoed", type=msg.type, source=msg.source,
+                          destination=msg.destination, name=msg.name, count=count,
+                          echoed=echo.echoed, suppressed=peer.log_budget.take_suppressed(),
+                          detail="the DomU's channel echoed what dom0 wrote (no raw-mode "
+                                 "holder when it was opened)")
+        return True
+
     def answer(self, peer: Endpoint, cmd: Routable, code: str, text: str) -> None:
         """Send the broker's error reponse to the command ``cmd`` back on ``peer``'s
         channel, addressed to the peer (not to a ``source`` it may have forged)."""
@@ -393,6 +486,8 @@ class Broker:
         peer.send(encode(reply))
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1) -> None:
+        if self.tracer is not None:
+            self.tracer.dropped(sender, dest, msg, count)
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),
@@ -418,7 +513,8 @@ class Broker:
     def expire_pending(self) -> None:
         for pending in self.pending.expire():
             self._answer_for(pending, Code.DELAI_DEPASSE,
-                             f"{pending.replier} did not answer in {self.pending.ttl:g} s")
+                             f"{pending.replier} did not answer in "
+                             f"{self.pending.ttl_for(pending.asker):g} s")
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
@@ -445,6 +541,7 @@ class Broker:
 
     def lost(self, endpoint: Endpoint) -> None:
         self.invalidate_routes()  # decisions sending there are stale
+        self._deferred.pop(endpoint, None)
 
     def domain_up(self, ep: DomainEndpoint) -> None:
         self.invalidate_routes()
@@ -463,13 +560,19 @@ class Broker:
 
     def emit_state(self, name: str, event: str) -> None:
         """Tell ``tous`` that a domain came or went (the field's domain-state
-        notification), through the router like any message from dom0."""
-        self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}))
+        notification), through the router like any message from dom0; never the
+        domain itself (it knows, and would take its own arrival for another's)."""
+        self.emit(Notification(DOM0, TOUS, Categorie.DOMAINE, event, {"domaine": name}),
+                  but=name)
 
-    def emit(self, msg: Message) -> None:
-        """A message from the broker itself (dom0, no endpoint), routed like any."""
+    def emit(self, msg: Message, *, but: str | None = None) -> None:
+        """A message from the broker itself (dom0, no endpoint), routed like any (to
+        every recipient but the domain ``but``)."""
         decision = route(msg, DOM0, self)  # a Message is routable like an Envelope
         if type(decision) is Deliver:
+            if but is not None and but in decision.targets:
+                decision = Deliver(tuple(t for t in decision.targets if t != but),
+                                   decision.denied, decision.dom0_services)
             self._deliver(None, msg, decision, encode(msg))
 
     # -- built-in commands ---------------------------------------------------------
@@ -502,6 +605,7 @@ class Broker:
             d["file"] = ep.queued()
             d["en_vol"] = self.pending.in_flight(ep)
             d["echecs_connexion"] = ep.failed_connects
+            d["echos"] = ep.echo.echoed
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
             domains[name] = d
         return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,

@@ -6,6 +6,12 @@ are coloured key=value lines; otherwise one JSON object per line on stdout, whic
 what journald wants. Under systemd (``JOURNAL_STREAM`` set) each line is prefixed with
 its syslog priority (``<4>``), so ``journalctl -p warning`` works.
 
+Domains choose much of what is logged (a hostile frame's excerpt, a ``journal``'s text,
+names and ids): no control character of theirs reaches the operator's terminal. On a
+terminal every C0/C1 control (and DEL) in a string is printed escaped (``\\x1b``); in
+JSON, C0 controls are escaped by JSON itself and C1 ones are written ``\\u009b``, so
+``journalctl`` and ``jq`` show them inert and decode them back unchanged.
+
 Filtered-out levels cost one method call: per-message events (``message.routed``)
 are ``debug`` so that production (``info``) pays nothing for them.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, TextIO
 
@@ -24,8 +31,61 @@ _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critic
              "exception": 3}
 
 
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Characters a terminal may act on: C0, DEL, C1 (U+009B is a CSI on some)."""
+_C1 = re.compile("[\x7f-\x9f]")
+"""What JSON leaves raw of them (it escapes C0 itself)."""
+_MULTILINE = frozenset({"exception", "stack"})
+"""Keys whose newlines are the broker's own (tracebacks): kept on a terminal."""
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def _json_escape_char(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _inert(text: str, keep_newlines: bool = False) -> str:
+    """``text`` with every control character escaped (``\\x1b``)."""
+    if keep_newlines:
+        return "\n".join(_CONTROLS.sub(_escape_char, line) for line in text.split("\n"))
+    return _CONTROLS.sub(_escape_char, text)
+
+
+class _Inert:
+    """A string shown as Python's ``repr`` shows it (quoted, every non-printable
+    character escaped): the terminal renderer prints plain strings as they are and
+    other values with ``repr``."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _escape_controls(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """For the terminal renderer: no string with a control character reaches it as
+    is (nested values it prints with ``repr``, which escapes them already)."""
+    out = {}
+    for key, value in event.items():
+        shown: Any = value
+        if isinstance(value, str) and _CONTROLS.search(value):
+            # Tracebacks are printed raw, line by line: their lines are escaped.
+            shown = (_inert(value, keep_newlines=True) if key in _MULTILINE
+                     else _Inert(value))
+        out[_inert(key) if _CONTROLS.search(key) else key] = shown
+    return out
+
+
 def _json_dumps(event: dict[str, Any], **_: Any) -> str:
-    return msgspec.json.encode(event, enc_hook=repr).decode()
+    text = msgspec.json.encode(event, enc_hook=repr).decode()
+    # JSON escapes C0 but not C1 (nor DEL): escaped the JSON way, same value decoded.
+    return _C1.sub(_json_escape_char, text) if _C1.search(text) else text
 
 
 def _syslog_prefix(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +114,7 @@ def configure(level: str = "info", *, stream: TextIO | None = None,
         structlog.processors.format_exc_info,
     ]
     if tty:
-        processors.append(structlog.dev.ConsoleRenderer(colors=colours))
+        processors += [_escape_controls, structlog.dev.ConsoleRenderer(colors=colours)]
     elif os.environ.get("JOURNAL_STREAM"):
         processors += [_syslog_prefix, _render_journal]
     else:

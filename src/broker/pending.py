@@ -52,22 +52,37 @@ class Pending(Generic[E]):
 
 
 class PendingCommands(Generic[E]):
-    """The commands in flight and, per asking endpoint, how many it has.
+    """The commands in flight and, per asking endpoint, how many it has, in all and
+    towards each endpoint it asked.
 
-    ``limit`` is how many one endpoint may have (``limites.commandes_en_vol``), ``ttl``
-    how long one waits before it is answered ``delai_depasse`` on its destination's
-    behalf (``limites.duree_commande``); a reload changes both at once.
+    ``limit`` is how many one endpoint may have (``limites.commandes_en_vol``),
+    ``per_target`` how many of those may wait on one endpoint
+    (``limites.commandes_en_vol_destination``: a destination that never answers holds
+    at most that many of its commander's slots, the others stay free for the rest),
+    ``ttl`` how long one waits before it is answered ``delai_depasse`` on its
+    destination's behalf (``limites.duree_commande``); a reload changes them at once.
     """
 
-    __slots__ = ("_counts", "_table", "clock", "limit", "ttl")
+    __slots__ = ("_counts", "_pairs", "_table", "clock", "limit", "limit_of", "per_target",
+                 "per_target_of", "ttl", "ttl_of")
 
-    def __init__(self, *, limit: int, ttl: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, limit: int, ttl: float, per_target: int | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 limit_of: Callable[[E], int] | None = None,
+                 ttl_of: Callable[[E], float] | None = None,
+                 per_target_of: Callable[[E], int] | None = None) -> None:
         self.limit = limit
+        self.per_target = limit if per_target is None else per_target
         self.ttl = ttl
+        self.limit_of = limit_of
+        self.ttl_of = ttl_of
+        self.per_target_of = per_target_of
+        """Per-asker ``limit``, ``ttl`` and ``per_target`` (a domain's
+        ``[domaines.NAME]``), if given."""
         self.clock = clock
         self._table: dict[Key, Pending[E]] = {}
         self._counts: dict[E, int] = {}
+        self._pairs: dict[tuple[E, E], int] = {}
 
     # -- reading ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -85,17 +100,36 @@ class PendingCommands(Generic[E]):
     def get(self, commander: str, id: str) -> Pending[E] | None:
         return self._table.get((commander, id))
 
-    def expects(self, commander: str, id: str, replier: str) -> bool:
-        """Does ``commander`` await a reponse with this ``id`` from ``replier``?"""
+    def expects(self, commander: str, id: str, replier: str, command: str | None) -> bool:
+        """Does ``commander`` await a reponse with this ``id`` from ``replier``, to the
+        command named ``command``? (An answer echoing another command's name would make
+        its asker act on a result it never asked for.)"""
         pending = self._table.get((commander, id))
-        return pending is not None and pending.replier == replier
+        return (pending is not None and pending.replier == replier
+                and pending.command == command)
 
     def in_flight(self, asker: E) -> int:
         """Commands ``asker`` sent that await an answer."""
         return self._counts.get(asker, 0)
 
+    def limit_for(self, asker: E) -> int:
+        return self.limit if self.limit_of is None else self.limit_of(asker)
+
+    def ttl_for(self, asker: E) -> float:
+        return self.ttl if self.ttl_of is None else self.ttl_of(asker)
+
     def at_limit(self, asker: E) -> bool:
-        return self._counts.get(asker, 0) >= self.limit
+        return self._counts.get(asker, 0) >= self.limit_for(asker)
+
+    def in_flight_to(self, asker: E, target: E) -> int:
+        """Commands ``asker`` sent to ``target`` that await an answer."""
+        return self._pairs.get((asker, target), 0)
+
+    def per_target_for(self, asker: E) -> int:
+        return self.per_target if self.per_target_of is None else self.per_target_of(asker)
+
+    def at_target_limit(self, asker: E, target: E) -> bool:
+        return self._pairs.get((asker, target), 0) >= self.per_target_for(asker)
 
     # -- changing -----------------------------------------------------------------
     def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
@@ -105,16 +139,18 @@ class PendingCommands(Generic[E]):
         key = (commander, id)
         assert key not in self._table, f"{key} is already in flight"
         pending = Pending(commander, id, replier, command, asker, target,
-                          self.clock() + self.ttl)
+                          self.clock() + self.ttl_for(asker))
         self._table[key] = pending
         self._counts[asker] = self._counts.get(asker, 0) + 1
+        pair = (asker, target)
+        self._pairs[pair] = self._pairs.get(pair, 0) + 1
         return pending
 
     def close(self, commander: str, id: str) -> Pending[E] | None:
         """Forget a command (answered, or dropped before its destination saw it)."""
         pending = self._table.pop((commander, id), None)
         if pending is not None:
-            self._release(pending.asker)
+            self._release(pending)
         return pending
 
     def fail(self, gone: E) -> list[Pending[E]]:
@@ -124,10 +160,10 @@ class PendingCommands(Generic[E]):
         for key, pending in list(self._table.items()):
             if pending.asker == gone:
                 del self._table[key]
-                self._release(gone)
+                self._release(pending)
             elif pending.target == gone:
                 del self._table[key]
-                self._release(pending.asker)
+                self._release(pending)
                 orphans.append(pending)
         return orphans
 
@@ -138,13 +174,21 @@ class PendingCommands(Generic[E]):
         for key, pending in list(self._table.items()):
             if pending.deadline <= now:
                 del self._table[key]
-                self._release(pending.asker)
+                self._release(pending)
                 expired.append(pending)
         return expired
 
-    def _release(self, asker: E) -> None:
+    def _release(self, pending: Pending[E]) -> None:
+        # Endpoints come and go: no entry per dead one.
+        asker = pending.asker
         n = self._counts[asker] - 1
         if n:
             self._counts[asker] = n
         else:
-            del self._counts[asker]  # endpoints come and go: no entry per dead one
+            del self._counts[asker]
+        pair = (asker, pending.target)
+        n = self._pairs[pair] - 1
+        if n:
+            self._pairs[pair] = n
+        else:
+            del self._pairs[pair]

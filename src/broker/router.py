@@ -19,7 +19,8 @@ Rules, in order:
 3. ``dom0`` goes to the broker's dom0 side; a domain name to that domain's channel,
    if it is known and connected.
 4. A ``reponse`` must answer a command the broker saw go from its destination to its
-   source with that ``id``, and not yet answered: nobody can inject answers.
+   source with that ``id`` and that ``commande`` name, and not yet answered: nobody
+   can inject answers, nor relabel one as the answer to another command.
 5. The policy has the last word (answers to allowed commands always pass).
 
 :func:`dispatch` (the ``sender`` endpoint too): for the types in :data:`DISPATCHED`,
@@ -32,8 +33,10 @@ it returns the route's decision unchanged.
    the broker (:class:`Builtin`); it is never tracked.
 8. Any other ``commande`` is refused if its id is already in flight for its source,
    or if its sender has ``limit`` commands in flight; one to dom0 goes to the service
-   that registered its name (``commande_inconnue`` if none). It is then forwarded
-   and tracked until answered (:class:`Forward`).
+   that registered its name (``commande_inconnue`` if none); it is refused if its
+   sender has ``per_target`` commands in flight to that endpoint (one that never
+   answers holds only those slots). It is then forwarded and tracked until answered
+   (:class:`Forward`).
 """
 
 from __future__ import annotations
@@ -220,10 +223,11 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
                       f"domain {destination!r} is not connected")
     if kind == "reponse":
         id = message.id
-        if id is not None and view.pending.expects(destination, id, source):
+        if id is not None and view.pending.expects(destination, id, source, message.name):
             return _unicast(destination)
         return Refuse(UNSOLICITED, Code.REFUSE,
-                      "no command from the destination awaits this id", security=True)
+                      "no command from the destination awaits this id and command",
+                      security=True)
     verdict = view.policy.decide(source, destination, kind, message.name)
     if not verdict.allowed:
         return Refuse(DENIED, Code.REFUSE, verdict.reason, security=True)
@@ -255,13 +259,19 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
         return Refuse(DUPLICATE, Code.MESSAGE_INVALIDE,
                       f"a command with id {id!r} is already in flight")
     if pending.at_limit(sender):
-        return Refuse(TOO_MANY, Code.LIMITE, f"more than {pending.limit} commands in flight")
+        return Refuse(TOO_MANY, Code.LIMITE,
+                      f"more than {pending.limit_for(sender)} commands in flight")
     if target != DOM0:
-        return Forward(target, view.endpoint(target))
-    server = view.dom0_service(name)
-    if server is None:
-        return Refuse(UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE,
-                      f"no dom0 service serves {name!r}")
+        server = view.endpoint(target)
+    else:
+        found = view.dom0_service(name)
+        if found is None:
+            return Refuse(UNKNOWN_COMMAND, Code.COMMANDE_INCONNUE,
+                          f"no dom0 service serves {name!r}")
+        server = found
+    if pending.at_target_limit(sender, server):
+        return Refuse(TOO_MANY, Code.LIMITE,
+                      f"more than {pending.per_target_for(sender)} commands in flight to {target}")
     return Forward(target, server)
 
 

@@ -7,7 +7,7 @@ The protocol model and codec are importable without asyncio side effects::
 
 Every name below is imported on first use, from the module that defines it: importing
 the package (or ``messagerie.model``, ``messagerie.codec``...) loads neither asyncio
-nor pyserial nor structlog; ``from messagerie import Client`` loads the client.
+nor structlog; ``from messagerie import Client`` loads the client.
 """
 
 from __future__ import annotations

@@ -149,6 +149,12 @@ class BlockingClient:
             raise Disconnected("client is not open")
         return self._portal.call(coro)
 
+    def run(self, awaitable: Awaitable[T]) -> T:
+        """Run ``awaitable`` (a coroutine using :attr:`client`) on the client's loop and
+        return its result: how blocking wrappers of async helpers (``messagerie.socle``'s
+        typed calls) are written without a second implementation."""
+        return self._run(awaitable)
+
     def handler(self, name: str) -> Callable[[H], H]:
         """Decorator: serve ``name`` with a plain function (run in a worker thread) or an
         async function (run on the client's loop). Same semantics as

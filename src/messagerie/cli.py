@@ -46,11 +46,16 @@ EXIT_TIMEOUT: Final = 3
 EXIT_CHANNEL: Final = 4
 
 PATH_ENV: Final = "MESSAGERIE_PATH"
+TRACE_SOCKET: Final = Path("/run/messagerie/trace.sock")
 DEFAULT_TIMEOUT: Final = 10.0
 
 
 class UsageError(Exception):
     """Bad arguments: exit 2."""
+
+
+class ListenTimeout(Exception):
+    """``listen --timeout``: no message in time: exit 3."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,12 +79,47 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
                        help="this domain's name (default: $MESSAGERIE_DOMAINE, dom0 on a "
                             "unix socket, /etc/messagerie/domaine, xenstore-read name)")
     group.add_argument("--timeout", type=float, default=argparse.SUPPRESS if suppress
-                       else DEFAULT_TIMEOUT, metavar="SECONDS",
+                       else None, metavar="SECONDS",
                        help=f"how long to wait for a reply or the channel "
-                            f"(default {DEFAULT_TIMEOUT:g})")
+                            f"(default {DEFAULT_TIMEOUT:g}); for listen, how long to "
+                            f"wait for each message (default: forever)")
     group.add_argument("--debug", action="store_true",
                        default=argparse.SUPPRESS if suppress else False,
                        help="log the client's events and show tracebacks")
+
+
+#: What ``--help`` shows under "examples", per subcommand (the first ones also in the
+#: main ``--help``).
+EXAMPLES: Final[dict[str, list[str]]] = {
+    "notify": ["messagerie notify tous domaine etat --set pret=true",
+               "messagerie notify vm-ui fichier etat --data '{\"fichier\": \"a.pdf\"}'"],
+    "send": ["messagerie send '{\"type\": \"notification\", \"destination\": \"tous\", "
+             "\"categorie\": \"domaine\", \"evenement\": \"etat\", \"data\": {}}'"],
+    "command": ["messagerie command vm-sys-usb lister_disques --timeout 5",
+                "messagerie command vm-sys-usb lister_fichiers --set disque=sda"],
+    "listen": ["messagerie listen --type notification --source vm-sys-usb",
+               "messagerie listen --count 1 --timeout 5    # exit 3 if nothing in 5 s"],
+    "ping": ["messagerie ping"],
+    "status": ["messagerie status", "messagerie status --json"],
+    "schema": ["messagerie schema > message.schema.json",
+               "messagerie schema --socle > socle.schema.json"],
+    "trace": ["messagerie trace --domaine vm-sys-usb",
+              "messagerie trace --verdict refused --json",
+              "messagerie trace --type commande --nom liste_disques --payload"],
+}
+
+
+class ExampleFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped as usual; the examples epilog kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _examples(lines: list[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,13 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="messagerie",
         description="Send notifications and commands, and listen, over a messagerie "
                     "channel (a DomU's pv-channel or dom0's broker socket).",
-        epilog="exit status: 0 ok, 1 error reply, 2 usage error, 3 timeout, "
-               "4 channel problem")
+        epilog=_examples([e for name in EXAMPLES for e in EXAMPLES[name][:1]])
+        + "\n\nexit status: 0 ok, 1 error reply, 2 usage error, 3 timeout, "
+          "4 channel problem",
+        formatter_class=ExampleFormatter)
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description)
+        p = sub.add_parser(name, help=help, description=description,
+                           epilog=_examples(EXAMPLES[name]),
+                           formatter_class=ExampleFormatter)
         _common(p, suppress=True)
         return p
 
@@ -139,8 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print both results as JSON")
     p.set_defaults(run=_status)
 
+    p = add("trace", "watch the broker's traffic live (dom0, members of [trace] groupe)",
+            "Print every message the broker routes, refuses, filters or drops, one line "
+            "each: time, source -> destination, type, name, id, size, verdict and "
+            "targets or rule. Reads the broker's trace socket (--path, default "
+            f"{TRACE_SOCKET}); a monitor that reads too slowly loses events, counted "
+            "and shown, and never slows the routing.")
+    p.add_argument("--domaine", metavar="DOMAIN", help="only messages from or to DOMAIN")
+    p.add_argument("--type", choices=["notification", "commande", "reponse", "journal"])
+    p.add_argument("--nom", metavar="NAME", help="only this category, command or component")
+    p.add_argument("--verdict", choices=["routed", "refused", "filtered", "dropped"])
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--payload", action="store_true",
+                   help="show payloads too (off by default; the broker logs it as a "
+                        "security event)")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    p.set_defaults(run=_trace)
+
     p = add("schema", "print the JSON Schema of messages",
-            "Print the JSON Schema that every message follows.")
+            "Print the JSON Schema that every message follows (--socle: the socle's "
+            "commands' arguments and results, and its notifications' data).")
+    p.add_argument("--socle", action="store_true",
+                   help="the socle's catalogue instead (docs/schema/socle.schema.json)")
     p.set_defaults(run=_schema, offline=True)
     return parser
 
@@ -192,9 +256,14 @@ def resolve_path(args: argparse.Namespace) -> Path:
     return domu_channel_path()
 
 
+def _wait(args: argparse.Namespace) -> float:
+    """--timeout for a reply or the channel (listen uses it for messages too)."""
+    return DEFAULT_TIMEOUT if args.timeout is None else float(args.timeout)
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.name, path=resolve_path(args), timeout=args.timeout,
-                  connect_timeout=args.timeout, reconnect=False)
+    return Client(args.name, path=resolve_path(args), timeout=_wait(args),
+                  connect_timeout=_wait(args), reconnect=False)
 
 
 def _print_json(value: Any) -> None:
@@ -219,7 +288,7 @@ async def _send(args: argparse.Namespace) -> int:
     msg = from_dict(obj)
     async with client:
         if isinstance(msg, Commande) and not args.no_wait:
-            rep = await client.request(msg, timeout=args.timeout)
+            rep = await client.request(msg, timeout=_wait(args))
             _print_json(rep.resultat)
         else:
             await client.send(msg)
@@ -230,7 +299,7 @@ async def _command(args: argparse.Namespace) -> int:
     arguments = _object(args, "--args")
     async with _client(args) as client:
         rep = await client.command(args.destination, args.commande, arguments,
-                                    timeout=args.timeout)
+                                    timeout=_wait(args))
     _print_json(rep.resultat)
     return EXIT_OK
 
@@ -240,23 +309,107 @@ async def _listen(args: argparse.Namespace) -> int:
         raise UsageError("--count: expected a positive number")
     client = _client(args)
     client.reconnect = True  # a listener outlives broker restarts
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout: expected a positive number of seconds")
     seen = 0
     async with client:
-        async for msg in client.messages(type=args.type, categorie=args.categorie,
-                                         source=args.source):
+        stream = client.messages(type=args.type, categorie=args.categorie,
+                                 source=args.source)
+        while args.count is None or seen < args.count:
+            try:
+                async with asyncio.timeout(args.timeout):  # None: forever
+                    msg = await anext(stream)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                # Done when something was printed and no --count asked for more.
+                if args.count is None and seen:
+                    return EXIT_OK
+                raise ListenTimeout(
+                    f"no message in {args.timeout:g} s"
+                    + (f" ({seen} of {args.count} received)" if args.count else "")
+                ) from None
             line = msg.raw if msg.raw is not None else encode(msg)[:-1]
             sys.stdout.write(line.decode() + "\n")
             sys.stdout.flush()
             seen += 1
-            if args.count is not None and seen >= args.count:
-                break
     return EXIT_OK
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count: expected a positive number")
+    path = Path(args.path) if args.path else TRACE_SOCKET
+    try:
+        async with asyncio.timeout(_wait(args)):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
+    except (OSError, TimeoutError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        hint = (" (is [trace] groupe set in broker.toml, and are you in that group?)"
+                if isinstance(exc, FileNotFoundError | PermissionError) else "")
+        raise ChannelError(getattr(exc, "errno", None) or 0, f"{text}{hint}",
+                           str(path)) from None
+    subscription = {"domaine": args.domaine, "type": args.type, "nom": args.nom,
+                    "verdict": args.verdict, "payload": args.payload}
+    writer.write(json.dumps({k: v for k, v in subscription.items() if v}).encode() + b"\n")
+    seen = 0
+    try:
+        while args.count is None or seen < args.count:
+            try:
+                async with asyncio.timeout(args.timeout):
+                    line = await reader.readline()
+            except TimeoutError:
+                if args.count is None and seen:
+                    return EXIT_OK
+                raise ListenTimeout(f"no trace event in {args.timeout:g} s") from None
+            if not line:
+                raise Disconnected("the broker closed the trace socket")
+            event = json.loads(line)
+            if "trace" in event:
+                if event["trace"] != "ok":
+                    raise UsageError(f"trace: {event.get('message')}")
+                continue
+            if not args.json:
+                sys.stdout.write(format_trace(event) + "\n")
+            else:
+                sys.stdout.write(line.decode())
+            sys.stdout.flush()
+            if "perdus" not in event:
+                seen += 1
+    finally:
+        writer.close()
+    return EXIT_OK
+
+
+def format_trace(event: dict[str, Any]) -> str:
+    """One ``trace`` line: ``HH:MM:SS.mmm source -> destination type name id size
+    verdict targets-or-rule``."""
+    if "perdus" in event:
+        return f"# {event['perdus']} events lost: this monitor read too slowly"
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+    millis = int((event.get("time", 0) % 1) * 1000)
+    verdict = str(event.get("verdict", "?"))
+    if verdict == "routed":
+        outcome = "-> " + ",".join(event.get("targets") or [])
+    elif verdict == "filtered":
+        outcome = f"denied to {','.join(event.get('denied') or [])}: {event.get('rule')}"
+    elif verdict == "dropped":
+        outcome = f"{event.get('why')} at {','.join(event.get('targets') or [])}"
+    else:
+        outcome = f"{event.get('why')}: {event.get('rule')}"
+    line = (f"{stamp}.{millis:03d} {event.get('source')} -> {event.get('destination')} "
+            f"{event.get('type')} {event.get('name') or '-'} id={event.get('id') or '-'} "
+            f"{event.get('size')}B {verdict.upper()} {outcome}")
+    if "payload" in event:
+        line += f" payload={event['payload']}"
+    # What domains sent reaches a terminal: no control character goes there raw.
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)
 
 
 async def _ping(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         start = time.perf_counter()
-        rep = await client.command(DOM0, "ping", timeout=args.timeout)
+        rep = await client.command(DOM0, "ping", timeout=_wait(args))
         elapsed = time.perf_counter() - start
     info = rep.resultat if isinstance(rep.resultat, dict) else {}
     details = [f"{k} {info[k]}" for k in ("version", "uptime") if k in info]
@@ -268,8 +421,8 @@ async def _ping(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         domaines, stats = await asyncio.gather(
-            client.command(DOM0, "domaines", timeout=args.timeout),
-            client.command(DOM0, "statistiques", timeout=args.timeout))
+            client.command(DOM0, "domaines", timeout=_wait(args)),
+            client.command(DOM0, "statistiques", timeout=_wait(args)))
     if args.json:
         _print_json({"domaines": domaines.resultat, "statistiques": stats.resultat})
     else:
@@ -326,6 +479,10 @@ def _duration(seconds: Any) -> str:
 
 
 async def _schema(args: argparse.Namespace) -> int:
+    if args.socle:
+        from . import socle  # the same bytes as docs/schema/socle.schema.json
+        sys.stdout.write(socle.render())
+        return EXIT_OK
     from .schema import render  # loaded on demand: the other subcommands do not need it
 
     # The same bytes as docs/schema/messagerie.schema.json.
@@ -362,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR_REPLY
+    except ListenTimeout as exc:  # an expected end, not a failure to trace
+        return _fail(EXIT_TIMEOUT, f"timeout: {exc}")
     except CommandTimeout as exc:
         if args.debug:
             raise

@@ -45,8 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import structlog
-
+from . import log as _events
 from .channel import ChannelError, channel_kind, domu_channel_path, open_channel
 from .codec import MAX_FRAME, encode
 from .connection import Connection
@@ -59,7 +58,7 @@ from .vocabulary import Code
 if TYPE_CHECKING:
     from .blocking import BlockingClient
 
-log = structlog.get_logger("messagerie.client")
+log = _events.get_logger("messagerie.client")
 
 DOM0_SOCKET: Final = Path("/run/messagerie/dom0.sock")
 """Where the broker listens for dom0 services."""
@@ -304,7 +303,7 @@ class Client:
             self.path, lambda: Connection(self._dispatch, self._connection_lost,
                                           max_frame=self.max_frame, domain=self.name),
             exclusive=exclusive)
-        # pyserial-asyncio calls connection_made() on the next loop iteration.
+        # The channel transport calls connection_made() on the next loop iteration.
         conn.transport = transport
         transport.set_write_buffer_limits(high=self.write_buffer_high)
         self._conn = conn

@@ -18,18 +18,11 @@ from typing import Any, Final, Generic, TypeVar, overload
 
 import msgspec
 
-from .model import (
-    ENVELOPE_FIELDS,
-    MESSAGE_TYPES,
-    TOUS,
-    Message,
-    MessageInvalide,
-    Reason,
-    _type_name,
-    check_name,
-    check_unambiguous,
-    valid_name_or_tous,
-)
+from . import wire
+from .errors import MessageInvalide, Reason
+from .model import MESSAGE_TYPES, Message
+from .wire import ENVELOPE_FIELDS, MODEL_TWINS, Kind, accepts, check_object
+from .wire import type_name as _type_name
 
 MAX_FRAME: Final = 64 * 1024
 """Default cap on one frame, newline excluded."""
@@ -94,9 +87,11 @@ def _strip(line: bytes | bytearray | memoryview | str) -> bytes:
     return line
 
 
-def _decode_object(line: bytes) -> dict[str, Any]:
-    """Parse one frame (UTF-8 and JSON syntax throughout) into a dict."""
-    check_depth(line)
+def _decode_object(line: bytes, *, checked: bool = False) -> dict[str, Any]:
+    """Parse one frame (UTF-8 and JSON syntax throughout) into a dict (``checked``: its
+    depth was checked already)."""
+    if not checked:
+        check_depth(line)
     try:
         obj = _json_decode(line)
     except (UnicodeDecodeError, msgspec.DecodeError, RecursionError) as exc:
@@ -175,7 +170,33 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
     line = _strip(line)
-    return _from_object(_decode_object(line), line)
+    check_depth(line)
+    # The common frame, compact with the keys in encode()'s order, straight into the
+    # wire's Structs: it re-encodes to itself, so no key was repeated or unknown.
+    try:
+        s = _decode_twin(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        s = None
+    if s is not None and _json_encode(s) == line:
+        kind = MODEL_TWINS[type(s)]
+        if accepts(s, kind) is not None:
+            return _message(kind, s.source, s.destination, _payload(kind, s.payload), line)
+    # Anything else (unknown keys, another order, spaces, a refusal to explain) as an
+    # object, which keeps every key; the Struct already decoded spares a conversion.
+    return _from_object(_decode_object(line, checked=True), line, s)
+
+
+_decode_twin = msgspec.json.Decoder(wire.union(MODEL_TWINS)).decode
+_asdict = msgspec.structs.asdict
+_UNSET = msgspec.UNSET
+
+
+def _payload(kind: Kind, p: Any) -> dict[str, Any]:
+    payload = _asdict(p)
+    for field in kind.optional:
+        if payload[field] is _UNSET:  # an optional field that was absent stays absent
+            del payload[field]
+    return payload
 
 
 def from_dict(obj: dict[str, Any]) -> Message:
@@ -183,55 +204,22 @@ def from_dict(obj: dict[str, Any]) -> Message:
     return _from_object(obj, None)
 
 
-def _from_object(obj: dict[str, Any], line: bytes | None, *,
-                 duplicates: Callable[[bytes, dict[str, Any]], None] = _check_duplicates,
-                 ) -> Message:
-    kind = obj.get("type")
-    cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
-    if cls is None:
-        if kind is None:
-            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "type")
-        if type(kind) is not str:
-            raise MessageInvalide(Reason.WRONG_TYPE,
-                                  f"expected a string, got {_type_name(kind)}", "type")
-        raise MessageInvalide(Reason.UNKNOWN_TYPE,
-                              f"{kind[:40]!r} is not one of {', '.join(MESSAGE_TYPES)}", "type")
-    source = obj.get("source")
-    destination = obj.get("destination")
-    payload = obj.get("payload")
-    # Fast path for the common case; check_name() explains anything unusual.
-    names = valid_name_or_tous.seen
-    try:
-        known = source in names and destination in names
-    except TypeError:  # a list or an object is unhashable: explained below
-        known = False
-    if not known or source == TOUS:
-        if source is None:
-            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "source")
-        check_name(source, "source")
-        if destination is None:
-            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing",
-                                  "destination")
-        check_name(destination, "destination", broadcast=True)
-    if destination == TOUS and not cls.broadcastable:
-        raise MessageInvalide(Reason.BAD_NAME, f"a {kind} cannot be sent to {TOUS!r}",
-                              "destination")
-    if type(payload) is not dict:
-        if payload is None:
-            raise MessageInvalide(Reason.MISSING_FIELD, "required field is missing", "payload")
-        raise MessageInvalide(Reason.WRONG_TYPE, f"expected an object, got {_type_name(payload)}",
-                              "payload")
+def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None) -> Message:
     if line is not None:
-        duplicates(line, obj)
-    cls.check_payload(payload)
-    cls.check_keys(payload)
-    if len(obj) > 4:
-        check_unambiguous(obj, ENVELOPE_FIELDS, "")
+        _check_duplicates(line, obj)
+    kind = check_object(obj, s)
+    extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
+    return _message(kind, obj["source"], obj["destination"], obj["payload"], line, extra=extra)
+
+
+def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],
+             line: bytes | None, *, extra: dict[str, Any] | None = None) -> Message:
+    cls = MESSAGE_TYPES[kind.tag]
     msg = cls.__new__(cls)
-    msg.source = source  # type: ignore[assignment]
-    msg.destination = destination  # type: ignore[assignment]
+    msg.source = source
+    msg.destination = destination
     msg.payload = payload
-    msg.extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
+    msg.extra = extra or {}
     msg.raw = line
     return msg
 

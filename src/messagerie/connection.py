@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import structlog
-
+from . import log as _events
 from .codec import FrameDecoder, FrameError
 from .errors import Disconnected
 from .model import Message
 
-log = structlog.get_logger("messagerie.client")
+log = _events.get_logger("messagerie.client")
 
 
 class Connection(asyncio.Protocol):

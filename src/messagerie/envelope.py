@@ -17,12 +17,15 @@
   the receiver, whose :func:`messagerie.decode` refuses it. The relay decides nothing
   on them, so it cannot be misled by them.
 
-The common frame, compact JSON with the keys in the order :func:`messagerie.encode`
-writes them, is decoded into C structures with the contents left as raw bytes and
-checked by re-encoding: 1.4 us for a mouse move against 2.0 for :func:`messagerie.decode`,
-0.8 to 1.0 us when :func:`decode_runs` checks a read's frames together. Anything else
-(other key orders, spaces, escapes, unknown keys) takes an exact slow path that keeps
-the contents raw too: both paths accept and refuse the same frames.
+The frame is decoded into the wire's own Structs (:mod:`messagerie.wire`, without their
+patterns, which are checked against a memo) with the contents left as raw bytes. When it
+re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
+that is the whole check; :func:`decode_runs` does the same for all the frames of a read
+in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
+to explain) takes the exact path, which validates the frame as an object the way
+:func:`messagerie.decode` does, reading only the envelope's levels for repeated keys;
+when a full decode fails there, the contents are kept raw (a number Python cannot hold
+is the receiver's call), so both paths accept and refuse the same frames.
 """
 
 from __future__ import annotations
@@ -30,56 +33,39 @@ from __future__ import annotations
 import json
 from itertools import repeat
 from operator import eq, methodcaller
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import msgspec
-from msgspec import UNSET, Raw, Struct, UnsetType
+from msgspec import Raw, Struct
 
-from .codec import (
-    MAX_DEPTH,
-    _decode_object,
-    _from_object,
-    _json_decode,
-    _parse_error,
-    _strip,
-    check_depth,
-    decode,
-    utf8_error,
-)
-from .model import (
-    DOM0,
-    ERREUR_FIELDS,
-    MESSAGE_TYPES,
-    TOUS,
-    Message,
-    MessageInvalide,
-    Reason,
-    _valid_token,
-    valid_name_or_tous,
-)
+from . import wire
+from .codec import MAX_DEPTH, _decode_object, _json_decode, _strip, check_depth, decode, utf8_error
+from .errors import MessageInvalide, Reason
+from .model import Message
+from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object, is_object
 
 _OPEN_BRACE: Final = ord("{")
-_NULL: Final = Raw(b"null")
 
 
-class Envelope:
+class _Envelope(Struct, gc=False, eq=False):
+    type: str
+    source: str
+    destination: str
+
+
+class Envelope(_Envelope, kw_only=True, gc=False, eq=False):
     """A frame whose envelope was validated: what routing, policy and logs need.
 
     ``name`` is what the policy calls the message (category, command or component),
     ``id`` the correlation id of a ``commande`` or ``reponse`` (else ``None``), ``raw``
-    the frame's exact bytes (without the newline), to forward unchanged.
+    the frame's exact bytes (without the newline), to forward unchanged. A Struct: one
+    is built per frame on the relay's hot path, in C (compared and hashed by identity,
+    as any object).
     """
 
-    __slots__ = ("destination", "id", "name", "raw", "source", "type")
-
-    def __init__(self, type: str, source: str, destination: str, *, name: str | None,
-                 id: str | None, raw: bytes) -> None:
-        self.type = type
-        self.source = source
-        self.destination = destination
-        self.name = name
-        self.id = id
-        self.raw = raw
+    name: str | None
+    id: str | None
+    raw: bytes
 
     @classmethod
     def of(cls, message: Message, raw: bytes | None = None) -> Envelope:
@@ -95,121 +81,35 @@ class Envelope:
                 f"destination={self.destination!r}, name={self.name!r}, id={self.id!r})")
 
 
-# -- the fast path: the canonical frame as C structures ----------------------------------
-# Field order is messagerie.encode()'s: a frame in that form re-encodes to itself, which
-# proves that no key was repeated (a repeat would have collapsed) and none was unknown
-# (it would have been skipped). Contents are Raw: syntax-checked, not built.
+# -- the fast path: the canonical frame straight into the wire's Structs ----------------
+# Contents are Raw: syntax-checked, not built. A frame in encode()'s form re-encodes to
+# itself, which proves that no key was repeated (a repeat would have collapsed) and none
+# was unknown (it would have been skipped).
 
-class _NotificationPayload(Struct):
-    categorie: str
-    evenement: str
-    data: Raw | UnsetType = UNSET
-
-
-class _CommandePayload(Struct):
-    id: str
-    commande: str
-    arguments: Raw | UnsetType = UNSET
-
-
-class _Erreur(Struct):
-    code: str
-    message: str
-
-
-class _ReponsePayload(Struct):
-    id: str
-    commande: str
-    statut: str
-    resultat: Raw | UnsetType = UNSET
-    erreur: _Erreur | UnsetType = UNSET
-
-
-class _Notification(Struct, tag_field="type", tag="notification"):
-    kind: ClassVar[str] = "notification"
-    source: str
-    destination: str
-    payload: _NotificationPayload
-
-
-class _Commande(Struct, tag_field="type", tag="commande"):
-    kind: ClassVar[str] = "commande"
-    source: str
-    destination: str
-    payload: _CommandePayload
-
-
-class _Reponse(Struct, tag_field="type", tag="reponse"):
-    kind: ClassVar[str] = "reponse"
-    source: str
-    destination: str
-    payload: _ReponsePayload
-
-
-_fast_decode = msgspec.json.Decoder(_Notification | _Commande | _Reponse).decode
+_TWINS: Final = wire.twins(Raw)
+_fast_decode = msgspec.json.Decoder(wire.union(_TWINS)).decode
+_fast_decode_list = msgspec.json.Decoder(list[wire.union(_TWINS)]).decode  # type: ignore[misc]
 _fast_encode = msgspec.json.Encoder().encode
+_JOURNAL: Final = wire.KINDS["journal"]
+assert all(k.object_field == "data" for k in wire.KINDS.values() if k.simple)  # see below
 
 
-def _is_object(raw: Raw | UnsetType) -> bool:
-    """An optional object: absent, ``null`` or ``{...}`` (``Raw`` keeps the exact
-    bytes of the value, which in a canonical frame start with its first character)."""
-    return raw is UNSET or memoryview(raw)[0] == _OPEN_BRACE or raw == _NULL
-
-
-def _fast(line: bytes) -> Envelope | None:
-    """The envelope of a canonical, valid frame; ``None`` means "take the exact path"
-    (which explains refusals: this one only accepts)."""
-    if not line.startswith(b'{"type":"'):
-        return None  # not canonical (the tag comes first): spare junk a failed parse
-    try:
-        s = _fast_decode(line)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope | None:
+    """The envelope of the loose-decoded canonical frame ``s``, if valid."""
+    key = accepts(s, kind)
+    if key is None:
         return None
-    if _fast_encode(s) != line:
-        return None
-    if not _utf8(line):
-        return None
-    return _checked(s, line)
+    return _build(kind, key, s, raw)
+
+
+def _build(kind: Kind, key: tuple[str, ...], s: Any, raw: bytes) -> Envelope:
+    return Envelope(kind.tag, key[0], key[1], name=key[2],
+                    id=s.payload.id if kind.has_id else None, raw=raw)
 
 
 def _utf8(data: bytes) -> bool:
     """Valid UTF-8? (Raw contents are not decoded, so it is checked here.)"""
     return data.isascii() or utf8_error(data) is None
-
-
-def _checked(s: _Notification | _Commande | _Reponse, line: bytes) -> Envelope | None:
-    """The envelope of a decoded canonical frame if its values are valid."""
-    source = s.source
-    destination = s.destination
-    names = valid_name_or_tous.seen
-    if source not in names or destination not in names or source == TOUS:
-        return None
-    tokens = _valid_token.seen
-    p = s.payload
-    if type(p) is _NotificationPayload:
-        if p.categorie in tokens and p.evenement in tokens and _is_object(p.data):
-            return Envelope("notification", source, destination, name=p.categorie, id=None,
-                            raw=line)
-        return None
-    if destination == TOUS:
-        return None  # a commande or reponse is never broadcast: explained by the exact path
-    if type(p) is _CommandePayload:
-        if p.commande in tokens and _valid_id(p.id) and _is_object(p.arguments):
-            return Envelope("commande", source, destination, name=p.commande, id=p.id,
-                            raw=line)
-        return None
-    assert type(p) is _ReponsePayload
-    if not (p.commande in tokens and _valid_id(p.id)):
-        return None
-    ok = p.erreur is UNSET and p.statut == "ok"
-    # An error carries no resultat (such a frame is explained by the exact path).
-    failed = p.erreur is not UNSET and p.statut == "erreur" and p.resultat is UNSET
-    if ok or failed:
-        return Envelope("reponse", source, destination, name=p.commande, id=p.id, raw=line)
-    return None
-
-
-_fast_decode_list = msgspec.json.Decoder(list[_Notification | _Commande | _Reponse]).decode
 
 
 class Run:
@@ -257,52 +157,40 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         return None  # not aligned, not canonical, or an empty line made ",,"
     if not _utf8(framed):
         return None
-    same = _same_envelope(lines, decoded)
+    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])])
     if same is not None:
         return [same]
-    names = valid_name_or_tous.seen
-    tokens = _valid_token.seen
     out: list[Envelope | Run] = []
     start = 0  # first line of the current run
-    key: tuple[str, str, str] | None = None
+    key: tuple[str, ...] | None = None
     for i, s in enumerate(decoded):
-        p = s.payload
-        if type(p) is _NotificationPayload:
-            source, destination, categorie = s.source, s.destination, p.categorie
-            if not (p.evenement in tokens and _is_object(p.data)):
-                return None
-            if key is not None and key[0] == source and key[1] == destination \
-                    and key[2] == categorie:
+        kind = _TWINS[type(s)]
+        valid = accepts(s, kind) if kind is not _JOURNAL else None  # journals: one by one
+        if valid is None:
+            return None
+        if kind is _NOTIFICATION and s.destination not in (TOUS, DOM0):
+            here = valid[:3]  # source, destination, categorie
+            if here == key:
                 continue  # the run goes on
-            if (source not in names or destination not in names or categorie not in tokens
-                    or source == TOUS):
-                return None
             if key is not None:
                 _close_run(out, lines, decoded, start, i)
-            if destination in (TOUS, DOM0):
-                key = None
-                out.append(Envelope("notification", source, destination, name=categorie,
-                                    id=None, raw=lines[i]))
-                start = i + 1
-            else:
-                key = (source, destination, categorie)
-                start = i
+            key = here
+            start = i
             continue
         if key is not None:
             _close_run(out, lines, decoded, start, i)
             key = None
-        envelope = _checked(s, lines[i])
-        if envelope is None:
-            return None
-        out.append(envelope)
+        out.append(_build(kind, valid, s, lines[i]))
         start = i + 1
     if key is not None:
         _close_run(out, lines, decoded, start, len(lines))
     return out
 
 
-def _same_envelope(lines: list[bytes],
-                   decoded: list[_Notification | _Commande | _Reponse]) -> Run | None:
+_NOTIFICATION: Final = wire.KINDS["notification"]
+
+
+def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | None:
     """The common case at the cost of one check per frame in C: every frame starts with
     the same bytes up to its ``"data":{``, so all have the first one's envelope
     (type, source, destination, categorie, evenement; contents an object)."""
@@ -310,48 +198,40 @@ def _same_envelope(lines: list[bytes],
     cut = first.find(b',"data":{')
     # In a canonical notification the first ``,"data":{`` is the payload's: names and
     # tokens cannot contain a quote.
-    if cut < 0 or len(lines) < 2 or type(decoded[0]) is not _Notification:
+    if cut < 0 or len(lines) < 2 or kind is not _NOTIFICATION:
         return None
     prefix = first[:cut + 9]
     if sum(map(methodcaller("startswith", prefix), lines)) != len(lines):
         return None
-    envelope = _checked(decoded[0], first)
+    envelope = _envelope(decoded[0], kind, first)
     if envelope is None or envelope.destination in (TOUS, DOM0):
         return None
     return Run(envelope, len(lines), b"\n".join(lines) + b"\n")
 
 
-def _close_run(out: list[Envelope | Run], lines: list[bytes],
-               decoded: list[_Notification | _Commande | _Reponse], start: int, end: int) -> None:
+def _close_run(out: list[Envelope | Run], lines: list[bytes], decoded: list[Any],
+               start: int, end: int) -> None:
     s = decoded[start]
-    envelope = Envelope("notification", s.source, s.destination,
-                        name=s.payload.categorie,  # type: ignore[union-attr]
-                        id=None, raw=lines[start])
+    envelope = _build(_NOTIFICATION, (s.source, s.destination, s.payload.categorie), s,
+                      lines[start])
     if end - start == 1:
         out.append(envelope)
     else:
         out.append(Run(envelope, end - start, b"\n".join(lines[start:end]) + b"\n"))
 
 
-def _valid_id(value: str) -> bool:
-    # The id check of messagerie.model, inlined: 1-64 printable ASCII, no space.
-    return 0 < len(value) <= 64 and value.isascii() and value.isprintable() and " " not in value
-
-
 # -- the exact path -----------------------------------------------------------------------
 # For frames the fast path does not take (other key orders, spaces, escapes, unknown
-# keys, a cold memo). Same verdicts: contents stay raw here too, so a number or a key
-# inside them is judged the same way whichever path a frame takes.
+# keys, a refusal to explain). Same verdicts: the envelope's values are decoded, the
+# contents replaced by stand-ins of their JSON kind, and the object is validated as
+# messagerie.decode() validates one; so a number or a key inside the contents is judged
+# the same way whichever path a frame takes.
 
 _decode_map = msgspec.json.Decoder(dict[str, Raw]).decode
-CONTENTS: Final = frozenset(("data", "arguments", "resultat", "erreur"))
-"""Payload fields left raw by the envelope check (a reponse's ``erreur`` is then read
-for its ``code`` and ``message``)."""
-_ENVELOPE_FIELDS: Final = {kind: cls.payload_fields - CONTENTS
-                           for kind, cls in MESSAGE_TYPES.items()}
 _KIND_OF_FIRST_BYTE: Final[dict[int, Any]] = {
     ord("{"): {}, ord("["): [], ord('"'): "", ord("t"): True, ord("f"): False,
     ord("n"): None}
+_TOP_FIELDS: Final = frozenset(("type", "source", "destination"))
 
 
 def _placeholder(raw: Raw) -> Any:
@@ -366,68 +246,64 @@ def _value(raw: Raw) -> Any:
         raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
 
 
-def _map(raw: Raw) -> dict[str, Raw] | None:
-    return _decode_map(raw) if memoryview(raw)[0] == _OPEN_BRACE else None
+def _map(raw: Raw | None) -> dict[str, Raw] | None:
+    return _decode_map(raw) if raw is not None and memoryview(raw)[0] == _OPEN_BRACE else None
 
 
-def _slow(line: bytes) -> Envelope:
+def _level(raw: dict[str, Raw], read: frozenset[str]) -> dict[str, Any]:
+    return {k: _value(v) if k in read else _placeholder(v) for k, v in raw.items()}
+
+
+def _exact(line: bytes, s: Any) -> Envelope:
+    """The exact path; ``s`` is the frame decoded into a twin, if it could be."""
     try:
         obj = _json_decode(line)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        if isinstance(exc, msgspec.DecodeError) and "out of range" in str(exc):
-            # Valid JSON with a number Python cannot hold: it may be in the contents,
-            # which are the receiver's: decide with the contents kept raw.
-            return _slow_raw(line)
-        raise _parse_error(exc, line) from None  # junk: one parse, as decode() does
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        # Perhaps valid JSON with a number Python cannot hold, which may be in the
+        # contents (the receiver's call): decide with the contents kept raw.
+        return _exact_raw(line)
     if type(obj) is not dict:
-        _decode_object(line)  # raises: not an object, named as decode() names it
-    message = _from_object(obj, line, duplicates=_compact_or_no_repeat)
-    return Envelope.of(message, line)
-
-
-def _compact_or_no_repeat(line: bytes, obj: dict[str, Any]) -> None:
+        _decode_object(line, checked=True)  # raises: not an object, as decode() says it
     if _fast_encode(obj) != line:  # re-encodes to itself: nothing repeated anywhere
-        _envelope_duplicates(line)
+        _envelope_duplicates(line)  # not compact, or a key collapsed: find out exactly
+    return _checked(obj, line, s)
 
 
-def _slow_raw(line: bytes) -> Envelope:
+def _checked(obj: dict[str, Any], line: bytes, s: Any = None) -> Envelope:
+    kind = check_object(obj, s)
+    p = obj["payload"]
+    return Envelope(kind.tag, obj["source"], obj["destination"], name=p[kind.name_field],
+                    id=p["id"] if kind.has_id else None, raw=line)
+
+
+def _exact_raw(line: bytes) -> Envelope:
     try:
         top = _decode_map(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         # Not a JSON object: explained as decode() explains it (same reason, same
         # place: which of two faults comes first depends on the parser's path).
-        _decode_object(line)
+        _decode_object(line, checked=True)
         raise MessageInvalide(Reason.INVALID_JSON, f"invalid JSON: {exc}") from None
     error = utf8_error(line)  # UTF-8 throughout: raw contents are not decoded
     if error is not None:
         raise error
-    obj: dict[str, Any] = {k: _value(v) if k in ("type", "source", "destination")
-                           else _placeholder(v) for k, v in top.items()}
-    levels: list[tuple[str, dict[str, Raw], bytes]] = [("", top, line)]
+    obj = _level(top, _TOP_FIELDS)
+    levels: list[tuple[dict[str, Raw], bytes]] = [(top, line)]
     raw_payload = top.get("payload")
-    payload_map = _map(raw_payload) if raw_payload is not None else None
+    payload_map = _map(raw_payload)
     if payload_map is not None:
-        assert raw_payload is not None
-        levels.append(("payload.", payload_map, bytes(raw_payload)))
-        kind = obj.get("type")
-        fields = _ENVELOPE_FIELDS.get(kind, frozenset()) if type(kind) is str else frozenset()
-        payload = {k: _value(v) if k in fields else _placeholder(v)
-                   for k, v in payload_map.items()}
-        raw_erreur = payload_map.get("erreur") if obj.get("type") == "reponse" else None
-        erreur_map = _map(raw_erreur) if raw_erreur is not None else None
-        if erreur_map is not None:
-            assert raw_erreur is not None
-            levels.append(("payload.erreur.", erreur_map, bytes(raw_erreur)))
-            payload["erreur"] = {k: _value(v) if k in ERREUR_FIELDS else _placeholder(v)
-                                 for k, v in erreur_map.items()}
-        obj["payload"] = payload
-
-    def duplicates(line: bytes, obj: dict[str, Any]) -> None:
-        if any(_fast_encode(m) != raw for _, m, raw in levels):
-            _envelope_duplicates(line)  # not compact, or a key collapsed: find out exactly
-
-    message = _from_object(obj, line, duplicates=duplicates)
-    return Envelope.of(message, line)
+        levels.append((payload_map, bytes(raw_payload)))  # type: ignore[arg-type]
+        kind = wire.KINDS.get(obj["type"]) if type(obj.get("type")) is str else None
+        payload = obj["payload"] = _level(payload_map, kind.read if kind else frozenset())
+        if kind is not None and kind.with_erreur:
+            raw_erreur = payload_map.get("erreur")
+            erreur_map = _map(raw_erreur)
+            if erreur_map is not None:
+                levels.append((erreur_map, bytes(raw_erreur)))  # type: ignore[arg-type]
+                payload["erreur"] = _level(erreur_map, ERREUR_FIELDS)
+    if any(_fast_encode(m) != raw for m, raw in levels):
+        _envelope_duplicates(line)  # not compact, or a key collapsed: find out exactly
+    return _checked(obj, line)
 
 
 def _envelope_duplicates(line: bytes) -> None:
@@ -465,10 +341,20 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
     check_depth(line)  # before any parser meets its own limit
-    envelope = _fast(line)
-    if envelope is not None:
-        return envelope
-    return _slow(line)
+    try:
+        s = _fast_decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return _exact(line, None)  # explained there
+    if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
+        kind = _TWINS[type(s)]
+        key = kind.key(s)
+        if kind.simple and key in kind.known and is_object(s.payload.data):
+            # accepts(), inlined for the common frame (simple kinds have a data field)
+            return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
+        envelope = _envelope(s, kind, line)
+        if envelope is not None:
+            return envelope
+    return _exact(line, s)  # not canonical, or to explain
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

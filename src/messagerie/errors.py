@@ -1,29 +1,61 @@
 """The exceptions of messagerie, in one hierarchy.
 
-Pure: no I/O and no import of the rest of the package at run time, so that
-``model.py`` can derive :class:`~messagerie.model.MessageInvalide` from
-:class:`MessagerieError` and stay free of asyncio::
+Pure: no I/O and no import of the rest of the package at run time, so that the
+wire definition and the model can raise these and stay free of asyncio::
 
     MessagerieError
-    ├── MessageInvalide (also a ValueError)   a message breaks the protocol (model.py)
+    ├── MessageInvalide (also a ValueError)   a message breaks the protocol
     ├── CommandError                          a command was answered ``statut: erreur``
     ├── CommandTimeout (also a TimeoutError)  no answer in time
     ├── Disconnected (also a ConnectionError) the channel is down, or the client closed
     └── NameUnknown                           this domain's own name is unknown
 
-``MessageInvalide`` lives with the model it validates; it is importable from here too.
+:class:`Reason` says why a frame or a message was refused (``MessageInvalide.reason``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .model import Commande, MessageInvalide, Reponse
+    from .model import Commande, Reponse
 
 
 class MessagerieError(Exception):
     """Base class of every error messagerie raises on purpose."""
+
+
+class Reason(StrEnum):
+    """Why a frame or a message was refused. Stable strings, used in logs and tests."""
+
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_NAME = "bad_name"
+    BAD_VALUE = "bad_value"
+    DUPLICATE_KEY = "duplicate_key"
+    TOO_LARGE = "too_large"
+
+
+class MessageInvalide(MessagerieError, ValueError):
+    """A message (or a frame) that does not follow the protocol.
+
+    A :class:`MessagerieError` like every error of the library, and a ``ValueError``
+    (what it is to the caller of :func:`~messagerie.decode`).
+
+    ``reason`` is a :class:`Reason`, ``field`` the JSON path of the offending field
+    (``source``, ``payload.categorie``) when there is one, ``detail`` the explanation.
+    """
+
+    def __init__(self, reason: Reason, detail: str, field: str | None = None) -> None:
+        self.reason = reason
+        self.field = field
+        self.detail = detail
+        super().__init__(f"{field}: {detail}" if field else detail)
 
 
 class CommandError(MessagerieError):
@@ -61,15 +93,6 @@ class NameUnknown(MessagerieError):
     """This domain's own name could not be determined."""
 
 
-def __getattr__(name: str) -> Any:
-    # MessageInvalide is defined in model.py, which imports this module: resolve it
-    # on first use instead of importing model here.
-    if name == "MessageInvalide":
-        from .model import MessageInvalide
-        return MessageInvalide
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "CommandError",
     "CommandTimeout",
@@ -77,4 +100,5 @@ __all__ = [
     "MessageInvalide",
     "MessagerieError",
     "NameUnknown",
+    "Reason",
 ]

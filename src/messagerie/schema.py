@@ -1,14 +1,17 @@
-"""The JSON Schema (draft 2020-12) of the wire format, generated from the model.
+"""The JSON Schema (draft 2020-12) of the wire format, derived from the wire's Structs.
 
-Everything that can drift is taken from :mod:`messagerie.model`: the patterns, the
-``type`` of each class in ``MESSAGE_TYPES``, which types may go to ``tous``, the
-:class:`~messagerie.model.Niveau` and :class:`~messagerie.model.Statut` values. Only
-the payload field names are written here, next to the class that checks them.
+``msgspec.json.schema(messagerie.wire.Frame)`` gives the types, the required fields,
+the patterns, the enums and the descriptions; this module adds what msgspec cannot
+express and names the parts: ``tous`` is not a source nor a destination of the types
+that are never broadcast, unknown keys are allowed (decoding keeps them), ``null``
+contents read as an empty object, and a ``reponse`` whose ``statut`` is ``erreur``
+carries an ``erreur`` object (not checked otherwise).
 
 The schema describes one decoded frame; it cannot express what the codec also refuses
-(repeated keys, frames over 64 KiB, invalid UTF-8). Patterns are ECMA-262 regular
-expressions: ``$`` is the end of the string (Python's ``re.search`` also lets ``$``
-match before a final newline; the model uses ``fullmatch``).
+(repeated keys, keys equal to a field ignoring case, frames over 64 KiB, invalid UTF-8).
+Patterns are ECMA-262 regular expressions: ``$`` is the end of the string (Python's
+``re.search`` also lets ``$`` match before a final newline; the model matches whole
+strings).
 
 Regenerate the checked-in copy with::
 
@@ -19,28 +22,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from enum import Enum
 from typing import Any, Final
 
-from .model import (
-    HORODATAGE_PATTERN,
-    ID_PATTERN,
-    MESSAGE_TYPES,
-    NAME_PATTERN,
-    TOKEN_PATTERN,
-    TOUS,
-    Commande,
-    Journal,
-    Message,
-    Niveau,
-    Notification,
-    Reponse,
-    Statut,
-)
+import msgspec
+
+from . import wire
+from .wire import ID_PATTERN, NAME_PATTERN, TOKEN_PATTERN, TOUS, Statut
 
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
-
-_STRING: Final[dict[str, Any]] = {"type": "string"}
+_NAMED: Final = {NAME_PATTERN: "name", TOKEN_PATTERN: "token", ID_PATTERN: "id"}
+_ENUMS: Final[dict[str, type[Enum]]] = {"Statut": wire.Statut, "Niveau": wire.Niveau}
 _OPTIONAL_OBJECT: Final[dict[str, Any]] = {
     "type": ["object", "null"],
     "description": "An object; absent or null reads as an empty object.",
@@ -51,65 +44,31 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/$defs/{name}"}
 
 
-def _object(required: Sequence[str], properties: dict[str, Any], description: str,
-            **more: Any) -> dict[str, Any]:
+def _property(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A property of msgspec's schema, with patterns and enums named, contents plain."""
+    pattern = prop.get("pattern")
+    if pattern in _NAMED:
+        return _ref(_NAMED[pattern])
+    ref = prop.get("$ref", "").rpartition("/")[2]
+    if ref in _ENUMS:  # in the order the protocol lists them, not sorted
+        return {"enum": [m.value for m in _ENUMS[ref]]}
+    if prop.get("anyOf") == [{"type": "object", "additionalProperties": {}}, {"type": "null"}]:
+        return dict(_OPTIONAL_OBJECT)
+    return prop
+
+
+def _object(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     # additionalProperties is spelled out: decoding keeps unknown keys, so must the schema.
-    return {"type": "object", "description": description, "required": list(required),
-            "properties": properties, "additionalProperties": True, **more}
-
-
-def _notification_payload() -> dict[str, Any]:
-    return _object(("categorie", "evenement"), {
-        "categorie": _ref("token"), "evenement": _ref("token"), "data": _OPTIONAL_OBJECT,
-    }, "Something happened: a category, an event and its data.")
-
-
-def _commande_payload() -> dict[str, Any]:
-    return _object(("id", "commande"), {
-        "id": _ref("id"), "commande": _ref("token"), "arguments": _OPTIONAL_OBJECT,
-    }, "Do something and answer with a reponse carrying the same id.")
-
-
-def _reponse_payload() -> dict[str, Any]:
-    erreur = _object(("code", "message"), {"code": _STRING, "message": _STRING},
-                     "Why the command failed: a code (see class Code) and a text.")
-    return _object(("id", "commande", "statut"), {
-        "id": _ref("id"),
-        "commande": _ref("token"),
-        "statut": {"enum": [s.value for s in Statut]},
-        "resultat": {"description": f"Any JSON value, when statut is {Statut.OK.value!r}."},
-        "erreur": {"description": f"Required when statut is {Statut.ERREUR.value!r}; "
-                                  "not checked otherwise."},
-    }, "The answer to the command with the same id.",
-        # Like Reponse.check_payload: erreur is only checked on an error answer.
-        **{"if": {"properties": {"statut": {"const": Statut.ERREUR.value}}},
-           "then": {"required": ["erreur"], "properties": {"erreur": erreur}}})
-
-
-def _journal_payload() -> dict[str, Any]:
-    return _object(("niveau", "texte", "horodatage", "composant"), {
-        "niveau": {"enum": [n.value for n in Niveau]},
-        "texte": _STRING,
-        "horodatage": {"type": "string", "pattern": HORODATAGE_PATTERN,
-                       "description": "RFC 3339 date and time with an offset or Z."},
-        "composant": _ref("token"),
-        "data": _OPTIONAL_OBJECT,
-    }, "A log event, usually sent to dom0.")
-
-
-_PAYLOADS: Final[dict[type[Message], Callable[[], dict[str, Any]]]] = {
-    Notification: _notification_payload,
-    Commande: _commande_payload,
-    Reponse: _reponse_payload,
-    Journal: _journal_payload,
-}
+    return {"type": "object", "description": schema.get("description", ""),
+            "required": schema.get("required", []),
+            "properties": {k: _property(v, defs) for k, v in schema["properties"].items()},
+            "additionalProperties": True}
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of one message on the wire (a ``oneOf`` over the message types)."""
-    missing = [t for t, cls in MESSAGE_TYPES.items() if cls not in _PAYLOADS]
-    if missing:  # a new message class without a schema: fail loudly, never drift
-        raise RuntimeError(f"no payload schema for message type(s) {missing}")
+    generated = msgspec.json.schema(wire.Frame)
+    source_defs = generated["$defs"]
     defs: dict[str, Any] = {
         "name": {"type": "string", "pattern": NAME_PATTERN, "not": {"const": TOUS},
                  "description": f"A domain name (dom0 included; {TOUS!r} is not a name)."},
@@ -121,20 +80,31 @@ def json_schema() -> dict[str, Any]:
                "description": "A correlation id: 1-64 printable ASCII, no spaces."},
     }
     one_of = []
-    for kind, cls in MESSAGE_TYPES.items():
-        defs[f"{kind}_payload"] = _PAYLOADS[cls]()
-        defs[kind] = _object(("type", "source", "destination", "payload"), {
-            "type": {"const": kind},
-            "source": _ref("name"),
-            "destination": _ref("destination" if cls.broadcastable else "name"),
-            "payload": _ref(f"{kind}_payload"),
-        }, f"A {kind} message.")
-        one_of.append(_ref(kind))
+    for tag, kind in wire.KINDS.items():
+        frame = _object(source_defs[kind.cls.__name__], defs)
+        frame["properties"].update(
+            type={"const": tag}, payload=_ref(f"{tag}_payload"),
+            destination=_ref("destination" if kind.broadcastable else "name"))
+        payload = _object(source_defs[kind.payload_cls.__name__], defs)
+        if kind.with_erreur:
+            # erreur is raw contents to the relay: its shape comes from its own Struct.
+            erreur = _object(msgspec.json.schema(wire.Erreur)["$defs"][wire.Erreur.__name__],
+                             defs)
+            props = payload["properties"]
+            props["resultat"] = {"description": f"Any JSON value, when statut is "
+                                                f"{Statut.OK.value!r}."}
+            props["erreur"] = {"description": f"Required when statut is "
+                                              f"{Statut.ERREUR.value!r}; not checked otherwise."}
+            payload["if"] = {"properties": {"statut": {"const": Statut.ERREUR.value}}}
+            payload["then"] = {"required": ["erreur"], "properties": {"erreur": erreur}}
+        defs[f"{tag}_payload"] = payload
+        defs[tag] = frame
+        one_of.append(_ref(tag))
     return {
         "$schema": DIALECT,
         "title": "messagerie message",
         "description": ("One message of the messagerie protocol: one compact JSON object "
-                        "per line. Generated from messagerie.model; see docs/protocol.md."),
+                        "per line. Generated from messagerie.wire; see docs/protocol.md."),
         "oneOf": one_of,
         "$defs": defs,
     }

@@ -12,11 +12,10 @@ import collections
 from collections.abc import Callable
 from typing import Final
 
-import structlog
-
+from . import log as _events
 from .model import Commande, Message, Notification, Reponse
 
-log = structlog.get_logger("messagerie.client")
+log = _events.get_logger("messagerie.client")
 
 DEFAULT_QUEUE_SIZE: Final = 1024
 

@@ -2,7 +2,7 @@
 codes that the specification and the deployed system use.
 
 Open sets: a category, an event or an error code is any token (see
-:data:`messagerie.model.TOKEN_PATTERN`); these constants name the ones we know, so that
+:data:`messagerie.wire.TOKEN_PATTERN`); these constants name the ones we know, so that
 code says ``Categorie.DISQUE`` rather than spelling the wire name. Pure data: no
 validation here, no I/O.
 """

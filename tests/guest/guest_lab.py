@@ -170,6 +170,10 @@ class GuestLab:
                 if e.get("domain") == VM and e.get("event") in ("message.refused",
                                                                 "frame.invalid")]
 
+    def vm_echoes(self) -> int:
+        """Frames from the guest's channel the broker recognised as its own echo."""
+        return sum(e.get("count", 1) for e in self.events("frame.echoed", domain=VM))
+
     def diagnostics(self) -> str:
         """The end of the broker's log and of the guest's console, for a failure."""
         broker = "\n".join(self.broker.tail(25)) if self.brokers else ""

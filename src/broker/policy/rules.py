@@ -229,6 +229,16 @@ class Policy:
     def __len__(self) -> int:
         return len(self.rules)
 
+    def domains(self) -> frozenset[str]:
+        """Every domain the policy names (in a rule or a group), ``dom0`` included:
+        the recipients whose fate a broadcast's explanation lists one by one."""
+        names: set[str] = {DOM0}
+        for rule in self.rules:
+            names |= rule.source.names | rule.destination.names
+        for members in self.groups.values():
+            names |= members
+        return frozenset(names)
+
     def __repr__(self) -> str:
         return f"Policy({self.origin!r}, {len(self.rules)} rules)"
 

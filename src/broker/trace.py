@@ -1,0 +1,267 @@
+"""The live traffic monitor: ``messagerie trace`` on the broker's trace socket.
+
+Every message the broker routes, refuses, filters or drops becomes one trace event
+(time, source, destination, type, name, id, size, verdict, targets or rule) sent to
+each monitor whose filter it matches. Access is the socket's: it exists only when
+``[trace] groupe`` is set, mode 0660 with that group, in ``/run/messagerie`` (0750),
+so only root and the members of that group who may enter the directory can watch.
+
+A monitor never slows routing: events are written without waiting, and once a
+monitor's unread output passes :data:`MAX_BUFFER` its events are dropped and counted
+(not queued) until it has read three quarters of it; it is told how many
+(``{"perdus": n}``) as soon as it has. With no
+monitor connected the hub's hooks cost one attribute test per message.
+
+The protocol, JSON lines: the monitor sends one subscription
+``{"domaine": D, "type": T, "nom": N, "verdict": V, "payload": bool}`` (every key
+optional; ``domaine`` matches the source or the destination; ``verdict`` one of
+:data:`VERDICTS`); the broker answers ``{"trace": "ok", ...}`` then events. Asking for
+payloads (off by default) is logged as ``trace.payload_enabled``, a security event
+with the monitor's pid and uid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import structlog
+
+if TYPE_CHECKING:
+    from .endpoint import Endpoint
+    from .router import Deliver, Routable
+
+VERDICTS: Final = ("routed", "refused", "filtered", "dropped")
+MAX_BUFFER: Final = 256 * 1024
+"""Unread bytes a monitor may have before its events are dropped."""
+MAX_SUBSCRIPTION: Final = 4096
+PAYLOAD_MAX: Final = 4096
+"""Bytes of a message's payload shown with ``--payload`` (the rest is cut)."""
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Subscription(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    domaine: str | None = None
+    type: str | None = None
+    nom: str | None = None
+    verdict: str | None = None
+    payload: bool = False
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        if self.domaine is not None and self.domaine not in (event["source"],
+                                                             event["destination"]):
+            return False
+        if self.type is not None and event["type"] != self.type:
+            return False
+        if self.nom is not None and event["name"] != self.nom:
+            return False
+        return self.verdict is None or event["verdict"] == self.verdict
+
+
+_decode_subscription = msgspec.json.Decoder(Subscription).decode
+
+
+class Monitor(asyncio.Protocol):
+    """One ``messagerie trace`` connection."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+        self.transport: asyncio.Transport | None = None
+        self.subscription: Subscription | None = None
+        self.dropped = 0
+        """Events dropped since the monitor last caught up."""
+        self.dropped_total = 0
+        self.paused = False
+        """Its unread output passed MAX_BUFFER: drop until it reads."""
+        self._buffer = b""
+        self.creds: dict[str, int] = {}
+        self.log = structlog.get_logger("broker").bind()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=MAX_BUFFER, low=MAX_BUFFER // 4)
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError, struct.error):
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                  struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", raw)
+            self.creds = {"pid": pid, "uid": uid, "gid": gid}
+        self.log = self.log.bind(monitor=self.creds.get("pid"), uid=self.creds.get("uid"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.subscription is not None:
+            return  # a monitor only listens after subscribing
+        self._buffer += data
+        if b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_SUBSCRIPTION:
+                self._fail("subscription too long")
+            return
+        line = self._buffer.split(b"\n", 1)[0]
+        self._buffer = b""
+        try:
+            sub = _decode_subscription(line)
+        except msgspec.ValidationError as exc:
+            self._fail(f"invalid subscription: {exc}")
+            return
+        except msgspec.DecodeError:
+            self._fail("invalid subscription: not JSON")
+            return
+        if sub.verdict is not None and sub.verdict not in VERDICTS:
+            self._fail(f"invalid subscription: verdict {sub.verdict!r} is not one of "
+                       f"{', '.join(VERDICTS)}")
+            return
+        self.subscription = sub
+        self._write({"trace": "ok", "verdicts": list(VERDICTS), "payload": sub.payload})
+        self.log.info("trace.started", domaine=sub.domaine, type=sub.type, nom=sub.nom,
+                      verdict=sub.verdict, payload=sub.payload)
+        if sub.payload:
+            self.log.warning("trace.payload_enabled", security=True, **self.creds,
+                             detail="a monitor receives message payloads")
+        self.tracer.add(self)
+
+    def _fail(self, text: str) -> None:
+        self._write({"trace": "erreur", "message": text})
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_encode(obj) + b"\n")
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.dropped:
+            self._write({"perdus": self.dropped})
+            self.dropped = 0
+
+    def offer(self, event: dict[str, Any], payload: bytes | None) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.paused:
+            self.dropped += 1
+            self.dropped_total += 1
+            return
+        if payload is not None:
+            event = {**event, "payload": payload[:PAYLOAD_MAX].decode(errors="replace")}
+        transport.write(_encode(event) + b"\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.tracer.remove(self)
+        if self.subscription is not None:
+            self.log.info("trace.stopped", dropped=self.dropped_total)
+
+
+class Tracer:
+    """The monitors and the hooks the hub calls. ``hub.tracer`` is this object while at
+    least one monitor listens, else None (the hot path's only cost)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.monitors: list[Monitor] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.path: str | None = None
+
+    # -- the socket ---------------------------------------------------------------
+    async def start(self, path: str, group: str) -> None:
+        from .dom0 import _prepare_socket_path
+
+        _prepare_socket_path(path)
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OSError(f"trace.groupe: no group named {group!r}") from None
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.get_running_loop().create_unix_server(
+                lambda: Monitor(self), path)
+        finally:
+            os.umask(old)
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+        self.path = path
+
+    async def stop(self) -> None:
+        for monitor in list(self.monitors):
+            if monitor.transport is not None:
+                monitor.transport.abort()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def add(self, monitor: Monitor) -> None:
+        self.monitors.append(monitor)
+        self.hub.tracer = self
+
+    def remove(self, monitor: Monitor) -> None:
+        if monitor in self.monitors:
+            self.monitors.remove(monitor)
+        if not self.monitors:
+            self.hub.tracer = None
+
+    # -- the hooks (only called while a monitor listens) --------------------------
+    def _emit(self, peer: Endpoint | None, msg: Routable, verdict: str, size: int,
+              **extra: Any) -> None:
+        event = {"time": time.time(), "channel": peer.name if peer is not None else None,
+                 "source": msg.source, "destination": msg.destination, "type": msg.type,
+                 "name": msg.name, "id": getattr(msg, "id", None), "size": size,
+                 "verdict": verdict, **extra}
+        for monitor in self.monitors:
+            sub = monitor.subscription
+            if sub is not None and sub.matches(event):
+                monitor.offer(event, _payload(msg) if sub.payload else None)
+
+    def routed(self, peer: Endpoint, msg: Routable, size: int, deliver: Deliver,
+               count: int = 1) -> None:
+        targets = [*deliver.targets, *(["dom0"] if deliver.dom0_services else [])]
+        if not targets:
+            return  # a broadcast the policy filtered for everyone: "filtered" says it
+        for _ in range(count):
+            self._emit(peer, msg, "routed", size // count, targets=targets)
+
+    def refused(self, peer: Endpoint, msg: Routable, why: str, detail: str) -> None:
+        self._emit(peer, msg, "refused", _size(msg), why=why, rule=detail)
+
+    def filtered(self, peer: Endpoint, msg: Routable,
+                 denied: Iterable[tuple[str, str]]) -> None:
+        denied = list(denied)
+        self._emit(peer, msg, "filtered", _size(msg),
+                   denied=[d for d, _ in denied], rule="; ".join(sorted({r for _, r in denied})))
+
+    def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int) -> None:
+        for _ in range(count):
+            self._emit(sender, msg, "dropped", _size(msg), why="queue_full",
+                       targets=[dest.name])
+
+
+def _size(msg: Routable) -> int:
+    raw = getattr(msg, "raw", None)
+    return len(raw) + 1 if raw is not None else 0
+
+
+def _payload(msg: Routable) -> bytes:
+    """The message's ``payload`` member as sent (JSON text), for ``--payload``."""
+    try:
+        payload = json.loads(getattr(msg, "raw", None) or b"null")["payload"]
+        return json.dumps(payload, ensure_ascii=False).encode()
+    except (ValueError, TypeError, KeyError):
+        return b"null"

@@ -1,0 +1,117 @@
+"""Echo recognition: the broker's own output coming back on a DomU's channel (a tty in
+echo mode) is dropped as ``frame.echoed``, not refused as a forged source; anything
+else with a forged source still is."""
+
+from __future__ import annotations
+
+import structlog
+
+from broker.echo import WINDOW, EchoWindow
+
+CONNECTE = (b'{"type":"notification","source":"dom0","destination":"tous","payload":'
+            b'{"categorie":"domaine","evenement":"connecte","data":{"domaine":"vm"}}}')
+
+
+def test_a_line_written_is_recognised_with_or_without_cr() -> None:
+    w = EchoWindow()
+    w.sent([CONNECTE + b"\n", b'{"x":1}\n'])
+    assert w.is_echo(CONNECTE)
+    assert w.is_echo(CONNECTE + b"\r")  # ONLCR: the echo ends in \r\n
+    assert w.is_echo(b'{"x":1}')
+    assert w.echoed == 3
+
+
+def test_only_whole_lines_match() -> None:
+    w = EchoWindow()
+    w.sent([CONNECTE + b"\n"])
+    assert not w.is_echo(CONNECTE[:-1])        # a prefix
+    assert not w.is_echo(CONNECTE[1:])         # a suffix
+    assert not w.is_echo(CONNECTE.replace(b"connecte", b"deconnecte"))
+    assert not w.is_echo(b"")
+    assert w.echoed == 0
+
+
+def test_the_window_is_bounded_and_keeps_the_latest() -> None:
+    w = EchoWindow()
+    first = b'{"n":"first"}'
+    w.sent([first + b"\n"])
+    filler = [b'{"pad":"%s"}\n' % (b"x" * 100) for _ in range(2 * WINDOW // 100)]
+    w.sent(filler)
+    last = b'{"n":"last"}'
+    w.sent([last + b"\n"])
+    assert len(w._tail) <= 2 * WINDOW + 200
+    assert not w.is_echo(first)
+    assert w.is_echo(last)
+    assert w.is_echo(filler[-1].rstrip(b"\n"))
+
+
+def test_a_run_is_an_echo_only_when_every_line_is() -> None:
+    w = EchoWindow()
+    a, b = b'{"a":1}', b'{"b":2}'
+    w.sent([a + b"\n", b + b"\n"])
+    assert w.all_echoes(a + b"\r\n" + b + b"\r\n")
+    assert w.echoed == 2
+    assert not w.all_echoes(a + b"\n" + b'{"c":3}\n')
+    assert w.echoed == 2
+
+
+class FakeTransport:
+    """What the endpoint writes, and a transport's surface it uses."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None: ...
+
+
+async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> None:
+    from broker.config import Config
+    from broker.endpoint import DomainEndpoint
+    from broker.hub import Broker
+    broker = Broker(Config())
+    vm = DomainEndpoint(broker, "vm", "/nonexistent")
+    other = DomainEndpoint(broker, "vm-b", "/nonexistent")
+    broker.domains.update(vm=vm, **{"vm-b": other})
+    for ep in (vm, other):
+        ep.connection_made(FakeTransport())  # type: ignore[arg-type]
+        ep.connected_since = 1.0
+    broker.invalidate_routes()
+    msg_b = (b'{"type":"notification","source":"vm-b","destination":"vm","payload":'
+             b'{"categorie":"essai","evenement":"e","data":{"n":1}}}')
+    commande = (b'{"type":"commande","source":"dom0","destination":"vm","payload":'
+                b'{"id":"c1","commande":"identite","arguments":{}}}')
+    with structlog.testing.capture_logs() as logs:
+        other.data_received(msg_b + b"\n")          # routed to vm: written there
+        broker.emit_state("vm-b", "connecte")        # dom0 -> tous, written to vm
+        vm.send(commande + b"\n")
+        vm.flush()
+        written = bytes(vm.transport.written)
+        assert msg_b in written and commande in written
+        # vm's tty echoes all of it, cooked (\r\n), two of them in one read
+        vm.data_received(written.replace(b"\n", b"\r\n"))
+        # and a forgery: not something the broker wrote
+        forged = msg_b.replace(b'"n":1', b'"n":2')
+        vm.data_received(forged + b"\n")
+    echoed = [e for e in logs if e["event"] == "frame.echoed"]
+    refused = [e for e in logs if e["event"] == "message.refused"]
+    assert sum(e["count"] for e in echoed) == 3
+    assert {e["type"] for e in echoed} == {"notification", "commande"}
+    assert all(e["log_level"] == "info" for e in echoed)
+    assert [(e["why"], e["security"]) for e in refused] == [("spoofed_source", True)]
+    assert vm.stats.refused == 1 and vm.echo.echoed == 3
+    assert broker.statistics()["domaines"]["vm"]["echos"] == 3
+    # no error answer went back for the echoed commande
+    assert b'"statut":"erreur"' not in bytes(vm.transport.written)[len(written):]

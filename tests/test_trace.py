@@ -1,0 +1,177 @@
+"""``messagerie trace``: the broker's traffic live, from its trace socket (the real
+broker on socat ptys, the CLI as a subprocess)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from messagerie.cli import format_trace
+from tests.support.broker_process import CLI, BrokerSystem
+from tests.support.waiting import wait_until
+
+GROUP = grp.getgrgid(os.getgid()).gr_name
+
+POLICY = """\
+[[regle]]
+source = "vm-b"
+destination = "vm-a"
+type = "commande"
+action = "deny"
+
+[[regle]]
+source = "vm-b"
+destination = "*"
+type = "notification"
+nom = "secret"
+action = "deny"
+
+[[regle]]
+source = "*"
+destination = "*"
+type = "*"
+action = "allow"
+"""
+
+
+def notif(src: str, dst: str, i: int, cat: str = "mesure") -> dict[str, Any]:
+    return {"type": "notification", "source": src, "destination": dst,
+            "payload": {"categorie": cat, "evenement": "lot", "data": {"i": i}}}
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[BrokerSystem]:
+    (tmp_path / "policy.toml").write_text(POLICY)
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True, extra=(
+        f'[broker]\npolitique = "{tmp_path / "policy.toml"}"\n\n'
+        f'[trace]\nsocket = "{tmp_path / "trace.sock"}"\ngroupe = "{GROUP}"\n\n'
+        "[limites]\ndebit = 1000000\nrafale = 1000000\n"))
+    yield s
+    assert s.close() == 0, s.broker.tail(20)
+    assert not [t for t in s.broker.raw_lines if "Traceback" in t]
+
+
+def trace(system: BrokerSystem, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([str(CLI), "trace", "--path", str(system.tmp / "trace.sock"),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    n = len(system.broker.find("trace.started"))
+    wait_until(lambda: len(system.broker.find("trace.started")) > n or proc.poll() is not None,
+               what="trace.started")
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+pytestmark = pytest.mark.integration
+
+
+def test_routed_refused_and_filtered_each_one_line(system: BrokerSystem) -> None:
+    sock = system.tmp / "trace.sock"
+    st = os.stat(sock)
+    assert (stat.S_IMODE(st.st_mode), grp.getgrgid(st.st_gid).gr_name) == (0o660, GROUP)
+    every = trace(system, "--json", "--count", "4")
+    refused_only = trace(system, "--verdict", "refused", "--count", "2")
+    a, b = system.domus["vm-a"], system.domus["vm-b"]
+    a.send(notif("vm-a", "vm-b", 1))                            # routed
+    b.send(notif("vm-a", "vm-a", 2))                            # forged source: refused
+    b.send({"type": "commande", "source": "vm-b", "destination": "vm-a",
+            "payload": {"id": "c1", "commande": "lister", "arguments": {}}})   # denied
+    a.send(notif("vm-a", "vm-b", 3))                            # routed
+    out, err = every.communicate(timeout=20)
+    assert every.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    # In order per channel (the two channels interleave as the broker reads them).
+    by_channel = {ch: [(e["verdict"], e["source"], e["destination"], e["type"])
+                       for e in events if e["channel"] == ch] for ch in ("vm-a", "vm-b")}
+    assert by_channel == {
+        "vm-a": [("routed", "vm-a", "vm-b", "notification")] * 2,
+        "vm-b": [("refused", "vm-a", "vm-a", "notification"),
+                 ("refused", "vm-b", "vm-a", "commande")]}
+    routed = next(e for e in events if e["verdict"] == "routed")
+    forged, denied = (e for e in events if e["verdict"] == "refused")
+    assert routed["targets"] == ["vm-b"] and routed["name"] == "mesure"
+    assert routed["size"] == len(json.dumps(notif("vm-a", "vm-b", 1),
+                                            separators=(",", ":"))) + 1
+    assert forged["why"] == "spoofed_source" and forged["channel"] == "vm-b"
+    assert denied["why"] == "policy_denied" and denied["id"] == "c1"
+    assert "rule 1 (line 1)" in denied["rule"]
+    assert "payload" not in routed                              # not asked for
+    out, err = refused_only.communicate(timeout=20)
+    assert refused_only.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(" REFUSED " in line for line in lines), lines
+    assert " vm-b -> vm-a commande lister id=c1 " in lines[1]
+
+
+def test_a_broadcast_filtered_for_everyone_is_one_filtered_line(system: BrokerSystem) -> None:
+    proc = trace(system, "--domaine", "vm-b", "--json", "--count", "3")
+    system.domus["vm-b"].send(notif("vm-b", "tous", 1, "secret"))   # nobody may get it
+    system.domus["vm-b"].send(notif("vm-b", "tous", 2))             # vm-a may (not dom0)
+    out, _ = proc.communicate(timeout=20)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["verdict"], e["name"], sorted(e.get("denied") or e.get("targets") or []))
+            for e in events] == [("filtered", "secret", ["dom0", "vm-a"]),
+                                 ("filtered", "mesure", ["dom0"]),
+                                 ("routed", "mesure", ["vm-a"])]
+
+
+def test_payload_is_shown_only_when_asked_and_audited(system: BrokerSystem) -> None:
+    proc = trace(system, "--payload", "--domaine", "vm-b", "--count", "1")
+    audit = system.broker.wait_event("trace.payload_enabled")
+    assert audit["security"] is True and audit["uid"] == os.getuid()
+    system.domus["vm-a"].send(notif("vm-a", "tous", 0, "autre"))   # not vm-b's... but tous
+    system.domus["vm-b"].send(notif("vm-b", "vm-a", 7))
+    out, _ = proc.communicate(timeout=20)
+    assert out.count("\n") == 1
+    assert 'vm-b -> vm-a notification mesure' in out
+    assert '"data": {"i": 7}' in out
+
+
+@pytest.mark.slow
+def test_a_monitor_that_does_not_read_never_slows_routing(system: BrokerSystem) -> None:
+    n = 5000
+    mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mon.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    mon.connect(str(system.tmp / "trace.sock"))
+    mon.sendall(b'{"verdict": "routed"}\n')
+    system.broker.wait_event("trace.started")
+    a, b = system.domus["vm-a"], system.domus["vm-b"]
+    a.write(b"".join(json.dumps(notif("vm-a", "vm-b", i)).encode() + b"\n"
+                     for i in range(n)))
+    # Every message arrives while the monitor reads nothing.
+    assert len(b.wait_messages(n, timeout=60)) == n
+    # It reads now: it got the start of the stream, then, once it has caught up, is
+    # told how many it lost; what comes after reaches it again.
+    mon.settimeout(30)
+    stream = mon.makefile("rb")
+    assert json.loads(stream.readline())["trace"] == "ok"
+    seen = 0
+    while "perdus" not in (event := json.loads(stream.readline())):
+        assert event["verdict"] == "routed"
+        seen += 1
+    lost = event["perdus"]
+    assert lost > 0 and seen + lost == n
+    a.send(notif("vm-a", "vm-b", n))
+    assert json.loads(stream.readline())["size"] > 0
+    stream.close()
+    mon.close()
+    stats = system.broker.wait_event("trace.stopped")
+    assert stats["dropped"] == lost
+
+
+def test_format_trace_lines() -> None:
+    line = format_trace({"time": 0.25, "source": "vm-a", "destination": "tous",
+                         "type": "notification", "name": "x\x1b[31m", "id": None,
+                         "size": 80, "verdict": "filtered", "denied": ["vm-b"],
+                         "rule": "rule 2 (line 9): deny"})
+    assert line.endswith(" vm-a -> tous notification x\\x1b[31m id=- 80B FILTERED denied "
+                         "to vm-b: rule 2 (line 9): deny")
+    assert format_trace({"perdus": 3}) == "# 3 events lost: this monitor read too slowly"

@@ -1,0 +1,334 @@
+"""xenstore-bound channels without Xen: the wire codec and the binding (sans-IO), the
+asyncio client and the watcher against a stand-in xenstored speaking the same protocol
+(tests/support/xenstored.py), and the broker started as users start it, binding,
+rebinding on a reboot and refusing paths xenstore no longer gives a domain. The real
+xenstored is the xen tier's (tests/guest, ``-m xen``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.xenstore import (
+    HEADER,
+    MAX_PAYLOAD,
+    Binding,
+    Bound,
+    Console,
+    Op,
+    Packet,
+    PacketDecoder,
+    XenDomain,
+    XenstoreClient,
+    XenstoreDiscovery,
+    XenstoreError,
+    bind,
+    changes,
+    encode,
+    request,
+)
+from messagerie import Client
+from tests.support.broker_process import BrokerProcess
+from tests.support.peers import Domu, QemuSocket
+from tests.support.ptys import PtyPair
+from tests.support.waiting import wait_until
+from tests.support.xenstored import FakeXenstored
+
+# -- the wire --------------------------------------------------------------------------
+
+
+def test_packets_survive_any_fragmentation() -> None:
+    stream = (encode(Packet(Op.READ, 7, b"vm-a")) + request(Op.WATCH, 8, "/a", "tok")
+              + encode(Packet(Op.WATCH_EVENT, 0, b"/a/b\0tok\0")))
+    decoder = PacketDecoder()
+    got: list[Packet] = []
+    for i in range(len(stream)):
+        got += decoder.feed(stream[i:i + 1])
+    assert got == [Packet(Op.READ, 7, b"vm-a"), Packet(Op.WATCH, 8, b"/a\0tok\0"),
+                   Packet(Op.WATCH_EVENT, 0, b"/a/b\0tok\0")]
+
+
+def test_an_oversized_packet_is_a_protocol_error() -> None:
+    with pytest.raises(XenstoreError, match="packet of 4097 bytes"):
+        PacketDecoder().feed(HEADER.pack(Op.READ, 1, 0, MAX_PAYLOAD + 1))
+    with pytest.raises(XenstoreError):
+        encode(Packet(Op.READ, 1, b"x" * (MAX_PAYLOAD + 1)))
+
+
+# -- the binding -----------------------------------------------------------------------
+
+def sock(devid: int, name: str, path: str) -> Console:
+    return Console(devid, name, "socket", path=path)
+
+
+def pty(devid: int, name: str, tty: str) -> Console:
+    return Console(devid, name, "pty", tty=tty)
+
+
+DUMMY = pty(1, "dummy.devid0", "/dev/pts/1")
+
+
+def test_bind_socket_and_pty_channels_by_name() -> None:
+    bound = bind([
+        XenDomain(0, "Domain-0"),
+        XenDomain(3, "vm-a", (DUMMY, sock(2, "org.messagerie.0", "/var/run/vm-a.sock"))),
+        XenDomain(4, "vm-b", (pty(1, "org.messagerie.0", "/dev/pts/9"),)),
+        XenDomain(5, "vm-c", (sock(1, "autre", "/var/run/vm-c.sock"),)),
+    ])
+    assert bound.bindings == {
+        "vm-a": Binding("vm-a", 3, 2, "/var/run/vm-a.sock", "socket"),
+        "vm-b": Binding("vm-b", 4, 1, "/dev/pts/9", "pty")}
+    assert [(p.why, p.domain) for p in bound.problems] == [("no_channel", "vm-c")]
+
+
+def test_the_channel_name_may_carry_the_domain_name() -> None:
+    domains = [XenDomain(3, "vm-a", (sock(1, "vm-a-msg", "/run/a"),)),
+               XenDomain(4, "vm-b", (sock(1, "vm-a-msg", "/run/b"),))]
+    bound = bind(domains, "{domaine}-msg")
+    assert list(bound.bindings) == ["vm-a"]  # vm-b's channel is not named vm-b-msg
+
+
+def test_what_is_never_bound() -> None:
+    bound = bind([
+        XenDomain(3, "vm a", (sock(1, "org.messagerie.0", "/run/a"),)),      # bad name
+        XenDomain(4, "dom0", (sock(1, "org.messagerie.0", "/run/b"),)),      # dom0
+        XenDomain(5, "vm-c", (pty(1, "org.messagerie.0", ""),)),             # no tty yet
+        XenDomain(6, "vm-d", (pty(1, "org.messagerie.0", "/etc/shadow"),)),  # not a pty
+        XenDomain(7, "vm-e", (sock(1, "org.messagerie.0", "relative"),)),
+    ])
+    assert bound.bindings == {}
+    assert [p.why for p in bound.problems] == ["bad_name", "bad_name", "no_path",
+                                               "bad_path", "no_path"]
+
+
+def test_a_path_two_domains_claim_goes_to_neither_unless_one_held_it() -> None:
+    a = XenDomain(3, "vm-a", (pty(1, "org.messagerie.0", "/dev/pts/4"),))
+    b = XenDomain(4, "vm-b", (pty(1, "org.messagerie.0", "/dev/pts/4"),))  # wrote a's pty
+    bound = bind([a, b])
+    assert bound.bindings == {}
+    assert {(p.why, p.domain) for p in bound.problems} == {("path_conflict", "vm-a"),
+                                                           ("path_conflict", "vm-b")}
+    held = {"vm-a": Binding("vm-a", 3, 1, "/dev/pts/4", "pty")}
+    again = bind([a, b], previous=held)
+    assert again.bindings == held
+    assert [(p.why, p.domain) for p in again.problems] == [("path_conflict", "vm-b")]
+
+
+def test_a_pty_path_changed_after_the_device_model_wrote_it_is_refused() -> None:
+    now = XenDomain(3, "vm-a", (pty(1, "org.messagerie.0", "/dev/pts/8"),))
+    bound = bind([now], first_ttys={(3, 1): "/dev/pts/4"})
+    assert bound.bindings == {}
+    assert [p.why for p in bound.problems] == ["tty_changed"]
+    assert bind([now], first_ttys={(3, 1): "/dev/pts/8"}).bindings["vm-a"].path == "/dev/pts/8"
+
+
+def test_a_reboot_is_a_new_binding() -> None:
+    old = bind([XenDomain(3, "vm-a", (sock(1, "org.messagerie.0", "/run/a.sock"),))])
+    # the old domain still dying while the new one starts: the newer domid wins
+    new = bind([XenDomain(3, "vm-a", (sock(1, "org.messagerie.0", "/run/a.sock"),)),
+                XenDomain(9, "vm-a", (sock(1, "org.messagerie.0", "/run/a2.sock"),))])
+    assert new.bindings["vm-a"].domid == 9
+    gone, made = changes(old.bindings, new.bindings)
+    assert gone == ["vm-a"] and made == [new.bindings["vm-a"]]
+    assert changes(new.bindings, new.bindings) == ([], [])
+
+
+# -- the client and the watcher against a stand-in xenstored -------------------------
+
+@pytest.fixture
+def xenstored(tmp_path: Path) -> Iterator[FakeXenstored]:
+    fake = FakeXenstored(tmp_path / "xenstored.sock")
+    yield fake
+    fake.close()
+
+
+@pytest.mark.integration
+async def test_client_reads_lists_and_watches(xenstored: FakeXenstored) -> None:
+    xenstored.write("/local/domain/3/name", "vm-a")
+    async with XenstoreClient(str(xenstored.path)) as xs:
+        assert await xs.read("/local/domain/3/name") == "vm-a"
+        assert await xs.read("/local/domain/3/nothing") is None
+        assert await xs.directory("/local/domain") == ["3"]
+        assert await xs.directory("/nowhere") == []
+        await xs.watch("/local/domain", "t")
+        await asyncio.wait_for(xs.changed.wait(), 5)  # fires once when set
+        xs.changed.clear()
+        events = xs.events
+        await asyncio.to_thread(xenstored.write, "/local/domain/3/device/x", "1")
+        await asyncio.wait_for(xs.changed.wait(), 5)
+        assert xs.events == events + 1
+        xenstored.drop_clients()
+        with pytest.raises(XenstoreError):
+            await asyncio.wait_for(xs.closed, 5)
+
+
+@pytest.mark.integration
+async def test_discovery_binds_rebinds_and_stops_trusting(xenstored: FakeXenstored) -> None:
+    seen: list[Bound] = []
+    disc = XenstoreDiscovery(seen.append, path=str(xenstored.path), min_interval=0.01)
+    task = asyncio.get_running_loop().create_task(disc.run())
+    try:
+        await asyncio.wait_for(disc.connected.wait(), 5)
+        xenstored.add_domain(3, "vm-a", {1: {"name": "org.messagerie.0",
+                                             "connection": "socket", "path": "/run/a"}})
+
+        async def bound_to(domid: int | None) -> Binding | None:
+            async with asyncio.timeout(5):
+                while True:
+                    b = seen[-1].bindings.get("vm-a") if seen else None
+                    if (b.domid if b else None) == domid:
+                        return b
+                    await asyncio.sleep(0.01)
+        first = await bound_to(3)
+        assert first is not None and await disc.still_bound(first)
+        xenstored.remove_domain(3)
+        await bound_to(None)
+        assert not await disc.still_bound(first)
+        xenstored.add_domain(4, "vm-a", {1: {"name": "org.messagerie.0",
+                                             "connection": "socket", "path": "/run/a2"}})
+        second = await bound_to(4)
+        assert second is not None and second.path == "/run/a2"
+        assert not await disc.still_bound(first)  # same name, but not that domid or path
+        # Watched, not polled: once the burst is over, nothing is read until the next
+        # event (the sentinel: one snapshot follows it).
+        def snapshots() -> int:
+            return sum(1 for op, args in list(xenstored.requests)
+                       if op == Op.DIRECTORY and args == ["/local/domain"])
+        async with asyncio.timeout(10):
+            while True:
+                before = len(xenstored.requests)
+                await asyncio.sleep(0.5)
+                if len(xenstored.requests) == before:
+                    break
+        quiet = snapshots()
+        await asyncio.sleep(1.0)  # a poller at any interval under 1 s would show here
+        assert snapshots() == quiet
+        await asyncio.to_thread(xenstored.write, "/local/domain/0/backend/console/4/x", "")
+        async with asyncio.timeout(5):
+            while snapshots() == quiet:  # noqa: ASYNC110  (another thread's counter)
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+
+
+# -- the broker, as users start it -------------------------------------------------------
+
+CHANNEL = "org.messagerie.0"
+
+
+def socket_channel(path: Path) -> dict[int, dict[str, str]]:
+    return {0: {"name": "dummy.devid0", "connection": "pty"},
+            1: {"name": CHANNEL, "connection": "socket", "path": str(path)}}
+
+
+def ping(peer: QemuSocket | Domu, source: str, rid: str) -> dict[str, Any]:
+    peer.send({"type": "commande", "source": source, "destination": "dom0",
+               "payload": {"id": rid, "commande": "ping", "arguments": {}}})
+    reply = wait_until(lambda: (peer.pump(0.05), next(
+        (m for m in peer.messages() if m.type == "reponse" and m.id == rid), None))[1],
+        10, f"the broker's answer to {rid}")
+    return {"source": reply.source, "destination": reply.destination, "statut": reply.statut}
+
+
+@pytest.fixture
+def broker_on_xenstore(tmp_path: Path, xenstored: FakeXenstored) -> Iterator[BrokerProcess]:
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[broker]\nniveau_journal = "debug"\n'
+                      f'[dom0]\nsocket = "{tmp_path / "dom0.sock"}"\n'
+                      f'[decouverte]\nxenstore = true\nxenstore_chemin = "{xenstored.path}"\n'
+                      f'[reconnexion]\nmin = 0.05\nmax = 0.2\n')
+    broker = BrokerProcess(config)
+    broker.wait_ready(10)
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_broker_binds_from_xenstore_and_follows_a_reboot(
+        tmp_path: Path, xenstored: FakeXenstored, broker_on_xenstore: BrokerProcess) -> None:
+    broker = broker_on_xenstore
+    broker.wait_event("xenstore.connected")
+    qemu = QemuSocket(tmp_path / "vm-a-1.sock")
+    xenstored.add_domain(3, "vm-a", socket_channel(qemu.path))
+    broker.wait_event("domain.bound", domain="vm-a", domid=3)
+    qemu.accept(10)
+    assert ping(qemu, "vm-a", "p1") == {"source": "dom0", "destination": "vm-a",
+                                        "statut": "ok"}
+    # Reboot: the old domain goes (its socket path stays, another QEMU could listen
+    # there), the new one has a new domid and a new socket.
+    qemu.drop()
+    xenstored.remove_domain(3)
+    broker.wait_event("domain.unbound", domain="vm-a", domid=3)
+    qemu2 = QemuSocket(tmp_path / "vm-a-2.sock")
+    xenstored.add_domain(7, "vm-a", socket_channel(qemu2.path))
+    broker.wait_event("domain.bound", domain="vm-a", domid=7)
+    qemu2.accept(10)
+    assert ping(qemu2, "vm-a", "p2")["statut"] == "ok"  # the sentinel for what follows
+    # Nothing connected to the old path since it was unbound.
+    readable = __import__("select").select([qemu.server], [], [], 0)[0]
+    assert readable == [], "the broker went back to a path xenstore no longer lists"
+    connected = broker.find("domain.connected", domain="vm-a")
+    assert [e["path"] for e in connected] == [str(qemu.path), str(qemu2.path)]
+    qemu.close()
+    qemu2.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+async def test_broker_never_gives_a_domain_a_pty_another_holds(
+        tmp_path: Path, xenstored: FakeXenstored, broker_on_xenstore: BrokerProcess) -> None:
+    """A pty's path is in the domain's own frontend, which the domain can write: one
+    that writes another domain's pty there gets nothing, and the other keeps it."""
+    broker = broker_on_xenstore
+    broker.wait_event("xenstore.connected")
+    a, b = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
+    a_tty, b_tty = str(a.dom0.readlink()), str(b.dom0.readlink())  # /dev/pts/N
+    pty_channel = {1: {"name": CHANNEL, "connection": "pty"}}
+    xenstored.add_domain(3, "vm-a", pty_channel, {1: a_tty})
+    xenstored.add_domain(4, "vm-b", pty_channel, {1: b_tty})
+    broker.wait_event("domain.connected", domain="vm-a")
+    broker.wait_event("domain.connected", domain="vm-b")
+    vm_a, vm_b = Domu(a.domu), Domu(b.domu)
+    try:
+        # vm-b rewrites its frontend's tty with vm-a's pty
+        xenstored.write("/local/domain/4/device/console/1/tty", a_tty)
+        unbound = broker.wait_event("xenstore.unbound", why="tty_changed", domain="vm-b")
+        assert unbound["level"] == "warning"
+        broker.wait_event("domain.unbound", domain="vm-b")
+        assert ping(vm_a, "vm-a", "a1")["destination"] == "vm-a"  # vm-a keeps its channel
+        async with Client.dom0(tmp_path / "dom0.sock") as svc:
+            listing = (await svc.commande("dom0", "domaines")).resultat
+        assert [(d["nom"], d["chemin"]) for d in listing] == [("vm-a", a_tty)]
+        # and when vm-a goes, nobody inherits the path vm-b wrote
+        xenstored.remove_domain(3)
+        broker.wait_event("domain.unbound", domain="vm-a")
+        assert broker.find("domain.bound", domain="vm-b", path=a_tty) == []
+        assert [e for e in broker.find("domain.connected") if e["path"] == a_tty
+                and e["domain"] != "vm-a"] == []
+    finally:
+        vm_a.close()
+        vm_b.close()
+        a.kill()
+        b.kill()
+
+
+# -- configuration -------------------------------------------------------------------------
+
+def test_xenstore_keys_of_the_configuration() -> None:
+    from broker.config import ConfigError, parse_config
+    cfg = parse_config({"decouverte": {"xenstore": True, "canal": "{domaine}-msg",
+                                       "xenstore_chemin": "/dev/xen/xenbus"}})
+    assert (cfg.xenstore, cfg.xenstore_channel, cfg.xenstore_path) == (
+        True, "{domaine}-msg", "/dev/xen/xenbus")
+    assert parse_config({"decouverte": {"xenstore": True}}).xenstore_channel == CHANNEL
+    with pytest.raises(ConfigError, match=r"decouverte\.xenstore: expected bool"):
+        parse_config({"decouverte": {"xenstore": "yes"}})
+    with pytest.raises(ConfigError, match=r"decouverte\.canal: 'a b' is not a channel name"):
+        parse_config({"decouverte": {"xenstore": True, "canal": "a b"}})
+    with pytest.raises(ConfigError, match="no domain"):
+        parse_config({"decouverte": {"xenstore": False}})
