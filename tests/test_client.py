@@ -78,7 +78,8 @@ async def test_command_reply_matched(pair: PtyPair, peer: PtyPeer) -> None:
 
 async def test_hundred_concurrent_commands_answered_out_of_order(
         pair: PtyPair, peer: PtyPeer) -> None:
-    async with new_client(pair, max_in_flight=100) as c:
+    async with new_client(pair, max_in_flight=100,
+                          max_in_flight_per_destination=100) as c:
         tasks = [asyncio.create_task(c.commande("vm-b", "echo", {"n": n}, timeout=10))
                  for n in range(100)]
         cmds = [await peer.recv() for _ in range(100)]

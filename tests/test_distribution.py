@@ -1,5 +1,5 @@
 """The distribution is ``messagerie-xen`` (``messagerie`` on PyPI is someone else's);
-the import packages stay ``messagerie`` and ``broker``."""
+the import packages stay ``messagerie`` and ``broker`` (and ``pont``, the MQTT bridge)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ def test_installed_distribution_provides_both_import_packages_and_the_commands()
     # (A venv made before the rename may also list the old name: docs/install.md.)
     assert NAME in owners["messagerie"]
     assert NAME in owners["broker"]
+    assert NAME in owners["pont"]
     assert {e.name: e.value for e in dist.entry_points.select(group="console_scripts")} == {
         "messagerie": "messagerie.cli:main",
         "messagerie-broker": "broker.cli:main",
         "messagerie-policy": "broker.cli:policy_main",
+        "messagerie-pont": "pont.cli:main",
     }
 
 

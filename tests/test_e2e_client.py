@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from messagerie.client import Client, CommandError, CommandTimeout
-from messagerie.model import Commande, Notification
+from messagerie.model import DOM0, Commande, Notification
 from tests.support.broker_process import BROKER, CLI, BrokerProcess, write_config
 from tests.support.ptys import PtyPair
 from tests.support.waiting import async_wait_until, wait_until
@@ -29,13 +29,11 @@ class World:
         self.dir = directory
         self.socket = directory / "dom0.sock"
         self.pairs = {name: PtyPair(directory, name, start=False) for name in ("vm-a", "vm-b")}
-        # The client keeps up to 64 commands on the wire (the broker's default
-        # commandes_en_vol); the broker's per-destination share (16 by default) would
-        # refuse the 17th of test_hundred_concurrent_commands, all to vm-b.
+        # The broker's default limits: the client keeps to them on its own side (64
+        # commands in flight, 16 of them to one destination).
         self.config = write_config(directory / "broker.toml",
                                    {name: p.dom0 for name, p in self.pairs.items()},
-                                   dom0_socket=self.socket,
-                                   extra="[limites]\ncommandes_en_vol_destination = 64\n")
+                                   dom0_socket=self.socket)
         self.broker: BrokerProcess | None = None
 
     def start_broker(self) -> None:
@@ -99,6 +97,33 @@ async def test_hundred_concurrent_commands(world: World, vm_b: Client) -> None:
             a.commande("vm-b", "echo", {"n": n, "delai": (n % 7) / 100}, timeout=20)
             for n in range(100)))
     assert [r.resultat["echo"]["n"] for r in reps] == list(range(100))
+
+
+async def test_a_stalled_destination_holds_only_its_share(world: World) -> None:
+    """Twenty commands to a destination that does not answer yet: sixteen go on the
+    wire (the broker's per-destination share), four wait in the client, none is
+    refused `limite`, and a command to another destination is answered meanwhile."""
+    release = asyncio.Event()
+    started: list[int] = []
+    b = world.domu("vm-b")
+
+    @b.handler("attends")
+    async def attends(cmd: Commande) -> object:
+        started.append(cmd.arguments["n"])
+        await release.wait()
+        return cmd.arguments["n"]
+
+    async with b, world.domu("vm-a") as a:
+        calls = [asyncio.create_task(a.commande("vm-b", "attends", {"n": n}, timeout=30))
+                 for n in range(20)]
+        await async_wait_until(lambda: len(started) == 16, what="16 commands at vm-b")
+        assert a._destination_slots["vm-b"][0].locked()
+        rep = await a.commande(DOM0, "ping", timeout=10)
+        assert rep.ok and len(started) == 16
+        release.set()
+        reps = await asyncio.gather(*calls)
+    assert sorted(r.resultat for r in reps) == list(range(20))
+    assert a._destination_slots == {}  # nothing left once every command is answered
 
 
 async def test_raising_handler_gives_error(world: World, vm_b: Client) -> None:

@@ -2,9 +2,10 @@
 
 The sans-IO modules (the wire definition, the model, the codec, the envelope decoder,
 the schema, the socle's catalogue, the errors, and the package root itself) must be
-importable without asyncio or structlog: a router, a policy tool or a fuzzer should not pay for, or depend on, the
-client's I/O. Each check runs in a fresh interpreter (``-I``: no user site, no
-PYTHON* variables), since this test process has long imported everything.
+importable without asyncio or structlog: a router, a policy tool or a fuzzer should not
+pay for, or depend on, the client's I/O. Each check runs in a fresh interpreter (``-I``:
+no user site, no PYTHON* variables), since this test process has long imported
+everything.
 """
 
 from __future__ import annotations

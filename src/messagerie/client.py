@@ -123,6 +123,7 @@ class Client:
         backoff_max: float = 5.0,
         max_handlers: int = 64,
         max_in_flight: int = 64,
+        max_in_flight_per_destination: int = 16,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_frame: int = MAX_FRAME,
         write_buffer_high: int = 256 * 1024,
@@ -144,6 +145,13 @@ class Client:
         #: 64 is the broker's default per-domain limit (``limites.commandes_en_vol``).
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
+        #: Of those, awaiting one destination's answer, at most: 16 is the broker's
+        #: default ``limites.commandes_en_vol_destination`` (a destination that does not
+        #: answer holds only its share of the slots).
+        self.max_in_flight_per_destination = max_in_flight_per_destination
+        self._destination_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        """Per destination: its semaphore and how many commands use it (the entry goes
+        when none does, so that the table stays as small as the traffic)."""
         self.queue_size = queue_size
         self.max_frame = max_frame
         self.write_buffer_high = write_buffer_high
@@ -454,15 +462,21 @@ class Client:
         def remaining() -> float | None:
             return None if wait is None else max(0.0, wait - (loop.time() - start))
 
-        # At most max_in_flight commands on the wire (the broker refuses more with
-        # `limite`); the others wait here, within their own timeout.
+        # At most max_in_flight commands on the wire, max_in_flight_per_destination of
+        # them to one destination (the broker refuses more with `limite`); the others
+        # wait here, within their own timeout: first for the destination's slot, so
+        # that one waiting for a slow destination holds none of the others'.
+        entry = self._destination_slots.get(cmd.destination)
+        if entry is None:
+            entry = (asyncio.Semaphore(self.max_in_flight_per_destination), [0])
+            self._destination_slots[cmd.destination] = entry
+        destination_slots, users = entry
+        users[0] += 1
         try:
-            async with asyncio.timeout(remaining()):
-                await self._slots.acquire()
-        except TimeoutError:
-            self._log.info("commande.timeout", id=cmd.id, commande=cmd.commande,
-                           destination=cmd.destination, timeout=wait, sent=False)
-            raise CommandTimeout(cmd, wait or 0.0) from None
+            await self._acquire_slots(cmd, destination_slots, remaining(), wait)
+        except BaseException:
+            self._forget_destination(cmd.destination, users)
+            raise
         fut: asyncio.Future[Reponse] = loop.create_future()
         self._pending[cmd.id] = fut
         try:
@@ -481,12 +495,36 @@ class Client:
                     raise CommandTimeout(cmd, wait or 0.0) from None
         finally:
             self._slots.release()
+            destination_slots.release()
+            self._forget_destination(cmd.destination, users)
             if self._pending.get(cmd.id) is fut:
                 del self._pending[cmd.id]
         if not rep.ok:
             erreur = rep.erreur or {}
             raise CommandError(str(erreur.get("code", "")), str(erreur.get("message", "")), rep)
         return rep
+
+    async def _acquire_slots(self, cmd: Commande, destination_slots: asyncio.Semaphore,
+                             within: float | None, wait: float | None) -> None:
+        """Take the command's destination slot, then a slot of the client's, within
+        ``within`` seconds; :class:`CommandTimeout` (nothing sent) otherwise."""
+        try:
+            async with asyncio.timeout(within):
+                await destination_slots.acquire()
+                try:
+                    await self._slots.acquire()
+                except BaseException:
+                    destination_slots.release()
+                    raise
+        except TimeoutError:
+            self._log.info("commande.timeout", id=cmd.id, commande=cmd.commande,
+                           destination=cmd.destination, timeout=wait, sent=False)
+            raise CommandTimeout(cmd, wait or 0.0) from None
+
+    def _forget_destination(self, destination: str, users: list[int]) -> None:
+        users[0] -= 1
+        if users[0] == 0:
+            del self._destination_slots[destination]
 
     # -- receiving --
 

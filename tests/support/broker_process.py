@@ -6,18 +6,12 @@ console script, as a subprocess; its JSON log events read from its stdout.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .peers import Domu
+from .process import LoggedProcess
 from .ptys import PtyPair
 from .waiting import wait_until
 
@@ -26,7 +20,7 @@ BROKER = BIN / "messagerie-broker"
 CLI = BIN / "messagerie"
 
 
-class BrokerProcess:
+class BrokerProcess(LoggedProcess):
     """``messagerie-broker --config FILE`` as a subprocess; its JSON log events are
     collected from stdout by a thread. ``command`` starts the broker (the benchmarks
     run another source tree's, to compare two commits in one run)."""
@@ -34,46 +28,7 @@ class BrokerProcess:
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
                  command: Sequence[str] = (str(BROKER),)) -> None:
         self.config = config
-        self.events: list[dict[str, Any]] = []
-        self.raw_lines: list[str] = []
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            [*command, "--config", str(config), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            text = line.decode(errors="replace").strip()
-            with self._lock:
-                self.raw_lines.append(text)
-                with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(text))
-
-    def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e.get("event") == event
-                    and all(e.get(k) == v for k, v in match.items())]
-
-    def wait_event(self, event: str, timeout: float = 10.0, count: int = 1,
-                   **match: Any) -> dict[str, Any]:
-        """Wait until ``event`` (with these fields) was logged ``count`` times; return
-        the ``count``-th."""
-        found = wait_until(lambda: len(self.find(event, **match)) >= count and
-                           self.find(event, **match), timeout,
-                           lambda: f"log event {event} {match} (have: {self.tail()})")
-        return found[count - 1]
-
-    def wait_line(self, text: str, timeout: float = 10.0) -> str:
-        """Wait until a raw output line contains ``text`` (for lines that are not bare
-        JSON, e.g. with a journald priority prefix); return it."""
-        def line() -> str | None:
-            with self._lock:
-                return next((ln for ln in self.raw_lines if text in ln), None)
-        return wait_until(line, timeout, lambda: f"a line with {text!r} (have: {self.tail()})")
+        super().__init__([*command, "--config", str(config), *args], env=env)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """``broker.ready``: the dom0 socket listens and every channel had its first
@@ -81,26 +36,6 @@ class BrokerProcess:
         wait_until(lambda: self.find("broker.ready") or self.proc.poll() is not None,
                    timeout, lambda: f"broker.ready (have: {self.tail()})")
         assert self.proc.poll() is None, f"the broker exited: {self.tail(20)}"
-
-    def tail(self, n: int = 8) -> list[str]:
-        with self._lock:
-            return self.raw_lines[-n:]
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then the exit status (a broker that does not exit fails the test)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("broker did not exit on SIGTERM") from None
-        finally:
-            self._reader.join(5)
 
 
 def write_config(path: Path, domains: dict[str, Path], *, extra: str = "",
