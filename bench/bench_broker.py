@@ -1,14 +1,22 @@
 """Broker benchmark over socat ptys: the broker against the transport's own limit.
 
-    .venv/bin/python -m bench.bench_broker            # full run (about a minute)
-    .venv/bin/python -m bench.bench_broker --quick    # a few seconds (the test suite runs it)
+    .venv/bin/python -m bench.bench_broker            # full run (a few minutes)
+    .venv/bin/python -m bench.bench_broker --quick    # under a minute (the test suite runs it)
     .venv/bin/python -m bench.bench_broker --write docs/benchmarks.md
+    .venv/bin/python -m bench.bench_broker --baseline ../old --burst-only --repeats 11
+
+``--baseline TREE`` also runs the broker of another source tree, e.g. a worktree of the
+previous commit (``git worktree add ../old HEAD~1``), in the same run: this is how a
+change to the hot path is measured, old and new alternating on the same machine.
 
 Scenarios, all in one run on the same machine, so that ratios are meaningful:
 
 * burst: N mouse-move notifications (~220 bytes) from vm-sys-usb to vm-ui, through
   (a) a raw relay (socat copying bytes between the two dom0-side ptys: what the
-  transport itself can do) and (b) the broker at the production log level (info);
+  transport itself can do), (b) two Python copy loops (bench/py_relay.py: bare, and
+  decoding every frame), (c) the broker at the production log level (info), with
+  ``validation = "complete"``, and the baseline tree's broker if asked; every system
+  has its own ptys and their bursts alternate run by run, in a rotating order;
 * field: the field benchmark, 1 000 mouse moves end to end (117 ms on real Xen);
 * latency: one-way latency at 1 000 msg/s, through the broker and the raw relay;
 * rss: the broker's resident memory with 100 connected domains, and its CPU use
@@ -29,11 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.lifetime import unwind_on_signals
 from tests.support.broker_process import BROKER, BrokerProcess, write_config
 from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
@@ -41,8 +50,9 @@ from tests.support.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 
 PEERS = [sys.executable, str(Path(__file__).with_name("peers.py"))]
-# Benchmarks measure the transport and the broker, not the rate limit.
-UNLIMITED = "[limites]\ndebit = 1000000000\nrafale = 1000000000\n"
+# Benchmarks measure the transport and the broker, not the rate limit; and a receiver
+# starved for a second by a loaded machine is not a stalled domain whose messages drop.
+UNLIMITED = "[limites]\ndebit = 1000000000\nrafale = 1000000000\ndelai_blocage = 60\n"
 
 
 def _json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -101,12 +111,13 @@ def python_relay(a: PtyPair, b: PtyPair, *, decode: bool) -> Iterator[None]:
 
 @contextmanager
 def broker(tmp: Path, domains: dict[str, PtyPair], extra: str = UNLIMITED,
-           level: str = "info", command: Path = BROKER) -> Iterator[BrokerProcess]:
+           level: str = "info", *, command: Sequence[str] = (str(BROKER),),
+           env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
     config = write_config(tmp / "bench.toml", {n: p.dom0 for n, p in domains.items()},
                           extra=f'[broker]\nniveau_journal = "{level}"\n{extra}')
-    proc = BrokerProcess(config, broker=command)
+    proc = BrokerProcess(config, command=command, env=env)
     try:
-        proc.wait_event("broker.ready", timeout=60)
+        proc.wait_ready(timeout=60)  # fails at once if the broker exits instead
         wait_until(lambda: len(proc.find("domain.connected")) >= len(domains), 60,
                    "all domains connected")
         yield proc
@@ -134,15 +145,21 @@ BURSTS = ("raw", "python_relay", "python_relay_decode", "broker", "baseline",
 """The systems whose bursts alternate, run by run (``baseline`` only with --baseline)."""
 
 
-def baseline_broker(tree: Path) -> tuple[Path, str]:
-    """The console script of another source tree (a worktree of another commit with its
-    own ``.venv``, ``pip install -e .`` done there) and a label for it."""
+def baseline_broker(tree: Path) -> tuple[list[str], dict[str, str], str]:
+    """How to start another source tree's broker (a worktree of another commit): its own
+    venv's console script when it has one (``TREE/.venv``, ``pip install -e .`` done
+    there), else this interpreter on ``TREE/src``. With a label for it."""
+    if not (tree / "src" / "broker").is_dir():
+        raise SystemExit(f"{tree} is not a source tree of the broker (no src/broker)")
     script = tree / ".venv" / "bin" / "messagerie-broker"
+    command = [str(script)]
     if not script.exists():
-        raise SystemExit(f"{script} not found: make a venv in {tree} and pip install -e . there")
+        command = [sys.executable, "-c", "import sys; from broker.cli import main; "
+                   "sys.exit(main())"]
+    env = {"PYTHONPATH": str(tree.resolve() / "src")}  # whatever this run's PYTHONPATH is
     label = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h"],
                            capture_output=True, text=True, check=False).stdout.strip()
-    return script, label or tree.name
+    return command, env, label or tree.name
 
 
 def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
@@ -174,8 +191,8 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
                 stack.enter_context(python_relay(usb, ui, decode=system.endswith("decode")))
             elif system == "baseline":
                 assert baseline is not None
-                script, results["baseline_label"] = baseline_broker(baseline)
-                brokers[system] = stack.enter_context(broker(d, p, command=script))
+                command, env, results["baseline_label"] = baseline_broker(baseline)
+                brokers[system] = stack.enter_context(broker(d, p, command=command, env=env))
             else:
                 extra = ('validation = "complete"\n' if system == "broker_complete" else "")
                 brokers[system] = stack.enter_context(broker(d, p, extra=extra + UNLIMITED))
@@ -185,18 +202,29 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
             for system in order[i % len(order):] + order[:i % len(order)]:
                 pid = brokers[system].proc.pid if system in brokers else None
                 cpu_before = cpu_seconds(pid) if pid else 0.0
-                one = transfer(*ends[system], burst)
+                try:
+                    one = transfer(*ends[system], burst)
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{system}: {exc}") from None
                 if pid:
-                    one["cpu_percent"] = 100 * (cpu_seconds(pid) - cpu_before) / one["seconds"]
+                    cpu = cpu_seconds(pid) - cpu_before
+                    one["cpu_percent"] = 100 * cpu / one["seconds"]
+                    one["cpu_us_per_message"] = 1e6 * cpu / burst
                 runs[system].append(one)
         for system, rs in runs.items():
             results[system] = median(rs)
             results[system]["ratios"] = [r["per_second"] / raw["per_second"]
                                          for r, raw in zip(rs, runs["raw"], strict=True)]
             results[system]["ratio"] = statistics.median(results[system]["ratios"])
+        for system in brokers:  # CPU time is steadier than throughput on a busy machine
+            results[system]["cpu_us_per_message"] = statistics.median(
+                r["cpu_us_per_message"] for r in runs[system])
         if "baseline" in runs:  # the two brokers' runs paired: this tree's / the baseline's
             results["vs_baseline"] = [b["per_second"] / o["per_second"] for b, o in
                                       zip(runs["broker"], runs["baseline"], strict=True)]
+            results["cpu_vs_baseline"] = [
+                b["cpu_us_per_message"] / o["cpu_us_per_message"]
+                for b, o in zip(runs["broker"], runs["baseline"], strict=True)]
         if burst_only:
             return results
         usb_ui = ends["broker"]
@@ -226,7 +254,8 @@ def table(r: dict[str, Any]) -> str:
     def burst(key: str, label: str, note: str) -> tuple[str, str, str]:
         x = r[key]
         runs = ", ".join(f"{v:.2f}" for v in x["ratios"])
-        cpu = f"; CPU {x['cpu_percent']:.0f} %" if "cpu_percent" in x else ""
+        cpu = (f"; CPU {x['cpu_us_per_message']:.2f} us per message ({x['cpu_percent']:.0f} %)"
+               if "cpu_percent" in x else "")
         return (label, f"{x['per_second']:,.0f} msg/s",
                 f"**{x['ratio']:.2f}x raw** (runs: {runs}){cpu}: {note}")
     rows = [
@@ -239,11 +268,13 @@ def table(r: dict[str, Any]) -> str:
         burst("broker", "burst, broker (info level)", "target >= 0.70"),
     ]
     if "baseline" in r:
-        v = r["vs_baseline"]
+        v, c = r["vs_baseline"], r["cpu_vs_baseline"]
         rows.append(burst("baseline", f"burst, broker at {r.get('baseline_label', '?')} "
                           "(info level)", "the baseline tree's broker, same run; this "
                           f"broker / it: {statistics.median(v):.2f}x (runs: "
-                          f"{', '.join(f'{x:.2f}' for x in v)})"))
+                          f"{', '.join(f'{x:.2f}' for x in v)}), its CPU per message "
+                          f"{statistics.median(c):.2f}x (runs: "
+                          f"{', '.join(f'{x:.2f}' for x in c)})"))
     rows += [
         burst("broker_complete", 'burst, broker, validation = "complete"',
               "every frame decoded completely (docs/broker.md, Validation)"),
@@ -299,11 +330,12 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print raw results as JSON")
     p.add_argument("--baseline", type=Path, metavar="TREE",
                    help="also run the broker of this source tree (a worktree of another "
-                   "commit with its own .venv), alternating with this one's")
+                   "commit; its own .venv if it has one), alternating with this one's")
     p.add_argument("--repeats", type=int, help="alternating runs per system (default 5)")
     p.add_argument("--burst-only", action="store_true",
                    help="only the alternating bursts, printed briefly (for profiling work)")
     args = p.parse_args()
+    unwind_on_signals()
     results = run(args.quick, args.baseline, args.repeats, args.burst_only)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -311,23 +343,28 @@ def main() -> int:
         for system in BURSTS:
             if system in results:
                 x = results[system]
+                cpu = (f", CPU {x['cpu_us_per_message']:.2f} us/msg"
+                       if "cpu_us_per_message" in x else "")
                 print(f"{system:20} {x['per_second']:9,.0f} msg/s {x['ratio']:.2f}x raw (runs: "
-                      f"{', '.join(f'{v:.2f}' for v in x['ratios'])})")
+                      f"{', '.join(f'{v:.2f}' for v in x['ratios'])}){cpu}")
         if "vs_baseline" in results:
             v = results["vs_baseline"]
             print(f"broker / baseline    {statistics.median(v):.2f}x (runs: "
                   f"{', '.join(f'{x:.2f}' for x in v)})")
+            c = results["cpu_vs_baseline"]
+            print(f"CPU/msg, broker / baseline {statistics.median(c):.2f}x (runs: "
+                  f"{', '.join(f'{x:.2f}' for x in c)})")
         return 0
     command = ".venv/bin/python -m bench.bench_broker" + "".join(
         a for a, on in ((" --quick", args.quick), (f" --repeats {args.repeats}", args.repeats),
                         (" --baseline TREE", args.baseline)) if on)
-    baseline = (f"TREE: a worktree of commit {results['baseline_label']} with its own venv. "
+    baseline = (f"TREE: a worktree of commit {results['baseline_label']}.  \n"
                 if args.baseline else "")
     body = (f"## Broker over socat ptys\n\nCommand: `{command}`  \n{baseline}"
             f"Machine: {machine()}  \n"
             f"Date: {time.strftime('%Y-%m-%d')}  \nBurst size: {results['burst_count']:,} "
             f"messages of ~220 bytes, {results['repeats']} alternating runs per system "
-            "(medians; ratios per run against the same run's raw relay).\n\n{table(results)}\n")
+            f"(medians; ratios per run against the same run's raw relay).\n\n{table(results)}\n")
     print(body)
     if args.write:
         write_section(args.write, body)

@@ -51,6 +51,7 @@ from bench.bench_broker import (
     rss_kib,
     write_section,
 )
+from bench.lifetime import unwind_on_signals
 from messagerie import BlockingClient
 from tests.support.ptys import SOCAT, PtyPair, pty_pairs
 from tests.support.waiting import wait_until
@@ -204,7 +205,7 @@ def table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---|---|---|",
         row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
         row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
-        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9"),
+        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9, delai_blocage 60 s"),
         row("junk flood, default limits", r["junk"],
             "tiny invalid lines (x and a newline), each refused"),
         row("broadcast flood, default limits", r["fanout"],
@@ -222,6 +223,7 @@ def main() -> int:
     args = p.parse_args()
     # The dom0 client used for statistics logs its connections: keep stdout for results.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    unwind_on_signals()
     r = run(args.quick)
     if args.json:
         print(json.dumps(r, indent=2))

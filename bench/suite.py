@@ -58,20 +58,26 @@ from bench.bench_broker import (
     rss_kib,
     write_section,
 )
+from bench.lifetime import unwind_on_signals
 from tests.support.broker_process import BrokerProcess, write_config
-from tests.support.ptys import pty_pairs
+from tests.support.ptys import SOCAT, pty_pairs
 from tests.support.waiting import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SYSTEMS = {
-    "raw": "raw relay (socat)",
+    "raw": "raw relay, ptys (socat)",
     "pty": "broker, ptys",
+    "raw-unix": "raw relay, unix sockets (socat)",
     "unix": "broker, unix sockets",
     "amqtt": "amqtt",
     "mosquitto": "mosquitto",
 }
 BROKERS = ("pty", "unix")
+RAW = {"pty": "raw", "unix": "raw-unix"}
+"""Each broker's same-transport baseline: socat copying bytes between the same kind of
+channel (ptys with ptys, unix sockets with unix sockets)."""
 OTHERS = ("raw", "amqtt", "mosquitto")
+"""The columns of the ratio table (``raw`` stands for each broker's own, :data:`RAW`)."""
 HONEST, UI, FLOOD, SINK, PUB = "vm-sys-usb", "vm-ui", "vm-flood", "vm-sink", "vm-pub"
 
 
@@ -210,6 +216,47 @@ def _start_broker(tmp: Path, paths: dict[str, Path], limits: str) -> BrokerProce
     return proc
 
 
+def _listeners(stack: ExitStack, tmp: Path,
+               domains: list[str]) -> dict[str, tuple[socket.socket, Path]]:
+    """The DomU end of each domain as a listening unix socket, as QEMU makes it for
+    Xen's ``connection=socket``."""
+    listeners = {}
+    for n in domains:
+        path = tmp / f"{n}.sock"
+        path.unlink(missing_ok=True)
+        s = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        s.bind(str(path))
+        s.listen(1)
+        listeners[n] = (s, path)
+    return listeners
+
+
+def _accept(stack: ExitStack, listeners: dict[str, tuple[socket.socket, Path]]
+            ) -> dict[str, socket.socket]:
+    conns = {}
+    for n, (s, _) in listeners.items():
+        s.settimeout(60)
+        conn, _ = s.accept()
+        conn.setblocking(True)
+        conns[n] = stack.enter_context(conn)
+    return conns
+
+
+@contextmanager
+def unix_relay(a: Path, b: Path) -> Iterator[int]:
+    """The raw relay over unix sockets: socat connected to both listening sockets,
+    copying bytes both ways (as :func:`bench.bench_broker.raw_relay` does between two
+    ptys); yields its pid."""
+    assert SOCAT
+    proc = subprocess.Popen([SOCAT, "-b", "65536", f"UNIX-CONNECT:{a}", f"UNIX-CONNECT:{b}"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _pids(p: dict[str, Any]) -> tuple[int, ...]:
     return tuple(x.proc.pid for x in p.values() if x.proc is not None)
 
@@ -242,23 +289,21 @@ def session(system: str, tmp: Path, domains: list[str], *,
             ends = {n: str(x.domu) for n, x in p.items()}
             drain(list(ends.values()))
             yield Session(ends, server_pid=b.proc.pid, transport_pids=_pids(p))
+        elif system == "raw-unix":
+            if broadcast or not routes:
+                raise NotApplicable("a byte relay has no broadcast or routing")
+            listeners = _listeners(stack, tmp, domains)
+            pids = [stack.enter_context(unix_relay(listeners[a][1], listeners[b][1]))
+                    for a, b in routes]
+            conns = _accept(stack, listeners)
+            yield Session({n: f"fd:{c.fileno()}" for n, c in conns.items()},
+                          tuple(c.fileno() for c in conns.values()),
+                          server_pid=pids[0] if len(pids) == 1 else None)
         elif system == "unix":
-            listeners = {}
-            for n in domains:
-                path = tmp / f"{n}.sock"
-                path.unlink(missing_ok=True)
-                s = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-                s.bind(str(path))
-                s.listen(1)
-                listeners[n] = (s, path)
+            listeners = _listeners(stack, tmp, domains)
             b = _start_broker(tmp, {n: path for n, (_, path) in listeners.items()}, limits)
             stack.callback(b.stop)
-            conns = {}
-            for n, (s, _) in listeners.items():
-                s.settimeout(60)
-                conn, _ = s.accept()
-                conn.setblocking(True)
-                conns[n] = stack.enter_context(conn)
+            conns = _accept(stack, listeners)
             wait_until(lambda: len(b.find("domain.connected")) >= len(domains), 60,
                        "all domains connected")
             ends = {n: f"fd:{c.fileno()}" for n, c in conns.items()}
@@ -554,55 +599,104 @@ def attempt(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_system(system: str, tmp: Path, z: Sizes, log: Callable[[str], None]) -> dict[str, Any]:
-    r: dict[str, Any] = {}
+Group = Callable[[str, Path, Sizes], dict[str, dict[str, Any]]]
+"""A group of scenarios sharing one session of a system: their results by key."""
 
-    def note(key: str, value: dict[str, Any]) -> None:
-        r[key] = value
-        log(f"{system:9} {key:10} {json.dumps(value)[:160]}")
 
-    def one_to_one() -> None:
+def one_to_one(system: str, tmp: Path, z: Sizes) -> dict[str, dict[str, Any]]:
+    keys = ("burst", "field", *(f"lat{rate}" for rate in z.latency))
+    r: dict[str, dict[str, Any]] = {}
+
+    def measure() -> dict[str, Any]:
         with session(system, tmp, [HONEST, UI], routes=[(HONEST, UI)]) as s:
-            note("burst", attempt(lambda: transfer(s, HONEST, UI, z.burst)))
+            r["burst"] = attempt(lambda: transfer(s, HONEST, UI, z.burst))
 
             def field_run() -> dict[str, Any]:
                 runs = [transfer(s, HONEST, UI, 1000)["seconds"] for _ in range(z.field_runs)]
                 return {"ms": 1000 * statistics.median(runs), "runs_ms": [
                     round(1000 * x, 2) for x in runs]}
-            note("field", attempt(field_run))
+            r["field"] = attempt(field_run)
             for rate, n in z.latency.items():
-                note(f"lat{rate}", attempt(lambda rate=rate, n=n: transfer(
-                    s, HONEST, UI, n, rate=rate, latency=True)))
+                r[f"lat{rate}"] = attempt(lambda rate=rate, n=n: transfer(
+                    s, HONEST, UI, n, rate=rate, latency=True))
+        return {}
+    failed = attempt(measure)  # the session itself failed (or is not applicable)
+    return {k: r.get(k) or failed or {"error": "session failed"} for k in keys}
 
-    def fan(n: int, count: int) -> dict[str, Any]:
-        rx = [f"rx-{i:03d}" for i in range(n)]
-        with session(system, tmp, [PUB, *rx], broadcast=rx) as s:
-            return fanout(s, rx, count)
 
-    def idle_run() -> dict[str, Any]:
-        if system == "raw":
+def fan_out(n: int, count: int) -> Group:
+    def group(system: str, tmp: Path, z: Sizes) -> dict[str, dict[str, Any]]:
+        def measure() -> dict[str, Any]:
+            rx = [f"rx-{i:03d}" for i in range(n)]
+            with session(system, tmp, [PUB, *rx], broadcast=rx) as s:
+                return fanout(s, rx, count)
+        return {f"fan{n}": attempt(measure)}
+    return group
+
+
+def idle_group(system: str, tmp: Path, z: Sizes) -> dict[str, dict[str, Any]]:
+    def measure() -> dict[str, Any]:
+        if system in RAW.values():
             raise NotApplicable("no process holds the connections")
         names = [f"vm-{i:03d}" for i in range(z.idle_domains)]
         with session(system, tmp, names, routes=[]) as s:
             return idle(s, z.idle_seconds)
+    return {"idle": attempt(measure)}
 
-    def flood_run() -> dict[str, Any]:
+
+def flood_group(system: str, tmp: Path, z: Sizes) -> dict[str, dict[str, Any]]:
+    def measure() -> dict[str, Any]:
         # The broker with its production limits (config defaults: 20 000 msg/s per domain).
         with session(system, tmp, [HONEST, UI, FLOOD, SINK],
                      routes=[(HONEST, UI), (FLOOD, SINK)], limits="") as s:
             return flood(s, z.flood, z.flood_honest)
+    return {"flood": attempt(measure)}
 
-    failed = attempt(lambda: (one_to_one(), {})[1])
-    for key in ("burst", "field", *(f"lat{rate}" for rate in z.latency)):
-        if key not in r:
-            note(key, failed or {"error": "session failed"})
-    for n, count in z.fanout.items():
-        note(f"fan{n}", attempt(lambda n=n, count=count: fan(n, count)))
-    note("idle", attempt(idle_run))
-    note("flood", attempt(flood_run))
-    if system == "mosquitto":
-        note("paho", attempt(lambda: paho_burst(tmp, z.paho)))
-    return r
+
+def paho_group(system: str, tmp: Path, z: Sizes) -> dict[str, dict[str, Any]]:
+    if system != "mosquitto":
+        return {}
+    return {"paho": attempt(lambda: paho_burst(tmp, z.paho))}
+
+
+def groups(z: Sizes) -> list[Group]:
+    return [one_to_one, *(fan_out(n, c) for n, c in z.fanout.items()), idle_group,
+            flood_group, paho_group]
+
+
+def run_rounds(systems: list[str], tmp: Path, z: Sizes, rounds: int,
+               log: Callable[[str], None]) -> list[dict[str, dict[str, Any]]]:
+    """Every group of scenarios, each run ``rounds`` times for every system, the systems
+    alternating run by run in a rotating order: the machine's drift and noise hit all
+    alike instead of whichever system ran during a bad minute. One result dict per round."""
+    out: list[dict[str, dict[str, Any]]] = [{s: {} for s in systems} for _ in range(rounds)]
+    for group in groups(z):
+        for i in range(rounds):
+            for system in systems[i % len(systems):] + systems[:i % len(systems)]:
+                for key, value in group(system, tmp, z).items():
+                    out[i][system][key] = value
+                    log(f"round {i + 1} {system:9} {key:10} {json.dumps(value)[:150]}")
+    return out
+
+
+def medians(rounds: list[dict[str, dict[str, Any]]], ms: list[Metric]
+            ) -> dict[str, dict[str, Any]]:
+    """Per system and scenario, the round whose value is the median (the lower middle
+    of an even count); a scenario that failed in every round keeps its first failure."""
+    values = {m.key: m.value for m in ms}
+    values["paho"] = lambda r: r["per_second"]
+    out: dict[str, dict[str, Any]] = {}
+    for system in rounds[0]:
+        out[system] = {}
+        for key in {k: None for r in rounds for k in r[system]}:
+            got = [r[system][key] for r in rounds if key in r[system]]
+            ok = [g for g in got if "na" not in g and "error" not in g]
+            if not ok:
+                out[system][key] = got[0]
+                continue
+            ok.sort(key=values[key])
+            out[system][key] = {**ok[(len(ok) - 1) // 2], "rounds": len(ok)}
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -672,11 +766,20 @@ def ratio(results: dict[str, dict[str, Any]], m: Metric, a: str, b: str) -> floa
     return vb / va if va else None
 
 
+def paired(rounds: list[dict[str, dict[str, Any]]], m: Metric, a: str, b: str
+           ) -> float | None:
+    """:func:`ratio` within each round (the two systems measured minutes apart), the
+    median over the rounds."""
+    got = [x for r in rounds if (x := ratio(r, m, a, b)) is not None]
+    return statistics.median(got) if got else None
+
+
 def fmt_ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
-def targets(results: dict[str, dict[str, Any]], ms: list[Metric]) -> list[str]:
+def targets(results: dict[str, dict[str, Any]], rounds: list[dict[str, dict[str, Any]]],
+            ms: list[Metric]) -> list[str]:
     by = {m.key: m for m in ms}
     lines = []
 
@@ -685,11 +788,12 @@ def targets(results: dict[str, dict[str, Any]], ms: list[Metric]) -> list[str]:
         lines.append(f"- {what}: {verdict}" + ("" if value is None else f" ({value:.2f})"))
     for sysname in BROKERS:
         label = SYSTEMS[sysname]
-        x = ratio(results, by["burst"], sysname, "raw")
-        check(f"{label}: burst >= 0.7x raw relay", x, None if x is None else x >= 0.7)
-        x = ratio(results, by["burst"], sysname, "amqtt")
+        x = paired(rounds, by["burst"], sysname, RAW[sysname])
+        check(f"{label}: burst >= 0.7x the raw relay over the same transport", x,
+              None if x is None else x >= 0.7)
+        x = paired(rounds, by["burst"], sysname, "amqtt")
         check(f"{label}: burst >= 5x amqtt", x, None if x is None else x >= 5)
-        x = ratio(results, by["burst"], sysname, "mosquitto")
+        x = paired(rounds, by["burst"], sysname, "mosquitto")
         check(f"{label}: burst >= 0.5x mosquitto", x, None if x is None else x >= 0.5)
         idle_r = results[sysname].get("idle", {})
         v = idle_r.get("cpu_percent")
@@ -734,21 +838,21 @@ def _first_line(cmd: list[str], index: int = 0) -> str:
         return "?"
 
 
-def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, date: str,
-           png: str | None) -> str:
+def report(results: dict[str, dict[str, Any]], rounds: list[dict[str, dict[str, Any]]],
+           z: Sizes, *, command: str, date: str, png: str | None) -> str:
     ms = metrics(z)
     head = "| scenario | " + " | ".join(SYSTEMS.values()) + " |"
     out = [head, "|---|" + "---:|" * len(SYSTEMS)]
     for m in ms:
         out.append(f"| {m.label} | " + " | ".join(
             cell(results.get(s, {}).get(m.key), m) for s in SYSTEMS) + " |")
-    pairs_ = [(b, o) for b in BROKERS for o in OTHERS]
+    pairs_ = [(b, RAW[b] if o == "raw" else o) for b in BROKERS for o in OTHERS]
     rat = ["| scenario | " + " | ".join(
-        f"{'pty' if b == 'pty' else 'unix'} / {o}" for b, o in pairs_) + " |",
+        f"{b} / {'raw ' + b if o in RAW.values() else o}" for b, o in pairs_) + " |",
         "|---|" + "---:|" * len(pairs_)]
     for m in ms:
         rat.append(f"| {m.label} | " + " | ".join(
-            fmt_ratio(ratio(results, m, b, o)) for b, o in pairs_) + " |")
+            fmt_ratio(paired(rounds, m, b, o)) for b, o in pairs_) + " |")
     paho = results.get("mosquitto", {}).get("paho")
     raw_mq = results.get("mosquitto", {}).get("burst", {})
     client_note = ""
@@ -803,17 +907,22 @@ def report(results: dict[str, dict[str, Any]], z: Sizes, command: str, date: str
         "instead); amqtt 0.12 from its CLI with only anonymous auth (no packet logger, no "
         "$SYS). The broker runs at the production log level (info) with the rate limit "
         "lifted (benchmarks measure routing, not the token bucket), except in the flood "
-        "scenario, which uses the default limits (20 000 msg/s per domain). The raw relay "
-        "is socat between the two dom0-side ptys: no broadcast, so fan-out and idle are "
-        "n/a. Elapsed times run from the first byte written to the last byte read; fan-out "
-        "waits for every receiver to have every message (receivers in two processes, "
-        "epoll). Systems run one after the other, each with fresh server processes; the "
-        "machine has 2 cores shared by senders, receivers, socat and the server.", "",
+        "scenario, which uses the default limits (20 000 msg/s per domain). The raw relays "
+        "are socat copying bytes between the two dom0-side ptys, or between the two "
+        "domains' listening unix sockets (the broker's figures over each transport are "
+        "compared with the raw relay over the same one); no broadcast, so fan-out and "
+        "idle are n/a. Elapsed times run from the first byte written to the last byte "
+        "read; fan-out waits for every receiver to have every message (receivers in two "
+        f"processes, epoll). Every scenario runs {len(rounds)} times per system, the "
+        "systems alternating run by run in a rotating order, each with fresh server "
+        "processes; the tables give the median run, the ratios the median of the ratios "
+        "within each round. The machine has 2 cores shared by senders, receivers, socat "
+        "and the server (and, on a shared machine, by whatever else runs).", "",
         *out, "",
         "Ratios: the broker's performance relative to each system (> 1: the broker is "
         "better; throughputs divided, times and p99 latencies inverted).", "",
         *rat, "",
-        "Targets:", "", *targets(results, ms), "",
+        "Targets:", "", *targets(results, rounds, ms), "",
         f"During the one-to-one burst (CPU: 100 % = one core of {os.cpu_count()}; the "
         "socat ptys stand in for Xen's channels; read/write counts from /proc/PID/io):", "",
         *cpu, "", client_note, flood_note,
@@ -833,8 +942,9 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(SYSTEMS)
-    colors = dict(zip(names, ["#888888", "#1f77b4", "#17becf", "#d62728", "#2ca02c"],
-                      strict=True))
+    palette = {"raw": "#888888", "pty": "#1f77b4", "raw-unix": "#bbbbbb", "unix": "#17becf",
+               "amqtt": "#d62728", "mosquitto": "#2ca02c"}
+    colors = {s: palette[s] for s in names}
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
 
     def get(s: str, key: str, f: Callable[[dict[str, Any]], float]) -> float:
@@ -863,9 +973,9 @@ def plot(results: dict[str, dict[str, Any]], z: Sizes, path: Path) -> None:
          "field: 1 000 mouse moves, ms, lower is better (117 ms on real Xen)")
     ax = axes[0][2]
     rates = list(z.latency)
-    width = 0.16
+    width = 0.8 / len(names)
     for j, s in enumerate(names):
-        ax.bar([i + (j - 2) * width for i in range(len(rates))],
+        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(rates))],
                [get(s, f"lat{r}", lambda x: x["p99_us"]) for r in rates], width,
                label=SYSTEMS[s], color=colors[s])
     ax.set_xticks(range(len(rates)), [f"{r:,}/s" for r in rates])
@@ -918,28 +1028,39 @@ def main(argv: list[str] | None = None) -> int:
                    help="no run: report (and --write) the results a --json run saved")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="stop (cleanly, status 142) if the run is not over by then")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="runs of every scenario per system, alternating (default 3; medians)")
     args = p.parse_args(argv)
     z = SMOKE if args.smoke else QUICK if args.quick else FULL
     systems = args.systems.split(",")
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown or args.rounds < 1:
+        p.error(f"unknown systems {sorted(unknown)}" if unknown else "--rounds must be >= 1")
     command = ".venv/bin/python -m bench.suite" + "".join(
-        f" {a}" for a in argv if a in ("--quick", "--smoke", "--write"))
-    results: dict[str, dict[str, Any]] = {}
+        f" {a}" for a in argv if a in ("--quick", "--smoke", "--write")) + (
+        f" --rounds {args.rounds}" if args.rounds != 3 else "")
     date = time.strftime("%Y-%m-%d %H:%M")
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        results, command, date = saved["results"], saved["command"], saved["date"]
+        rounds, command, date = saved["rounds"], saved["command"], saved["date"]
+        extra = saved.get("extra", {})
     else:
+        unwind_on_signals(args.deadline)
         with tempfile.TemporaryDirectory(prefix="messagerie-suite-") as t:
-            for system in systems:
-                results[system] = run_system(system, Path(t), z,
-                                             lambda s: print(s, file=sys.stderr, flush=True))
+            rounds = run_rounds(systems, Path(t), z, args.rounds,
+                                lambda s: print(s, file=sys.stderr, flush=True))
+        extra = {}
         if not args.smoke and "pty" in systems:
-            results["bench_flood"] = attempt(lambda: bench_flood_run(args.quick))
+            extra["bench_flood"] = attempt(lambda: bench_flood_run(args.quick))
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "date": date,
-                                         "results": results}, indent=2))
+        args.json.write_text(json.dumps({"command": command, "date": date, "rounds": rounds,
+                                         "extra": extra}, indent=2))
+    results = {**medians(rounds, metrics(z)), **extra}
     png = args.out.with_suffix(".png") if args.write else None
-    body = report(results, z, command, date, png.name if png else None)
+    body = report(results, rounds, z, command=command, date=date,
+                  png=png.name if png else None)
     print(body)
     if args.write:
         assert png is not None

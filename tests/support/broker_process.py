@@ -7,6 +7,7 @@ console script, as a subprocess; its JSON log events read from its stdout.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .peers import Domu
@@ -21,13 +22,13 @@ CLI = BIN / "messagerie"
 
 class BrokerProcess(LoggedProcess):
     """``messagerie-broker --config FILE`` as a subprocess; its JSON log events are
-    collected from stdout by a thread. ``broker`` is the console script to run (the
-    benchmarks run another source tree's, to compare two commits in one run)."""
+    collected from stdout by a thread. ``command`` starts the broker (the benchmarks
+    run another source tree's, to compare two commits in one run)."""
 
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
-                 broker: Path = BROKER) -> None:
+                 command: Sequence[str] = (str(BROKER),)) -> None:
         self.config = config
-        super().__init__([str(broker), "--config", str(config), *args], env=env)
+        super().__init__([*command, "--config", str(config), *args], env=env)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """``broker.ready``: the dom0 socket listens and every channel had its first

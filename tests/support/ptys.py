@@ -38,7 +38,12 @@ class PtyPair:
         self.proc = subprocess.Popen(
             [SOCAT, f"pty,raw,echo=0,link={self.dom0}", f"pty,raw,echo=0,link={self.domu}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.dom0.exists() and self.domu.exists(), what=f"socat {self.name}")
+        try:
+            wait_until(lambda: self.dom0.exists() and self.domu.exists(),
+                       what=f"socat {self.name}")
+        except BaseException:  # a timeout, or a benchmark stopped by a signal meanwhile
+            self.kill()
+            raise
         return self
 
     def kill(self) -> None:
