@@ -333,12 +333,12 @@ async def test_late_answers_name_the_command() -> None:
     """Answers the broker gives later (destination down, no answer in time) carry the
     command's name like every reponse (docs/protocol.md)."""
     s = Setup(command_ttl=0.05)
-    s.send(s.eps["vm-a"], Commande("vm-a", "vm-b", "lister_disques", id="c1"))
+    s.send(s.eps["vm-a"], Commande("vm-a", "vm-b", "liste_disques", id="c1"))
     s.eps["vm-b"].connection_lost(None)
     s.broker.domain_down(s.eps["vm-b"])
     s.flush()
     (answer,) = [m for m in s.out("vm-a") if isinstance(m, Reponse)]
-    assert answer.commande == "lister_disques"
+    assert answer.commande == "liste_disques"
 
 
 async def test_expire_pending() -> None:

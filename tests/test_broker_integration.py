@@ -30,7 +30,7 @@ def notif(src: str, dst: str, i: int = 0, cat: str = "entree") -> dict[str, obje
                         "data": {"i": i, "position": {"x": i % 1024, "y": 7}}}}
 
 
-def cmd(src: str, dst: str, id: str, name: str = "lister_disques") -> dict[str, object]:
+def cmd(src: str, dst: str, id: str, name: str = "liste_disques") -> dict[str, object]:
     return {"type": "commande", "source": src, "destination": dst,
             "payload": {"id": id, "commande": name, "arguments": {}}}
 
@@ -112,7 +112,7 @@ def test_command_round_trip_and_unsolicited_reponse_refused(three: BrokerSystem)
     (asked,) = b.wait_messages(1)
     assert asked.payload["id"] == "r1"
     reply = {"type": "reponse", "source": "vm-b", "destination": "vm-a",
-             "payload": {"id": "r1", "commande": "lister_disques", "statut": "ok",
+             "payload": {"id": "r1", "commande": "liste_disques", "statut": "ok",
                          "resultat": ["sda"]}}
     b.send(reply)
     b.send(reply)  # a second answer to the same command is not solicited any more

@@ -106,7 +106,7 @@ async def test_path_from_environment(pair: PtyPair, peer: PtyPeer) -> None:
 
 async def test_command_ok(pair: PtyPair, peer: PtyPeer) -> None:
     run = await start("--path", str(pair.domu), "--as", "vm-a", "command", "vm-sys-usb",
-                      "lister_fichiers", "--args", '{"disque": "sda"}', "--set", "n=2")
+                      "liste_fichiers", "--args", '{"disque": "sda"}', "--set", "n=2")
     cmd = await peer.recv(timeout=30)
     assert isinstance(cmd, Commande)
     assert cmd.arguments == {"disque": "sda", "n": 2}

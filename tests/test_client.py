@@ -66,11 +66,11 @@ async def test_send_any_message(pair: PtyPair, peer: PtyPeer) -> None:
 
 async def test_command_reply_matched(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
-        task = asyncio.create_task(c.commande("vm-b", "lister_disques", {"x": 1}, timeout=5))
+        task = asyncio.create_task(c.commande("vm-b", "liste_disques", {"x": 1}, timeout=5))
         cmd = await peer.recv()
         assert isinstance(cmd, Commande)
         assert (cmd.source, cmd.destination, cmd.commande, cmd.arguments) == (
-            "vm-a", "vm-b", "lister_disques", {"x": 1})
+            "vm-a", "vm-b", "liste_disques", {"x": 1})
         peer.send(cmd.reply(["sda", "sdb"]))
         rep = await task
     assert rep.ok and rep.resultat == ["sda", "sdb"] and rep.id == cmd.id
@@ -123,7 +123,7 @@ async def test_commands_in_flight_are_bounded(pair: PtyPair, peer: PtyPeer) -> N
 
 async def test_error_reply_raises_command_error(pair: PtyPair, peer: PtyPeer) -> None:
     async with new_client(pair) as c:
-        task = asyncio.create_task(c.commande("vm-x", "lister_disques", timeout=5))
+        task = asyncio.create_task(c.commande("vm-x", "liste_disques", timeout=5))
         cmd = await peer.recv()
         assert isinstance(cmd, Commande)
         # A broker refusal comes from dom0, not from the destination.
@@ -177,12 +177,12 @@ async def test_invalid_frames_are_logged_and_skipped(pair: PtyPair, peer: PtyPee
 async def test_handler_result_becomes_ok_reply(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, name="vm-sys-usb")
 
-    @c.handler("lister_disques")
+    @c.handler("liste_disques")
     async def lister(cmd: Commande) -> list[str]:
         return ["sda", cmd.arguments["extra"]]
 
     async with c:
-        cmd = Commande("vm-ui", "vm-sys-usb", "lister_disques", {"extra": "sdb"})
+        cmd = Commande("vm-ui", "vm-sys-usb", "liste_disques", {"extra": "sdb"})
         peer.send(cmd)
         rep = await peer.recv()
     assert rep == cmd.reply(["sda", "sdb"])
@@ -823,9 +823,9 @@ async def test_command_is_the_name_and_commande_its_alias(
     assert Client.commande is Client.command
     assert BlockingClient.commande is BlockingClient.command
     async with new_client(pair) as c:
-        task = asyncio.create_task(c.command("vm-b", "lister_disques", {"x": 1}, timeout=5))
+        task = asyncio.create_task(c.command("vm-b", "liste_disques", {"x": 1}, timeout=5))
         cmd = await peer.recv()
-        assert isinstance(cmd, Commande) and cmd.commande == "lister_disques"
+        assert isinstance(cmd, Commande) and cmd.commande == "liste_disques"
         peer.send(cmd.reply(["sda"]))
         assert (await task).resultat == ["sda"]
 

@@ -110,9 +110,9 @@ def test_commands_on_path_run_from_the_private_venv(installed: Path, tmp_path: P
     (tmp_path / "broker").mkdir()
     (tmp_path / "broker" / "__init__.py").write_text('raise SystemExit("wrong broker")\n')
     done = run("/usr/bin/messagerie-policy", "/etc/messagerie/policy.toml", "-s", "vm-ui",
-               "-d", "vm-sys-usb", "-t", "commande", "-n", "lister_disques",
+               "-d", "vm-sys-usb", "-t", "commande", "-n", "liste_disques",
                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert done.stdout.startswith("vm-ui -> vm-sys-usb: commande lister_disques\nallow")
+    assert done.stdout.startswith("vm-ui -> vm-sys-usb: commande liste_disques\nallow")
 
 
 def test_check_config_and_the_demo_from_the_installed_paths(installed: Path) -> None:

@@ -66,8 +66,8 @@ View = StaticView
 # -- strategies --------------------------------------------------------------------
 
 names = st.sampled_from(NAMES) | st.from_regex(r"\Avm-[a-z]{1,6}\Z")
-labels = st.sampled_from(["entree", "disque", "fichier", "domaine", "lister_disques",
-                          "lire_fichier", "ping", "statistiques", "enregistrer", "x"]) \
+labels = st.sampled_from(["entree", "disque", "fichier", "domaine", "liste_disques",
+                          "lit_fichier", "ping", "statistiques", "enregistrer", "x"]) \
     | st.from_regex(r"\A[a-z][a-z_]{0,11}\Z")
 ids = st.sampled_from(["1", "2", "c1"]) | st.from_regex(r"\A[a-z0-9]{1,8}\Z")
 
@@ -110,7 +110,7 @@ def random_policies(draw: st.DrawFn) -> Policy:
         lines.append(f'destination = "{draw(patterns | st.just(TOUS))}"')
         lines.append(f'type = "{draw(rule_types)}"')
         nom = draw(st.none() | st.lists(st.sampled_from(
-            ["entree", "disque", "lister_*", "l?re_fichier", "*", "ping"]), min_size=1,
+            ["entree", "disque", "liste_*", "l?t_fichier", "*", "ping"]), min_size=1,
             max_size=3))
         if nom is not None:
             lines.append(f"nom = {json.dumps(nom)}")
@@ -443,7 +443,7 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
     view = View(Policy.allow_all(), frozenset(DOMAINS), frozenset(DOMAINS))
     view.pending.limit = limit
     view.pending.per_target = per_target
-    view.services = {"lister_disques": "svc-1", "etat": "svc-2"}
+    view.services = {"liste_disques": "svc-1", "etat": "svc-2"}
     answered: set[tuple[str, str]] = set()
     for msg, variant in traffic:
         sender = variant if msg.source == DOM0 and variant.startswith("svc") else (

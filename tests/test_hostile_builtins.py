@@ -61,7 +61,7 @@ async def test_pipelined_statistiques_are_all_answered() -> None:
 async def test_enregistrer_refuses_names_no_command_can_carry() -> None:
     s = Setup()
     conn, t = s.service()
-    for names in (["supprimer_fichier "], ["ok", "a b"], ["\x1b[2J"], [""], ["-x"]):
+    for names in (["supprime_fichier "], ["ok", "a b"], ["\x1b[2J"], [""], ["-x"]):
         s.send(conn, Commande(DOM0, DOM0, "enregistrer", {"commandes": names}, id="r"))
         (answer,) = t.messages()
         assert error_of(answer) == ("r", Code.MESSAGE_INVALIDE), names

@@ -87,7 +87,7 @@ def line(src: str, dst: str, i: int, cat: str = "diagnostic") -> bytes:
             % (src.encode(), dst.encode(), cat.encode(), i))
 
 
-def command(src: str, dst: str, id: str, name: str = "lister_disques") -> dict[str, Any]:
+def command(src: str, dst: str, id: str, name: str = "liste_disques") -> dict[str, Any]:
     return {"type": "commande", "source": src, "destination": dst,
             "payload": {"id": id, "commande": name, "arguments": {}}}
 
@@ -192,7 +192,7 @@ def test_broadcast_is_filtered_per_recipient(h: Hostile) -> None:
 
 def test_denied_command_is_answered_refuse_without_revealing_the_rule(h: Hostile) -> None:
     h.evil.send(command("vm-evil", "vm-diag", "c1"))          # rule 2
-    h.evil.send(command("vm-evil", "vm-ui", "c2", "lire_fichier"))  # rule 2 (not entree)
+    h.evil.send(command("vm-evil", "vm-ui", "c2", "lit_fichier"))  # rule 2 (not entree)
     h.evil.send(command("vm-evil", "dom0", "c3", "statistiques"))   # default deny
     replies = {m.payload["id"]: m for m in h.evil.wait_messages(3)}
     for id in ("c1", "c2", "c3"):

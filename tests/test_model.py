@@ -239,12 +239,12 @@ def test_vocabulary_values() -> None:
 # --- commande / reponse --------------------------------------------------------------------
 
 def test_commande() -> None:
-    cmd = Commande("vm-ui", "vm-sys-usb", "lister_fichiers", {"disque": "sda"}, id="req-1")
+    cmd = Commande("vm-ui", "vm-sys-usb", "liste_fichiers", {"disque": "sda"}, id="req-1")
     assert cmd.type == "commande"
-    assert (cmd.id, cmd.commande, cmd.name) == ("req-1", "lister_fichiers", "lister_fichiers")
+    assert (cmd.id, cmd.commande, cmd.name) == ("req-1", "liste_fichiers", "liste_fichiers")
     assert cmd.arguments == {"disque": "sda"}
     assert cmd.to_dict()["payload"] == {
-        "id": "req-1", "commande": "lister_fichiers", "arguments": {"disque": "sda"}}
+        "id": "req-1", "commande": "liste_fichiers", "arguments": {"disque": "sda"}}
 
 
 def test_commande_generates_distinct_ids() -> None:
@@ -279,14 +279,14 @@ def test_commande_payload_errors(field: str, value: object, reason: Reason) -> N
 
 
 def test_reply() -> None:
-    cmd = Commande("vm-ui", "vm-sys-usb", "lister_disques", id="c-42")
+    cmd = Commande("vm-ui", "vm-sys-usb", "liste_disques", id="c-42")
     rep = cmd.reply(["sda", "sdb"])
     assert isinstance(rep, Reponse)
     assert (rep.source, rep.destination) == ("vm-sys-usb", "vm-ui")
-    assert (rep.id, rep.commande, rep.name) == ("c-42", "lister_disques", "lister_disques")
+    assert (rep.id, rep.commande, rep.name) == ("c-42", "liste_disques", "liste_disques")
     assert rep.ok and rep.statut is Statut.OK
     assert rep.resultat == ["sda", "sdb"] and rep.erreur is None
-    assert rep.to_dict()["payload"] == {"id": "c-42", "commande": "lister_disques",
+    assert rep.to_dict()["payload"] == {"id": "c-42", "commande": "liste_disques",
                                         "statut": "ok", "resultat": ["sda", "sdb"]}
     assert cmd.reply().resultat is None
     assert cmd.reply(source="dom0").source == "dom0"

@@ -78,16 +78,16 @@ def test_groups() -> None:
 
 
 def test_names_and_globs() -> None:
-    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom=["lister_*", "lire_fichier"]))
-    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lister_disques").allowed
-    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lister_fichiers").allowed
-    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lire_fichier").allowed
-    assert not p.decide("vm-ui", "vm-sys-usb", "commande", "supprimer_fichier").allowed
+    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom=["liste_*", "lit_fichier"]))
+    assert p.decide("vm-ui", "vm-sys-usb", "commande", "liste_disques").allowed
+    assert p.decide("vm-ui", "vm-sys-usb", "commande", "liste_fichiers").allowed
+    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lit_fichier").allowed
+    assert not p.decide("vm-ui", "vm-sys-usb", "commande", "supprime_fichier").allowed
     assert not p.decide("vm-ui", "vm-sys-usb", "commande", "Lister_disques").allowed
     assert not p.decide("vm-ui", "vm-sys-usb", "commande", None).allowed
-    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="lire_?ichier"))
-    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lire_fichier").allowed
-    assert not p.decide("vm-ui", "vm-sys-usb", "commande", "lire_fichiers").allowed
+    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="lit_?ichier"))
+    assert p.decide("vm-ui", "vm-sys-usb", "commande", "lit_fichier").allowed
+    assert not p.decide("vm-ui", "vm-sys-usb", "commande", "lit_fichiers").allowed
     # nom "*" or absent: any name, no name included.
     for p in (policy(rule("vm-a", "vm-b", nom="*")), policy(rule("vm-a", "vm-b"))):
         assert p.decide("vm-a", "vm-b", "notification", None).allowed
@@ -126,19 +126,19 @@ def test_broadcast_filtered_per_recipient_by_name() -> None:
 
 
 def test_reponse_follows_its_commande() -> None:
-    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="lister_disques"))
+    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="liste_disques"))
     assert Policy.allows_reponses
-    ok = p.decide("vm-sys-usb", "vm-ui", "reponse", "lister_disques")
+    ok = p.decide("vm-sys-usb", "vm-ui", "reponse", "liste_disques")
     assert ok.allowed and ok.rule is not None and ok.rule.index == 1
     assert ok.reason.startswith("reponse follows its commande: rule 1")
     assert not p.decide("vm-sys-usb", "vm-ui", "reponse", "autre").allowed
-    assert not p.decide("vm-ui", "vm-sys-usb", "reponse", "lister_disques").allowed
+    assert not p.decide("vm-ui", "vm-sys-usb", "reponse", "liste_disques").allowed
 
 
 def test_decide_message() -> None:
-    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="lister_disques")
+    p = policy(rule("vm-ui", "vm-sys-usb", "commande", nom="liste_disques")
                + rule("vm-sys-usb", "tous", "notification", nom="disque"))
-    assert p.decide_message(Commande("vm-ui", "vm-sys-usb", "lister_disques")).allowed
+    assert p.decide_message(Commande("vm-ui", "vm-sys-usb", "liste_disques")).allowed
     assert not p.decide_message(Commande("vm-ui", "vm-sys-usb", "formater")).allowed
     n = Notification("vm-sys-usb", "tous", "disque", "etat", {"nom": "sdb", "connecte": True})
     assert p.decide_message(n, "vm-ui").allowed
@@ -269,16 +269,16 @@ def test_example_policy_decisions() -> None:
     assert not allowed("vm-sys-usb", "vm-ui", "notification", "fichier", True)
     assert not allowed("vm-sys-usb", "vm-ui", "notification", "fichier")
     for dest in ("vm-ui", "vm-diag", "dom0"):
-        assert not allowed("vm-sys-usb", dest, "commande", "lister_disques")
+        assert not allowed("vm-sys-usb", dest, "commande", "liste_disques")
     # vm-ui commands vm-sys-usb's disk operations and dom0's file deletion.
-    for cmd in ("lister_disques", "lister_fichiers", "lire_fichier", "copier_fichier",
-                "supprimer_fichier"):
+    for cmd in ("liste_disques", "liste_fichiers", "lit_fichier", "copie_fichier",
+                "supprime_fichier"):
         assert allowed("vm-ui", "vm-sys-usb", "commande", cmd)
         assert allowed("vm-sys-usb", "vm-ui", "reponse", cmd)
         assert not allowed("vm-diag", "vm-sys-usb", "commande", cmd)
     assert not allowed("vm-ui", "vm-sys-usb", "commande", "formater")
-    assert allowed("vm-ui", "dom0", "commande", "supprimer_fichier")
-    assert not allowed("vm-ui", "dom0", "commande", "lire_fichier")
+    assert allowed("vm-ui", "dom0", "commande", "supprime_fichier")
+    assert not allowed("vm-ui", "dom0", "commande", "lit_fichier")
     assert not allowed("vm-ui", "vm-diag", "commande", "x")
     # dom0 does anything.
     for dest in ("vm-ui", "vm-sys-usb", "dom0"):
@@ -289,7 +289,7 @@ def test_example_policy_decisions() -> None:
         assert allowed(domu, "dom0", "journal", "scanner")
         assert allowed(domu, "vm-ui", "notification", "domaine", True)
         assert not allowed(domu, "vm-diag", "journal", "scanner")
-    d = p.decide("vm-sys-usb", "vm-ui", "commande", "lister_disques")
+    d = p.decide("vm-sys-usb", "vm-ui", "commande", "liste_disques")
     assert d.rule is not None and d.rule.action is Action.DENY
 
 
@@ -304,9 +304,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.integration
 def test_explain_cli_allowed() -> None:
     r = run_cli(str(EXAMPLE), "--source", "vm-ui", "--destination", "vm-sys-usb",
-                "--type", "commande", "--nom", "lister_disques")
+                "--type", "commande", "--nom", "liste_disques")
     assert r.returncode == 0, r.stderr
-    assert "vm-ui -> vm-sys-usb: commande lister_disques" in r.stdout
+    assert "vm-ui -> vm-sys-usb: commande liste_disques" in r.stdout
     assert "allow: rule " in r.stdout and "allow vm-ui -> vm-sys-usb commande" in r.stdout
 
 
@@ -350,7 +350,7 @@ def test_policy_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 
 DOMAINS = st.sampled_from(["dom0", "vm-a", "vm-b", "vm-sys-usb", "vm-ui"])
 TYPES = st.sampled_from(["notification", "commande", "journal", "reponse"])
-NAMES = st.sampled_from([None, "lister_disques", "disque", "entree", "x"])
+NAMES = st.sampled_from([None, "liste_disques", "disque", "entree", "x"])
 Query = tuple[str, str, str, str | None, bool]
 QUERIES = st.tuples(DOMAINS, DOMAINS, TYPES, NAMES, st.booleans())
 PATTERNS = st.sampled_from(["*", "dom0", "vm-a", "vm-b", "@g"])
@@ -361,7 +361,7 @@ def rule_texts(draw: st.DrawFn) -> str:
     return rule(draw(PATTERNS), draw(st.one_of(PATTERNS, st.just("tous"))),
                 draw(st.sampled_from(["*", "notification", "commande", "journal"])),
                 draw(st.sampled_from(["allow", "deny"])),
-                draw(st.sampled_from([None, "*", "lister_*", ["disque", "x"]])))
+                draw(st.sampled_from([None, "*", "liste_*", ["disque", "x"]])))
 
 
 ALLOW_EVERYTHING = "".join(rule(s, d) for s in ("*", "dom0") for d in ("*", "dom0", "tous"))

@@ -40,7 +40,7 @@ action = "allow"
 source = "supervision"
 destination = "vm-a"
 type = "commande"
-nom = "lister_disques"
+nom = "liste_disques"
 action = "allow"
 """
 
@@ -48,7 +48,7 @@ OUT = '[sortie]\nqos = {qos}\nsujets = ["messagerie/{host}/vm-a/notification/dis
       '"messagerie/{host}/vm-a/notification/sentinelle"]\n'
 IN = '[entree]\nsujets = ["messagerie/{host}/supervision/commande/#"]\n' \
      '[[requete]]\nsujet = "{host}/system/disks/list_disks"\ndestination = "vm-a"\n' \
-     'commande = "lister_disques"\n'
+     'commande = "liste_disques"\n'
 
 
 class Host:
@@ -158,7 +158,7 @@ async def test_mqtt_commands_reach_the_domu_and_get_its_answer(
     domu = host.domu()
     seen: list[Commande] = []
 
-    @domu.handler("lister_disques")
+    @domu.handler("liste_disques")
     async def lister(cmd: Commande) -> list[str]:
         seen.append(cmd)
         return ["sda", cmd.arguments.get("disque", "?")]
@@ -167,8 +167,8 @@ async def test_mqtt_commands_reach_the_domu_and_get_its_answer(
         await mqtt.subscribe("reply/#")
         await mqtt.subscribe("h1/system/disks/list_disks/response/#")
         # MQTT 5 request/response: response topic and correlation data.
-        await mqtt.publish("messagerie/h1/supervision/commande/lister_disques",
-                           command("lister_disques", "c0ffee01"), qos=1,
+        await mqtt.publish("messagerie/h1/supervision/commande/liste_disques",
+                           command("liste_disques", "c0ffee01"), qos=1,
                            properties=reply_props("reply/me", b"\x00corr-1"))
         answer = await next_message(mqtt)
         assert answer.topic.value == "reply/me"
@@ -197,7 +197,7 @@ async def test_denied_and_forged_commands_get_the_error(
         return "done"
 
     domu.add_handler("formater", handler)
-    domu.add_handler("lister_disques", handler)
+    domu.add_handler("liste_disques", handler)
     async with domu:
         await mqtt.subscribe("reply/#")
         # Not allowed by the policy: the broker answers refuse.
@@ -210,20 +210,20 @@ async def test_denied_and_forged_commands_get_the_error(
         assert rep.erreur is not None and rep.erreur["code"] == "refuse"
         assert answer.properties is not None and answer.properties.CorrelationData == b"1"
         # Claiming to be dom0, from MQTT: refused by the bridge, never injected.
-        await mqtt.publish("messagerie/h1/supervision/commande/lister_disques",
-                           command("lister_disques", "d0d0d0d2", source="dom0"), qos=1,
+        await mqtt.publish("messagerie/h1/supervision/commande/liste_disques",
+                           command("liste_disques", "d0d0d0d2", source="dom0"), qos=1,
                            properties=reply_props("reply/x", b"2"))
         answer = await next_message(mqtt)
         rep = decode(answer.payload)  # type: ignore[arg-type]
         assert isinstance(rep, Reponse) and rep.erreur is not None
         assert rep.erreur["code"] == "refuse" and "dom0" in rep.erreur["message"]
         # An allowed one after them: it is the first the DomU sees.
-        await mqtt.publish("messagerie/h1/supervision/commande/lister_disques",
-                           command("lister_disques", "d0d0d0d3"), qos=1,
+        await mqtt.publish("messagerie/h1/supervision/commande/liste_disques",
+                           command("liste_disques", "d0d0d0d3"), qos=1,
                            properties=reply_props("reply/x", b"3"))
         answer = await next_message(mqtt)
         assert decode(answer.payload).ok  # type: ignore[arg-type, attr-defined]
-    assert seen == ["lister_disques"]
+    assert seen == ["liste_disques"]
     host.broker.wait_event("message.refused", why="policy_denied")
     host.pont.wait_event("mqtt.refused", reason="source")
 
@@ -387,11 +387,11 @@ async def test_two_hosts_on_one_mosquitto(tmp_path: Path, mosquitto: Mosquitto,
         clients = []
         for h in hosts:
             c = h.domu()
-            c.add_handler("lister_disques", lambda cmd, n=h.name: answered[n].append(cmd.id) or n)
+            c.add_handler("liste_disques", lambda cmd, n=h.name: answered[n].append(cmd.id) or n)
             clients.append(c)
         async with clients[0], clients[1]:
-            await mqtt.publish("messagerie/h2/supervision/commande/lister_disques",
-                               command("lister_disques", "e0e0e0e2"), qos=1,
+            await mqtt.publish("messagerie/h2/supervision/commande/liste_disques",
+                               command("liste_disques", "e0e0e0e2"), qos=1,
                                properties=reply_props("reply/h2", b"x"))
             answer = await next_message(mqtt)
             assert answer.topic.value == "reply/h2"

@@ -27,12 +27,12 @@ KW = {"prefix": "messagerie", "host": "h1", "identity": "supervision", "requests
 
 def test_topic_for_each_type() -> None:
     n = Notification("vm-a", "tous", "disque", "ajout", {})
-    c = Commande("vm-a", "vm-b", "lister_disques")
+    c = Commande("vm-a", "vm-b", "liste_disques")
     r = c.reply(["sda"])
     j = Journal("vm-a", "dom0", "info", "hello", "scanner")
     assert topic_for("messagerie", "h1", n) == "messagerie/h1/vm-a/notification/disque"
-    assert topic_for("messagerie", "h1", c) == "messagerie/h1/vm-a/commande/lister_disques"
-    assert topic_for("messagerie", "h1", r) == "messagerie/h1/vm-b/reponse/lister_disques"
+    assert topic_for("messagerie", "h1", c) == "messagerie/h1/vm-a/commande/liste_disques"
+    assert topic_for("messagerie", "h1", r) == "messagerie/h1/vm-b/reponse/liste_disques"
     assert topic_for("m", "h2", j) == "m/h2/vm-a/journal/scanner"
 
 
@@ -65,13 +65,13 @@ def test_identity_is_never_dom0_or_tous() -> None:
 
 
 def cmd(source: str = "supervision", id: str = "0123456789abcdef") -> bytes:
-    return encode(Commande(source, "vm-a", "lister_disques", {"x": 1}, id=id)).rstrip(b"\n")
+    return encode(Commande(source, "vm-a", "liste_disques", {"x": 1}, id=id)).rstrip(b"\n")
 
 
 def test_a_command_is_injected_with_its_exact_bytes_and_reply_topic() -> None:
     payload = b'{"type":"commande", "source":"supervision","destination":"vm-a",' \
-              b'"payload":{"id":"00000000000000aa","commande":"lister_disques"}}'
-    d = inbound("messagerie/h1/supervision/commande/lister_disques", payload,
+              b'"payload":{"id":"00000000000000aa","commande":"liste_disques"}}'
+    d = inbound("messagerie/h1/supervision/commande/liste_disques", payload,
                 **{**KW, "response_topic": "r/1", "correlation": b"\x01"})
     assert isinstance(d, Inject)
     assert d.frame == payload
@@ -79,14 +79,14 @@ def test_a_command_is_injected_with_its_exact_bytes_and_reply_topic() -> None:
 
 
 def test_without_response_topic_the_reply_goes_to_the_out_mapping() -> None:
-    d = inbound("messagerie/h1/supervision/commande/lister_disques", cmd(), **KW)
+    d = inbound("messagerie/h1/supervision/commande/liste_disques", cmd(), **KW)
     assert isinstance(d, Inject)
-    assert d.reply_to == ReplyTo("messagerie/h1/vm-a/reponse/lister_disques", None)
+    assert d.reply_to == ReplyTo("messagerie/h1/vm-a/reponse/liste_disques", None)
 
 
 @pytest.mark.parametrize(("source", "reason"), [("dom0", "source"), ("vm-b", "source")])
 def test_nothing_from_mqtt_claims_another_source(source: str, reason: str) -> None:
-    d = inbound("messagerie/h1/supervision/commande/lister_disques", cmd(source),
+    d = inbound("messagerie/h1/supervision/commande/liste_disques", cmd(source),
                 **{**KW, "response_topic": "r/1", "correlation": b"c"})
     assert isinstance(d, Refuse) and d.reason == reason
     assert d.answer is not None
@@ -98,15 +98,15 @@ def test_nothing_from_mqtt_claims_another_source(source: str, reason: str) -> No
 
 
 def test_the_topic_must_agree_with_the_payload() -> None:
-    # A filter on .../commande/lister_disques cannot let in another command.
+    # A filter on .../commande/liste_disques cannot let in another command.
     d = inbound("messagerie/h1/supervision/commande/autre", cmd(), **KW)
     assert isinstance(d, Refuse) and d.reason == "topic"
-    d = inbound("messagerie/h2/supervision/commande/lister_disques", cmd(), **KW)
+    d = inbound("messagerie/h2/supervision/commande/liste_disques", cmd(), **KW)
     assert isinstance(d, Refuse) and d.reason == "topic"
 
 
 def test_an_id_already_in_flight_is_refused() -> None:
-    d = inbound("messagerie/h1/supervision/commande/lister_disques", cmd(),
+    d = inbound("messagerie/h1/supervision/commande/liste_disques", cmd(),
                 **{**KW, "in_flight": frozenset({"0123456789abcdef"})})
     assert isinstance(d, Refuse) and d.reason == "duplicate_id" and d.answer is not None
 
@@ -124,7 +124,7 @@ def test_a_notification_from_mqtt() -> None:
     assert isinstance(d, Inject) and d.reply_to is None and d.frame == n
 
 
-REQ = (Request("system/disks/list_disks", "vm-sys-usb", "lister_disques"),)
+REQ = (Request("system/disks/list_disks", "vm-sys-usb", "liste_disques"),)
 
 
 def test_the_fields_request_form() -> None:
@@ -133,7 +133,7 @@ def test_the_fields_request_form() -> None:
     assert isinstance(d, Inject)
     assert isinstance(d.message, Commande)
     assert (d.message.source, d.message.destination, d.message.commande) == \
-        ("supervision", "vm-sys-usb", "lister_disques")
+        ("supervision", "vm-sys-usb", "liste_disques")
     assert d.message.arguments == {"disque": "sdb"}
     assert d.reply_to == ReplyTo("system/disks/list_disks/response/supervision", None)
     assert json.loads(d.frame)["payload"]["id"] == d.message.id

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                "  messagerie-broker --check-config /etc/messagerie/broker.toml\n"
                "  messagerie-broker --demo\n"
                "  messagerie-broker --explain /etc/messagerie/policy.toml --source vm-ui \\\n"
-               "      --destination vm-sys-usb --type commande --nom lister_disques")
+               "      --destination vm-sys-usb --type commande --nom liste_disques")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
     g.add_argument("--check-config", metavar="FILE",
@@ -113,7 +113,7 @@ def _policy_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  messagerie-policy /etc/messagerie/policy.toml -s vm-ui -d vm-sys-usb \\\n"
-               "      -t commande -n lister_disques\n"
+               "      -t commande -n liste_disques\n"
                "  messagerie-policy /etc/messagerie/policy.toml -s vm-sys-usb -d vm-ui \\\n"
                "      -t notification -n disque --broadcast\n"
                "exit status: 0 allowed, 1 denied, 2 invalid policy or arguments")

@@ -82,13 +82,13 @@ class BlockingClient:
 
         with BlockingClient("vm-ui", path="/dev/hvc1") as c:
             c.notify("tous", "domaine", "etat", {"pret": True})
-            rep = c.command("vm-sys-usb", "lister_disques")
+            rep = c.command("vm-sys-usb", "liste_disques")
             msg = c.receive(timeout=1.0)   # None on timeout
 
     Handlers are plain functions, run in a worker thread::
 
         c = BlockingClient("vm-sys-usb")
-        @c.handler("lister_disques")
+        @c.handler("liste_disques")
         def lister(cmd): return ["sda"]
         with c: c.serve_forever()
     """

@@ -95,8 +95,8 @@ EXAMPLES: Final[dict[str, list[str]]] = {
                "messagerie notify vm-ui fichier etat --data '{\"fichier\": \"a.pdf\"}'"],
     "send": ["messagerie send '{\"type\": \"notification\", \"destination\": \"tous\", "
              "\"categorie\": \"domaine\", \"evenement\": \"etat\", \"data\": {}}'"],
-    "command": ["messagerie command vm-sys-usb lister_disques --timeout 5",
-                "messagerie command vm-sys-usb lister_fichiers --set disque=sda"],
+    "command": ["messagerie command vm-sys-usb liste_disques --timeout 5",
+                "messagerie command vm-sys-usb liste_fichiers --set nom_disque=sda"],
     "listen": ["messagerie listen --type notification --source vm-sys-usb",
                "messagerie listen --count 1 --timeout 5    # exit 3 if nothing in 5 s"],
     "ping": ["messagerie ping"],

@@ -6,7 +6,7 @@ socket (``/run/messagerie/dom0.sock``), as ``dom0``. Both use the same ``Client`
 
     async with Client("vm-ui") as c:
         await c.notify("tous", "domaine", "etat", {"pret": True})
-        rep = await c.command("vm-sys-usb", "lister_disques", timeout=5.0)
+        rep = await c.command("vm-sys-usb", "liste_disques", timeout=5.0)
         async for msg in c.messages(type="notification", categorie="disque"):
             ...
 
@@ -14,7 +14,7 @@ Serving commands::
 
     c = Client("vm-sys-usb")
 
-    @c.handler("lister_disques")
+    @c.handler("liste_disques")
     async def lister(cmd: Commande) -> list[str]:
         return ["sda"]
 

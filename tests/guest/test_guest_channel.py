@@ -188,8 +188,8 @@ async def test_commands_both_ways(lab: GuestLab) -> None:
     FIGURES["ping guest -> dom0 built-in, Client (ms)"] = round(ping["seconds"] * 1000)
 
     join = in_thread(lambda: lab.agent.call("commande", destination=VM_B,
-                                            commande="lister_disques", arguments={"bus": 2}))
-    cmd = answer_command(lab, "lister_disques", ["sda", "sdb"])
+                                            commande="liste_disques", arguments={"bus": 2}))
+    cmd = answer_command(lab, "liste_disques", ["sda", "sdb"])
     assert cmd.arguments == {"bus": 2}
     result = join()
     assert (result["resultat"], result["source"]) == (["sda", "sdb"], VM_B)
@@ -226,8 +226,8 @@ def test_cli_on_the_guest_channel(lab: GuestLab) -> None:
 
     join = in_thread(lambda: lab.agent.call(
         "run", argv=[MESSAGERIE, "--channel", "org.messagerie.0", "command", VM_B,
-                     "lister_disques", "--timeout", "60"], env=env))
-    answer_command(lab, "lister_disques", ["sdc"])
+                     "liste_disques", "--timeout", "60"], env=env))
+    answer_command(lab, "liste_disques", ["sdc"])
     command = join()
     assert command["status"] == 0, command
     assert command["stdout"].strip() == '["sdc"]'

@@ -45,7 +45,7 @@ Matching, field by field:
     What the message is called (:attr:`messagerie.model.Message.name`): the
     ``categorie`` of a notification, the command name of a commande, the
     ``composant`` of a journal event. A string or a list of strings, each an exact
-    name or an :mod:`fnmatch` glob (``lister_*``), compared case-sensitively. Absent
+    name or an :mod:`fnmatch` glob (``liste_*``), compared case-sensitively. Absent
     or ``"*"``: any name.
 
 ``reponse`` messages are not governed by rules (a rule with ``type = "reponse"`` is an

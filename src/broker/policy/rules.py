@@ -172,7 +172,7 @@ class Verdict:
     reason: str
 
     def describe(self) -> str:
-        """``allow: rule 3 (line 14): allow vm-ui -> vm-sys-usb commande lister_*``"""
+        """``allow: rule 3 (line 14): allow vm-ui -> vm-sys-usb commande liste_*``"""
         return f"{'allow' if self.allowed else 'deny'}: {self.reason}"
 
     def __str__(self) -> str:
