@@ -499,8 +499,8 @@ def _configure_logging(debug: bool) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True)
     if not debug:
-        # asyncio reports a hung-up tty as "Fatal error on serial transport": that is
-        # a channel problem, already reported as one line.
+        # asyncio reports a transport's failure as a "Fatal error on ... transport"
+        # traceback: that is a channel problem, already reported as one line.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 

@@ -11,7 +11,6 @@ it cannot name anyone.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -106,7 +105,3 @@ def busy_message(path: str | os.PathLike[str]) -> str:
     return ("busy: another process holds it (not one we may see); a channel has one "
             "reader at a time")
 
-
-def is_busy(exc: BaseException) -> bool:
-    """Whether an open failed because another process holds the channel's lock."""
-    return getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EBUSY)
