@@ -98,6 +98,7 @@ def test_routed_refused_and_filtered_each_one_line(system: BrokerSystem) -> None
     routed = next(e for e in events if e["verdict"] == "routed")
     forged, denied = (e for e in events if e["verdict"] == "refused")
     assert routed["targets"] == ["vm-b"] and routed["name"] == "mesure"
+    assert routed["rule"].startswith("rule 3 (line 14)")        # the rule that allowed it
     assert routed["size"] == len(json.dumps(notif("vm-a", "vm-b", 1),
                                             separators=(",", ":"))) + 1
     assert forged["why"] == "spoofed_source" and forged["channel"] == "vm-b"
@@ -121,6 +122,7 @@ def test_a_broadcast_filtered_for_everyone_is_one_filtered_line(system: BrokerSy
             for e in events] == [("filtered", "secret", ["dom0", "vm-a"]),
                                  ("filtered", "mesure", ["dom0"]),
                                  ("routed", "mesure", ["vm-a"])]
+    assert events[2]["rule"].startswith("rule 3 (line 14)")     # vm-a's, not dom0's deny
 
 
 def test_payload_is_shown_only_when_asked_and_audited(system: BrokerSystem) -> None:
@@ -174,4 +176,10 @@ def test_format_trace_lines() -> None:
                          "rule": "rule 2 (line 9): deny"})
     assert line.endswith(" vm-a -> tous notification x\\x1b[31m id=- 80B FILTERED denied "
                          "to vm-b: rule 2 (line 9): deny")
+    line = format_trace({"time": 0.25, "source": "vm-a", "destination": "vm-b",
+                         "type": "commande", "name": "ping", "id": "c1", "size": 90,
+                         "verdict": "routed", "targets": ["vm-b"],
+                         "rule": "rule 3 (line 15): allow vm-a -> vm-b commande *"})
+    assert line.endswith(" vm-a -> vm-b commande ping id=c1 90B ROUTED -> vm-b: rule 3 "
+                         "(line 15): allow vm-a -> vm-b commande *")
     assert format_trace({"perdus": 3}) == "# 3 events lost: this monitor read too slowly"

@@ -30,11 +30,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import structlog
+
+from messagerie.model import TOUS
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -220,7 +222,10 @@ class Tracer:
 
     # -- the hooks (only called while a monitor listens) --------------------------
     def _emit(self, peer: Endpoint | None, msg: Routable, verdict: str, size: int,
-              **extra: Any) -> None:
+              explain: Callable[[], str] | None = None, **extra: Any) -> None:
+        """Offer the event to every monitor whose filters it matches. ``explain``, when
+        given, gives the event's ``rule``, asked only if some monitor takes the event
+        (routing never pays for a rule nobody reads)."""
         event = {"time": time.time(), "channel": peer.name if peer is not None else None,
                  "source": msg.source, "destination": msg.destination, "type": msg.type,
                  "name": msg.name, "id": getattr(msg, "id", None), "size": size,
@@ -228,6 +233,8 @@ class Tracer:
         for monitor in self.monitors:
             sub = monitor.subscription
             if sub is not None and sub.matches(event):
+                if explain is not None and "rule" not in event:
+                    event["rule"] = explain()
                 monitor.offer(event, _payload(msg) if sub.payload else None)
 
     def routed(self, peer: Endpoint, msg: Routable, size: int, deliver: Deliver,
@@ -235,8 +242,26 @@ class Tracer:
         targets = [*deliver.targets, *(["dom0"] if deliver.dom0_services else [])]
         if not targets:
             return  # a broadcast the policy filtered for everyone: "filtered" says it
+
+        def explain() -> str:
+            return self._allowed_by(msg, deliver)
+
         for _ in range(count):
-            self._emit(peer, msg, "routed", size // count, targets=targets)
+            self._emit(peer, msg, "routed", size // count, explain, targets=targets)
+
+    def _allowed_by(self, msg: Routable, deliver: Deliver) -> str:
+        """What let a routed message through, as the policy describes it (asked again:
+        the router's cached decision keeps no rule)."""
+        if msg.type == "reponse":
+            return "answers a command in flight"
+        if deliver.dom0_services and not deliver.targets:
+            return "a broadcast from dom0 to its services"
+        decide = self.hub.policy.decide
+        if msg.destination == TOUS:
+            reasons = sorted({decide(msg.source, t, msg.type, msg.name, broadcast=True).reason
+                              for t in deliver.targets})
+            return "; ".join(reasons)
+        return str(decide(msg.source, msg.destination, msg.type, msg.name).reason)
 
     def refused(self, peer: Endpoint, msg: Routable, why: str, detail: str) -> None:
         self._emit(peer, msg, "refused", _size(msg), why=why, rule=detail)

@@ -391,6 +391,8 @@ def format_trace(event: dict[str, Any]) -> str:
     verdict = str(event.get("verdict", "?"))
     if verdict == "routed":
         outcome = "-> " + ",".join(event.get("targets") or [])
+        if event.get("rule"):
+            outcome += f": {event['rule']}"
     elif verdict == "filtered":
         outcome = f"denied to {','.join(event.get('denied') or [])}: {event.get('rule')}"
     elif verdict == "dropped":
