@@ -18,10 +18,9 @@ from typing import Any, Final, Generic, TypeVar, overload
 
 import msgspec
 
-from . import wire
 from .errors import MessageInvalide, Reason
 from .model import MESSAGE_TYPES, Message
-from .wire import ENVELOPE_FIELDS, MODEL_TWINS, Kind, accepts, check_object
+from .wire import ENVELOPE_FIELDS, Kind, accepts_object, check_object
 from .wire import type_name as _type_name
 
 MAX_FRAME: Final = 64 * 1024
@@ -171,32 +170,15 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     """
     line = _strip(line)
     check_depth(line)
-    # The common frame, compact with the keys in encode()'s order, straight into the
-    # wire's Structs: it re-encodes to itself, so no key was repeated or unknown.
-    try:
-        s = _decode_twin(line)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        s = None
-    if s is not None and _json_encode(s) == line:
-        kind = MODEL_TWINS[type(s)]
-        if accepts(s, kind) is not None:
-            return _message(kind, s.source, s.destination, _payload(kind, s.payload), line)
-    # Anything else (unknown keys, another order, spaces, a refusal to explain) as an
-    # object, which keeps every key; the Struct already decoded spares a conversion.
-    return _from_object(_decode_object(line, checked=True), line, s)
-
-
-_decode_twin = msgspec.json.Decoder(wire.union(MODEL_TWINS)).decode
-_asdict = msgspec.structs.asdict
-_UNSET = msgspec.UNSET
-
-
-def _payload(kind: Kind, p: Any) -> dict[str, Any]:
-    payload = _asdict(p)
-    for field in kind.optional:
-        if payload[field] is _UNSET:  # an optional field that was absent stays absent
-            del payload[field]
-    return payload
+    obj = _decode_object(line, checked=True)
+    # A frame that re-encodes to itself repeats no key anywhere (a repeat would have
+    # collapsed); the common one is then judged from the memos of what passed before.
+    canonical = _json_encode(obj) == line
+    if canonical:
+        kind = accepts_object(obj)
+        if kind is not None:
+            return _message(kind, obj["source"], obj["destination"], obj["payload"], line)
+    return _from_object(obj, line, canonical=canonical)
 
 
 def from_dict(obj: dict[str, Any]) -> Message:
@@ -204,8 +186,9 @@ def from_dict(obj: dict[str, Any]) -> Message:
     return _from_object(obj, None)
 
 
-def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None) -> Message:
-    if line is not None:
+def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None, *,
+                 canonical: bool = False) -> Message:
+    if line is not None and not canonical:
         _check_duplicates(line, obj)
     kind = check_object(obj, s)
     extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
