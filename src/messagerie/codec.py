@@ -20,7 +20,7 @@ import msgspec
 
 from .errors import MessageInvalide, Reason
 from .model import MESSAGE_TYPES, Message
-from .wire import ENVELOPE_FIELDS, Kind, accepts_object, check_object
+from .wire import ENVELOPE_FIELDS, KINDS, Kind, accepts_object, check_object
 from .wire import type_name as _type_name
 
 MAX_FRAME: Final = 64 * 1024
@@ -153,6 +153,25 @@ def _depth(brackets: bytes) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
+# A cheaper bound for a canonical frame judged valid: its own object and payload are two
+# levels and hold, besides the skeleton (keys, punctuation, the type) and the memoised
+# strings (ASCII without escapes: their length in bytes), only the values below them;
+# a valid JSON value nested d levels deep takes at least 2d bytes. So a frame whose
+# other bytes are at most _SHALLOW nests at most MAX_DEPTH levels, no count needed.
+_SHALLOW: Final = 2 * (MAX_DEPTH - 2)
+
+
+def _skeleton(kind: Kind) -> int:
+    """Bytes of the shortest canonical frame of ``kind``: its required fields, all
+    strings (a plain kind's), empty."""
+    payload = {f.encode_name: "" for f in msgspec.structs.fields(kind.payload_cls) if f.required}
+    return len(_json_encode({"type": kind.tag, "source": "", "destination": "",
+                             "payload": payload}))
+
+
+_SKELETON: Final = {kind: _skeleton(kind) for kind in KINDS.values() if kind.plain}
+
+
 def check_depth(line: bytes) -> None:
     """Refuse a frame nested deeper than :data:`MAX_DEPTH` (``invalid_json``; invalid
     UTF-8, if any, is named first). Free for the common frame: a frame with no more
@@ -168,16 +187,28 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
 
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
-    line = _strip(line)
-    check_depth(line)
-    obj = _decode_object(line, checked=True)
+    if type(line) is not bytes or line[-1:] == b"\n":
+        line = _strip(line)
+    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
+    # fail), the depth before any verdict: a frame refused for its depth is refused so
+    # whatever else is wrong with it.
+    try:
+        obj = _json_decode(line)
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+        obj = None
     # A frame that re-encodes to itself repeats no key anywhere (a repeat would have
     # collapsed); the common one is then judged from the memos of what passed before.
-    canonical = _json_encode(obj) == line
+    canonical = type(obj) is dict and _json_encode(obj) == line
     if canonical:
-        kind = accepts_object(obj)
-        if kind is not None:
+        accepted = accepts_object(obj)
+        if accepted is not None:
+            kind, size = accepted
+            if len(line) - _SKELETON[kind] - size > _SHALLOW:
+                check_depth(line)
             return _message(kind, obj["source"], obj["destination"], obj["payload"], line)
+    check_depth(line)
+    if type(obj) is not dict:
+        obj = _decode_object(line, checked=True)  # raises, explaining why
     return _from_object(obj, line, canonical=canonical)
 
 

@@ -36,13 +36,22 @@ from operator import eq, methodcaller
 from typing import Any, Final
 
 import msgspec
-from msgspec import Raw, Struct
+from msgspec import UNSET, Raw, Struct
 
 from . import wire
-from .codec import MAX_DEPTH, _decode_object, _json_decode, _strip, check_depth, decode, utf8_error
+from .codec import (
+    _SHALLOW,
+    MAX_DEPTH,
+    _decode_object,
+    _json_decode,
+    _strip,
+    check_depth,
+    decode,
+    utf8_error,
+)
 from .errors import MessageInvalide, Reason
 from .model import Message
-from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object, is_object
+from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object
 
 _OPEN_BRACE: Final = ord("{")
 
@@ -340,21 +349,43 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     """
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
-    check_depth(line)  # before any parser meets its own limit
+    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
+    # fail), the depth before any verdict: a frame refused for its depth is refused so
+    # whatever else is wrong with it.
     try:
         s = _fast_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        check_depth(line)
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
         kind = _TWINS[type(s)]
         key = kind.key(s)
-        if kind.simple and key in kind.known and is_object(s.payload.data):
+        if kind.simple and key in kind.known:
             # accepts(), inlined for the common frame (simple kinds have a data field)
-            return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
-        envelope = _envelope(s, kind, line)
-        if envelope is not None:
-            return envelope
+            data = s.payload.data
+            if data is UNSET or memoryview(data)[0] in _OBJECT_OR_NULL:
+                if data is not UNSET and len(data) > _SHALLOW:
+                    check_depth(line)
+                return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
+        if _shallow(s.payload, kind):
+            envelope = _envelope(s, kind, line)
+            if envelope is not None:
+                return envelope
+    check_depth(line)
     return _exact(line, s)  # not canonical, or to explain
+
+
+# A canonical frame decoded into a twin is its own object and payload (two levels) with
+# its contents raw below them; a valid JSON value nested d levels deep takes at least 2d
+# bytes, so contents of at most _SHALLOW bytes each keep the frame within MAX_DEPTH
+# levels, no count needed.
+_OBJECT_OR_NULL: Final = frozenset(b"{n")
+
+
+def _shallow(payload: Any, kind: Kind) -> bool:
+    """Are the raw contents of this payload short enough to need no depth count?"""
+    return all(value is UNSET or len(value) <= _SHALLOW
+               for value in map(payload.__getattribute__, kind.contents))
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

@@ -343,8 +343,9 @@ class Kind:
         self.key_memos = [memo for _, memo in self.envelope_checks] + [
             memo for _, memo in self.payload_checks
             if memo.pattern in (NAME_PATTERN, TOKEN_PATTERN)]
-        #: Tuples of memoised values known valid for this type (at most 4096).
-        self.known: set[tuple[str, ...]] = set()
+        #: Tuples of memoised values known valid for this type (at most 4096), each with
+        #: its length in characters (all of it, summed).
+        self.known: dict[tuple[str, ...], int] = {}
         #: Nothing to check beyond the memoised values (no id, timestamp or erreur).
         self.simple = not self.unique and not self.with_erreur
         # The same key read from a decoded object (a dict and its payload dict).
@@ -407,7 +408,7 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
             return None
         if len(kind.known) >= 4096:
             kind.known.clear()
-        kind.known.add(key)
+        kind.known[key] = sum(map(len, key))
     if kind.unique:
         p = s.payload
         for get, memo in kind.unique:
@@ -421,20 +422,21 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
     return key
 
 
-def accepts_object(obj: dict[str, Any]) -> Kind | None:
+def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
     """The :class:`Kind` of the decoded wire object ``obj`` (contents decoded, no key
-    repeated) if it is valid as judged from the memos alone: its source, destination and
-    tokens together passed :func:`accepts` before, and its other fields are checked here.
-    ``None`` means "validate it with :func:`check_object`", never a refusal; a payload key
-    that case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
+    repeated), and the length of its memoised values (source, destination, tokens)
+    summed, if it is valid as judged from the memos alone: those values together passed
+    :func:`accepts` before, and its other fields are checked here. ``None`` means
+    "validate it with :func:`check_object`", never a refusal; a payload key that
+    case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
     try:
-        kind = _PLAIN.get(obj["type"])
-        if kind is None or len(obj) != 4:  # the four fields and nothing else
-            return None
+        kind = _PLAIN[obj["type"]]
         p = obj["payload"]
-        if type(p) is not dict or kind.top_key(obj) + kind.payload_key(p) not in kind.known:
+        # A payload that is not an object raises TypeError in payload_key (str keys).
+        size = kind.known.get(kind.top_key(obj) + kind.payload_key(p))
+        if size is None or len(obj) != 4:  # the four fields and nothing else
             return None
-    except (KeyError, TypeError):  # a field missing, or an unhashable value
+    except (KeyError, TypeError):  # another type, a field missing, an unhashable value
         return None
     value = p.get(kind.object_field)
     if value is not None and type(value) is not dict:
@@ -445,7 +447,7 @@ def accepts_object(obj: dict[str, Any]) -> Kind | None:
             return None
     if not p.keys() <= kind.payload_fields:
         check_unambiguous(p, kind.payload_fields, "payload.")
-    return kind
+    return kind, size
 
 
 _OBJECT_OR_NULL: Final = frozenset(b"{n")
