@@ -200,16 +200,26 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     # collapsed); the common one is then judged from the memos of what passed before.
     canonical = type(obj) is dict and _json_encode(obj) == line
     if canonical:
-        accepted = accepts_object(obj)
-        if accepted is not None:
-            kind, size = accepted
-            if len(line) - _SKELETON[kind] - size > _SHALLOW:
-                check_depth(line)
+        kind = known_canonical(obj, line)
+        if kind is not None:
             return _message(kind, obj["source"], obj["destination"], obj["payload"], line)
     check_depth(line)
     if type(obj) is not dict:
         obj = _decode_object(line, checked=True)  # raises, explaining why
     return _from_object(obj, line, canonical=canonical)
+
+
+def known_canonical(obj: dict[str, Any], line: bytes) -> Kind | None:
+    """The :class:`Kind` of ``obj``, decoded from ``line``, which it re-encodes to
+    (so no key in it is repeated), if it is valid as judged from the memos
+    (:func:`~messagerie.wire.accepts_object`), its depth checked; else ``None``."""
+    accepted = accepts_object(obj)
+    if accepted is None:
+        return None
+    kind, size = accepted
+    if len(line) - _SKELETON[kind] - size > _SHALLOW:
+        check_depth(line)
+    return kind
 
 
 def from_dict(obj: dict[str, Any]) -> Message:

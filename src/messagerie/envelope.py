@@ -47,6 +47,7 @@ from .codec import (
     _strip,
     check_depth,
     decode,
+    known_canonical,
     utf8_error,
 )
 from .errors import MessageInvalide, Reason
@@ -264,13 +265,23 @@ def _level(raw: dict[str, Raw], read: frozenset[str]) -> dict[str, Any]:
 
 
 def _exact(line: bytes, s: Any) -> Envelope:
-    """The exact path; ``s`` is the frame decoded into a twin, if it could be."""
+    """The exact path; ``s`` is the frame decoded into a twin, if it could be. The depth
+    is checked before any verdict, as in :func:`messagerie.decode`."""
     try:
         obj = _json_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        check_depth(line)
         # Perhaps valid JSON with a number Python cannot hold, which may be in the
         # contents (the receiver's call): decide with the contents kept raw.
         return _exact_raw(line)
+    if type(obj) is dict and _fast_encode(obj) == line:  # canonical, an unknown key kept
+        kind = known_canonical(obj, line)
+        if kind is not None:
+            p = obj["payload"]
+            return Envelope(kind.tag, obj["source"], obj["destination"],
+                            name=p[kind.name_field], id=p["id"] if kind.has_id else None,
+                            raw=line)
+    check_depth(line)
     if type(obj) is not dict:
         _decode_object(line, checked=True)  # raises: not an object, as decode() says it
     if _fast_encode(obj) != line:  # re-encodes to itself: nothing repeated anywhere
@@ -355,7 +366,6 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     try:
         s = _fast_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        check_depth(line)
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
         kind = _TWINS[type(s)]
@@ -371,7 +381,6 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
             envelope = _envelope(s, kind, line)
             if envelope is not None:
                 return envelope
-    check_depth(line)
     return _exact(line, s)  # not canonical, or to explain
 
 
