@@ -201,8 +201,15 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     canonical = type(obj) is dict and _json_encode(obj) == line
     if canonical:
         kind = known_canonical(obj, line)
-        if kind is not None:
-            return _message(kind, obj["source"], obj["destination"], obj["payload"], line)
+        if kind is not None:  # _message(), inlined for the common frame
+            cls = _CLASSES[kind]
+            msg = cls.__new__(cls)
+            msg.source = obj["source"]
+            msg.destination = obj["destination"]
+            msg.payload = obj["payload"]
+            msg.extra = {}
+            msg.raw = line
+            return msg
     check_depth(line)
     if type(obj) is not dict:
         obj = _decode_object(line, checked=True)  # raises, explaining why
@@ -234,6 +241,9 @@ def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None, *,
     kind = check_object(obj, s)
     extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
     return _message(kind, obj["source"], obj["destination"], obj["payload"], line, extra=extra)
+
+
+_CLASSES: Final = {kind: MESSAGE_TYPES[kind.tag] for kind in KINDS.values()}
 
 
 def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],
