@@ -20,7 +20,16 @@ import msgspec
 
 from .errors import MessageInvalide, Reason
 from .model import MESSAGE_TYPES, Message
-from .wire import ENVELOPE_FIELDS, KINDS, Kind, accepts_object, check_object
+from .wire import (
+    ENVELOPE_FIELDS,
+    KINDS,
+    MODEL_TWINS,
+    Kind,
+    accepts,
+    accepts_object,
+    check_object,
+    union,
+)
 from .wire import type_name as _type_name
 
 MAX_FRAME: Final = 64 * 1024
@@ -189,9 +198,12 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     """
     if type(line) is not bytes or line[-1:] == b"\n":
         line = _strip(line)
-    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
-    # fail), the depth before any verdict: a frame refused for its depth is refused so
-    # whatever else is wrong with it.
+    if not line.startswith(_PLAIN_PREFIXES):
+        return _decode_typed(line)
+    # A notification or commande (judged from the memos alone once decoded to a dict, see
+    # wire.accepts_object): the parser first (msgspec raises RecursionError, far beyond
+    # MAX_DEPTH, rather than fail), the depth before any verdict: a frame refused for its
+    # depth is refused so whatever else is wrong with it.
     try:
         obj = _json_decode(line)
     except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
@@ -214,6 +226,39 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     if type(obj) is not dict:
         obj = _decode_object(line, checked=True)  # raises, explaining why
     return _from_object(obj, line, canonical=canonical)
+
+
+def _decode_typed(line: bytes) -> Message:
+    """The other frames (reponse, journal, anything not canonical): straight into the
+    wire's Structs, the contents decoded. A frame that re-encodes to itself repeated no
+    key and had none unknown."""
+    check_depth(line)
+    try:
+        s = _decode_twin(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        s = None
+    if s is not None and _json_encode(s) == line:
+        kind = MODEL_TWINS[type(s)]
+        if accepts(s, kind) is not None:
+            return _message(kind, s.source, s.destination, _payload(kind, s.payload), line)
+    # Anything else (unknown keys, another order, spaces, a refusal to explain) as an
+    # object, which keeps every key; the Struct already decoded spares a conversion.
+    return _from_object(_decode_object(line, checked=True), line, s)
+
+
+_PLAIN_PREFIXES: Final = tuple(b'{"type":"%s",' % tag.encode() for tag, kind in KINDS.items()
+                               if kind.plain)
+_decode_twin = msgspec.json.Decoder(union(MODEL_TWINS)).decode
+_asdict = msgspec.structs.asdict
+_UNSET = msgspec.UNSET
+
+
+def _payload(kind: Kind, p: Any) -> dict[str, Any]:
+    payload = _asdict(p)
+    for field in kind.optional:
+        if payload[field] is _UNSET:  # an optional field that was absent stays absent
+            del payload[field]
+    return payload
 
 
 def known_canonical(obj: dict[str, Any], line: bytes) -> Kind | None:

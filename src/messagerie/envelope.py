@@ -393,8 +393,11 @@ _OBJECT_OR_NULL: Final = frozenset(b"{n")
 
 def _shallow(payload: Any, kind: Kind) -> bool:
     """Are the raw contents of this payload short enough to need no depth count?"""
-    return all(value is UNSET or len(value) <= _SHALLOW
-               for value in map(payload.__getattribute__, kind.contents))
+    for name in kind.contents:
+        value = getattr(payload, name)
+        if value is not UNSET and len(value) > _SHALLOW:
+            return False
+    return True
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

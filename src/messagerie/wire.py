@@ -430,7 +430,9 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
     "validate it with :func:`check_object`", never a refusal; a payload key that
     case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
     try:
-        kind = _PLAIN[obj["type"]]
+        kind = _PLAIN.get(obj["type"])
+        if kind is None:
+            return None
         p = obj["payload"]
         # A payload that is not an object raises TypeError in payload_key (str keys).
         size = kind.known.get(kind.top_key(obj) + kind.payload_key(p))
