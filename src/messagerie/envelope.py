@@ -23,9 +23,12 @@ re-encodes to itself (compact, keys in the order :func:`messagerie.encode` write
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
 in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
 to explain) takes the exact path, which validates the frame as an object the way
-:func:`messagerie.decode` does, reading only the envelope's levels for repeated keys;
-when a full decode fails there, the contents are kept raw (a number Python cannot hold
-is the receiver's call), so both paths accept and refuse the same frames.
+:func:`messagerie.decode` does (a compact one with an unknown key, such as the spec's
+example, judged from the memos as ``decode`` judges it), reading only the envelope's
+levels for repeated keys; when a full decode fails there, the contents are kept raw (a
+number Python cannot hold is the receiver's call), so both paths accept and refuse the
+same frames. The depth limit is checked before any verdict; a canonical frame whose raw
+contents are too short to nest past it is not counted.
 """
 
 from __future__ import annotations

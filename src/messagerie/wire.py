@@ -20,7 +20,10 @@ field ignoring case is refused. Repeated keys are the codec's (msgspec keeps the
 Decoding uses twins of these Structs derived by :func:`derive`: without the patterns
 (checked afterwards against a bounded memo, a set lookup instead of a regex for names
 and tokens that repeat endlessly), and with the contents either raw (the relay) or
-decoded (the model). Only a refusal goes back to the Structs as written, to explain it.
+decoded (the model). A notification or commande decoded to a dict is judged from those
+memos alone once its source, destination and tokens have passed together
+(:func:`accepts_object`). Only a refusal goes back to the Structs as written, to explain
+it.
 """
 
 from __future__ import annotations
