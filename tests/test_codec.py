@@ -248,6 +248,8 @@ def test_case_differences_inside_contents_or_elsewhere_are_kept() -> None:
      "payload.Categorie"),
     (b'"categorie":"c","evenement":"e","data":[1]', Reason.WRONG_TYPE, "payload.data"),
     (b'"categorie":"c","evenement":"e","data":"x"', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c","evenement":"e","data":"}"', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c","evenement":"e","data":[{}]', Reason.WRONG_TYPE, "payload.data"),
     (b'"categorie":"c"', Reason.MISSING_FIELD, "payload.evenement"),
     (b'"categorie":"c","evenement":["e"]', Reason.WRONG_TYPE, "payload.evenement"),
 ])
@@ -260,6 +262,8 @@ def test_known_names_do_not_spare_the_other_checks(payload: bytes, reason: Reaso
                 + p + b"}}")
     for check in (decode, decode_envelope):
         check(frame(b'"categorie":"c","evenement":"e","data":{}'))
+        check(frame(b'"categorie":"c","evenement":"e","data":null'))
+        check(frame(b'"categorie":"c","evenement":"e"'))
         with pytest.raises(MessageInvalide) as exc:
             check(frame(payload))
         assert (exc.value.reason, exc.value.field) == (reason, field)

@@ -44,6 +44,7 @@ from msgspec import UNSET, Raw, Struct
 from . import wire
 from .codec import (
     _SHALLOW,
+    _SKELETON,
     MAX_DEPTH,
     _decode_object,
     _json_decode,
@@ -104,7 +105,10 @@ _fast_decode = msgspec.json.Decoder(wire.union(_TWINS)).decode
 _fast_decode_list = msgspec.json.Decoder(list[wire.union(_TWINS)]).decode  # type: ignore[misc]
 _fast_encode = msgspec.json.Encoder().encode
 _JOURNAL: Final = wire.KINDS["journal"]
-assert all(k.object_field == "data" for k in wire.KINDS.values() if k.simple)  # see below
+# decode_envelope() reads a canonical notification's data from the frame's last bytes:
+# payload is the frame's last field, data the payload's.
+assert msgspec.structs.fields(wire.Notification)[-1].name == "payload"
+assert msgspec.structs.fields(wire.NotificationPayload)[-1].name == "data"
 
 
 def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope | None:
@@ -373,13 +377,16 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
         kind = _TWINS[type(s)]
         key = kind.key(s)
-        if kind.simple and key in kind.known:
-            # accepts(), inlined for the common frame (simple kinds have a data field)
-            data = s.payload.data
-            if data is UNSET or memoryview(data)[0] in _OBJECT_OR_NULL:
-                if data is not UNSET and len(data) > _SHALLOW:
-                    check_depth(line)
-                return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
+        # accepts(), inlined for the common notification: known names, and data an object.
+        # Canonical, the frame ends with its payload, the payload with its data when it has
+        # some (else with the string evenement): "}" as the frame's third byte from the end
+        # closes data, an object. Its depth is bounded as decode() bounds it
+        # (codec.known_canonical).
+        size = kind.known.get(key) if kind is _NOTIFICATION else None
+        if size is not None and line[-3] == _CLOSE_BRACE:
+            if len(line) - _SKELETON[kind] - size > _SHALLOW:
+                check_depth(line)
+            return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
         if _shallow(s.payload, kind):
             envelope = _envelope(s, kind, line)
             if envelope is not None:
@@ -391,7 +398,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
 # its contents raw below them; a valid JSON value nested d levels deep takes at least 2d
 # bytes, so contents of at most _SHALLOW bytes each keep the frame within MAX_DEPTH
 # levels, no count needed.
-_OBJECT_OR_NULL: Final = frozenset(b"{n")
+_CLOSE_BRACE: Final = ord("}")
 
 
 def _shallow(payload: Any, kind: Kind) -> bool:
