@@ -290,16 +290,19 @@ def floors(compared: list[tuple[str, float, str, str]]) -> list[str]:
             typed_floor = dict_floor
         decode_ = ratio[f"decode+validate after, {label}"]
         envelope = ratio[f"envelope only after, {label}"]
-        left_decode = 1 / DECODE_TARGET - 1 / dict_floor
-        left_envelope = 1 / ENVELOPE_TARGET - 1 / typed_floor
+        def left(target: float, floor: float) -> str:
+            rest = 1 / target - 1 / floor
+            return (f"which leaves {rest:.2f} bare decodes" if rest >= 0
+                    else "below the target already")
+
         out.append(
             f"- {label}: decode+validate {decode_:.2f}x "
             f"({'met' if decode_ >= DECODE_TARGET else 'not met'}); its floor is "
-            f"{dict_floor:.2f}x, which leaves {left_decode:.2f} bare decodes for every "
-            f"check in Python and building the Message, against {1 / decode_ - 1 / dict_floor:.2f} "
+            f"{dict_floor:.2f}x, {left(DECODE_TARGET, dict_floor)} for every check in "
+            f"Python and building the Message, against {1 / decode_ - 1 / dict_floor:.2f} "
             f"spent now. Envelope {envelope:.2f}x "
             f"({'met' if envelope >= ENVELOPE_TARGET else 'not met'}); its floor is "
-            f"{typed_floor:.2f}x, which leaves {left_envelope:.2f} bare decodes, against "
+            f"{typed_floor:.2f}x, {left(ENVELOPE_TARGET, typed_floor)}, against "
             f"{1 / envelope - 1 / typed_floor:.2f} spent now.")
     return [*out, ""]
 
