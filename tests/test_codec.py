@@ -22,6 +22,7 @@ from messagerie import (
     encode,
     from_dict,
 )
+from messagerie.envelope import decode_envelope
 from tests.support.corpus import SPEC_EXAMPLE
 
 SAMPLES: list[Message] = [
@@ -240,3 +241,41 @@ def test_case_differences_inside_contents_or_elsewhere_are_kept() -> None:
     with pytest.raises(MessageInvalide):  # built locally: the same rule
         Reponse("vm-a", "vm-b", "1", "lire", "erreur",
                 erreur={"code": "x", "message": "y", "CODE": "z"})
+
+
+@pytest.mark.parametrize(("payload", "reason", "field"), [
+    (b'"categorie":"c","evenement":"e","Categorie":"x"', Reason.DUPLICATE_KEY,
+     "payload.Categorie"),
+    (b'"categorie":"c","evenement":"e","data":[1]', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c","evenement":"e","data":"x"', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c","evenement":"e","data":"}"', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c","evenement":"e","data":[{}]', Reason.WRONG_TYPE, "payload.data"),
+    (b'"categorie":"c"', Reason.MISSING_FIELD, "payload.evenement"),
+    (b'"categorie":"c","evenement":["e"]', Reason.WRONG_TYPE, "payload.evenement"),
+])
+def test_known_names_do_not_spare_the_other_checks(payload: bytes, reason: Reason,
+                                                   field: str) -> None:
+    # Once a source, destination and tokens have passed together, a compact frame with
+    # them is judged from that memo: every other field is still checked, as when cold.
+    def frame(p: bytes) -> bytes:
+        return (b'{"type":"notification","source":"vm-k","destination":"vm-l","payload":{'
+                + p + b"}}")
+    for check in (decode, decode_envelope):
+        check(frame(b'"categorie":"c","evenement":"e","data":{}'))
+        check(frame(b'"categorie":"c","evenement":"e","data":null'))
+        check(frame(b'"categorie":"c","evenement":"e"'))
+        with pytest.raises(MessageInvalide) as exc:
+            check(frame(payload))
+        assert (exc.value.reason, exc.value.field) == (reason, field)
+
+
+def test_known_names_do_not_spare_a_commandes_id() -> None:
+    def frame(id_: bytes) -> bytes:
+        return (b'{"type":"commande","source":"vm-k","destination":"vm-l","payload":'
+                b'{"id":' + id_ + b',"commande":"c","arguments":{}}}')
+    for check in (decode, decode_envelope):
+        check(frame(b'"1"'))
+        for bad, reason in ((b'"a b"', Reason.BAD_VALUE), (b"1", Reason.WRONG_TYPE)):
+            with pytest.raises(MessageInvalide) as exc:
+                check(frame(bad))
+            assert (exc.value.reason, exc.value.field) == (reason, "payload.id")

@@ -91,6 +91,34 @@ def test_nesting_limit_is_the_protocols_own() -> None:
                     assert "nested too deeply" in exc.detail
 
 
+def test_nesting_limit_is_exact_for_compact_frames_of_known_names() -> None:
+    # Compact frames from names already seen take the fast paths, which skip the count
+    # when a frame is too short to nest past the limit (in the contents, in an unknown
+    # payload key): exact there too, at every depth, for each kind with contents.
+    frames = [
+        (3, b'{"type":"notification","source":"a","destination":"b","payload":'
+            b'{"categorie":"c","evenement":"e","data":{"v":%s}}}'),
+        (2, b'{"type":"notification","source":"a","destination":"b","payload":'
+            b'{"categorie":"c","evenement":"e","x":%s}}'),
+        (3, b'{"type":"commande","source":"a","destination":"b","payload":'
+            b'{"id":"1","commande":"c","arguments":{"v":%s}}}'),
+        (2, b'{"type":"reponse","source":"a","destination":"b","payload":'
+            b'{"id":"1","commande":"c","statut":"ok","resultat":%s}}'),
+    ]
+    for above, frame in frames:
+        for check in (decode, decode_envelope):
+            check(frame % b"1")  # the names are known from now on
+            for depth in range(1, 70):
+                for contents in (b"[" * depth + b"]" * depth,
+                                 b'{"a":' * depth + b"1" + b"}" * depth):
+                    try:
+                        check(frame % contents)
+                        assert above + depth <= MAX_DEPTH, (frame, depth, check)
+                    except MessageInvalide as exc:
+                        assert above + depth > MAX_DEPTH, (frame, depth, check, exc)
+                        assert "nested too deeply" in exc.detail
+
+
 def test_depth_is_counted_outside_strings_and_invalid_utf8_comes_first() -> None:
     assert nesting_depth(rb'{"a":"[[[[{{{{\\"}') == 1  # the string ends at its quote
     assert nesting_depth(rb'{"a":"\"[[","b":[[]]}') == 3  # an escaped quote does not

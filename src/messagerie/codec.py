@@ -18,10 +18,18 @@ from typing import Any, Final, Generic, TypeVar, overload
 
 import msgspec
 
-from . import wire
 from .errors import MessageInvalide, Reason
 from .model import MESSAGE_TYPES, Message
-from .wire import ENVELOPE_FIELDS, MODEL_TWINS, Kind, accepts, check_object
+from .wire import (
+    ENVELOPE_FIELDS,
+    KINDS,
+    MODEL_TWINS,
+    Kind,
+    accepts,
+    accepts_object,
+    check_object,
+    union,
+)
 from .wire import type_name as _type_name
 
 MAX_FRAME: Final = 64 * 1024
@@ -154,6 +162,25 @@ def _depth(brackets: bytes) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
+# A cheaper bound for a canonical frame judged valid: its own object and payload are two
+# levels and hold, besides the skeleton (keys, punctuation, the type) and the memoised
+# strings (ASCII without escapes: their length in bytes), only the values below them;
+# a valid JSON value nested d levels deep takes at least 2d bytes. So a frame whose
+# other bytes are at most _SHALLOW nests at most MAX_DEPTH levels, no count needed.
+_SHALLOW: Final = 2 * (MAX_DEPTH - 2)
+
+
+def _skeleton(kind: Kind) -> int:
+    """Bytes of the shortest canonical frame of ``kind``: its required fields, all
+    strings (a plain kind's), empty."""
+    payload = {f.encode_name: "" for f in msgspec.structs.fields(kind.payload_cls) if f.required}
+    return len(_json_encode({"type": kind.tag, "source": "", "destination": "",
+                             "payload": payload}))
+
+
+_SKELETON: Final = {kind: _skeleton(kind) for kind in KINDS.values() if kind.plain}
+
+
 def check_depth(line: bytes) -> None:
     """Refuse a frame nested deeper than :data:`MAX_DEPTH` (``invalid_json``; invalid
     UTF-8, if any, is named first). Free for the common frame: a frame with no more
@@ -169,10 +196,43 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
 
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
-    line = _strip(line)
+    if type(line) is not bytes or line[-1:] == b"\n":
+        line = _strip(line)
+    if not line.startswith(_PLAIN_PREFIXES):
+        return _decode_typed(line)
+    # A notification or commande (judged from the memos alone once decoded to a dict, see
+    # wire.accepts_object): the parser first (msgspec raises RecursionError, far beyond
+    # MAX_DEPTH, rather than fail), the depth before any verdict: a frame refused for its
+    # depth is refused so whatever else is wrong with it.
+    try:
+        obj = _json_decode(line)
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+        obj = None
+    # A frame that re-encodes to itself repeats no key anywhere (a repeat would have
+    # collapsed); the common one is then judged from the memos of what passed before.
+    canonical = type(obj) is dict and _json_encode(obj) == line
+    if canonical:
+        kind = known_canonical(obj, line)
+        if kind is not None:  # _message(), inlined for the common frame
+            cls = _CLASSES[kind]
+            msg = cls.__new__(cls)
+            msg.source = obj["source"]
+            msg.destination = obj["destination"]
+            msg.payload = obj["payload"]
+            msg.extra = {}
+            msg.raw = line
+            return msg
     check_depth(line)
-    # The common frame, compact with the keys in encode()'s order, straight into the
-    # wire's Structs: it re-encodes to itself, so no key was repeated or unknown.
+    if type(obj) is not dict:
+        obj = _decode_object(line, checked=True)  # raises, explaining why
+    return _from_object(obj, line, canonical=canonical)
+
+
+def _decode_typed(line: bytes) -> Message:
+    """The other frames (reponse, journal, anything not canonical): straight into the
+    wire's Structs, the contents decoded. A frame that re-encodes to itself repeated no
+    key and had none unknown."""
+    check_depth(line)
     try:
         s = _decode_twin(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -186,7 +246,9 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     return _from_object(_decode_object(line, checked=True), line, s)
 
 
-_decode_twin = msgspec.json.Decoder(wire.union(MODEL_TWINS)).decode
+_PLAIN_PREFIXES: Final = tuple(b'{"type":"%s",' % tag.encode() for tag, kind in KINDS.items()
+                               if kind.plain)
+_decode_twin = msgspec.json.Decoder(union(MODEL_TWINS)).decode
 _asdict = msgspec.structs.asdict
 _UNSET = msgspec.UNSET
 
@@ -199,17 +261,34 @@ def _payload(kind: Kind, p: Any) -> dict[str, Any]:
     return payload
 
 
+def known_canonical(obj: dict[str, Any], line: bytes) -> Kind | None:
+    """The :class:`Kind` of ``obj``, decoded from ``line``, which it re-encodes to
+    (so no key in it is repeated), if it is valid as judged from the memos
+    (:func:`~messagerie.wire.accepts_object`), its depth checked; else ``None``."""
+    accepted = accepts_object(obj)
+    if accepted is None:
+        return None
+    kind, size = accepted
+    if len(line) - _SKELETON[kind] - size > _SHALLOW:
+        check_depth(line)
+    return kind
+
+
 def from_dict(obj: dict[str, Any]) -> Message:
     """Validate a JSON object already parsed (e.g. by a caller's own JSON library)."""
     return _from_object(obj, None)
 
 
-def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None) -> Message:
-    if line is not None:
+def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None, *,
+                 canonical: bool = False) -> Message:
+    if line is not None and not canonical:
         _check_duplicates(line, obj)
     kind = check_object(obj, s)
     extra = {k: v for k, v in obj.items() if k not in ENVELOPE_FIELDS} if len(obj) > 4 else {}
     return _message(kind, obj["source"], obj["destination"], obj["payload"], line, extra=extra)
+
+
+_CLASSES: Final = {kind: MESSAGE_TYPES[kind.tag] for kind in KINDS.values()}
 
 
 def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],

@@ -23,9 +23,12 @@ re-encodes to itself (compact, keys in the order :func:`messagerie.encode` write
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
 in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
 to explain) takes the exact path, which validates the frame as an object the way
-:func:`messagerie.decode` does, reading only the envelope's levels for repeated keys;
-when a full decode fails there, the contents are kept raw (a number Python cannot hold
-is the receiver's call), so both paths accept and refuse the same frames.
+:func:`messagerie.decode` does (a compact one with an unknown key, such as the spec's
+example, judged from the memos as ``decode`` judges it), reading only the envelope's
+levels for repeated keys; when a full decode fails there, the contents are kept raw (a
+number Python cannot hold is the receiver's call), so both paths accept and refuse the
+same frames. The depth limit is checked before any verdict; a canonical frame whose raw
+contents are too short to nest past it is not counted.
 """
 
 from __future__ import annotations
@@ -36,13 +39,24 @@ from operator import eq, methodcaller
 from typing import Any, Final
 
 import msgspec
-from msgspec import Raw, Struct
+from msgspec import UNSET, Raw, Struct
 
 from . import wire
-from .codec import MAX_DEPTH, _decode_object, _json_decode, _strip, check_depth, decode, utf8_error
+from .codec import (
+    _SHALLOW,
+    _SKELETON,
+    MAX_DEPTH,
+    _decode_object,
+    _json_decode,
+    _strip,
+    check_depth,
+    decode,
+    known_canonical,
+    utf8_error,
+)
 from .errors import MessageInvalide, Reason
 from .model import Message
-from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object, is_object
+from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object
 
 _OPEN_BRACE: Final = ord("{")
 
@@ -91,7 +105,10 @@ _fast_decode = msgspec.json.Decoder(wire.union(_TWINS)).decode
 _fast_decode_list = msgspec.json.Decoder(list[wire.union(_TWINS)]).decode  # type: ignore[misc]
 _fast_encode = msgspec.json.Encoder().encode
 _JOURNAL: Final = wire.KINDS["journal"]
-assert all(k.object_field == "data" for k in wire.KINDS.values() if k.simple)  # see below
+# decode_envelope() reads a canonical notification's data from the frame's last bytes:
+# payload is the frame's last field, data the payload's.
+assert msgspec.structs.fields(wire.Notification)[-1].name == "payload"
+assert msgspec.structs.fields(wire.NotificationPayload)[-1].name == "data"
 
 
 def _envelope(s: Any, kind: Kind, raw: bytes) -> Envelope | None:
@@ -255,13 +272,23 @@ def _level(raw: dict[str, Raw], read: frozenset[str]) -> dict[str, Any]:
 
 
 def _exact(line: bytes, s: Any) -> Envelope:
-    """The exact path; ``s`` is the frame decoded into a twin, if it could be."""
+    """The exact path; ``s`` is the frame decoded into a twin, if it could be. The depth
+    is checked before any verdict, as in :func:`messagerie.decode`."""
     try:
         obj = _json_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        check_depth(line)
         # Perhaps valid JSON with a number Python cannot hold, which may be in the
         # contents (the receiver's call): decide with the contents kept raw.
         return _exact_raw(line)
+    if type(obj) is dict and _fast_encode(obj) == line:  # canonical, an unknown key kept
+        kind = known_canonical(obj, line)
+        if kind is not None:
+            p = obj["payload"]
+            return Envelope(kind.tag, obj["source"], obj["destination"],
+                            name=p[kind.name_field], id=p["id"] if kind.has_id else None,
+                            raw=line)
+    check_depth(line)
     if type(obj) is not dict:
         _decode_object(line, checked=True)  # raises: not an object, as decode() says it
     if _fast_encode(obj) != line:  # re-encodes to itself: nothing repeated anywhere
@@ -340,7 +367,9 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     """
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
-    check_depth(line)  # before any parser meets its own limit
+    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
+    # fail), the depth before any verdict: a frame refused for its depth is refused so
+    # whatever else is wrong with it.
     try:
         s = _fast_decode(line)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -348,13 +377,37 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
         kind = _TWINS[type(s)]
         key = kind.key(s)
-        if kind.simple and key in kind.known and is_object(s.payload.data):
-            # accepts(), inlined for the common frame (simple kinds have a data field)
+        # accepts(), inlined for the common notification: known names, and data an object.
+        # Canonical, the frame ends with its payload, the payload with its data when it has
+        # some (else with the string evenement): "}" as the frame's third byte from the end
+        # closes data, an object. Its depth is bounded as decode() bounds it
+        # (codec.known_canonical).
+        size = kind.known.get(key) if kind is _NOTIFICATION else None
+        if size is not None and line[-3] == _CLOSE_BRACE:
+            if len(line) - _SKELETON[kind] - size > _SHALLOW:
+                check_depth(line)
             return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
-        envelope = _envelope(s, kind, line)
-        if envelope is not None:
-            return envelope
+        if _shallow(s.payload, kind):
+            envelope = _envelope(s, kind, line)
+            if envelope is not None:
+                return envelope
     return _exact(line, s)  # not canonical, or to explain
+
+
+# A canonical frame decoded into a twin is its own object and payload (two levels) with
+# its contents raw below them; a valid JSON value nested d levels deep takes at least 2d
+# bytes, so contents of at most _SHALLOW bytes each keep the frame within MAX_DEPTH
+# levels, no count needed.
+_CLOSE_BRACE: Final = ord("}")
+
+
+def _shallow(payload: Any, kind: Kind) -> bool:
+    """Are the raw contents of this payload short enough to need no depth count?"""
+    for name in kind.contents:
+        value = getattr(payload, name)
+        if value is not UNSET and len(value) > _SHALLOW:
+            return False
+    return True
 
 
 def decode_complete(line: bytes | bytearray | memoryview | str) -> Envelope:

@@ -20,7 +20,10 @@ field ignoring case is refused. Repeated keys are the codec's (msgspec keeps the
 Decoding uses twins of these Structs derived by :func:`derive`: without the patterns
 (checked afterwards against a bounded memo, a set lookup instead of a regex for names
 and tokens that repeat endlessly), and with the contents either raw (the relay) or
-decoded (the model). Only a refusal goes back to the Structs as written, to explain it.
+decoded (the model). A notification or commande decoded to a dict is judged from those
+memos alone once its source, destination and tokens have passed together
+(:func:`accepts_object`). Only a refusal goes back to the Structs as written, to explain
+it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from enum import Enum, StrEnum
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Final, Union, get_args, get_origin
 
@@ -300,6 +303,11 @@ def _constrained(cls: type[Struct]) -> list[tuple[str, Validated]]:
             if (p := _pattern_of(f.type)) is not None]
 
 
+def _one(name: str) -> Callable[[Any], tuple[str, ...]]:
+    get = itemgetter(name)
+    return lambda obj: (get(obj),)
+
+
 class Kind:
     """What the rules beyond msgspec need to know of one message type, derived from its
     Struct: its tag, whether it may go to ``tous``, its fields and patterns."""
@@ -338,14 +346,29 @@ class Kind:
         self.key_memos = [memo for _, memo in self.envelope_checks] + [
             memo for _, memo in self.payload_checks
             if memo.pattern in (NAME_PATTERN, TOKEN_PATTERN)]
-        #: Tuples of memoised values known valid for this type (at most 4096).
-        self.known: set[tuple[str, ...]] = set()
+        #: Tuples of memoised values known valid for this type (at most 4096), each with
+        #: its length in characters (all of it, summed).
+        self.known: dict[tuple[str, ...], int] = {}
         #: Nothing to check beyond the memoised values (no id, timestamp or erreur).
         self.simple = not self.unique and not self.with_erreur
+        # The same key read from a decoded object (a dict and its payload dict).
+        tokens = [name for name, memo in self.payload_checks
+                  if memo.pattern in (NAME_PATTERN, TOKEN_PATTERN)]
+        self.top_key: Callable[[Any], tuple[str, ...]] = itemgetter(
+            *(n for n, _ in self.envelope_checks))
+        self.payload_key: Callable[[Any], tuple[str, ...]] = (
+            itemgetter(*tokens) if len(tokens) > 1 else _one(tokens[0]))
+        self.unique_items = [(name, memo) for name, memo in self.payload_checks
+                             if memo.pattern not in (NAME_PATTERN, TOKEN_PATTERN)]
+        #: Every payload field is a memoised value, a pattern-checked string or the
+        #: object field: a decoded object is judged by accepts_object() alone.
+        self.plain = not self.with_erreur and self.payload_fields == {
+            *tokens, *(n for n, _ in self.unique_items), self.object_field}
 
 
 KINDS: Final = {tag_of(cls): Kind(cls) for cls in FRAMES}
 """Each message type's :class:`Kind`, by its wire ``type``."""
+_PLAIN: Final = {tag: kind for tag, kind in KINDS.items() if kind.plain}
 _KIND_OF: dict[type, Kind] = {}
 
 
@@ -388,7 +411,7 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
             return None
         if len(kind.known) >= 4096:
             kind.known.clear()
-        kind.known.add(key)
+        kind.known[key] = sum(map(len, key))
     if kind.unique:
         p = s.payload
         for get, memo in kind.unique:
@@ -400,6 +423,36 @@ def accepts(s: Any, kind: Kind) -> tuple[str, ...] | None:
             return key if _plain_erreur(erreur) else None
         return key if s.payload.statut != Statut.ERREUR else None
     return key
+
+
+def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
+    """The :class:`Kind` of the decoded wire object ``obj`` (contents decoded, no key
+    repeated), and the length of its memoised values (source, destination, tokens)
+    summed, if it is valid as judged from the memos alone: those values together passed
+    :func:`accepts` before, and its other fields are checked here. ``None`` means
+    "validate it with :func:`check_object`", never a refusal; a payload key that
+    case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
+    try:
+        kind = _PLAIN.get(obj["type"])
+        if kind is None:
+            return None
+        p = obj["payload"]
+        # A payload that is not an object raises TypeError in payload_key (str keys).
+        size = kind.known.get(kind.top_key(obj) + kind.payload_key(p))
+        if size is None or len(obj) != 4:  # the four fields and nothing else
+            return None
+    except (KeyError, TypeError):  # another type, a field missing, an unhashable value
+        return None
+    value = p.get(kind.object_field)
+    if value is not None and type(value) is not dict:
+        return None
+    for name, memo in kind.unique_items:
+        value = p.get(name)
+        if type(value) is not str or memo._fullmatch(value) is None:
+            return None
+    if not p.keys() <= kind.payload_fields:
+        check_unambiguous(p, kind.payload_fields, "payload.")
+    return kind, size
 
 
 _OBJECT_OR_NULL: Final = frozenset(b"{n")
