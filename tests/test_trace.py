@@ -128,6 +128,20 @@ def test_a_broadcast_filtered_for_everyone_is_one_filtered_line(system: BrokerSy
     assert events[2]["rule"].startswith("rule 3 (line 14)")     # vm-a's, not dom0's deny
 
 
+def test_payloads_of_a_burst_are_each_its_own(system: BrokerSystem) -> None:
+    # A burst of one flow is read and routed in runs: each line still shows its payload.
+    n = 200
+    proc = trace(system, "--payload", "--json", "--verdict", "routed", "--count", str(n))
+    lines = [json.dumps(notif("vm-a", "vm-b", i), separators=(",", ":")).encode()
+             for i in range(n)]
+    system.domus["vm-a"].write(b"".join(line + b"\n" for line in lines))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(json.loads(e["payload"])["data"]["i"], e["size"]) for e in events] == \
+        [(i, len(line) + 1) for i, line in enumerate(lines)]
+
+
 def test_payload_is_shown_only_when_asked_and_audited(system: BrokerSystem) -> None:
     proc = trace(system, "--payload", "--domaine", "vm-b", "--count", "1")
     audit = system.broker.wait_event("trace.payload_enabled")
@@ -262,3 +276,53 @@ def test_the_broker_stops_while_a_monitor_has_not_subscribed(system: BrokerSyste
     idle.settimeout(5)
     assert idle.recv(10) == b""
     idle.close()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_each_frame_of_a_run_is_its_own_event() -> None:
+    # Consecutive notifications of one flow come as one run: each still gets its own
+    # event, with its own payload and size (not the first frame's, n times).
+    from broker.policy import Policy
+    from broker.router import Deliver
+    from messagerie.envelope import Run, decode_runs
+
+    lines = [json.dumps({"type": "notification", "source": "vm-a", "destination": "vm-b",
+                         "payload": {"categorie": "mesure", "evenement": "lot",
+                                     "data": {"i": i, "pad": "x" * i}}},
+                        separators=(",", ":")).encode() for i in range(3)]
+    (run,) = decode_runs(lines) or []
+    assert isinstance(run, Run) and run.count == 3
+
+    class Hub:
+        tracer = None
+        policy = Policy.allow_all()
+
+    class Peer:
+        name = "vm-a"
+
+    tracer = Tracer(Hub())
+    monitor = trace_module.Monitor(tracer)
+    monitor.transport = _Transport()  # type: ignore[assignment]
+    monitor.subscription = trace_module.Subscription(payload=True)
+    tracer.add(monitor)
+
+    class Dest:
+        name = "vm-b"
+
+    tracer.routed(Peer(), run.envelope, len(run.data), Deliver(("vm-b",)),  # type: ignore[arg-type]
+                  run=run.data)
+    tracer.dropped(Peer(), Dest(), run.envelope, run.count, run.data)  # type: ignore[arg-type]
+    events = [json.loads(o) for o in monitor.transport.out]  # type: ignore[attr-defined]
+    expected = [(json.loads(line)["payload"], len(line) + 1) for line in lines]
+    assert [(e["verdict"], json.loads(e["payload"]), e["size"]) for e in events] == \
+        [("routed", p, n) for p, n in expected] + [("dropped", p, n) for p, n in expected]

@@ -264,7 +264,9 @@ class Tracer:
                 monitor.offer(event, _payload(msg) if sub.payload else None)
 
     def routed(self, peer: Endpoint, msg: Routable, size: int, deliver: Deliver,
-               count: int = 1) -> None:
+               run: bytes | None = None) -> None:
+        """``msg`` was routed; ``run``, when given, is the bytes of the whole run
+        (``msg`` its first frame's envelope): one event per frame of it."""
         targets = [*deliver.targets, *(["dom0"] if deliver.dom0_services else [])]
         if not targets:
             return  # a broadcast the policy filtered for everyone: "filtered" says it
@@ -272,8 +274,11 @@ class Tracer:
         def explain() -> str:
             return self._allowed_by(msg, deliver)
 
-        for _ in range(count):
-            self._emit(peer, msg, "routed", size // count, explain, targets=targets)
+        if run is None:
+            self._emit(peer, msg, "routed", size, explain, targets=targets)
+            return
+        for frame in _frames(msg, run):
+            self._emit(peer, frame, "routed", _size(frame), explain, targets=targets)
 
     def _allowed_by(self, msg: Routable, deliver: Deliver) -> str:
         """What let a routed message through, as the policy describes it (asked again:
@@ -298,10 +303,23 @@ class Tracer:
         self._emit(peer, msg, "filtered", _size(msg),
                    denied=[d for d, _ in denied], rule="; ".join(sorted({r for _, r in denied})))
 
-    def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int) -> None:
-        for _ in range(count):
-            self._emit(sender, msg, "dropped", _size(msg), why="queue_full",
+    def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int,
+                run: bytes | None = None) -> None:
+        """``count`` copies of ``msg`` were dropped, or, with ``run``, each frame of
+        that run (``msg`` its first frame's envelope)."""
+        frames = _frames(msg, run) if run is not None else [msg] * count
+        for frame in frames:
+            self._emit(sender, frame, "dropped", _size(frame), why="queue_full",
                        targets=[dest.name])
+
+
+def _frames(first: Routable, run: bytes) -> list[Routable]:
+    """The frames of a run as envelopes of their own: the first one's source,
+    destination, type and name (a run shares them), each its own bytes (for its size
+    and payload)."""
+    if not isinstance(first, msgspec.Struct):
+        return [first] * run.count(b"\n")
+    return [msgspec.structs.replace(first, raw=line) for line in run.split(b"\n") if line]
 
 
 def _size(msg: Routable) -> int:
