@@ -666,6 +666,34 @@ def test_blocking_client(pair: PtyPair) -> None:
         thread.join(5)
 
 
+async def test_close_releases_a_channel_whose_peer_does_not_read(pair: PtyPair) -> None:
+    # Nobody reads the broker's end: the channel fills. After the grace period close()
+    # drops what is unsent and closes the tty (close() alone would wait for ever).
+    def open_on_tty() -> list[str]:
+        tty, fds = os.path.realpath(pair.domu), []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == tty:
+                    fds.append(fd)
+        return fds
+
+    c = new_client(pair, write_buffer_high=4096)
+    await c.open()
+    assert len(open_on_tty()) == 1
+    for _ in range(100_000):
+        try:
+            await asyncio.wait_for(c.notify("vm-b", "entree", "souris", {"pad": "x" * 200}),
+                                   0.05)
+        except TimeoutError:
+            break  # full
+    else:
+        raise AssertionError("the channel never filled")
+    async with asyncio.timeout(5):
+        await c.close(grace=0.3)
+    assert c.state is ClientState.CLOSED
+    assert open_on_tty() == []
+
+
 async def test_close_is_idempotent_and_fails_pending(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair)
     await c.open()

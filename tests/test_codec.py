@@ -200,7 +200,8 @@ def test_message_invalide_is_a_value_error() -> None:
 
 AMBIGUOUS = [
     # (frame, field): keys that parsers matching keys ignoring case (Go's encoding/json,
-    # some Jackson / System.Text.Json settings) read as a second protocol field.
+    # Java's equalsIgnoreCase, some Jackson / System.Text.Json settings) read as a second
+    # protocol field.
     (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
      b'{"categorie":"entree","evenement":"souris","data":{}},"Source":"dom0"}', "Source"),
     (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
@@ -215,6 +216,23 @@ AMBIGUOUS = [
     (b'{"type":"reponse","source":"vm-a","destination":"vm-b","payload":{"id":"1",'
      b'"commande":"lire","statut":"erreur","erreur":{"code":"x","message":"y","Code":"z"}}}',
      "payload.erreur.Code"),
+    # A dotless i is I to Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase (upper
+    # case), though it folds to itself; a dotted capital I is i to Java (simple lower
+    # case mapping), though Python lower-cases it to "i" plus a combining dot.
+    ('{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     '{"categorie":"entree","evenement":"souris","data":{}},"dest\u0131nat\u0131on":"vm-c"}'
+     .encode(), "dest\u0131nat\u0131on"),
+    ('{"type":"reponse","source":"vm-b","destination":"vm-a","payload":{"id":"1",'
+     '"\u0131d":"2","commande":"lire","statut":"ok","resultat":1}}'.encode(),
+     "payload.\u0131d"),
+    ('{"type":"commande","source":"vm-a","destination":"vm-b","payload":{"id":"1",'
+     '"commande":"lire","arguments":{},"\u0130D":"2"}}'.encode(), "payload.\u0130D"),
+    ('{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     '{"categorie":"entree","evenement":"souris","data":{}},"de\u017ft\u0130nat\u0131on":1}'
+     .encode(), "de\u017ft\u0130nat\u0131on"),  # the three at once
+    ('{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+     '{"categorie":"entree","evenement":"souris","data":{},"categor\u0131e":"admin"}}'
+     .encode(), "payload.categor\u0131e"),
 ]
 
 
@@ -235,9 +253,10 @@ def test_case_differences_inside_contents_or_elsewhere_are_kept() -> None:
             b'"Chemin":"x"},"Extra":1}')
     msg = decode(line)
     assert msg.extra == {"Extra": 1} and msg.payload["Chemin"] == "x"
-    with pytest.raises(ValueError, match="shadows"):
-        Message.__init__(Notification.__new__(Notification), "vm-a", "vm-b",
-                         {"categorie": "c", "evenement": "e"}, extra={"SOURCE": "dom0"})
+    for key in ("SOURCE", "dest\u0131nat\u0131on", "dest\u0130nation"):
+        with pytest.raises(ValueError, match="shadows"):
+            Message.__init__(Notification.__new__(Notification), "vm-a", "vm-b",
+                             {"categorie": "c", "evenement": "e"}, extra={key: "dom0"})
     with pytest.raises(MessageInvalide):  # built locally: the same rule
         Reponse("vm-a", "vm-b", "1", "lire", "erreur",
                 erreur={"code": "x", "message": "y", "CODE": "z"})

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from messagerie import BlockingClient, Client, CommandError, socle
-from messagerie.station.depot import DepotService
+from messagerie.model import Commande
+from messagerie.station.depot import DepotLit, DepotService
 from messagerie.station.usb import UsbService
 from messagerie.streams import MessageStream
 from tests.support.broker_process import BrokerProcess, write_config
@@ -241,6 +242,47 @@ async def test_digest_mismatch_on_copy_is_a_fichier_erreur(station: Station) -> 
     assert "digest mismatch" in (err.value.fichier.message or "")
     assert not (station.usb_dir / "cle-2/a.txt").exists()       # the bad copy is deleted
     assert not (station.usb_dir / "cle-2/a.txt.hash").exists()
+
+
+async def test_a_hash_file_that_cannot_be_written_fails_the_copy(station: Station) -> None:
+    # The destination stick has a link where the .hash goes: the copy fails with a
+    # report naming the problem (not a task dying in silence, the caller timing out),
+    # the copy is deleted and the link's target is untouched.
+    victim = station.tmp / "victim"
+    victim.write_bytes(b"keep")
+    await station.stick("cle-1", {"a.txt": b"original"})
+    await station.stick("cle-2", {}, links={"a.txt.hash": str(victim)})
+    await socle.lit_fichier(station.ui, "cle-1", "a.txt", timeout=10)
+    with pytest.raises(socle.FichierErreur) as err:
+        await socle.copie_fichier(station.ui, "a.txt", "cle-2", timeout=10)
+    assert err.value.fichier.etat == "erreur"
+    assert "copy failed" in (err.value.fichier.message or "")
+    assert "a.txt.hash" in (err.value.fichier.message or "")
+    assert not (station.usb_dir / "cle-2/a.txt").exists()
+    assert victim.read_bytes() == b"keep"
+
+
+async def test_reading_a_stored_file_without_its_digest_leaks_no_fd(tmp_path: Path) -> None:
+    class NoClient:
+        def add_handler(self, *args: object) -> None:
+            pass
+
+    depot = DepotService(NoClient(), tmp_path)  # type: ignore[arg-type]
+    (depot.fichiers / "f.txt").write_bytes(b"hello")            # its digest is missing
+    (depot.fichiers / "g.txt").write_bytes(b"hello")
+    (depot.empreintes / "g.txt").symlink_to(tmp_path / "elsewhere")   # an unsafe digest
+    cmd = Commande("vm-sys-usb", "dom0", "depot_lit", {})
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    for _ in range(50):
+        for name, code in (("f.txt", "fichier_absent"), ("g.txt", "chemin_refuse")):
+            with pytest.raises(CommandError) as err:
+                await depot.depot_lit(DepotLit(name, 0), cmd)
+            assert err.value.code == code
+    assert fds() == before
 
 
 async def test_digest_mismatch_on_read_is_a_fichier_erreur(station: Station) -> None:

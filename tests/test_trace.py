@@ -3,6 +3,7 @@ broker on socat ptys, the CLI as a subprocess)."""
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import json
 import os
@@ -15,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from broker import trace as trace_module
+from broker.trace import Tracer
 from messagerie.cli import format_trace
 from tests.support.broker_process import CLI, BrokerSystem
-from tests.support.waiting import wait_until
+from tests.support.waiting import async_wait_until, wait_until
 
 GROUP = grp.getgrgid(os.getgid()).gr_name
 
@@ -125,6 +128,20 @@ def test_a_broadcast_filtered_for_everyone_is_one_filtered_line(system: BrokerSy
     assert events[2]["rule"].startswith("rule 3 (line 14)")     # vm-a's, not dom0's deny
 
 
+def test_payloads_of_a_burst_are_each_its_own(system: BrokerSystem) -> None:
+    # A burst of one flow is read and routed in runs: each line still shows its payload.
+    n = 200
+    proc = trace(system, "--payload", "--json", "--verdict", "routed", "--count", str(n))
+    lines = [json.dumps(notif("vm-a", "vm-b", i), separators=(",", ":")).encode()
+             for i in range(n)]
+    system.domus["vm-a"].write(b"".join(line + b"\n" for line in lines))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(json.loads(e["payload"])["data"]["i"], e["size"]) for e in events] == \
+        [(i, len(line) + 1) for i, line in enumerate(lines)]
+
+
 def test_payload_is_shown_only_when_asked_and_audited(system: BrokerSystem) -> None:
     proc = trace(system, "--payload", "--domaine", "vm-b", "--count", "1")
     audit = system.broker.wait_event("trace.payload_enabled")
@@ -183,3 +200,129 @@ def test_format_trace_lines() -> None:
     assert line.endswith(" vm-a -> vm-b commande ping id=c1 90B ROUTED -> vm-b: rule 3 "
                          "(line 15): allow vm-a -> vm-b commande *")
     assert format_trace({"perdus": 3}) == "# 3 events lost: this monitor read too slowly"
+
+
+class _Hub:
+    tracer: Tracer | None = None
+
+
+async def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _read_to_end(sock: socket.socket) -> bytes:
+    loop, data = asyncio.get_running_loop(), b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
+        data += chunk
+    return data
+
+
+async def test_stop_closes_the_connections_that_never_subscribed(tmp_path: Path) -> None:
+    # From Python 3.12 the server's wait_closed() waits for every connection: one that
+    # connected and sent nothing would hold the broker's shutdown forever.
+    hub = _Hub()
+    tracer = Tracer(hub)
+    path = str(tmp_path / "trace.sock")
+    await tracer.start(path, GROUP)
+    idle = await _connect(path)
+    listening = await _connect(path)
+    listening.sendall(b'{"verdict": "routed"}\n')
+    # Accepted in order: once the second has subscribed, the first is connected too.
+    await async_wait_until(lambda: hub.tracer is tracer, what="a subscription")
+    await asyncio.wait_for(tracer.stop(), 5)
+    assert await _read_to_end(idle) == b""                      # closed, not left open
+    assert json.loads(await _read_to_end(listening))["trace"] == "ok"
+    assert hub.tracer is None
+    with pytest.raises(FileNotFoundError):                      # the socket is gone
+        await _connect(path)
+    idle.close()
+    listening.close()
+
+
+async def test_a_monitor_that_does_not_subscribe_in_time_is_disconnected(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace_module, "SUBSCRIPTION_TIMEOUT", 0.3)
+    tracer = Tracer(_Hub())
+    path = str(tmp_path / "trace.sock")
+    await tracer.start(path, GROUP)
+    idle = await _connect(path)
+    prompt = await _connect(path)
+    prompt.sendall(b"{}\n")                                    # subscribed at once
+    await async_wait_until(lambda: len(tracer.monitors) == 1, what="one subscription")
+    reply = json.loads(await _read_to_end(idle))
+    assert reply == {"trace": "erreur", "message": "no subscription within 0.3 s"}
+    assert len(tracer.monitors) == 1                            # the subscribed one stays
+    ok = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(prompt, 4096), 5)
+    assert json.loads(ok)["trace"] == "ok"
+    await tracer.stop()
+    idle.close()
+    prompt.close()
+
+
+def test_the_broker_stops_while_a_monitor_has_not_subscribed(system: BrokerSystem) -> None:
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(str(system.tmp / "trace.sock"))
+    # A monitor connected after it has subscribed: the broker accepted both (in order).
+    trace(system, "--count", "1").kill()
+    system.broker.wait_event("trace.stopped")
+    assert system.broker.stop(timeout=10) == 0                 # the fixture's close() too
+    idle.settimeout(5)
+    assert idle.recv(10) == b""
+    idle.close()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_each_frame_of_a_run_is_its_own_event() -> None:
+    # Consecutive notifications of one flow come as one run: each still gets its own
+    # event, with its own payload and size (not the first frame's, n times).
+    from broker.policy import Policy
+    from broker.router import Deliver
+    from messagerie.envelope import Run, decode_runs
+
+    lines = [json.dumps({"type": "notification", "source": "vm-a", "destination": "vm-b",
+                         "payload": {"categorie": "mesure", "evenement": "lot",
+                                     "data": {"i": i, "pad": "x" * i}}},
+                        separators=(",", ":")).encode() for i in range(3)]
+    (run,) = decode_runs(lines) or []
+    assert isinstance(run, Run) and run.count == 3
+
+    class Hub:
+        tracer = None
+        policy = Policy.allow_all()
+
+    class Peer:
+        name = "vm-a"
+
+    tracer = Tracer(Hub())
+    monitor = trace_module.Monitor(tracer)
+    monitor.transport = _Transport()  # type: ignore[assignment]
+    monitor.subscription = trace_module.Subscription(payload=True)
+    tracer.add(monitor)
+
+    class Dest:
+        name = "vm-b"
+
+    tracer.routed(Peer(), run.envelope, len(run.data), Deliver(("vm-b",)),  # type: ignore[arg-type]
+                  run=run.data)
+    tracer.dropped(Peer(), Dest(), run.envelope, run.count, run.data)  # type: ignore[arg-type]
+    events = [json.loads(o) for o in monitor.transport.out]  # type: ignore[attr-defined]
+    expected = [(json.loads(line)["payload"], len(line) + 1) for line in lines]
+    assert [(e["verdict"], json.loads(e["payload"]), e["size"]) for e in events] == \
+        [("routed", p, n) for p, n in expected] + [("dropped", p, n) for p, n in expected]

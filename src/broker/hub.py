@@ -239,11 +239,11 @@ class Broker:
         # A run never goes to tous or dom0 (decode_runs): one target, a domain.
         dest = self.domains[deliver.targets[0]]
         if not dest.send(run.data, peer, count=n):
-            self._dropped(peer, dest, msg, count=n)
+            self._dropped(peer, dest, msg, count=n, run=run.data)
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
         if self.tracer is not None:
-            self.tracer.routed(peer, msg, len(run.data), deliver, count=n)
+            self.tracer.routed(peer, msg, len(run.data), deliver, run=run.data)
         if self.debug:
             peer.log.debug("message.routed", source=msg.source, destination=msg.destination,
                            type=msg.type, name=msg.name, id=None, size=len(run.data),
@@ -496,9 +496,10 @@ class Broker:
                         erreur={"code": code, "message": text})
         peer.send(encode(reply))
 
-    def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1) -> None:
+    def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1,
+                 run: bytes | None = None) -> None:
         if self.tracer is not None:
-            self.tracer.dropped(sender, dest, msg, count)
+            self.tracer.dropped(sender, dest, msg, count, run)
         if dest.log_budget.allow():
             dest.log.warning("message.dropped", why="queue_full", source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),

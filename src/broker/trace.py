@@ -15,7 +15,8 @@ monitor connected the hub's hooks cost one attribute test per message.
 The protocol, JSON lines: the monitor sends one subscription
 ``{"domaine": D, "type": T, "nom": N, "verdict": V, "payload": bool}`` (every key
 optional; ``domaine`` matches the source or the destination; ``verdict`` one of
-:data:`VERDICTS`); the broker answers ``{"trace": "ok", ...}`` then events. Asking for
+:data:`VERDICTS`); the broker answers ``{"trace": "ok", ...}`` then events. A monitor that has not
+subscribed within :data:`SUBSCRIPTION_TIMEOUT` is told so and disconnected. Asking for
 payloads (off by default) is logged as ``trace.payload_enabled``, a security event
 with the monitor's pid and uid.
 """
@@ -46,6 +47,8 @@ VERDICTS: Final = ("routed", "refused", "filtered", "dropped")
 MAX_BUFFER: Final = 256 * 1024
 """Unread bytes a monitor may have before its events are dropped."""
 MAX_SUBSCRIPTION: Final = 4096
+SUBSCRIPTION_TIMEOUT: Final = 10.0
+"""Seconds a monitor has, once connected, to send its subscription."""
 PAYLOAD_MAX: Final = 4096
 """Bytes of a message's payload shown with ``--payload`` (the rest is cut)."""
 
@@ -86,12 +89,18 @@ class Monitor(asyncio.Protocol):
         self.paused = False
         """Its unread output passed MAX_BUFFER: drop until it reads."""
         self._buffer = b""
+        self._deadline: asyncio.TimerHandle | None = None
+        """Closes the connection if no subscription came in time."""
         self.creds: dict[str, int] = {}
         self.log = structlog.get_logger("broker").bind()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.tracer.connections.add(self)
+        self._deadline = asyncio.get_running_loop().call_later(
+            SUBSCRIPTION_TIMEOUT, self._fail,
+            f"no subscription within {SUBSCRIPTION_TIMEOUT:g} s")
         transport.set_write_buffer_limits(high=MAX_BUFFER, low=MAX_BUFFER // 4)
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError, AttributeError, struct.error):
@@ -124,6 +133,7 @@ class Monitor(asyncio.Protocol):
                        f"{', '.join(VERDICTS)}")
             return
         self.subscription = sub
+        self._cancel_deadline()
         self._write({"trace": "ok", "verdicts": list(VERDICTS), "payload": sub.payload})
         self.log.info("trace.started", domaine=sub.domaine, type=sub.type, nom=sub.nom,
                       verdict=sub.verdict, payload=sub.payload)
@@ -133,9 +143,15 @@ class Monitor(asyncio.Protocol):
         self.tracer.add(self)
 
     def _fail(self, text: str) -> None:
+        self._cancel_deadline()
         self._write({"trace": "erreur", "message": text})
         if self.transport is not None:
             self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _write(self, obj: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -164,6 +180,8 @@ class Monitor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._cancel_deadline()
+        self.tracer.connections.discard(self)
         self.tracer.remove(self)
         if self.subscription is not None:
             self.log.info("trace.stopped", dropped=self.dropped_total)
@@ -176,6 +194,9 @@ class Tracer:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.monitors: list[Monitor] = []
+        """The subscribed monitors: those the hooks offer events to."""
+        self.connections: set[Monitor] = set()
+        """Every open connection, subscribed or not (closed by :meth:`stop`)."""
         self.server: asyncio.AbstractServer | None = None
         self.path: str | None = None
 
@@ -199,11 +220,16 @@ class Tracer:
         self.path = path
 
     async def stop(self) -> None:
-        for monitor in list(self.monitors):
+        if self.server is not None:
+            self.server.close()
+        # Every connection, not only the subscribed monitors: from Python 3.12
+        # wait_closed() waits for all of them, and one that never subscribes, or
+        # never reads, would hold the broker's shutdown forever. Abort: close() waits
+        # for a monitor to read what is queued for it.
+        for monitor in list(self.connections):
             if monitor.transport is not None:
                 monitor.transport.abort()
         if self.server is not None:
-            self.server.close()
             await self.server.wait_closed()
             self.server = None
         if self.path is not None:
@@ -238,7 +264,9 @@ class Tracer:
                 monitor.offer(event, _payload(msg) if sub.payload else None)
 
     def routed(self, peer: Endpoint, msg: Routable, size: int, deliver: Deliver,
-               count: int = 1) -> None:
+               run: bytes | None = None) -> None:
+        """``msg`` was routed; ``run``, when given, is the bytes of the whole run
+        (``msg`` its first frame's envelope): one event per frame of it."""
         targets = [*deliver.targets, *(["dom0"] if deliver.dom0_services else [])]
         if not targets:
             return  # a broadcast the policy filtered for everyone: "filtered" says it
@@ -246,8 +274,11 @@ class Tracer:
         def explain() -> str:
             return self._allowed_by(msg, deliver)
 
-        for _ in range(count):
-            self._emit(peer, msg, "routed", size // count, explain, targets=targets)
+        if run is None:
+            self._emit(peer, msg, "routed", size, explain, targets=targets)
+            return
+        for frame in _frames(msg, run):
+            self._emit(peer, frame, "routed", _size(frame), explain, targets=targets)
 
     def _allowed_by(self, msg: Routable, deliver: Deliver) -> str:
         """What let a routed message through, as the policy describes it (asked again:
@@ -272,10 +303,23 @@ class Tracer:
         self._emit(peer, msg, "filtered", _size(msg),
                    denied=[d for d, _ in denied], rule="; ".join(sorted({r for _, r in denied})))
 
-    def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int) -> None:
-        for _ in range(count):
-            self._emit(sender, msg, "dropped", _size(msg), why="queue_full",
+    def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int,
+                run: bytes | None = None) -> None:
+        """``count`` copies of ``msg`` were dropped, or, with ``run``, each frame of
+        that run (``msg`` its first frame's envelope)."""
+        frames = _frames(msg, run) if run is not None else [msg] * count
+        for frame in frames:
+            self._emit(sender, frame, "dropped", _size(frame), why="queue_full",
                        targets=[dest.name])
+
+
+def _frames(first: Routable, run: bytes) -> list[Routable]:
+    """The frames of a run as envelopes of their own: the first one's source,
+    destination, type and name (a run shares them), each its own bytes (for its size
+    and payload)."""
+    if not isinstance(first, msgspec.Struct):
+        return [first] * run.count(b"\n")
+    return [msgspec.structs.replace(first, raw=line) for line in run.split(b"\n") if line]
 
 
 def _size(msg: Routable) -> int:

@@ -252,7 +252,9 @@ class Client:
         """Close the channel. Handlers still running get ``grace`` seconds to answer,
         then are cancelled and their commands answered ``destination_hors_ligne``, as
         are commands arriving meanwhile (every command gets an answer); our own
-        commands in flight fail with :class:`Disconnected`; message streams end.
+        commands in flight fail with :class:`Disconnected`; message streams end. What
+        is still unsent gets ``grace`` seconds to go out; if the peer does not read it
+        by then, it is dropped and the channel closed anyway.
 
         Idempotent: closing a closed (or never opened) client does nothing, and a
         second call while the first runs waits for it to finish."""
@@ -287,9 +289,14 @@ class Client:
             # close() flushes the write buffer first: wait for it, so that a short
             # script's last message is not lost when its event loop ends.
             conn.transport.close()
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(grace):
                     await conn.closed.wait()
+            except TimeoutError:
+                # The peer reads nothing: drop what it never took, and close the fd
+                # (close() alone would keep it open, waiting to write, forever).
+                conn.transport.abort()
+                await conn.closed.wait()
         self._end_streams()
         self._set_state(ClientState.CLOSED)  # wakes senders waiting for a channel: they fail
         self._log.info("client.closed")

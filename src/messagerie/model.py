@@ -140,7 +140,7 @@ class Message:
         self.destination = destination
         self.extra = dict(extra) if extra else {}
         for key in self.extra:
-            if key.casefold() in ENVELOPE_FIELDS:
+            if wire.folds_to(key, ENVELOPE_FIELDS) is not None:
                 raise ValueError(f"extra envelope key {key!r} shadows a protocol field")
         self.raw = None
 

@@ -631,16 +631,32 @@ def explain_payload(kind: Kind, payload: dict[str, Any]) -> MessageInvalide | No
     return None
 
 
+def folds_to(key: str, fields: frozenset[str]) -> str | None:
+    """The field of ``fields`` (lower-case ASCII names) that ``key`` is, or equals to some
+    parser that matches keys ignoring case; ``None`` if none. Parsers fold differently:
+    Go's encoding/json by simple case folding (``"\u017fource"`` is source, the Kelvin
+    sign is k), .NET's OrdinalIgnoreCase and Java's equalsIgnoreCase through upper case
+    (a dotless ``"\u0131d"`` is ID), and Java then lower case by the simple mapping
+    (``"\u0130d"``, a dotted capital I, is id; so is it to Jackson lower-casing names
+    in a Turkish locale). Python's full mappings give ``"i\u0307"`` for that capital
+    I, hence the replacement before folding."""
+    for folded in (key.casefold(), key.replace("\u0130", "i").upper().lower()):
+        if folded in fields:
+            return folded
+    return None
+
+
 def check_unambiguous(keys: Iterable[str], fields: frozenset[str], where: str) -> None:
     """Refuse a key that is not one of ``fields`` but equals one of them to parsers that
-    match keys ignoring case (Go's encoding/json, some Jackson and System.Text.Json
-    settings): ``"Source"`` or ``"ſource"`` next to ``"source"`` would be a second
-    source to them, read after the one the broker checked."""
+    match keys ignoring case (Go's encoding/json, Java's equalsIgnoreCase, some Jackson
+    and System.Text.Json settings): ``"Source"``, ``"\u017fource"`` or
+    ``"destinat\u0131on"`` next to ``"source"`` or ``"destination"`` would be a second
+    one to them, read after the one the broker checked."""
     for key in keys:
-        if key not in fields and key.casefold() in fields:
+        if key not in fields and (field := folds_to(key, fields)) is not None:
             raise MessageInvalide(
                 Reason.DUPLICATE_KEY,
-                f"{key[:40]!r} is {key.casefold()!r} to parsers that ignore case",
+                f"{key[:40]!r} is {field!r} to parsers that ignore case",
                 f"{where}{key[:40]}")
 
 

@@ -173,7 +173,11 @@ class DepotService:
         self._from_usb(cmd)
         try:
             fd = fs.open_file(self.fichiers, args.nom_fichier)
-            empreinte = self._recorded(args.nom_fichier)
+            try:
+                empreinte = self._recorded(args.nom_fichier)
+            except BaseException:
+                os.close(fd)  # a file whose digest is missing or unsafe: not kept open
+                raise
         except FileNotFoundError:
             raise CommandError(socle.ERREUR_FICHIER_ABSENT,
                                f"{args.nom_fichier} is not in the store") from None

@@ -201,23 +201,25 @@ class UsbService:
                         break
                     chunk = await socle.call(self.client, DEPOT_LIT, DepotLit(name, offset))
             copied, _ = await asyncio.to_thread(fs.digest, root, name, self.max_size)
+            if copied != chunk.empreinte:
+                with contextlib.suppress(OSError, fs.UnsafePath):
+                    fs.remove(root, name)
+                await self._report(DepotCompteRendu(
+                    name, "copie", empreinte=copied, nom_disque=disk,
+                    erreur=f"digest mismatch: the copy is {copied}, the original "
+                           f"{chunk.empreinte}; copy deleted"))
+                return
+            # Inside the try: a .hash that cannot be written (a link on the stick, a
+            # full stick) fails the copy with a report, not the task in silence.
+            hash_name = f"{name}.hash"
+            await asyncio.to_thread(fs.write_file, root, hash_name,
+                                    f"{copied}  {name.rsplit('/', 1)[-1]}\n".encode())
         except (OSError, ValueError, MessagerieError) as exc:
             with contextlib.suppress(OSError, fs.UnsafePath):
                 fs.remove(root, name)
             await self._report(DepotCompteRendu(name, "copie", nom_disque=disk,
                                                 erreur=f"copy failed: {exc}"[:500]))
             return
-        if copied != chunk.empreinte:
-            with contextlib.suppress(OSError, fs.UnsafePath):
-                fs.remove(root, name)
-            await self._report(DepotCompteRendu(
-                name, "copie", empreinte=copied, nom_disque=disk,
-                erreur=f"digest mismatch: the copy is {copied}, the original "
-                       f"{chunk.empreinte}; copy deleted"))
-            return
-        hash_name = f"{name}.hash"
-        await asyncio.to_thread(fs.write_file, root, hash_name,
-                                f"{copied}  {name.rsplit('/', 1)[-1]}\n".encode())
         files = self.disques.get(disk)
         if files is not None:
             self.disques[disk] = sorted({*files, name, hash_name})
