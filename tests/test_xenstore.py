@@ -251,10 +251,10 @@ async def test_discovery_binds_rebinds_and_stops_trusting(xenstored: FakeXenstor
         assert second is not None and second.path == "/run/a2"
         assert not await disc.still_bound(first)  # same name, but not that domid or path
         # Watched, not polled: once the burst is over, nothing is read until the next
-        # event (the sentinel: one snapshot follows it).
+        # event (the sentinel: domid 4 is read again after it).
         def snapshots() -> int:
             return sum(1 for op, args in list(xenstored.requests)
-                       if op == Op.DIRECTORY and args == ["/local/domain"])
+                       if op == Op.READ and args == ["/local/domain/4/name"])
         async with asyncio.timeout(10):
             while True:
                 before = len(xenstored.requests)
@@ -270,6 +270,72 @@ async def test_discovery_binds_rebinds_and_stops_trusting(xenstored: FakeXenstor
                 await asyncio.sleep(0.01)
     finally:
         task.cancel()
+
+
+@pytest.mark.integration
+async def test_an_event_rescans_only_the_domain_it_names(xenstored: FakeXenstored) -> None:
+    """A domain writing its own nodes in a loop costs a reading of that domain, never a
+    rescan of all; its frontend is watched only until its pty's first path is known
+    (a socket domain's, never), and that path is not read again."""
+    for domid in range(3, 23):
+        xenstored.add_domain(domid, f"vm-{domid}", {1: {
+            "name": "org.messagerie.0", "connection": "socket", "path": f"/run/s{domid}"}})
+    model = DeviceModel(30)
+    xenstored.add_domain(30, "vm-p", {1: {"name": "org.messagerie.0", "connection": "pty"}})
+    seen: list[Bound] = []
+    disc = XenstoreDiscovery(seen.append, path=str(xenstored.path), min_interval=0.01)
+    task = asyncio.get_running_loop().create_task(disc.run())
+
+    def requests() -> list[tuple[int, list[str]]]:
+        with xenstored.lock:
+            return list(xenstored.requests)
+
+    def watched() -> set[str]:
+        with xenstored.lock:
+            return {w[1] for w in xenstored.watches}
+
+    try:
+        await asyncio.wait_for(disc.connected.wait(), 5)
+        front = "/local/domain/30/device/console"
+        async with asyncio.timeout(5):
+            while front not in watched():  # noqa: ASYNC110  (another thread's state)
+                await asyncio.sleep(0.01)
+        assert not any(w.startswith("/local/domain/3/") for w in watched())
+        async with asyncio.timeout(10):  # the watches' first events' rescans are over
+            while True:
+                before = len(requests())
+                await asyncio.sleep(0.3)
+                if len(requests()) == before:
+                    break
+        # the device model writes the pty's path: bound, then the frontend unwatched
+        await asyncio.to_thread(xenstored.write, f"{front}/1/tty", model.tty)
+        async with asyncio.timeout(10):
+            while "vm-p" not in (seen[-1].bindings if seen else {}):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            while front in watched():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert seen[-1].bindings["vm-p"].path == model.tty
+        # vm-3 (a socket domain) and vm-p write their frontends in a loop
+        for i in range(50):
+            await asyncio.to_thread(xenstored.write, f"/local/domain/3/device/console/1/x{i}", "")
+            await asyncio.to_thread(xenstored.write, f"{front}/1/tty", f"/dev/pts/{i}")
+        # the sentinel: dom0 writes domid 5's backend, and domid 5 is read
+        await asyncio.to_thread(xenstored.write, "/local/domain/0/backend/console/5/x", "")
+        async with asyncio.timeout(5):
+            while ["/local/domain/5/name"] not in [a for _, a in requests()[before:]]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        after = requests()[before:]
+        assert (Op.DIRECTORY, ["/local/domain"]) not in after  # no full rescan
+        names = {a[0] for op, a in after if op == Op.READ and a[0].endswith("/name")}
+        assert names <= {"/local/domain/30/name", "/local/domain/5/name",
+                         "/local/domain/0/backend/console/5/1/name",
+                         "/local/domain/0/backend/console/30/1/name"}
+        assert [a for op, a in after if op == Op.READ and a[0] == f"{front}/1/tty"] \
+            == [[f"{front}/1/tty"]]  # read once, when the device model wrote it
+        assert seen[-1].bindings["vm-p"].path == model.tty  # what the domain wrote: ignored
+    finally:
+        task.cancel()
+        model.close()
 
 
 # -- the broker, as users start it -------------------------------------------------------
@@ -341,7 +407,8 @@ async def test_broker_never_gives_a_domain_a_pty_another_holds(
         tmp_path: Path, xenstored: FakeXenstored, broker_on_xenstore: BrokerProcess) -> None:
     """A pty's path is in the domain's own frontend, which the domain can write: one
     that writes another domain's pty or a dom0 terminal there gets nothing (its device
-    model does not hold that pty), and the other keeps it."""
+    model does not hold that pty), and the other keeps it; once the device model's
+    value is recorded, what the domain writes there is ignored."""
     broker = broker_on_xenstore
     broker.wait_event("xenstore.connected")
     a, b = DeviceModel(3), DeviceModel(4)  # QEMU for domids 3 and 4: their ptys
@@ -364,15 +431,20 @@ async def test_broker_never_gives_a_domain_a_pty_another_holds(
         assert f"controlling terminal of pid {admin.proc.pid}" in refused["vm-c"]["detail"]
         assert "not by a device model of domid 6" in refused["vm-d"]["detail"]
         assert ping(vm_b, "vm-b", "b1")["destination"] == "vm-b"
-        # vm-b rewrites its frontend's tty with vm-a's pty
+        # vm-b rewrites its frontend's tty with vm-a's pty: the broker no longer reads
+        # it (the device model's first value is recorded), even on a full rescan
         xenstored.write("/local/domain/4/device/console/1/tty", a_tty)
-        unbound = broker.wait_event("xenstore.unbound", why="tty_changed", domain="vm-b")
-        assert unbound["level"] == "warning"
-        broker.wait_event("domain.unbound", domain="vm-b")
+        full = len([r for r in list(xenstored.requests) if r == (Op.DIRECTORY,
+                                                                  ["/local/domain"])])
+        xenstored.introduce()
+        wait_until(lambda: len([r for r in list(xenstored.requests) if r == (
+            Op.DIRECTORY, ["/local/domain"])]) > full, 10, "a full rescan")
+        assert ping(vm_b, "vm-b", "b2")["destination"] == "vm-b"  # vm-b keeps its own
         assert ping(vm_a, "vm-a", "a1")["destination"] == "vm-a"  # vm-a keeps its channel
         async with Client.dom0(tmp_path / "dom0.sock") as svc:
             listing = (await svc.commande("dom0", "domaines")).resultat
-        assert [(d["nom"], d["chemin"]) for d in listing] == [("vm-a", a_tty)]
+        assert sorted((d["nom"], d["chemin"]) for d in listing) == [("vm-a", a_tty),
+                                                                    ("vm-b", b_tty)]
         # and when vm-a goes, nobody inherits the path vm-b wrote
         xenstored.remove_domain(3)
         broker.wait_event("domain.unbound", domain="vm-a")

@@ -23,8 +23,8 @@ Three layers, sans-IO first as in h11:
   problems seen, pure;
 * the edges: :class:`XenstoreClient` (asyncio, over ``/var/run/xenstored/socket`` or
   ``/dev/xen/xenbus``) and :class:`XenstoreDiscovery`, which watches (one watch per
-  subtree, no polling), reads a snapshot after each burst of events, binds, and tells
-  the daemon.
+  subtree, no polling), reads again the domains a burst of events names, binds, and
+  tells the daemon.
 
 Why not ``pyxs``: its newest release (0.4.1, 2016) is blocking, delivers watches on a
 router thread, carries a Python 2 layer and has no type hints; the protocol is six
@@ -385,6 +385,11 @@ class XenstoreClient:
         self.changed = asyncio.Event()
         """Set by every watch event; whoever consumes it clears it."""
         self.events = 0
+        self.touched: set[int] = set()
+        """The domids named by the watch events' paths since :meth:`take_touched`."""
+        self.touched_all = False
+        """Whether an event named no single domain (``@introduceDomain``, a watch's
+        root...) since :meth:`take_touched`."""
         self._decoder = PacketDecoder()
         self._pending: dict[int, asyncio.Future[Packet]] = {}
         self._next_id = 0
@@ -449,11 +454,25 @@ class XenstoreClient:
         for packet in packets:
             if packet.op == Op.WATCH_EVENT:
                 self.events += 1
+                path = next(iter(strings(packet.payload)), "")
+                domid = domid_of(path)
+                if domid is None:
+                    self.touched_all = True
+                else:
+                    self.touched.add(domid)
                 self.changed.set()
                 continue
             future = self._pending.pop(packet.req_id, None)
             if future is not None and not future.done():
                 future.set_result(packet)
+
+    def take_touched(self) -> set[int] | None:
+        """The domids events named since the last call, None for "any domain"; and
+        clears :attr:`changed`."""
+        touched = None if self.touched_all else self.touched
+        self.touched, self.touched_all = set(), False
+        self.changed.clear()
+        return touched
 
     def _fail(self, exc: XenstoreError) -> None:
         if self._closed is not None and not self._closed.done():
@@ -535,31 +554,55 @@ class XenstoreClient:
             await self._call(Op.UNWATCH, path, token)
 
 
-async def snapshot(xs: XenstoreClient) -> list[XenDomain]:
-    """What :func:`bind` needs, read now (each domain's name, its console backends,
-    and the frontend ``tty`` of its pty ones)."""
+def domid_of(path: str) -> int | None:
+    """The domain a node belongs to (``/local/domain/<domid>/...``, dom0's
+    ``backend/console/<domid>/...``), None for anything else."""
+    for prefix in (BACKEND + "/", "/local/domain/"):
+        if path.startswith(prefix):
+            head = path[len(prefix):].split("/", 1)[0]
+            if head.isdigit() and head != "0":
+                return int(head)
+            return None
+    return None
+
+
+async def read_domain(xs: XenstoreClient, domid: int,
+                      known_ttys: Mapping[tuple[int, int], str] | None = None
+                      ) -> XenDomain | None:
+    """One domain as :func:`bind` needs it (its name, its console backends, and the
+    frontend ``tty`` of its pty ones), None when it has no name (being created or
+    destroyed). A tty in ``known_ttys`` (the first value seen) is not read again."""
+    name = await xs.read(f"/local/domain/{domid}/name")
+    if name is None:
+        return None
+    consoles: list[Console] = []
+    for dev in await xs.directory(f"{BACKEND}/{domid}"):
+        if not dev.isdigit():
+            continue
+        back = f"{BACKEND}/{domid}/{dev}"
+        cname = await xs.read(f"{back}/name") or ""
+        connection = await xs.read(f"{back}/connection") or ""
+        path = tty = ""
+        if connection == "socket":
+            path = await xs.read(f"{back}/path") or ""
+        elif connection == "pty":
+            tty = (known_ttys or {}).get((domid, int(dev))) or await xs.read(
+                f"/local/domain/{domid}/device/console/{dev}/tty") or ""
+        consoles.append(Console(int(dev), cname, connection, path, tty))
+    return XenDomain(domid, name, tuple(consoles))
+
+
+async def snapshot(xs: XenstoreClient,
+                   known_ttys: Mapping[tuple[int, int], str] | None = None
+                   ) -> list[XenDomain]:
+    """Every domain, read now (:func:`read_domain`)."""
     domains: list[XenDomain] = []
     for entry in await xs.directory("/local/domain"):
         if not entry.isdigit() or entry == "0":
             continue
-        domid = int(entry)
-        name = await xs.read(f"/local/domain/{domid}/name")
-        if name is None:
-            continue  # being created or destroyed
-        consoles: list[Console] = []
-        for dev in await xs.directory(f"{BACKEND}/{domid}"):
-            if not dev.isdigit():
-                continue
-            back = f"{BACKEND}/{domid}/{dev}"
-            cname = await xs.read(f"{back}/name") or ""
-            connection = await xs.read(f"{back}/connection") or ""
-            path = tty = ""
-            if connection == "socket":
-                path = await xs.read(f"{back}/path") or ""
-            elif connection == "pty":
-                tty = await xs.read(f"/local/domain/{domid}/device/console/{dev}/tty") or ""
-            consoles.append(Console(int(dev), cname, connection, path, tty))
-        domains.append(XenDomain(domid, name, tuple(consoles)))
+        dom = await read_domain(xs, int(entry), known_ttys)
+        if dom is not None:
+            domains.append(dom)
     return domains
 
 
@@ -570,9 +613,13 @@ class XenstoreDiscovery:
     """Watch xenstore and hand every new :class:`Bound` to ``apply``.
 
     Watches: ``@introduceDomain``, ``@releaseDomain``, the console backends (dom0's),
-    and each domain's own ``device/console`` (where a pty's path appears). A burst of
-    events costs one snapshot, at most every ``min_interval`` seconds (a domain writing
-    its own nodes in a loop cannot make the broker rescan faster). If xenstore goes
+    and the ``device/console`` of a domain whose pty channel has no tty yet (where the
+    device model writes it; unwatched once the first value is recorded, which is then
+    never read again). A burst of events costs one rescan, at most every
+    ``min_interval`` seconds, of the domains the events' paths name (all of them only
+    for an event naming none: a domain coming or going), so a domain writing its own
+    nodes in a loop costs a read of itself, and only until its tty is known. If
+    xenstore goes
     away the last bindings stay as they are (their channels are still open) and the
     client reconnects with backoff."""
 
@@ -585,6 +632,8 @@ class XenstoreDiscovery:
         self.min_interval = min_interval
         self.retry_max = retry_max
         self.current = Bound()
+        self.domains: dict[int, XenDomain] = {}
+        """The last reading of every domain."""
         self.client: XenstoreClient | None = None
         self.connected = asyncio.Event()
         self.log = structlog.get_logger("broker").bind()
@@ -624,9 +673,9 @@ class XenstoreDiscovery:
             delay = min(delay * 2, self.retry_max)
 
     async def _serve(self, xs: XenstoreClient) -> None:
+        xs.take_touched()
+        await self.rescan(xs)
         while True:
-            xs.changed.clear()
-            await self.rescan(xs)
             self.connected.set()
             changed: asyncio.Future[Any] = asyncio.ensure_future(xs.changed.wait())
             closed: asyncio.Future[Any] = xs.closed
@@ -638,16 +687,32 @@ class XenstoreDiscovery:
                 xs.closed.result()  # raises the XenstoreError that closed it
                 raise XenstoreError(errno.ECONNRESET, f"{xs.path}: closed")
             await asyncio.sleep(self.min_interval)  # let the burst finish
+            await self.rescan(xs, xs.take_touched())
 
-    async def rescan(self, xs: XenstoreClient) -> None:
-        domains = await snapshot(xs)
-        ids = {d.domid for d in domains}
-        for domid in sorted(ids - self._frontends):
-            await xs.watch(f"/local/domain/{domid}/device/console", "messagerie")
-        for domid in sorted(self._frontends - ids):
-            await xs.unwatch(f"/local/domain/{domid}/device/console", "messagerie")
-        self._frontends = ids
+    async def rescan(self, xs: XenstoreClient, only: set[int] | None = None) -> None:
+        """Read again the domains ``only`` names (all when None), bind, apply."""
+        if only is None:
+            self.domains = {d.domid: d for d in await snapshot(xs, self.first_ttys)}
+            touched = set(self.domains) | self._frontends
+        else:
+            for domid in sorted(only):
+                dom = await read_domain(xs, domid, self.first_ttys)
+                if dom is None:
+                    self.domains.pop(domid, None)
+                else:
+                    self.domains[domid] = dom
+            touched = set(only)
+        domains = [self.domains[k] for k in sorted(self.domains)]
         self._note_ttys(domains)
+        for domid in sorted(touched):
+            dom = self.domains.get(domid)
+            wanted = dom is not None and self._awaits_tty(dom)
+            if wanted and domid not in self._frontends:
+                await xs.watch(f"/local/domain/{domid}/device/console", "messagerie")
+                self._frontends.add(domid)
+            elif not wanted and domid in self._frontends:
+                await xs.unwatch(f"/local/domain/{domid}/device/console", "messagerie")
+                self._frontends.discard(domid)
         await self._prove_ttys(domains)
         bound = bind(domains, self.template, self.current.bindings, self.first_ttys,
                      self.pty_proofs)
@@ -665,6 +730,12 @@ class XenstoreDiscovery:
         self._reported = reported
         self.current = bound
         self.apply(bound)
+
+    def _awaits_tty(self, dom: XenDomain) -> bool:
+        """Whether the domain's channel is a pty whose path is not known yet."""
+        wanted = channel_name(self.template, dom.name)
+        return any(c.name == wanted and c.connection == "pty"
+                   and (dom.domid, c.devid) not in self.first_ttys for c in dom.consoles)
 
     def _note_ttys(self, domains: list[XenDomain]) -> None:
         ids = {d.domid for d in domains}
@@ -702,7 +773,7 @@ class XenstoreDiscovery:
         if xs is None:
             return False
         try:
-            domains = await snapshot(xs)
+            domains = await snapshot(xs, self.first_ttys)
         except XenstoreError:
             return False
         self._note_ttys(domains)
