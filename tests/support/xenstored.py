@@ -230,6 +230,9 @@ class DeviceModel:
             argv += ["-xen-domid", str(domid)]
         self.proc = subprocess.Popen([*argv, *options], stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], 30)[0]:
+            self.close()
+            raise TimeoutError("the device model stand-in printed no pty in 30 s")
         line = self.proc.stdout.readline().decode().split()
         assert len(line) == 2, f"the device model stand-in did not start: {line}"
         self.tty, self.domu = line
