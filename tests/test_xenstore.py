@@ -7,6 +7,7 @@ xenstored is the xen tier's (tests/guest, ``-m xen``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,15 @@ from broker.xenstore import (
     bind,
     changes,
     encode,
+    is_device_model,
+    pty_problem,
     request,
 )
 from messagerie import Client
 from tests.support.broker_process import BrokerProcess
 from tests.support.peers import Domu, QemuSocket
-from tests.support.ptys import PtyPair
 from tests.support.waiting import wait_until
-from tests.support.xenstored import FakeXenstored
+from tests.support.xenstored import DeviceModel, FakeXenstored
 
 # -- the wire --------------------------------------------------------------------------
 
@@ -78,7 +80,7 @@ def test_bind_socket_and_pty_channels_by_name() -> None:
         XenDomain(3, "vm-a", (DUMMY, sock(2, "org.messagerie.0", "/var/run/vm-a.sock"))),
         XenDomain(4, "vm-b", (pty(1, "org.messagerie.0", "/dev/pts/9"),)),
         XenDomain(5, "vm-c", (sock(1, "autre", "/var/run/vm-c.sock"),)),
-    ])
+    ], pty_proofs={(4, 1, "/dev/pts/9"): ""})
     assert bound.bindings == {
         "vm-a": Binding("vm-a", 3, 2, "/var/run/vm-a.sock", "socket"),
         "vm-b": Binding("vm-b", 4, 1, "/dev/pts/9", "pty")}
@@ -105,25 +107,80 @@ def test_what_is_never_bound() -> None:
                                                "bad_path", "no_path"]
 
 
+def test_a_pty_whose_ownership_is_not_proven_is_refused() -> None:
+    dom = XenDomain(3, "vm-a", (pty(1, "org.messagerie.0", "/dev/pts/0"),))
+    for proofs in (None, {(3, 1, "/dev/pts/0"): "held by sshd"}):
+        bound = bind([dom], pty_proofs=proofs)
+        assert bound.bindings == {}
+        assert [p.why for p in bound.problems] == ["pty_not_owned"]
+    assert "held by sshd" in bind([dom], pty_proofs=proofs).problems[0].detail
+    assert list(bind([dom], pty_proofs={(3, 1, "/dev/pts/0"): ""}).bindings) == ["vm-a"]
+
+
+def test_what_a_device_model_looks_like() -> None:
+    qemu = ["/usr/bin/qemu-system-i386", "-xen-domid", "5", "-no-shutdown",
+            "-machine", "xenpv"]
+    assert is_device_model(qemu, 5)
+    assert not is_device_model(qemu, 55) and not is_device_model(qemu, 6)
+    assert is_device_model(["qemu", "--xen-domid", "5"], 5)
+    assert not is_device_model(["bash", "-xen-domid"], 5)
+    assert not is_device_model(["sleep", "5"], 5)
+
+
+@pytest.mark.integration
+def test_a_pty_is_proven_only_when_the_domains_device_model_holds_it() -> None:
+    """Real processes: a stand-in device model (argv ``-xen-domid 5``) holding a pty's
+    master, against a pty any other program holds, one whose slave stays open, one that
+    is a session's controlling terminal (an admin's terminal), and non-ptys."""
+    models = [DeviceModel(5), DeviceModel(None), DeviceModel(5, "--keep-slave"),
+              DeviceModel(5, "--ctty")]
+    dm, plain, keep, ctty = models
+    try:
+        assert pty_problem(dm.tty, 5) == ""
+        assert "not by a device model of domid 6" in pty_problem(dm.tty, 6)
+        assert f"held by pid {plain.proc.pid}" in pty_problem(plain.tty, 5)
+        assert f"open in pid {keep.proc.pid}" in pty_problem(keep.tty, 5)
+        assert f"controlling terminal of pid {ctty.proc.pid}" in pty_problem(ctty.tty, 5)
+        # the DomU's end of the stand-in: its slave is open in the helper itself
+        assert pty_problem(dm.domu, 5) != ""
+        # the broker's own descriptors do not count (it has the channel open)
+        fd = os.open(dm.tty, os.O_RDWR | os.O_NOCTTY)
+        try:
+            assert pty_problem(dm.tty, 5) == ""
+        finally:
+            os.close(fd)
+        assert "is not a /dev/pts/N path" in pty_problem("/dev/tty1", 5)
+        assert "No such file" in pty_problem("/dev/pts/999999", 5)
+        gone = dm.tty
+        dm.close()
+        assert pty_problem(gone, 5) != ""  # its device model is gone: nothing is proven
+    finally:
+        for m in models:
+            m.close()
+
+
 def test_a_path_two_domains_claim_goes_to_neither_unless_one_held_it() -> None:
     a = XenDomain(3, "vm-a", (pty(1, "org.messagerie.0", "/dev/pts/4"),))
     b = XenDomain(4, "vm-b", (pty(1, "org.messagerie.0", "/dev/pts/4"),))  # wrote a's pty
-    bound = bind([a, b])
+    proofs = {(3, 1, "/dev/pts/4"): "", (4, 1, "/dev/pts/4"): ""}
+    bound = bind([a, b], pty_proofs=proofs)
     assert bound.bindings == {}
     assert {(p.why, p.domain) for p in bound.problems} == {("path_conflict", "vm-a"),
                                                            ("path_conflict", "vm-b")}
     held = {"vm-a": Binding("vm-a", 3, 1, "/dev/pts/4", "pty")}
-    again = bind([a, b], previous=held)
+    again = bind([a, b], previous=held, pty_proofs=proofs)
     assert again.bindings == held
     assert [(p.why, p.domain) for p in again.problems] == [("path_conflict", "vm-b")]
 
 
 def test_a_pty_path_changed_after_the_device_model_wrote_it_is_refused() -> None:
     now = XenDomain(3, "vm-a", (pty(1, "org.messagerie.0", "/dev/pts/8"),))
-    bound = bind([now], first_ttys={(3, 1): "/dev/pts/4"})
+    proofs = {(3, 1, "/dev/pts/8"): ""}
+    bound = bind([now], first_ttys={(3, 1): "/dev/pts/4"}, pty_proofs=proofs)
     assert bound.bindings == {}
     assert [p.why for p in bound.problems] == ["tty_changed"]
-    assert bind([now], first_ttys={(3, 1): "/dev/pts/8"}).bindings["vm-a"].path == "/dev/pts/8"
+    assert bind([now], first_ttys={(3, 1): "/dev/pts/8"},
+                pty_proofs=proofs).bindings["vm-a"].path == "/dev/pts/8"
 
 
 def test_a_reboot_is_a_new_binding() -> None:
@@ -194,10 +251,10 @@ async def test_discovery_binds_rebinds_and_stops_trusting(xenstored: FakeXenstor
         assert second is not None and second.path == "/run/a2"
         assert not await disc.still_bound(first)  # same name, but not that domid or path
         # Watched, not polled: once the burst is over, nothing is read until the next
-        # event (the sentinel: one snapshot follows it).
+        # event (the sentinel: domid 4 is read again after it).
         def snapshots() -> int:
             return sum(1 for op, args in list(xenstored.requests)
-                       if op == Op.DIRECTORY and args == ["/local/domain"])
+                       if op == Op.READ and args == ["/local/domain/4/name"])
         async with asyncio.timeout(10):
             while True:
                 before = len(xenstored.requests)
@@ -213,6 +270,72 @@ async def test_discovery_binds_rebinds_and_stops_trusting(xenstored: FakeXenstor
                 await asyncio.sleep(0.01)
     finally:
         task.cancel()
+
+
+@pytest.mark.integration
+async def test_an_event_rescans_only_the_domain_it_names(xenstored: FakeXenstored) -> None:
+    """A domain writing its own nodes in a loop costs a reading of that domain, never a
+    rescan of all; its frontend is watched only until its pty's first path is known
+    (a socket domain's, never), and that path is not read again."""
+    for domid in range(3, 23):
+        xenstored.add_domain(domid, f"vm-{domid}", {1: {
+            "name": "org.messagerie.0", "connection": "socket", "path": f"/run/s{domid}"}})
+    model = DeviceModel(30)
+    xenstored.add_domain(30, "vm-p", {1: {"name": "org.messagerie.0", "connection": "pty"}})
+    seen: list[Bound] = []
+    disc = XenstoreDiscovery(seen.append, path=str(xenstored.path), min_interval=0.01)
+    task = asyncio.get_running_loop().create_task(disc.run())
+
+    def requests() -> list[tuple[int, list[str]]]:
+        with xenstored.lock:
+            return list(xenstored.requests)
+
+    def watched() -> set[str]:
+        with xenstored.lock:
+            return {w[1] for w in xenstored.watches}
+
+    try:
+        await asyncio.wait_for(disc.connected.wait(), 5)
+        front = "/local/domain/30/device/console"
+        async with asyncio.timeout(5):
+            while front not in watched():  # noqa: ASYNC110  (another thread's state)
+                await asyncio.sleep(0.01)
+        assert not any(w.startswith("/local/domain/3/") for w in watched())
+        async with asyncio.timeout(10):  # the watches' first events' rescans are over
+            while True:
+                before = len(requests())
+                await asyncio.sleep(0.3)
+                if len(requests()) == before:
+                    break
+        # the device model writes the pty's path: bound, then the frontend unwatched
+        await asyncio.to_thread(xenstored.write, f"{front}/1/tty", model.tty)
+        async with asyncio.timeout(10):
+            while "vm-p" not in (seen[-1].bindings if seen else {}):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            while front in watched():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert seen[-1].bindings["vm-p"].path == model.tty
+        # vm-3 (a socket domain) and vm-p write their frontends in a loop
+        for i in range(50):
+            await asyncio.to_thread(xenstored.write, f"/local/domain/3/device/console/1/x{i}", "")
+            await asyncio.to_thread(xenstored.write, f"{front}/1/tty", f"/dev/pts/{i}")
+        # the sentinel: dom0 writes domid 5's backend, and domid 5 is read
+        await asyncio.to_thread(xenstored.write, "/local/domain/0/backend/console/5/x", "")
+        async with asyncio.timeout(5):
+            while ["/local/domain/5/name"] not in [a for _, a in requests()[before:]]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        after = requests()[before:]
+        assert (Op.DIRECTORY, ["/local/domain"]) not in after  # no full rescan
+        names = {a[0] for op, a in after if op == Op.READ and a[0].endswith("/name")}
+        assert names <= {"/local/domain/30/name", "/local/domain/5/name",
+                         "/local/domain/0/backend/console/5/1/name",
+                         "/local/domain/0/backend/console/30/1/name"}
+        assert [a for op, a in after if op == Op.READ and a[0] == f"{front}/1/tty"] \
+            == [[f"{front}/1/tty"]]  # read once, when the device model wrote it
+        assert seen[-1].bindings["vm-p"].path == model.tty  # what the domain wrote: ignored
+    finally:
+        task.cancel()
+        model.close()
 
 
 # -- the broker, as users start it -------------------------------------------------------
@@ -283,38 +406,58 @@ def test_broker_binds_from_xenstore_and_follows_a_reboot(
 async def test_broker_never_gives_a_domain_a_pty_another_holds(
         tmp_path: Path, xenstored: FakeXenstored, broker_on_xenstore: BrokerProcess) -> None:
     """A pty's path is in the domain's own frontend, which the domain can write: one
-    that writes another domain's pty there gets nothing, and the other keeps it."""
+    that writes another domain's pty or a dom0 terminal there gets nothing (its device
+    model does not hold that pty), and the other keeps it; once the device model's
+    value is recorded, what the domain writes there is ignored."""
     broker = broker_on_xenstore
     broker.wait_event("xenstore.connected")
-    a, b = PtyPair(tmp_path, "vm-a"), PtyPair(tmp_path, "vm-b")
-    a_tty, b_tty = str(a.dom0.readlink()), str(b.dom0.readlink())  # /dev/pts/N
+    a, b = DeviceModel(3), DeviceModel(4)  # QEMU for domids 3 and 4: their ptys
+    admin = DeviceModel(None, "--ctty")  # a dom0 terminal, such as an ssh session's
+    a_tty, b_tty = a.tty, b.tty  # /dev/pts/N
     pty_channel = {1: {"name": CHANNEL, "connection": "pty"}}
+    # vm-c and vm-d wrote a dom0 terminal and vm-a's pty into their frontends before
+    # this broker first saw them (it was restarted): no first value protects those.
+    xenstored.add_domain(5, "vm-c", pty_channel, {1: admin.tty})
+    xenstored.add_domain(6, "vm-d", pty_channel, {1: a_tty})
     xenstored.add_domain(3, "vm-a", pty_channel, {1: a_tty})
     xenstored.add_domain(4, "vm-b", pty_channel, {1: b_tty})
     broker.wait_event("domain.connected", domain="vm-a")
     broker.wait_event("domain.connected", domain="vm-b")
-    vm_a, vm_b = Domu(a.domu), Domu(b.domu)
+    vm_a, vm_b = Domu(Path(a.domu)), Domu(Path(b.domu))
     try:
-        # vm-b rewrites its frontend's tty with vm-a's pty
+        refused = {e["domain"]: e for e in broker.find("xenstore.unbound",
+                                                       why="pty_not_owned")}
+        assert refused["vm-c"]["level"] == "warning"
+        assert f"controlling terminal of pid {admin.proc.pid}" in refused["vm-c"]["detail"]
+        assert "not by a device model of domid 6" in refused["vm-d"]["detail"]
+        assert ping(vm_b, "vm-b", "b1")["destination"] == "vm-b"
+        # vm-b rewrites its frontend's tty with vm-a's pty: the broker no longer reads
+        # it (the device model's first value is recorded), even on a full rescan
         xenstored.write("/local/domain/4/device/console/1/tty", a_tty)
-        unbound = broker.wait_event("xenstore.unbound", why="tty_changed", domain="vm-b")
-        assert unbound["level"] == "warning"
-        broker.wait_event("domain.unbound", domain="vm-b")
+        full = len([r for r in list(xenstored.requests) if r == (Op.DIRECTORY,
+                                                                  ["/local/domain"])])
+        xenstored.introduce()
+        wait_until(lambda: len([r for r in list(xenstored.requests) if r == (
+            Op.DIRECTORY, ["/local/domain"])]) > full, 10, "a full rescan")
+        assert ping(vm_b, "vm-b", "b2")["destination"] == "vm-b"  # vm-b keeps its own
         assert ping(vm_a, "vm-a", "a1")["destination"] == "vm-a"  # vm-a keeps its channel
         async with Client.dom0(tmp_path / "dom0.sock") as svc:
             listing = (await svc.commande("dom0", "domaines")).resultat
-        assert [(d["nom"], d["chemin"]) for d in listing] == [("vm-a", a_tty)]
+        assert sorted((d["nom"], d["chemin"]) for d in listing) == [("vm-a", a_tty),
+                                                                    ("vm-b", b_tty)]
         # and when vm-a goes, nobody inherits the path vm-b wrote
         xenstored.remove_domain(3)
         broker.wait_event("domain.unbound", domain="vm-a")
         assert broker.find("domain.bound", domain="vm-b", path=a_tty) == []
         assert [e for e in broker.find("domain.connected") if e["path"] == a_tty
                 and e["domain"] != "vm-a"] == []
+        assert [e["domain"] for e in broker.find("domain.bound")
+                if e["domain"] in ("vm-c", "vm-d")] == []
     finally:
         vm_a.close()
         vm_b.close()
-        a.kill()
-        b.kill()
+        for model in (a, b, admin):
+            model.close()
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -12,7 +12,8 @@ channel ``channel = ['name=org.messagerie.0,connection=socket,path=...']`` of do
 * ``/local/domain/<domid>/device/console/<devid>/tty``: the pty that the device model
   allocated, for ``connection=pty`` (a *frontend* node: the domain itself can write it,
   so a pty path is only taken when it looks like one, is the first value seen there
-  for that domid, and no other domain claims it).
+  for that domid, no other domain claims it, and :func:`pty_problem` proves from
+  ``/proc`` that the domain's own device model holds its master).
 
 Three layers, sans-IO first as in h11:
 
@@ -22,8 +23,8 @@ Three layers, sans-IO first as in h11:
   problems seen, pure;
 * the edges: :class:`XenstoreClient` (asyncio, over ``/var/run/xenstored/socket`` or
   ``/dev/xen/xenbus``) and :class:`XenstoreDiscovery`, which watches (one watch per
-  subtree, no polling), reads a snapshot after each burst of events, binds, and tells
-  the daemon.
+  subtree, no polling), reads again the domains a burst of events names, binds, and
+  tells the daemon.
 
 Why not ``pyxs``: its newest release (0.4.1, 2016) is blocking, delivers watches on a
 router thread, carries a Python 2 layer and has no type hints; the protocol is six
@@ -36,6 +37,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import itertools
 import os
 import re
 import socket
@@ -59,6 +61,8 @@ SOCKET_PATHS: Final = ("/var/run/xenstored/socket", "/run/xenstored/socket",
 """Where a dom0 finds xenstore, in order (``decouverte.xenstore_chemin`` overrides)."""
 DEFAULT_CHANNEL: Final = "org.messagerie.0"
 PTY_PATH: Final = re.compile(r"/dev/pts/[0-9]{1,6}")
+PTY_SLAVE_MAJORS: Final = range(136, 144)
+"""``UNIX98_PTY_SLAVE_MAJOR`` and the seven after it (Linux's devices.txt)."""
 BACKEND: Final = "/local/domain/0/backend/console"
 
 
@@ -187,7 +191,8 @@ def channel_name(template: str, domain: str) -> str:
 
 def bind(domains: Iterable[XenDomain], template: str = DEFAULT_CHANNEL,
          previous: Mapping[str, Binding] | None = None,
-         first_ttys: Mapping[tuple[int, int], str] | None = None) -> Bound:
+         first_ttys: Mapping[tuple[int, int], str] | None = None,
+         pty_proofs: Mapping[tuple[int, int, str], str] | None = None) -> Bound:
     """Which channel path belongs to which domain, from a snapshot of xenstore.
 
     A domain is bound when it has a valid messagerie name and a console whose backend
@@ -201,7 +206,11 @@ def bind(domains: Iterable[XenDomain], template: str = DEFAULT_CHANNEL,
     wins. A pty path is taken only if it is the first one seen for that domid and
     device (``first_ttys``): the device model writes it before the domain runs, so a
     later change is the domain's own doing and the channel stays unbound until the
-    domain is recreated."""
+    domain is recreated. And a pty is taken only once its ownership is proven:
+    ``pty_proofs[(domid, devid, path)]`` is ``""`` (what :func:`pty_problem` says when
+    the domain's device model holds it); a pty without a proof (not checked, or a
+    reason why not) is refused (``pty_not_owned``), so a domain cannot make the broker
+    open a dom0 terminal by naming it in its frontend."""
     candidates: dict[str, Binding] = {}
     problems: list[Problem] = []
     for dom in sorted(domains, key=lambda d: d.domid):
@@ -239,6 +248,11 @@ def bind(domains: Iterable[XenDomain], template: str = DEFAULT_CHANNEL,
                                         f"tty changed from {first} to {path} after the "
                                         "device model wrote it"))
                 continue
+            why = (pty_proofs or {}).get((dom.domid, console.devid, path),
+                                         f"{path}: its ownership was not checked")
+            if why:
+                problems.append(Problem("pty_not_owned", dom.domid, dom.name, why))
+                continue
         else:
             problems.append(Problem("bad_connection", dom.domid, dom.name,
                                     f"channel {wanted!r}: connection {console.connection!r}"))
@@ -268,6 +282,91 @@ def bind(domains: Iterable[XenDomain], template: str = DEFAULT_CHANNEL,
     return Bound(dict(sorted(bindings.items())), tuple(problems))
 
 
+# -- who holds a pty (blocking: /proc) ------------------------------------------------
+
+def is_device_model(argv: list[str], domid: int) -> bool:
+    """Whether ``argv`` is a device model's for ``domid``: QEMU as libxl starts it for a
+    domain (``qemu-system-i386 -xen-domid <domid> ...``), which allocates a channel's
+    pty and writes its path into the domain's frontend."""
+    want = str(domid)
+    return any(a in ("-xen-domid", "--xen-domid") and b == want
+               for a, b in itertools.pairwise(argv))
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def pty_problem(path: str, domid: int, *, proc: str = "/proc") -> str:
+    """Why the pty ``path`` cannot be proven to be ``domid``'s channel, or ``""`` when
+    it is: a pty slave (``/dev/pts/N``, a character device of a pty slave major whose
+    index is N), whose master (a ``/dev/ptmx`` descriptor whose fdinfo says
+    ``tty-index: N``) is held only by device models of ``domid`` (:func:`is_device_model`),
+    which is no session's controlling terminal and which no other process has open
+    (QEMU closes its slave; this process's own descriptors do not count). Fails closed:
+    a master that no readable process holds is not proven (the broker must be able to
+    read ``/proc/<pid>/fd`` of the device model: root or ``CAP_SYS_PTRACE``)."""
+    if not PTY_PATH.fullmatch(path):
+        return f"{path!r} is not a /dev/pts/N path"
+    index = int(path.rsplit("/", 1)[1])
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    if (not stat.S_ISCHR(st.st_mode) or major not in PTY_SLAVE_MAJORS
+            or (major - PTY_SLAVE_MAJORS[0]) * 256 + minor != index):
+        return f"{path} is not a pty slave"
+    me = os.getpid()
+    masters: list[int] = []
+    try:
+        pids = [int(e) for e in os.listdir(proc) if e.isdigit()]
+    except OSError as exc:
+        return f"{proc}: {exc.strerror}: cannot find who holds {path}"
+    for pid in pids:
+        base = f"{proc}/{pid}"
+        try:
+            fields = _read(f"{base}/stat").rsplit(b")", 1)[1].split()
+            tty_nr = int(fields[4])  # state ppid pgrp session tty_nr
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if pid != me and tty_nr and (os.major(tty_nr), os.minor(tty_nr)) == (major, minor):
+            return f"{path} is the controlling terminal of pid {pid}'s session"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{base}/fd/{fd}")
+            except OSError:
+                continue
+            if target == path and pid != me:
+                return f"{path} is open in pid {pid}, not only its device model's master"
+            if target in ("/dev/ptmx", "/dev/pts/ptmx"):
+                try:
+                    info = _read(f"{base}/fdinfo/{fd}").split(b"\n")
+                except OSError:
+                    continue
+                if f"tty-index:\t{index}".encode() in info:
+                    masters.append(pid)
+    if not masters:
+        return (f"no process this broker can inspect holds {path}'s master "
+                f"(not proven to be domid {domid}'s device model)")
+    for pid in sorted(set(masters)):
+        try:
+            raw = _read(f"{proc}/{pid}/cmdline")
+            argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        except OSError:
+            argv = []
+        if not is_device_model(argv, domid):
+            what = argv[0] if argv else "?"
+            return (f"{path}'s master is held by pid {pid} ({what}), not by a device "
+                    f"model of domid {domid} (-xen-domid {domid})")
+    return ""
+
+
 # -- the client (asyncio) ------------------------------------------------------------
 
 def default_path() -> str:
@@ -286,6 +385,11 @@ class XenstoreClient:
         self.changed = asyncio.Event()
         """Set by every watch event; whoever consumes it clears it."""
         self.events = 0
+        self.touched: set[int] = set()
+        """The domids named by the watch events' paths since :meth:`take_touched`."""
+        self.touched_all = False
+        """Whether an event named no single domain (``@introduceDomain``, a watch's
+        root...) since :meth:`take_touched`."""
         self._decoder = PacketDecoder()
         self._pending: dict[int, asyncio.Future[Packet]] = {}
         self._next_id = 0
@@ -350,11 +454,25 @@ class XenstoreClient:
         for packet in packets:
             if packet.op == Op.WATCH_EVENT:
                 self.events += 1
+                path = next(iter(strings(packet.payload)), "")
+                domid = domid_of(path)
+                if domid is None:
+                    self.touched_all = True
+                else:
+                    self.touched.add(domid)
                 self.changed.set()
                 continue
             future = self._pending.pop(packet.req_id, None)
             if future is not None and not future.done():
                 future.set_result(packet)
+
+    def take_touched(self) -> set[int] | None:
+        """The domids events named since the last call, None for "any domain"; and
+        clears :attr:`changed`."""
+        touched = None if self.touched_all else self.touched
+        self.touched, self.touched_all = set(), False
+        self.changed.clear()
+        return touched
 
     def _fail(self, exc: XenstoreError) -> None:
         if self._closed is not None and not self._closed.done():
@@ -436,31 +554,55 @@ class XenstoreClient:
             await self._call(Op.UNWATCH, path, token)
 
 
-async def snapshot(xs: XenstoreClient) -> list[XenDomain]:
-    """What :func:`bind` needs, read now (each domain's name, its console backends,
-    and the frontend ``tty`` of its pty ones)."""
+def domid_of(path: str) -> int | None:
+    """The domain a node belongs to (``/local/domain/<domid>/...``, dom0's
+    ``backend/console/<domid>/...``), None for anything else."""
+    for prefix in (BACKEND + "/", "/local/domain/"):
+        if path.startswith(prefix):
+            head = path[len(prefix):].split("/", 1)[0]
+            if head.isdigit() and head != "0":
+                return int(head)
+            return None
+    return None
+
+
+async def read_domain(xs: XenstoreClient, domid: int,
+                      known_ttys: Mapping[tuple[int, int], str] | None = None
+                      ) -> XenDomain | None:
+    """One domain as :func:`bind` needs it (its name, its console backends, and the
+    frontend ``tty`` of its pty ones), None when it has no name (being created or
+    destroyed). A tty in ``known_ttys`` (the first value seen) is not read again."""
+    name = await xs.read(f"/local/domain/{domid}/name")
+    if name is None:
+        return None
+    consoles: list[Console] = []
+    for dev in await xs.directory(f"{BACKEND}/{domid}"):
+        if not dev.isdigit():
+            continue
+        back = f"{BACKEND}/{domid}/{dev}"
+        cname = await xs.read(f"{back}/name") or ""
+        connection = await xs.read(f"{back}/connection") or ""
+        path = tty = ""
+        if connection == "socket":
+            path = await xs.read(f"{back}/path") or ""
+        elif connection == "pty":
+            tty = (known_ttys or {}).get((domid, int(dev))) or await xs.read(
+                f"/local/domain/{domid}/device/console/{dev}/tty") or ""
+        consoles.append(Console(int(dev), cname, connection, path, tty))
+    return XenDomain(domid, name, tuple(consoles))
+
+
+async def snapshot(xs: XenstoreClient,
+                   known_ttys: Mapping[tuple[int, int], str] | None = None
+                   ) -> list[XenDomain]:
+    """Every domain, read now (:func:`read_domain`)."""
     domains: list[XenDomain] = []
     for entry in await xs.directory("/local/domain"):
         if not entry.isdigit() or entry == "0":
             continue
-        domid = int(entry)
-        name = await xs.read(f"/local/domain/{domid}/name")
-        if name is None:
-            continue  # being created or destroyed
-        consoles: list[Console] = []
-        for dev in await xs.directory(f"{BACKEND}/{domid}"):
-            if not dev.isdigit():
-                continue
-            back = f"{BACKEND}/{domid}/{dev}"
-            cname = await xs.read(f"{back}/name") or ""
-            connection = await xs.read(f"{back}/connection") or ""
-            path = tty = ""
-            if connection == "socket":
-                path = await xs.read(f"{back}/path") or ""
-            elif connection == "pty":
-                tty = await xs.read(f"/local/domain/{domid}/device/console/{dev}/tty") or ""
-            consoles.append(Console(int(dev), cname, connection, path, tty))
-        domains.append(XenDomain(domid, name, tuple(consoles)))
+        dom = await read_domain(xs, int(entry), known_ttys)
+        if dom is not None:
+            domains.append(dom)
     return domains
 
 
@@ -471,9 +613,13 @@ class XenstoreDiscovery:
     """Watch xenstore and hand every new :class:`Bound` to ``apply``.
 
     Watches: ``@introduceDomain``, ``@releaseDomain``, the console backends (dom0's),
-    and each domain's own ``device/console`` (where a pty's path appears). A burst of
-    events costs one snapshot, at most every ``min_interval`` seconds (a domain writing
-    its own nodes in a loop cannot make the broker rescan faster). If xenstore goes
+    and the ``device/console`` of a domain whose pty channel has no tty yet (where the
+    device model writes it; unwatched once the first value is recorded, which is then
+    never read again). A burst of events costs one rescan, at most every
+    ``min_interval`` seconds, of the domains the events' paths name (all of them only
+    for an event naming none: a domain coming or going), so a domain writing its own
+    nodes in a loop costs a read of itself, and only until its tty is known. If
+    xenstore goes
     away the last bindings stay as they are (their channels are still open) and the
     client reconnects with backoff."""
 
@@ -486,12 +632,16 @@ class XenstoreDiscovery:
         self.min_interval = min_interval
         self.retry_max = retry_max
         self.current = Bound()
+        self.domains: dict[int, XenDomain] = {}
+        """The last reading of every domain."""
         self.client: XenstoreClient | None = None
         self.connected = asyncio.Event()
         self.log = structlog.get_logger("broker").bind()
         self._frontends: set[int] = set()
         self.first_ttys: dict[tuple[int, int], str] = {}
         """The first pty path seen per (domid, devid): the device model's."""
+        self.pty_proofs: dict[tuple[int, int, str], str] = {}
+        """(domid, devid, path) -> :func:`pty_problem`'s answer ("" when proven)."""
         self._reported: set[tuple[str, int, str]] = set()
 
     async def run(self) -> None:
@@ -523,9 +673,9 @@ class XenstoreDiscovery:
             delay = min(delay * 2, self.retry_max)
 
     async def _serve(self, xs: XenstoreClient) -> None:
+        xs.take_touched()
+        await self.rescan(xs)
         while True:
-            xs.changed.clear()
-            await self.rescan(xs)
             self.connected.set()
             changed: asyncio.Future[Any] = asyncio.ensure_future(xs.changed.wait())
             closed: asyncio.Future[Any] = xs.closed
@@ -537,24 +687,43 @@ class XenstoreDiscovery:
                 xs.closed.result()  # raises the XenstoreError that closed it
                 raise XenstoreError(errno.ECONNRESET, f"{xs.path}: closed")
             await asyncio.sleep(self.min_interval)  # let the burst finish
+            await self.rescan(xs, xs.take_touched())
 
-    async def rescan(self, xs: XenstoreClient) -> None:
-        domains = await snapshot(xs)
-        ids = {d.domid for d in domains}
-        for domid in sorted(ids - self._frontends):
-            await xs.watch(f"/local/domain/{domid}/device/console", "messagerie")
-        for domid in sorted(self._frontends - ids):
-            await xs.unwatch(f"/local/domain/{domid}/device/console", "messagerie")
-        self._frontends = ids
+    async def rescan(self, xs: XenstoreClient, only: set[int] | None = None) -> None:
+        """Read again the domains ``only`` names (all when None), bind, apply."""
+        if only is None:
+            self.domains = {d.domid: d for d in await snapshot(xs, self.first_ttys)}
+            touched = set(self.domains) | self._frontends
+        else:
+            for domid in sorted(only):
+                dom = await read_domain(xs, domid, self.first_ttys)
+                if dom is None:
+                    self.domains.pop(domid, None)
+                else:
+                    self.domains[domid] = dom
+            touched = set(only)
+        domains = [self.domains[k] for k in sorted(self.domains)]
         self._note_ttys(domains)
-        bound = bind(domains, self.template, self.current.bindings, self.first_ttys)
+        for domid in sorted(touched):
+            dom = self.domains.get(domid)
+            wanted = dom is not None and self._awaits_tty(dom)
+            if wanted and domid not in self._frontends:
+                await xs.watch(f"/local/domain/{domid}/device/console", "messagerie")
+                self._frontends.add(domid)
+            elif not wanted and domid in self._frontends:
+                await xs.unwatch(f"/local/domain/{domid}/device/console", "messagerie")
+                self._frontends.discard(domid)
+        await self._prove_ttys(domains)
+        bound = bind(domains, self.template, self.current.bindings, self.first_ttys,
+                     self.pty_proofs)
         reported = set()
         for p in bound.problems:
             key = (p.why, p.domid, p.detail)
             reported.add(key)
             if key not in self._reported:  # said once while it lasts
                 log = self.log.warning if p.why in ("path_conflict", "bad_path",
-                                                    "bad_name", "tty_changed") \
+                                                    "bad_name", "tty_changed",
+                                                    "pty_not_owned") \
                     else self.log.info
                 log("xenstore.unbound", why=p.why, domid=p.domid, domain=p.domain,
                     detail=p.detail)
@@ -562,29 +731,56 @@ class XenstoreDiscovery:
         self.current = bound
         self.apply(bound)
 
+    def _awaits_tty(self, dom: XenDomain) -> bool:
+        """Whether the domain's channel is a pty whose path is not known yet."""
+        wanted = channel_name(self.template, dom.name)
+        return any(c.name == wanted and c.connection == "pty"
+                   and (dom.domid, c.devid) not in self.first_ttys for c in dom.consoles)
+
     def _note_ttys(self, domains: list[XenDomain]) -> None:
         ids = {d.domid for d in domains}
         for key in [k for k in self.first_ttys if k[0] not in ids]:
             del self.first_ttys[key]  # that domid is gone; a new one starts afresh
+        for proof in [k for k in self.pty_proofs if k[0] not in ids]:
+            del self.pty_proofs[proof]
         for d in domains:
             for c in d.consoles:
                 if c.connection == "pty" and c.tty:
                     self.first_ttys.setdefault((d.domid, c.devid), c.tty)
 
+    async def _prove_ttys(self, domains: list[XenDomain],
+                          again: Binding | None = None) -> None:
+        """Ask :func:`pty_problem` (in a thread: it reads /proc) about each pty channel
+        not asked about yet, and about ``again``'s path anew."""
+        for d in domains:
+            wanted = channel_name(self.template, d.name)
+            for c in d.consoles:
+                key = (d.domid, c.devid, c.tty)
+                if (c.name != wanted or c.connection != "pty" or not c.tty
+                        or self.first_ttys.get(key[:2]) != c.tty):
+                    continue
+                fresh = again is not None and (again.domid, again.devid, again.path) == key
+                if fresh or key not in self.pty_proofs:
+                    self.pty_proofs[key] = await asyncio.to_thread(pty_problem, c.tty,
+                                                                   d.domid)
+
     async def still_bound(self, binding: Binding) -> bool:
         """Whether xenstore still gives ``binding.path`` to that domain (the same domid,
-        name and channel), read now: asked before every (re)connection. Without
+        name and channel), read now, and for a pty whether its device model still holds
+        it (:func:`pty_problem`, asked anew): asked before every (re)connection. Without
         xenstore, no: a path xenstore cannot confirm is not trusted."""
         xs = self.client
         if xs is None:
             return False
         try:
-            domains = await snapshot(xs)
+            domains = await snapshot(xs, self.first_ttys)
         except XenstoreError:
             return False
         self._note_ttys(domains)
+        await self._prove_ttys(domains, again=binding if binding.connection == "pty"
+                               else None)
         now = bind(domains, self.template, self.current.bindings,
-                   self.first_ttys).bindings.get(binding.domain)
+                   self.first_ttys, self.pty_proofs).bindings.get(binding.domain)
         return now == binding
 
 

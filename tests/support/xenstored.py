@@ -17,6 +17,8 @@ import contextlib
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -180,3 +182,63 @@ class FakeXenstored:
             self._send(conn, UNWATCH, rid, b"OK\0")
         else:
             self._send(conn, ERROR, rid, b"EINVAL\0")
+
+
+# -- a device model's pty ----------------------------------------------------------------
+
+_DEVICE_MODEL = r"""
+import errno, fcntl, os, select, sys, termios, time, tty
+args = sys.argv[1:]
+if "--ctty" in args:
+    os.setsid()
+master, slave = os.openpty()
+peer, peer_slave = os.openpty()
+for fd in (slave, peer_slave):
+    tty.setraw(fd)
+print(os.ttyname(slave), os.ttyname(peer_slave), flush=True)
+if "--ctty" in args:
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+if "--keep-slave" not in args and "--ctty" not in args:
+    os.close(slave)  # as QEMU does: only the master stays open
+while True:
+    ready, _, _ = select.select([master, peer], [], [], 1.0)
+    for src, dst in ((master, peer), (peer, master)):
+        if src in ready:
+            try:
+                data = os.read(src, 65536)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                time.sleep(0.01)  # nobody has the slave open yet
+                continue
+            os.write(dst, data)
+"""
+
+
+class DeviceModel:
+    """A stand-in for a domain's device model (QEMU started by libxl with
+    ``-xen-domid <domid>``) serving a ``connection=pty`` channel: a process whose argv
+    carries ``-xen-domid <domid>`` (none when ``domid`` is None: any program's pty),
+    holding the master of a pty (:attr:`tty`, the channel's dom0 end, its slave closed
+    as QEMU closes it) and relaying it to a second pty (:attr:`domu`, the DomU's end).
+    ``--keep-slave`` keeps :attr:`tty`'s slave open too; ``--ctty`` makes it the
+    controlling terminal of the process's session."""
+
+    def __init__(self, domid: int | None, *options: str) -> None:
+        argv = [sys.executable, "-c", _DEVICE_MODEL]
+        if domid is not None:
+            argv += ["-xen-domid", str(domid)]
+        self.proc = subprocess.Popen([*argv, *options], stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], 30)[0]:
+            self.close()
+            raise TimeoutError("the device model stand-in printed no pty in 30 s")
+        line = self.proc.stdout.readline().decode().split()
+        assert len(line) == 2, f"the device model stand-in did not start: {line}"
+        self.tty, self.domu = line
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
