@@ -239,6 +239,7 @@ class Endpoint(asyncio.Protocol):
         self._set_read_size(self._budgeted_read_size())
         self.paused_writing = False
         self.stalled = False
+        self._stalled_until = 0.0
 
     def data_received(self, data: bytes) -> None:
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
@@ -410,6 +411,8 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = True
         if self._stalled_until and self._loop.time() < self._stalled_until:
             self.stalled = True  # it stops reading again soon after a stall: still stalled
+        else:
+            self._watch_stall()  # stalled if it does not drain in time, held senders or not
         self._shares.clear()
         self._shares_total = 0
         self._top = None
@@ -532,9 +535,13 @@ class Endpoint(asyncio.Protocol):
         self._held_by.add(dest)
         dest._waiters.add(self)
         self.transport.pause_reading()
-        if dest._stall_timer is None:
-            dest._stall_timer = asyncio.get_running_loop().call_later(
-                dest.limits.stall_timeout, dest._stall)
+        dest._watch_stall()  # started when it got full; again if it fired meanwhile
+
+    def _watch_stall(self) -> None:
+        """Declare this destination stalled if it does not drain within its timeout."""
+        if self._stall_timer is None:
+            self._stall_timer = self._loop.call_later(self.limits.stall_timeout,
+                                                      self._stall)
 
     def release(self, dest: Endpoint) -> None:
         self._held_by.discard(dest)
