@@ -99,7 +99,8 @@ class Stats:
     """Messages for this peer dropped because its queue was full."""
     throttled: int = 0
     """Frames (messages and invalid ones) from this peer read late because it exceeded
-    its rate."""
+    its rate, or dropped unread when its channel closed with more than its budget left
+    (``Endpoint._process_remainder``)."""
 
     def as_dict(self) -> dict[str, int]:
         return {"recus": self.received, "envoyes": self.sent, "refuses": self.refused,
@@ -443,17 +444,14 @@ class Endpoint(asyncio.Protocol):
         t = self.transport
         return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1,
-             broadcast: bool = False) -> bool:
+    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
-        A ``broadcast`` sender (to ``tous``) is never held by this one recipient: what
-        would hold it is dropped for this recipient instead.
 
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
             return False
-        if self.paused_writing and not self._admit(t, data, sender, count, broadcast):
+        if self.paused_writing and not self._admit(t, data, sender, count):
             return False
         out = self._out
         if not out:
@@ -467,16 +465,14 @@ class Endpoint(asyncio.Protocol):
         self.stats.sent += count
         return True
 
-    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int,
-               broadcast: bool = False) -> bool:
+    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int) -> bool:
         """A full queue shared among its senders (the slow path of :meth:`send`).
 
         Bytes accepted since the queue got full are counted per sender (``None``: the
         broker's own messages). A sender whose bytes since then pass its equal share of
         the high-water mark stops being read until the queue drains: back-pressure on
-        whoever fills it, not on the honest senders of a few messages. A broadcast that
-        would hold its sender is dropped for this recipient instead (a ``tous`` sender
-        is never held by one recipient). Once the queue is stalled and past
+        whoever fills it, not on the honest senders of a few messages (a broadcast of
+        one notification holds nobody). Once the queue is stalled and past
         ``queue_bytes``, the senders filling it (the one that sent the most, or one
         past its equal share of it) have their messages dropped, while the others' are
         still queued up to the hard bound (``HARD_LIMIT_FACTOR`` times it): a flooder
@@ -502,9 +498,6 @@ class Endpoint(asyncio.Protocol):
             return False
         if (sender is not None and sender is not self and not self.stalled
                 and mine > self._high // senders):
-            if broadcast:
-                self.stats.dropped += count
-                return False
             sender.hold(self)
         memory.add(n)
         shares[sender] = mine

@@ -198,15 +198,14 @@ class Broker:
         else:
             # A notification or a journal: the route decided (hot path, inlined).
             targets = deliver.targets
-            many = len(targets) > 1  # a broadcast: one full recipient never holds it
             for target in targets:
                 if target == DOM0:
                     self._to_dom0(peer, msg, data)
                 else:
                     dest = self.domains[target]
-                    if not dest.send(data, peer, 1, many):
+                    if not dest.send(data, peer):
                         self._dropped(peer, dest, msg)
-            if many:
+            if len(targets) > 1:
                 # The rate budget counts deliveries: a broadcast to N costs N tokens.
                 peer.charge += len(targets) - 1
             if deliver.dom0_services or deliver.denied:
@@ -318,13 +317,12 @@ class Broker:
                  data: bytes) -> None:
         """A notification or a journal: to each target (dom0: its services and, for a
         journal, the broker's log). ``receive`` has this inlined."""
-        many = len(deliver.targets) > 1
         for target in deliver.targets:
             if target == DOM0:
                 self._to_dom0(peer, msg, data)
             else:
                 dest = self.domains[target]
-                if not dest.send(data, peer, 1, many) and peer is not None:
+                if not dest.send(data, peer) and peer is not None:
                     self._dropped(peer, dest, msg)
         if deliver.dom0_services or deliver.denied:
             self._after_broadcast(peer, msg, deliver, data)
@@ -353,12 +351,9 @@ class Broker:
 
     def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
         """To every dom0 service but ``peer`` (the sender, whose reading is held back
-        while a service is full, as for a domain; not when there are several: one full
-        recipient never holds a broadcast). Drops are counted and logged."""
-        clients = self.dom0.clients
-        many = len(clients) > 2 or (len(clients) == 2 and peer not in clients)
-        for conn in clients:
-            if conn is not peer and not conn.send(data, peer, 1, many):
+        while a service is full, as for a domain). Drops are counted and logged."""
+        for conn in self.dom0.clients:
+            if conn is not peer and not conn.send(data, peer):
                 self._dropped(peer or conn, conn, msg)
 
     def _forward(self, peer: Endpoint, msg: Envelope, forward: Forward[Endpoint],
