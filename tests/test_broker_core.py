@@ -537,13 +537,20 @@ async def test_domain_state_notifications() -> None:
 
 # -- back-pressure ------------------------------------------------------------------
 
+def bulk(source: str, dest: str, size: int) -> Notification:
+    """A notification of about ``size`` bytes."""
+    return Notification(source, dest, "x", "y", {"pad": "p" * size})
+
+
 async def test_back_pressure_holds_and_releases_sender() -> None:
-    s = Setup("vm-a", "vm-b", "vm-c")
+    s = Setup("vm-a", "vm-b", "vm-c", queue_bytes=64 * 1024)
     a, b, c = s.eps["vm-a"], s.eps["vm-b"], s.eps["vm-c"]
     high, low = s.t["vm-b"].limits or (0, 0)
     assert high is not None and low is not None and 0 < low < high <= a.queue_bytes
     b.pause_writing()  # vm-b's transport passed its high-water mark
     s.send(a, Notification("vm-a", "vm-b", "x", "y"))
+    assert s.t["vm-a"].calls == []  # a few messages: not held back
+    s.send(a, bulk("vm-a", "vm-b", high))  # its bytes pass its share: held
     assert s.t["vm-a"].calls == ["pause"]
     assert s.out("vm-b") != []  # accepted: nothing lost under a transient burst
     s.send(c, Notification("vm-c", "vm-a", "x", "y"))  # other flows are unaffected
@@ -554,10 +561,10 @@ async def test_back_pressure_holds_and_releases_sender() -> None:
 
 
 async def test_stalled_destination_releases_senders_and_drops() -> None:
-    s = Setup(stall_timeout=0.02, queue_bytes=4096)
+    s = Setup(stall_timeout=0.02, queue_bytes=64 * 1024)
     a, b = s.eps["vm-a"], s.eps["vm-b"]
     b.pause_writing()
-    s.send(a, Notification("vm-a", "vm-b", "x", "y"))
+    s.send(a, bulk("vm-a", "vm-b", 17 * 1024))  # past the high-water mark (16 KiB)
     assert s.t["vm-a"].calls == ["pause"]
     with capture_logs() as logs:
         await wait_for(lambda: b.stalled)
@@ -569,7 +576,7 @@ async def test_stalled_destination_releases_senders_and_drops() -> None:
     assert len(s.out("vm-b")) == 1
     assert s.t["vm-a"].calls == ["pause", "resume"]
     # Stalled and its transport full: what exceeds file_octets is dropped and counted.
-    s.t["vm-b"].buffered = 4096
+    s.t["vm-b"].buffered = 64 * 1024
     with capture_logs() as logs:
         s.send(a, Notification("vm-a", "vm-b", "x", "y"),
                Commande("vm-a", "vm-b", "lister", id="c1"))
@@ -586,6 +593,38 @@ async def test_stalled_destination_releases_senders_and_drops() -> None:
     assert not b.stalled
     s.send(a, Notification("vm-a", "vm-b", "x", "again"))
     assert len(s.out("vm-b")) == 1
+
+
+async def test_one_broadcast_to_a_full_queue_holds_nobody() -> None:
+    s = Setup("vm-h", "vm-a", "vm-b", queue_bytes=64 * 1024, stall_timeout=60)
+    h, a = s.eps["vm-h"], s.eps["vm-a"]
+    h.pause_writing()  # vm-h stopped reading: its queue is full
+    s.send(a, Notification("vm-a", TOUS, "entree", "souris", {"x": 0}))
+    assert s.t["vm-a"].calls == []  # vm-a's traffic to everyone goes on
+    assert len(s.out("vm-b")) == 1 and len(s.out("vm-h")) == 1
+
+
+async def test_a_reader_that_stops_again_after_a_stall_holds_no_sender() -> None:
+    s = Setup("vm-h", "vm-a", queue_bytes=64 * 1024, stall_timeout=0.05)
+    h, a = s.eps["vm-h"], s.eps["vm-a"]
+    h.pause_writing()
+    s.send(a, bulk("vm-a", "vm-h", h._high))  # a flooder: held until vm-h stalls
+    assert s.t["vm-a"].calls == ["pause"]
+    await wait_for(lambda: h.stalled)
+    assert s.t["vm-a"].calls == ["pause", "resume"]
+    with capture_logs() as logs:
+        h.resume_writing()
+    assert [e["event"] for e in logs] == ["domain.drained"]
+    for cycle in range(3):  # it stops again, reads a little: still stalled at once
+        with capture_logs() as logs:
+            if cycle:
+                h.resume_writing()
+                assert not h.stalled
+            h.pause_writing()
+        assert h.stalled
+        assert [e["event"] for e in logs] == []  # no drained/stalled event per cycle
+        s.send(a, bulk("vm-a", "vm-h", h._high))
+        assert s.t["vm-a"].calls == ["pause", "resume"]  # not held again
 
 
 async def test_hard_limit_while_holding_senders() -> None:
@@ -659,10 +698,10 @@ async def test_read_size_follows_the_rate_budget() -> None:
 
 
 async def test_throttled_peer_not_resumed_while_held() -> None:
-    s = Setup(rate=1000.0, burst=1, stall_timeout=60)
+    s = Setup(rate=1000.0, burst=1, stall_timeout=60, queue_bytes=64 * 1024)
     a, b = s.eps["vm-a"], s.eps["vm-b"]
     b.pause_writing()
-    s.send(a, *[Notification("vm-a", "vm-b", "x", "y")] * 5)
+    s.send(a, *[bulk("vm-a", "vm-b", 4096)] * 5)  # past its share: held
     assert s.t["vm-a"].calls == ["pause", "pause"]  # held, and throttled
     await wait_for(lambda: a._throttle_timer is None)
     assert s.t["vm-a"].calls == ["pause", "pause"]  # still held by vm-b
@@ -805,7 +844,7 @@ async def test_the_cap_counts_long_frames_too() -> None:
 async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
     from broker.endpoint import MAX_FRAMES_PER_TURN
 
-    s = Setup(rate=1000.0, burst=MAX_FRAMES_PER_TURN + 10)
+    s = Setup(rate=1000.0, burst=MAX_FRAMES_PER_TURN + 10, queue_bytes=64 * 1024)
     a = s.eps["vm-a"]
     junk = b"x\n" * (2 * MAX_FRAMES_PER_TURN)
     a.data_received(junk)  # one turn now, the rest next turn: over the burst there
@@ -856,3 +895,58 @@ async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
     s.send(again, Commande("vm-a", "vm-c", "x", id="cmd-1"))
     (cmd,) = s.out("vm-c")
     assert isinstance(cmd, Commande) and cmd.id == "cmd-1"
+
+
+# -- a lost connection's last frames ------------------------------------------------
+
+async def test_a_lost_connection_s_remainder_spends_the_rate_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import endpoint
+
+    s = Setup("vm-h", "vm-b", "vm-c", rate=100, burst=10)
+    h = s.eps["vm-h"]
+    frames = b"".join(encode(Notification("vm-h", TOUS, "entree", "souris", {"x": i}))
+                      for i in range(2000))
+    monkeypatch.setattr(endpoint, "read_remaining", lambda transport: frames)
+    with capture_logs() as logs:
+        h.connection_lost(OSError(32, "EPIPE"))  # a failed write: the rest is read now
+    s.flush()
+    # Its burst, not 2 000 broadcasts: the rest is dropped, counted and logged.
+    to_b, to_c = s.out("vm-b"), s.out("vm-c")
+    assert 0 < len(to_b) <= 10 and len(to_c) == len(to_b)
+    assert h.stats.received + h.stats.throttled >= 2000
+    assert [e["frames"] for e in logs if e["event"] == "frames.dropped"] == [
+        2000 - h.stats.received]
+
+
+async def test_a_lost_connection_s_remainder_is_one_turn_at_most(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import endpoint
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup("vm-h", "vm-b")
+    h = s.eps["vm-h"]
+    monkeypatch.setattr(endpoint, "read_remaining", lambda transport: b"x\n" * 128 * 1024)
+    with capture_logs():
+        h.connection_lost(OSError(32, "EPIPE"))
+    assert h.stats.invalid == MAX_FRAMES_PER_TURN
+    assert h.stats.throttled == 128 * 1024 - MAX_FRAMES_PER_TURN
+
+
+async def test_a_backlog_is_kept_for_connection_lost_while_the_channel_closes() -> None:
+    # A tty whose write failed hands over what it still holds (data_received), then
+    # closes: the frames beyond one turn are routed by connection_lost, not lost.
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup("vm-a", "vm-b")
+    a = s.eps["vm-a"]
+    n = MAX_FRAMES_PER_TURN + 100
+    a.data_received(b"".join(encode(Notification("vm-a", "vm-b", "x", "y", {"i": i}))
+                             for i in range(n)))
+    s.t["vm-a"].closing = True
+    await asyncio.sleep(0)  # the backlog's turn comes while the channel is closing
+    await asyncio.sleep(0)
+    a.connection_lost(OSError(5, "EIO"))
+    s.flush()
+    assert [m.data["i"] for m in s.out("vm-b")] == list(range(n))  # type: ignore[union-attr]
+    assert a.stats.throttled == 0

@@ -45,14 +45,16 @@ def test_the_window_is_bounded_and_keeps_the_latest() -> None:
     assert w.is_echo(filler[-1].rstrip(b"\n"))
 
 
-def test_a_run_is_an_echo_only_when_every_line_is() -> None:
+def test_a_run_s_lines_are_echoes_each_on_its_own() -> None:
     w = EchoWindow()
     a, b = b'{"a":1}', b'{"b":2}'
     w.sent([a + b"\n", b + b"\n"])
-    assert w.all_echoes(a + b"\r\n" + b + b"\r\n")
+    assert w.echoes(a + b"\r\n" + b + b"\r\n") == 2
     assert w.echoed == 2
-    assert not w.all_echoes(a + b"\n" + b'{"c":3}\n')
-    assert w.echoed == 2
+    # One echo in front of forgeries covers only itself.
+    assert w.echoes(a + b"\n" + b'{"c":3}\n' + b'{"d":4}\n') == 1
+    assert w.echoed == 3
+    assert w.echoes(b'{"c":3}\n\r\n') == 0
 
 
 class FakeTransport:
@@ -115,3 +117,34 @@ async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> No
     assert broker.statistics()["domaines"]["vm"]["echos"] == 3
     # no error answer went back for the echoed commande
     assert b'"statut":"erreur"' not in bytes(vm.transport.written)[len(written):]
+
+
+async def test_one_echo_in_front_of_a_run_hides_none_of_its_forgeries() -> None:
+    from broker.config import Config
+    from broker.endpoint import DomainEndpoint
+    from broker.hub import Broker
+    broker = Broker(Config())
+    vm = DomainEndpoint(broker, "vm", "/nonexistent")
+    other = DomainEndpoint(broker, "vm-b", "/nonexistent")
+    broker.domains.update(vm=vm, **{"vm-b": other})
+    for ep in (vm, other):
+        ep.connection_made(FakeTransport())  # type: ignore[arg-type]
+        ep.connected_since = 1.0
+    broker.invalidate_routes()
+
+    def move(n: int) -> bytes:
+        return (b'{"type":"notification","source":"vm-b","destination":"vm","payload":'
+                b'{"categorie":"essai","evenement":"e","data":{"n":%d}}}\n' % n)
+
+    other.data_received(move(0))  # routed to vm: written there, so vm may echo it
+    vm.flush()
+    assert bytes(vm.transport.written) == move(0)
+    with structlog.testing.capture_logs() as logs:
+        # The echo, then three forgeries with the same source, destination and
+        # category: one run.
+        vm.data_received(move(0) + move(1) + move(2) + move(3))
+    assert vm.echo.echoed == 1
+    assert vm.stats.refused == 3
+    assert [e["count"] for e in logs if e["event"] == "frame.echoed"] == [1]
+    assert [e["why"] for e in logs if e["event"] == "message.refused"] == [
+        "spoofed_source"] * 3

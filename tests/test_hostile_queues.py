@@ -19,11 +19,11 @@ async def test_a_flooder_is_held_and_honest_senders_are_not() -> None:
     s = Setup("vm-usb", "vm-ui", "vm-diag", queue_bytes=64 * 1024, stall_timeout=60)
     usb, ui, diag = s.eps["vm-usb"], s.eps["vm-ui"], s.eps["vm-diag"]
     ui.pause_writing()  # vm-ui reads slowly: its transport is past its high-water mark
-    s.send(usb, *[move("vm-usb", "vm-ui", i) for i in range(50)])
+    s.send(usb, *[move("vm-usb", "vm-ui", i) for i in range(100)])  # 20 KiB
     assert s.t["vm-usb"].calls == ["pause"]  # the one filling the queue is held
     s.send(diag, move("vm-diag", "vm-ui"))
     assert s.t["vm-diag"].calls == []  # an honest sender of one message is not
-    assert len(s.out("vm-ui")) == 51 and ui.stats.dropped == 0
+    assert len(s.out("vm-ui")) == 101 and ui.stats.dropped == 0
 
 
 async def test_a_stalled_queue_drops_the_flooders_messages_not_the_honest_ones() -> None:

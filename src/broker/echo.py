@@ -62,12 +62,15 @@ class EchoWindow:
             self.echoed += 1
         return found
 
-    def all_echoes(self, data: bytes) -> bool:
-        """Whether every line of ``data`` (several frames, newlines included) is an
-        echo. Counts them when they are."""
-        lines = [line for line in data.split(b"\n") if line.strip(b"\r")]
+    def echoes(self, data: bytes) -> int:
+        """How many lines of ``data`` (several frames, newlines included) are echoes,
+        each looked up on its own: one echo in front of forgeries covers only itself.
+        Counted."""
         tail = self._tail
-        if lines and all(b"\n" + ln.rstrip(b"\r") + b"\n" in tail for ln in lines):
-            self.echoed += len(lines)
-            return True
-        return False
+        found = 0
+        for ln in data.split(b"\n"):
+            line = ln.rstrip(b"\r")
+            if line and b"\n" + line + b"\n" in tail:
+                found += 1
+        self.echoed += found
+        return found

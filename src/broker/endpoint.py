@@ -69,6 +69,10 @@ MIN_HIGH_WATER = 16 * 1024
 HARD_LIMIT_FACTOR = 4
 """Even while its senders are held, a destination never queues more than this many
 times ``queue_bytes`` (the senders' read chunks already in flight)."""
+STALL_MEMORY_FACTOR = 10
+"""A destination that drains after being stalled is stalled again at once (its senders
+not held) if it fills up within this many ``stall_timeout``: a reader that stops and
+starts again does not hold its senders once per cycle."""
 
 
 def _frames(data: bytes) -> int:
@@ -95,7 +99,8 @@ class Stats:
     """Messages for this peer dropped because its queue was full."""
     throttled: int = 0
     """Frames (messages and invalid ones) from this peer read late because it exceeded
-    its rate."""
+    its rate, or dropped unread when its channel closed with more than its budget left
+    (``Endpoint._process_remainder``)."""
 
     def as_dict(self) -> dict[str, int]:
         return {"recus": self.received, "envoyes": self.sent, "refuses": self.refused,
@@ -190,6 +195,9 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         self.stalled = False
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._stalled_until = 0.0
+        """Loop time until which filling up again means stalled again (it drained lately
+        after a stall: ``STALL_MEMORY_FACTOR``)."""
         self._waiters: set[Endpoint] = set()
         """Peers not being read because they sent to us while we were full."""
         self._held_by: set[Endpoint] = set()
@@ -232,6 +240,7 @@ class Endpoint(asyncio.Protocol):
         self._set_read_size(self._budgeted_read_size())
         self.paused_writing = False
         self.stalled = False
+        self._stalled_until = 0.0
 
     def data_received(self, data: bytes) -> None:
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
@@ -254,8 +263,13 @@ class Endpoint(asyncio.Protocol):
 
     def _next_turn(self) -> None:
         data, self._backlog = self._backlog, None
-        if data is None or self.transport is None or self.transport.is_closing():
+        if data is None or self.transport is None:
             return  # the channel went away meanwhile: what it had sent goes with it
+        if self.transport.is_closing():
+            # Closing: connection_lost decides (routed within the rate after a failed
+            # write, dropped if the broker closed it).
+            self._backlog = data
+            return
         self._take(data, first=False)
         if self._backlog is None:
             self._resume()
@@ -358,7 +372,7 @@ class Endpoint(asyncio.Protocol):
             rest = (self._backlog or b"") + read_remaining(self.transport)
             self._backlog = None
             if rest:
-                self._process(rest)
+                self._process_remainder(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -378,8 +392,28 @@ class Endpoint(asyncio.Protocol):
         self._stall_timer = self._throttle_timer = None
         self.paused_writing = False
 
+    def _process_remainder(self, data: bytes) -> None:
+        """A lost channel's last bytes, now (the channel is closing): one turn's worth,
+        as many frames as its rate budget has tokens left and at most
+        MAX_FRAMES_PER_TURN; the rest is dropped, counted as throttled and logged."""
+        allowed = max(0, min(MAX_FRAMES_PER_TURN, int(self.bucket.refill())))
+        if _frames(data) > allowed:
+            rest = data.split(b"\n", allowed)[-1]
+            data = data[:len(data) - len(rest)]
+            dropped = _frames(rest) + (not rest.endswith(b"\n"))
+            self.stats.throttled += dropped
+            self.log.warning("frames.dropped", why="closed_over_budget", frames=dropped,
+                             detail="the channel closed with more frames unread than its "
+                                    "rate budget or one turn allows")
+        if data:
+            self._process(data)
+
     def pause_writing(self) -> None:
         self.paused_writing = True
+        if self._stalled_until and self._loop.time() < self._stalled_until:
+            self.stalled = True  # it stops reading again soon after a stall: still stalled
+        else:
+            self._watch_stall()  # stalled if it does not drain in time, held senders or not
         self._shares.clear()
         self._shares_total = 0
         self._top = None
@@ -388,7 +422,11 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         if self.stalled:
             self.stalled = False
-            self.log.info("domain.drained")
+            again = self._loop.time() < self._stalled_until
+            self._stalled_until = (self._loop.time()
+                                   + STALL_MEMORY_FACTOR * self.limits.stall_timeout)
+            if not again:
+                self.log.info("domain.drained")
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
@@ -431,11 +469,12 @@ class Endpoint(asyncio.Protocol):
         """A full queue shared among its senders (the slow path of :meth:`send`).
 
         Bytes accepted since the queue got full are counted per sender (``None``: the
-        broker's own messages). The sender that sent the most since then (the one
-        filling it), or one past its equal share of the high-water mark, stops being
-        read until the queue drains: back-pressure on whoever fills it, not on the
-        honest senders of a few messages. Once the queue is stalled and past
-        ``queue_bytes``, the same senders' messages are dropped, while the others' are
+        broker's own messages). A sender whose bytes since then pass its equal share of
+        the high-water mark stops being read until the queue drains: back-pressure on
+        whoever fills it, not on the honest senders of a few messages (a broadcast of
+        one notification holds nobody). Once the queue is stalled and past
+        ``queue_bytes``, the senders filling it (the one that sent the most, or one
+        past its equal share of it) have their messages dropped, while the others' are
         still queued up to the hard bound (``HARD_LIMIT_FACTOR`` times it): a flooder
         fills only its own share, honest senders keep theirs. Over the memory budget
         of all the queues together, a queue past its share of the budget takes no
@@ -457,6 +496,9 @@ class Endpoint(asyncio.Protocol):
         if queued > memory.share and memory.over(n):
             self.stats.dropped += count
             return False
+        if (sender is not None and sender is not self and not self.stalled
+                and mine > self._high // senders):
+            sender.hold(self)
         memory.add(n)
         shares[sender] = mine
         if filling:
@@ -466,9 +508,6 @@ class Endpoint(asyncio.Protocol):
             for key in shares:
                 shares[key] //= 2
             self._shares_total //= 2
-        if (sender is not None and sender is not self and not self.stalled
-                and (filling or mine > self._high // senders)):
-            sender.hold(self)
         return True
 
     def flush(self) -> None:
@@ -489,9 +528,13 @@ class Endpoint(asyncio.Protocol):
         self._held_by.add(dest)
         dest._waiters.add(self)
         self.transport.pause_reading()
-        if dest._stall_timer is None:
-            dest._stall_timer = asyncio.get_running_loop().call_later(
-                dest.limits.stall_timeout, dest._stall)
+        dest._watch_stall()  # started when it got full; again if it fired meanwhile
+
+    def _watch_stall(self) -> None:
+        """Declare this destination stalled if it does not drain within its timeout."""
+        if self._stall_timer is None:
+            self._stall_timer = self._loop.call_later(self.limits.stall_timeout,
+                                                      self._stall)
 
     def release(self, dest: Endpoint) -> None:
         self._held_by.discard(dest)

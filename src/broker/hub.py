@@ -230,10 +230,10 @@ class Broker:
         peer.stats.received += n
         decision, cached = self._route(peer, msg)
         if type(decision) is Refuse:
-            if decision.kind == SPOOFED and self._echoed(peer, msg, run.data, n):
-                return
-            for _ in range(n):
-                self.refuse(peer, msg, decision)
+            # Each line on its own: an echo in front hides none of the forgeries behind.
+            echoed = self._echoed(peer, msg, run.data, n) if decision.kind == SPOOFED else 0
+            for _ in range(n - echoed):
+                self.refuse(peer, msg, decision, echo=False)
             return
         deliver: Deliver = decision  # type: ignore[assignment]
         # A run never goes to tous or dom0 (decode_runs): one target, a domain.
@@ -452,8 +452,12 @@ class Broker:
                              excerpt=error.excerpt[:32].decode("ascii", "backslashreplace"),
                              suppressed=peer.log_budget.take_suppressed())
 
-    def refuse(self, peer: Endpoint, msg: Envelope, decision: Refuse) -> None:
-        if decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
+    def refuse(self, peer: Endpoint, msg: Envelope, decision: Refuse, *,
+               echo: bool = True) -> None:
+        """Refuse ``msg`` (counted, logged, a commande answered); a frame refused for
+        its source that is an echo of the broker's output is only logged as one,
+        unless ``echo`` is false (the caller looked it up)."""
+        if echo and decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
         peer.stats.refused += 1
         if self.tracer is not None:
@@ -471,22 +475,24 @@ class Broker:
             self.answer(peer, msg, decision.code, text)
 
     @staticmethod
-    def _echoed(peer: Endpoint, msg: Envelope, data: bytes, count: int = 1) -> bool:
-        """Whether a frame refused for its source is the broker's own output coming
-        back on a DomU's tty in echo mode (``broker.echo``): dropped, logged as what it
-        is, not as a forgery. Looked up only for refused frames."""
+    def _echoed(peer: Endpoint, msg: Envelope, data: bytes, count: int = 1) -> int:
+        """How many of the ``count`` frames in ``data``, refused for their source, are
+        the broker's own output coming back on a DomU's tty in echo mode
+        (``broker.echo``): dropped, logged as what they are, not as forgeries. Looked
+        up only for refused frames."""
         if not isinstance(peer, DomainEndpoint):
-            return False
+            return 0
         echo = peer.echo
-        if not (echo.all_echoes(data) if count > 1 else echo.is_echo(data)):
-            return False
+        found = echo.echoes(data) if count > 1 else int(echo.is_echo(data))
+        if not found:
+            return 0
         if peer.log_budget.allow():
             peer.log.info("frame.echoed", type=msg.type, source=msg.source,
-                          destination=msg.destination, name=msg.name, count=count,
+                          destination=msg.destination, name=msg.name, count=found,
                           echoed=echo.echoed, suppressed=peer.log_budget.take_suppressed(),
                           detail="the DomU's channel echoed what dom0 wrote (no raw-mode "
                                  "holder when it was opened)")
-        return True
+        return found
 
     def answer(self, peer: Endpoint, cmd: Routable, code: str, text: str) -> None:
         """Send the broker's error reponse to the command ``cmd`` back on ``peer``'s
