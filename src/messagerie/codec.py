@@ -159,6 +159,39 @@ def _brackets(line: bytes) -> bytes:
 
 
 def _depth(brackets: bytes) -> int:
+    """The highest running sum of +1 per ``[`` and -1 per ``]`` (0 for none).
+
+    Exact for any input, in C for the common frame: each pass deletes the innermost
+    pairs, ``[]``. In a balanced string those are the pairs with nothing inside, so a
+    pass lowers every pair's nesting by exactly one level, and deleting pairs keeps a
+    string balanced or unbalanced. Passes go on while they shrink the string by an
+    eighth or more (so they cost at most eight reads of it); what is left is counted
+    step by step, and if it is balanced the depth is the passes plus its own. A flat
+    frame (15 000 ``{}``) is one pass, where a step in Python per bracket took ~70 ns
+    per byte; an unbalanced string is counted as it came."""
+    rest = brackets
+    passes = 0
+    while rest:
+        inner = rest.replace(b"[]", b"")
+        deleted = len(rest) - len(inner)
+        if not deleted:
+            break
+        passes += 1
+        slow = deleted * 8 < len(rest)
+        rest = inner
+        if slow:
+            break
+    if passes == 0:
+        return _steps(brackets)
+    if not rest:
+        return passes
+    sums = list(accumulate(map(_STEP.__getitem__, rest)))
+    if sums[-1] == 0 and min(sums) >= 0:  # balanced
+        return passes + max(sums)
+    return _steps(brackets)
+
+
+def _steps(brackets: bytes) -> int:
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
