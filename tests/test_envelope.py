@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from messagerie import (
     DOM0,
+    MAX_DEPTH,
     TOUS,
     Commande,
     FrameDecoder,
@@ -38,6 +39,7 @@ from messagerie import (
     encode,
     from_dict,
 )
+from messagerie.codec import nesting_depth
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
 from messagerie.wire import clear_memos
 from tests.support.corpus import CORPUS, mouse
@@ -1003,3 +1005,40 @@ def test_unknown_keys_values_are_contents(memo: Memo, where: str) -> None:
     memo.before_call()
     assert envelope_outcome(twice) == (
         "refused", Reason.DUPLICATE_KEY, "ext" if where == "top" else "payload.ext")
+
+
+@pytest.mark.parametrize("where", ["same envelope", "mixed"])
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_runs_refuse_exactly_the_frames_nested_too_deeply(where: str, opener: bytes) -> None:
+    # decode_runs() bounds the depth from the frames' lengths or counts the openers of
+    # the whole run in C: at the limit a run is taken at once; one level more, in any
+    # frame, it falls back, and decoding that frame alone refuses it.
+    closer = b"]" if opener == b"[" else b"}"
+    tail = b"" if opener == b"[" else b"1"
+
+    def note(destination: bytes, value: bytes) -> bytes:
+        return (b'{"type":"notification","source":"vm-a","destination":"' + destination
+                + b'","payload":{"categorie":"entree","evenement":"souris","data":{"seq":'
+                + value + b"}}}")
+
+    def deep(levels: int) -> bytes:  # the frame, its payload and data: three levels
+        k = levels - 3
+        return note(b"vm-b", opener * k + tail + closer * k)
+
+    other = note(b"vm-c" if where == "mixed" else b"vm-b", b"1")
+    decode_envelope(other)
+    for levels in (MAX_DEPTH, MAX_DEPTH + 1):
+        frame = deep(levels)
+        assert nesting_depth(frame) == levels
+        lines = [other, frame, other, other]
+        if levels <= MAX_DEPTH:
+            decode_envelope(frame)
+            got = decode_runs(lines)
+            assert got is not None and expand(got) == one_by_one(lines)
+            if where == "same envelope":
+                assert [type(i) for i in got] == [Run]
+        else:
+            assert decode_runs(lines) is None
+            with pytest.raises(MessageInvalide) as exc:
+                decode_envelope(frame)
+            assert "nested too deeply" in exc.value.detail

@@ -34,7 +34,6 @@ contents are too short to nest past it is not counted.
 from __future__ import annotations
 
 import json
-from itertools import repeat
 from operator import eq, methodcaller
 from typing import Any, Final
 
@@ -48,6 +47,7 @@ from .codec import (
     MAX_DEPTH,
     _decode_object,
     _json_decode,
+    _skeleton,
     _strip,
     check_depth,
     decode,
@@ -155,11 +155,8 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     is checked here in one C call per read, not one per message."""
     if not lines:
         return []
-    # No line opens more brackets than the depth limit (sound: a line's depth is at most
-    # its count of ``{`` plus ``[``), so no parser reaches its own limit here.
-    if max(map(bytes.count, lines, repeat(b"{"))) + max(map(bytes.count, lines, repeat(b"["))) \
-            > MAX_DEPTH:
-        return None
+    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
+    # fail); the depth limit is checked below, before any verdict.
     framed = b"[" + b",".join(lines) + b"]"
     try:
         decoded = _fast_decode_list(framed)
@@ -174,9 +171,12 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         return None  # not aligned, not canonical, or an empty line made ",,"
     if not _utf8(framed):
         return None
-    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])])
+    longest = max(map(len, lines))
+    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])], longest)
     if same is not None:
         return [same]
+    if longest > _UNCOUNTED and _too_deep(b"\n".join(lines)):
+        return None
     out: list[Envelope | Run] = []
     start = 0  # first line of the current run
     key: tuple[str, ...] | None = None
@@ -207,10 +207,31 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
 _NOTIFICATION: Final = wire.KINDS["notification"]
 
 
-def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | None:
+# The depth limit over a run of canonical frames (each decoded into a twin: its own
+# object and payload, and below them only its contents, raw). A valid JSON value nested
+# d levels deep takes at least 2d bytes, so a frame whose contents take at most _SHALLOW
+# bytes nests within MAX_DEPTH: true of every frame no longer than the shortest canonical
+# frame of any type plus _SHALLOW, and of a notification whose data, after a prefix
+# shared by the run, is that short. Otherwise a frame deeper than the limit has more
+# than MAX_DEPTH opening brackets: with the run's other bytes deleted (two C calls for
+# the whole run), more than MAX_DEPTH of them in a row, no newline between.
+_UNCOUNTED: Final = min(map(_skeleton, wire.KINDS.values())) + _SHALLOW
+_OPENERS: Final = bytes.maketrans(b"[", b"{")
+_NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"{[\n")
+_DEEPER: Final = b"{" * (MAX_DEPTH + 1)
+
+
+def _too_deep(run: bytes) -> bool:
+    """May a frame of ``run`` (frames joined by newlines) nest past MAX_DEPTH?"""
+    return _DEEPER in run.translate(_OPENERS, _NOT_OPENER)
+
+
+def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind,
+                   longest: int) -> Run | None:
     """The common case at the cost of one check per frame in C: every frame starts with
     the same bytes up to its ``"data":{``, so all have the first one's envelope
-    (type, source, destination, categorie, evenement; contents an object)."""
+    (type, source, destination, categorie, evenement; contents an object). ``longest``:
+    the longest frame's length."""
     first = lines[0]
     cut = first.find(b',"data":{')
     # In a canonical notification the first ``,"data":{`` is the payload's: names and
@@ -220,10 +241,15 @@ def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | 
     prefix = first[:cut + 9]
     if sum(map(methodcaller("startswith", prefix), lines)) != len(lines):
         return None
+    data = b"\n".join(lines) + b"\n"
+    # Canonical, each frame ends with its data and the two braces that close its payload
+    # and itself; the data starts at the prefix's last byte.
+    if longest - len(prefix) - 1 > _SHALLOW and _too_deep(data):
+        return None
     envelope = _envelope(decoded[0], kind, first)
     if envelope is None or envelope.destination in (TOUS, DOM0):
         return None
-    return Run(envelope, len(lines), b"\n".join(lines) + b"\n")
+    return Run(envelope, len(lines), data)
 
 
 def _close_run(out: list[Envelope | Run], lines: list[bytes], decoded: list[Any],
