@@ -287,6 +287,7 @@ def clear_memos() -> None:
         memo.seen.clear()
     for kind in KINDS.values():
         kind.known.clear()
+        kind.unambiguous = set(kind.payload_fields)
 
 
 def _pattern_of(tp: Any) -> str | None:
@@ -360,10 +361,21 @@ class Kind:
             itemgetter(*tokens) if len(tokens) > 1 else _one(tokens[0]))
         self.unique_items = [(name, memo) for name, memo in self.payload_checks
                              if memo.pattern not in (NAME_PATTERN, TOKEN_PATTERN)]
+        #: The payload's fields and other keys known to be none of them even to parsers
+        #: that ignore case (:func:`check_unambiguous` passed them): a subset test
+        #: instead of folding each unknown key of every frame again.
+        self.unambiguous: set[str] = set(self.payload_fields)
         #: Every payload field is a memoised value, a pattern-checked string or the
         #: object field: a decoded object is judged by accepts_object() alone.
         self.plain = not self.with_erreur and self.payload_fields == {
             *tokens, *(n for n, _ in self.unique_items), self.object_field}
+
+
+    def remember_unambiguous(self, keys: Iterable[str]) -> None:
+        """Add keys that :func:`check_unambiguous` passed (short ones; at most 4096)."""
+        if len(self.unambiguous) >= 4096:
+            self.unambiguous = set(self.payload_fields)
+        self.unambiguous.update(k for k in keys if len(k) <= NAME_MAX)
 
 
 KINDS: Final = {tag_of(cls): Kind(cls) for cls in FRAMES}
@@ -450,8 +462,9 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
         value = p.get(name)
         if type(value) is not str or memo._fullmatch(value) is None:
             return None
-    if not p.keys() <= kind.payload_fields:
+    if not p.keys() <= kind.unambiguous:
         check_unambiguous(p, kind.payload_fields, "payload.")
+        kind.remember_unambiguous(p)
     return kind, size
 
 
