@@ -39,6 +39,7 @@ from messagerie import (
     encode,
     from_dict,
 )
+from messagerie import envelope as envelope_module
 from messagerie.codec import nesting_depth
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
 from messagerie.wire import clear_memos
@@ -1042,3 +1043,44 @@ def test_runs_refuse_exactly_the_frames_nested_too_deeply(where: str, opener: by
             with pytest.raises(MessageInvalide) as exc:
                 decode_envelope(frame)
             assert "nested too deeply" in exc.value.detail
+
+
+_PREFIX = (b'{"type":"notification","source":"vm-p","destination":"vm-q","payload":'
+           b'{"categorie":"entree","evenement":"souris"')
+
+
+@st.composite
+def after_a_known_prefix(draw: st.DrawFn) -> bytes:
+    """A frame starting with the bytes, up to its data, of a notification accepted
+    before, and then anything: data of every kind, repeated or escaped keys and
+    envelope names inside it, invalid UTF-8, depth past the limit, bytes after it."""
+    value = draw(json_objects | json_values)
+    data = json.dumps(value, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    data = draw(st.sampled_from([
+        data,
+        b'{"source":"dom0","source":"vm-x","data":{},"a":' + data + b"}",  # keys inside
+        b'{"\\u0073ource":1,"Source":2,"a":' + data + b"}",  # escaped, case variants
+        b'{"a":' + b"[" * 70 + data + b"]" * 70 + b"}",  # too deep
+        b'{"a":' + b"[" * 58 + data + b"]" * 58 + b"}",  # deep, within the limit
+        b'{"a":"\xff' + data[:3] + b'"}',  # invalid UTF-8
+        b"{" + data,  # broken
+    ]))
+    tail = draw(st.sampled_from([b"}}", b"}}", b"},\"x\":1}", b"}} ", b"},\"data\":{}}"]))
+    return _PREFIX + b',"data":' + data + tail
+
+
+@SETTINGS
+@given(after_a_known_prefix())
+def test_a_known_prefix_decides_as_a_cold_memo_does(line: bytes) -> None:
+    # decode_envelope() takes a canonical notification whose bytes up to its data are a
+    # known frame's from a memo: its verdict must be the one reached with every memo
+    # empty, and decode()'s on the envelope (a full decode also reads the contents).
+    clear_memos()
+    cold = envelope_outcome(line)
+    clear_memos()
+    decode_envelope(_PREFIX + b',"data":{"n":1}}}')
+    assert _PREFIX in envelope_module._PREFIXES  # remembered
+    assert envelope_outcome(line) == cold
+    if cold[0] == "refused":
+        with pytest.raises(MessageInvalide):
+            decode(line)

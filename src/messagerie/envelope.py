@@ -403,6 +403,17 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
+        # A canonical notification whose bytes up to its data are those of one accepted
+        # before has its envelope (see _PREFIXES): one C lookup instead of reading the
+        # values and looking their tuple up.
+        cut = line.find(_DATA_OBJECT)
+        if cut > 0:
+            known = _PREFIXES.get(line[:cut])
+            if known is not None:
+                if len(line) - cut - _AROUND_DATA > _SHALLOW:
+                    check_depth(line)
+                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
+                                id=None, raw=line)
         kind = _TWINS[type(s)]
         key = kind.key(s)
         # accepts(), inlined for the common notification: known names, and data an object.
@@ -414,12 +425,37 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
         if size is not None and line[-3] == _CLOSE_BRACE:
             if len(line) - _SKELETON[kind] - size > _SHALLOW:
                 check_depth(line)
+            if cut > 0:
+                _remember_prefix(line[:cut], key)
             return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
         if _shallow(s.payload, kind):
             envelope = _envelope(s, kind, line)
             if envelope is not None:
+                if cut > 0 and kind is _NOTIFICATION:
+                    _remember_prefix(line[:cut], key)
                 return envelope
     return _exact(line, s)  # not canonical, or to explain
+
+
+# Canonical notifications by their bytes up to their data, when it is an object: the
+# first ``,"data":{`` of a canonical notification is its payload's (what comes before
+# it, the type, names and tokens and their keys, holds no quote but the delimiters), so
+# a frame that re-encodes to itself and starts with the same bytes as one accepted
+# before has the same type, source, destination, categorie and evenement, and data an
+# object, its last field (then "}}"). Only its depth, UTF-8 and syntax are its own, and
+# they are checked as for any frame. Kept on the notification's Kind, so that
+# wire.clear_memos() forgets them with the rest (at most 4096; a prefix is at most a few
+# hundred bytes, names and tokens being bounded).
+_DATA_OBJECT: Final = b',"data":{'
+_AROUND_DATA: Final = len(_DATA_OBJECT) - 1 + 2  # the key before data, "}}" after it
+_NOTIFICATION_TAG: Final = _NOTIFICATION.tag
+_PREFIXES: Final = _NOTIFICATION.prefixes
+
+
+def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
+    if len(_PREFIXES) >= 4096:
+        _PREFIXES.clear()
+    _PREFIXES[prefix] = key
 
 
 # A canonical frame decoded into a twin is its own object and payload (two levels) with

@@ -287,6 +287,7 @@ def clear_memos() -> None:
         memo.seen.clear()
     for kind in KINDS.values():
         kind.known.clear()
+        kind.prefixes.clear()
         kind.unambiguous = set(kind.payload_fields)
 
 
@@ -361,6 +362,10 @@ class Kind:
             itemgetter(*tokens) if len(tokens) > 1 else _one(tokens[0]))
         self.unique_items = [(name, memo) for name, memo in self.payload_checks
                              if memo.pattern not in (NAME_PATTERN, TOKEN_PATTERN)]
+        #: Canonical frames of this type by their bytes up to their contents, with the
+        #: memoised values of a frame accepted with them (used by the relay's envelope
+        #: check for notifications; at most 4096).
+        self.prefixes: dict[bytes, tuple[str, ...]] = {}
         #: The payload's fields and other keys known to be none of them even to parsers
         #: that ignore case (:func:`check_unambiguous` passed them): a subset test
         #: instead of folding each unknown key of every frame again.
