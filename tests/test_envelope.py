@@ -1065,22 +1065,48 @@ def after_a_known_prefix(draw: st.DrawFn) -> bytes:
         b'{"a":"\xff' + data[:3] + b'"}',  # invalid UTF-8
         b"{" + data,  # broken
     ]))
-    tail = draw(st.sampled_from([b"}}", b"}}", b"},\"x\":1}", b"}} ", b"},\"data\":{}}"]))
+    tail = draw(st.sampled_from([b"}}", b"}}", b"} }", b"}} ", b'},"x":1}', b'},"data":{}}',
+                                 b',"x":1}}', b',"Categorie":"x"}}', b'},"Source":"dom0"}']))
     return _PREFIX + b',"data":' + data + tail
 
 
+def decode_outcome(line: bytes) -> Outcome:
+    try:
+        msg = decode(line)
+    except MessageInvalide as exc:
+        return ("refused", exc.reason, exc.field)
+    return (*fields(msg, msg.raw), msg.payload, msg.extra)
+
+
 @SETTINGS
-@given(after_a_known_prefix())
-def test_a_known_prefix_decides_as_a_cold_memo_does(line: bytes) -> None:
-    # decode_envelope() takes a canonical notification whose bytes up to its data are a
-    # known frame's from a memo: its verdict must be the one reached with every memo
-    # empty, and decode()'s on the envelope (a full decode also reads the contents).
+@given(after_a_known_prefix(), st.booleans())
+def test_a_known_prefix_decides_as_a_cold_memo_does(line: bytes, by_decode: bool) -> None:
+    # decode_envelope() and decode() take a canonical notification whose bytes up to its
+    # data are a known frame's from a memo (filled by either): their verdicts must be
+    # the ones reached with every memo empty.
+    known = _PREFIX + b',"data":{"n":1}}}'
     clear_memos()
-    cold = envelope_outcome(line)
+    cold = envelope_outcome(line), decode_outcome(line)
     clear_memos()
-    decode_envelope(_PREFIX + b',"data":{"n":1}}}')
+    for _ in range(2):  # decode() memoises a frame's names first, then its prefix
+        (decode if by_decode else decode_envelope)(known)
     assert _PREFIX in envelope_module._PREFIXES  # remembered
-    assert envelope_outcome(line) == cold
-    if cold[0] == "refused":
-        with pytest.raises(MessageInvalide):
-            decode(line)
+    assert (envelope_outcome(line), decode_outcome(line)) == cold
+    if cold[0][0] == "refused":
+        assert cold[1][0] == "refused"
+
+
+def test_a_prefix_is_remembered_only_from_a_frame_laid_out_as_encode_writes_it() -> None:
+    # A decoded dict keeps the frame's key order: with the names after the payload, the
+    # bytes before data hold no names, and a frame starting with them may name anyone.
+    clear_memos()
+    reordered = (b'{"type":"notification","payload":{"categorie":"entree","evenement":"souris",'
+                 b'"data":{"n":1}},"source":"vm-p","destination":"vm-q"}')
+    for _ in range(3):
+        decode(reordered)
+        decode_envelope(reordered)
+    forged = reordered.replace(b'"source":"vm-p"', b'"source":"tous"')
+    for check in (decode, decode_envelope):
+        with pytest.raises(MessageInvalide) as exc:
+            check(forged)
+        assert (exc.value.reason, exc.value.field) == (Reason.BAD_NAME, "source")

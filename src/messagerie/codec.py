@@ -28,6 +28,7 @@ from .wire import (
     accepts,
     accepts_object,
     check_object,
+    check_payload_keys,
     union,
 )
 from .wire import type_name as _type_name
@@ -245,8 +246,26 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     # collapsed); the common one is then judged from the memos of what passed before.
     canonical = type(obj) is dict and _json_encode(obj) == line
     if canonical:
+        # A notification laid out as encode() writes it, whose bytes up to its data are a
+        # known one's (the memo envelope.decode_envelope() keeps, see there), with nothing
+        # after its data: the same envelope, data an object (decoded: a dict).
+        cut = line.find(_DATA_OBJECT)
+        if cut > 0 and line[:cut] in _PREFIXES and len(obj) == 4:
+            p = obj["payload"]
+            if len(p) == 3:
+                if len(line) - cut - _AROUND_DATA > _SHALLOW:
+                    check_depth(line)
+                msg = _NOTIFICATION_CLASS.__new__(_NOTIFICATION_CLASS)
+                msg.source = obj["source"]
+                msg.destination = obj["destination"]
+                msg.payload = p
+                msg.extra = {}
+                msg.raw = line
+                return msg
         kind = known_canonical(obj, line)
         if kind is not None:  # _message(), inlined for the common frame
+            if cut > 0 and kind is _NOTIFICATION and _laid_out(obj):
+                _remember_prefix(line[:cut], obj)
             cls = _CLASSES[kind]
             msg = cls.__new__(cls)
             msg.source = obj["source"]
@@ -304,6 +323,7 @@ def known_canonical(obj: dict[str, Any], line: bytes) -> Kind | None:
     kind, size = accepted
     if len(line) - _SKELETON[kind] - size > _SHALLOW:
         check_depth(line)
+    check_payload_keys(kind, obj["payload"])  # after the depth: no verdict comes before it
     return kind
 
 
@@ -322,6 +342,30 @@ def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None, *,
 
 
 _CLASSES: Final = {kind: MESSAGE_TYPES[kind.tag] for kind in KINDS.values()}
+
+# Canonical notifications by their bytes up to their data, when it is an object, with the
+# envelope of one accepted (decode() and envelope.decode_envelope() keep them): see
+# envelope.py. A dict keeps the frame's key order, so only a frame laid out as encode()
+# writes it gives a prefix (else the bytes before its data might not hold its envelope).
+_NOTIFICATION: Final = KINDS["notification"]
+_NOTIFICATION_CLASS: Final = MESSAGE_TYPES["notification"]
+_PREFIXES: Final = _NOTIFICATION.prefixes
+_DATA_OBJECT: Final = b',"data":{'
+_AROUND_DATA: Final = len(_DATA_OBJECT) - 1 + 2  # the key before data, "}}" after it
+_TOP_ORDER: Final = ["type", "source", "destination", "payload"]
+_PAYLOAD_ORDER: Final = ["categorie", "evenement", "data"]
+
+
+def _laid_out(obj: dict[str, Any]) -> bool:
+    """Are the keys of this notification, with its data, in encode()'s order, alone?"""
+    return list(obj) == _TOP_ORDER and list(obj["payload"]) == _PAYLOAD_ORDER
+
+
+def _remember_prefix(prefix: bytes, obj: dict[str, Any]) -> None:
+    if len(_PREFIXES) >= 4096:
+        _PREFIXES.clear()
+    p = obj["payload"]
+    _PREFIXES[prefix] = (obj["source"], obj["destination"], p["categorie"], p["evenement"])
 
 
 def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],

@@ -447,8 +447,8 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
     repeated), and the length of its memoised values (source, destination, tokens)
     summed, if it is valid as judged from the memos alone: those values together passed
     :func:`accepts` before, and its other fields are checked here. ``None`` means
-    "validate it with :func:`check_object`", never a refusal; a payload key that
-    case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
+    "validate it with :func:`check_object`", never a refusal; the payload's keys are
+    the caller's to check with :func:`check_payload_keys` (after the depth limit)."""
     try:
         kind = _PLAIN.get(obj["type"])
         if kind is None:
@@ -467,10 +467,15 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
         value = p.get(name)
         if type(value) is not str or memo._fullmatch(value) is None:
             return None
-    if not p.keys() <= kind.unambiguous:
-        check_unambiguous(p, kind.payload_fields, "payload.")
-        kind.remember_unambiguous(p)
     return kind, size
+
+
+def check_payload_keys(kind: Kind, payload: dict[str, Any]) -> None:
+    """Refuse a payload key that case-insensitive parsers take for a field, as
+    :func:`check_keys` does (keys that passed before are remembered)."""
+    if not payload.keys() <= kind.unambiguous:
+        check_unambiguous(payload, kind.payload_fields, "payload.")
+        kind.remember_unambiguous(payload)
 
 
 _OBJECT_OR_NULL: Final = frozenset(b"{n")
