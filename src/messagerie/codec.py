@@ -265,7 +265,9 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         kind = known_canonical(obj, line)
         if kind is not None:  # _message(), inlined for the common frame
             if cut > 0 and kind is _NOTIFICATION and _laid_out(obj):
-                _remember_prefix(line[:cut], obj)
+                p = obj["payload"]
+                _remember_prefix(line[:cut], (obj["source"], obj["destination"],
+                                              p["categorie"], p["evenement"]))
             cls = _CLASSES[kind]
             msg = cls.__new__(cls)
             msg.source = obj["source"]
@@ -361,11 +363,12 @@ def _laid_out(obj: dict[str, Any]) -> bool:
     return list(obj) == _TOP_ORDER and list(obj["payload"]) == _PAYLOAD_ORDER
 
 
-def _remember_prefix(prefix: bytes, obj: dict[str, Any]) -> None:
+def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
+    """Remember the bytes up to the data of an accepted notification with these memoised
+    values (source, destination, categorie, evenement)."""
     if len(_PREFIXES) >= 4096:
         _PREFIXES.clear()
-    p = obj["payload"]
-    _PREFIXES[prefix] = (obj["source"], obj["destination"], p["categorie"], p["evenement"])
+    _PREFIXES[prefix] = key
 
 
 def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],

@@ -42,11 +42,15 @@ from msgspec import UNSET, Raw, Struct
 
 from . import wire
 from .codec import (
+    _AROUND_DATA,
+    _DATA_OBJECT,
+    _PREFIXES,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
     _json_decode,
+    _remember_prefix,
     _skeleton,
     _strip,
     check_depth,
@@ -446,16 +450,8 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
 # they are checked as for any frame. Kept on the notification's Kind, so that
 # wire.clear_memos() forgets them with the rest (at most 4096; a prefix is at most a few
 # hundred bytes, names and tokens being bounded).
-_DATA_OBJECT: Final = b',"data":{'
-_AROUND_DATA: Final = len(_DATA_OBJECT) - 1 + 2  # the key before data, "}}" after it
+# The memo and its helpers are codec.py's (decode() uses it too).
 _NOTIFICATION_TAG: Final = _NOTIFICATION.tag
-_PREFIXES: Final = _NOTIFICATION.prefixes
-
-
-def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
-    if len(_PREFIXES) >= 4096:
-        _PREFIXES.clear()
-    _PREFIXES[prefix] = key
 
 
 # A canonical frame decoded into a twin is its own object and payload (two levels) with
