@@ -151,8 +151,12 @@ def test_conffiles_man_pages_and_docs(installed: Path) -> None:
     conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", PKG).stdout.split()
     assert "/etc/messagerie/broker.toml" in conffiles
     assert "/etc/messagerie/policy.toml" in conffiles
+    # the package's own default (no domain declared), the socle's policy; the
+    # repository's commented examples among the docs
     assert Path("/etc/messagerie/broker.toml").read_text() == \
-        (ROOT / "config" / "broker.toml").read_text()
+        (ROOT / "packaging" / "broker.toml").read_text()
+    assert Path("/etc/messagerie/policy.toml").read_text() == \
+        (ROOT / "config" / "socle-policy.toml").read_text()
     for page in ("messagerie", "messagerie-policy", "messagerie-broker"):
         path = run("man", "-w", page).stdout.strip()
         assert path.startswith("/usr/share/man/man"), path
@@ -160,7 +164,7 @@ def test_conffiles_man_pages_and_docs(installed: Path) -> None:
                             env={**os.environ, "MANWIDTH": "80"}).stdout.upper()
     doc = Path("/usr/share/doc") / PKG
     for name in ("README.md", "copyright", "changelog.gz", "docs/broker.md",
-                 "docs/install.md", "examples/policy.toml"):
+                 "docs/install.md", "examples/policy.toml", "examples/broker.toml"):
         assert (doc / name).is_file(), name
     # Bytecode is compiled at install time (none in the package itself).
     listed = run("dpkg", "-L", PKG).stdout
