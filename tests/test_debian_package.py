@@ -142,6 +142,7 @@ def test_unit_users_and_directories(installed: Path) -> None:
     assert run("getent", "passwd", "messagerie").stdout.split(":")[6].strip() \
         in ("/usr/sbin/nologin", "/sbin/nologin")
     run("getent", "group", "xen-channels")
+    run("getent", "group", "messagerie-trace")
     st = os.stat("/etc/messagerie")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, grp.getgrgid(st.st_gid).gr_name) \
         == (0o750, 0, "messagerie")
@@ -164,7 +165,8 @@ def test_conffiles_man_pages_and_docs(installed: Path) -> None:
                             env={**os.environ, "MANWIDTH": "80"}).stdout.upper()
     doc = Path("/usr/share/doc") / PKG
     for name in ("README.md", "copyright", "changelog.gz", "docs/broker.md",
-                 "docs/install.md", "examples/policy.toml", "examples/broker.toml"):
+                 "docs/install.md", "examples/policy.toml", "examples/broker.toml",
+                 "examples/messagerie-broker-trace.conf"):
         assert (doc / name).is_file(), name
     # Bytecode is compiled at install time (none in the package itself).
     listed = run("dpkg", "-L", PKG).stdout
