@@ -45,6 +45,18 @@ def make_testable_copy(tmp_path: Path) -> Path:
     return copy
 
 
+def exposure(unit: Path) -> float:
+    """``systemd-analyze security --offline=yes`` of a unit file (its drop-in directory
+    ``<unit>.d/`` beside it is read too)."""
+    assert ANALYZE is not None
+    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    if found is None:
+        pytest.skip(f"this systemd-analyze has no offline security analysis: {result.stderr}")
+    return float(found.group(1))
+
+
 @pytest.mark.integration
 @needs_analyze
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -73,26 +85,8 @@ def test_systemd_analyze_verify_catches_errors(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @needs_analyze
-def test_security_exposure(tmp_path: Path) -> None:
-    assert ANALYZE is not None
-    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(UNIT)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
-    if found is None:
-        pytest.skip(f"this systemd-analyze has no offline security analysis: {result.stderr}")
-    assert float(found.group(1)) <= 2.0, result.stdout
-
-
-def exposure(unit: Path) -> float:
-    """``systemd-analyze security --offline=yes`` of a unit file (its drop-in directory
-    ``<unit>.d/`` beside it is read too)."""
-    assert ANALYZE is not None
-    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(unit)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
-    if found is None:
-        pytest.skip(f"this systemd-analyze has no offline security analysis: {result.stderr}")
-    return float(found.group(1))
+def test_security_exposure() -> None:
+    assert exposure(UNIT) <= 2.0
 
 
 def test_the_trace_drop_in_only_adds_the_trace_group() -> None:
