@@ -517,27 +517,28 @@ class Client:
                 cmd.payload["delai"] = carried
             return encode(cmd)
 
-        retired = False
+        sent = False
         try:
             send_timeout = self.connect_timeout if wait is None else min(wait,
                                                                          self.connect_timeout)
             await self._send_bytes(frame, send_timeout, abandon=fut)
+            sent = True
             try:
                 async with asyncio.timeout(remaining()):
-                    rep = await fut
+                    # Shielded: given up on (timeout, or the caller cancelled), the
+                    # future stays, to be settled by the broker's answer (_retire).
+                    rep = await asyncio.shield(fut)
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     rep = fut.result()  # answered at the deadline: take it
                 else:
                     self._log.info("commande.timeout", id=cmd.id, commande=cmd.commande,
                                    destination=cmd.destination, timeout=wait, sent=True)
-                    retired = carried is not None and not fut.done()
-                    if retired:
-                        self._retire(cmd, fut, written + (carried or 0.0), destination_slots,
-                                     users)
                     raise CommandTimeout(cmd, wait or 0.0) from None
         finally:
-            if not retired:
+            if sent and carried is not None and not fut.done():
+                self._retire(cmd, fut, written + carried, destination_slots, users)
+            else:
                 self._release(cmd, fut, destination_slots, users)
         if not rep.ok:
             erreur = rep.erreur or {}
