@@ -730,8 +730,12 @@ class Client:
         """The broker gave up waiting for our answer to a command (its deadline passed,
         or its commander went away): cancel the handler serving it; it answers nothing."""
         data = notice.data
-        key = (data.get("source"), data.get("id"))
-        task = self._serving.pop(key, None)  # type: ignore[arg-type]
+        source, id = data.get("source"), data.get("id")
+        if type(source) is not str or type(id) is not str:
+            self._log.warning("commande.bad_abandonment", data=str(data)[:200])
+            return
+        key = (source, id)
+        task = self._serving.pop(key, None)
         self._log.info("commande.abandoned", id=key[1], source=key[0],
                        commande=data.get("commande"), running=task is not None)
         if task is not None:
