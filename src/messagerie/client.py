@@ -148,12 +148,13 @@ class Client:
         self.backoff_max = backoff_max
         self.max_handlers = max_handlers
         #: Commands sent and not yet answered, at most; more wait for a free slot.
-        #: 64 is the broker's default per-domain limit (``limites.commandes_en_vol``).
+        #: 64 is half the broker's default per-domain limit (``limites.commandes_en_vol``,
+        #: 128), so that one process never holds all of its domain's slots.
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
-        #: Of those, awaiting one destination's answer, at most: 16 is the broker's
-        #: default ``limites.commandes_en_vol_destination`` (a destination that does not
-        #: answer holds only its share of the slots).
+        #: Of those, awaiting one destination's answer, at most: 16, a quarter of the
+        #: broker's default ``limites.commandes_en_vol_destination`` (64), so that a
+        #: destination that does not answer holds only its share of the slots.
         self.max_in_flight_per_destination = max_in_flight_per_destination
         self._destination_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         """Per destination: its semaphore and how many commands use it (the entry goes
