@@ -38,6 +38,7 @@ import structlog
 from messagerie import FrameDecoder, FrameError
 from messagerie.channel import (
     READ_SIZE,
+    REMAINING_MAX,
     ChannelError,
     channel_kind,
     open_channel,
@@ -73,6 +74,17 @@ STALL_MEMORY_FACTOR = 10
 """A destination that drains after being stalled is stalled again at once (its senders
 not held) if it fills up within this many ``stall_timeout``: a reader that stops and
 starts again does not hold its senders once per cycle."""
+PROGRESS_WINDOW = 0.25
+"""Seconds: a full destination that took none of its queued bytes within the last one
+to two of these (``delai_blocage`` over 4 when shorter) is *making no progress*: it
+holds no broadcaster, and the memory budget cuts it first (``Endpoint.progressing``)."""
+RECLAIM_AT = 0.75
+"""Of the memory budget: past it, a full queue past its share that makes no progress,
+or past twice its share, takes no more; past the whole budget, any full queue past its
+share (see broker.memory)."""
+REMAINDER_MAX_BYTES = READ_SIZE + REMAINING_MAX
+"""A lost channel's unprocessed bytes kept for later turns: one read and what a socket
+still held (``read_remaining``); what is beyond is dropped and counted."""
 
 
 def _frames(data: bytes) -> int:
@@ -220,6 +232,22 @@ class Endpoint(asyncio.Protocol):
         self._high = MIN_HIGH_WATER
         """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
+        self._written = 0
+        """Bytes handed to the transport since it connected: less what it still buffers,
+        what the peer took (``progressing``)."""
+        self._full_since = self._mark_at = 0.0
+        self._mark = 0
+        self._before = 0
+        """Bytes taken at the start of the current and the previous progress window."""
+        self.overflow_dropped = 0
+        """Broadcasts dropped for this destination since it got full (logged once)."""
+        self.drop_why = "queue_full"
+        """Why the last message refused by :meth:`send` was: ``queue_full``,
+        ``memory_budget`` or ``not_reading`` (a broadcast past a mute one's overflow)."""
+        self._remainder: bytes | None = None
+        """A lost channel's frames not processed yet (``_process_remainder``)."""
+        self._remainder_decoder: FrameDecoder[Envelope | Run] | None = None
+        self._remainder_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_event_loop()
 
     def _decoder(self) -> FrameDecoder[Envelope | Run]:
@@ -241,6 +269,9 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         self.stalled = False
         self._stalled_until = 0.0
+        self._written = 0
+        if self._remainder is not None:
+            self.transport.pause_reading()  # the last connection's frames go first
 
     def data_received(self, data: bytes) -> None:
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
@@ -278,11 +309,12 @@ class Endpoint(asyncio.Protocol):
         """Read again, unless something else still holds the channel: a full destination,
         the rate limit, a backlog of frames, shutdown."""
         if (not self._held_by and self._throttle_timer is None and self._backlog is None
-                and self.transport is not None and not self.sink.stopping
-                and not self.transport.is_closing()):
+                and self._remainder is None and self.transport is not None
+                and not self.sink.stopping and not self.transport.is_closing()):
             self.transport.resume_reading()
 
-    def _process(self, data: bytes) -> None:
+    def _process(self, data: bytes,
+                 decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
         bucket = self.bucket
         spend = bucket.spend
         # The balance in a local while the read is processed: only what is over budget
@@ -293,7 +325,7 @@ class Endpoint(asyncio.Protocol):
         cork = sink.cork
         cork.active = True
         try:
-            for item in self.decoder.feed(data):
+            for item in (decoder or self.decoder).feed(data):
                 # A junk frame costs a decode attempt like a message: it spends the same
                 # rate budget, or a domain flooding garbage would escape throttling.
                 n = item.count if type(item) is Run else 1
@@ -372,7 +404,7 @@ class Endpoint(asyncio.Protocol):
             rest = (self._backlog or b"") + read_remaining(self.transport)
             self._backlog = None
             if rest:
-                self._process_remainder(rest)
+                self._keep_remainder(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -392,21 +424,81 @@ class Endpoint(asyncio.Protocol):
         self._stall_timer = self._throttle_timer = None
         self.paused_writing = False
 
-    def _process_remainder(self, data: bytes) -> None:
-        """A lost channel's last bytes, now (the channel is closing): one turn's worth,
-        as many frames as its rate budget has tokens left and at most
-        MAX_FRAMES_PER_TURN; the rest is dropped, counted as throttled and logged."""
-        allowed = max(0, min(MAX_FRAMES_PER_TURN, int(self.bucket.refill())))
-        if _frames(data) > allowed:
-            rest = data.split(b"\n", allowed)[-1]
-            data = data[:len(data) - len(rest)]
+    def _keep_remainder(self, data: bytes) -> None:
+        """A lost channel's last bytes, kept to be processed over the next loop turns
+        (``_process_remainder``) like any read: at most MAX_FRAMES_PER_TURN frames a
+        turn, within the rate budget. Kept: at most REMAINDER_MAX_BYTES, and as many
+        frames as the rate budget's burst (or one turn, when the burst is smaller): what
+        a peer within its budget can have sent unread. The rest is dropped, counted as
+        throttled and logged once (``frames.dropped why=closed_over_budget``)."""
+        if self._remainder is not None:  # still processing the last one: behind it
+            data = self._remainder + data
+        keep = max(MAX_FRAMES_PER_TURN, int(self.bucket.burst))
+        if len(data) > REMAINDER_MAX_BYTES or _frames(data) > keep:
+            kept = data[:REMAINDER_MAX_BYTES]
+            if _frames(kept) > keep:
+                kept = kept[:len(kept) - len(kept.split(b"\n", keep)[-1])]
+            else:
+                kept = kept[:kept.rfind(b"\n") + 1]
+            rest = data[len(kept):]
+            data = kept
             dropped = _frames(rest) + (not rest.endswith(b"\n"))
             self.stats.throttled += dropped
             self.log.warning("frames.dropped", why="closed_over_budget", frames=dropped,
                              detail="the channel closed with more frames unread than its "
-                                    "rate budget or one turn allows")
-        if data:
-            self._process(data)
+                                    "rate budget or the bytes kept allow")
+        if not data:
+            return
+        if self._remainder is None:
+            self._remainder_decoder = self.decoder
+            self._loop.call_soon(self._process_remainder)
+        self._remainder = data
+
+    def _process_remainder(self) -> None:
+        """One turn of a lost channel's remainder: as many frames as the rate budget
+        has tokens, at most MAX_FRAMES_PER_TURN; then again next turn, or when the
+        bucket has refilled. Reading a new connection waits until it is done."""
+        self._remainder_timer = None
+        data = self._remainder
+        if data is None:
+            return
+        if self.sink.stopping:
+            self._drop_remainder()
+            return
+        allowed = min(MAX_FRAMES_PER_TURN, int(self.bucket.refill()))
+        if allowed < 1:
+            self._remainder_timer = self._loop.call_later(
+                self._refill_delay(), self._process_remainder)
+            return
+        rest = b""
+        if _frames(data) > allowed:
+            rest = data.split(b"\n", allowed)[-1]
+            data = data[:len(data) - len(rest)]
+        self._remainder = rest or None
+        self._process(data, self._remainder_decoder)
+        if self._remainder is not None:
+            if self.bucket.tokens >= 1:
+                self._loop.call_soon(self._process_remainder)
+            else:
+                self._remainder_timer = self._loop.call_later(
+                    self._refill_delay(), self._process_remainder)
+        else:
+            self._remainder_decoder = None
+            self._resume()
+
+    def _refill_delay(self) -> float:
+        """Seconds until the bucket holds one token again."""
+        return max(1e-3, (1 - self.bucket.tokens) / self.bucket.rate)
+
+    def _drop_remainder(self) -> None:
+        """The domain is removed or the broker stops: what is left goes, counted."""
+        if self._remainder is not None:
+            self.stats.throttled += _frames(self._remainder)
+            self._remainder = None
+        self._remainder_decoder = None
+        if self._remainder_timer is not None:
+            self._remainder_timer.cancel()
+            self._remainder_timer = None
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -417,6 +509,35 @@ class Endpoint(asyncio.Protocol):
         self._shares.clear()
         self._shares_total = 0
         self._top = None
+        self.overflow_dropped = 0
+        taken = self._taken()
+        self._full_since = self._mark_at = self._loop.time()
+        self._mark = self._before = taken
+
+    def _taken(self) -> int:
+        """Bytes the peer took since it connected."""
+        t = self.transport
+        return self._written - (int(t.get_write_buffer_size()) if t is not None else 0)
+
+    def progressing(self) -> bool:
+        """Did this full destination take any of its bytes lately (within one to two
+        progress windows)? A slow reader does, however slowly; one that reads nothing
+        does not. Asked on a full queue's path only."""
+        taken = self._taken()
+        now = self._loop.time()
+        if now - self._mark_at >= self._window():
+            self._before, self._mark, self._mark_at = self._mark, taken, now
+        return taken > self._before
+
+    def _window(self) -> float:
+        return min(PROGRESS_WINDOW, self.limits.stall_timeout / 4)
+
+    def mute(self) -> bool:
+        """Full for at least a progress window, and took nothing lately: it does not
+        read (judged only once a window has passed: a reader just starved for a moment
+        is not mute)."""
+        return (self._loop.time() - self._full_since >= self._window()
+                and not self.progressing())
 
     def resume_writing(self) -> None:
         self.paused_writing = False
@@ -444,14 +565,16 @@ class Endpoint(asyncio.Protocol):
         t = self.transport
         return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1) -> bool:
+    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1, *,
+             fanout: bool = False) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
+        ``fanout``: one delivery of a message to several recipients (a broadcast).
 
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
             return False
-        if self.paused_writing and not self._admit(t, data, sender, count):
+        if self.paused_writing and not self._admit(t, data, sender, count, fanout):
             return False
         out = self._out
         if not out:
@@ -465,7 +588,8 @@ class Endpoint(asyncio.Protocol):
         self.stats.sent += count
         return True
 
-    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int) -> bool:
+    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int,
+               fanout: bool) -> bool:
         """A full queue shared among its senders (the slow path of :meth:`send`).
 
         Bytes accepted since the queue got full are counted per sender (``None``: the
@@ -476,9 +600,20 @@ class Endpoint(asyncio.Protocol):
         ``queue_bytes``, the senders filling it (the one that sent the most, or one
         past its equal share of it) have their messages dropped, while the others' are
         still queued up to the hard bound (``HARD_LIMIT_FACTOR`` times it): a flooder
-        fills only its own share, honest senders keep theirs. Over the memory budget
-        of all the queues together, a queue past its share of the budget takes no
-        more."""
+        fills only its own share, honest senders keep theirs.
+
+        A broadcast is never held back by a recipient that makes no progress
+        (:meth:`progressing`): one that reads nothing would hold the broadcaster, and
+        so every other recipient, until it stalls. Such a recipient keeps the
+        broadcasts up to ``queue_bytes`` queued (its overflow, counted in the memory
+        budget); beyond, they are dropped for it alone, counted and logged once per
+        burst. A recipient that reads, however slowly, holds the broadcaster like any
+        sender past its share: it loses nothing.
+
+        The memory budget of all the queues together cuts in order: past
+        ``RECLAIM_AT`` of it, a queue past its share of the budget that makes no
+        progress, or past twice its share, takes no more; past the whole budget, any
+        queue past its share. Readers that stopped are cut first, slow readers last."""
         n = len(data)
         shares = self._shares
         mine = shares.get(sender, 0) + n
@@ -491,14 +626,25 @@ class Endpoint(asyncio.Protocol):
         if queued > bound * HARD_LIMIT_FACTOR or (
                 self.stalled and queued > bound and over_share):
             self.stats.dropped += count
+            self.drop_why = "queue_full"
+            if fanout and self.mute():
+                self.overflow_dropped += count
+                self.drop_why = "not_reading"
             return False
         memory = self.sink.memory
-        if queued > memory.share and memory.over(n):
+        if queued > memory.share and self._over_budget(memory, queued, n):
             self.stats.dropped += count
+            self.drop_why = "memory_budget"
             return False
         if (sender is not None and sender is not self and not self.stalled
                 and mine > self._high // senders):
-            sender.hold(self)
+            if not fanout or self.progressing():
+                sender.hold(self)
+            elif queued > bound and self.mute():  # its overflow is full: for it alone
+                self.stats.dropped += count
+                self.overflow_dropped += count
+                self.drop_why = "not_reading"
+                return False
         memory.add(n)
         shares[sender] = mine
         if filling:
@@ -510,6 +656,12 @@ class Endpoint(asyncio.Protocol):
             self._shares_total //= 2
         return True
 
+    def _over_budget(self, memory: MemoryBudget, queued: int, n: int) -> bool:
+        """Is this queue (past its share of the memory budget) cut? See :meth:`_admit`."""
+        if not memory.over(n, RECLAIM_AT):
+            return False
+        return memory.over(n) or queued > 2 * memory.share or self.mute()
+
     def flush(self) -> None:
         """Write out what is queued, in one write."""
         out = self._out
@@ -519,6 +671,7 @@ class Endpoint(asyncio.Protocol):
         out.clear()
         self._out_size = 0
         if self.transport is not None:
+            self._written += len(data)
             self.transport.write(data)
 
     def hold(self, dest: Endpoint) -> None:
@@ -598,6 +751,7 @@ class DomainEndpoint(Endpoint):
         supervisor task, cancelled, for the caller to await if it wants."""
         self._stopping = True
         self._backlog = None  # read but not yet routed: it goes with the domain
+        self._drop_remainder()
         if self.transport is not None:
             self.transport.abort()
         task, self._task = self._task, None
