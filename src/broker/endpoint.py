@@ -74,10 +74,16 @@ STALL_MEMORY_FACTOR = 10
 """A destination that drains after being stalled is stalled again at once (its senders
 not held) if it fills up within this many ``stall_timeout``: a reader that stops and
 starts again does not hold its senders once per cycle."""
-PROGRESS_WINDOW = 0.25
-"""Seconds: a full destination that took none of its queued bytes within the last one
-to two of these (``delai_blocage`` over 4 when shorter) is *making no progress*: it
-holds no broadcaster, and the memory budget cuts it first (``Endpoint.progressing``)."""
+PROGRESS_SETTLE = 0.05
+"""Seconds after a destination gets full before its progress is measured: what the
+kernel and a relay (socat, xenconsoled) still take right after is not reading."""
+PROGRESS_MEMORY = 1.0
+"""Seconds: a destination that fills up again this soon after draining is taken to
+read (judged again after a window), not judged afresh."""
+PROGRESS_WINDOW = 0.1
+"""Seconds: a full destination that took none of its queued bytes over one of these
+(``delai_blocage`` over 4 when shorter) is *making no progress* (``Endpoint.progress``):
+it holds no broadcaster, and the memory budget cuts it first."""
 RECLAIM_AT = 0.75
 """Of the memory budget: past it, a full queue past its share that makes no progress,
 or past twice its share, takes no more; past the whole budget, any full queue past its
@@ -235,10 +241,16 @@ class Endpoint(asyncio.Protocol):
         self._written = 0
         """Bytes handed to the transport since it connected: less what it still buffers,
         what the peer took (``progressing``)."""
-        self._full_since = self._mark_at = 0.0
-        self._mark = 0
-        self._before = 0
-        """Bytes taken at the start of the current and the previous progress window."""
+        self._mark_at = 0.0
+        self._mark: int | None = None
+        """Bytes taken at the start of the current progress window (None: not started)."""
+        self._progress: bool | None = None
+        """Did it take bytes over the last progress window? None: not judged yet."""
+        self._fanout_waiters: set[Endpoint] = set()
+        """Broadcasters among ``_waiters``: released once it makes no progress."""
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._drained_at = float("-inf")
+        """Loop time it last drained below its low-water mark."""
         self.overflow_dropped = 0
         """Broadcasts dropped for this destination since it got full (logged once)."""
         self.drop_why = "queue_full"
@@ -415,13 +427,15 @@ class Endpoint(asyncio.Protocol):
         for waiter in list(self._waiters):
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
         for dest in list(self._held_by):
             dest._waiters.discard(self)
+            dest._fanout_waiters.discard(self)
         self._held_by.clear()
-        for timer in (self._stall_timer, self._throttle_timer):
+        for timer in (self._stall_timer, self._throttle_timer, self._progress_timer):
             if timer is not None:
                 timer.cancel()
-        self._stall_timer = self._throttle_timer = None
+        self._stall_timer = self._throttle_timer = self._progress_timer = None
         self.paused_writing = False
 
     def _keep_remainder(self, data: bytes) -> None:
@@ -510,37 +524,60 @@ class Endpoint(asyncio.Protocol):
         self._shares_total = 0
         self._top = None
         self.overflow_dropped = 0
-        taken = self._taken()
-        self._full_since = self._mark_at = self._loop.time()
-        self._mark = self._before = taken
+        now = self._loop.time()
+        self._mark_at = now + PROGRESS_SETTLE
+        self._mark = None
+        if now - self._drained_at > PROGRESS_MEMORY:
+            self._progress = None  # judged afresh; one that drained lately reads
 
     def _taken(self) -> int:
         """Bytes the peer took since it connected."""
         t = self.transport
         return self._written - (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def progressing(self) -> bool:
-        """Did this full destination take any of its bytes lately (within one to two
-        progress windows)? A slow reader does, however slowly; one that reads nothing
-        does not. Asked on a full queue's path only."""
-        taken = self._taken()
+    def progress(self) -> bool | None:
+        """Did this full destination take any of its bytes over the last progress
+        window? A slow reader does, however slowly; one that reads nothing does not.
+        ``None`` until a first window, which starts PROGRESS_SETTLE after it got full,
+        is over. Asked on a full queue's path and by the progress timer only."""
         now = self._loop.time()
-        if now - self._mark_at >= self._window():
-            self._before, self._mark, self._mark_at = self._mark, taken, now
-        return taken > self._before
-
-    def _window(self) -> float:
-        return min(PROGRESS_WINDOW, self.limits.stall_timeout / 4)
+        if now < self._mark_at:
+            return self._progress
+        taken = self._taken()
+        if self._mark is None:
+            self._mark, self._mark_at = taken, now
+        elif now - self._mark_at >= min(PROGRESS_WINDOW, self.limits.stall_timeout / 4):
+            self._progress = taken > self._mark
+            self._mark, self._mark_at = taken, now
+        return self._progress
 
     def mute(self) -> bool:
-        """Full for at least a progress window, and took nothing lately: it does not
-        read (judged only once a window has passed: a reader just starved for a moment
-        is not mute)."""
-        return (self._loop.time() - self._full_since >= self._window()
-                and not self.progressing())
+        """Full, and took none of its bytes over the last progress window."""
+        return self.progress() is False
+
+    def _watch_progress(self) -> None:
+        """While broadcasters wait on this destination, look again every window: they
+        are released as soon as it makes no progress."""
+        if self._progress_timer is None:
+            self._progress_timer = self._loop.call_later(
+                min(PROGRESS_WINDOW, self.limits.stall_timeout / 4), self._check_progress)
+
+    def _check_progress(self) -> None:
+        self._progress_timer = None
+        if not self.paused_writing or not self._fanout_waiters:
+            return
+        if self.mute():
+            for waiter in self._fanout_waiters:
+                self._waiters.discard(waiter)
+                waiter.release(self)
+            self._fanout_waiters.clear()
+        else:
+            self._watch_progress()
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        self._drained_at = self._loop.time()
+        self._progress = True  # it read its queue down: until judged again, it reads
         if self.stalled:
             self.stalled = False
             again = self._loop.time() < self._stalled_until
@@ -554,6 +591,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
         self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
@@ -603,12 +641,15 @@ class Endpoint(asyncio.Protocol):
         fills only its own share, honest senders keep theirs.
 
         A broadcast is never held back by a recipient that makes no progress
-        (:meth:`progressing`): one that reads nothing would hold the broadcaster, and
-        so every other recipient, until it stalls. Such a recipient keeps the
-        broadcasts up to ``queue_bytes`` queued (its overflow, counted in the memory
-        budget); beyond, they are dropped for it alone, counted and logged once per
-        burst. A recipient that reads, however slowly, holds the broadcaster like any
-        sender past its share: it loses nothing.
+        (:meth:`progress`): one that reads nothing would hold the broadcaster, and so
+        every other recipient, until it stalls. Such a recipient keeps the broadcasts
+        up to ``queue_bytes`` queued (its overflow, counted in the memory budget);
+        beyond, they are dropped for it alone, counted and logged once per burst. A
+        recipient that reads, however slowly, holds the broadcaster like any sender
+        past its share: it loses nothing. Until its first progress window is over
+        (PROGRESS_SETTLE + PROGRESS_WINDOW after it got full), it holds nobody while
+        within its overflow; past it, the broadcaster is held until it is judged, and
+        released then if it reads nothing (``_check_progress``).
 
         The memory budget of all the queues together cuts in order: past
         ``RECLAIM_AT`` of it, a queue past its share of the budget that makes no
@@ -638,9 +679,12 @@ class Endpoint(asyncio.Protocol):
             return False
         if (sender is not None and sender is not self and not self.stalled
                 and mine > self._high // senders):
-            if not fanout or self.progressing():
-                sender.hold(self)
-            elif queued > bound and self.mute():  # its overflow is full: for it alone
+            progress = self.progress() if fanout else True
+            if progress or (progress is None and queued > bound):
+                # Reads (held until it drains), or not judged yet and past its
+                # overflow (held until judged: released at once if it reads nothing).
+                sender.hold(self, fanout=fanout)
+            elif queued > bound and progress is False:  # overflow full: for it alone
                 self.stats.dropped += count
                 self.overflow_dropped += count
                 self.drop_why = "not_reading"
@@ -674,12 +718,16 @@ class Endpoint(asyncio.Protocol):
             self._written += len(data)
             self.transport.write(data)
 
-    def hold(self, dest: Endpoint) -> None:
-        """Stop reading this peer until ``dest`` drains (or is declared stalled)."""
+    def hold(self, dest: Endpoint, *, fanout: bool = False) -> None:
+        """Stop reading this peer until ``dest`` drains (or is declared stalled; or,
+        for a broadcaster, makes no progress)."""
         if dest in self._held_by or self.transport is None:
             return
         self._held_by.add(dest)
         dest._waiters.add(self)
+        if fanout:
+            dest._fanout_waiters.add(self)
+            dest._watch_progress()
         self.transport.pause_reading()
         dest._watch_stall()  # started when it got full; again if it fired meanwhile
 
@@ -703,6 +751,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
 
     def close(self) -> None:
         if self.transport is not None:
