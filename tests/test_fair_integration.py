@@ -1,18 +1,26 @@
 """A broadcaster, a slow reader and a domain that reads nothing, over real socat ptys
-and the broker started as users start it: counted message by message."""
+and the broker started as users start it; a lost socket's last frames over real unix
+sockets: counted message by message."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
+import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from messagerie import FrameDecoder, Message
+from broker.config import Config, DomainConfig, Limits
+from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
+from broker.hub import Broker
+from messagerie import FrameDecoder, Message, Notification, encode
 from tests.support.broker_process import BrokerSystem
+from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +91,44 @@ def test_a_mute_recipient_holds_no_broadcaster_and_a_slow_one_loses_nothing(
         slow.stop.set()
         s.domus.pop("vm-mute")
         assert s.close() == 0
+
+
+async def test_a_closed_socket_peer_s_frames_past_one_turn_are_all_routed(
+        tmp_path: Path) -> None:
+    """Real unix sockets: the peer writes 1 500 frames (three turns' worth, within its
+    burst) and closes; the broker's write to it fails first (EPIPE). Every frame is
+    still routed, in order, over the next turns; none is dropped."""
+    names = ("vm-a", "vm-b")
+    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
+                           dom0_socket=None, limits=Limits()))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver_ours, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    eps = {}
+    for name, sock in (("vm-a", ours), ("vm-b", receiver_ours)):
+        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
+        broker.domains[name] = ep
+        await loop.create_unix_connection(lambda ep=ep: ep, sock=sock)  # type: ignore[misc]
+        ep.connected_since = time.time()
+        eps[name] = ep
+    n = 3 * MAX_FRAMES_PER_TURN - 36
+    theirs.sendall(b"".join(encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i}))
+                            for i in range(n)))
+    theirs.close()
+    assert eps["vm-a"].transport is not None
+    eps["vm-a"].transport.write(b"anything\n")  # before the loop reads vm-a: EPIPE
+    receiver.setblocking(False)
+    decoder = FrameDecoder(1 << 20)
+    got: list[int] = []
+
+    def arrived() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            got.extend(m.payload["data"]["n"] for m in decoder.feed(receiver.recv(1 << 16))
+                       if isinstance(m, Message) and m.source == "vm-a")
+        return len(got) >= n
+    await async_wait_until(arrived, interval=0.005)
+    assert got == list(range(n))
+    assert eps["vm-a"].stats.throttled == 0 and eps["vm-a"].transport is None
+    for ep in eps.values():
+        ep.detach()
+    receiver.close()

@@ -15,7 +15,13 @@ Outbound policy, per destination (documented in docs/broker.md):
 * a destination that does not drain within ``stall_timeout`` is *stalled*: its
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
-  dropped ``commande`` is answered ``destination_saturee``.
+  dropped ``commande`` is answered ``destination_saturee``;
+* a broadcast never waits on a destination that takes none of its bytes over a
+  progress window (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
+  or is dropped for it alone; a slow reader (takes bytes, however few) holds the
+  broadcaster back like any sender and loses nothing (``Endpoint._admit``);
+* a lost channel's unprocessed frames are routed over the next loop turns within
+  its rate budget (``Endpoint._keep_remainder``).
 
 A :class:`DomainEndpoint` is an :class:`Endpoint` that keeps its channel open: it connects,
 and when the channel goes away (domain shutdown, pty hang-up, socket closed, EIO) it
