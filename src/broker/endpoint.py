@@ -16,8 +16,8 @@ Outbound policy, per destination (documented in docs/broker.md):
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
   dropped ``commande`` is answered ``destination_saturee``;
-* a broadcast never waits on a destination that takes none of its bytes over a
-  progress window (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
+* a broadcast never waits on a destination that took none of its bytes for
+  ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
   or is dropped for it alone; a slow reader (takes bytes, however few) holds the
   broadcaster back like any sender and loses nothing (``Endpoint._admit``);
 * a lost channel's unprocessed frames are routed over the next loop turns within
@@ -87,9 +87,13 @@ PROGRESS_MEMORY = 1.0
 """Seconds: a destination that fills up again this soon after draining is taken to
 read (judged again after a window), not judged afresh."""
 PROGRESS_WINDOW = 0.1
-"""Seconds: a full destination that took none of its queued bytes over one of these
-(``delai_blocage`` over 4 when shorter) is *making no progress* (``Endpoint.progress``):
-it holds no broadcaster, and the memory budget cuts it first."""
+"""Seconds (``delai_blocage`` over 4 when shorter): a full destination that took some
+of its queued bytes over one of these *reads* (``Endpoint.progress``)."""
+MUTE_AFTER = 1.0
+"""Seconds (``delai_blocage`` when shorter): a full destination that took none of its
+queued bytes for this long is *mute*: it holds no broadcaster, and the memory budget
+cuts it first. Longer than a window, so that a reader starved for a moment on a
+loaded machine is not taken for one that does not read."""
 RECLAIM_AT = 0.75
 """Of the memory budget: past it, a full queue past its share that makes no progress,
 or past twice its share, takes no more; past the whole budget, any full queue past its
@@ -247,7 +251,7 @@ class Endpoint(asyncio.Protocol):
         self._written = 0
         """Bytes handed to the transport since it connected: less what it still buffers,
         what the peer took (``progressing``)."""
-        self._mark_at = 0.0
+        self._mark_at = self._idle_since = 0.0
         self._mark: int | None = None
         """Bytes taken at the start of the current progress window (None: not started)."""
         self._progress: bool | None = None
@@ -542,23 +546,31 @@ class Endpoint(asyncio.Protocol):
         return self._written - (int(t.get_write_buffer_size()) if t is not None else 0)
 
     def progress(self) -> bool | None:
-        """Did this full destination take any of its bytes over the last progress
-        window? A slow reader does, however slowly; one that reads nothing does not.
-        ``None`` until a first window, which starts PROGRESS_SETTLE after it got full,
-        is over. Asked on a full queue's path and by the progress timer only."""
+        """Does this full destination read? True when it took some of its bytes over
+        the last progress window (a slow reader does, however slowly), False when it
+        took none for MUTE_AFTER (mute), None meanwhile (not judged: the first window
+        starts PROGRESS_SETTLE after it got full). Asked on a full queue's path and by
+        the progress timer only."""
         now = self._loop.time()
         if now < self._mark_at:
             return self._progress
         taken = self._taken()
         if self._mark is None:
             self._mark, self._mark_at = taken, now
+            self._idle_since = now
         elif now - self._mark_at >= min(PROGRESS_WINDOW, self.limits.stall_timeout / 4):
-            self._progress = taken > self._mark
+            if taken > self._mark:
+                self._progress = True
+                self._idle_since = now
+            elif now - self._idle_since >= min(MUTE_AFTER, self.limits.stall_timeout):
+                self._progress = False
+            else:
+                self._progress = None  # idle lately, not for long: not judged
             self._mark, self._mark_at = taken, now
         return self._progress
 
     def mute(self) -> bool:
-        """Full, and took none of its bytes over the last progress window."""
+        """Full, and took none of its bytes for MUTE_AFTER."""
         return self.progress() is False
 
     def _watch_progress(self) -> None:
@@ -652,10 +664,11 @@ class Endpoint(asyncio.Protocol):
         up to ``queue_bytes`` queued (its overflow, counted in the memory budget);
         beyond, they are dropped for it alone, counted and logged once per burst. A
         recipient that reads, however slowly, holds the broadcaster like any sender
-        past its share: it loses nothing. Until its first progress window is over
-        (PROGRESS_SETTLE + PROGRESS_WINDOW after it got full), it holds nobody while
-        within its overflow; past it, the broadcaster is held until it is judged, and
-        released then if it reads nothing (``_check_progress``).
+        past its share: it loses nothing. While it is not judged (idle for less than
+        MUTE_AFTER), it holds nobody within its overflow; past it, the broadcaster is
+        held until it reads again or is judged mute, and released then
+        (``_check_progress``): a starved reader loses nothing, a mute one costs at most
+        MUTE_AFTER once, and only to a broadcaster faster than its overflow.
 
         The memory budget of all the queues together cuts in order: past
         ``RECLAIM_AT`` of it, a queue past its share of the budget that makes no
