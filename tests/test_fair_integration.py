@@ -74,7 +74,11 @@ def test_a_mute_recipient_holds_no_broadcaster_and_a_slow_one_loses_nothing(
         writer = threading.Thread(target=a.write, args=(burst,), daemon=True)
         started = time.monotonic()
         writer.start()
-        msgs = [m for m in b.wait_messages(n, timeout=45) if m.source == "vm-a"]
+        try:
+            msgs = [m for m in b.wait_messages(n, timeout=45) if m.source == "vm-a"]
+        except AssertionError as exc:  # say who held or dropped what
+            raise AssertionError(f"{exc}; dropped: {s.broker.find('message.dropped')}; "
+                                 f"stalled: {s.broker.find('domain.stalled')}") from None
         elapsed = time.monotonic() - started
         # vm-b's last message is the sentinel: vm-mute was never stalled before it.
         assert [m.payload["data"]["i"] for m in msgs] == list(range(n)), "lost or reordered"
