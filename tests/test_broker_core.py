@@ -902,43 +902,9 @@ async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
 
 # -- a lost connection's last frames ------------------------------------------------
 
-async def test_a_lost_connection_s_remainder_spends_the_rate_budget(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker import endpoint
-
-    s = Setup("vm-h", "vm-b", "vm-c", rate=100, burst=10)
-    h = s.eps["vm-h"]
-    frames = b"".join(encode(Notification("vm-h", TOUS, "entree", "souris", {"x": i}))
-                      for i in range(2000))
-    monkeypatch.setattr(endpoint, "read_remaining", lambda transport: frames)
-    with capture_logs() as logs:
-        h.connection_lost(OSError(32, "EPIPE"))  # a failed write: the rest is read now
-    s.flush()
-    # Its burst, not 2 000 broadcasts: the rest is dropped, counted and logged.
-    to_b, to_c = s.out("vm-b"), s.out("vm-c")
-    assert 0 < len(to_b) <= 10 and len(to_c) == len(to_b)
-    assert h.stats.received + h.stats.throttled >= 2000
-    assert [e["frames"] for e in logs if e["event"] == "frames.dropped"] == [
-        2000 - h.stats.received]
-
-
-async def test_a_lost_connection_s_remainder_is_one_turn_at_most(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker import endpoint
-    from broker.endpoint import MAX_FRAMES_PER_TURN
-
-    s = Setup("vm-h", "vm-b")
-    h = s.eps["vm-h"]
-    monkeypatch.setattr(endpoint, "read_remaining", lambda transport: b"x\n" * 128 * 1024)
-    with capture_logs():
-        h.connection_lost(OSError(32, "EPIPE"))
-    assert h.stats.invalid == MAX_FRAMES_PER_TURN
-    assert h.stats.throttled == 128 * 1024 - MAX_FRAMES_PER_TURN
-
-
 async def test_a_backlog_is_kept_for_connection_lost_while_the_channel_closes() -> None:
     # A tty whose write failed hands over what it still holds (data_received), then
-    # closes: the frames beyond one turn are routed by connection_lost, not lost.
+    # closes: the frames beyond one turn are kept by connection_lost, not lost.
     from broker.endpoint import MAX_FRAMES_PER_TURN
 
     s = Setup("vm-a", "vm-b")
@@ -950,6 +916,12 @@ async def test_a_backlog_is_kept_for_connection_lost_while_the_channel_closes() 
     await asyncio.sleep(0)  # the backlog's turn comes while the channel is closing
     await asyncio.sleep(0)
     a.connection_lost(OSError(5, "EIO"))
-    s.flush()
-    assert [m.data["i"] for m in s.out("vm-b")] == list(range(n))  # type: ignore[union-attr]
+    got: list[int] = []
+
+    def routed() -> bool:  # over the next turns
+        s.flush()
+        got.extend(m.data["i"] for m in s.out("vm-b"))  # type: ignore[union-attr]
+        return len(got) >= n
+    await wait_for(routed)
+    assert got == list(range(n))
     assert a.stats.throttled == 0

@@ -15,7 +15,13 @@ Outbound policy, per destination (documented in docs/broker.md):
 * a destination that does not drain within ``stall_timeout`` is *stalled*: its
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
-  dropped ``commande`` is answered ``destination_saturee``.
+  dropped ``commande`` is answered ``destination_saturee``;
+* a broadcast never waits on a destination that took none of its bytes for
+  ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
+  or is dropped for it alone; a slow reader (takes bytes, however few) holds the
+  broadcaster back like any sender and loses nothing (``Endpoint._admit``);
+* a lost channel's unprocessed frames are routed over the next loop turns within
+  its rate budget (``Endpoint._keep_remainder``).
 
 A :class:`DomainEndpoint` is an :class:`Endpoint` that keeps its channel open: it connects,
 and when the channel goes away (domain shutdown, pty hang-up, socket closed, EIO) it
@@ -38,6 +44,7 @@ import structlog
 from messagerie import FrameDecoder, FrameError
 from messagerie.channel import (
     READ_SIZE,
+    REMAINING_MAX,
     ChannelError,
     channel_kind,
     open_channel,
@@ -73,6 +80,27 @@ STALL_MEMORY_FACTOR = 10
 """A destination that drains after being stalled is stalled again at once (its senders
 not held) if it fills up within this many ``stall_timeout``: a reader that stops and
 starts again does not hold its senders once per cycle."""
+PROGRESS_SETTLE = 0.05
+"""Seconds after a destination gets full before its progress is measured: what the
+kernel and a relay (socat, xenconsoled) still take right after is not reading."""
+PROGRESS_MEMORY = 1.0
+"""Seconds: a destination that fills up again this soon after draining is taken to
+read (judged again after a window), not judged afresh."""
+PROGRESS_WINDOW = 0.1
+"""Seconds (``delai_blocage`` over 4 when shorter): a full destination that took some
+of its queued bytes over one of these *reads* (``Endpoint.progress``)."""
+MUTE_AFTER = 1.0
+"""Seconds (``delai_blocage`` when shorter): a full destination that took none of its
+queued bytes for this long is *mute*: it holds no broadcaster, and the memory budget
+cuts it first. Longer than a window, so that a reader starved for a moment on a
+loaded machine is not taken for one that does not read."""
+RECLAIM_AT = 0.75
+"""Of the memory budget: past it, a full queue past its share that makes no progress,
+or past twice its share, takes no more; past the whole budget, any full queue past its
+share (see broker.memory)."""
+REMAINDER_MAX_BYTES = READ_SIZE + REMAINING_MAX
+"""A lost channel's unprocessed bytes kept for later turns: one read and what a socket
+still held (``read_remaining``); what is beyond is dropped and counted."""
 
 
 def _frames(data: bytes) -> int:
@@ -220,6 +248,28 @@ class Endpoint(asyncio.Protocol):
         self._high = MIN_HIGH_WATER
         """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
+        self._written = 0
+        """Bytes handed to the transport since it connected: less what it still buffers,
+        what the peer took (``progressing``)."""
+        self._mark_at = self._idle_since = 0.0
+        self._mark: int | None = None
+        """Bytes taken at the start of the current progress window (None: not started)."""
+        self._progress: bool | None = None
+        """Did it take bytes over the last progress window? None: not judged yet."""
+        self._fanout_waiters: set[Endpoint] = set()
+        """Broadcasters among ``_waiters``: released once it makes no progress."""
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._drained_at = float("-inf")
+        """Loop time it last drained below its low-water mark."""
+        self.overflow_dropped = 0
+        """Broadcasts dropped for this destination since it got full (logged once)."""
+        self.drop_why = "queue_full"
+        """Why the last message refused by :meth:`send` was: ``queue_full``,
+        ``memory_budget`` or ``not_reading`` (a broadcast past a mute one's overflow)."""
+        self._remainder: bytes | None = None
+        """A lost channel's frames not processed yet (``_process_remainder``)."""
+        self._remainder_decoder: FrameDecoder[Envelope | Run] | None = None
+        self._remainder_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_event_loop()
 
     def _decoder(self) -> FrameDecoder[Envelope | Run]:
@@ -241,6 +291,9 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         self.stalled = False
         self._stalled_until = 0.0
+        self._written = 0
+        if self._remainder is not None:
+            self.transport.pause_reading()  # the last connection's frames go first
 
     def data_received(self, data: bytes) -> None:
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
@@ -278,11 +331,12 @@ class Endpoint(asyncio.Protocol):
         """Read again, unless something else still holds the channel: a full destination,
         the rate limit, a backlog of frames, shutdown."""
         if (not self._held_by and self._throttle_timer is None and self._backlog is None
-                and self.transport is not None and not self.sink.stopping
-                and not self.transport.is_closing()):
+                and self._remainder is None and self.transport is not None
+                and not self.sink.stopping and not self.transport.is_closing()):
             self.transport.resume_reading()
 
-    def _process(self, data: bytes) -> None:
+    def _process(self, data: bytes,
+                 decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
         bucket = self.bucket
         spend = bucket.spend
         # The balance in a local while the read is processed: only what is over budget
@@ -293,7 +347,7 @@ class Endpoint(asyncio.Protocol):
         cork = sink.cork
         cork.active = True
         try:
-            for item in self.decoder.feed(data):
+            for item in (decoder or self.decoder).feed(data):
                 # A junk frame costs a decode attempt like a message: it spends the same
                 # rate budget, or a domain flooding garbage would escape throttling.
                 n = item.count if type(item) is Run else 1
@@ -372,7 +426,7 @@ class Endpoint(asyncio.Protocol):
             rest = (self._backlog or b"") + read_remaining(self.transport)
             self._backlog = None
             if rest:
-                self._process_remainder(rest)
+                self._keep_remainder(rest)
         self.transport = None
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale
@@ -383,30 +437,92 @@ class Endpoint(asyncio.Protocol):
         for waiter in list(self._waiters):
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
         for dest in list(self._held_by):
             dest._waiters.discard(self)
+            dest._fanout_waiters.discard(self)
         self._held_by.clear()
-        for timer in (self._stall_timer, self._throttle_timer):
+        for timer in (self._stall_timer, self._throttle_timer, self._progress_timer):
             if timer is not None:
                 timer.cancel()
-        self._stall_timer = self._throttle_timer = None
+        self._stall_timer = self._throttle_timer = self._progress_timer = None
         self.paused_writing = False
 
-    def _process_remainder(self, data: bytes) -> None:
-        """A lost channel's last bytes, now (the channel is closing): one turn's worth,
-        as many frames as its rate budget has tokens left and at most
-        MAX_FRAMES_PER_TURN; the rest is dropped, counted as throttled and logged."""
-        allowed = max(0, min(MAX_FRAMES_PER_TURN, int(self.bucket.refill())))
-        if _frames(data) > allowed:
-            rest = data.split(b"\n", allowed)[-1]
-            data = data[:len(data) - len(rest)]
+    def _keep_remainder(self, data: bytes) -> None:
+        """A lost channel's last bytes, kept to be processed over the next loop turns
+        (``_process_remainder``) like any read: at most MAX_FRAMES_PER_TURN frames a
+        turn, within the rate budget. Kept: at most REMAINDER_MAX_BYTES, and as many
+        frames as the rate budget's burst (or one turn, when the burst is smaller): what
+        a peer within its budget can have sent unread. The rest is dropped, counted as
+        throttled and logged once (``frames.dropped why=closed_over_budget``)."""
+        if self._remainder is not None:  # still processing the last one: behind it
+            data = self._remainder + data
+        keep = max(MAX_FRAMES_PER_TURN, int(self.bucket.burst))
+        if len(data) > REMAINDER_MAX_BYTES or _frames(data) > keep:
+            kept = data[:REMAINDER_MAX_BYTES]
+            if _frames(kept) > keep:
+                kept = kept[:len(kept) - len(kept.split(b"\n", keep)[-1])]
+            else:
+                kept = kept[:kept.rfind(b"\n") + 1]
+            rest = data[len(kept):]
+            data = kept
             dropped = _frames(rest) + (not rest.endswith(b"\n"))
             self.stats.throttled += dropped
             self.log.warning("frames.dropped", why="closed_over_budget", frames=dropped,
                              detail="the channel closed with more frames unread than its "
-                                    "rate budget or one turn allows")
-        if data:
-            self._process(data)
+                                    "rate budget or the bytes kept allow")
+        if not data:
+            return
+        if self._remainder is None:
+            self._remainder_decoder = self.decoder
+            self._loop.call_soon(self._process_remainder)
+        self._remainder = data
+
+    def _process_remainder(self) -> None:
+        """One turn of a lost channel's remainder: as many frames as the rate budget
+        has tokens, at most MAX_FRAMES_PER_TURN; then again next turn, or when the
+        bucket has refilled. Reading a new connection waits until it is done."""
+        self._remainder_timer = None
+        data = self._remainder
+        if data is None:
+            return
+        if self.sink.stopping:
+            self._drop_remainder()
+            return
+        allowed = min(MAX_FRAMES_PER_TURN, int(self.bucket.refill()))
+        if allowed < 1:
+            self._remainder_timer = self._loop.call_later(
+                self._refill_delay(), self._process_remainder)
+            return
+        rest = b""
+        if _frames(data) > allowed:
+            rest = data.split(b"\n", allowed)[-1]
+            data = data[:len(data) - len(rest)]
+        self._remainder = rest or None
+        self._process(data, self._remainder_decoder)
+        if self._remainder is not None:
+            if self.bucket.tokens >= 1:
+                self._loop.call_soon(self._process_remainder)
+            else:
+                self._remainder_timer = self._loop.call_later(
+                    self._refill_delay(), self._process_remainder)
+        else:
+            self._remainder_decoder = None
+            self._resume()
+
+    def _refill_delay(self) -> float:
+        """Seconds until the bucket holds one token again."""
+        return max(1e-3, (1 - self.bucket.tokens) / self.bucket.rate)
+
+    def _drop_remainder(self) -> None:
+        """The domain is removed or the broker stops: what is left goes, counted."""
+        if self._remainder is not None:
+            self.stats.throttled += _frames(self._remainder)
+            self._remainder = None
+        self._remainder_decoder = None
+        if self._remainder_timer is not None:
+            self._remainder_timer.cancel()
+            self._remainder_timer = None
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -417,9 +533,69 @@ class Endpoint(asyncio.Protocol):
         self._shares.clear()
         self._shares_total = 0
         self._top = None
+        self.overflow_dropped = 0
+        now = self._loop.time()
+        self._mark_at = now + PROGRESS_SETTLE
+        self._mark = None
+        if now - self._drained_at > PROGRESS_MEMORY:
+            self._progress = None  # judged afresh; one that drained lately reads
+
+    def _taken(self) -> int:
+        """Bytes the peer took since it connected."""
+        t = self.transport
+        return self._written - (int(t.get_write_buffer_size()) if t is not None else 0)
+
+    def progress(self) -> bool | None:
+        """Does this full destination read? True when it took some of its bytes over
+        the last progress window (a slow reader does, however slowly), False when it
+        took none for MUTE_AFTER (mute), None meanwhile (not judged: the first window
+        starts PROGRESS_SETTLE after it got full). Asked on a full queue's path and by
+        the progress timer only."""
+        now = self._loop.time()
+        if now < self._mark_at:
+            return self._progress
+        taken = self._taken()
+        if self._mark is None:
+            self._mark, self._mark_at = taken, now
+            self._idle_since = now
+        elif now - self._mark_at >= min(PROGRESS_WINDOW, self.limits.stall_timeout / 4):
+            if taken > self._mark:
+                self._progress = True
+                self._idle_since = now
+            elif now - self._idle_since >= min(MUTE_AFTER, self.limits.stall_timeout):
+                self._progress = False
+            else:
+                self._progress = None  # idle lately, not for long: not judged
+            self._mark, self._mark_at = taken, now
+        return self._progress
+
+    def mute(self) -> bool:
+        """Full, and took none of its bytes for MUTE_AFTER."""
+        return self.progress() is False
+
+    def _watch_progress(self) -> None:
+        """While broadcasters wait on this destination, look again every window: they
+        are released as soon as it makes no progress."""
+        if self._progress_timer is None:
+            self._progress_timer = self._loop.call_later(
+                min(PROGRESS_WINDOW, self.limits.stall_timeout / 4), self._check_progress)
+
+    def _check_progress(self) -> None:
+        self._progress_timer = None
+        if not self.paused_writing or not self._fanout_waiters:
+            return
+        if self.mute():
+            for waiter in self._fanout_waiters:
+                self._waiters.discard(waiter)
+                waiter.release(self)
+            self._fanout_waiters.clear()
+        else:
+            self._watch_progress()
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        self._drained_at = self._loop.time()
+        self._progress = True  # it read its queue down: until judged again, it reads
         if self.stalled:
             self.stalled = False
             again = self._loop.time() < self._stalled_until
@@ -433,6 +609,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
         self.sink.drained(self)
 
     # -- outbound ------------------------------------------------------------------
@@ -444,14 +621,16 @@ class Endpoint(asyncio.Protocol):
         t = self.transport
         return self._out_size + (int(t.get_write_buffer_size()) if t is not None else 0)
 
-    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1) -> bool:
+    def send(self, data: bytes, sender: Endpoint | None = None, count: int = 1, *,
+             fanout: bool = False) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
+        ``fanout``: one delivery of a message to several recipients (a broadcast).
 
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
             return False
-        if self.paused_writing and not self._admit(t, data, sender, count):
+        if self.paused_writing and not self._admit(t, data, sender, count, fanout):
             return False
         out = self._out
         if not out:
@@ -465,7 +644,8 @@ class Endpoint(asyncio.Protocol):
         self.stats.sent += count
         return True
 
-    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int) -> bool:
+    def _admit(self, t: Any, data: bytes, sender: Endpoint | None, count: int,
+               fanout: bool) -> bool:
         """A full queue shared among its senders (the slow path of :meth:`send`).
 
         Bytes accepted since the queue got full are counted per sender (``None``: the
@@ -476,9 +656,24 @@ class Endpoint(asyncio.Protocol):
         ``queue_bytes``, the senders filling it (the one that sent the most, or one
         past its equal share of it) have their messages dropped, while the others' are
         still queued up to the hard bound (``HARD_LIMIT_FACTOR`` times it): a flooder
-        fills only its own share, honest senders keep theirs. Over the memory budget
-        of all the queues together, a queue past its share of the budget takes no
-        more."""
+        fills only its own share, honest senders keep theirs.
+
+        A broadcast is never held back by a recipient that makes no progress
+        (:meth:`progress`): one that reads nothing would hold the broadcaster, and so
+        every other recipient, until it stalls. Such a recipient keeps the broadcasts
+        up to ``queue_bytes`` queued (its overflow, counted in the memory budget);
+        beyond, they are dropped for it alone, counted and logged once per burst. A
+        recipient that reads, however slowly, holds the broadcaster like any sender
+        past its share: it loses nothing. While it is not judged (idle for less than
+        MUTE_AFTER), it holds nobody within its overflow; past it, the broadcaster is
+        held until it reads again or is judged mute, and released then
+        (``_check_progress``): a starved reader loses nothing, a mute one costs at most
+        MUTE_AFTER once, and only to a broadcaster faster than its overflow.
+
+        The memory budget of all the queues together cuts in order: past
+        ``RECLAIM_AT`` of it, a queue past its share of the budget that makes no
+        progress, or past twice its share, takes no more; past the whole budget, any
+        queue past its share. Readers that stopped are cut first, slow readers last."""
         n = len(data)
         shares = self._shares
         mine = shares.get(sender, 0) + n
@@ -491,14 +686,28 @@ class Endpoint(asyncio.Protocol):
         if queued > bound * HARD_LIMIT_FACTOR or (
                 self.stalled and queued > bound and over_share):
             self.stats.dropped += count
+            self.drop_why = "queue_full"
+            if fanout and self.mute():
+                self.overflow_dropped += count
+                self.drop_why = "not_reading"
             return False
         memory = self.sink.memory
-        if queued > memory.share and memory.over(n):
+        if queued > memory.share and self._over_budget(memory, queued, n):
             self.stats.dropped += count
+            self.drop_why = "memory_budget"
             return False
         if (sender is not None and sender is not self and not self.stalled
                 and mine > self._high // senders):
-            sender.hold(self)
+            progress = self.progress() if fanout else True
+            if progress or (progress is None and queued > bound):
+                # Reads (held until it drains), or not judged yet and past its
+                # overflow (held until judged: released at once if it reads nothing).
+                sender.hold(self, fanout=fanout)
+            elif queued > bound and progress is False:  # overflow full: for it alone
+                self.stats.dropped += count
+                self.overflow_dropped += count
+                self.drop_why = "not_reading"
+                return False
         memory.add(n)
         shares[sender] = mine
         if filling:
@@ -510,6 +719,12 @@ class Endpoint(asyncio.Protocol):
             self._shares_total //= 2
         return True
 
+    def _over_budget(self, memory: MemoryBudget, queued: int, n: int) -> bool:
+        """Is this queue (past its share of the memory budget) cut? See :meth:`_admit`."""
+        if not memory.over(n, RECLAIM_AT):
+            return False
+        return memory.over(n) or queued > 2 * memory.share or self.mute()
+
     def flush(self) -> None:
         """Write out what is queued, in one write."""
         out = self._out
@@ -519,14 +734,19 @@ class Endpoint(asyncio.Protocol):
         out.clear()
         self._out_size = 0
         if self.transport is not None:
+            self._written += len(data)
             self.transport.write(data)
 
-    def hold(self, dest: Endpoint) -> None:
-        """Stop reading this peer until ``dest`` drains (or is declared stalled)."""
+    def hold(self, dest: Endpoint, *, fanout: bool = False) -> None:
+        """Stop reading this peer until ``dest`` drains (or is declared stalled; or,
+        for a broadcaster, makes no progress)."""
         if dest in self._held_by or self.transport is None:
             return
         self._held_by.add(dest)
         dest._waiters.add(self)
+        if fanout:
+            dest._fanout_waiters.add(self)
+            dest._watch_progress()
         self.transport.pause_reading()
         dest._watch_stall()  # started when it got full; again if it fired meanwhile
 
@@ -544,6 +764,7 @@ class Endpoint(asyncio.Protocol):
         """Undo :meth:`hold` before ``dest`` drains: ``dest`` forgets this peer and the
         peer is read again (unless another destination still holds it)."""
         dest._waiters.discard(self)
+        dest._fanout_waiters.discard(self)
         self.release(dest)
 
     def _stall(self) -> None:
@@ -556,6 +777,7 @@ class Endpoint(asyncio.Protocol):
         for waiter in self._waiters:
             waiter.release(self)
         self._waiters.clear()
+        self._fanout_waiters.clear()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -604,6 +826,7 @@ class DomainEndpoint(Endpoint):
         supervisor task, cancelled, for the caller to await if it wants."""
         self._stopping = True
         self._backlog = None  # read but not yet routed: it goes with the domain
+        self._drop_remainder()
         if self.transport is not None:
             self.transport.abort()
         task, self._task = self._task, None

@@ -225,14 +225,15 @@ class Broker:
         else:
             # A notification or a journal: the route decided (hot path, inlined).
             targets = deliver.targets
+            fanout = len(targets) > 1
             for target in targets:
                 if target == DOM0:
                     self._to_dom0(peer, msg, data)
                 else:
                     dest = self.domains[target]
-                    if not dest.send(data, peer):
+                    if not dest.send(data, peer, fanout=fanout):
                         self._dropped(peer, dest, msg)
-            if len(targets) > 1:
+            if fanout:
                 # The rate budget counts deliveries: a broadcast to N costs N tokens.
                 peer.charge += len(targets) - 1
             if deliver.dom0_services or deliver.denied:
@@ -344,12 +345,13 @@ class Broker:
                  data: bytes) -> None:
         """A notification or a journal: to each target (dom0: its services and, for a
         journal, the broker's log). ``receive`` has this inlined."""
+        fanout = len(deliver.targets) > 1
         for target in deliver.targets:
             if target == DOM0:
                 self._to_dom0(peer, msg, data)
             else:
                 dest = self.domains[target]
-                if not dest.send(data, peer) and peer is not None:
+                if not dest.send(data, peer, fanout=fanout) and peer is not None:
                     self._dropped(peer, dest, msg)
         if deliver.dom0_services or deliver.denied:
             self._after_broadcast(peer, msg, deliver, data)
@@ -535,8 +537,11 @@ class Broker:
                  run: bytes | None = None) -> None:
         if self.tracer is not None:
             self.tracer.dropped(sender, dest, msg, count, run)
-        if dest.log_budget.allow():
-            dest.log.warning("message.dropped", why="queue_full", source=msg.source,
+        why = dest.drop_why
+        # A mute recipient's broadcasts: logged once per burst (the first), all counted.
+        if (why != "not_reading" or dest.overflow_dropped <= count) and \
+                dest.log_budget.allow():
+            dest.log.warning("message.dropped", why=why, source=msg.source,
                              type=msg.type, name=msg.name, count=count, queued=dest.queued(),
                              suppressed=dest.log_budget.take_suppressed())
         if msg.type == "commande":

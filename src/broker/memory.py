@@ -5,9 +5,12 @@ are not: with half the domains not reading and one DomU broadcasting, their boun
 up past the unit's ``MemoryMax`` and the kernel kills the broker. The budget
 (``limites.memoire_files``; by default 30 % of the cgroup's ``memory.max``, the
 unit's ``MemoryMax=``) is checked only where a queue is already full (the slow path of
-``Endpoint.send``): over it, a destination holding more than its share of the budget
-(the budget over the number of endpoints) takes no more, so memory goes to the queues
-of the destinations that read, and the ones that do not are cut first.
+``Endpoint.send``). It cuts in order, so that memory goes to the queues of the
+destinations that read: past three quarters of it, a destination holding more than
+its share (the budget over the number of endpoints) takes no more when it makes no
+progress (took none of its bytes lately: it stopped reading) or holds more than twice
+its share; past the whole budget, any destination past its share takes no more. A
+slow reader that keeps reading is cut last.
 
 The total is the sum of every endpoint's queued bytes, recomputed at most every
 :data:`RECOUNT_INTERVAL` seconds and counted up in between (an over-estimate: queues
@@ -99,9 +102,9 @@ class MemoryBudget:
             self._total = sum(ep.queued() for ep in self._endpoints())
         return self._total
 
-    def over(self, n: int) -> bool:
-        """Would ``n`` more bytes pass the budget?"""
-        return self.total() + n > self.limit
+    def over(self, n: int, fraction: float = 1.0) -> bool:
+        """Would ``n`` more bytes pass the budget (or this fraction of it)?"""
+        return self.total() + n > self.limit * fraction
 
     def add(self, n: int) -> None:
         """``n`` bytes were queued on a full queue's path."""

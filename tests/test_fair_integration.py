@@ -1,0 +1,138 @@
+"""A broadcaster, a slow reader and a domain that reads nothing, over real socat ptys
+and the broker started as users start it; a lost socket's last frames over real unix
+sockets: counted message by message."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.config import Config, DomainConfig, Limits
+from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
+from broker.hub import Broker
+from messagerie import FrameDecoder, Message, Notification, encode
+from tests.support.broker_process import BrokerSystem
+from tests.support.waiting import async_wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def shout(i: int) -> bytes:
+    return (b'{"type":"notification","source":"vm-a","destination":"tous","payload":'
+            b'{"categorie":"entree","evenement":"souris","data":{"i":%d,'
+            b'"position":{"x":%d,"y":7}}}}\n' % (i, i % 1024))
+
+
+class SlowReader(threading.Thread):
+    """Reads its pty in 2 KiB bites every 10 ms (about 200 KiB/s, a tenth of what the
+    broadcaster sends): it always reads, slower than the burst."""
+
+    def __init__(self, fd: int, n: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.n = fd, n
+        self.got: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        decoder = FrameDecoder(1 << 20)
+        while not self.stop.is_set() and len(self.got) < self.n:
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(self.fd, 2048)
+                except (BlockingIOError, OSError):
+                    data = b""
+                for m in decoder.feed(data):
+                    if isinstance(m, Message) and m.source == "vm-a":
+                        self.got.append(m.payload["data"]["i"])
+            time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_mute_recipient_holds_no_broadcaster_and_a_slow_one_loses_nothing(
+        tmp_path: Path) -> None:
+    # delai_blocage = 60: a broadcaster held by vm-mute, even once, would be held for a
+    # minute, and vm-b would wait with it (the wait below gives up after 45 s).
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-slow", "vm-mute"),
+                     extra="[limites]\nfile_octets = 65536\ndelai_blocage = 60\n"
+                           "debit = 1000000\nrafale = 1000000\n", wait_connected=True)
+    n = 4000  # 460 KiB to each recipient
+    slow = SlowReader(s.domus["vm-slow"].fd, n)
+    try:
+        a, b = s.domus["vm-a"], s.domus["vm-b"]
+        s.domus["vm-mute"].close()  # vm-mute's side is never read again
+        slow.start()
+        burst = b"".join(shout(i) for i in range(n))
+        writer = threading.Thread(target=a.write, args=(burst,), daemon=True)
+        started = time.monotonic()
+        writer.start()
+        try:
+            msgs = [m for m in b.wait_messages(n, timeout=45) if m.source == "vm-a"]
+        except AssertionError as exc:  # say who held or dropped what
+            raise AssertionError(f"{exc}; dropped: {s.broker.find('message.dropped')}; "
+                                 f"stalled: {s.broker.find('domain.stalled')}") from None
+        elapsed = time.monotonic() - started
+        # vm-b's last message is the sentinel: vm-mute was never stalled before it.
+        assert [m.payload["data"]["i"] for m in msgs] == list(range(n)), "lost or reordered"
+        assert s.broker.find("domain.stalled") == []
+        slow.join(60)
+        assert slow.got == list(range(n)), "the slow reader lost or reordered some"
+        writer.join(10)
+        drops = s.broker.find("message.dropped", domain="vm-mute")
+        assert [d["why"] for d in drops] == ["not_reading"]  # once for the burst
+        assert s.broker.find("message.dropped", domain="vm-slow") == []
+        assert s.broker.find("message.dropped", domain="vm-b") == []
+        print(f"vm-b got {n} broadcasts in {elapsed:.2f} s; vm-slow all of them")
+    finally:
+        slow.stop.set()
+        s.domus.pop("vm-mute")
+        assert s.close() == 0
+
+
+async def test_a_closed_socket_peer_s_frames_past_one_turn_are_all_routed(
+        tmp_path: Path) -> None:
+    """Real unix sockets: the peer writes 1 500 frames (three turns' worth, within its
+    burst) and closes; the broker's write to it fails first (EPIPE). Every frame is
+    still routed, in order, over the next turns; none is dropped."""
+    names = ("vm-a", "vm-b")
+    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
+                           dom0_socket=None, limits=Limits()))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver_ours, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    eps = {}
+    for name, sock in (("vm-a", ours), ("vm-b", receiver_ours)):
+        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
+        broker.domains[name] = ep
+        await loop.create_unix_connection(lambda ep=ep: ep, sock=sock)  # type: ignore[misc]
+        ep.connected_since = time.time()
+        eps[name] = ep
+    n = 3 * MAX_FRAMES_PER_TURN - 36
+    theirs.sendall(b"".join(encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i}))
+                            for i in range(n)))
+    theirs.close()
+    assert eps["vm-a"].transport is not None
+    eps["vm-a"].transport.write(b"anything\n")  # before the loop reads vm-a: EPIPE
+    receiver.setblocking(False)
+    decoder = FrameDecoder(1 << 20)
+    got: list[int] = []
+
+    def arrived() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            got.extend(m.payload["data"]["n"] for m in decoder.feed(receiver.recv(1 << 16))
+                       if isinstance(m, Message) and m.source == "vm-a")
+        return len(got) >= n
+    await async_wait_until(arrived, interval=0.005)
+    assert got == list(range(n))
+    assert eps["vm-a"].stats.throttled == 0 and eps["vm-a"].transport is None
+    for ep in eps.values():
+        ep.detach()
+    receiver.close()
