@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from .config import Config, ConfigError, load_config
 from .discovery import scan
 from .dom0 import Dom0Socket
 from .hub import Broker
+from .inflight import COMMIT_INTERVAL, InflightStore, Recovery
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
 from .trace import Tracer
@@ -80,6 +83,7 @@ class Daemon:
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
+        self.open_state()
         for sig, handler in ((signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set),
                              (signal.SIGHUP, self.reload)):
@@ -88,10 +92,13 @@ class Daemon:
             # The interval is read at each turn: a reload that changes it applies.
             loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
                              name="discovery"),
-            loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
+            loop.create_task(self._every(1.0, self._expire), name="expiry"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
+        if self.broker.recovery is not None:
+            self.tasks.append(loop.create_task(
+                self._every(COMMIT_INTERVAL, self.broker.recovery.commit), name="inflight"))
         if cfg.xenstore:
             self.xenstore = XenstoreDiscovery(self.apply_xenstore, path=cfg.xenstore_path,
                                               template=cfg.xenstore_channel,
@@ -114,6 +121,35 @@ class Daemon:
         await self.stop_event.wait()
         await self.shutdown()
         return 0
+
+    def open_state(self) -> None:
+        """The commands in flight of the previous process, and their table from now on
+        (``broker.inflight``), in the state directory (systemd's ``StateDirectory=``
+        gives it as ``$STATE_DIRECTORY``). Without one, or if it cannot be opened, the
+        broker routes as before, keeping nothing across a restart (and says so)."""
+        directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not directory:
+            self.log.warning("state.none", detail="no state directory ($STATE_DIRECTORY): "
+                             "commands in flight are not kept across a restart")
+            return
+        path = os.path.join(directory, "spool.sqlite3")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            store = InflightStore.open(path)
+            recovery = Recovery(self.broker, store)
+            recovery.restore()
+        except (OSError, sqlite3.Error) as exc:
+            self.log.error("state.unavailable", path=path, error=str(exc),
+                           detail="commands in flight are not kept across a restart")
+            return
+        self.broker.recovery = recovery
+        # Answer at once what expired while the broker was down, to whoever is here.
+        asyncio.get_running_loop().call_later(0.2, self._expire)
+
+    def _expire(self) -> None:
+        self.broker.expire_pending()
+        if self.broker.recovery is not None:
+            self.broker.recovery.expire()
 
     async def _wait_first_attempts(self) -> None:
         waits = [ep.attempted.wait() for ep in self.broker.domains.values()]
@@ -252,6 +288,10 @@ class Daemon:
         while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         left = sum(p.queued() for p in peers)
+        recovery = self.broker.recovery
+        if recovery is not None:
+            # Before the endpoints close: closing them fails what waits on them.
+            recovery.commit()
         self.broker.log_traffic(TRAFFIC_INTERVAL)
         await self.dom0_socket.stop()
         await self.tracer.stop()

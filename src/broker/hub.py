@@ -40,6 +40,7 @@ from messagerie.envelope import Envelope, Run
 from .config import Config
 from .dom0 import Dom0Connection, Dom0Services
 from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
+from .inflight import Recovery
 from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
@@ -47,6 +48,7 @@ from .router import (
     DENIED,
     DISPATCHED,
     SPOOFED,
+    UNSOLICITED,
     Answer,
     Builtin,
     Decision,
@@ -123,6 +125,9 @@ class Broker:
         """All the queues' bytes together (``Sink.memory``)."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
+        self.recovery: Recovery | None = None
+        """The commands in flight kept across restarts (``broker.inflight``), once the
+        daemon opened the state directory."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -459,6 +464,9 @@ class Broker:
         unless ``echo`` is false (the caller looked it up)."""
         if echo and decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
+        if (decision.kind == UNSOLICITED and self.recovery is not None
+                and self.recovery.late_answer(peer, msg)):
+            return  # answers a command forwarded before a restart
         peer.stats.refused += 1
         if self.tracer is not None:
             self.tracer.refused(peer, msg, decision.kind, decision.detail)
@@ -575,6 +583,8 @@ class Broker:
         self.emit_state(ep.name, Evenement.DECONNECTE)
 
     def service_gone(self, conn: Dom0Connection) -> None:
+        if self.stopping and self.recovery is not None:
+            return  # shutting down: its commands are kept for the next process
         self.fail_pending(conn, Code.DESTINATION_HORS_LIGNE,
                           "the dom0 service serving this command disconnected")
 

@@ -17,7 +17,7 @@ from an injectable ``clock``. No asyncio, no I/O.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -96,6 +96,10 @@ class PendingCommands(Generic[E]):
 
     def __repr__(self) -> str:
         return f"PendingCommands({sorted(self._table)!r})"
+
+    def keys(self) -> KeysView[Key]:
+        """The keys in flight, a live view (the group commit of ``broker.inflight``)."""
+        return self._table.keys()
 
     def get(self, commander: str, id: str) -> Pending[E] | None:
         return self._table.get((commander, id))

@@ -1,0 +1,134 @@
+"""The broker restarted (SIGTERM) or crashed (SIGKILL) and started again as users start
+it, on the same channels and state directory: what was in flight is not lost.
+
+Domains on socat ptys; the state directory is what systemd's ``StateDirectory=`` gives
+(``$STATE_DIRECTORY``), a real SQLite file read by the tests as an operator would.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from messagerie import Reponse
+from tests.support.broker_process import BROKER, BrokerSystem
+from tests.support.peers import is_sentinel, sentinel
+from tests.support.waiting import wait_until
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")]
+
+
+def commande(src: str, dst: str, id: str, name: str) -> dict[str, Any]:
+    return {"type": "commande", "source": src, "destination": dst,
+            "payload": {"id": id, "commande": name, "arguments": {"n": 1}}}
+
+
+def in_flight(state: Path) -> list[tuple[Any, ...]]:
+    """The commands the state directory's database holds (as ``sqlite3`` shows them)."""
+    db = state / "spool.sqlite3"
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        try:
+            return conn.execute("SELECT commander, id, replier, command, deadline "
+                                "FROM commandes_en_vol").fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return []
+
+
+def security_events(system: BrokerSystem) -> list[dict[str, Any]]:
+    brokers = [*system.previous, system.broker]
+    return [e for b in brokers for e in b.events if e.get("security") is True]
+
+
+def started(tmp_path: Path, ttl: float) -> BrokerSystem:
+    return BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
+                        extra=f"[limites]\nduree_commande = {ttl}\n",
+                        env={"STATE_DIRECTORY": str(tmp_path / "state")})
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[BrokerSystem]:
+    s = started(tmp_path, 30)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def short(tmp_path: Path) -> Iterator[BrokerSystem]:
+    """Commands time out after 1 s."""
+    s = started(tmp_path, 1)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_late_answer_after_a_restart_reaches_its_commander(system: BrokerSystem,
+                                                            tmp_path: Path, how: int) -> None:
+    """A command forwarded, the broker killed (or stopped), started again; the handler
+    answers after that: the commander gets the real answer, byte for byte, and no
+    security event is logged (before: ``unsolicited_reponse security=true``, dropped)."""
+    a, b = system.domus["vm-a"], system.domus["vm-b"]
+    a.send(commande("vm-a", "vm-b", "lent-1", "lent"))
+    (cmd,) = b.wait_messages(1)
+    assert cmd.id == "lent-1"
+    # Group commit: the command is in the file within a commit interval (SIGTERM would
+    # write it at shutdown anyway; SIGKILL needs it written before).
+    wait_until(lambda: in_flight(tmp_path / "state"), what="the command in the database")
+    code = system.restart(how)
+    assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+    system.broker.wait_event("inflight.restored", commands=1)
+    reply = {"type": "reponse", "source": "vm-b", "destination": "vm-a",
+             "payload": {"id": "lent-1", "commande": "lent", "statut": "ok",
+                         "resultat": {"apres": "redemarrage"}}}
+    b.send(reply)
+    b.send(sentinel("vm-b", "vm-a"))
+    got = a.until_sentinel(is_sentinel)
+    answers = [m for m in got if isinstance(m, Reponse)]
+    assert len(answers) == 1, got
+    assert answers[0].id == "lent-1" and answers[0].statut == "ok"
+    assert answers[0].resultat == {"apres": "redemarrage"}
+    assert not security_events(system)
+    system.broker.wait_event("reponse.after_restart", id="lent-1")
+    # Answered: the table is empty again, in memory and in the file.
+    wait_until(lambda: not in_flight(tmp_path / "state"), what="the table emptied")
+    # A second answer is a real unsolicited one again (answered once, at most).
+    b.send(reply)
+    b.send(sentinel("vm-b", "vm-a"))
+    a.inbox.clear()
+    assert not [m for m in a.until_sentinel(is_sentinel) if isinstance(m, Reponse)]
+    system.broker.wait_event("message.refused", why="unsolicited_reponse")
+
+
+@pytest.mark.slow
+def test_a_deadline_passed_while_the_broker_was_down_is_answered(short: BrokerSystem,
+                                                                 tmp_path: Path) -> None:
+    """The broker killed with a command in flight; its deadline passes before the
+    broker is back: the commander is answered ``delai_depasse`` once reconnected."""
+    system = short
+    a, b = system.domus["vm-a"], system.domus["vm-b"]
+    a.send(commande("vm-a", "vm-b", "oublie-1", "oublie"))
+    b.wait_messages(1)
+    rows = wait_until(lambda: in_flight(tmp_path / "state"), what="the command in the database")
+    deadline = rows[0][4]
+    assert abs(deadline - (time.time() + 1)) < 1.0  # wall clock, one duree_commande ahead
+    system.broker.signal(signal.SIGKILL)
+    system.broker.proc.wait(10)
+    # Down past the deadline: nobody could have answered it meanwhile.
+    wait_until(lambda: time.time() > deadline + 0.1, what="the deadline passed")
+    system.previous.append(system.broker)
+    system.broker = type(system.broker)(system.config, env=system.env)
+    system.broker.wait_ready()
+    a.inbox.clear()
+    (rep,) = [m for m in a.wait_messages(1) if isinstance(m, Reponse)]
+    assert rep.id == "oublie-1" and rep.statut == "erreur" and rep.source == "dom0"
+    assert rep.erreur is not None and rep.erreur["code"] == "delai_depasse"
+    assert not security_events(system)
+    wait_until(lambda: not in_flight(tmp_path / "state"), what="the table emptied")
