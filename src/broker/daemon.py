@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from .hub import Broker
 from .inflight import COMMIT_INTERVAL, InflightStore, Recovery
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
+from .spool import Store, StoreError, default_path
 from .trace import Tracer
 from .xenstore import Binding, Bound, XenstoreDiscovery, changes, verifier
 
@@ -127,19 +127,18 @@ class Daemon:
         (``broker.inflight``), in the state directory (systemd's ``StateDirectory=``
         gives it as ``$STATE_DIRECTORY``). Without one, or if it cannot be opened, the
         broker routes as before, keeping nothing across a restart (and says so)."""
-        directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        if not directory:
-            self.log.warning("state.none", detail="no state directory ($STATE_DIRECTORY): "
+        path, temporary = default_path()
+        if temporary:
+            with contextlib.suppress(OSError):  # default_path made it: nothing to keep
+                os.rmdir(os.path.dirname(path))
+            self.log.info("state.none", detail="no state directory ($STATE_DIRECTORY): "
                              "commands in flight are not kept across a restart")
             return
-        path = os.path.join(directory, "spool.sqlite3")
         try:
-            os.makedirs(directory, exist_ok=True)
-            store = InflightStore.open(path)
-            recovery = Recovery(self.broker, store)
+            recovery = Recovery(self.broker, InflightStore(Store.open(path)))
             recovery.restore()
-        except (OSError, sqlite3.Error) as exc:
-            self.log.error("state.unavailable", path=path, error=str(exc),
+        except StoreError as exc:
+            self.log.error("state.unavailable", path=path, error=exc.reason,
                            detail="commands in flight are not kept across a restart")
             return
         self.broker.recovery = recovery

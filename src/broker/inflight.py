@@ -39,6 +39,8 @@ import structlog
 
 from messagerie import DOM0, Code, Reponse, encode
 
+from .spool import Store, StoreError
+
 if TYPE_CHECKING:
     from messagerie.envelope import Envelope
 
@@ -59,6 +61,8 @@ SERVICE: Final = "service"
 """Kind of a party that is a dom0 service: a commander is named ``dom0``, a server by
 the command it serves."""
 
+COMPONENT: Final = "commandes_en_vol"
+SCHEMA_VERSION: Final = 1
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS commandes_en_vol (
     commander TEXT NOT NULL,
@@ -114,37 +118,30 @@ def restored_of(pending: Pending[Endpoint], wall_deadline: float) -> Restored:
 
 
 class InflightStore:
-    """The ``commandes_en_vol`` table of an SQLite database, written by group commit.
+    """The ``commandes_en_vol`` table of the broker's state file (the spool's
+    :class:`~broker.spool.Store`), written by group commit.
 
-    ``db`` is shared with the spool (one file, one connection, used from the event
-    loop's thread only). Errors of the database (disk full, read-only, corrupt file)
-    are raised to the caller, which logs them and keeps routing: the table in memory
-    is the truth, the file its copy, and the next commit writes the whole difference
-    again."""
+    Errors of the database (disk full, read-only, corrupt file) come out as
+    :class:`~broker.spool.StoreError` to the caller, which logs them and keeps routing:
+    the table in memory is the truth, the file its copy, and the next commit writes
+    the whole difference again."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        with db:
-            db.execute(SCHEMA)
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.schema(COMPONENT, SCHEMA_VERSION, [SCHEMA])
         self.written: set[Key] = set()
         """The keys the file holds (after the last successful commit)."""
         self.commits = 0
         self.rows_written = 0
 
-    @classmethod
-    def open(cls, path: str) -> InflightStore:
-        """A database of its own at ``path`` (WAL: a commit survives a crash of the
-        process; ``synchronous=NORMAL``: a power loss may lose the last ones)."""
-        db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        return cls(db)
-
     def load(self) -> list[Restored]:
         """Every command the file holds (what was in flight at the last commit)."""
-        rows = self.db.execute(
+        try:
+            rows = self.store.db.execute(
             "SELECT commander, id, replier, command, asker_kind, asker, target_kind, "
-            "target, deadline FROM commandes_en_vol").fetchall()
+                "target, deadline FROM commandes_en_vol").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(self.store.path, str(exc)) from None
         found = [Restored(*row) for row in rows]
         self.written = {r.key for r in found}
         return found
@@ -158,12 +155,12 @@ class InflightStore:
         gone = self.written - wanted
         if not new and not gone:
             return 0
-        with self.db:
+        with self.store.transaction() as db:
             if gone:
-                self.db.executemany("DELETE FROM commandes_en_vol WHERE commander = ? "
+                db.executemany("DELETE FROM commandes_en_vol WHERE commander = ? "
                                     "AND id = ?", gone)
             if new:
-                self.db.executemany(
+                db.executemany(
                     "INSERT OR REPLACE INTO commandes_en_vol VALUES (?, ?, ?, ?, ?, ?, ?, "
                     "?, ?)", [row_of(k).row() for k in new])
         self.written = wanted
@@ -218,7 +215,7 @@ class Recovery:
 
         try:
             self.store.commit(keys, row_of)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             if str(exc) != self.failing:
                 self.failing = str(exc)
                 self.log.error("inflight.commit_failed", error=str(exc),
