@@ -79,6 +79,28 @@ ROUTE_CACHE_MAX = 4096
 RouteKey = tuple[str, str, str, str | None]
 
 
+class _DelaiPayload(msgspec.Struct):
+    delai: float | None = None
+
+
+class _DelaiOf(msgspec.Struct):
+    """What the broker reads of a valid ``commande`` beyond its envelope: the deadline
+    its payload carries (every other field is skipped)."""
+
+    payload: _DelaiPayload
+
+
+_decode_delai = msgspec.json.Decoder(_DelaiOf).decode
+
+
+def delai_of(raw: bytes) -> float | None:
+    """The ``delai`` of the valid ``commande`` frame ``raw``, if it carries one."""
+    try:
+        return _decode_delai(raw).payload.delai
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # valid to the envelope check, beyond this parser (the receiver's call)
+
+
 class _Route:
     """A cached routing decision and the messages it routed since the last summary."""
 
@@ -366,7 +388,8 @@ class Broker:
         name, id = msg.name, msg.id
         assert name is not None and id is not None  # a commande has both
         server = forward.server
-        self.pending.add(msg.source, id, forward.target, name, asker=peer, target=server)
+        self.pending.add(msg.source, id, forward.target, name, asker=peer, target=server,
+                         delai=delai_of(msg.raw))
         if not server.send(data, peer):
             self._dropped(peer, server, msg)
 
