@@ -7,6 +7,7 @@ Domains on socat ptys; the state directory is what systemd's ``StateDirectory=``
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 import time
@@ -16,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from messagerie import Reponse
+from messagerie import Commande, Reponse
+from messagerie.client import Client
 from tests.support.broker_process import BROKER, BrokerSystem
 from tests.support.peers import is_sentinel, sentinel
-from tests.support.waiting import wait_until
+from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not BROKER.exists(), reason="messagerie-broker not installed")]
@@ -132,3 +134,34 @@ def test_a_deadline_passed_while_the_broker_was_down_is_answered(short: BrokerSy
     assert rep.erreur is not None and rep.erreur["code"] == "delai_depasse"
     assert not security_events(system)
     wait_until(lambda: not in_flight(tmp_path / "state"), what="the table emptied")
+
+
+async def test_a_dom0_service_answers_through_its_new_connection(system: BrokerSystem,
+                                                                tmp_path: Path) -> None:
+    """A command served by a dom0 service, the broker killed: the service reconnects
+    (a new connection, registered again) and its handler's answer, sent after that,
+    reaches the domain that asked: the service is known by the command it serves."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+    service = Client.dom0(path=system.dom0_socket, backoff_min=0.05, backoff_max=0.2)
+
+    @service.handler("stocker")
+    async def stocker(cmd: Commande) -> str:
+        started.set()
+        await release.wait()
+        return f"stocké {cmd.arguments['n']}"
+
+    a = system.domus["vm-a"]
+    async with service:
+        a.send(commande("vm-a", "dom0", "svc-1", "stocker"))
+        await asyncio.wait_for(started.wait(), 10)
+        await async_wait_until(lambda: in_flight(tmp_path / "state"),
+                               what="the command in the database")
+        await asyncio.to_thread(system.restart, signal.SIGKILL)
+        await async_wait_until(lambda: service.connections == 2, what="service reconnected")
+        release.set()
+        answers = await asyncio.to_thread(a.wait_messages, 1)
+    (rep,) = [m for m in answers if isinstance(m, Reponse)]
+    assert rep.id == "svc-1" and rep.source == "dom0" and rep.resultat == "stocké 1"
+    system.broker.wait_event("reponse.after_restart", id="svc-1")
+    assert not security_events(system)
