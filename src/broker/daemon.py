@@ -77,6 +77,7 @@ class Daemon:
             await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
         if cfg.trace_group:
             await self.tracer.start(cfg.trace_socket, cfg.trace_group)
+        self.broker.open_spool()
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
@@ -89,6 +90,7 @@ class Daemon:
             loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
                              name="discovery"),
             loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
+            loop.create_task(self._every(1.0, self.broker.sweep_spool), name="spool"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
@@ -195,10 +197,12 @@ class Daemon:
         if (new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame
                 or (new.trace_socket, new.trace_group) != (old.trace_socket, old.trace_group)
                 or (new.xenstore, new.xenstore_channel, new.xenstore_path)
-                != (old.xenstore, old.xenstore_channel, old.xenstore_path)):
+                != (old.xenstore, old.xenstore_channel, old.xenstore_path)
+                or (new.spool, new.spool_path) != (old.spool, old.spool_path)):
             self.log.warning("config.restart_needed",
-                             detail="dom0.socket, trace.*, broker.taille_max_trame and "
-                                    "decouverte.xenstore* apply at restart")
+                             detail="dom0.socket, trace.*, broker.taille_max_trame, "
+                                    "decouverte.xenstore*, spool.actif and spool.chemin "
+                                    "apply at restart")
         broker = self.broker
         logs.configure(new.log_level)
         broker.reconfigure(new)
@@ -257,5 +261,6 @@ class Daemon:
         await self.tracer.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
+        self.broker.close_spool()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())
         self.notifier.close()

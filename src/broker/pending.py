@@ -45,6 +45,9 @@ class Pending(Generic[E]):
     """The endpoint the command went to (a domain's, or the dom0 service serving it):
     only this one may answer."""
     deadline: float
+    spooled: bool = False
+    """In its destination's spool, not yet written to it (the domain is offline): it
+    survives the domain going down, and is delivered when it is back."""
 
     @property
     def key(self) -> Key:
@@ -153,15 +156,17 @@ class PendingCommands(Generic[E]):
             self._release(pending)
         return pending
 
-    def fail(self, gone: E) -> list[Pending[E]]:
+    def fail(self, gone: E, *, keep_spooled: bool = False) -> list[Pending[E]]:
         """An endpoint went away: forget the commands it asked, and return the ones
-        that waited on it (for the caller to answer on their asker's behalf)."""
+        that waited on it (for the caller to answer on their asker's behalf); with
+        ``keep_spooled``, those still in its spool wait on (its channel went down, the
+        domain is still declared)."""
         orphans = []
         for key, pending in list(self._table.items()):
             if pending.asker == gone:
                 del self._table[key]
                 self._release(pending)
-            elif pending.target == gone:
+            elif pending.target == gone and not (keep_spooled and pending.spooled):
                 del self._table[key]
                 self._release(pending)
                 orphans.append(pending)
