@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from .hub import Broker
 from .inflight import COMMIT_INTERVAL, InflightStore, Recovery
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
-from .spool import Store, StoreError, default_path
+from .spool import DISABLED, Store, StoreError, default_path
 from .trace import Tracer
 from .xenstore import Binding, Bound, XenstoreDiscovery, changes, verifier
 
@@ -80,6 +81,7 @@ class Daemon:
             await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
         if cfg.trace_group:
             await self.tracer.start(cfg.trace_socket, cfg.trace_group)
+        self.broker.open_spool()
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
@@ -93,6 +95,7 @@ class Daemon:
             loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
                              name="discovery"),
             loop.create_task(self._every(1.0, self._expire), name="expiry"),
+            loop.create_task(self._every(1.0, self.broker.sweep_spool), name="spool"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
@@ -124,21 +127,31 @@ class Daemon:
 
     def open_state(self) -> None:
         """The commands in flight of the previous process, and their table from now on
-        (``broker.inflight``), in the state directory (systemd's ``StateDirectory=``
-        gives it as ``$STATE_DIRECTORY``). Without one, or if it cannot be opened, the
-        broker routes as before, keeping nothing across a restart (and says so)."""
-        path, temporary = default_path()
-        if temporary:
-            with contextlib.suppress(OSError):  # default_path made it: nothing to keep
-                os.rmdir(os.path.dirname(path))
-            self.log.info("state.none", detail="no state directory ($STATE_DIRECTORY): "
-                             "commands in flight are not kept across a restart")
-            return
+        (``broker.inflight``), in the spool's state file (systemd's
+        ``StateDirectory=`` gives it as ``$STATE_DIRECTORY``; or ``spool.chemin``).
+        Without one that outlives the process, or if it cannot be opened, the broker
+        routes as before, keeping nothing across a restart (and says so)."""
+        spool = self.broker.spool
+        store: Store | None = None
         try:
-            recovery = Recovery(self.broker, InflightStore(Store.open(path)))
+            if spool.available and spool.store is not None and not spool.temporary:
+                store = spool.store
+            elif spool.state == DISABLED:  # spool.actif = false: the file, for this table
+                path = self.config.spool_path or default_path()[0]
+                if path.startswith(tempfile.gettempdir()) and not self.config.spool_path:
+                    with contextlib.suppress(OSError):  # default_path made it
+                        os.rmdir(os.path.dirname(path))
+                else:
+                    store = Store.open(path)
+            if store is None:
+                self.log.info("state.none", detail="no state directory ($STATE_DIRECTORY, "
+                              "spool.chemin) or the spool is unavailable: commands in "
+                              "flight are not kept across a restart")
+                return
+            recovery = Recovery(self.broker, InflightStore(store))
             recovery.restore()
         except StoreError as exc:
-            self.log.error("state.unavailable", path=path, error=exc.reason,
+            self.log.error("state.unavailable", path=exc.path, error=exc.reason,
                            detail="commands in flight are not kept across a restart")
             return
         self.broker.recovery = recovery
@@ -230,10 +243,12 @@ class Daemon:
         if (new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame
                 or (new.trace_socket, new.trace_group) != (old.trace_socket, old.trace_group)
                 or (new.xenstore, new.xenstore_channel, new.xenstore_path)
-                != (old.xenstore, old.xenstore_channel, old.xenstore_path)):
+                != (old.xenstore, old.xenstore_channel, old.xenstore_path)
+                or (new.spool, new.spool_path) != (old.spool, old.spool_path)):
             self.log.warning("config.restart_needed",
-                             detail="dom0.socket, trace.*, broker.taille_max_trame and "
-                                    "decouverte.xenstore* apply at restart")
+                             detail="dom0.socket, trace.*, broker.taille_max_trame, "
+                                    "decouverte.xenstore*, spool.actif and spool.chemin "
+                                    "apply at restart")
         broker = self.broker
         logs.configure(new.log_level)
         broker.reconfigure(new)
@@ -296,5 +311,6 @@ class Daemon:
         await self.tracer.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
+        self.broker.close_spool()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())
         self.notifier.close()

@@ -220,6 +220,12 @@ class Endpoint(asyncio.Protocol):
         self._high = MIN_HIGH_WATER
         """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
+        self.written = 0
+        """Bytes handed to the transport's ``write`` since this endpoint was made: with
+        the transport's buffer, which of them left the broker (the spool's replay)."""
+        self.unsent: tuple[int, bytes] | None = None
+        """When the channel went down: (stream position, bytes) of what the broker had
+        queued and not written, for the spool (:meth:`take_unsent`)."""
         self._loop = asyncio.get_event_loop()
 
     def _decoder(self) -> FrameDecoder[Envelope | Run]:
@@ -373,9 +379,11 @@ class Endpoint(asyncio.Protocol):
             self._backlog = None
             if rest:
                 self._process_remainder(rest)
+        self.unsent = self._unsent(self.transport)
         self.transport = None
         self._backlog = None
-        self.sink.lost(self)  # decisions sending here are stale
+        self.sink.lost(self)  # decisions sending here are stale (the spool takes unsent)
+        self.unsent = None
         if self._out:
             self.stats.dropped += len(self._out)
             self._out.clear()
@@ -391,6 +399,34 @@ class Endpoint(asyncio.Protocol):
                 timer.cancel()
         self._stall_timer = self._throttle_timer = None
         self.paused_writing = False
+
+    def _unsent(self, transport: Any) -> tuple[int, bytes] | None:
+        """What was queued here and not written out, at its position in the stream:
+        the transport's buffer when it tells (``unwritten``: the broker's tty
+        transport does; asyncio's socket transports clear theirs unseen), then what
+        was corked. None if nothing is known to be left."""
+        unwritten = getattr(transport, "unwritten", None)
+        corked = b"".join(self._out)
+        if unwritten is None:
+            return (self.written, corked) if corked else None
+        return (self.written - len(unwritten), bytes(unwritten) + corked)
+
+    def out_position(self) -> int | None:
+        """Stream position up to which bytes have left the broker (taken by the
+        kernel); None when unknown (no transport)."""
+        t = self.transport
+        if t is None:
+            return None
+        return self.written - int(t.get_write_buffer_size())
+
+    @property
+    def high_water(self) -> int:
+        """The transport's high-water mark: back-pressure starts past it."""
+        return self._high
+
+    def position(self) -> int:
+        """Stream position of the end of what is queued here."""
+        return self.written + self._out_size
 
     def _process_remainder(self, data: bytes) -> None:
         """A lost channel's last bytes, now (the channel is closing): one turn's worth,
@@ -519,6 +555,7 @@ class Endpoint(asyncio.Protocol):
         out.clear()
         self._out_size = 0
         if self.transport is not None:
+            self.written += len(data)
             self.transport.write(data)
 
     def hold(self, dest: Endpoint) -> None:

@@ -247,6 +247,16 @@ class Store:
             raise StoreError(self.path, _reason(exc)) from None
         return [Row(*r) for r in found]
 
+    def oldest(self, destination: str, since: float) -> float | None:
+        """When ``destination``'s oldest row queued at ``since`` or later was queued."""
+        try:
+            found = self.db.execute(
+                "SELECT min(queued_at) FROM spool WHERE destination = ? AND queued_at >= ?",
+                (destination, since)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(self.path, _reason(exc)) from None
+        return None if found is None or found[0] is None else float(found[0])
+
     def depths(self) -> dict[str, Depth]:
         """Every destination's depth, as the file holds it (at startup)."""
         try:
@@ -368,9 +378,11 @@ class Lane:
     overflow: Overflow = field(default_factory=Overflow)
     cursor: int = 0
     """The last ``seq`` handed to the channel by the replay under way."""
-    written: list[tuple[int, int, int]] = field(default_factory=list)
+    written: list[tuple[int, int, int, float]] = field(default_factory=list)
     """Rows handed to the channel and not yet out of the broker: (seq, size, stream
-    position of their last byte), in order."""
+    position just after their last byte, queued_at), in order."""
+    replay_started: float = 0.0
+    """Monotonic time the replay under way began."""
     replaying: bool = False
     """Its channel is up and the spool is being replayed: new messages still go to the
     spool, behind what it holds."""
