@@ -8,8 +8,10 @@ Domains on socat ptys; the state directory is what systemd's ``StateDirectory=``
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,9 @@ import pytest
 
 from messagerie import Commande, Reponse
 from messagerie.client import Client
-from tests.support.broker_process import BROKER, BrokerSystem
-from tests.support.peers import is_sentinel, sentinel
+from tests.support.broker_process import BROKER, BrokerProcess, BrokerSystem
+from tests.support.peers import Domu, is_sentinel, sentinel
+from tests.support.ptys import PtyPair
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration,
@@ -165,3 +168,143 @@ async def test_a_dom0_service_answers_through_its_new_connection(system: BrokerS
     assert rep.id == "svc-1" and rep.source == "dom0" and rep.resultat == "stocké 1"
     system.broker.wait_event("reponse.after_restart", id="svc-1")
     assert not security_events(system)
+
+
+def spooled_numbers(state: Path, destination: str) -> list[int]:
+    """The ``n`` of every notification the state file's spool holds for ``destination``,
+    in spool order: what the broker accepted into the spool (committed)."""
+    db = state / "spool.sqlite3"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        try:
+            frames = conn.execute("SELECT frame FROM spool WHERE destination = ? AND "
+                                  "kind = 'notification' ORDER BY seq",
+                                  (destination,)).fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return [json.loads(f)["payload"]["data"]["n"] for (f,) in frames]
+
+
+def numbered(n: int) -> dict[str, Any]:
+    return {"type": "notification", "source": "vm-a", "destination": "vm-c",
+            "payload": {"categorie": "flux", "evenement": "n", "data": {"n": n}}}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_flow_loses_nothing_accepted(tmp_path: Path) -> None:
+    """The broker killed while a flow of notifications to an offline domain is being
+    spooled and a command waits on a domain whose handler answers after the restart;
+    the broker started again, the offline domain back: every notification the spool
+    had accepted (committed, read from the file after the kill) arrives, in order;
+    the command gets its real answer; no security event. The messages sent while the
+    broker was down were never accepted: they are counted apart."""
+    vm_c = PtyPair(tmp_path, "vm-c", start=False)
+    system = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
+                          paths={"vm-c": vm_c.dom0},
+                          extra="[reconnexion]\nmin = 0.05\nmax = 0.2\n",
+                          env={"STATE_DIRECTORY": str(tmp_path / "state")})
+    state = tmp_path / "state"
+    try:
+        a, b = system.domus["vm-a"], system.domus["vm-b"]
+        a.send(commande("vm-a", "vm-b", "pendant-1", "lent"))
+        b.wait_messages(1)
+        a.send(commande("vm-a", "vm-c", "au-retour", "inventaire"))  # spooled for vm-c
+        stop = threading.Event()
+        sent: list[int] = []
+
+        def flow() -> None:
+            n = 0
+            while not stop.is_set() and n < 5000:
+                a.send(numbered(n))
+                sent.append(n)
+                n += 1
+                if n % 50 == 0:
+                    time.sleep(0.005)  # a steady flow, not one burst
+
+        sender = threading.Thread(target=flow)
+        sender.start()
+        try:
+            wait_until(lambda: len(spooled_numbers(state, "vm-c")) >= 300,
+                       what="300 notifications in the spool")
+            wait_until(lambda: len(in_flight(state)) == 2, what="the commands in the database")
+            system.broker.signal(signal.SIGKILL)  # mid-flow: the sender is still going
+            system.broker.proc.wait(10)
+        finally:
+            stop.set()
+            sender.join(10)
+        accepted = spooled_numbers(state, "vm-c")
+        assert len(accepted) >= 300 and accepted == sorted(accepted)
+        system.previous.append(system.broker)
+        system.broker = BrokerProcess(system.config, env=system.env)
+        system.broker.wait_ready()
+        # After the restart: more of the flow, still spooled behind what is there.
+        later = list(range(10_000, 10_100))
+        for n in later:
+            a.send(numbered(n))
+        b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
+                "payload": {"id": "pendant-1", "commande": "lent", "statut": "ok",
+                            "resultat": "fini"}})
+        (rep,) = [m for m in a.wait_messages(1) if isinstance(m, Reponse)]
+        assert rep.id == "pendant-1" and rep.resultat == "fini"
+        wait_until(lambda: spooled_numbers(state, "vm-c")[-1:] == [later[-1]],
+                   what="the later flow spooled")
+        # The domain comes back: the spool is replayed, then live traffic.
+        vm_c.start()
+        c = Domu(vm_c.domu)
+        try:
+            a.send(sentinel("vm-a", "vm-c"))
+            arrived = c.until_sentinel(is_sentinel, timeout=60)
+            # The command spooled before the crash is replayed first, and its answer
+            # reaches its commander.
+            assert isinstance(arrived[0], Commande) and arrived[0].id == "au-retour"
+            c.send({"type": "reponse", "source": "vm-c", "destination": "vm-a",
+                    "payload": {"id": "au-retour", "commande": "inventaire",
+                                "statut": "ok", "resultat": ["disque"]}})
+            a.inbox.clear()
+            (late,) = [m for m in a.wait_messages(1) if isinstance(m, Reponse)]
+            assert late.id == "au-retour" and late.resultat == ["disque"]
+            got = [m.payload["data"]["n"] for m in arrived[1:] if not is_sentinel(m)]
+        finally:
+            c.close()
+        lost = sorted(set(accepted) - set(got))
+        duplicates = len(got) - len(set(got))
+        never_accepted = sorted(set(sent) - set(accepted) - set(got))
+        print(f"sigkill mid-flow: sent {len(sent) + len(later)}, accepted before the kill "
+              f"{len(accepted)}, delivered {len(got)}, lost {len(lost)}, duplicates "
+              f"{duplicates}, sent while down and never accepted {len(never_accepted)}")
+        assert lost == [], f"{len(lost)} accepted notifications lost: {lost[:10]}"
+        assert [n for n in got if n in set(accepted)] == accepted  # in order, no repeat
+        assert got[-len(later):] == later
+        assert not security_events(system)
+    finally:
+        system.close()
+        vm_c.kill()
+
+
+def test_sigterm_spools_what_a_domain_that_does_not_read_left(tmp_path: Path) -> None:
+    """SIGTERM with notifications queued for a domain that does not read: the broker
+    drains what it can, spools the rest instead of aborting it, and exits 0; started
+    again, it delivers it when the domain reads: all of them, in order, once."""
+    system = BrokerSystem(tmp_path, ("vm-a", "vm-c"), wait_connected=True,
+                          extra="[limites]\ndelai_blocage = 0.2\n",
+                          env={"STATE_DIRECTORY": str(tmp_path / "state")})
+    try:
+        a, c = system.domus["vm-a"], system.domus["vm-c"]  # vm-c reads nothing yet
+        total = 2000
+        for n in range(total):
+            a.send(numbered(n) | {"destination": "vm-c"})
+        # A ping after them: answered once the broker routed every one before it.
+        a.send({"type": "commande", "source": "vm-a", "destination": "dom0",
+                "payload": {"id": "apres", "commande": "ping", "arguments": {}}})
+        wait_until(lambda: [m for m in a.wait_messages(0) if m.id == "apres"],
+                   what="the ping after the flow answered")
+        assert system.restart(signal.SIGTERM) == 0
+        (stopped,) = system.previous[-1].find("broker.stopped")
+        assert stopped["undelivered_bytes"] > 0  # the drain did not get it all out
+        # vm-c reads now (the sentinel is queued behind the spool's replay).
+        a.send(sentinel("vm-a", "vm-c"))
+        got = [m.payload["data"]["n"] for m in c.until_sentinel(is_sentinel, timeout=60)
+               if not is_sentinel(m)]
+        assert got == list(range(total)), (len(got), got[:3], got[-3:])
+        assert not security_events(system)
+    finally:
+        system.close()

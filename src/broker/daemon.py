@@ -28,6 +28,7 @@ from . import logs
 from .config import Config, ConfigError, load_config
 from .discovery import scan
 from .dom0 import Dom0Socket
+from .endpoint import Endpoint
 from .hub import Broker
 from .inflight import COMMIT_INTERVAL, InflightStore, Recovery
 from .notify import Notifier, watchdog_interval, watchdog_loop
@@ -287,6 +288,30 @@ class Daemon:
     def _status(self) -> None:
         self.notifier.status(self._status_text())
 
+    @staticmethod
+    async def _drain(peers: list[Endpoint]) -> None:
+        """Wait until every queue is empty, at most ``DRAIN_TIMEOUT``; a peer whose
+        queue did not shrink for its ``limites.delai_blocage`` is not waited for (it
+        does not read: what is left for a domain goes to its spool when its channel
+        is closed)."""
+        start = time.monotonic()
+        progress = {p: (p.queued(), start) for p in peers}
+        # Transports have no "drained" event; poll, bounded.
+        while True:
+            now = time.monotonic()
+            waiting = False
+            for p in peers:
+                queued = p.queued()
+                if not queued:
+                    continue
+                last, since = progress[p]
+                if queued < last:
+                    progress[p] = (queued, since := now)
+                waiting = waiting or now - since < p.limits.stall_timeout
+            if not waiting or now - start >= DRAIN_TIMEOUT:
+                return
+            await asyncio.sleep(0.01)
+
     async def shutdown(self) -> None:
         """Stop reading, flush what is queued (bounded), then abort what is left."""
         self.notifier.stopping("draining")
@@ -297,10 +322,7 @@ class Daemon:
         peers = self.broker.endpoints()
         for peer in peers:
             peer.stop_reading()
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        # Transports have no "drained" event; poll, bounded.
-        while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        await self._drain(peers)
         left = sum(p.queued() for p in peers)
         recovery = self.broker.recovery
         if recovery is not None:

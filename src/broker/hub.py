@@ -86,6 +86,9 @@ DEFERRED_RETRY = 0.005
 """Seconds before a waiting answer looks again at a queue that reported no drain."""
 
 
+FRAGMENT = "fragment"
+"""The spool's ``kind`` for the tail of a frame whose head the channel took before the
+broker stopped (:meth:`Broker._spool_lost`): replayed as bytes, first."""
 REPLAY_CHUNK = 256
 """Spooled messages one domain's replay hands its channel per loop turn (other domains'
 traffic and replays take turns between chunks)."""
@@ -731,13 +734,21 @@ class Broker:
         position = start
         kept = 0
         for frame in data.splitlines(keepends=True):
+            cut = position == start  # the first: maybe a frame's tail
             position += len(frame)
             if position in replayed or not frame.endswith(b"\n"):
                 continue  # still in the spool (replayed again), or cut short
             try:
                 env = self.settings.decode(frame)
             except MessageInvalide:
-                continue  # a frame's tail, cut where the kernel took its head
+                # A frame's tail, cut where the kernel took its head. When the broker
+                # stops, the channel stays (the domain holds that head): the tail,
+                # replayed first, completes the frame instead of spoiling the next.
+                if cut and self.stopping and self.spool.add(Entry(
+                        ep.name, DOM0, FRAGMENT, None, None, spool_now(), None,
+                        frame)) is None:
+                    kept += 1
+                continue
             if env.destination != ep.name or env.type == "reponse":
                 continue  # the broker's answers and broadcasts are not spooled
             deadline = None
@@ -822,6 +833,10 @@ class Broker:
         if row.kind != "commande" or row.msg_id is None:
             return True
         pending = self.pending.get(row.source, row.msg_id)
+        if (pending is None and self.recovery is not None
+                and self.recovery.awaits(row.source, row.msg_id, ep.name)
+                and (row.deadline is None or row.deadline > now)):
+            return True  # spooled before a restart: its commander still waits
         if (pending is None or pending.target is not ep or not pending.spooled
                 or (row.deadline is not None and row.deadline <= now)):
             lane.expired += 1

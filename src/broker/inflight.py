@@ -255,6 +255,13 @@ class Recovery:
                       destination=restored.asker)
         return True
 
+    def awaits(self, commander: str, id: str, replier: str) -> bool:
+        """Does a restored command ``(commander, id)`` to the domain ``replier`` still
+        await its answer (a command spooled before the restart, being replayed)?"""
+        restored = self.restored.get((commander, id))
+        return (restored is not None and restored.target_kind == DOMAIN
+                and restored.target == replier)
+
     def _asked(self, peer: Endpoint, restored: Restored) -> bool:
         """Is ``peer`` the party the restored command was sent to?"""
         if restored.target_kind == DOMAIN:
