@@ -1,0 +1,27 @@
+"""The spool replay benchmark's harness runs (``python -m bench.bench_spool`` with a
+small count): it cannot rot. No timing is asserted here (the benchmark itself checks
+that every message arrived, in order); figures live in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.ptys import SOCAT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_bench_spool_runs_and_reports() -> None:
+    assert SOCAT is not None, "socat is required (.ci/system-deps installs it)"
+    out = subprocess.run([sys.executable, "-m", "bench.bench_spool", "--count", "300",
+                          "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "spool replay of 300 notifications, 1 runs" in out.stdout
+    assert "replay_vs_live" in out.stdout
