@@ -14,7 +14,7 @@ from tests.support.ptys import SOCAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bench_spool_runs_and_reports() -> None:
