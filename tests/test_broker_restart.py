@@ -135,6 +135,23 @@ def test_a_deadline_passed_while_the_broker_was_down_is_answered(short: BrokerSy
     (rep,) = [m for m in a.wait_messages(1) if isinstance(m, Reponse)]
     assert rep.id == "oublie-1" and rep.statut == "erreur" and rep.source == "dom0"
     assert rep.erreur is not None and rep.erreur["code"] == "delai_depasse"
+    # The domain serving it is told, as for a live command (its client cancels the
+    # handler); its answer, if it comes anyway, is late, not a forgery.
+    b.inbox.clear()
+    wait_until(lambda: (b.pump(), [m for m in b.messages(exclude_dom0=False)
+                                   if m.payload.get("evenement") == "abandonnee"])[1],
+               what="the abandonment notice at vm-b")
+    (notice,) = [m for m in b.messages(exclude_dom0=False)
+                 if m.payload.get("evenement") == "abandonnee"]
+    assert notice.type == "notification" and notice.payload["evenement"] == "abandonnee"
+    assert notice.payload["data"]["id"] == "oublie-1"
+    b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
+            "payload": {"id": "oublie-1", "commande": "oublie", "statut": "ok",
+                        "resultat": None}})
+    b.send(sentinel("vm-b", "vm-a"))
+    a.inbox.clear()
+    assert not [m for m in a.until_sentinel(is_sentinel) if isinstance(m, Reponse)]
+    system.broker.wait_event("reponse.late", id="oublie-1")
     assert not security_events(system)
     wait_until(lambda: not in_flight(tmp_path / "state"), what="the table emptied")
 

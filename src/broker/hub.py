@@ -45,6 +45,8 @@ from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
 from .router import (
+    ABANDON_CATEGORY,
+    ABANDON_EVENT,
     DENIED,
     DISPATCHED,
     SPOOFED,
@@ -183,6 +185,9 @@ class Broker:
         """The unavailability last logged (logged again only when it changes)."""
         self._replays: set[str] = set()
         """Domains whose replay step is scheduled."""
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = float("inf")
+        """The timer that expires the next command due, and when (``pending.clock``)."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -440,6 +445,8 @@ class Broker:
         server = forward.server
         pending = self.pending.add(msg.source, id, forward.target, name, asker=peer,
                                    target=server, delai=delai_of(msg.raw))
+        if pending.deadline < self._expiry_at:
+            self._schedule_expiry(pending.deadline)
         if forward.spool:
             pending.spooled = True
             # Its deadline as a Unix time: the row outlives this process's clock.
@@ -941,9 +948,13 @@ class Broker:
     def fail_pending(self, gone: Endpoint, code: str, text: str, *,
                      keep_spooled: bool = False) -> None:
         """Answer every command waiting on ``gone`` (but those in its spool, with
-        ``keep_spooled``); forget the ones it asked."""
-        for pending in self.pending.fail(gone, keep_spooled=keep_spooled):
+        ``keep_spooled``); forget the ones it asked, and tell the endpoints serving
+        those that they are abandoned."""
+        abandoned: list[Pending[Endpoint]] = []
+        for pending in self.pending.fail(gone, abandoned, keep_spooled=keep_spooled):
             self._answer_for(pending, code, text)
+        for pending in abandoned:
+            self._abandon(pending, "commander_gone")
 
     @staticmethod
     def _answer_for(pending: Pending[Endpoint], code: str, text: str) -> None:
@@ -952,10 +963,49 @@ class Broker:
         pending.asker.send(encode(reply))
 
     def expire_pending(self) -> None:
+        """Answer ``delai_depasse`` to every command past its deadline (its slots are
+        free at once) and tell the endpoints serving them that they are abandoned."""
         for pending in self.pending.expire():
+            ttl = self.pending.ttl_for(pending.asker)
+            delai = ttl if pending.delai is None else min(pending.delai, ttl)
             self._answer_for(pending, Code.DELAI_DEPASSE,
-                             f"{pending.replier} did not answer in "
-                             f"{self.pending.ttl_for(pending.asker):g} s")
+                             f"{pending.replier} did not answer in {delai:g} s")
+            self._abandon(pending, "deadline")
+        nxt = self.pending.next_deadline()
+        self._expiry_at = float("inf")
+        if nxt is not None:
+            self._schedule_expiry(nxt)
+
+    def _schedule_expiry(self, deadline: float) -> None:
+        """Expire the commands due at ``deadline`` then, not at the next second's tick
+        (``delai`` may be short, and its commander's slot must be free when the
+        commander's own timeout is past)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven without a loop (tests): the caller expires
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = loop.call_later(max(0.0, deadline - self.pending.clock()),
+                                       self.expire_pending)
+
+    def _abandon(self, pending: Pending[Endpoint], why: str) -> None:
+        """Tell the endpoint serving ``pending`` that nobody awaits its answer any more
+        (a notification from dom0 that no domain may send: ``router.ABANDON_CATEGORY``),
+        so that its client cancels the handler. Best effort: dropped if its queue is
+        full (its late answer, if any, is then dropped as late)."""
+        target = pending.target
+        if target.transport is None:
+            return  # gone: nothing runs for it any more
+        notice = Notification(DOM0, pending.replier, ABANDON_CATEGORY, ABANDON_EVENT,
+                              {"source": pending.commander, "id": pending.id,
+                               "commande": pending.command})
+        target.send(encode(notice))
+        if target.log_budget.allow():
+            target.log.info("commande.abandoned", why=why, source=pending.commander,
+                            id=pending.id, commande=pending.command,
+                            suppressed=target.log_budget.take_suppressed())
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:

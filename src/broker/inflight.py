@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import structlog
 
-from messagerie import DOM0, Code, Reponse, encode
+from messagerie import DOM0, Code, Notification, Reponse, encode
 
+from .pending import ABANDONED_MAX, ABANDONED_TTL
+from .router import ABANDON_CATEGORY, ABANDON_EVENT
 from .spool import Store, StoreError
 
 if TYPE_CHECKING:
@@ -187,6 +190,10 @@ class Recovery:
         """The last error of the database, while commits fail (logged once)."""
         self.late_answers = 0
         self.expired = 0
+        self.given_up: OrderedDict[Key, tuple[str, float]] = OrderedDict()
+        """Restored commands answered ``delai_depasse``: (replier, when), for
+        ``ABANDONED_TTL`` seconds and at most ``ABANDONED_MAX``, so that a late answer
+        is dropped as late (info), as the live table's are."""
 
     def restore(self) -> int:
         """Load what the previous process had in flight; returns how many."""
@@ -232,10 +239,16 @@ class Recovery:
         """A ``reponse`` nobody in this process awaits: if it answers a restored
         command, from the party asked, deliver it (or drop it quietly when its asker
         was a dom0 service) and return True; else False (a real unsolicited answer)."""
-        if not self.restored or msg.id is None:
+        if not (self.restored or self.given_up) or msg.id is None:
             return False
         key = (msg.destination, msg.id)
         restored = self.restored.get(key)
+        late = self.given_up.get(key)
+        if restored is None and late is not None and late[0] == msg.source:
+            peer.log.info("reponse.late", id=msg.id, command=msg.name,
+                          detail="answers a command restored after a restart and answered "
+                                 "delai_depasse since")
+            return True
         if (restored is None or restored.replier != msg.source
                 or restored.command != msg.name or not self._asked(peer, restored)):
             return False
@@ -261,6 +274,21 @@ class Recovery:
         restored = self.restored.get((commander, id))
         return (restored is not None and restored.target_kind == DOMAIN
                 and restored.target == replier)
+
+    def _give_up(self, r: Restored, now: float) -> None:
+        """Remember ``r`` as answered on its destination's behalf, and tell the domain
+        serving it that nobody awaits its answer (as for a live command: its client
+        cancels the handler)."""
+        memo = self.given_up
+        memo[r.key] = (r.replier, now)
+        while memo and (len(memo) > ABANDONED_MAX
+                        or next(iter(memo.values()))[1] <= now - ABANDONED_TTL):
+            memo.popitem(last=False)
+        target = self.broker.domains.get(r.target) if r.target_kind == DOMAIN else None
+        if target is not None and target.transport is not None:
+            target.send(encode(Notification(DOM0, r.replier, ABANDON_CATEGORY, ABANDON_EVENT,
+                                            {"source": r.commander, "id": r.id,
+                                             "commande": r.command})))
 
     def _asked(self, peer: Endpoint, restored: Restored) -> bool:
         """Is ``peer`` the party the restored command was sent to?"""
@@ -296,7 +324,9 @@ class Recovery:
                                         "message": f"{r.replier} did not answer in time "
                                                    "(the broker restarted meanwhile)"})
                 broker.domains[r.asker].send(encode(reply))
+                self._give_up(r, now)
             elif now - r.deadline > KEEP_UNREACHABLE:
+                self._give_up(r, now)
                 del self.restored[key]
                 self.log.warning("inflight.forgotten", commander=r.commander, id=r.id,
                                  command=r.command, replier=r.replier,
