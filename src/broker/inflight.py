@@ -161,7 +161,7 @@ class InflightStore:
         with self.store.transaction() as db:
             if gone:
                 db.executemany("DELETE FROM commandes_en_vol WHERE commander = ? "
-                                    "AND id = ?", gone)
+                               "AND id = ?", gone)
             if new:
                 db.executemany(
                     "INSERT OR REPLACE INTO commandes_en_vol VALUES (?, ?, ?, ?, ?, ?, ?, "
@@ -315,6 +315,7 @@ class Recovery:
                 continue
             if r.asker_kind != DOMAIN:
                 del self.restored[key]  # its caller is gone (see the module's docstring)
+                self._give_up(r, now)
                 continue
             if broker.is_connected(r.asker):
                 del self.restored[key]
