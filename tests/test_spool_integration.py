@@ -19,6 +19,10 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
+RECONNECT = "[reconnexion]\nmin = 0.05\nmax = 0.2\n"
+"""A domain that comes back is found again within 0.2 s (the default backoff reaches 5 s
+while it is down)."""
+
 
 class RawDomu(Domu):
     """A DomU end that also keeps the exact bytes it read."""
@@ -72,36 +76,51 @@ def reconnect(system: BrokerSystem, name: str) -> RawDomu:
     return domu
 
 
+def kill(system: BrokerSystem, name: str) -> None:
+    """SIGKILL the domain's socat and remove the links it leaves: a stale link would
+    lead the broker's retries to the next pty the kernel hands out under that number
+    (another domain's)."""
+    pair = system.pairs[name]
+    pair.kill()
+    for link in (pair.dom0, pair.domu):
+        link.unlink(missing_ok=True)
+
+
 def down(system: BrokerSystem, name: str) -> None:
     """Kill the domain's socat (its channel hangs up) and wait until the broker saw it."""
     before = len(system.broker.find("domain.disconnected", domain=name))
-    system.pairs[name].kill()
+    kill(system, name)
     wait_until(lambda: len(system.broker.find("domain.disconnected", domain=name)) > before,
                what=f"{name} disconnected")
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[BrokerSystem]:
+    state = tmp_path / "state" / "spool.sqlite3"
     s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
-                     extra=f'[spool]\nchemin = "{tmp_path / "state" / "spool.sqlite3"}"\n')
+                     extra=RECONNECT + f'[spool]\nchemin = "{state}"\n')
     yield s
     s.close()
 
 
+@pytest.mark.slow
 def test_a_rebooted_domain_gets_what_was_sent_meanwhile_in_order(
         system: BrokerSystem) -> None:
     a = system.domus["vm-a"]
     down(system, "vm-b")
     sent = [frame("vm-a", "vm-b", i) for i in range(500)]
     a.write(b"".join(sent))
-    wait_until(lambda: spooled(system, "vm-b") == 500, what="500 messages spooled")
+    wait_until(lambda: spooled(system, "vm-b") == 500,
+               what=lambda: f"500 messages spooled: {status(system)['domaines']['vm-b']}")
     stats = status(system)
     assert stats["spool"]["etat"] == "disponible"
     assert stats["domaines"]["vm-b"]["spool"]["octets"] == sum(len(f) for f in sent)
     assert stats["domaines"]["vm-b"]["perdus"] == 0
     b = reconnect(system, "vm-b")
     wait_until(lambda: (b.pump(), len(b.lines_from("vm-a")) >= 500)[1], timeout=20,
-               what="500 replayed", interval=0)
+               what=lambda: f"500 replayed, got {len(b.lines_from('vm-a'))}: "
+                            f"{status(system)['domaines']['vm-b']} {system.broker.tail(6)}",
+               interval=0)
     assert b.lines_from("vm-a") == sent  # all, in order, byte for byte
     system.broker.wait_event("spool.replayed", domain="vm-b")
     wait_until(lambda: spooled(system, "vm-b") == 0, what="the spool emptied")
@@ -117,6 +136,7 @@ KERNEL_BUFFERS = 256 * 1024
 read (the tty layer's buffers and socat's 8 KiB): what is lost when socat dies."""
 
 
+@pytest.mark.slow
 def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
         system: BrokerSystem) -> None:
     """vm-b stops reading, so the broker's queue for it fills; its socat is killed with
@@ -134,7 +154,7 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     # vm-b stops reading: the rest piles up in the broker's queue for it.
     wait_until(lambda: status(system)["domaines"]["vm-b"]["file"] > 0,
                what="frames queued in the broker for vm-b")
-    system.pairs["vm-b"].kill()
+    kill(system, "vm-b")
     for _ in range(3):
         b0.pump(0.05)  # what the pty still hands over after the hang-up
     before = b0.lines_from("vm-a")
@@ -154,3 +174,115 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     lost = sent[len(before):gap_end]
     assert sum(len(f) for f in lost) <= KERNEL_BUFFERS
     assert len(after) >= recovered["messages"] + 500
+
+
+def cmd(src: str, dst: str, id: str) -> dict[str, object]:
+    return {"type": "commande", "source": src, "destination": dst,
+            "payload": {"id": id, "commande": "liste_disques", "arguments": {}}}
+
+
+def answers(domu: Domu, n: int) -> dict[str, Any]:
+    """The first ``n`` answers ``domu`` got, by command id."""
+    got = domu.wait_messages(n, timeout=10)
+    return {m.payload["id"]: m.payload for m in got if m.type == "reponse"}
+
+
+def test_a_spooled_command_is_delivered_and_its_answer_routed(system: BrokerSystem) -> None:
+    a = system.domus["vm-a"]
+    down(system, "vm-b")
+    a.send(cmd("vm-a", "vm-b", "later"))
+    wait_until(lambda: spooled(system, "vm-b") == 1, what="the command spooled")
+    b = reconnect(system, "vm-b")
+    (asked,) = b.wait_messages(1)
+    assert asked.type == "commande" and asked.payload["id"] == "later"
+    b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
+            "payload": {"id": "later", "commande": "liste_disques", "statut": "ok",
+                        "resultat": ["xvda"]}})
+    assert answers(a, 1)["later"]["resultat"] == ["xvda"]
+
+
+@pytest.mark.slow
+def test_bounds_by_count_and_bytes(tmp_path: Path) -> None:
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True, extra=(
+        RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\noctets = 20000\n'
+        "[domaines.\"vm-b*\"]\nspool_messages = 50\nspool_octets = 1000000\n"))
+    try:
+        a = s.domus["vm-a"]
+        down(s, "vm-b")
+        down(s, "vm-c")
+        to_b = [frame("vm-a", "vm-b", i) for i in range(60)]
+        to_c = [frame("vm-a", "vm-c", i) for i in range(60)]
+        a.write(b"".join(to_b))
+        a.send(cmd("vm-a", "vm-b", "over-count"))
+        a.write(b"".join(to_c))
+        big = cmd("vm-a", "vm-c", "over-bytes")
+        big["payload"]["arguments"] = {"pad": "y" * 20000}  # type: ignore[index]
+        a.send(big)
+        # Beyond a bound, a command is answered at once, as without a spool.
+        got = answers(a, 2)
+        for id, domain in (("over-count", "vm-b"), ("over-bytes", "vm-c")):
+            assert got[id]["erreur"]["code"] == "destination_hors_ligne"
+            assert f"domain {domain} is not connected and its spool is full" in \
+                got[id]["erreur"]["message"]
+        # Each message that still fits is kept (a small one after a refused large one).
+        kept_c: list[bytes] = []
+        for f in to_c:
+            if sum(map(len, kept_c)) + len(f) <= 20000:
+                kept_c.append(f)
+        stats = status(s)["domaines"]
+        assert stats["vm-b"]["spool"]["messages"] == 50
+        assert stats["vm-b"]["spool"]["refuses"] == 11  # 10 notifications, 1 command
+        assert stats["vm-c"]["spool"]["messages"] == len(kept_c)
+        assert stats["vm-c"]["spool"]["octets"] == sum(map(len, kept_c))
+        assert stats["vm-c"]["spool"]["refuses"] == 61 - len(kept_c)
+        # Once per burst, not once per message; its end with the count.
+        (full_b,) = s.broker.find("spool.full", domain="vm-b")
+        assert (full_b["bound"], full_b["limit"]) == ("messages", 50)
+        (full_c,) = s.broker.find("spool.full", domain="vm-c")
+        assert (full_c["bound"], full_c["limit"]) == ("octets", 20000)
+        ended = s.broker.wait_event("spool.full_ended", domain="vm-b")
+        assert ended["refused"] == 11
+        b = reconnect(s, "vm-b")
+        wait_until(lambda: (b.pump(), len(b.lines_from("vm-a")) >= 50)[1], interval=0,
+                   what="50 replayed")
+        a.send({**cmd("vm-a", "vm-b", "sentinel"), "type": "commande"})
+        wait_until(lambda: (b.pump(), any(b"sentinel" in x for x in b.lines_from("vm-a")))[1],
+                   interval=0, what="the sentinel")
+        assert b.lines_from("vm-a")[:50] == to_b[:50]
+        assert len(b.lines_from("vm-a")) == 51  # the 50 kept, then the sentinel
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_bound_by_age_and_a_commands_deadline(tmp_path: Path) -> None:
+    # vm-b keeps messages 0.5 s; vm-a's commands have 1.5 s to be answered (until
+    # commands carry their own deadline, duree_commande is it).
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True, extra=(
+        RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\n'
+        "[domaines.\"vm-b*\"]\nspool_age = 0.5\n[domaines.\"vm-a*\"]\nduree_commande = 1.5\n"))
+    try:
+        a = s.domus["vm-a"]
+        down(s, "vm-b")
+        down(s, "vm-c")
+        a.write(b"".join(frame("vm-a", "vm-b", i) for i in range(20)))
+        a.send(cmd("vm-a", "vm-b", "aged"))   # expires with vm-b's messages (age)
+        a.send(cmd("vm-a", "vm-c", "late"))   # vm-c keeps it an hour: its deadline first
+        got = answers(a, 2)
+        assert got["aged"]["erreur"]["code"] == "delai_depasse"
+        assert "stayed offline longer than its spool keeps" in got["aged"]["erreur"]["message"]
+        assert got["late"]["erreur"]["code"] == "delai_depasse"
+        expired = s.broker.wait_event("spool.expired", domain="vm-b")
+        assert (expired["messages"], expired["bound"]) == (21, "age")
+        wait_until(lambda: spooled(s, "vm-b") == 0, what="vm-b's spool emptied")
+        assert status(s)["domaines"]["vm-b"]["spool"]["expires"] == 21
+        # Back: nothing stale arrives, neither the notifications nor the commands.
+        for name in ("vm-b", "vm-c"):
+            domu = reconnect(s, name)
+            s.broker.wait_event("domain.connected", domain=name, count=2)
+            a.send({"type": "notification", "source": "vm-a", "destination": name,
+                    "payload": {"categorie": "sentinelle", "evenement": "sentinelle"}})
+            arrived = domu.until_sentinel(lambda m: m.payload.get("categorie") == "sentinelle")
+            assert [m.type for m in arrived] == ["notification"], arrived
+    finally:
+        s.close()
