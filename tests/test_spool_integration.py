@@ -3,6 +3,7 @@ that are killed and started again on the same paths, a real SQLite file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -286,3 +287,83 @@ def test_bound_by_age_and_a_commands_deadline(tmp_path: Path) -> None:
             assert [m.type for m in arrived] == ["notification"], arrived
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs of its own at ``path`` (``mount -o OPTIONS``): a real read-only or small
+    file system. Mounting needs root (sudo otherwise, as the package test does)."""
+    path.mkdir(parents=True, exist_ok=True)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                   check=True, capture_output=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run([*sudo, "umount", "-l", str(path)], check=False, timeout=30)
+
+
+def live_traffic_flows(s: BrokerSystem, n: int) -> None:
+    a, c = s.domus["vm-a"], s.domus["vm-c"]
+    a.send({"type": "notification", "source": "vm-a", "destination": "vm-c",
+            "payload": {"categorie": "test", "evenement": "live", "data": {"n": n}}})
+    wait_until(lambda: (c.pump(), [m for m in c.messages() if m.payload.get("data") ==
+                                   {"n": n}])[1], interval=0, what=f"live message {n}")
+
+
+def test_a_read_only_state_directory(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "state", "ro,size=64k") as state:
+        s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
+                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        try:
+            (event,) = s.broker.find("spool.unavailable")
+            assert event["path"] == str(state / "spool.sqlite3")
+            assert event["error"] == "Read-only file system"
+            assert event["level"] == "error"
+            live_traffic_flows(s, 1)
+            down(s, "vm-b")
+            a = s.domus["vm-a"]
+            a.write(frame("vm-a", "vm-b", 1))  # dropped and counted, as without a spool
+            a.send(cmd("vm-a", "vm-b", "now"))
+            assert answers(a, 1)["now"]["erreur"]["code"] == "destination_hors_ligne"
+            stats = status(s)
+            assert stats["spool"]["etat"] == "indisponible"
+            assert "Read-only file system" in stats["spool"]["erreur"]
+            assert stats["domaines"]["vm-b"]["refuses"] == 0
+            assert len(s.broker.find("message.refused", why="offline_destination")) == 2
+            live_traffic_flows(s, 2)
+            assert len(s.broker.find("spool.unavailable")) == 1
+        finally:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_full_state_directory(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "state", "size=256k") as state:
+        s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
+                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        try:
+            assert s.broker.find("spool.opened")
+            a = s.domus["vm-a"]
+            down(s, "vm-b")
+            sent = [frame("vm-a", "vm-b", i) for i in range(2000)]  # 1.2 MB: cannot fit
+            for i in range(0, 2000, 100):
+                a.write(b"".join(sent[i:i + 100]))
+            event = s.broker.wait_event("spool.unavailable")
+            assert event["path"] == str(state / "spool.sqlite3")
+            assert event["error"] == "database or disk is full"
+            a.send(cmd("vm-a", "vm-b", "now"))
+            assert answers(a, 1)["now"]["erreur"]["code"] == "destination_hors_ligne"
+            live_traffic_flows(s, 1)
+            stats = status(s)
+            assert stats["spool"]["etat"] == "indisponible"
+            kept = stats["domaines"]["vm-b"]["spool"]["messages"]
+            assert 0 < kept < 2000
+            # What was committed before the disk filled is delivered, in order.
+            b = reconnect(s, "vm-b")
+            wait_until(lambda: (b.pump(), len(b.lines_from("vm-a")) >= kept)[1],
+                       interval=0, what=f"{kept} replayed")
+            assert b.lines_from("vm-a") == sent[:kept]
+            assert len(s.broker.find("spool.unavailable")) == 1
+        finally:
+            s.close()
