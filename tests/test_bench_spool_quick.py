@@ -1,9 +1,11 @@
 """The spool replay benchmark's harness runs (``python -m bench.bench_spool`` with a
 small count): it cannot rot. No timing is asserted here (the benchmark itself checks
-that every message arrived, in order); figures live in docs/benchmarks.md."""
+that every message arrived, in order, byte for byte); figures live in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_bench_spool_runs_and_reports() -> None:
     assert SOCAT is not None, "socat is required (.ci/system-deps installs it)"
-    out = subprocess.run([sys.executable, "-m", "bench.bench_spool", "--count", "300",
+    out = subprocess.run([sys.executable, "-m", "bench.bench_spool", "--messages", "300",
                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "spool replay of 300 notifications, 1 runs" in out.stdout
-    assert "replay_vs_live" in out.stdout
+    result = json.loads(out.stdout)
+    assert result["messages"] == 300 and len(result["runs"]) == 1
+    assert result["replay"]["median"] > 0

@@ -37,7 +37,7 @@ from messagerie import (
 )
 from messagerie.envelope import Envelope, Run
 
-from .config import Config
+from .config import Config, Limits
 from .dom0 import Dom0Connection, Dom0Services
 from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
 from .inflight import Recovery
@@ -183,6 +183,8 @@ class Broker:
         self._spool_failed_at = 0.0
         self._spool_logged: str | None = None
         """The unavailability last logged (logged again only when it changes)."""
+        self._bounds: dict[str, tuple[Limits, Bounds]] = {}
+        """Each destination's spool bounds, with the limits they were read from."""
         self._replays: set[str] = set()
         """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
@@ -611,8 +613,14 @@ class Broker:
 
     # -- the spool ---------------------------------------------------------------------
     def _spool_bounds(self, destination: str) -> Bounds:
-        limits = self.config.limits_for(destination)
-        return Bounds(limits.spool_messages, limits.spool_bytes, limits.spool_age)
+        ep = self.domains.get(destination)
+        # The endpoint's limits are resolved once (and again at a reload).
+        limits = ep.limits if ep is not None else self.config.limits_for(destination)
+        bounds = self._bounds.get(destination)
+        if bounds is None or bounds[0] is not limits:
+            bounds = self._bounds[destination] = (limits, Bounds(
+                limits.spool_messages, limits.spool_bytes, limits.spool_age))
+        return bounds[1]
 
     def open_spool(self) -> None:
         """Open the spool's file (``spool.chemin``, else the state directory). If it
@@ -1023,6 +1031,7 @@ class Broker:
         ep = self.domains.pop(name, None)
         if ep is None:
             return
+        self._bounds.pop(name, None)
         self.memory.resize(len(self.domains))
         self.invalidate_routes()
         was_up = ep.connected_since is not None

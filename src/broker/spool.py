@@ -136,6 +136,9 @@ class Store:
         where = str(path)
         try:
             Path(where).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # First as a plain file: a read-only or full file system is reported with
+            # the system's own words (SQLite would say "unable to open database file").
+            os.close(os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             # isolation_level=None: no implicit transactions; ``transaction`` begins them.
             db = sqlite3.connect(where, isolation_level=None, timeout=0.0)
         except (sqlite3.Error, OSError) as exc:
@@ -457,7 +460,7 @@ class Spool:
             store = Store.open(path)
             depths = store.depths()
         except StoreError as exc:
-            self.state, self.error = UNAVAILABLE, str(exc)
+            self.state, self.error = UNAVAILABLE, exc.reason
             raise
         self.store, self.state, self.error = store, AVAILABLE, None
         for destination, depth in depths.items():
@@ -533,7 +536,7 @@ class Spool:
                     Store.insert(db, inserts)
         except StoreError as exc:
             self.failed_commits += 1
-            self.state, self.error = UNAVAILABLE, str(exc)
+            self.state, self.error = UNAVAILABLE, exc.reason
             for entry in inserts:
                 self.lane(entry.destination).depth.remove(len(entry.frame))
             # Deletes that did not happen: the rows stay and are replayed again
