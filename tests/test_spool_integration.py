@@ -367,3 +367,36 @@ def test_a_full_state_directory(tmp_path: Path) -> None:
             assert len(s.broker.find("spool.unavailable")) == 1
         finally:
             s.close()
+
+
+@pytest.mark.slow
+def test_a_domain_killed_during_its_replay_gets_the_rest_once(system: BrokerSystem) -> None:
+    """The channel drops while the spool is replayed: the rows the broker still held
+    are replayed again on the next connection, none twice; the ones the kernel had
+    taken are gone with socat (as in the test above)."""
+    a = system.domus["vm-a"]
+    down(system, "vm-b")
+    sent = [frame("vm-a", "vm-b", i) for i in range(2000)]
+    a.write(b"".join(sent[:1900]))
+    wait_until(lambda: spooled(system, "vm-b") == 1900, what="1900 spooled")
+    b0 = reconnect(system, "vm-b")
+    wait_until(lambda: (b0.pump(), len(b0.lines_from("vm-a")) >= 100)[1], interval=0,
+               what="the replay under way")
+    # vm-b stops reading mid-replay: what is left waits in the broker and the spool.
+    wait_until(lambda: status(system)["domaines"]["vm-b"]["file"] > 0,
+               what="the replay held by vm-b's full channel")
+    kill(system, "vm-b")
+    for _ in range(3):
+        b0.pump(0.05)
+    before = b0.lines_from("vm-a")
+    system.broker.wait_event("domain.disconnected", domain="vm-b", count=2)
+    a.write(b"".join(sent[1900:]))
+    b = reconnect(system, "vm-b")
+    wait_until(lambda: (b.pump(), sent[-1] in b.lines_from("vm-a"))[1], timeout=30,
+               interval=0, what="the last frame")
+    after = b.lines_from("vm-a")
+    assert before == sent[:len(before)]
+    gap_end = sent.index(after[0])
+    assert after == sent[gap_end:], "after the kill: the rest, in order, once"
+    assert sum(len(f) for f in sent[len(before):gap_end]) <= KERNEL_BUFFERS
+    wait_until(lambda: spooled(system, "vm-b") == 0, what="the spool emptied")

@@ -736,6 +736,8 @@ class Broker:
         transport tells) goes to its spool, before anything spooled after."""
         lane = self.spool.lanes.get(ep.name)
         unsent = ep.unsent
+        # Rows of the replay in what was not written: still in the spool, not live.
+        replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
         if lane is not None and lane.written:
             if unsent is not None and ep.channel_type != "socket":
                 self._confirm(ep.name, lane, unsent[0])
@@ -745,7 +747,6 @@ class Broker:
         if unsent is None or self.spool.state != AVAILABLE:
             return
         start, data = unsent
-        replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
         position = start
         kept = 0
         for frame in data.splitlines(keepends=True):
@@ -839,6 +840,10 @@ class Broker:
             if not ep.send(row.frame):
                 spool.lane(ep.name).cursor = row.seq - 1  # full: this one again later
                 break
+            if row.kind == "commande" and row.msg_id is not None:
+                pending = self.pending.get(row.source, row.msg_id)
+                if pending is not None:
+                    pending.spooled = False  # with the domain now: answered if it drops
             lane.written.append((row.seq, len(row.frame), ep.position(), row.queued_at))
         self._schedule_replay(ep)
 
@@ -855,9 +860,9 @@ class Broker:
         if (pending is None or pending.target is not ep or not pending.spooled
                 or (row.deadline is not None and row.deadline <= now)):
             lane.expired += 1
-            self.spool.written(ep.name, row.seq, len(row.frame))
+            # This row only: those before it may still be in the channel's buffer.
+            self.spool.forget(ep.name, row.seq, len(row.frame))
             return False
-        pending.spooled = False
         return True
 
     def _confirm(self, name: str, lane: Lane, out: int) -> None:
