@@ -325,3 +325,25 @@ def test_sigterm_spools_what_a_domain_that_does_not_read_left(tmp_path: Path) ->
         assert not security_events(system)
     finally:
         system.close()
+
+
+def test_the_table_is_kept_with_the_spool_disabled(tmp_path: Path) -> None:
+    """``spool.actif = false``: nothing is spooled, but the commands in flight are still
+    kept in the state directory's file, and a late answer after a crash is routed."""
+    system = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
+                          extra="[spool]\nactif = false\n",
+                          env={"STATE_DIRECTORY": str(tmp_path / "state")})
+    try:
+        a, b = system.domus["vm-a"], system.domus["vm-b"]
+        a.send(commande("vm-a", "vm-b", "sans-spool", "lent"))
+        b.wait_messages(1)
+        wait_until(lambda: in_flight(tmp_path / "state"), what="the command in the database")
+        system.restart(signal.SIGKILL)
+        b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
+                "payload": {"id": "sans-spool", "commande": "lent", "statut": "ok",
+                            "resultat": 1}})
+        (rep,) = [m for m in a.wait_messages(1) if isinstance(m, Reponse)]
+        assert rep.id == "sans-spool" and rep.resultat == 1
+        assert not security_events(system)
+    finally:
+        system.close()

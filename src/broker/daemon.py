@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,9 +137,10 @@ class Daemon:
             if spool.available and spool.store is not None and not spool.temporary:
                 store = spool.store
             elif spool.state == DISABLED:  # spool.actif = false: the file, for this table
-                path = self.config.spool_path or default_path()[0]
-                if path.startswith(tempfile.gettempdir()) and not self.config.spool_path:
-                    with contextlib.suppress(OSError):  # default_path made it
+                path, temporary = ((self.config.spool_path, False) if self.config.spool_path
+                                   else default_path())
+                if temporary:
+                    with contextlib.suppress(OSError):  # default_path made it: no use
                         os.rmdir(os.path.dirname(path))
                 else:
                     store = Store.open(path)
