@@ -6,7 +6,8 @@ Behaves as systemd's daemon guidance asks: no forking, no pid file, logs on stdo
 ``READY=1`` once the dom0 socket listens and every configured channel had its first
 connection attempt; ``WATCHDOG=1`` from the event loop; SIGHUP reloads configuration
 and policy (a bad one is refused and the running one stays); SIGTERM drains the
-outbound queues and exits 0.
+outbound queues, keeps what it could not drain and the commands in flight in the state
+file (``broker.spool``, ``broker.inflight``) and exits 0.
 """
 
 from __future__ import annotations
@@ -313,7 +314,10 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     async def shutdown(self) -> None:
-        """Stop reading, flush what is queued (bounded), then abort what is left."""
+        """Stop reading, flush what is queued (bounded), commit the commands in flight,
+        then close the channels: what is left for a domain goes to its spool (committed
+        when the spool closes); what is left for a dom0 service is lost with its
+        connection."""
         self.notifier.stopping("draining")
         self.log.info("broker.stopping")
         self.broker.stopping = True  # nothing resumes reading from now on
