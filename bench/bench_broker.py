@@ -195,7 +195,10 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
                 brokers[system] = stack.enter_context(broker(d, p, command=command, env=env))
             else:
                 extra = ('validation = "complete"\n' if system == "broker_complete" else "")
-                brokers[system] = stack.enter_context(broker(d, p, extra=extra + UNLIMITED))
+                # With a state directory, as the unit runs it (StateDirectory=): the spool
+                # and the commands in flight kept in it.
+                brokers[system] = stack.enter_context(broker(
+                    d, p, extra=extra + UNLIMITED, env={"STATE_DIRECTORY": str(d / "state")}))
         order = list(ends)
         runs: dict[str, list[dict[str, Any]]] = {s: [] for s in order}
         for i in range(repeats):

@@ -397,3 +397,35 @@ def test_trace_socket_only_with_a_group() -> None:
     assert (config.trace_group, config.trace_socket) == ("adm", "/run/x/t.sock")
     assert "trace.mode: unknown key" in error(with_(trace={"mode": "0600"}))
     assert "trace.groupe: expected str" in error(with_(trace={"groupe": 4}))
+
+
+def test_spool_defaults_global_bounds_and_per_domain_ones(tmp_path: Path) -> None:
+    one = {"domaines": {"vm-a": {"chemin": "/dev/pts/1"}}}
+    config = parse_config(one)
+    assert (config.spool, config.spool_path) == (True, None)
+    assert (config.limits.spool_messages, config.limits.spool_bytes,
+            config.limits.spool_age) == (10_000, 8 * 1024 * 1024, 3600.0)
+    config = parse_config({
+        "spool": {"actif": False, "chemin": "state/spool.db", "messages": 50,
+                  "octets": 4096, "age": 30},
+        "domaines": {"vm-a": {"chemin": "/dev/pts/1", "spool_messages": 5},
+                     "vm-d*": {"spool_age": 2.5}, "vm-b": {"chemin": "/dev/pts/2"}},
+        "decouverte": {"motifs": ["/run/*-msg.sock"]}}, base=tmp_path)
+    assert config.spool is False and config.spool_path == str(tmp_path / "state/spool.db")
+    a, b, d = (config.limits_for(n) for n in ("vm-a", "vm-b", "vm-d1"))
+    assert (a.spool_messages, a.spool_bytes, a.spool_age) == (5, 4096, 30.0)
+    assert (b.spool_messages, b.spool_bytes, b.spool_age) == (50, 4096, 30.0)
+    assert (d.spool_messages, d.spool_age) == (50, 2.5)
+
+
+@pytest.mark.parametrize(("doc", "error"), [
+    ({"limites": {"spool_messages": 5}}, "limites.spool_messages: unknown key"),
+    ({"spool": {"messages": 0}}, "spool.messages: must be positive"),
+    ({"spool": {"octets": "big"}}, "spool.octets: expected int, got str"),
+    ({"spool": {"chemin": ""}}, "spool.chemin: expected a file path"),
+    ({"spool": {"actif": 1}}, "spool.actif: expected bool, got int"),
+    ({"spool": {"taille": 1}}, "spool.taille: unknown key"),
+])
+def test_spool_errors_name_the_key(doc: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        parse_config({**doc, "domaines": {"vm-a": {"chemin": "/dev/pts/1"}}})

@@ -126,3 +126,14 @@ def test_counts_per_asker_and_target_follow_the_table() -> None:
     assert pending.in_flight_to("ep-a", "ep-b") == 0 and pending.in_flight("ep-a") == 1
     pending.fail("ep-a")
     assert pending._pairs == {} and pending._counts == {}
+
+
+def test_a_domain_going_down_keeps_the_commands_still_in_its_spool() -> None:
+    pending, _ = table(limit=5)
+    sent = pending.add("vm-a", "c1", "vm-b", "x", asker="ep-a", target="ep-b")
+    spooled = pending.add("vm-a", "c2", "vm-b", "x", asker="ep-a", target="ep-b")
+    spooled.spooled = True
+    assert pending.fail("ep-b", keep_spooled=True) == [sent]
+    assert ("vm-a", "c2") in pending and pending.in_flight("ep-a") == 1
+    # Removed from the configuration: those in its spool are answered too.
+    assert pending.fail("ep-b") == [spooled] and len(pending) == 0

@@ -246,8 +246,11 @@ async def _builtin(msg: Message) -> Message | None:
     if msg.commande == "statistiques":
         return msg.reply({"uptime": 3725.0, "domaines": {
             "vm-a": {"recus": 12, "envoyes": 7, "refuses": 1, "perdus": 0, "file": 0},
-            "vm-b": {"recus": 0, "envoyes": 0, "refuses": 0, "perdus": 3, "file": 0}},
-            "dom0": {"recus": 5, "envoyes": 5, "refuses": 0, "perdus": 0, "file": 0}})
+            "vm-b": {"recus": 0, "envoyes": 0, "refuses": 0, "perdus": 3, "file": 0,
+                     "spool": {"messages": 40, "octets": 9000, "age": 75.2}}},
+            "dom0": {"recus": 5, "envoyes": 5, "refuses": 0, "perdus": 0, "file": 0},
+            "spool": {"etat": "indisponible", "chemin": "/var/lib/messagerie/spool.sqlite3",
+                      "erreur": "database or disk is full"}})
     return msg.fail(Code.COMMANDE_INCONNUE, msg.commande)
 
 
@@ -264,12 +267,16 @@ async def test_status(dom0_server: SocketServer) -> None:
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["DOMAIN", "STATE", "TYPE", "IN", "OUT", "REFUSED", "DROPPED",
-                                "QUEUE", "PATH"]
+                                "QUEUE", "SPOOLED", "SPOOL_BYTES", "SPOOL_AGE", "PATH"]
     assert lines[1].split() == ["vm-a", "connecte", "socket", "12", "7", "1", "0", "0",
                                 "/run/vm-a.sock"]
-    assert lines[2].split()[:2] == ["vm-b", "deconnecte"]
+    # A domain's spool: its depth in messages and bytes, and its oldest message's age.
+    assert lines[2].split() == ["vm-b", "deconnecte", "tty", "0", "0", "0", "3", "0", "40",
+                                "9000", "00:01:15", "/dev/pts/3"]
     assert lines[3].split()[0] == "dom0"
-    assert lines[-1] == "broker uptime: 01:02:05"
+    assert lines[-2] == "broker uptime: 01:02:05"
+    assert lines[-1] == ("spool: UNAVAILABLE (/var/lib/messagerie/spool.sqlite3): "
+                         "database or disk is full")
     code, out, err = await cli("--path", str(dom0_server.path), "status", "--json")
     assert code == 0 and set(json.loads(out)) == {"domaines", "statistiques"}
 

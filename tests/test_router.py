@@ -140,6 +140,32 @@ def test_offline_destination() -> None:
     assert decision.security is False
 
 
+def test_offline_destination_with_a_spool() -> None:
+    view = View(connected=["vm-a", "vm-c"], offline=["vm-b"])
+    view.spooled = frozenset({"vm-b", "vm-c"})  # vm-b offline, vm-c replaying its spool
+    assert route(Notification("vm-a", "vm-b", "c", "e"), "vm-a", view) == Deliver(
+        ("vm-b",), spool=True)
+    assert decide(Commande("vm-a", "vm-b", "lister"), "vm-a", "ep-a", view) == Forward(
+        "vm-b", "vm-b", spool=True)
+    # Connected, its spool being replayed: behind what the spool holds.
+    assert route(Notification("vm-a", "vm-c", "c", "e"), "vm-a", view) == Deliver(
+        ("vm-c",), spool=True)
+    # An answer is never spooled: to an offline commander it is refused as before.
+    view.expect("vm-b", "r1", "vm-a")
+    refused = route(Reponse("vm-a", "vm-b", "r1", "x", "ok"), "vm-a", view)
+    assert isinstance(refused, Refuse) and refused.kind == OFFLINE
+    # A broadcast goes to the connected, never to a spool.
+    assert route(Notification("vm-a", TOUS, "c", "e"), "vm-a", view) == Deliver(
+        ("vm-c", DOM0))
+    unknown = route(Notification("vm-a", "vm-x", "c", "e"), "vm-a", view)
+    assert isinstance(unknown, Refuse) and unknown.kind == UNKNOWN
+    # The policy decides before the spool: vm-a may not write to vm-c at all.
+    strict = View(connected=["vm-a"], offline=["vm-c"], policy=POLICY)
+    strict.spooled = frozenset({"vm-c"})
+    denied = route(Notification("vm-a", "vm-c", "c", "e"), "vm-a", strict)
+    assert isinstance(denied, Refuse) and denied.kind == DENIED
+
+
 def test_broadcast_excludes_origin_includes_dom0() -> None:
     view = View(connected=["vm-a", "vm-b", "vm-c"])
     decision = route(usb(), "vm-a", view)

@@ -129,11 +129,13 @@ def test_service_basics() -> None:
         "SupplementaryGroups": ["xen-channels"],
         "RuntimeDirectory": ["messagerie"],
         "RuntimeDirectoryMode": ["0750"],
+        # The spool's file, and only the service's user reads it.
+        "StateDirectory": ["messagerie"],
+        "StateDirectoryMode": ["0700"],
     }
     for key, value in expected.items():
         assert d.get(key) == value, key
     assert d["ExecStart"][0].startswith("/usr/local/bin/messagerie-broker --config ")
-    assert "StateDirectory" not in d
     assert "ReadWritePaths" not in d
 
 

@@ -62,6 +62,13 @@ class Limits:
     queues_memory: int | None = None
     """Bytes all the outbound queues together may hold (``limites.memoire_files``);
     None: 30 % of the cgroup's memory.max (``broker.memory``)."""
+    spool_messages: int = 10_000
+    """Messages the spool keeps for this domain while it is offline (``spool.messages``;
+    ``spool_messages`` under ``[domaines.NAME]``)."""
+    spool_bytes: int = 8 * 1024 * 1024
+    """Bytes the spool keeps for it (``spool.octets``; ``spool_octets``)."""
+    spool_age: float = 3600.0
+    """Seconds a message waits in its spool at most (``spool.age``; ``spool_age``)."""
 
 
 LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
@@ -69,11 +76,19 @@ LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
     "debit": ("rate", float), "rafale": ("burst", int),
     "commandes_en_vol": ("commands_in_flight", int),
     "commandes_en_vol_destination": ("commands_per_destination", int),
-    "duree_commande": ("command_ttl", float)}
-"""``[limites]`` keys (the same under ``[domaines.NAME]``): the :class:`Limits` field
-each sets, and its type."""
+    "duree_commande": ("command_ttl", float),
+    "spool_messages": ("spool_messages", int), "spool_octets": ("spool_bytes", int),
+    "spool_age": ("spool_age", float)}
+"""``[limites]`` keys (the same under ``[domaines.NAME]``), and the spool's bounds of
+one domain (``spool_*``, whose broker-wide defaults are in ``[spool]``): the
+:class:`Limits` field each sets, and its type."""
+SPOOL_KEYS: Final[dict[str, tuple[str, type]]] = {
+    "messages": ("spool_messages", int), "octets": ("spool_bytes", int),
+    "age": ("spool_age", float)}
+"""``[spool]`` bounds: every domain's, unless its ``[domaines.NAME]`` sets ``spool_*``."""
 GLOBAL_LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
-    **LIMIT_KEYS, "memoire_files": ("queues_memory", int)}
+    **{k: v for k, v in LIMIT_KEYS.items() if not k.startswith("spool_")},
+    "memoire_files": ("queues_memory", int)}
 """``[limites]`` keys, those of the whole broker included (``memoire_files``: one
 budget for every queue, so never per domain)."""
 
@@ -132,6 +147,11 @@ class Config:
     """Per-domain overrides, in file order (:meth:`limits_for`)."""
     reconnect_min: float = 0.1
     reconnect_max: float = 5.0
+    spool: bool = True
+    """Keep messages for offline declared domains (``spool.actif``)."""
+    spool_path: str | None = None
+    """The spool's SQLite file (``spool.chemin``); None: ``$STATE_DIRECTORY/spool.sqlite3``
+    under systemd, else a temporary file that lasts as long as the process."""
     source: str = "<defaults>"
     """Where this configuration came from, for logs."""
 
@@ -184,7 +204,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
                  base: Path | None = None) -> Config:
     """Validate a parsed TOML document. Relative paths are taken from ``base``."""
     _unknown(data, {"broker", "dom0", "trace", "decouverte", "limites", "reconnexion",
-                    "domaines"}, "")
+                    "spool", "domaines"}, "")
 
     def path_of(value: str) -> str:
         p = Path(value)
@@ -246,7 +266,15 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
 
     lim = _table(data, "limites", "")
     _unknown(lim, set(GLOBAL_LIMIT_KEYS), "limites.")
-    limits = Limits(**_limit_values(lim, "limites.", GLOBAL_LIMIT_KEYS))
+    spool = _table(data, "spool", "")
+    _unknown(spool, {"actif", "chemin", *SPOOL_KEYS}, "spool.")
+    spool_on = _get(spool, "actif", bool, "spool.", True)
+    spool_path = _get(spool, "chemin", str, "spool.", None)
+    if spool_path == "":
+        raise ConfigError("spool.chemin: expected a file path (spool.actif = false turns "
+                          "the spool off)")
+    limits = Limits(**_limit_values(lim, "limites.", GLOBAL_LIMIT_KEYS),
+                    **_limit_values(spool, "spool.", SPOOL_KEYS))
 
     rec = _table(data, "reconnexion", "")
     _unknown(rec, {"min", "max"}, "reconnexion.")
@@ -306,7 +334,9 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         trace_group=trace_group, log_level=level, max_frame=max_frame,
         validation=validation,
         policy_path=path_of(policy) if policy else None, limits=limits,
-        domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax, source=source)
+        domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax,
+        spool=spool_on, spool_path=path_of(spool_path) if spool_path else None,
+        source=source)
 
 
 def _limit_values(table: dict[str, Any], where: str,

@@ -6,13 +6,15 @@ Behaves as systemd's daemon guidance asks: no forking, no pid file, logs on stdo
 ``READY=1`` once the dom0 socket listens and every configured channel had its first
 connection attempt; ``WATCHDOG=1`` from the event loop; SIGHUP reloads configuration
 and policy (a bad one is refused and the running one stays); SIGTERM drains the
-outbound queues and exits 0.
+outbound queues, keeps what it could not drain and the commands in flight in the state
+file (``broker.spool``, ``broker.inflight``) and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -26,9 +28,12 @@ from . import logs
 from .config import Config, ConfigError, load_config
 from .discovery import scan
 from .dom0 import Dom0Socket
+from .endpoint import Endpoint
 from .hub import Broker
+from .inflight import COMMIT_INTERVAL, InflightStore, Recovery
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .policy import Policy, PolicyError, load_policy
+from .spool import DISABLED, Store, StoreError, default_path
 from .trace import Tracer
 from .xenstore import Binding, Bound, XenstoreDiscovery, changes, verifier
 
@@ -77,9 +82,11 @@ class Daemon:
             await self.dom0_socket.start(cfg.dom0_socket, cfg.dom0_mode, cfg.dom0_group)
         if cfg.trace_group:
             await self.tracer.start(cfg.trace_socket, cfg.trace_group)
+        self.broker.open_spool()
         for domain in cfg.domains.values():
             self.broker.add_domain(domain.name, domain.path)
         self.rescan()
+        self.open_state()
         for sig, handler in ((signal.SIGTERM, self.stop_event.set),
                              (signal.SIGINT, self.stop_event.set),
                              (signal.SIGHUP, self.reload)):
@@ -88,10 +95,14 @@ class Daemon:
             # The interval is read at each turn: a reload that changes it applies.
             loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
                              name="discovery"),
-            loop.create_task(self._every(1.0, self.broker.expire_pending), name="expiry"),
+            loop.create_task(self._every(1.0, self._expire), name="expiry"),
+            loop.create_task(self._every(1.0, self.broker.sweep_spool), name="spool"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
+        if self.broker.recovery is not None:
+            self.tasks.append(loop.create_task(
+                self._every(COMMIT_INTERVAL, self.broker.recovery.commit), name="inflight"))
         if cfg.xenstore:
             self.xenstore = XenstoreDiscovery(self.apply_xenstore, path=cfg.xenstore_path,
                                               template=cfg.xenstore_channel,
@@ -114,6 +125,45 @@ class Daemon:
         await self.stop_event.wait()
         await self.shutdown()
         return 0
+
+    def open_state(self) -> None:
+        """The commands in flight of the previous process, and their table from now on
+        (``broker.inflight``), in the spool's state file (systemd's
+        ``StateDirectory=`` gives it as ``$STATE_DIRECTORY``; or ``spool.chemin``).
+        Without one that outlives the process, or if it cannot be opened, the broker
+        routes as before, keeping nothing across a restart (and says so)."""
+        spool = self.broker.spool
+        store: Store | None = None
+        try:
+            if spool.available and spool.store is not None and not spool.temporary:
+                store = spool.store
+            elif spool.state == DISABLED:  # spool.actif = false: the file, for this table
+                path, temporary = ((self.config.spool_path, False) if self.config.spool_path
+                                   else default_path())
+                if temporary:
+                    with contextlib.suppress(OSError):  # default_path made it: no use
+                        os.rmdir(os.path.dirname(path))
+                else:
+                    store = Store.open(path)
+            if store is None:
+                self.log.info("state.none", detail="no state directory ($STATE_DIRECTORY, "
+                              "spool.chemin) or the spool is unavailable: commands in "
+                              "flight are not kept across a restart")
+                return
+            recovery = Recovery(self.broker, InflightStore(store))
+            recovery.restore()
+        except StoreError as exc:
+            self.log.error("state.unavailable", path=exc.path, error=exc.reason,
+                           detail="commands in flight are not kept across a restart")
+            return
+        self.broker.recovery = recovery
+        # Answer at once what expired while the broker was down, to whoever is here.
+        asyncio.get_running_loop().call_later(0.2, self._expire)
+
+    def _expire(self) -> None:
+        self.broker.expire_pending()
+        if self.broker.recovery is not None:
+            self.broker.recovery.expire()
 
     async def _wait_first_attempts(self) -> None:
         waits = [ep.attempted.wait() for ep in self.broker.domains.values()]
@@ -195,10 +245,12 @@ class Daemon:
         if (new.dom0_socket != old.dom0_socket or new.max_frame != old.max_frame
                 or (new.trace_socket, new.trace_group) != (old.trace_socket, old.trace_group)
                 or (new.xenstore, new.xenstore_channel, new.xenstore_path)
-                != (old.xenstore, old.xenstore_channel, old.xenstore_path)):
+                != (old.xenstore, old.xenstore_channel, old.xenstore_path)
+                or (new.spool, new.spool_path) != (old.spool, old.spool_path)):
             self.log.warning("config.restart_needed",
-                             detail="dom0.socket, trace.*, broker.taille_max_trame and "
-                                    "decouverte.xenstore* apply at restart")
+                             detail="dom0.socket, trace.*, broker.taille_max_trame, "
+                                    "decouverte.xenstore*, spool.actif and spool.chemin "
+                                    "apply at restart")
         broker = self.broker
         logs.configure(new.log_level)
         broker.reconfigure(new)
@@ -237,8 +289,35 @@ class Daemon:
     def _status(self) -> None:
         self.notifier.status(self._status_text())
 
+    @staticmethod
+    async def _drain(peers: list[Endpoint]) -> None:
+        """Wait until every queue is empty, at most ``DRAIN_TIMEOUT``; a peer whose
+        queue did not shrink for its ``limites.delai_blocage`` is not waited for (it
+        does not read: what is left for a domain goes to its spool when its channel
+        is closed)."""
+        start = time.monotonic()
+        progress = {p: (p.queued(), start) for p in peers}
+        # Transports have no "drained" event; poll, bounded.
+        while True:
+            now = time.monotonic()
+            waiting = False
+            for p in peers:
+                queued = p.queued()
+                if not queued:
+                    continue
+                last, since = progress[p]
+                if queued < last:
+                    progress[p] = (queued, since := now)
+                waiting = waiting or now - since < p.limits.stall_timeout
+            if not waiting or now - start >= DRAIN_TIMEOUT:
+                return
+            await asyncio.sleep(0.01)
+
     async def shutdown(self) -> None:
-        """Stop reading, flush what is queued (bounded), then abort what is left."""
+        """Stop reading, flush what is queued (bounded), commit the commands in flight,
+        then close the channels: what is left for a domain goes to its spool (committed
+        when the spool closes); what is left for a dom0 service is lost with its
+        connection."""
         self.notifier.stopping("draining")
         self.log.info("broker.stopping")
         self.broker.stopping = True  # nothing resumes reading from now on
@@ -247,15 +326,17 @@ class Daemon:
         peers = self.broker.endpoints()
         for peer in peers:
             peer.stop_reading()
-        deadline = time.monotonic() + DRAIN_TIMEOUT
-        # Transports have no "drained" event; poll, bounded.
-        while any(p.queued() for p in peers) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        await self._drain(peers)
         left = sum(p.queued() for p in peers)
+        recovery = self.broker.recovery
+        if recovery is not None:
+            # Before the endpoints close: closing them fails what waits on them.
+            recovery.commit()
         self.broker.log_traffic(TRAFFIC_INTERVAL)
         await self.dom0_socket.stop()
         await self.tracer.stop()
         for ep in list(self.broker.domains.values()):
             await ep.stop()
+        self.broker.close_spool()
         self.log.info("broker.stopped", undelivered_bytes=left, **self.broker.totals())
         self.notifier.close()

@@ -248,9 +248,12 @@ class Endpoint(asyncio.Protocol):
         self._high = MIN_HIGH_WATER
         """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
-        self._written = 0
-        """Bytes handed to the transport since it connected: less what it still buffers,
-        what the peer took (``progressing``)."""
+        self.written = 0
+        """Bytes handed to the transport's ``write`` since this endpoint was made: with
+        the transport's buffer, which of them left the broker (the spool's replay)."""
+        self.unsent: tuple[int, bytes] | None = None
+        """When the channel went down: (stream position, bytes) of what the broker had
+        queued and not written, for the spool (:meth:`take_unsent`)."""
         self._mark_at = self._idle_since = 0.0
         self._mark: int | None = None
         """Bytes taken at the start of the current progress window (None: not started)."""
@@ -291,7 +294,6 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         self.stalled = False
         self._stalled_until = 0.0
-        self._written = 0
         if self._remainder is not None:
             self.transport.pause_reading()  # the last connection's frames go first
 
@@ -427,9 +429,11 @@ class Endpoint(asyncio.Protocol):
             self._backlog = None
             if rest:
                 self._keep_remainder(rest)
+        self.unsent = self._unsent(self.transport)
         self.transport = None
         self._backlog = None
-        self.sink.lost(self)  # decisions sending here are stale
+        self.sink.lost(self)  # decisions sending here are stale (the spool takes unsent)
+        self.unsent = None
         if self._out:
             self.stats.dropped += len(self._out)
             self._out.clear()
@@ -447,6 +451,34 @@ class Endpoint(asyncio.Protocol):
                 timer.cancel()
         self._stall_timer = self._throttle_timer = self._progress_timer = None
         self.paused_writing = False
+
+    def _unsent(self, transport: Any) -> tuple[int, bytes] | None:
+        """What was queued here and not written out, at its position in the stream:
+        the transport's buffer when it tells (``unwritten``: the broker's tty
+        transport does; asyncio's socket transports clear theirs unseen), then what
+        was corked. None if nothing is known to be left."""
+        unwritten = getattr(transport, "unwritten", None)
+        corked = b"".join(self._out)
+        if unwritten is None:
+            return (self.written, corked) if corked else None
+        return (self.written - len(unwritten), bytes(unwritten) + corked)
+
+    def out_position(self) -> int | None:
+        """Stream position up to which bytes have left the broker (taken by the
+        kernel); None when unknown (no transport)."""
+        t = self.transport
+        if t is None:
+            return None
+        return self.written - int(t.get_write_buffer_size())
+
+    @property
+    def high_water(self) -> int:
+        """The transport's high-water mark: back-pressure starts past it."""
+        return self._high
+
+    def position(self) -> int:
+        """Stream position of the end of what is queued here."""
+        return self.written + self._out_size
 
     def _keep_remainder(self, data: bytes) -> None:
         """A lost channel's last bytes, kept to be processed over the next loop turns
@@ -543,7 +575,7 @@ class Endpoint(asyncio.Protocol):
     def _taken(self) -> int:
         """Bytes the peer took since it connected."""
         t = self.transport
-        return self._written - (int(t.get_write_buffer_size()) if t is not None else 0)
+        return self.written - (int(t.get_write_buffer_size()) if t is not None else 0)
 
     def progress(self) -> bool | None:
         """Does this full destination read? True when it took some of its bytes over
@@ -734,7 +766,7 @@ class Endpoint(asyncio.Protocol):
         out.clear()
         self._out_size = 0
         if self.transport is not None:
-            self._written += len(data)
+            self.written += len(data)
             self.transport.write(data)
 
     def hold(self, dest: Endpoint, *, fanout: bool = False) -> None:

@@ -37,9 +37,10 @@ from messagerie import (
 )
 from messagerie.envelope import Envelope, Run
 
-from .config import Config
+from .config import Config, Limits
 from .dom0 import Dom0Connection, Dom0Services
 from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
+from .inflight import Recovery
 from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
@@ -49,6 +50,7 @@ from .router import (
     DENIED,
     DISPATCHED,
     SPOOFED,
+    UNSOLICITED,
     Answer,
     Builtin,
     Decision,
@@ -61,6 +63,18 @@ from .router import (
     dispatch,
     route,
 )
+from .spool import (
+    AVAILABLE,
+    UNAVAILABLE,
+    Bounds,
+    Entry,
+    Lane,
+    Row,
+    Spool,
+    StoreError,
+    default_path,
+)
+from .spool import now as spool_now
 from .trace import Tracer
 
 JOURNAL_TEXT_MAX = 2000
@@ -73,6 +87,18 @@ DEFERRED_MAX = 4096
 DEFERRED_RETRY = 0.005
 """Seconds before a waiting answer looks again at a queue that reported no drain."""
 
+
+FRAGMENT = "fragment"
+"""The spool's ``kind`` for the tail of a frame whose head the channel took before the
+broker stopped (:meth:`Broker._spool_lost`): replayed as bytes, first."""
+REPLAY_CHUNK = 256
+"""Spooled messages one domain's replay hands its channel per loop turn (other domains'
+traffic and replays take turns between chunks)."""
+REPLAY_RETRY = 0.005
+"""Seconds before a replay waiting on a full channel that reported no drain looks again."""
+SPOOL_RETRY = 5.0
+"""Seconds before an unavailable spool (unwritable or full state directory) is tried
+again."""
 
 ROUTE_CACHE_MAX = 4096
 """Routing decisions kept (per source, destination, type and name)."""
@@ -147,6 +173,20 @@ class Broker:
         """All the queues' bytes together (``Sink.memory``)."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
+        self.recovery: Recovery | None = None
+        """The commands in flight kept across restarts (``broker.inflight``), once the
+        daemon opened the state directory."""
+        self.spool = Spool(self._spool_bounds)
+        """Messages for offline declared domains (:meth:`open_spool`; until it is
+        opened they are refused as offline)."""
+        self._spool_commit: asyncio.Handle | None = None
+        self._spool_failed_at = 0.0
+        self._spool_logged: str | None = None
+        """The unavailability last logged (logged again only when it changes)."""
+        self._bounds: dict[str, tuple[Limits, Bounds]] = {}
+        """Each destination's spool bounds, with the limits they were read from."""
+        self._replays: set[str] = set()
+        """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = float("inf")
         """The timer that expires the next command due, and when (``pending.clock``)."""
@@ -201,6 +241,14 @@ class Broker:
     def dom0_service(self, command: str) -> Endpoint | None:
         return self.dom0.services.get(command)
 
+    def spools(self, name: str) -> bool:
+        if self.spool.state != AVAILABLE:
+            return False
+        if not self.is_connected(name):
+            return True
+        lane = self.spool.lanes.get(name)
+        return lane is not None and lane.replaying
+
     # -- receive path (Sink) -------------------------------------------------------
     def receive(self, peer: Endpoint, item: Envelope | Run | FrameError) -> None:
         """Called by an endpoint for every frame it decoded (or failed to). Hot path."""
@@ -226,13 +274,16 @@ class Broker:
             # A notification or a journal: the route decided (hot path, inlined).
             targets = deliver.targets
             fanout = len(targets) > 1
-            for target in targets:
-                if target == DOM0:
-                    self._to_dom0(peer, msg, data)
-                else:
-                    dest = self.domains[target]
-                    if not dest.send(data, peer, fanout=fanout):
-                        self._dropped(peer, dest, msg)
+            if deliver.spool:
+                self._to_spool(peer, msg, data)
+            else:
+                for target in targets:
+                    if target == DOM0:
+                        self._to_dom0(peer, msg, data)
+                    else:
+                        dest = self.domains[target]
+                        if not dest.send(data, peer, fanout=fanout):
+                            self._dropped(peer, dest, msg)
             if fanout:
                 # The rate budget counts deliveries: a broadcast to N costs N tokens.
                 peer.charge += len(targets) - 1
@@ -265,9 +316,12 @@ class Broker:
             return
         deliver: Deliver = decision  # type: ignore[assignment]
         # A run never goes to tous or dom0 (decode_runs): one target, a domain.
-        dest = self.domains[deliver.targets[0]]
-        if not dest.send(run.data, peer, count=n):
-            self._dropped(peer, dest, msg, count=n, run=run.data)
+        if deliver.spool:
+            self._to_spool(peer, msg, run.data, count=n)
+        else:
+            dest = self.domains[deliver.targets[0]]
+            if not dest.send(run.data, peer, count=n):
+                self._dropped(peer, dest, msg, count=n, run=run.data)
         assert cached is not None  # a genuine source, or refused above
         cached.count += n
         if self.tracer is not None:
@@ -345,6 +399,9 @@ class Broker:
                  data: bytes) -> None:
         """A notification or a journal: to each target (dom0: its services and, for a
         journal, the broker's log). ``receive`` has this inlined."""
+        if deliver.spool:
+            self._to_spool(peer, msg, data)
+            return
         fanout = len(deliver.targets) > 1
         for target in deliver.targets:
             if target == DOM0:
@@ -394,7 +451,12 @@ class Broker:
                                    target=server, delai=delai_of(msg.raw))
         if pending.deadline < self._expiry_at:
             self._schedule_expiry(pending.deadline)
-        if not server.send(data, peer):
+        if forward.spool:
+            pending.spooled = True
+            # Its deadline as a Unix time: the row outlives this process's clock.
+            deadline = spool_now() + (pending.deadline - self.pending.clock())
+            self._to_spool(peer, msg, data, deadline=deadline)
+        elif not server.send(data, peer):
             self._dropped(peer, server, msg)
 
     def _answer(self, peer: Endpoint, msg: Envelope, answer: Answer[Endpoint],
@@ -490,6 +552,9 @@ class Broker:
         unless ``echo`` is false (the caller looked it up)."""
         if echo and decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
+        if (decision.kind == UNSOLICITED and self.recovery is not None
+                and self.recovery.late_answer(peer, msg)):
+            return  # answers a command forwarded before a restart
         peer.stats.refused += 1
         if self.tracer is not None:
             self.tracer.refused(peer, msg, decision.kind, decision.detail)
@@ -550,12 +615,360 @@ class Broker:
             self.answer(sender, msg, Code.DESTINATION_SATUREE,
                         f"{dest.name} is not reading its channel")
 
+    # -- the spool ---------------------------------------------------------------------
+    def _spool_bounds(self, destination: str) -> Bounds:
+        ep = self.domains.get(destination)
+        # The endpoint's limits are resolved once (and again at a reload).
+        limits = ep.limits if ep is not None else self.config.limits_for(destination)
+        bounds = self._bounds.get(destination)
+        if bounds is None or bounds[0] is not limits:
+            bounds = self._bounds[destination] = (limits, Bounds(
+                limits.spool_messages, limits.spool_bytes, limits.spool_age))
+        return bounds[1]
+
+    def open_spool(self) -> None:
+        """Open the spool's file (``spool.chemin``, else the state directory). If it
+        cannot be opened the broker routes on without it (as if ``spool.actif`` were
+        false), says so once (``spool.unavailable``) and tries again every
+        :data:`SPOOL_RETRY` seconds."""
+        spool = self.spool
+        if not self.config.spool:
+            spool.disable()
+            self.log.info("spool.disabled", detail="spool.actif = false: messages to "
+                          "offline domains are dropped, commands answered "
+                          "destination_hors_ligne")
+            return
+        if self.config.spool_path is not None:
+            path, temporary = self.config.spool_path, False
+        elif spool.path is not None:
+            path, temporary = spool.path, spool.temporary
+        else:
+            path, temporary = default_path()
+        try:
+            spool.open(path, temporary=temporary)
+        except StoreError as exc:
+            self._spool_unavailable(exc)
+            return
+        self._spool_logged = None
+        self.invalidate_routes()
+        held = {d: lane.depth.count for d, lane in spool.lanes.items() if lane.depth.count}
+        self.log.info("spool.opened", path=path, temporary=temporary, held=held,
+                      **({"detail": "no state directory ($STATE_DIRECTORY) and no "
+                          "spool.chemin: the spool lasts as long as this process"}
+                         if temporary else {}))
+        for name in held:
+            ep = self.domains.get(name)
+            if ep is not None and self.is_connected(name):
+                self.domain_up(ep)
+
+    def close_spool(self) -> None:
+        """Commit what is batched and close the file (at shutdown)."""
+        self._commit_spool()
+        self.spool.close()
+
+    def _spool_unavailable(self, exc: StoreError) -> None:
+        self._spool_failed_at = time.monotonic()
+        self.invalidate_routes()  # offline domains are refused again, as without a spool
+        if self._spool_logged != exc.reason:
+            self._spool_logged = exc.reason
+            self.log.error("spool.unavailable", path=exc.path, error=exc.reason,
+                           detail="messages to offline domains are dropped and commands "
+                                  "answered destination_hors_ligne until the spool can be "
+                                  f"written (tried again every {SPOOL_RETRY:g} s)")
+
+    def _to_spool(self, peer: Endpoint | None, msg: Routable, data: bytes, count: int = 1,
+                  deadline: float | None = None) -> None:
+        """Into the spool of ``msg``'s destination, in the next commit: ``data`` (one
+        frame, or ``count`` frames of a run). What is beyond its bounds is refused:
+        counted, logged once per burst, a command answered at once."""
+        spool = self.spool
+        destination = msg.destination
+        at = spool_now()
+        frames = [data] if count == 1 else data.splitlines(keepends=True)
+        for frame in frames:
+            bound = spool.add(Entry(destination, msg.source, msg.type, msg.name, msg.id, at,
+                                    deadline, frame))
+            if bound is not None:
+                self._spool_refused(peer, destination, msg, bound)
+        if spool.dirty and self._spool_commit is None:
+            self._spool_commit = asyncio.get_running_loop().call_soon(self._commit_spool)
+
+    def _spool_refused(self, peer: Endpoint | None, destination: str, msg: Routable,
+                       bound: str) -> None:
+        lane = self.spool.lane(destination)
+        dest = self.domains.get(destination)
+        if dest is not None:
+            dest.stats.dropped += 1
+        if lane.overflow.refuse(bound):
+            bounds = self._spool_bounds(destination)
+            limit = {"messages": bounds.messages, "octets": bounds.bytes}.get(bound)
+            self.log.warning("spool.full", domain=destination, bound=bound, limit=limit,
+                             messages=lane.depth.count, bytes=lane.depth.bytes,
+                             detail="messages beyond this bound are dropped (commands "
+                                    "answered destination_hors_ligne) until it has room")
+        if msg.type == "commande" and peer is not None:
+            assert msg.id is not None
+            self.pending.close(msg.source, msg.id)
+            self.answer(peer, msg, Code.DESTINATION_HORS_LIGNE,
+                        f"domain {destination} is not connected and its spool is full "
+                        f"({bound})")
+
+    def _commit_spool(self) -> None:
+        """The group commit: everything spooled (and written out) this loop turn, in one
+        transaction. On failure what it held is dropped as without a spool."""
+        self._spool_commit = None
+        lost = self.spool.commit()
+        if not lost:
+            return
+        self._spool_unavailable(StoreError(self.spool.path or "?", self.spool.error or "?"))
+        for entry in lost:
+            dest = self.domains.get(entry.destination)
+            if dest is not None:
+                dest.stats.dropped += 1
+            if entry.kind == "commande" and entry.msg_id is not None:
+                pending = self.pending.close(entry.source, entry.msg_id)
+                if pending is not None:
+                    self._answer_for(pending, Code.DESTINATION_HORS_LIGNE,
+                                     f"domain {entry.destination} is not connected and the "
+                                     "spool cannot be written")
+        self.log.warning("spool.dropped", why="unavailable", messages=len(lost),
+                         domains=sorted({e.destination for e in lost}))
+
+    def _spool_lost(self, ep: DomainEndpoint) -> None:
+        """``ep``'s channel went down: its replay stops where its bytes stopped leaving
+        the broker, and what the broker had queued for it and not written (when the
+        transport tells) goes to its spool, before anything spooled after."""
+        lane = self.spool.lanes.get(ep.name)
+        unsent = ep.unsent
+        # Rows of the replay in what was not written: still in the spool, not live.
+        replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
+        if lane is not None and lane.written:
+            if unsent is not None and ep.channel_type != "socket":
+                self._confirm(ep.name, lane, unsent[0])
+            self.spool.rewind(ep.name)
+        elif lane is not None:
+            lane.replaying = False
+        if unsent is None or self.spool.state != AVAILABLE:
+            return
+        start, data = unsent
+        position = start
+        kept = 0
+        for frame in data.splitlines(keepends=True):
+            cut = position == start  # the first: maybe a frame's tail
+            position += len(frame)
+            if position in replayed or not frame.endswith(b"\n"):
+                continue  # still in the spool (replayed again), or cut short
+            try:
+                env = self.settings.decode(frame)
+            except MessageInvalide:
+                # A frame's tail, cut where the kernel took its head. When the broker
+                # stops, the channel stays (the domain holds that head): the tail,
+                # replayed first, completes the frame instead of spoiling the next.
+                if cut and self.stopping and self.spool.add(Entry(
+                        ep.name, DOM0, FRAGMENT, None, None, spool_now(), None,
+                        frame)) is None:
+                    kept += 1
+                continue
+            if env.destination != ep.name or env.type == "reponse":
+                continue  # the broker's answers and broadcasts are not spooled
+            deadline = None
+            if env.type == "commande" and env.id is not None:
+                pending = self.pending.get(env.source, env.id)
+                if pending is None or pending.target is not ep:
+                    continue
+                pending.spooled = True
+                deadline = spool_now() + (pending.deadline - self.pending.clock())
+            if self.spool.add(Entry(ep.name, env.source, env.type, env.name, env.id,
+                                    spool_now(), deadline, frame)) is None:
+                kept += 1
+        if kept:
+            ep.stats.sent -= kept  # counted when queued; they will be sent again
+            self.log.info("spool.recovered", domain=ep.name, messages=kept,
+                          detail="queued for the domain and not written when its "
+                                 "channel went down")
+            if self._spool_commit is None:
+                self._spool_commit = asyncio.get_running_loop().call_soon(
+                    self._commit_spool)
+
+    def _schedule_replay(self, ep: DomainEndpoint, delay: float = 0.0) -> None:
+        if ep.name in self._replays:
+            return
+        self._replays.add(ep.name)
+        loop = asyncio.get_running_loop()
+        if delay:
+            loop.call_later(delay, self._replay, ep)
+        else:
+            loop.call_soon(self._replay, ep)
+
+    def _replay(self, ep: DomainEndpoint) -> None:
+        """One step of ``ep``'s replay: a chunk of its spool handed to its channel, if
+        the channel has room (at most its high-water mark queued); then the next step
+        on the next loop turn (or when it drains)."""
+        self._replays.discard(ep.name)
+        spool = self.spool
+        lane = spool.lanes.get(ep.name)
+        if (lane is None or self.domains.get(ep.name) is not ep or ep.transport is None
+                or self.stopping):
+            return
+        if spool.dirty:
+            self._commit_spool()  # what was spooled this turn is read back in order
+        out = ep.out_position()
+        if out is not None:
+            self._confirm(ep.name, lane, out)
+        if not lane.replaying:
+            if lane.written:
+                self._schedule_replay(ep, REPLAY_RETRY)  # until they are out
+            return
+        if ep.paused_writing or ep.queued() >= ep.high_water:
+            self._schedule_replay(ep, REPLAY_RETRY)
+            return
+        try:
+            rows = spool.rows(ep.name, REPLAY_CHUNK)
+        except StoreError as exc:
+            self._spool_unavailable(exc)
+            lane.replaying = False
+            self.invalidate_routes()
+            return
+        if not rows:
+            lane.replaying = False
+            self.invalidate_routes()  # live traffic goes to the channel again
+            self.log.info("spool.replayed", domain=ep.name, messages=lane.replayed,
+                          seconds=round(time.monotonic() - lane.replay_started, 3))
+            if lane.written:
+                self._schedule_replay(ep, REPLAY_RETRY)
+            return
+        now = spool_now()
+        for row in rows:
+            if not self._replayable(ep, lane, row, now):
+                continue
+            if not ep.send(row.frame):
+                spool.lane(ep.name).cursor = row.seq - 1  # full: this one again later
+                break
+            if row.kind == "commande" and row.msg_id is not None:
+                pending = self.pending.get(row.source, row.msg_id)
+                if pending is not None:
+                    pending.spooled = False  # with the domain now: answered if it drops
+            lane.written.append((row.seq, len(row.frame), ep.position(), row.queued_at))
+        self._schedule_replay(ep)
+
+    def _replayable(self, ep: DomainEndpoint, lane: Lane, row: Row, now: float) -> bool:
+        """Is ``row`` still to deliver? A command only while its commander waits for it
+        (not answered meanwhile, its deadline not passed): else its row is dropped."""
+        if row.kind != "commande" or row.msg_id is None:
+            return True
+        pending = self.pending.get(row.source, row.msg_id)
+        if (pending is None and self.recovery is not None
+                and self.recovery.awaits(row.source, row.msg_id, ep.name)
+                and (row.deadline is None or row.deadline > now)):
+            return True  # spooled before a restart: its commander still waits
+        if (pending is None or pending.target is not ep or not pending.spooled
+                or (row.deadline is not None and row.deadline <= now)):
+            lane.expired += 1
+            # This row only: those before it may still be in the channel's buffer.
+            self.spool.forget(ep.name, row.seq, len(row.frame))
+            return False
+        return True
+
+    def _confirm(self, name: str, lane: Lane, out: int) -> None:
+        """Rows of ``name`` whose last byte is before stream position ``out`` left the
+        broker: deleted in the next commit."""
+        written = lane.written
+        done = 0
+        for seq, size, end, queued_at in written:
+            if end > out:
+                break
+            self.spool.written(name, seq, size)
+            lane.replayed += 1
+            if lane.depth.count:
+                lane.depth.oldest = queued_at
+            done += 1
+        if done:
+            del written[:done]
+            if self._spool_commit is None and self.spool.dirty:
+                self._spool_commit = asyncio.get_running_loop().call_soon(
+                    self._commit_spool)
+
+    def sweep_spool(self) -> None:
+        """Every second: end the bursts of refusals (logged with their count), drop what
+        passed the age bound (a command answered ``delai_depasse``), try an
+        unavailable spool again."""
+        spool = self.spool
+        for name, lane in spool.lanes.items():
+            ended = lane.overflow.end()
+            if ended is not None:
+                self.log.warning("spool.full_ended", domain=name, bound=ended[0],
+                                 refused=ended[1])
+        if spool.state == UNAVAILABLE:
+            if time.monotonic() - self._spool_failed_at >= SPOOL_RETRY:
+                if spool.store is None:
+                    self.open_spool()
+                else:
+                    spool.state = AVAILABLE  # the next commit tells
+                    self.invalidate_routes()
+            return
+        if spool.state != AVAILABLE or spool.store is None:
+            return
+        now = spool_now()
+        for name, lane in list(spool.lanes.items()):
+            before = lane.depth.expired_before(now, self._spool_bounds(name))
+            if before is None:
+                continue
+            self._commit_spool()
+            try:
+                rows = spool.store.older_than(name, before)
+                oldest = spool.store.oldest(name, before)
+            except StoreError as exc:
+                self._spool_unavailable(exc)
+                return
+            handed = {seq for seq, _, _, _ in lane.written}
+            expired = 0
+            for row in rows:
+                if row.seq in handed:
+                    continue
+                expired += 1
+                spool.forget(name, row.seq, len(row.frame))
+                if row.kind == "commande" and row.msg_id is not None:
+                    pending = self.pending.close(row.source, row.msg_id)
+                    if pending is not None:
+                        self._answer_for(pending, Code.DELAI_DEPASSE,
+                                         f"{name} stayed offline longer than its spool "
+                                         "keeps messages")
+            lane.expired += expired
+            if lane.depth.count:
+                lane.depth.oldest = oldest if oldest is not None else before
+            if expired:
+                self.log.warning("spool.expired", domain=name, messages=expired,
+                                 bound="age", limit=self._spool_bounds(name).age)
+        if spool.dirty:
+            self._commit_spool()
+
+    def spool_statistics(self) -> dict[str, Any]:
+        spool = self.spool
+        out: dict[str, Any] = {"etat": spool.state, "chemin": spool.path}
+        if spool.temporary:
+            out["temporaire"] = True
+        if spool.error is not None and spool.state == UNAVAILABLE:
+            out["erreur"] = spool.error
+        return out
+
+    def lane_statistics(self, name: str) -> dict[str, Any]:
+        lane = self.spool.lanes.get(name)
+        if lane is None:
+            return {"messages": 0, "octets": 0, "age": None}
+        age = lane.depth.age(spool_now())
+        return {"messages": lane.depth.count, "octets": lane.depth.bytes,
+                "age": None if age is None else round(age, 3),
+                "refuses": lane.overflow.total, "expires": lane.expired,
+                "rejoues": lane.replayed}
+
     # -- commands in flight ---------------------------------------------------------
-    def fail_pending(self, gone: Endpoint, code: str, text: str) -> None:
-        """Answer every command waiting on ``gone``; forget the ones it asked, and tell
-        the endpoints serving those that they are abandoned."""
+    def fail_pending(self, gone: Endpoint, code: str, text: str, *,
+                     keep_spooled: bool = False) -> None:
+        """Answer every command waiting on ``gone`` (but those in its spool, with
+        ``keep_spooled``); forget the ones it asked, and tell the endpoints serving
+        those that they are abandoned."""
         abandoned: list[Pending[Endpoint]] = []
-        for pending in self.pending.fail(gone, abandoned):
+        for pending in self.pending.fail(gone, abandoned, keep_spooled=keep_spooled):
             self._answer_for(pending, code, text)
         for pending in abandoned:
             self._abandon(pending, "commander_gone")
@@ -627,6 +1040,7 @@ class Broker:
         ep = self.domains.pop(name, None)
         if ep is None:
             return
+        self._bounds.pop(name, None)
         self.memory.resize(len(self.domains))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
@@ -639,8 +1053,15 @@ class Broker:
     def lost(self, endpoint: Endpoint) -> None:
         self.invalidate_routes()  # decisions sending there are stale
         self._deferred.pop(endpoint, None)
+        if isinstance(endpoint, DomainEndpoint) and self.domains.get(endpoint.name) is endpoint:
+            self._spool_lost(endpoint)
 
     def domain_up(self, ep: DomainEndpoint) -> None:
+        lane = self.spool.lanes.get(ep.name)
+        if lane is not None and lane.depth.count and self.spool.store is not None:
+            lane.replaying = True  # before the routes are recomputed: live traffic waits
+            lane.replay_started = time.monotonic()
+            self._schedule_replay(ep)
         self.invalidate_routes()
         self.emit_state(ep.name, Evenement.CONNECTE)
 
@@ -648,10 +1069,12 @@ class Broker:
         if self.domains.get(ep.name) is not ep:
             return  # removed meanwhile: remove_domain() already answered and notified
         self.fail_pending(ep, Code.DESTINATION_HORS_LIGNE,
-                          f"domain {ep.name} went down before answering")
+                          f"domain {ep.name} went down before answering", keep_spooled=True)
         self.emit_state(ep.name, Evenement.DECONNECTE)
 
     def service_gone(self, conn: Dom0Connection) -> None:
+        if self.stopping and self.recovery is not None:
+            return  # shutting down: its commands are kept for the next process
         self.fail_pending(conn, Code.DESTINATION_HORS_LIGNE,
                           "the dom0 service serving this command disconnected")
 
@@ -704,9 +1127,11 @@ class Broker:
             d["echecs_connexion"] = ep.failed_connects
             d["echos"] = ep.echo.echoed
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
+            d["spool"] = self.lane_statistics(name)
             domains[name] = d
         return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,
-                "dom0": self.dom0.statistics(), "commandes_en_attente": len(self.pending)}
+                "dom0": self.dom0.statistics(), "commandes_en_attente": len(self.pending),
+                "spool": self.spool_statistics()}
 
     def journal(self, msg: Journal, peer: Endpoint) -> None:
         """A ``journal`` message to dom0: into the broker's own log, as an event.

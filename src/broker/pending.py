@@ -27,7 +27,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -65,6 +65,9 @@ class Pending(Generic[E]):
     ``min(delai, ttl)``."""
     delai: float | None = None
     """The deadline the command carried (seconds from its receipt), if any."""
+    spooled: bool = False
+    """In its destination's spool, not yet written to it (the domain is offline): it
+    survives the domain going down, and is delivered when it is back."""
 
     @property
     def key(self) -> Key:
@@ -124,6 +127,10 @@ class PendingCommands(Generic[E]):
 
     def __repr__(self) -> str:
         return f"PendingCommands({sorted(self._table)!r})"
+
+    def keys(self) -> KeysView[Key]:
+        """The keys in flight, a live view (the group commit of ``broker.inflight``)."""
+        return self._table.keys()
 
     def get(self, commander: str, id: str) -> Pending[E] | None:
         return self._table.get((commander, id))
@@ -203,10 +210,13 @@ class PendingCommands(Generic[E]):
             self._release(pending)
         return pending
 
-    def fail(self, gone: E, abandoned: list[Pending[E]] | None = None) -> list[Pending[E]]:
+    def fail(self, gone: E, abandoned: list[Pending[E]] | None = None, *,
+             keep_spooled: bool = False) -> list[Pending[E]]:
         """An endpoint went away: forget the commands it asked (abandoned: added to
         ``abandoned``, if given, for the caller to tell their destinations), and return
-        the ones that waited on it (for the caller to answer on their asker's behalf)."""
+        the ones that waited on it (for the caller to answer on their asker's behalf);
+        with ``keep_spooled``, those still in its spool wait on (its channel went down,
+        the domain is still declared)."""
         orphans = []
         for key, pending in list(self._table.items()):
             if pending.asker == gone:
@@ -215,7 +225,7 @@ class PendingCommands(Generic[E]):
                 self._abandon(pending)
                 if abandoned is not None:
                     abandoned.append(pending)
-            elif pending.target == gone:
+            elif pending.target == gone and not (keep_spooled and pending.spooled):
                 del self._table[key]
                 self._release(pending)
                 orphans.append(pending)

@@ -17,7 +17,10 @@ Rules, in order:
 2. ``tous`` goes to every connected domain and to dom0, never back to the origin,
    each recipient filtered by the policy; from dom0, also to the other dom0 services.
 3. ``dom0`` goes to the broker's dom0 side; a domain name to that domain's channel,
-   if it is known and connected.
+   if it is known and connected; to its spool if it is known and offline (or its
+   spool is being replayed) and the spool is available, except a ``reponse`` (its
+   commander's commands are forgotten when it goes down). Broadcasts are never
+   spooled.
 4. A ``reponse`` must answer a command the broker saw go from its destination to its
    source with that ``id`` and that ``commande`` name, and not yet answered: nobody
    can inject answers, nor relabel one as the answer to another command. One that
@@ -143,6 +146,11 @@ class RoutingView(Protocol[E]):
         """The dom0 service that registered ``command``, if any."""
         ...
 
+    def spools(self, name: str) -> bool:
+        """Do messages to the known domain ``name`` go to its spool (it is offline, or
+        connected with its spool being replayed, and the spool is available)?"""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
@@ -155,6 +163,9 @@ class Deliver:
     dom0_services: bool = False
     """Also to every dom0 service but the sender: a broadcast from dom0 (they all speak
     as dom0, so the policy has no say among them; dom0 is never its own recipient)."""
+    spool: bool = False
+    """Into the spool of its one target, a declared domain that is offline (or whose
+    spool is being replayed): it is delivered when the domain is back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +193,8 @@ class Forward(Generic[E]):
 
     target: str
     server: E
+    spool: bool = False
+    """Into the spool of ``server``, an offline domain (:attr:`Deliver.spool`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +244,18 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
             else:
                 denied.append((target, verdict.reason))
         return Deliver(tuple(targets), tuple(denied), dom0_services=origin == DOM0)
-    if destination != DOM0 and not view.is_connected(destination):
-        if not view.is_known(destination):
-            return Refuse(UNKNOWN, Code.DESTINATION_INCONNUE,
-                          f"no domain named {destination!r}")
-        return Refuse(OFFLINE, Code.DESTINATION_HORS_LIGNE,
-                      f"domain {destination!r} is not connected")
+    spool = False
+    if destination != DOM0:
+        if not view.is_connected(destination):
+            if not view.is_known(destination):
+                return Refuse(UNKNOWN, Code.DESTINATION_INCONNUE,
+                              f"no domain named {destination!r}")
+            if kind == "reponse" or not view.spools(destination):
+                return Refuse(OFFLINE, Code.DESTINATION_HORS_LIGNE,
+                              f"domain {destination!r} is not connected")
+            spool = True
+        elif kind != "reponse" and view.spools(destination):
+            spool = True  # connected, its spool being replayed: behind what it holds
     if kind == "reponse":
         id = message.id
         if id is not None and view.pending.expects(destination, id, source, message.name):
@@ -251,7 +270,7 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
     verdict = view.policy.decide(source, destination, kind, message.name)
     if not verdict.allowed:
         return Refuse(DENIED, Code.REFUSE, verdict.reason, security=True)
-    return _unicast(destination)
+    return _unicast(destination, _SPOOLED) if spool else _unicast(destination)
 
 
 def dispatch(message: Routable, decision: Deliver, sender: E,
@@ -292,7 +311,7 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
     if pending.at_target_limit(sender, server):
         return Refuse(TOO_MANY, Code.LIMITE,
                       f"more than {pending.per_target_for(sender)} commands in flight to {target}")
-    return Forward(target, server)
+    return Forward(target, server, decision.spool)
 
 
 @dataclass
@@ -310,6 +329,8 @@ class StaticView:
         default_factory=lambda: PendingCommands[str](limit=64, ttl=300.0))
     services: dict[str, str] = field(default_factory=dict)
     """dom0 commands registered: command name -> the service (a name of its own)."""
+    spooled: frozenset[str] = frozenset()
+    """Known domains whose messages go to the spool (:meth:`RoutingView.spools`)."""
 
     def is_known(self, name: str) -> bool:
         return name in self.known
@@ -326,6 +347,9 @@ class StaticView:
     def dom0_service(self, command: str) -> str | None:
         return self.services.get(command)
 
+    def spools(self, name: str) -> bool:
+        return name in self.spooled
+
     def expect(self, commander: str, id: str, replier: str, *, asker: str | None = None,
                target: str | None = None, command: str = "x") -> Pending[str]:
         """Record a command in flight from ``commander`` to ``replier`` (asked by the
@@ -336,15 +360,16 @@ class StaticView:
 
 
 _UNICAST: dict[str, Deliver] = {}
+_SPOOLED: dict[str, Deliver] = {}
 
 
-def _unicast(destination: str) -> Deliver:
+def _unicast(destination: str, cache: dict[str, Deliver] = _UNICAST) -> Deliver:
     # Decisions are immutable: one per destination, reused (the hot path allocates
     # nothing). Bounded: only names the registry knows get here.
     try:
-        return _UNICAST[destination]
+        return cache[destination]
     except KeyError:
-        if len(_UNICAST) > 4096:
-            _UNICAST.clear()
-        decision = _UNICAST[destination] = Deliver((destination,))
+        if len(cache) > 4096:
+            cache.clear()
+        decision = cache[destination] = Deliver((destination,), spool=cache is _SPOOLED)
         return decision

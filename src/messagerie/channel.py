@@ -63,6 +63,9 @@ class _TtyTransport(asyncio.Transport):
         self._protocol: Any = protocol
         self._fd = fd
         self._write_buffer = bytearray()
+        self.unwritten: bytes | None = None
+        """Once the channel failed or was aborted: what its write buffer still held (not
+        written, and never to be), for a caller that keeps undelivered frames."""
         self._max_read_size = READ_SIZE
         self._closing = False
         self._failed = False
@@ -150,7 +153,13 @@ class _TtyTransport(asyncio.Transport):
 
     # -- writing ------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._failed or not data:
+        if not data:
+            return
+        if self._failed or self._lost:
+            # Written after the failure, before the protocol heard of it: not sent either.
+            self.unwritten = (self.unwritten or b"") + bytes(data)
+            return
+        if self._closing:
             return
         if not self._write_buffer:
             # Write now, as asyncio's transports do.
@@ -159,6 +168,7 @@ class _TtyTransport(asyncio.Transport):
             except BlockingIOError:
                 n = 0
             except OSError as exc:
+                self._write_buffer += data
                 self._write_failed(exc)
                 return
             if n == len(data):
@@ -178,7 +188,6 @@ class _TtyTransport(asyncio.Transport):
             except BlockingIOError:
                 return
             except OSError as exc:
-                buffer.clear()
                 self._write_failed(exc)
                 return
             del buffer[:n]
@@ -192,7 +201,7 @@ class _TtyTransport(asyncio.Transport):
     def _write_failed(self, exc: OSError) -> None:
         # Writes stop now; what the peer sent before it went away is read on the next
         # iteration (not from inside the protocol's own write), then the channel closes.
-        self._write_buffer.clear()
+        self._keep_unwritten()
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
@@ -201,6 +210,13 @@ class _TtyTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
         self._failed = True
         self._loop.call_soon(self._close_after_failure, exc)
+
+    def _keep_unwritten(self) -> None:
+        if self._write_buffer:
+            self.unwritten = (self.unwritten or b"") + bytes(self._write_buffer)
+            self._write_buffer.clear()
+        elif self.unwritten is None:
+            self.unwritten = b""
 
     def _close_after_failure(self, exc: OSError) -> None:
         self._read_remaining()
@@ -257,7 +273,7 @@ class _TtyTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = self._closing = True
-        self._write_buffer.clear()
+        self._keep_unwritten()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._loop.call_soon(self._call_connection_lost, exc)

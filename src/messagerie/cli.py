@@ -433,9 +433,11 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 def format_status(domaines: Any, stats: Any) -> str:
-    """The ``status`` table: one row per domain (dom0's clients last), then uptime."""
+    """The ``status`` table: one row per domain (dom0's clients last), with its spool
+    (messages, bytes, age of the oldest), then uptime and the spool's state."""
     counters = ("recus", "envoyes", "refuses", "perdus", "file")
-    headers = ("DOMAIN", "STATE", "TYPE", "IN", "OUT", "REFUSED", "DROPPED", "QUEUE", "PATH")
+    headers = ("DOMAIN", "STATE", "TYPE", "IN", "OUT", "REFUSED", "DROPPED", "QUEUE",
+               "SPOOLED", "SPOOL_BYTES", "SPOOL_AGE", "PATH")
     stats = stats if isinstance(stats, dict) else {}
     per_domain = stats.get("domaines") if isinstance(stats.get("domaines"), dict) else {}
     rows: list[tuple[str, ...]] = []
@@ -448,16 +450,19 @@ def format_status(domaines: Any, stats: Any) -> str:
         names.append(name)
         c = per_domain.get(name, {}) if isinstance(per_domain, dict) else {}
         rows.append((name, str(d.get("etat", "?")), str(d.get("type", "")),
-                     *(str(c.get(k, "")) for k in counters), str(d.get("chemin", ""))))
+                     *(str(c.get(k, "")) for k in counters), *_spool_cells(c),
+                     str(d.get("chemin", ""))))
     for name, c in sorted(per_domain.items()):
         if name not in names and isinstance(c, dict):
-            rows.append((name, "", "", *(str(c.get(k, "")) for k in counters), ""))
+            rows.append((name, "", "", *(str(c.get(k, "")) for k in counters),
+                         *_spool_cells(c), ""))
     if isinstance(stats.get("dom0"), dict):
         c = stats["dom0"]
-        rows.append(("dom0", "", "local", *(str(c.get(k, "")) for k in counters), ""))
+        rows.append(("dom0", "", "local", *(str(c.get(k, "")) for k in counters),
+                     "", "", "", ""))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
-    numeric = {3, 4, 5, 6, 7}
+    numeric = {3, 4, 5, 6, 7, 8, 9, 10}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -466,7 +471,28 @@ def format_status(domaines: Any, stats: Any) -> str:
     out = [line(headers), *(line(r) for r in rows)]
     if "uptime" in stats:
         out.append(f"broker uptime: {_duration(stats['uptime'])}")
+    spool = stats.get("spool")
+    if isinstance(spool, dict):
+        state = str(spool.get("etat", "?"))
+        text = {"disponible": "available", "indisponible": "UNAVAILABLE",
+                "desactive": "disabled (spool.actif = false)", "ferme": "closed"}.get(
+                    state, state)
+        where = f" ({spool['chemin']})" if spool.get("chemin") else ""
+        if spool.get("temporaire"):
+            where += ", temporary: lost at a broker restart"
+        error = f": {spool['erreur']}" if spool.get("erreur") else ""
+        out.append(f"spool: {text}{where}{error}")
     return "\n".join(out)
+
+
+def _spool_cells(counters: Any) -> tuple[str, str, str]:
+    """A domain's spool in the ``status`` table: messages, bytes, oldest's age."""
+    spool = counters.get("spool") if isinstance(counters, dict) else None
+    if not isinstance(spool, dict):
+        return ("", "", "")
+    age = spool.get("age")
+    return (str(spool.get("messages", "")), str(spool.get("octets", "")),
+            "" if age is None else _duration(age))
 
 
 def _duration(seconds: Any) -> str:

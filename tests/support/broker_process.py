@@ -6,6 +6,7 @@ console script, as a subprocess; its JSON log events read from its stdout.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,8 @@ class BrokerSystem:
 
     def __init__(self, tmp: Path, names: tuple[str, ...], *, extra: str = "",
                  missing: tuple[str, ...] = (), paths: dict[str, Path] | None = None,
-                 dom0_socket: Path | None = None, wait_connected: bool = False) -> None:
+                 dom0_socket: Path | None = None, wait_connected: bool = False,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.pairs = {n: PtyPair(tmp, n) for n in names}
         self.paths = {n: p.dom0 for n, p in self.pairs.items()}
@@ -67,12 +69,29 @@ class BrokerSystem:
         self.extra = extra
         self.config = write_config(tmp / "broker.toml", self.paths, extra=extra,
                                    dom0_socket=self.dom0_socket)
-        self.broker = BrokerProcess(self.config)
+        self.env = env
+        self.broker = BrokerProcess(self.config, env=env)
         self.broker.wait_event("broker.ready")
         if wait_connected:
             wait_until(lambda: len(self.broker.find("domain.connected")) >= len(names),
                        what=f"{len(names)} domains connected")
+        self.previous: list[BrokerProcess] = []
+        """The brokers :meth:`restart` stopped, oldest first (their logs stay)."""
         self.domus = {n: Domu(p.domu) for n, p in self.pairs.items()}
+
+    def restart(self, how: int = signal.SIGTERM) -> int:
+        """Stop the broker with the signal ``how`` (SIGTERM: it drains and exits 0;
+        SIGKILL: a crash) and start it again as users do, same configuration and
+        environment; return the old one's exit status once the new one is ready
+        (its channels had their first attempt)."""
+        old = self.broker
+        old.signal(how)
+        code = old.proc.wait(15)
+        old._reader.join(5)
+        self.previous.append(old)
+        self.broker = BrokerProcess(self.config, env=self.env)
+        self.broker.wait_ready()
+        return code
 
     def reconfigure(self, paths: dict[str, Path]) -> None:
         """Rewrite the configuration with these domains (same dom0 socket and extra

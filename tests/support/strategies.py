@@ -36,7 +36,7 @@ json_objects = st.dictionaries(st.text(max_size=10), json_values, max_size=4)
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "notification": ("categorie", "evenement", "data"),
-    "commande": ("id", "commande", "arguments"),
+    "commande": ("id", "commande", "arguments", "delai"),
     "reponse": ("id", "commande", "statut", "resultat", "erreur"),
     "journal": ("niveau", "texte", "horodatage", "composant", "data"),
 }
