@@ -513,7 +513,8 @@ async def test_journal_flood_is_budgeted_and_cut() -> None:
     s = Setup()
     huge = Journal("vm-a", DOM0, "critical", "x" * 30_000, "evil", data={"k": "y" * 30_000})
     with capture_logs() as logs:
-        s.send(s.eps["vm-a"], *[huge] * 200)
+        s.send(s.eps["vm-a"], *[huge] * 200)  # 12 MB: routed over several turns
+        await wait_for(lambda: s.eps["vm-a"].stats.received == 200)
     events = [e for e in logs if e["event"] == "domain.journal"]
     assert len(events) == 50  # a domain cannot flood the journal
     assert len(events[0]["text"]) <= 2003
