@@ -36,7 +36,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -69,24 +70,54 @@ read the flood too) and to vm-ui (the honest sender, which reads nothing: its so
 would stop relaying its writes once the other direction is full)."""
 
 
-def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
-    """vm-ui -> vm-diag at 1 000 msg/s; latencies measured by the receiver.
+def honest(src: PtyPair, dst: PtyPair, count: int,
+           during: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
+    """vm-ui -> vm-diag at 1 000 msg/s; latencies measured by the receiver. ``during``:
+    an attack (a :func:`flood`) started once the receiver reads (a flood to vm-diag
+    itself needs it read), its figures added to the result.
 
     ``bench_broker.transfer`` sends as vm-sys-usb to vm-ui; here the honest pair has
     its own names, so the peers get ``--source``/``--dest``.
     """
     recv = subprocess.Popen([*PEERS, "recv", str(dst.domu), str(count), "--latency",
-                             "--from", "vm-ui", "--timeout", "60"],
+                             "--from", "vm-ui", "--timeout", "30"],
                             stdout=subprocess.PIPE, text=True)
     _json_line(recv)  # ready
-    subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
-                    "--source", "vm-ui", "--dest", "vm-diag"],
-                   capture_output=True, text=True, check=True)
-    got = _json_line(recv)
+    with during or nullcontext({}) as attack:
+        subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
+                        "--source", "vm-ui", "--dest", "vm-diag"],
+                       capture_output=True, text=True, check=True)
+        got = _json_line(recv)
+    got.update(attack)  # the flood's figures, complete once it is over
     recv.wait(30)
     if got["received"] < count:
         raise RuntimeError(f"honest traffic lost: {got['received']} of {count} arrived")
     return got
+
+
+def commands(commander: PtyPair, count: int, *, stuck: int = 0) -> dict[str, Any]:
+    """vm-cmd's ``ping`` commands, 200 a second, to vm-srv (which answers) and to dom0
+    in turn; first ``stuck`` commands to vm-mute, which never answers (command
+    starvation). Round trips measured by the commander."""
+    proc = subprocess.run([*PEERS, "commands", str(commander.domu), str(count), "--rate",
+                           "200", "--source", "vm-cmd", "--dest", "vm-srv,dom0",
+                           "--stuck", f"vm-mute:{stuck}", "--timeout", "30"],
+                          capture_output=True, text=True, check=True)
+    got: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return got
+
+
+@contextmanager
+def answering(srv: PtyPair) -> Iterator[None]:
+    """vm-srv answers every command ``ok``."""
+    proc = subprocess.Popen([*PEERS, "answer", str(srv.domu), "0", "--source", "vm-srv"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        _json_line(proc)  # ready
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def statistics(sock: Path) -> dict[str, Any]:
@@ -105,23 +136,28 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
           kind: str = "") -> Iterator[dict[str, Any]]:
     """vm-evil -> vm-sink as fast as it can, for as long as the block runs (``kind``:
     ``junk`` tiny invalid lines, each refused at the cost of a decode attempt;
-    ``heavy`` costly frames; ``tous`` a broadcast to every domain, ``sinks`` drained)."""
+    ``heavy`` costly frames; ``tous`` a broadcast to every domain; ``shared`` to
+    vm-diag, the honest flow's destination; ``sinks`` drained)."""
     assert SOCAT
     drains = [subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{s.domu},rdonly,raw",
                                 "OPEN:/dev/null"], stderr=subprocess.DEVNULL) for s in sinks]
-    flags = {"junk": ["--junk"], "heavy": ["--heavy"], "tous": ["--dest", "tous"]}.get(kind, [])
+    flags = {"junk": ["--junk"], "heavy": ["--heavy"], "tous": ["--dest", "tous"],
+             "shared": ["--dest", "vm-diag"]}.get(kind, [])
     if kind == "heavy":
         chunk = max(1, chunk // 400)  # each one is 60 KiB
     stop = threading.Event()
     out: dict[str, Any] = {"sent": 0}
     before = statistics(sock)["domaines"]["vm-evil"]
 
+    current: list[subprocess.Popen[bytes]] = []
+
     def run() -> None:
         while not stop.is_set():
-            proc = subprocess.run([*PEERS, "send", str(evil.domu), str(chunk), "--source",
-                                   "vm-evil", "--dest", "vm-sink", *flags],
-                                  capture_output=True, check=False)
-            if proc.returncode == 0:
+            proc = subprocess.Popen([*PEERS, "send", str(evil.domu), str(chunk), "--source",
+                                     "vm-evil", "--dest", "vm-sink", *flags],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            current[:] = [proc]
+            if proc.wait() == 0:
                 out["sent"] += chunk
 
     thread = threading.Thread(target=run, daemon=True)
@@ -129,7 +165,7 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
     thread.start()
     try:
         # Under way once the broker has read more than the burst allowance.
-        ahead = 20 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
+        ahead = 1 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
         wait_until(lambda: read(statistics(sock)["domaines"]["vm-evil"]) > read(before) + ahead,
                    30, "the flood to be under way", interval=0.05)
         yield out
@@ -137,12 +173,22 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
         after = statistics(sock)["domaines"]["vm-evil"]
         elapsed = time.monotonic() - started
         stop.set()
+        for proc in current:  # a throttled sender would write on for a long time
+            proc.kill()
         thread.join(120)
+        out["read_per_second"] = (read(after) - read(before)) / elapsed
+        out["throttled"] = after["limites"] - before["limites"]
+        # What vm-evil's channel still holds is read before the next phase: until the
+        # count stays the same for 1.5 s (a throttled channel is paused that long), at
+        # most 20 s (heavy frames are read one every few seconds: they come last).
+        counts = [-1]
+        give_up = time.monotonic() + 20
+        while time.monotonic() < give_up and not (len(counts) > 3 and len(set(counts[-4:])) == 1):
+            counts.append(read(statistics(sock)["domaines"]["vm-evil"]))
+            time.sleep(0.5)
         for drain in drains:
             drain.kill()
             drain.wait()
-        out["read_per_second"] = (read(after) - read(before)) / elapsed
-        out["throttled"] = after["limites"] - before["limites"]
 
 
 def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
@@ -164,6 +210,64 @@ def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
         results["honest_lost"] = stats["vm-ui"]["refuses"] + (
             0 if kind == "tous" else stats["vm-diag"]["perdus"])
     return results
+
+
+ATTACKS = ("junk", "fanout", "shared", "heavy", "starved")
+"""The attack classes of :func:`hostile_run`, in the order they run."""
+COMMANDERS = ["vm-cmd", "vm-srv", "vm-mute"]
+
+
+def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str, Any]:
+    """One broker, every attack class in turn, each measured against the quiet phase of
+    the same run (quiet again at the end: the machine's own drift). Default limits.
+
+    * ``junk``: tiny invalid lines from vm-evil;
+    * ``fanout``: vm-evil broadcasts mouse moves to every domain (``listeners`` more);
+    * ``shared``: vm-evil floods vm-diag, the honest flow's own destination;
+    * ``heavy``: 60 KiB non-canonical frames of 15 000 ``{}`` from vm-evil;
+    * ``starved``: vm-cmd has 200 commands to vm-mute, which never answers, while its
+      ``ping`` commands to vm-srv and to dom0 go on.
+
+    The honest flow (``honest``) runs in every phase, the commands (``commands``) in the
+    quiet ones and the starved one. Every honest message is counted: ``honest`` raises
+    if one is missing; ``honest_lost`` adds what the broker refused or dropped of them.
+    """
+    names = [*DOMAINS, *COMMANDERS, *(f"vm-l{i:02d}" for i in range(listeners))]
+    policy = tmp / "hostile-policy.toml"
+    policy.write_text(FANOUT_POLICY)
+    out: dict[str, Any] = {}
+    with pty_pairs(tmp, names) as p, broker(tmp, p, extra=f'politique = "{policy}"\n') as b, \
+            answering(p["vm-srv"]):
+        sock = tmp / "dom0.sock"
+        ui, diag, evil = p["vm-ui"], p["vm-diag"], p["vm-evil"]
+        listening = [p["vm-sink"], *(p[n] for n in names if n.startswith("vm-l")),
+                     p["vm-mute"]]
+        out["quiet"] = honest(ui, diag, n_honest)
+        out["quiet_commands"] = commands(p["vm-cmd"], 200)
+        for kind in ATTACKS:
+            if kind == "starved":
+                with ThreadPoolExecutor(1) as pool:
+                    future = pool.submit(commands, p["vm-cmd"], 200, stuck=200)
+                    out[kind] = honest(ui, diag, n_honest)
+                    out["starved_commands"] = future.result(60)
+                continue
+            attack = flood(evil, [] if kind == "shared" else listening, sock, chunk,
+                           "tous" if kind == "fanout" else kind)
+            out[kind] = honest(ui, diag, n_honest, during=attack)
+            out["rss_kib"] = max(out.get("rss_kib", 0), rss_kib(b.proc.pid))
+        out["quiet_after"] = honest(ui, diag, n_honest)
+        stats = statistics(sock)["domaines"]
+        # vm-diag's drops are the flood's in the shared and fan-out phases (honest()
+        # counted every honest message there): what the broker refused of vm-ui's
+        # messages and of vm-cmd's, less the commands to vm-mute answered ``limite``
+        # (past its slots there: the starving ones, not the honest ones).
+        refused_stuck = sum(out["starved_commands"]["stuck"].values())
+        unanswered = sum(out[k]["unanswered"] + sum(v for how, v in out[k]["answered"].items()
+                                                     if how != "ok")
+                         for k in ("quiet_commands", "starved_commands"))
+        out["honest_lost"] = (stats["vm-ui"]["refuses"] + stats["vm-cmd"]["refuses"]
+                              - refused_stuck + unanswered)
+    return out
 
 
 def run(quick: bool) -> dict[str, Any]:
