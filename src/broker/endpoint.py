@@ -206,6 +206,9 @@ class Endpoint(asyncio.Protocol):
         self.transport: Any = None
         self.decoder = self._decoder()
         self.log_budget = LogBudget()
+        self.throttle_log = LogBudget(per_second=1)
+        """``domain.throttled`` warnings (its own budget: a junk flood's ``frame.invalid``
+        warnings would spend the shared one)."""
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
@@ -339,10 +342,10 @@ class Endpoint(asyncio.Protocol):
             self.transport.pause_reading()
             self._set_read_size(THROTTLED_READ_SIZE)
             delay = max(bucket.deficit, cpu.deficit)
-            if cpu.tokens < 0 and self.log_budget.allow():
+            if cpu.tokens < 0 and self.throttle_log.allow():
                 self.log.warning("domain.throttled", why="cpu", turn_ms=round(cost * 1e3, 2),
                                  share=cpu.rate, paused_ms=round(delay * 1e3, 1),
-                                 suppressed=self.log_budget.take_suppressed())
+                                 suppressed=self.throttle_log.take_suppressed())
             self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
         else:
             size = self._budgeted_read_size()
