@@ -4,23 +4,23 @@
     .venv/bin/python -m bench.bench_flood --quick    # a few seconds (the test suite runs it)
     .venv/bin/python -m bench.bench_flood --write docs/benchmarks.md
 
-Four domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
+Domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
 vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
---latency``), while vm-evil writes to vm-sink as fast as it can (``peers.py send``
-without ``--rate``, repeated until the honest run is over; vm-sink drains its end so
-that the flood is limited by the broker, not by back-pressure). Four scenarios in
-the same run, so that ratios are meaningful:
+--latency``), while vm-evil writes as fast as it can (``peers.py send`` without
+``--rate``, repeated until the honest run is over; its destinations drain their end so
+that the flood is limited by the broker, not by back-pressure). First two brokers,
+each with the quiet flow then a flood of mouse moves to vm-sink:
 
-* quiet: no flood;
 * flood, default limits (``limites.debit`` 20 000/s, ``rafale`` 5 000): throttled;
-* flood, no rate limit: what the token bucket buys;
-* junk flood, default limits: tiny invalid lines (``x`` and a newline), the cheapest
-  frames to send and each one a decode attempt and a refusal for the broker;
-* broadcast flood, default limits: vm-evil sends mouse moves to ``tous``, delivered to
-  vm-diag (the honest receiver), vm-sink and ``LISTENERS`` more domains, all reading:
-  the rate budget counts deliveries, so it is throttled N times sooner;
-* CPU-heavy frames, default limits: valid 60 KiB non-canonical frames of 15 000 ``{}``
-  each (the costliest frames to check), to vm-sink.
+* flood, no rate limit: what the budgets buy.
+
+Then one broker with every attack class in turn, each against the quiet phase of the
+same run (:func:`hostile_run`, which the hostile-load test runs too): a junk flood
+(tiny invalid lines, each a decode attempt and a refusal), a broadcast flood (mouse
+moves to ``tous``: the rate budget counts deliveries), a flood sharing the honest
+flow's destination, CPU-heavy frames (valid 60 KiB non-canonical frames of 15 000
+``{}``), and command starvation (a destination that never answers 200 commands while
+the same commander's ``ping`` commands to another domain and to dom0 go on).
 
 Each peer (senders, receivers, flooder, sink, broker) is its own process.
 """
@@ -273,50 +273,63 @@ def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[st
 def run(quick: bool) -> dict[str, Any]:
     n_honest = 500 if quick else 3_000
     chunk = 20_000 if quick else 100_000
+    listeners = 4 if quick else LISTENERS
     with tempfile.TemporaryDirectory(prefix="messagerie-flood-") as t:
         tmp = Path(t)
         limited = scenario(tmp, "", n_honest, chunk, quiet_too=True)
         unlimited = scenario(tmp, UNLIMITED, n_honest, chunk, quiet_too=False)
-        junk = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="junk")
-        policy = tmp / "fanout-policy.toml"
-        policy.write_text(FANOUT_POLICY)
-        fanout = scenario(tmp, f'politique = "{policy}"\n', n_honest, chunk, quiet_too=False,
-                          kind="tous", listeners=4 if quick else LISTENERS)
-        heavy = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="heavy")
-    runs = (limited, unlimited, junk, fanout, heavy)
+        attacks = hostile_run(tmp, n_honest, chunk, listeners)
     return {"honest_count": n_honest, "quiet": limited["quiet"], "throttled": limited["flood"],
-            "unlimited": unlimited["flood"], "junk": junk["flood"], "fanout": fanout["flood"],
-            "heavy": heavy["flood"], "listeners": 4 if quick else LISTENERS,
-            "rss_kib": max(r["rss_kib"] for r in runs),
-            "honest_lost": sum(r["honest_lost"] for r in runs)}
+            "unlimited": unlimited["flood"], "attacks": attacks, "listeners": listeners,
+            "rss_kib": max(limited["rss_kib"], unlimited["rss_kib"], attacks["rss_kib"]),
+            "honest_lost": limited["honest_lost"] + unlimited["honest_lost"]
+            + attacks["honest_lost"]}
+
+
+NOTES = {
+    "junk": "tiny invalid lines (x and a newline), each refused",
+    "fanout": "mouse moves to tous: {recipients} recipients each",
+    "shared": "mouse moves to vm-diag, the honest flow's destination",
+    "heavy": "60 KiB non-canonical frames of 15 000 {{}} each",
+    "starved": "vm-mute never answers 200 of vm-cmd's commands; its pings go on",
+}
 
 
 def table(r: dict[str, Any]) -> str:
-    q = r["quiet"]
-
-    def row(name: str, x: dict[str, Any], note: str) -> str:
-        ratio = (f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
+    def row(name: str, x: dict[str, Any], q: dict[str, Any] | None, note: str) -> str:
+        ratio = ("baseline" if q is None else
+                 f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
                  f"{x['p99.9_us'] / q['p99.9_us']:.2f}x")
         flood_rate = (f"{x['read_per_second']:,.0f} msg/s, {x['throttled']:,} throttled"
                       if "read_per_second" in x else "-")
         return (f"| {name} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p99.9_us']:.0f} | "
-                f"{x['max_us']:.0f} | {ratio if x is not q else 'baseline'} | {flood_rate} | "
-                f"{note} |")
+                f"{x['max_us']:.0f} | {ratio} | {flood_rate} | {note} |")
 
-    return "\n".join([
+    q, a = r["quiet"], r["attacks"]
+    aq = a["quiet"]
+    rows = [
         "| scenario | p50 (us) | p99 (us) | p99.9 (us) | max (us) | flood/quiet "
         "(p50 / p99 / p99.9) | vm-evil read by the broker | note |",
         "|---|---:|---:|---:|---:|---|---|---|",
-        row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
-        row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
-        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9, delai_blocage 60 s"),
-        row("junk flood, default limits", r["junk"],
-            "tiny invalid lines (x and a newline), each refused"),
-        row("broadcast flood, default limits", r["fanout"],
-            f"mouse moves to tous: {r['listeners'] + 2} recipients each"),
-        row("CPU-heavy frames, default limits", r["heavy"],
-            "60 KiB non-canonical frames of 15 000 {} each"),
-    ])
+        row("quiet", q, None, "vm-ui -> vm-diag at 1 000 msg/s"),
+        row("flood, default limits", r["throttled"], q, "debit 20 000/s, rafale 5 000"),
+        row("flood, no rate limit", r["unlimited"], q,
+            "debit, rafale, part_cpu 10^9, delai_blocage 60 s"),
+        row("quiet, attack run", aq, None, "one broker for the rows below"),
+    ]
+    names = {"junk": "junk flood", "fanout": "broadcast flood", "shared": "shared destination",
+             "heavy": "CPU-heavy frames", "starved": "command starvation"}
+    for kind in ATTACKS:
+        rows.append(row(names[kind], a[kind], aq,
+                        NOTES[kind].format(recipients=r["listeners"] + 5)))
+    rows.append(row("quiet again, attack run", a["quiet_after"], aq, "after the attacks"))
+    commands = [f"- commands, {phase}: {a[key]['answered'].get('ok', 0)} of 200 answered ok, "
+                f"p50 {a[key]['p50_us']:.0f} us, p99 {a[key]['p99_us']:.0f} us"
+                + (f"; the {sum(a[key]['stuck'].values())} past vm-mute's 64 slots answered "
+                   f"{', '.join(a[key]['stuck'])} at once" if a[key]["stuck"] else "")
+                for phase, key in (("quiet", "quiet_commands"),
+                                   ("starved", "starved_commands"))]
+    return "\n".join(rows) + "\n\n" + "\n".join(commands)
 
 
 def main() -> int:
@@ -335,8 +348,8 @@ def main() -> int:
             f"-m bench.bench_flood{' --quick' if args.quick else ''}`  \n"
             f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
             f"Honest traffic: {r['honest_count']:,} notifications of ~220 bytes, vm-ui -> "
-            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Flood: "
-            f"vm-evil -> vm-sink, written as fast as the channel takes it. Honest messages "
+            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Floods: "
+            f"vm-evil, written as fast as its channel takes them. Honest messages "
             f"lost: {r['honest_lost']}. Broker RSS under flood: "
             f"{r['rss_kib'] / 1024:.1f} MiB.\n\n{table(r)}\n")
     print(body)
