@@ -39,6 +39,7 @@ from typing import Any
 import msgspec
 
 from messagerie import FrameDecoder, Notification, decode, encode, wire
+from messagerie.codec import _message
 from messagerie.envelope import Run, decode_envelope, decode_runs
 from tests.support.corpus import SPEC_EXAMPLE
 
@@ -46,6 +47,7 @@ MOUSE = encode(Notification("vm-sys-usb", "vm-ui", "entree", "souris", {
     "entree": "souris", "position": {"x": 1024, "y": 600},
     "boutons": {"gauche": 1, "milieu": 0, "droit": 0}}))[:-1]
 TARGET = 500_000
+_NOTIFICATION_KIND = wire.KINDS["notification"]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 COMMAND = ".venv/bin/python -m bench.bench_codec"
 
@@ -188,6 +190,7 @@ def compare(baseline: Any, runs: int) -> list[tuple[str, float, str, str]]:
     typed = msgspec.json.Decoder(wire.union(wire.twins(msgspec.Raw))).decode
 
     cases: list[tuple[str, dict[str, Any], int]] = []
+    sizes: dict[str, int] = {}  # cases also reported in nanoseconds per byte
     for label, line in (("spec example", SPEC_EXAMPLE), ("mouse move", MOUSE)):
         cases.append((label, {
             "bare": lambda line=line: bare(line),
@@ -201,6 +204,8 @@ def compare(baseline: Any, runs: int) -> list[tuple[str, float, str, str]]:
                 encode_(typed(line)) == line),
             "floor: bracket count (two bytes.count)": lambda line=line: (
                 line.count(b"{") + line.count(b"[")),
+            "floor: dict decode + re-encode compared + a Message built, no check":
+                lambda line=line: _unchecked(line, bare, encode_),
         }, 200))
     for chunk in (65536, 4096):
         cases.append((f"1000 mouse moves in {chunk} B reads", {
@@ -208,6 +213,21 @@ def compare(baseline: Any, runs: int) -> list[tuple[str, float, str, str]]:
             "envelope + runs (broker)": (feed(baseline, old_env, chunk),
                                          feed(messagerie, new_env, chunk)),
         }, 2))
+    # Bracket-heavy frames through the broker's FrameDecoder (envelope and runs), one frame
+    # per read: bench/peers.py's heavy() (spaces: the exact path), and the same compact.
+    from bench.peers import heavy as heavy_frame
+    spaced = heavy_frame("vm-a", "vm-b")
+    compact = _compact(spaced) + b"\n"
+    for label, frame in (("a 59 KiB frame of 15 000 {}, spaced (peers.heavy)", spaced),
+                         ("the same frame compact", compact)):
+        def one(mod: Any, env: Any, frame: bytes = frame) -> Callable[[], object]:
+            d = mod.FrameDecoder(decode=env.decode_envelope, batch=env.decode_runs)
+            return lambda: d.feed(frame)
+        cases.append((label, {
+            "bare": lambda frame=frame: bare(frame),
+            "envelope (broker's FrameDecoder)": (one(baseline, old_env), one(messagerie, new_env)),
+        }, 1))
+        sizes[label] = len(frame)
     for label, fns, number in cases:
         flat: dict[str, Callable[[], object]] = {"bare": fns["bare"]}
         for name, pair in fns.items():
@@ -218,17 +238,40 @@ def compare(baseline: Any, runs: int) -> list[tuple[str, float, str, str]]:
         for fn in flat.values():
             fn()
         ratios: dict[str, list[float]] = {k: [] for k in flat if k != "bare"}
+        per_byte: dict[str, list[float]] = {k: [] for k in flat if k != "bare"}
         for _ in range(runs):
             best = dict.fromkeys(flat, float("inf"))
-            for _ in range(60 if number > 10 else 40):
+            for _ in range(60 if number > 10 else 40 if number > 1 else 15):
                 for k, fn in flat.items():
                     best[k] = min(best[k], _best_batch(fn, number))
             for k, found in ratios.items():
                 found.append(best["bare"] / best[k])
+                if label in sizes:
+                    per_byte[k].append(best[k] / sizes[label] * 1e9)
         for k, values in ratios.items():
             rows.append((f"{k}, {label}", statistics.median(values), "x",
                          f"{min(values):.2f}-{max(values):.2f}"))
+            if label in sizes:
+                ns = per_byte[k]
+                rows.append((f"{k}, {label}, per byte", statistics.median(ns), "ns/B",
+                             f"{min(ns):.0f}-{max(ns):.0f}"))
     return rows
+
+
+def _unchecked(line: bytes, bare: Callable[[bytes], Any], encode_: Callable[[Any], bytes]
+               ) -> object:
+    """What decode() cannot do with less in Python: parse, prove by re-encoding, build the
+    Message (with codec._message, one call more than decode's inlined build), with no
+    check at all."""
+    obj = bare(line)
+    if encode_(obj) != line:
+        return None
+    return _message(_NOTIFICATION_KIND, obj["source"], obj["destination"], obj["payload"], line)
+
+
+def _compact(frame: bytes) -> bytes:
+    """``frame`` without the spaces between its tokens (it has none in its strings)."""
+    return frame.rstrip(b"\n").replace(b", ", b",").replace(b": ", b":")
 
 
 def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: int, *,
@@ -256,8 +299,11 @@ def render(rows: list[tuple[str, float, str]], info: dict[str, str], repeats: in
                 f"(DIR: a checkout of {baseline}). Each ratio is to a bare "
                 "`msgspec.json.decode` of the same frames in the same run; median of "
                 f"{runs} runs (range).", "",
-                "| Operation | Ratio to bare decode (median) | Range |", "|---|---:|---:|"]
-        out += [f"| {name} | {value:.2f}x | {spread} |" for name, value, _, spread in compared]
+                "| Operation | Median (ratio to a bare decode, or ns per byte) | Range |",
+                "|---|---:|---:|"]
+        out += [f"| {name} | {value:.2f}x | {spread} |" if unit == "x" else
+                f"| {name} | {value:.0f} {unit} | {spread} |"
+                for name, value, unit, spread in compared]
         out += ["", "The table of rates above is sequential: on a shared machine its figures "
                 "drift with the load of the moment (an operation measured while another job "
                 "ran looks slower). The interleaved ratios are the comparison to read.", ""]
@@ -336,8 +382,8 @@ def main() -> int:
         described = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h"],
                                    capture_output=True, text=True, check=False).stdout.strip()
         compared = compare(baseline, args.runs)
-        for name, value, _, spread in compared:
-            print(f"{name:<70}  {value:6.2f} x  ({spread})")
+        for name, value, unit, spread in compared:
+            print(f"{name:<70}  {value:6.2f} {unit}  ({spread})")
     rows = measure(args.repeats)
     width = max(len(n) for n, _, _ in rows)
     for name, value, unit in rows:

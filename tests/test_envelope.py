@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from messagerie import (
     DOM0,
+    MAX_DEPTH,
     TOUS,
     Commande,
     FrameDecoder,
@@ -38,6 +39,8 @@ from messagerie import (
     encode,
     from_dict,
 )
+from messagerie import envelope as envelope_module
+from messagerie.codec import nesting_depth
 from messagerie.envelope import Envelope, Run, decode_envelope, decode_runs
 from messagerie.wire import clear_memos
 from tests.support.corpus import CORPUS, mouse
@@ -1003,3 +1006,107 @@ def test_unknown_keys_values_are_contents(memo: Memo, where: str) -> None:
     memo.before_call()
     assert envelope_outcome(twice) == (
         "refused", Reason.DUPLICATE_KEY, "ext" if where == "top" else "payload.ext")
+
+
+@pytest.mark.parametrize("where", ["same envelope", "mixed"])
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_runs_refuse_exactly_the_frames_nested_too_deeply(where: str, opener: bytes) -> None:
+    # decode_runs() bounds the depth from the frames' lengths or counts the openers of
+    # the whole run in C: at the limit a run is taken at once; one level more, in any
+    # frame, it falls back, and decoding that frame alone refuses it.
+    closer = b"]" if opener == b"[" else b"}"
+    tail = b"" if opener == b"[" else b"1"
+
+    def note(destination: bytes, value: bytes) -> bytes:
+        return (b'{"type":"notification","source":"vm-a","destination":"' + destination
+                + b'","payload":{"categorie":"entree","evenement":"souris","data":{"seq":'
+                + value + b"}}}")
+
+    def deep(levels: int) -> bytes:  # the frame, its payload and data: three levels
+        k = levels - 3
+        return note(b"vm-b", opener * k + tail + closer * k)
+
+    other = note(b"vm-c" if where == "mixed" else b"vm-b", b"1")
+    decode_envelope(other)
+    for levels in (MAX_DEPTH, MAX_DEPTH + 1):
+        frame = deep(levels)
+        assert nesting_depth(frame) == levels
+        lines = [other, frame, other, other]
+        if levels <= MAX_DEPTH:
+            decode_envelope(frame)
+            got = decode_runs(lines)
+            assert got is not None and expand(got) == one_by_one(lines)
+            if where == "same envelope":
+                assert [type(i) for i in got] == [Run]
+        else:
+            assert decode_runs(lines) is None
+            with pytest.raises(MessageInvalide) as exc:
+                decode_envelope(frame)
+            assert "nested too deeply" in exc.value.detail
+
+
+_PREFIX = (b'{"type":"notification","source":"vm-p","destination":"vm-q","payload":'
+           b'{"categorie":"entree","evenement":"souris"')
+
+
+@st.composite
+def after_a_known_prefix(draw: st.DrawFn) -> bytes:
+    """A frame starting with the bytes, up to its data, of a notification accepted
+    before, and then anything: data of every kind, repeated or escaped keys and
+    envelope names inside it, invalid UTF-8, depth past the limit, bytes after it."""
+    value = draw(json_objects | json_values)
+    data = json.dumps(value, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    data = draw(st.sampled_from([
+        data,
+        b'{"source":"dom0","source":"vm-x","data":{},"a":' + data + b"}",  # keys inside
+        b'{"\\u0073ource":1,"Source":2,"a":' + data + b"}",  # escaped, case variants
+        b'{"a":' + b"[" * 70 + data + b"]" * 70 + b"}",  # too deep
+        b'{"a":' + b"[" * 58 + data + b"]" * 58 + b"}",  # deep, within the limit
+        b'{"a":"\xff' + data[:3] + b'"}',  # invalid UTF-8
+        b"{" + data,  # broken
+    ]))
+    tail = draw(st.sampled_from([b"}}", b"}}", b"} }", b"}} ", b'},"x":1}', b'},"data":{}}',
+                                 b',"x":1}}', b',"Categorie":"x"}}', b'},"Source":"dom0"}']))
+    return _PREFIX + b',"data":' + data + tail
+
+
+def decode_outcome(line: bytes) -> Outcome:
+    try:
+        msg = decode(line)
+    except MessageInvalide as exc:
+        return ("refused", exc.reason, exc.field)
+    return (*fields(msg, msg.raw), msg.payload, msg.extra)
+
+
+@SETTINGS
+@given(after_a_known_prefix(), st.booleans())
+def test_a_known_prefix_decides_as_a_cold_memo_does(line: bytes, by_decode: bool) -> None:
+    # decode_envelope() and decode() take a canonical notification whose bytes up to its
+    # data are a known frame's from a memo (filled by either): their verdicts must be
+    # the ones reached with every memo empty.
+    known = _PREFIX + b',"data":{"n":1}}}'
+    clear_memos()
+    cold = envelope_outcome(line), decode_outcome(line)
+    clear_memos()
+    for _ in range(2):  # decode() memoises a frame's names first, then its prefix
+        (decode if by_decode else decode_envelope)(known)
+    assert _PREFIX in envelope_module._PREFIXES  # remembered
+    assert (envelope_outcome(line), decode_outcome(line)) == cold
+    if cold[0][0] == "refused":
+        assert cold[1][0] == "refused"
+
+
+def test_a_prefix_is_remembered_only_from_a_frame_laid_out_as_encode_writes_it() -> None:
+    # A decoded dict keeps the frame's key order: with the names after the payload, the
+    # bytes before data hold no names, and a frame starting with them may name anyone.
+    clear_memos()
+    reordered = (b'{"type":"notification","payload":{"categorie":"entree","evenement":"souris",'
+                 b'"data":{"n":1}},"source":"vm-p","destination":"vm-q"}')
+    for _ in range(3):
+        decode(reordered)
+        decode_envelope(reordered)
+    forged = reordered.replace(b'"source":"vm-p"', b'"source":"tous"')
+    for check in (decode, decode_envelope):
+        with pytest.raises(MessageInvalide) as exc:
+            check(forged)
+        assert (exc.value.reason, exc.value.field) == (Reason.BAD_NAME, "source")

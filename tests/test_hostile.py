@@ -7,6 +7,8 @@ import time
 from typing import Final
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from messagerie import (
     MAX_DEPTH,
@@ -19,7 +21,7 @@ from messagerie import (
     decode,
     encode,
 )
-from messagerie.codec import nesting_depth
+from messagerie.codec import _depth, _steps, nesting_depth
 from messagerie.envelope import decode_envelope
 from tests.support.corpus import CORPUS, OK, notif
 
@@ -117,6 +119,39 @@ def test_nesting_limit_is_exact_for_compact_frames_of_known_names() -> None:
                     except MessageInvalide as exc:
                         assert above + depth > MAX_DEPTH, (frame, depth, check, exc)
                         assert "nested too deeply" in exc.detail
+
+
+def _nested(depth: int, width: int) -> bytes:
+    return b"[" * depth + b"[]" * width + b"]" * depth
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=200).map(lambda b: bytes(b"[]"[x & 1] for x in b)),  # anything
+    st.recursive(st.just(b""), lambda inner: st.lists(inner, max_size=6).map(
+        lambda parts: b"".join(b"[" + p + b"]" for p in parts)), max_leaves=80),  # balanced
+    st.tuples(st.integers(0, 90), st.integers(0, 300)).map(lambda t: _nested(*t)),
+    st.lists(st.tuples(st.integers(0, 70), st.integers(0, 40)), max_size=8).map(
+        lambda groups: b"".join(_nested(d, w) for d, w in groups)),
+))
+def test_the_depth_by_deleting_pairs_is_the_step_by_step_count(brackets: bytes) -> None:
+    # The fast count (innermost pairs deleted in C) must agree with the running sum on
+    # every string: balanced or not, flat, deep, mixed; the limit depends on it.
+    assert _depth(brackets) == _steps(brackets)
+    for damaged in (brackets[1:], brackets[:-1], b"]" + brackets, brackets + b"["):
+        assert _depth(damaged) == _steps(damaged)
+
+
+def test_a_flat_frame_of_many_brackets_is_accepted_and_a_deep_one_in_it_refused() -> None:
+    flat = b",".join([b"{}"] * 15_000)
+    assert decode_envelope(notif(b'{"x":[' + flat + b"]}")).type == "notification"
+    inner = MAX_DEPTH - 3  # the frame, its payload and data: three levels already
+    ok = b"[" * (inner - 1) + b"]" * (inner - 1)
+    for check in (decode, decode_envelope):
+        check(notif(b'{"x":[' + flat + b"," + ok + b"]}"))
+        with pytest.raises(MessageInvalide) as exc:
+            check(notif(b'{"x":[' + flat + b",[" + ok + b"]]}"))
+        assert "nested too deeply" in exc.value.detail
 
 
 def test_depth_is_counted_outside_strings_and_invalid_utf8_comes_first() -> None:

@@ -34,8 +34,7 @@ contents are too short to nest past it is not counted.
 from __future__ import annotations
 
 import json
-from itertools import repeat
-from operator import eq, methodcaller
+from operator import eq
 from typing import Any, Final
 
 import msgspec
@@ -43,11 +42,16 @@ from msgspec import UNSET, Raw, Struct
 
 from . import wire
 from .codec import (
+    _AROUND_DATA,
+    _DATA_OBJECT,
+    _PREFIXES,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
     _json_decode,
+    _remember_prefix,
+    _skeleton,
     _strip,
     check_depth,
     decode,
@@ -155,11 +159,8 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     is checked here in one C call per read, not one per message."""
     if not lines:
         return []
-    # No line opens more brackets than the depth limit (sound: a line's depth is at most
-    # its count of ``{`` plus ``[``), so no parser reaches its own limit here.
-    if max(map(bytes.count, lines, repeat(b"{"))) + max(map(bytes.count, lines, repeat(b"["))) \
-            > MAX_DEPTH:
-        return None
+    # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
+    # fail); the depth limit is checked below, before any verdict.
     framed = b"[" + b",".join(lines) + b"]"
     try:
         decoded = _fast_decode_list(framed)
@@ -174,9 +175,12 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
         return None  # not aligned, not canonical, or an empty line made ",,"
     if not _utf8(framed):
         return None
-    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])])
+    longest = max(map(len, lines))
+    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])], longest)
     if same is not None:
         return [same]
+    if longest > _UNCOUNTED and _too_deep(b"\n".join(lines)):
+        return None
     out: list[Envelope | Run] = []
     start = 0  # first line of the current run
     key: tuple[str, ...] | None = None
@@ -207,10 +211,31 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
 _NOTIFICATION: Final = wire.KINDS["notification"]
 
 
-def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | None:
+# The depth limit over a run of canonical frames (each decoded into a twin: its own
+# object and payload, and below them only its contents, raw). A valid JSON value nested
+# d levels deep takes at least 2d bytes, so a frame whose contents take at most _SHALLOW
+# bytes nests within MAX_DEPTH: true of every frame no longer than the shortest canonical
+# frame of any type plus _SHALLOW, and of a notification whose data, after a prefix
+# shared by the run, is that short. Otherwise a frame deeper than the limit has more
+# than MAX_DEPTH opening brackets: with the run's other bytes deleted (two C calls for
+# the whole run), more than MAX_DEPTH of them in a row, no newline between.
+_UNCOUNTED: Final = min(map(_skeleton, wire.KINDS.values())) + _SHALLOW
+_OPENERS: Final = bytes.maketrans(b"[", b"{")
+_NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"{[\n")
+_DEEPER: Final = b"{" * (MAX_DEPTH + 1)
+
+
+def _too_deep(run: bytes) -> bool:
+    """May a frame of ``run`` (frames joined by newlines) nest past MAX_DEPTH?"""
+    return _DEEPER in run.translate(_OPENERS, _NOT_OPENER)
+
+
+def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind,
+                   longest: int) -> Run | None:
     """The common case at the cost of one check per frame in C: every frame starts with
     the same bytes up to its ``"data":{``, so all have the first one's envelope
-    (type, source, destination, categorie, evenement; contents an object)."""
+    (type, source, destination, categorie, evenement; contents an object). ``longest``:
+    the longest frame's length."""
     first = lines[0]
     cut = first.find(b',"data":{')
     # In a canonical notification the first ``,"data":{`` is the payload's: names and
@@ -218,12 +243,19 @@ def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind) -> Run | 
     if cut < 0 or len(lines) < 2 or kind is not _NOTIFICATION:
         return None
     prefix = first[:cut + 9]
-    if sum(map(methodcaller("startswith", prefix), lines)) != len(lines):
+    data = b"\n".join(lines) + b"\n"
+    # Every other line starts with the prefix: the lines hold no newline, so each
+    # occurrence of newline-and-prefix is a line's start (one C call for the run).
+    if data.count(b"\n" + prefix) != len(lines) - 1:
+        return None
+    # Canonical, each frame ends with its data and the two braces that close its payload
+    # and itself; the data starts at the prefix's last byte.
+    if longest - len(prefix) - 1 > _SHALLOW and _too_deep(data):
         return None
     envelope = _envelope(decoded[0], kind, first)
     if envelope is None or envelope.destination in (TOUS, DOM0):
         return None
-    return Run(envelope, len(lines), b"\n".join(lines) + b"\n")
+    return Run(envelope, len(lines), data)
 
 
 def _close_run(out: list[Envelope | Run], lines: list[bytes], decoded: list[Any],
@@ -375,6 +407,17 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
+        # A canonical notification whose bytes up to its data are those of one accepted
+        # before has its envelope (see _PREFIXES): one C lookup instead of reading the
+        # values and looking their tuple up.
+        cut = line.find(_DATA_OBJECT)
+        if cut > 0:
+            known = _PREFIXES.get(line[:cut])
+            if known is not None:
+                if len(line) - cut - _AROUND_DATA > _SHALLOW:
+                    check_depth(line)
+                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
+                                id=None, raw=line)
         kind = _TWINS[type(s)]
         key = kind.key(s)
         # accepts(), inlined for the common notification: known names, and data an object.
@@ -386,12 +429,29 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
         if size is not None and line[-3] == _CLOSE_BRACE:
             if len(line) - _SKELETON[kind] - size > _SHALLOW:
                 check_depth(line)
+            if cut > 0:
+                _remember_prefix(line[:cut], key)
             return Envelope(kind.tag, key[0], key[1], name=key[2], id=None, raw=line)
         if _shallow(s.payload, kind):
             envelope = _envelope(s, kind, line)
             if envelope is not None:
+                if cut > 0 and kind is _NOTIFICATION:
+                    _remember_prefix(line[:cut], key)
                 return envelope
     return _exact(line, s)  # not canonical, or to explain
+
+
+# Canonical notifications by their bytes up to their data, when it is an object: the
+# first ``,"data":{`` of a canonical notification is its payload's (what comes before
+# it, the type, names and tokens and their keys, holds no quote but the delimiters), so
+# a frame that re-encodes to itself and starts with the same bytes as one accepted
+# before has the same type, source, destination, categorie and evenement, and data an
+# object, its last field (then "}}"). Only its depth, UTF-8 and syntax are its own, and
+# they are checked as for any frame. Kept on the notification's Kind, so that
+# wire.clear_memos() forgets them with the rest (at most 4096; a prefix is at most a few
+# hundred bytes, names and tokens being bounded).
+# The memo and its helpers are codec.py's (decode() uses it too).
+_NOTIFICATION_TAG: Final = _NOTIFICATION.tag
 
 
 # A canonical frame decoded into a twin is its own object and payload (two levels) with

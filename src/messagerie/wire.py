@@ -287,6 +287,8 @@ def clear_memos() -> None:
         memo.seen.clear()
     for kind in KINDS.values():
         kind.known.clear()
+        kind.prefixes.clear()
+        kind.unambiguous = set(kind.payload_fields)
 
 
 def _pattern_of(tp: Any) -> str | None:
@@ -360,10 +362,25 @@ class Kind:
             itemgetter(*tokens) if len(tokens) > 1 else _one(tokens[0]))
         self.unique_items = [(name, memo) for name, memo in self.payload_checks
                              if memo.pattern not in (NAME_PATTERN, TOKEN_PATTERN)]
+        #: Canonical frames of this type by their bytes up to their contents, with the
+        #: memoised values of a frame accepted with them (used by the relay's envelope
+        #: check for notifications; at most 4096).
+        self.prefixes: dict[bytes, tuple[str, ...]] = {}
+        #: The payload's fields and other keys known to be none of them even to parsers
+        #: that ignore case (:func:`check_unambiguous` passed them): a subset test
+        #: instead of folding each unknown key of every frame again.
+        self.unambiguous: set[str] = set(self.payload_fields)
         #: Every payload field is a memoised value, a pattern-checked string or the
         #: object field: a decoded object is judged by accepts_object() alone.
         self.plain = not self.with_erreur and self.payload_fields == {
             *tokens, *(n for n, _ in self.unique_items), self.object_field}
+
+
+    def remember_unambiguous(self, keys: Iterable[str]) -> None:
+        """Add keys that :func:`check_unambiguous` passed (short ones; at most 4096)."""
+        if len(self.unambiguous) >= 4096:
+            self.unambiguous = set(self.payload_fields)
+        self.unambiguous.update(k for k in keys if len(k) <= NAME_MAX)
 
 
 KINDS: Final = {tag_of(cls): Kind(cls) for cls in FRAMES}
@@ -430,8 +447,8 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
     repeated), and the length of its memoised values (source, destination, tokens)
     summed, if it is valid as judged from the memos alone: those values together passed
     :func:`accepts` before, and its other fields are checked here. ``None`` means
-    "validate it with :func:`check_object`", never a refusal; a payload key that
-    case-insensitive parsers take for a field is refused as :func:`check_keys` does."""
+    "validate it with :func:`check_object`", never a refusal; the payload's keys are
+    the caller's to check with :func:`check_payload_keys` (after the depth limit)."""
     try:
         kind = _PLAIN.get(obj["type"])
         if kind is None:
@@ -450,9 +467,15 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
         value = p.get(name)
         if type(value) is not str or memo._fullmatch(value) is None:
             return None
-    if not p.keys() <= kind.payload_fields:
-        check_unambiguous(p, kind.payload_fields, "payload.")
     return kind, size
+
+
+def check_payload_keys(kind: Kind, payload: dict[str, Any]) -> None:
+    """Refuse a payload key that case-insensitive parsers take for a field, as
+    :func:`check_keys` does (keys that passed before are remembered)."""
+    if not payload.keys() <= kind.unambiguous:
+        check_unambiguous(payload, kind.payload_fields, "payload.")
+        kind.remember_unambiguous(payload)
 
 
 _OBJECT_OR_NULL: Final = frozenset(b"{n")
