@@ -63,11 +63,13 @@ LISTENERS = 16
 FANOUT_POLICY = "".join(
     f'[[regle]]\nsource = "{s}"\ndestination = "{d}"\ntype = "*"\naction = "{a}"\n\n'
     for s, d, a in [("vm-evil", "dom0", "deny"), ("vm-evil", "vm-ui", "deny"),
+                    ("vm-evil", "vm-cmd", "deny"),
                     ("*", "tous", "allow"), ("*", "*", "allow"), ("*", "dom0", "allow"),
                     ("dom0", "*", "allow"), ("dom0", "dom0", "allow")])
 """Everything allowed but vm-evil's broadcasts to dom0 (whose statistics client would
-read the flood too) and to vm-ui (the honest sender, which reads nothing: its socat
-would stop relaying its writes once the other direction is full)."""
+read the flood too) and to vm-ui and vm-cmd (honest senders, which read nothing or
+only while they send commands: a socat stops relaying a domain's writes once the other
+direction is full)."""
 
 
 def honest(src: PtyPair, dst: PtyPair, count: int,
@@ -321,7 +323,7 @@ def table(r: dict[str, Any]) -> str:
              "heavy": "CPU-heavy frames", "starved": "command starvation"}
     for kind in ATTACKS:
         rows.append(row(names[kind], a[kind], aq,
-                        NOTES[kind].format(recipients=r["listeners"] + 5)))
+                        NOTES[kind].format(recipients=r["listeners"] + 4)))
     rows.append(row("quiet again, attack run", a["quiet_after"], aq, "after the attacks"))
     commands = [f"- commands, {phase}: {a[key]['answered'].get('ok', 0)} of 200 answered ok, "
                 f"p50 {a[key]['p50_us']:.0f} us, p99 {a[key]['p99_us']:.0f} us"

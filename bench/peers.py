@@ -29,6 +29,7 @@ since a PUBLISH header of these sizes never contains a newline byte.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -163,35 +164,29 @@ def _command(source: str, dest: str, ident: str) -> bytes:
 
 def commands(args: argparse.Namespace) -> dict[str, Any]:
     fd = open_raw(args.path)
-    stuck_dest, _, stuck_n = (args.stuck or ":0").partition(":")
-    write_all(fd, b"".join(_command(args.source, stuck_dest, f"s{i}")
-                           for i in range(int(stuck_n))))
+    os.set_blocking(fd, False)  # never blocked writing while answers wait to be read
     dests = args.dest.split(",")
     sent: dict[str, int] = {}
     outcomes: dict[str, int] = {}
     stuck: dict[str, int] = {}
     latencies: list[int] = []
-    pending = b""
-    start = time.monotonic_ns()
-    period = 1e9 / args.rate if args.rate else 0
-    deadline = time.monotonic() + args.timeout
-    i = 0
-    while (i < args.count or sent) and time.monotonic() < deadline:
+    pending = [b""]
+    out = bytearray()
+
+    def read_some(timeout: float) -> None:
+        readable, writable, _ = select.select([fd], [fd] if out else [], [], timeout)
+        if writable:
+            with contextlib.suppress(BlockingIOError):
+                del out[:os.write(fd, out)]
+        if not readable:
+            return
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
         now = time.monotonic_ns()
-        if i < args.count and now >= start + i * period:
-            ident = f"c{i}"
-            sent[ident] = now
-            write_all(fd, _command(args.source, dests[i % len(dests)], ident))
-            i += 1
-            continue
-        wait = (start + i * period - now) / 1e9 if i < args.count else 0.5
-        ready, _, _ = select.select([fd], [], [], max(0.0, min(wait, 0.5)))
-        if not ready:
-            continue
-        data = os.read(fd, 1 << 16)
-        now = time.monotonic_ns()
-        lines = (pending + data).split(b"\n")
-        pending = lines.pop()
+        lines = (pending[0] + data).split(b"\n")
+        pending[0] = lines.pop()
         for line in lines:
             if b'"reponse"' not in line:
                 continue
@@ -202,14 +197,33 @@ def commands(args: argparse.Namespace) -> dict[str, Any]:
                 outcomes[how] = outcomes.get(how, 0) + 1
             else:
                 stuck[how] = stuck.get(how, 0) + 1
-    out: dict[str, Any] = {"answered": outcomes, "unanswered": len(sent), "stuck": stuck}
+
+    stuck_dest, _, stuck_n = (args.stuck or ":0").partition(":")
+    out += b"".join(_command(args.source, stuck_dest, f"s{i}") for i in range(int(stuck_n)))
+    deadline = time.monotonic() + args.timeout
+    while out and time.monotonic() < deadline:
+        read_some(0.1)
+    start = time.monotonic_ns()
+    period = 1e9 / args.rate if args.rate else 0
+    i = 0
+    while (i < args.count or sent or out) and time.monotonic() < deadline:
+        now = time.monotonic_ns()
+        if i < args.count and now >= start + i * period:
+            ident = f"c{i}"
+            sent[ident] = now
+            out += _command(args.source, dests[i % len(dests)], ident)
+            i += 1
+            continue
+        wait = (start + i * period - now) / 1e9 if i < args.count else 0.5
+        read_some(max(0.0, min(wait, 0.5)))
+    result: dict[str, Any] = {"answered": outcomes, "unanswered": len(sent), "stuck": stuck}
     if latencies:
         latencies.sort()
         n = len(latencies)
         for q in (50, 99):
-            out[f"p{q}_us"] = latencies[min(n - 1, int(n * q / 100))] / 1000
-        out["max_us"] = latencies[-1] / 1000
-    return out
+            result[f"p{q}_us"] = latencies[min(n - 1, int(n * q / 100))] / 1000
+        result["max_us"] = latencies[-1] / 1000
+    return result
 
 
 def answer(args: argparse.Namespace) -> dict[str, float]:
