@@ -191,7 +191,7 @@ def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Pat
 # -- honest latency under each attack class ------------------------------------------
 # Measured here (2 cores shared with other jobs, load average 4-7): quiet p50 0.2-2 ms
 # and p99 2-77 ms from one run to the next (the machine, not the broker: the quiet
-# phases before and after the attacks of one run differ as much); over six runs the
+# phases before and after the attacks of one run differ as much); over seven runs the
 # attacked p50 was within 0.1-3.3x of the larger quiet one and p99 within 0.1-8x, but
 # for the broadcast flood under the heaviest load (p50 13x): its 8 recipients' socat
 # relays and drains (userspace processes that pv-channels do not need) take the
