@@ -25,6 +25,7 @@ from broker.router import PolicyLike
 from messagerie import (
     DOM0,
     TOUS,
+    Categorie,
     Code,
     Commande,
     Evenement,
@@ -298,10 +299,12 @@ async def test_fail_pending_when_destination_goes_down() -> None:
     msgs = s.out("vm-a")
     errors = sorted(error_of(m) for m in msgs if isinstance(m, Reponse))
     assert errors == [("c1", Code.DESTINATION_HORS_LIGNE), ("c2", Code.DESTINATION_HORS_LIGNE)]
-    # ... and tous (vm-a here) is told vm-b disconnected.
+    # ... vm-a, serving b1, is told nobody awaits it any more, and tous (vm-a here)
+    # is told vm-b disconnected.
     states = [m for m in msgs if isinstance(m, Notification)]
-    assert [(m.evenement, m.data) for m in states] == [
-        (Evenement.DECONNECTE, {"domaine": "vm-b"})]
+    assert [(m.categorie, m.evenement, m.data) for m in states] == [
+        ("commande", "abandonnee", {"source": "vm-b", "id": "b1", "commande": "etat"}),
+        (Categorie.DOMAINE, Evenement.DECONNECTE, {"domaine": "vm-b"})]
     assert s.broker.pending.in_flight(a) == 0
     assert len(s.broker.pending) == 0  # b1 forgotten: nobody to answer
 

@@ -44,6 +44,8 @@ from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
 from .router import (
+    ABANDON_CATEGORY,
+    ABANDON_EVENT,
     DENIED,
     DISPATCHED,
     SPOOFED,
@@ -75,6 +77,28 @@ DEFERRED_RETRY = 0.005
 ROUTE_CACHE_MAX = 4096
 """Routing decisions kept (per source, destination, type and name)."""
 RouteKey = tuple[str, str, str, str | None]
+
+
+class _DelaiPayload(msgspec.Struct):
+    delai: float | None = None
+
+
+class _DelaiOf(msgspec.Struct):
+    """What the broker reads of a valid ``commande`` beyond its envelope: the deadline
+    its payload carries (every other field is skipped)."""
+
+    payload: _DelaiPayload
+
+
+_decode_delai = msgspec.json.Decoder(_DelaiOf).decode
+
+
+def delai_of(raw: bytes) -> float | None:
+    """The ``delai`` of the valid ``commande`` frame ``raw``, if it carries one."""
+    try:
+        return _decode_delai(raw).payload.delai
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # valid to the envelope check, beyond this parser (the receiver's call)
 
 
 class _Route:
@@ -123,6 +147,9 @@ class Broker:
         """All the queues' bytes together (``Sink.memory``)."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = float("inf")
+        """The timer that expires the next command due, and when (``pending.clock``)."""
 
     @property
     def policy(self) -> PolicyLike:
@@ -361,7 +388,10 @@ class Broker:
         name, id = msg.name, msg.id
         assert name is not None and id is not None  # a commande has both
         server = forward.server
-        self.pending.add(msg.source, id, forward.target, name, asker=peer, target=server)
+        pending = self.pending.add(msg.source, id, forward.target, name, asker=peer,
+                                   target=server, delai=delai_of(msg.raw))
+        if pending.deadline < self._expiry_at:
+            self._schedule_expiry(pending.deadline)
         if not server.send(data, peer):
             self._dropped(peer, server, msg)
 
@@ -420,8 +450,7 @@ class Broker:
                 # Back at the front of a fresh list: put the rest behind it.
                 self._deferred[endpoint].extend(waiting)
                 return
-        endpoint._waiters.discard(endpoint)
-        endpoint.release(endpoint)
+        endpoint.unhold(endpoint)
 
     def complete(self, peer: Endpoint, msg: Envelope) -> Message | None:
         """The whole message, for what the broker reads itself (built-in commands,
@@ -518,9 +547,13 @@ class Broker:
 
     # -- commands in flight ---------------------------------------------------------
     def fail_pending(self, gone: Endpoint, code: str, text: str) -> None:
-        """Answer every command waiting on ``gone``; forget the ones it asked."""
-        for pending in self.pending.fail(gone):
+        """Answer every command waiting on ``gone``; forget the ones it asked, and tell
+        the endpoints serving those that they are abandoned."""
+        abandoned: list[Pending[Endpoint]] = []
+        for pending in self.pending.fail(gone, abandoned):
             self._answer_for(pending, code, text)
+        for pending in abandoned:
+            self._abandon(pending, "commander_gone")
 
     @staticmethod
     def _answer_for(pending: Pending[Endpoint], code: str, text: str) -> None:
@@ -529,10 +562,49 @@ class Broker:
         pending.asker.send(encode(reply))
 
     def expire_pending(self) -> None:
+        """Answer ``delai_depasse`` to every command past its deadline (its slots are
+        free at once) and tell the endpoints serving them that they are abandoned."""
         for pending in self.pending.expire():
+            ttl = self.pending.ttl_for(pending.asker)
+            delai = ttl if pending.delai is None else min(pending.delai, ttl)
             self._answer_for(pending, Code.DELAI_DEPASSE,
-                             f"{pending.replier} did not answer in "
-                             f"{self.pending.ttl_for(pending.asker):g} s")
+                             f"{pending.replier} did not answer in {delai:g} s")
+            self._abandon(pending, "deadline")
+        nxt = self.pending.next_deadline()
+        self._expiry_at = float("inf")
+        if nxt is not None:
+            self._schedule_expiry(nxt)
+
+    def _schedule_expiry(self, deadline: float) -> None:
+        """Expire the commands due at ``deadline`` then, not at the next second's tick
+        (``delai`` may be short, and its commander's slot must be free when the
+        commander's own timeout is past)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven without a loop (tests): the caller expires
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = loop.call_later(max(0.0, deadline - self.pending.clock()),
+                                       self.expire_pending)
+
+    def _abandon(self, pending: Pending[Endpoint], why: str) -> None:
+        """Tell the endpoint serving ``pending`` that nobody awaits its answer any more
+        (a notification from dom0 that no domain may send: ``router.ABANDON_CATEGORY``),
+        so that its client cancels the handler. Best effort: dropped if its queue is
+        full (its late answer, if any, is then dropped as late)."""
+        target = pending.target
+        if target.transport is None:
+            return  # gone: nothing runs for it any more
+        notice = Notification(DOM0, pending.replier, ABANDON_CATEGORY, ABANDON_EVENT,
+                              {"source": pending.commander, "id": pending.id,
+                               "commande": pending.command})
+        target.send(encode(notice))
+        if target.log_budget.allow():
+            target.log.info("commande.abandoned", why=why, source=pending.commander,
+                            id=pending.id, commande=pending.command,
+                            suppressed=target.log_budget.take_suppressed())
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:

@@ -3,9 +3,16 @@
 :class:`PendingCommands` is the one owner of the table of commands the broker forwarded
 and that await their ``reponse``, and of each commander's count of them. The router
 reads it (is this answer awaited? is this id already in flight? is this commander at
-its limit?); the broker changes it only through :meth:`~PendingCommands.add`,
-:meth:`~PendingCommands.close`, :meth:`~PendingCommands.fail` and
-:meth:`~PendingCommands.expire`, so a count can never drift from the table.
+its limit? is this a late answer to a command given up?); the broker changes it only
+through :meth:`~PendingCommands.add`, :meth:`~PendingCommands.close`,
+:meth:`~PendingCommands.fail` and :meth:`~PendingCommands.expire`, so a count can never
+drift from the table.
+
+A command's deadline is ``min(delai, ttl)`` from its receipt (``delai`` is what the
+``commande`` carries, ``ttl`` the broker's ``limites.duree_commande``). Commands that
+expired, or whose commander went away, are *abandoned*: remembered (their commander, id
+and replier) for :data:`ABANDONED_TTL` seconds, at most :data:`ABANDONED_MAX` of them, so
+that a late answer is told from a forged one.
 
 Endpoints are opaque here (``E``: the broker's endpoint objects, plain strings in
 tests and fuzzing), compared by identity: a domain re-added under the same name, or
@@ -16,16 +23,25 @@ from an injectable ``clock``. No asyncio, no I/O.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 E = TypeVar("E")
 """An endpoint, compared by identity."""
 
 Key = tuple[str, str]
 """(commander, id): a command's identity on the wire."""
+
+ABANDONED_TTL: Final = 600.0
+"""Seconds an abandoned command is remembered: its late answer, within that time, is
+dropped as late (an info event), not refused as unsolicited (a security event)."""
+ABANDONED_MAX: Final = 4096
+"""Abandoned commands remembered at most (the oldest are forgotten first)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +61,10 @@ class Pending(Generic[E]):
     """The endpoint the command went to (a domain's, or the dom0 service serving it):
     only this one may answer."""
     deadline: float
+    """When it is answered ``delai_depasse`` (the table's clock): its receipt plus
+    ``min(delai, ttl)``."""
+    delai: float | None = None
+    """The deadline the command carried (seconds from its receipt), if any."""
 
     @property
     def key(self) -> Key:
@@ -63,8 +83,9 @@ class PendingCommands(Generic[E]):
     destination's behalf (``limites.duree_commande``); a reload changes them at once.
     """
 
-    __slots__ = ("_counts", "_pairs", "_table", "clock", "limit", "limit_of", "per_target",
-                 "per_target_of", "ttl", "ttl_of")
+    __slots__ = ("_abandoned", "_counts", "_deadlines", "_pairs", "_sequence", "_table",
+                 "clock",
+                 "limit", "limit_of", "per_target", "per_target_of", "ttl", "ttl_of")
 
     def __init__(self, *, limit: int, ttl: float, per_target: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -83,6 +104,13 @@ class PendingCommands(Generic[E]):
         self._table: dict[Key, Pending[E]] = {}
         self._counts: dict[E, int] = {}
         self._pairs: dict[tuple[E, E], int] = {}
+        self._deadlines: list[tuple[float, int, Pending[E]]] = []
+        """A heap of (deadline, sequence, command), the commands answered or failed
+        included until they reach the top or the heap is rebuilt (at twice the table's
+        size): :meth:`expire` and :meth:`next_deadline` look at its top only."""
+        self._sequence = itertools.count()
+        self._abandoned: OrderedDict[Key, tuple[str, float]] = OrderedDict()
+        """Abandoned commands, oldest first: (commander, id) -> (replier, when)."""
 
     # -- reading ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -107,6 +135,19 @@ class PendingCommands(Generic[E]):
         pending = self._table.get((commander, id))
         return (pending is not None and pending.replier == replier
                 and pending.command == command)
+
+    def abandoned(self, commander: str, id: str, replier: str) -> bool:
+        """Was the command ``id`` of ``commander`` to ``replier`` abandoned lately (it
+        expired, or its commander went away)? Its answer, if it comes, is late."""
+        found = self._abandoned.get((commander, id))
+        return found is not None and found[0] == replier
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a command in flight (the table's clock), if any."""
+        heap = self._deadlines
+        while heap and self._table.get(heap[0][2].key) is not heap[0][2]:
+            heapq.heappop(heap)  # answered or failed meanwhile
+        return heap[0][0] if heap else None
 
     def in_flight(self, asker: E) -> int:
         """Commands ``asker`` sent that await an answer."""
@@ -133,17 +174,26 @@ class PendingCommands(Generic[E]):
 
     # -- changing -----------------------------------------------------------------
     def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
-            target: E) -> Pending[E]:
-        """Track a command forwarded to ``target``. The router refused duplicates and
-        commanders at their limit before: this is not a decision, it is bookkeeping."""
+            target: E, delai: float | None = None) -> Pending[E]:
+        """Track a command forwarded to ``target``, due ``min(delai, ttl)`` seconds from
+        now. The router refused duplicates and commanders at their limit before: this is
+        not a decision, it is bookkeeping."""
         key = (commander, id)
         assert key not in self._table, f"{key} is already in flight"
+        ttl = self.ttl_for(asker)
         pending = Pending(commander, id, replier, command, asker, target,
-                          self.clock() + self.ttl_for(asker))
+                          self.clock() + (ttl if delai is None else min(delai, ttl)), delai)
         self._table[key] = pending
         self._counts[asker] = self._counts.get(asker, 0) + 1
         pair = (asker, target)
         self._pairs[pair] = self._pairs.get(pair, 0) + 1
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._table) + 64:
+            # Bounded by the table, not by the commands answered within a ttl.
+            heap[:] = [entry for entry in heap if self._table.get(entry[2].key) is entry[2]]
+            heapq.heapify(heap)
+        # The sequence number orders equal deadlines: commands are never compared.
+        heapq.heappush(heap, (pending.deadline, next(self._sequence), pending))
         return pending
 
     def close(self, commander: str, id: str) -> Pending[E] | None:
@@ -153,14 +203,18 @@ class PendingCommands(Generic[E]):
             self._release(pending)
         return pending
 
-    def fail(self, gone: E) -> list[Pending[E]]:
-        """An endpoint went away: forget the commands it asked, and return the ones
-        that waited on it (for the caller to answer on their asker's behalf)."""
+    def fail(self, gone: E, abandoned: list[Pending[E]] | None = None) -> list[Pending[E]]:
+        """An endpoint went away: forget the commands it asked (abandoned: added to
+        ``abandoned``, if given, for the caller to tell their destinations), and return
+        the ones that waited on it (for the caller to answer on their asker's behalf)."""
         orphans = []
         for key, pending in list(self._table.items()):
             if pending.asker == gone:
                 del self._table[key]
                 self._release(pending)
+                self._abandon(pending)
+                if abandoned is not None:
+                    abandoned.append(pending)
             elif pending.target == gone:
                 del self._table[key]
                 self._release(pending)
@@ -168,15 +222,34 @@ class PendingCommands(Generic[E]):
         return orphans
 
     def expire(self) -> list[Pending[E]]:
-        """Forget and return the commands whose deadline has passed."""
+        """Forget and return the commands whose deadline has passed, earliest first
+        (abandoned: their late answers are remembered as such)."""
         now = self.clock()
         expired = []
-        for key, pending in list(self._table.items()):
-            if pending.deadline <= now:
-                del self._table[key]
-                self._release(pending)
-                expired.append(pending)
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            pending = heapq.heappop(heap)[2]
+            if self._table.get(pending.key) is not pending:
+                continue  # answered or failed meanwhile
+            del self._table[pending.key]
+            self._release(pending)
+            self._abandon(pending)
+            expired.append(pending)
+        self._forget_abandoned(now)
         return expired
+
+    def _abandon(self, pending: Pending[E]) -> None:
+        now = self.clock()
+        memo = self._abandoned
+        memo.pop(pending.key, None)
+        memo[pending.key] = (pending.replier, now)
+        self._forget_abandoned(now)
+
+    def _forget_abandoned(self, now: float) -> None:
+        memo = self._abandoned
+        while memo and (len(memo) > ABANDONED_MAX
+                        or next(iter(memo.values()))[1] <= now - ABANDONED_TTL):
+            memo.popitem(last=False)
 
     def _release(self, pending: Pending[E]) -> None:
         # Endpoints come and go: no entry per dead one.

@@ -20,18 +20,23 @@ Rules, in order:
    if it is known and connected.
 4. A ``reponse`` must answer a command the broker saw go from its destination to its
    source with that ``id`` and that ``commande`` name, and not yet answered: nobody
-   can inject answers, nor relabel one as the answer to another command.
-5. The policy has the last word (answers to allowed commands always pass).
+   can inject answers, nor relabel one as the answer to another command. One that
+   answers a command abandoned lately (expired, or its commander gone) is late, and
+   dropped without alarm.
+5. A notification of the category :data:`ABANDON_CATEGORY` is the broker's own (it tells
+   a domain that a command it serves was abandoned): nobody else may send one, dom0's
+   services included.
+6. The policy has the last word (answers to allowed commands always pass).
 
 :func:`dispatch` (the ``sender`` endpoint too): for the types in :data:`DISPATCHED`,
 whose fate depends on the message itself and not only on its route. For the others
 it returns the route's decision unchanged.
 
-6. A ``reponse`` is accepted only from the endpoint the command went to (a domain
+7. A ``reponse`` is accepted only from the endpoint the command went to (a domain
    re-added under the same name, or another dom0 service, was not asked).
-7. A ``commande`` to dom0 that the broker implements (:data:`BUILTINS`) is answered by
+8. A ``commande`` to dom0 that the broker implements (:data:`BUILTINS`) is answered by
    the broker (:class:`Builtin`); it is never tracked.
-8. Any other ``commande`` is refused if its id is already in flight for its source,
+9. Any other ``commande`` is refused if its id is already in flight for its source,
    or if its sender has ``limit`` commands in flight; one to dom0 goes to the service
    that registered its name (``commande_inconnue`` if none); it is refused if its
    sender has ``per_target`` commands in flight to that endpoint (one that never
@@ -45,7 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
-from messagerie import DOM0, TOUS, Code
+from messagerie import DOM0, TOUS, Categorie, Code, Evenement
 
 from .pending import Pending, PendingCommands
 
@@ -54,6 +59,12 @@ E = TypeVar("E")
 
 BUILTINS: Final = frozenset({"ping", "domaines", "statistiques", "enregistrer"})
 """Commands the broker itself answers at destination ``dom0``."""
+
+ABANDON_CATEGORY: Final = Categorie.COMMANDE
+"""The category of the broker's notification that a command was abandoned (event
+:data:`ABANDON_EVENT`, ``data`` ``{"source", "id", "commande"}``), sent as ``dom0`` to
+the endpoint serving it. Reserved: refused from any sender."""
+ABANDON_EVENT: Final = Evenement.ABANDONNEE
 
 DISPATCHED: Final = frozenset({"commande", "reponse"})
 """Types whose decision :func:`dispatch` refines; for the others the route decides."""
@@ -67,8 +78,10 @@ DENIED: Final = "policy_denied"
 DUPLICATE: Final = "duplicate_id"
 TOO_MANY: Final = "too_many_commands"
 UNKNOWN_COMMAND: Final = "unknown_command"
+LATE: Final = "late_reponse"
+RESERVED: Final = "reserved_category"
 KINDS: Final = frozenset({SPOOFED, UNSOLICITED, UNKNOWN, OFFLINE, DENIED, DUPLICATE,
-                          TOO_MANY, UNKNOWN_COMMAND})
+                          TOO_MANY, UNKNOWN_COMMAND, LATE, RESERVED})
 
 
 class VerdictLike(Protocol):
@@ -200,6 +213,9 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
                       f"source {source!r} arrived on the channel of {origin!r}", security=True)
     kind = message.type
     destination = message.destination
+    if kind == "notification" and message.name == ABANDON_CATEGORY:
+        return Refuse(RESERVED, Code.REFUSE,
+                      f"the category {ABANDON_CATEGORY!r} is the broker's own", security=True)
     if destination == TOUS:
         targets: list[str] = []
         denied: list[tuple[str, str]] = []
@@ -225,6 +241,10 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
         id = message.id
         if id is not None and view.pending.expects(destination, id, source, message.name):
             return _unicast(destination)
+        if id is not None and view.pending.abandoned(destination, id, source):
+            return Refuse(LATE, Code.DELAI_DEPASSE,
+                          "the command was abandoned (its deadline passed, or its commander "
+                          "left) before this answer came")
         return Refuse(UNSOLICITED, Code.REFUSE,
                       "no command from the destination awaits this id and command",
                       security=True)
@@ -236,7 +256,7 @@ def route(message: Routable, origin: str, view: RoutingView[Any]) -> Route:
 
 def dispatch(message: Routable, decision: Deliver, sender: E,
              view: RoutingView[E]) -> Decision[E]:
-    """Rules 6 to 8, for a message :func:`route` let through (``decision``)."""
+    """Rules 7 to 9, for a message :func:`route` let through (``decision``)."""
     kind = message.type
     if kind == "reponse":
         id = message.id

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import enum
 import inspect
+import math
 import os
 import time
 import weakref
@@ -53,7 +54,8 @@ from .errors import CommandError, CommandTimeout, Disconnected, MessagerieError,
 from .identity import DOMAINE_ENV, DOMAINE_FILE, resolve_domain_name
 from .model import DOM0, Commande, Message, Notification, Reponse
 from .streams import DEFAULT_QUEUE_SIZE, MessageStream
-from .vocabulary import Code
+from .vocabulary import Categorie, Code, Evenement
+from .wire import DELAI_MAX
 
 if TYPE_CHECKING:
     from .blocking import BlockingClient
@@ -64,6 +66,10 @@ DOM0_SOCKET: Final = Path("/run/messagerie/dom0.sock")
 """Where the broker listens for dom0 services."""
 REGISTER_COMMAND: Final = "enregistrer"
 """dom0 only: tell the broker which commands addressed to ``dom0`` this client serves."""
+RELEASE_GRACE: Final = 5.0
+"""Seconds past a timed-out command's deadline at the broker (our write plus its
+``delai``) after which its slots are freed here even if the broker never said
+``delai_depasse`` (see :meth:`Client._retire`)."""
 
 Handler = Callable[[Commande], Awaitable[Any]]
 H = TypeVar("H", bound=Callable[..., Any])
@@ -142,12 +148,13 @@ class Client:
         self.backoff_max = backoff_max
         self.max_handlers = max_handlers
         #: Commands sent and not yet answered, at most; more wait for a free slot.
-        #: 64 is the broker's default per-domain limit (``limites.commandes_en_vol``).
+        #: 64 is half the broker's default per-domain limit (``limites.commandes_en_vol``,
+        #: 128), so that one process never holds all of its domain's slots.
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
-        #: Of those, awaiting one destination's answer, at most: 16 is the broker's
-        #: default ``limites.commandes_en_vol_destination`` (a destination that does not
-        #: answer holds only its share of the slots).
+        #: Of those, awaiting one destination's answer, at most: 16, a quarter of the
+        #: broker's default ``limites.commandes_en_vol_destination`` (64), so that a
+        #: destination that does not answer holds only its share of the slots.
         self.max_in_flight_per_destination = max_in_flight_per_destination
         self._destination_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         """Per destination: its semaphore and how many commands use it (the entry goes
@@ -161,6 +168,9 @@ class Client:
         self._handler_tasks: set[asyncio.Task[None]] = set()
         self._handler_cmds: dict[asyncio.Task[None], Commande] = {}
         """The command each running handler answers (to answer it if it cannot)."""
+        self._serving: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """The running handler of each command, by (its source, its id): the broker
+        names it so when it abandons it."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._conn: Connection | None = None
         self._state = ClientState.UNOPENED
@@ -407,12 +417,13 @@ class Client:
         data = encode(message)
         await self._send_bytes(data, self.connect_timeout if timeout is None else timeout)
 
-    async def _send_bytes(self, data: bytes, timeout: float | None,  # noqa: ASYNC109
+    async def _send_bytes(self, data: bytes | Callable[[], bytes],
+                          timeout: float | None,  # noqa: ASYNC109
                           abandon: asyncio.Future[Reponse] | None = None) -> None:
-        """Write ``data`` once the channel is up and not full. With ``abandon`` (a
-        command's future): if it is settled meanwhile (the channel reset and the
-        command was failed), do not write: the caller was told it failed, so it must
-        not be executed behind its back."""
+        """Write ``data`` (or what ``data()`` gives at the moment of writing) once the
+        channel is up and not full. With ``abandon`` (a command's future): if it is
+        settled meanwhile (the channel reset and the command was failed), do not write:
+        the caller was told it failed, so it must not be executed behind its back."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if abandon is not None and abandon.done():
@@ -433,7 +444,7 @@ class Client:
             if abandon is not None and abandon.done():
                 raise Disconnected(f"channel {self.path} reset before the command was sent")
             assert conn.transport is not None
-            conn.transport.write(data)
+            conn.transport.write(data if type(data) is bytes else data())  # type: ignore[operator]
             return
 
     async def notify(self, destination: str, categorie: str, evenement: str,
@@ -451,6 +462,12 @@ class Client:
         broker), :class:`CommandTimeout` without a reply within ``timeout`` seconds
         (``None``: the client's ``timeout``), :class:`Disconnected` when the channel
         resets meanwhile or stays down.
+
+        The command carries what is left of ``timeout`` when it is written as its
+        ``delai``: the broker answers ``delai_depasse`` past it and tells the
+        destination, whose client cancels the handler. A command that timed out keeps
+        its slots (``max_in_flight``, ``max_in_flight_per_destination``) until the
+        broker frees its own (see :meth:`_retire`).
         """
         return await self.request(Commande(self.name, destination, commande, arguments),
                                   timeout=timeout)
@@ -486,13 +503,32 @@ class Client:
             raise
         fut: asyncio.Future[Reponse] = loop.create_future()
         self._pending[cmd.id] = fut
+        written = 0.0  # when the command was written (loop time), once it was
+        carried = cmd.delai
+
+        def frame() -> bytes:
+            # At the moment of writing: the broker's deadline then counts from its
+            # receipt, after this, so it never falls before our own timeout.
+            nonlocal written, carried
+            written = loop.time()
+            left = remaining()
+            if carried is None and left is not None:
+                # Rounded up to the millisecond, at least one, at most DELAI_MAX.
+                carried = min(DELAI_MAX, max(0.001, math.ceil(left * 1000) / 1000))
+                cmd.payload["delai"] = carried
+            return encode(cmd)
+
+        sent = False
         try:
             send_timeout = self.connect_timeout if wait is None else min(wait,
                                                                          self.connect_timeout)
-            await self._send_bytes(encode(cmd), send_timeout, abandon=fut)
+            await self._send_bytes(frame, send_timeout, abandon=fut)
+            sent = True
             try:
                 async with asyncio.timeout(remaining()):
-                    rep = await fut
+                    # Shielded: given up on (timeout, or the caller cancelled), the
+                    # future stays, to be settled by the broker's answer (_retire).
+                    rep = await asyncio.shield(fut)
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     rep = fut.result()  # answered at the deadline: take it
@@ -501,15 +537,51 @@ class Client:
                                    destination=cmd.destination, timeout=wait, sent=True)
                     raise CommandTimeout(cmd, wait or 0.0) from None
         finally:
-            self._slots.release()
-            destination_slots.release()
-            self._forget_destination(cmd.destination, users)
-            if self._pending.get(cmd.id) is fut:
-                del self._pending[cmd.id]
+            if sent and carried is not None and not fut.done():
+                self._retire(cmd, fut, written + carried, destination_slots, users)
+            else:
+                self._release(cmd, fut, destination_slots, users)
         if not rep.ok:
             erreur = rep.erreur or {}
             raise CommandError(str(erreur.get("code", "")), str(erreur.get("message", "")), rep)
         return rep
+
+    def _release(self, cmd: Commande, fut: asyncio.Future[Reponse],
+                 destination_slots: asyncio.Semaphore, users: list[int]) -> None:
+        self._slots.release()
+        destination_slots.release()
+        self._forget_destination(cmd.destination, users)
+        if self._pending.get(cmd.id) is fut:
+            del self._pending[cmd.id]
+
+    def _retire(self, cmd: Commande, fut: asyncio.Future[Reponse], due: float,
+                destination_slots: asyncio.Semaphore, users: list[int]) -> None:
+        """A command we gave up on keeps its slots until the broker frees its own.
+
+        The broker counts the command against our limits until its deadline, ``due``
+        (our write plus the ``delai`` it carried) at the earliest: its clock starts at
+        its receipt, after our write. Freeing our slot at our own timeout would let the
+        next command go out while the broker still counts this one, and meet
+        ``limite``. So the command stays in ``_pending`` and its slots are freed when
+        its answer comes: the broker's ``delai_depasse`` (sent when the broker freed
+        the slot, so a command sent after it is never refused for this one), or the
+        real answer if it came just in time. A reset of the channel or ``close()``
+        settles it too. If nothing comes (a broker that could not queue the answer, or
+        one that does not know ``delai`` and holds the slot for its
+        ``limites.duree_commande``), the slots are freed :data:`RELEASE_GRACE` seconds
+        after ``due``, never before it."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(due + RELEASE_GRACE, fut.cancel)
+
+        def settled(f: asyncio.Future[Reponse]) -> None:
+            timer.cancel()
+            if not f.cancelled():
+                f.exception()  # retrieved: nobody awaits it any more
+            self._release(cmd, f, destination_slots, users)
+            self._log.debug("commande.released", id=cmd.id, commande=cmd.commande,
+                            destination=cmd.destination, answered=not f.cancelled())
+
+        fut.add_done_callback(settled)
 
     async def _acquire_slots(self, cmd: Commande, destination_slots: asyncio.Semaphore,
                              within: float | None, wait: float | None) -> None:
@@ -564,6 +636,11 @@ class Client:
                 fut.set_result(msg)
         elif isinstance(msg, Commande):
             self._on_command(msg)
+        elif (msg.source == DOM0 and isinstance(msg, Notification)
+              and msg.categorie == Categorie.COMMANDE and msg.evenement == Evenement.ABANDONNEE):
+            # Only the broker sends this category (it refuses it from anyone else, dom0's
+            # services included), and only the broker speaks as dom0 to a DomU.
+            self._on_abandoned(msg)
         for stream in list(self._streams):
             if stream.matches(msg):
                 stream._put(msg)
@@ -641,11 +718,29 @@ class Client:
             task = asyncio.ensure_future(self._run_handler(cmd, fn))
             self._handler_tasks.add(task)
             self._handler_cmds[task] = cmd
+            self._serving[(cmd.source, cmd.id)] = task
             task.add_done_callback(self._handler_done)
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._handler_tasks.discard(task)
-        self._handler_cmds.pop(task, None)
+        cmd = self._handler_cmds.pop(task, None)
+        if cmd is not None and self._serving.get((cmd.source, cmd.id)) is task:
+            del self._serving[(cmd.source, cmd.id)]
+
+    def _on_abandoned(self, notice: Notification) -> None:
+        """The broker gave up waiting for our answer to a command (its deadline passed,
+        or its commander went away): cancel the handler serving it; it answers nothing."""
+        data = notice.data
+        source, id = data.get("source"), data.get("id")
+        if type(source) is not str or type(id) is not str:
+            self._log.warning("commande.bad_abandonment", data=str(data)[:200])
+            return
+        key = (source, id)
+        task = self._serving.pop(key, None)
+        self._log.info("commande.abandoned", id=key[1], source=key[0],
+                       commande=data.get("commande"), running=task is not None)
+        if task is not None:
+            task.cancel()
 
     def _answer(self, rep: Reponse) -> None:
         self._spawn(self._send_reply(rep))
@@ -681,6 +776,12 @@ class Client:
                                 source=cmd.source)
             rep = cmd.fail(Code.ERREUR_INTERNE, f"{type(exc).__name__}: {exc}"[:1000],
                            source=self.name)
+        if self._serving.get((cmd.source, cmd.id)) is not asyncio.current_task():
+            # Abandoned, and the handler did not let itself be cancelled: nobody awaits
+            # this answer (the broker would drop it as late).
+            self._log.info("reponse.abandoned", id=cmd.id, commande=cmd.commande,
+                           source=cmd.source)
+            return
         await self._send_reply(rep)
 
 

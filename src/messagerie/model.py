@@ -205,24 +205,42 @@ class Notification(Message):
 
 
 class Commande(Message):
-    """Do something and answer: ``id`` (correlation), ``commande`` (name), ``arguments``.
+    """Do something and answer: ``id`` (correlation), ``commande`` (name), ``arguments``,
+    and optionally ``delai``, the seconds its sender waits for the answer.
 
     ``id`` is generated when not given; many commands may be in flight, each
-    ``reponse`` carries its command's ``id``. A command is never broadcast.
+    ``reponse`` carries its command's ``id``. A command is never broadcast. ``delai``
+    (0 < delai <= :data:`~messagerie.wire.DELAI_MAX`) counts from the broker's receipt
+    of the command: past it the broker answers ``delai_depasse`` and tells the
+    destination that the command is abandoned. :meth:`Client.command` sets it from its
+    ``timeout``.
     """
 
     __slots__ = ()
     type = "commande"
 
     def __init__(self, source: str, destination: str, commande: str,
-                 arguments: Mapping[str, Any] | None = None, *, id: str | None = None) -> None:
-        super().__init__(source, destination, {
+                 arguments: Mapping[str, Any] | None = None, *, id: str | None = None,
+                 delai: float | None = None) -> None:
+        payload: dict[str, Any] = {
             "id": id if id is not None else new_id(), "commande": commande,
-            "arguments": dict(arguments) if arguments is not None else {}})
+            "arguments": dict(arguments) if arguments is not None else {}}
+        if delai is not None:
+            # A float, as the wire's Struct decodes it: 5 would re-encode as 5.0, and a
+            # frame that does not re-encode to itself takes the relay's slower path.
+            payload["delai"] = float(delai) if type(delai) in (int, float) else delai
+        super().__init__(source, destination, payload)
 
     id: _Field[str] = _Field("id")
     commande: _Field[str] = _Field("commande")
     arguments: _Field[dict[str, Any]] = _Field("arguments", empty=True)
+
+    @property
+    def delai(self) -> float | None:
+        """The deadline the command carries, in seconds from its receipt by the broker
+        (``None``: none; the broker's ``limites.duree_commande`` applies)."""
+        value = self.payload.get("delai")
+        return None if value is None else float(value)
 
     @property
     def name(self) -> str:

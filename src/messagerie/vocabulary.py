@@ -25,6 +25,10 @@ class Categorie:
     """Input relayed from vm-sys-usb: mouse, keyboard, touch (see :class:`Evenement`)."""
     DOMAINE: Final = "domaine"
     """A domain's state: ``data = {"pret": bool}`` (the broker also sends ``connecte``)."""
+    COMMANDE: Final = "commande"
+    """Reserved to the broker (refused from anyone else): a command the recipient serves
+    was abandoned, ``evenement`` ``abandonnee``, ``data = {"source": name, "id": str,
+    "commande": token}``."""
 
 
 class Evenement:
@@ -41,6 +45,8 @@ class Evenement:
     """Broker: a domain's channel came up."""
     DECONNECTE: Final = "deconnecte"
     """Broker: a domain's channel went down."""
+    ABANDONNEE: Final = "abandonnee"
+    """Broker: nobody awaits the answer to a command any more (category ``commande``)."""
 
 
 class FichierEtat:
@@ -70,4 +76,5 @@ class Code:
     ERREUR_INTERNE: Final = "erreur_interne"
     """The handler raised."""
     DELAI_DEPASSE: Final = "delai_depasse"
-    """No answer in time (client-side)."""
+    """No answer in time: the client at its own timeout, the broker at the command's
+    deadline (``min(delai, limites.duree_commande)`` from its receipt)."""

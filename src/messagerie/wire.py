@@ -60,6 +60,9 @@ HORODATAGE_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
     r"(Z|[+-][0-9]{2}:[0-9]{2})$")
 """RFC 3339 date and time with an offset or ``Z``."""
+DELAI_MAX: Final = 86400.0
+"""Longest deadline a ``commande`` may carry, in seconds (a day). The broker also bounds
+every command by its own ``limites.duree_commande``, whichever is first."""
 
 
 class Statut(StrEnum):
@@ -83,6 +86,9 @@ Id = Annotated[str, Meta(pattern=ID_PATTERN,
                          description="A correlation id: 1-64 printable ASCII, no spaces.")]
 Horodatage = Annotated[str, Meta(pattern=HORODATAGE_PATTERN,
                                  description="RFC 3339 date and time with an offset or Z.")]
+Delai = Annotated[float, Meta(gt=0, le=DELAI_MAX, description=(
+    "Seconds the commander waits for the answer, counted from the command's receipt by "
+    "the broker (the clocks of DomUs and dom0 are not assumed to agree)."))]
 Contents = Raw
 """Any JSON value that the relay passes on without reading it."""
 ObjectContents = dict[str, Raw] | None
@@ -107,9 +113,14 @@ class NotificationPayload(Struct):
 class CommandePayload(Struct):
     """Do something and answer with a reponse carrying the same id."""
 
+    # delai: the commander's deadline, relative to the broker's receipt of the command.
+    # Past min(delai, limites.duree_commande) the broker answers delai_depasse in the
+    # destination's place and tells the destination the command is abandoned.
+
     id: Id
     commande: Token
     arguments: ObjectContents | UnsetType = UNSET
+    delai: Delai | UnsetType = UNSET
 
 
 class ReponsePayload(Struct):
@@ -202,7 +213,8 @@ _TWINS: dict[tuple[Any, Any, bool], Any] = {}
 def derive(tp: Any, contents: Any, *, patterns: bool = False) -> Any:
     """``tp`` with ``Raw`` replaced by ``contents`` (object contents by
     ``dict[Any, contents]``) and, unless ``patterns``, the string patterns dropped
-    (a Struct gives a Struct of the same name, tag and field order)."""
+    (numeric bounds are kept; a Struct gives a Struct of the same name, tag and field
+    order)."""
     key = (tp, contents, patterns)
     found = _TWINS.get(key)
     if found is None:
@@ -213,7 +225,9 @@ def derive(tp: Any, contents: Any, *, patterns: bool = False) -> Any:
 def _derive(tp: Any, contents: Any, patterns: bool) -> Any:
     origin = get_origin(tp)
     if origin is Annotated:
-        return tp if patterns else get_args(tp)[0]
+        # Only patterns are dropped (checked against memos): numeric bounds cost nothing
+        # to msgspec and have no memo, so the twins keep them.
+        return tp if patterns or _pattern_of(tp) is None else get_args(tp)[0]
     if tp is Raw:
         return contents
     if isinstance(tp, type) and issubclass(tp, Struct):
@@ -305,6 +319,31 @@ def _constrained(cls: type[Struct]) -> list[tuple[str, Validated]]:
             if (p := _pattern_of(f.type)) is not None]
 
 
+def _in_bounds(meta: Meta) -> Callable[[Any], bool]:
+    """Is a decoded value a JSON number (not a boolean) within ``meta``'s bounds?"""
+    gt, ge, lt, le = meta.gt, meta.ge, meta.lt, meta.le
+
+    def check(value: Any) -> bool:
+        # NaN compares false to everything: refused whatever the bounds.
+        return (type(value) in (int, float) and (gt is None or value > gt)
+                and (ge is None or value >= ge) and (lt is None or value < lt)
+                and (le is None or value <= le))
+    return check
+
+
+def _bounded(cls: type[Struct]) -> list[tuple[str, Callable[[Any], bool]]]:
+    """The number fields of ``cls`` that carry bounds, with a check of each."""
+    out = []
+    for f in msgspec.structs.fields(cls):
+        for tp in (f.type, *get_args(f.type)):
+            if get_origin(tp) is Annotated:
+                metas = [m for m in get_args(tp)[1:] if isinstance(m, Meta)
+                         and (m.gt, m.ge, m.lt, m.le) != (None, None, None, None)]
+                if metas:
+                    out.append((f.encode_name, _in_bounds(metas[0])))
+    return out
+
+
 def _one(name: str) -> Callable[[Any], tuple[str, ...]]:
     get = itemgetter(name)
     return lambda obj: (get(obj),)
@@ -370,10 +409,15 @@ class Kind:
         #: that ignore case (:func:`check_unambiguous` passed them): a subset test
         #: instead of folding each unknown key of every frame again.
         self.unambiguous: set[str] = set(self.payload_fields)
-        #: Every payload field is a memoised value, a pattern-checked string or the
-        #: object field: a decoded object is judged by accepts_object() alone.
+        #: The number fields with bounds (a commande's delai): checked by msgspec in
+        #: the twins, by accepts_object() in a decoded object.
+        self.bounded = _bounded(self.payload_cls)
+        #: Every payload field is a memoised value, a pattern-checked string, a bounded
+        #: number or the object field: a decoded object is judged by accepts_object()
+        #: alone.
         self.plain = not self.with_erreur and self.payload_fields == {
-            *tokens, *(n for n, _ in self.unique_items), self.object_field}
+            *tokens, *(n for n, _ in self.unique_items), *(n for n, _ in self.bounded),
+            self.object_field}
 
 
     def remember_unambiguous(self, keys: Iterable[str]) -> None:
@@ -467,6 +511,10 @@ def accepts_object(obj: dict[str, Any]) -> tuple[Kind, int] | None:
         value = p.get(name)
         if type(value) is not str or memo._fullmatch(value) is None:
             return None
+    for name, in_bounds in kind.bounded:
+        value = p.get(name, UNSET)
+        if value is not UNSET and not in_bounds(value):
+            return None
     return kind, size
 
 
@@ -557,6 +605,9 @@ def _enum_of(path: list[str]) -> type[Enum] | None:
     return {"statut": Statut, "niveau": Niveau}.get(path[-1]) if path else None
 
 
+_BOUND_ERROR: Final = re.compile(r"Expected `(?:float|int)` ([<>]=?) (\S+)$")
+
+
 def from_validation_error(exc: msgspec.ValidationError, obj: Any,
                           prefix: str = "") -> MessageInvalide:
     """The refusal that msgspec's ``exc`` (raised for ``obj``) stands for, naming the
@@ -582,6 +633,12 @@ def from_validation_error(exc: msgspec.ValidationError, obj: Any,
     if text.startswith("Expected `str` matching regex"):
         pattern = text.split("'", 2)[1]
         return bad_pattern(pattern, str(value), field or "")
+    bound = _BOUND_ERROR.match(text)
+    if bound is not None:  # a number out of its range (a commande's delai)
+        op, limit = bound.groups()
+        shown = repr(value) if type(value) in (int, float) else type_name(value)
+        return MessageInvalide(Reason.BAD_VALUE,
+                               f"must be a number {op} {float(limit):g}, got {shown}", field)
     if text.startswith("Expected `"):
         expected = text[len("Expected `"):].split("`", 1)[0]
         return MessageInvalide(
