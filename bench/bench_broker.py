@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = [sys.executable, str(Path(__file__).with_name("peers.py"))]
 # Benchmarks measure the transport and the broker, not the rate limit; and a receiver
 # starved for a second by a loaded machine is not a stalled domain whose messages drop.
-UNLIMITED = "[limites]\ndebit = 1000000000\nrafale = 1000000000\ndelai_blocage = 60\n"
+UNLIMITED = ("[limites]\ndebit = 1000000000\nrafale = 1000000000\ndelai_blocage = 60\n"
+             "part_cpu = 1000000000\nrafale_cpu = 1000000000\n")
 
 
 def _json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:

@@ -4,23 +4,23 @@
     .venv/bin/python -m bench.bench_flood --quick    # a few seconds (the test suite runs it)
     .venv/bin/python -m bench.bench_flood --write docs/benchmarks.md
 
-Four domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
+Domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
 vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
---latency``), while vm-evil writes to vm-sink as fast as it can (``peers.py send``
-without ``--rate``, repeated until the honest run is over; vm-sink drains its end so
-that the flood is limited by the broker, not by back-pressure). Four scenarios in
-the same run, so that ratios are meaningful:
+--latency``), while vm-evil writes as fast as it can (``peers.py send`` without
+``--rate``, repeated until the honest run is over; its destinations drain their end so
+that the flood is limited by the broker, not by back-pressure). First two brokers,
+each with the quiet flow then a flood of mouse moves to vm-sink:
 
-* quiet: no flood;
 * flood, default limits (``limites.debit`` 20 000/s, ``rafale`` 5 000): throttled;
-* flood, no rate limit: what the token bucket buys;
-* junk flood, default limits: tiny invalid lines (``x`` and a newline), the cheapest
-  frames to send and each one a decode attempt and a refusal for the broker;
-* broadcast flood, default limits: vm-evil sends mouse moves to ``tous``, delivered to
-  vm-diag (the honest receiver), vm-sink and ``LISTENERS`` more domains, all reading:
-  the rate budget counts deliveries, so it is throttled N times sooner;
-* CPU-heavy frames, default limits: valid 60 KiB non-canonical frames of 15 000 ``{}``
-  each (the costliest frames to check), to vm-sink.
+* flood, no rate limit: what the budgets buy.
+
+Then one broker with every attack class in turn, each against the quiet phase of the
+same run (:func:`hostile_run`, which the hostile-load test runs too): a junk flood
+(tiny invalid lines, each a decode attempt and a refusal), a broadcast flood (mouse
+moves to ``tous``: the rate budget counts deliveries), a flood sharing the honest
+flow's destination, CPU-heavy frames (valid 60 KiB non-canonical frames of 15 000
+``{}``), and command starvation (a destination that never answers 200 commands while
+the same commander's ``ping`` commands to another domain and to dom0 go on).
 
 Each peer (senders, receivers, flooder, sink, broker) is its own process.
 """
@@ -36,7 +36,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,31 +63,63 @@ LISTENERS = 16
 FANOUT_POLICY = "".join(
     f'[[regle]]\nsource = "{s}"\ndestination = "{d}"\ntype = "*"\naction = "{a}"\n\n'
     for s, d, a in [("vm-evil", "dom0", "deny"), ("vm-evil", "vm-ui", "deny"),
+                    ("vm-evil", "vm-cmd", "deny"),
                     ("*", "tous", "allow"), ("*", "*", "allow"), ("*", "dom0", "allow"),
                     ("dom0", "*", "allow"), ("dom0", "dom0", "allow")])
 """Everything allowed but vm-evil's broadcasts to dom0 (whose statistics client would
-read the flood too) and to vm-ui (the honest sender, which reads nothing: its socat
-would stop relaying its writes once the other direction is full)."""
+read the flood too) and to vm-ui and vm-cmd (honest senders, which read nothing or
+only while they send commands: a socat stops relaying a domain's writes once the other
+direction is full)."""
 
 
-def honest(src: PtyPair, dst: PtyPair, count: int) -> dict[str, Any]:
-    """vm-ui -> vm-diag at 1 000 msg/s; latencies measured by the receiver.
+def honest(src: PtyPair, dst: PtyPair, count: int,
+           during: AbstractContextManager[Any] | None = None) -> dict[str, Any]:
+    """vm-ui -> vm-diag at 1 000 msg/s; latencies measured by the receiver. ``during``:
+    an attack (a :func:`flood`) started once the receiver reads (a flood to vm-diag
+    itself needs it read), its figures added to the result.
 
     ``bench_broker.transfer`` sends as vm-sys-usb to vm-ui; here the honest pair has
     its own names, so the peers get ``--source``/``--dest``.
     """
     recv = subprocess.Popen([*PEERS, "recv", str(dst.domu), str(count), "--latency",
-                             "--from", "vm-ui", "--timeout", "60"],
+                             "--from", "vm-ui", "--timeout", "30"],
                             stdout=subprocess.PIPE, text=True)
     _json_line(recv)  # ready
-    subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
-                    "--source", "vm-ui", "--dest", "vm-diag"],
-                   capture_output=True, text=True, check=True)
-    got = _json_line(recv)
+    with during or nullcontext({}) as attack:
+        subprocess.run([*PEERS, "send", str(src.domu), str(count), "--rate", "1000",
+                        "--source", "vm-ui", "--dest", "vm-diag"],
+                       capture_output=True, text=True, check=True)
+        got = _json_line(recv)
+    got.update(attack)  # the flood's figures, complete once it is over
     recv.wait(30)
     if got["received"] < count:
         raise RuntimeError(f"honest traffic lost: {got['received']} of {count} arrived")
     return got
+
+
+def commands(commander: PtyPair, count: int, *, stuck: int = 0) -> dict[str, Any]:
+    """vm-cmd's ``ping`` commands, 200 a second, to vm-srv (which answers) and to dom0
+    in turn; first ``stuck`` commands to vm-mute, which never answers (command
+    starvation). Round trips measured by the commander."""
+    proc = subprocess.run([*PEERS, "commands", str(commander.domu), str(count), "--rate",
+                           "200", "--source", "vm-cmd", "--dest", "vm-srv,dom0",
+                           "--stuck", f"vm-mute:{stuck}", "--timeout", "30"],
+                          capture_output=True, text=True, check=True)
+    got: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return got
+
+
+@contextmanager
+def answering(srv: PtyPair) -> Iterator[None]:
+    """vm-srv answers every command ``ok``."""
+    proc = subprocess.Popen([*PEERS, "answer", str(srv.domu), "0", "--source", "vm-srv"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        _json_line(proc)  # ready
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def statistics(sock: Path) -> dict[str, Any]:
@@ -105,23 +138,28 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
           kind: str = "") -> Iterator[dict[str, Any]]:
     """vm-evil -> vm-sink as fast as it can, for as long as the block runs (``kind``:
     ``junk`` tiny invalid lines, each refused at the cost of a decode attempt;
-    ``heavy`` costly frames; ``tous`` a broadcast to every domain, ``sinks`` drained)."""
+    ``heavy`` costly frames; ``tous`` a broadcast to every domain; ``shared`` to
+    vm-diag, the honest flow's destination; ``sinks`` drained)."""
     assert SOCAT
     drains = [subprocess.Popen([SOCAT, "-u", "-b", "65536", f"OPEN:{s.domu},rdonly,raw",
                                 "OPEN:/dev/null"], stderr=subprocess.DEVNULL) for s in sinks]
-    flags = {"junk": ["--junk"], "heavy": ["--heavy"], "tous": ["--dest", "tous"]}.get(kind, [])
+    flags = {"junk": ["--junk"], "heavy": ["--heavy"], "tous": ["--dest", "tous"],
+             "shared": ["--dest", "vm-diag"]}.get(kind, [])
     if kind == "heavy":
         chunk = max(1, chunk // 400)  # each one is 60 KiB
     stop = threading.Event()
     out: dict[str, Any] = {"sent": 0}
     before = statistics(sock)["domaines"]["vm-evil"]
 
+    current: list[subprocess.Popen[bytes]] = []
+
     def run() -> None:
         while not stop.is_set():
-            proc = subprocess.run([*PEERS, "send", str(evil.domu), str(chunk), "--source",
-                                   "vm-evil", "--dest", "vm-sink", *flags],
-                                  capture_output=True, check=False)
-            if proc.returncode == 0:
+            proc = subprocess.Popen([*PEERS, "send", str(evil.domu), str(chunk), "--source",
+                                     "vm-evil", "--dest", "vm-sink", *flags],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            current[:] = [proc]
+            if proc.wait() == 0:
                 out["sent"] += chunk
 
     thread = threading.Thread(target=run, daemon=True)
@@ -129,7 +167,7 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
     thread.start()
     try:
         # Under way once the broker has read more than the burst allowance.
-        ahead = 20 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
+        ahead = 1 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
         wait_until(lambda: read(statistics(sock)["domaines"]["vm-evil"]) > read(before) + ahead,
                    30, "the flood to be under way", interval=0.05)
         yield out
@@ -137,12 +175,22 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
         after = statistics(sock)["domaines"]["vm-evil"]
         elapsed = time.monotonic() - started
         stop.set()
+        for proc in current:  # a throttled sender would write on for a long time
+            proc.kill()
         thread.join(120)
+        out["read_per_second"] = (read(after) - read(before)) / elapsed
+        out["throttled"] = after["limites"] - before["limites"]
+        # What vm-evil's channel still holds is read before the next phase: until the
+        # count stays the same for 1.5 s (a throttled channel is paused that long), at
+        # most 20 s (heavy frames are read one every few seconds: they come last).
+        counts = [-1]
+        give_up = time.monotonic() + 20
+        while time.monotonic() < give_up and not (len(counts) > 3 and len(set(counts[-4:])) == 1):
+            counts.append(read(statistics(sock)["domaines"]["vm-evil"]))
+            time.sleep(0.5)
         for drain in drains:
             drain.kill()
             drain.wait()
-        out["read_per_second"] = (read(after) - read(before)) / elapsed
-        out["throttled"] = after["limites"] - before["limites"]
 
 
 def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
@@ -166,53 +214,124 @@ def scenario(tmp: Path, extra: str, n_honest: int, chunk: int, *,
     return results
 
 
+ATTACKS = ("junk", "fanout", "shared", "heavy", "starved")
+"""The attack classes of :func:`hostile_run`, in the order they run."""
+COMMANDERS = ["vm-cmd", "vm-srv", "vm-mute"]
+
+
+def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str, Any]:
+    """One broker, every attack class in turn, each measured against the quiet phase of
+    the same run (quiet again at the end: the machine's own drift). Default limits.
+
+    * ``junk``: tiny invalid lines from vm-evil;
+    * ``fanout``: vm-evil broadcasts mouse moves to every domain (``listeners`` more);
+    * ``shared``: vm-evil floods vm-diag, the honest flow's own destination;
+    * ``heavy``: 60 KiB non-canonical frames of 15 000 ``{}`` from vm-evil;
+    * ``starved``: vm-cmd has 200 commands to vm-mute, which never answers, while its
+      ``ping`` commands to vm-srv and to dom0 go on.
+
+    The honest flow (``honest``) runs in every phase, the commands (``commands``) in the
+    quiet ones and the starved one. Every honest message is counted: ``honest`` raises
+    if one is missing; ``honest_lost`` adds what the broker refused or dropped of them.
+    """
+    names = [*DOMAINS, *COMMANDERS, *(f"vm-l{i:02d}" for i in range(listeners))]
+    policy = tmp / "hostile-policy.toml"
+    policy.write_text(FANOUT_POLICY)
+    out: dict[str, Any] = {}
+    with pty_pairs(tmp, names) as p, broker(tmp, p, extra=f'politique = "{policy}"\n') as b, \
+            answering(p["vm-srv"]):
+        sock = tmp / "dom0.sock"
+        ui, diag, evil = p["vm-ui"], p["vm-diag"], p["vm-evil"]
+        listening = [p["vm-sink"], *(p[n] for n in names if n.startswith("vm-l")),
+                     p["vm-mute"]]
+        out["quiet"] = honest(ui, diag, n_honest)
+        out["quiet_commands"] = commands(p["vm-cmd"], 200)
+        for kind in ATTACKS:
+            if kind == "starved":
+                with ThreadPoolExecutor(1) as pool:
+                    future = pool.submit(commands, p["vm-cmd"], 200, stuck=200)
+                    out[kind] = honest(ui, diag, n_honest)
+                    out["starved_commands"] = future.result(60)
+                continue
+            attack = flood(evil, [] if kind == "shared" else listening, sock, chunk,
+                           "tous" if kind == "fanout" else kind)
+            out[kind] = honest(ui, diag, n_honest, during=attack)
+            out["rss_kib"] = max(out.get("rss_kib", 0), rss_kib(b.proc.pid))
+        out["quiet_after"] = honest(ui, diag, n_honest)
+        stats = statistics(sock)["domaines"]
+        # vm-diag's drops are the flood's in the shared and fan-out phases (honest()
+        # counted every honest message there): what the broker refused of vm-ui's
+        # messages and of vm-cmd's, less the commands to vm-mute answered ``limite``
+        # (past its slots there: the starving ones, not the honest ones).
+        refused_stuck = sum(out["starved_commands"]["stuck"].values())
+        unanswered = sum(out[k]["unanswered"] + sum(v for how, v in out[k]["answered"].items()
+                                                     if how != "ok")
+                         for k in ("quiet_commands", "starved_commands"))
+        out["honest_lost"] = (stats["vm-ui"]["refuses"] + stats["vm-cmd"]["refuses"]
+                              - refused_stuck + unanswered)
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     n_honest = 500 if quick else 3_000
     chunk = 20_000 if quick else 100_000
+    listeners = 4 if quick else LISTENERS
     with tempfile.TemporaryDirectory(prefix="messagerie-flood-") as t:
         tmp = Path(t)
         limited = scenario(tmp, "", n_honest, chunk, quiet_too=True)
         unlimited = scenario(tmp, UNLIMITED, n_honest, chunk, quiet_too=False)
-        junk = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="junk")
-        policy = tmp / "fanout-policy.toml"
-        policy.write_text(FANOUT_POLICY)
-        fanout = scenario(tmp, f'politique = "{policy}"\n', n_honest, chunk, quiet_too=False,
-                          kind="tous", listeners=4 if quick else LISTENERS)
-        heavy = scenario(tmp, "", n_honest, chunk, quiet_too=False, kind="heavy")
-    runs = (limited, unlimited, junk, fanout, heavy)
+        attacks = hostile_run(tmp, n_honest, chunk, listeners)
     return {"honest_count": n_honest, "quiet": limited["quiet"], "throttled": limited["flood"],
-            "unlimited": unlimited["flood"], "junk": junk["flood"], "fanout": fanout["flood"],
-            "heavy": heavy["flood"], "listeners": 4 if quick else LISTENERS,
-            "rss_kib": max(r["rss_kib"] for r in runs),
-            "honest_lost": sum(r["honest_lost"] for r in runs)}
+            "unlimited": unlimited["flood"], "attacks": attacks, "listeners": listeners,
+            "rss_kib": max(limited["rss_kib"], unlimited["rss_kib"], attacks["rss_kib"]),
+            "honest_lost": limited["honest_lost"] + unlimited["honest_lost"]
+            + attacks["honest_lost"]}
+
+
+NOTES = {
+    "junk": "tiny invalid lines (x and a newline), each refused",
+    "fanout": "mouse moves to tous: {recipients} recipients each",
+    "shared": "mouse moves to vm-diag, the honest flow's destination",
+    "heavy": "60 KiB non-canonical frames of 15 000 {{}} each",
+    "starved": "vm-mute never answers 200 of vm-cmd's commands; its pings go on",
+}
 
 
 def table(r: dict[str, Any]) -> str:
-    q = r["quiet"]
-
-    def row(name: str, x: dict[str, Any], note: str) -> str:
-        ratio = (f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
+    def row(name: str, x: dict[str, Any], q: dict[str, Any] | None, note: str) -> str:
+        ratio = ("baseline" if q is None else
+                 f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
                  f"{x['p99.9_us'] / q['p99.9_us']:.2f}x")
         flood_rate = (f"{x['read_per_second']:,.0f} msg/s, {x['throttled']:,} throttled"
                       if "read_per_second" in x else "-")
         return (f"| {name} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p99.9_us']:.0f} | "
-                f"{x['max_us']:.0f} | {ratio if x is not q else 'baseline'} | {flood_rate} | "
-                f"{note} |")
+                f"{x['max_us']:.0f} | {ratio} | {flood_rate} | {note} |")
 
-    return "\n".join([
+    q, a = r["quiet"], r["attacks"]
+    aq = a["quiet"]
+    rows = [
         "| scenario | p50 (us) | p99 (us) | p99.9 (us) | max (us) | flood/quiet "
         "(p50 / p99 / p99.9) | vm-evil read by the broker | note |",
         "|---|---:|---:|---:|---:|---|---|---|",
-        row("quiet", q, "vm-ui -> vm-diag at 1 000 msg/s"),
-        row("flood, default limits", r["throttled"], "debit 20 000/s, rafale 5 000"),
-        row("flood, no rate limit", r["unlimited"], "debit and rafale 10^9, delai_blocage 60 s"),
-        row("junk flood, default limits", r["junk"],
-            "tiny invalid lines (x and a newline), each refused"),
-        row("broadcast flood, default limits", r["fanout"],
-            f"mouse moves to tous: {r['listeners'] + 2} recipients each"),
-        row("CPU-heavy frames, default limits", r["heavy"],
-            "60 KiB non-canonical frames of 15 000 {} each"),
-    ])
+        row("quiet", q, None, "vm-ui -> vm-diag at 1 000 msg/s"),
+        row("flood, default limits", r["throttled"], q, "debit 20 000/s, rafale 5 000"),
+        row("flood, no rate limit", r["unlimited"], q,
+            "debit, rafale, part_cpu 10^9, delai_blocage 60 s"),
+        row("quiet, attack run", aq, None, "one broker for the rows below"),
+    ]
+    names = {"junk": "junk flood", "fanout": "broadcast flood", "shared": "shared destination",
+             "heavy": "CPU-heavy frames", "starved": "command starvation"}
+    for kind in ATTACKS:
+        rows.append(row(names[kind], a[kind], aq,
+                        NOTES[kind].format(recipients=r["listeners"] + 4)))
+    rows.append(row("quiet again, attack run", a["quiet_after"], aq, "after the attacks"))
+    commands = [f"- commands, {phase}: {a[key]['answered'].get('ok', 0)} of 200 answered ok, "
+                f"p50 {a[key]['p50_us']:.0f} us, p99 {a[key]['p99_us']:.0f} us"
+                + (f"; the {sum(a[key]['stuck'].values())} past vm-mute's 64 slots answered "
+                   f"{', '.join(a[key]['stuck'])} at once" if a[key]["stuck"] else "")
+                for phase, key in (("quiet", "quiet_commands"),
+                                   ("starved", "starved_commands"))]
+    return "\n".join(rows) + "\n\n" + "\n".join(commands)
 
 
 def main() -> int:
@@ -231,8 +350,8 @@ def main() -> int:
             f"-m bench.bench_flood{' --quick' if args.quick else ''}`  \n"
             f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
             f"Honest traffic: {r['honest_count']:,} notifications of ~220 bytes, vm-ui -> "
-            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Flood: "
-            f"vm-evil -> vm-sink, written as fast as the channel takes it. Honest messages "
+            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Floods: "
+            f"vm-evil, written as fast as its channel takes them. Honest messages "
             f"lost: {r['honest_lost']}. Broker RSS under flood: "
             f"{r['rss_kib'] / 1024:.1f} MiB.\n\n{table(r)}\n")
     print(body)

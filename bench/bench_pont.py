@@ -110,6 +110,7 @@ def bridge_path(tmp: Path, port: int) -> Iterator[PtyPair]:
         config = write_config(tmp / "broker.toml", {"vm-a": pair.dom0, "supervision": channel},
                               extra=f'[broker]\npolitique = "{tmp / "policy.toml"}"\n'
                                     "[limites]\ndebit = 1000000000\nrafale = 1000000000\n"
+                                    "part_cpu = 1000000000\nrafale_cpu = 1000000000\n"
                                     "file_octets = 67108864\ndelai_blocage = 30.0\n")
         broker = BrokerProcess(config)
         stack.callback(broker.stop)

@@ -4,6 +4,8 @@ or with each other. Each prints one JSON line of results on stdout.
     python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk|--heavy]
     python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE]
     python bench/peers.py recvmany PATH,PATH,... COUNT
+    python bench/peers.py commands PATH COUNT --dest D,D,... [--rate R] [--stuck D:N]
+    python bench/peers.py answer PATH 0 [--source S]
 
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
 end, as fast as possible or at ``--rate`` messages per second; each carries its send
@@ -11,7 +13,11 @@ time (CLOCK_MONOTONIC, shared by all processes on the machine). ``recv`` reads t
 from another DomU end and reports first/last arrival and, with ``--latency``, the
 distribution of one-way latencies. Both open the pty raw. ``recvmany`` reads COUNT
 messages on each of several DomU ends (broadcast fan-out) and reports when the last one
-arrived.
+arrived. ``commands`` first sends N commands to the ``--stuck`` destination (one that
+never answers them), then COUNT ``ping`` commands, in turn to each ``--dest``, at
+``--rate`` a second, and reports how each was answered (``statut``, or the ``erreur``
+code) and the round-trip latencies of those answered ``ok``. ``answer`` answers every
+command it reads ``ok``, until it is killed.
 
 A PATH may also be ``fd:N``: a stream socket inherited from the parent (the benchmark
 suite connects it, to the broker or to an MQTT server, and hands it over). With
@@ -23,6 +29,7 @@ since a PUBLISH header of these sizes never contains a newline byte.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -30,6 +37,8 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable
+from typing import Any
 
 
 def open_raw(path: str) -> int:
@@ -148,6 +157,96 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
+def _command(source: str, dest: str, ident: str) -> bytes:
+    return (b'{"type":"commande","source":"%s","destination":"%s","payload":{"id":"%s",'
+            b'"commande":"ping"}}\n' % (source.encode(), dest.encode(), ident.encode()))
+
+
+def commands(args: argparse.Namespace) -> dict[str, Any]:
+    fd = open_raw(args.path)
+    os.set_blocking(fd, False)  # never blocked writing while answers wait to be read
+    dests = args.dest.split(",")
+    sent: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    stuck: dict[str, int] = {}
+    latencies: list[int] = []
+    pending = [b""]
+    out = bytearray()
+
+    def read_some(timeout: float) -> None:
+        readable, writable, _ = select.select([fd], [fd] if out else [], [], timeout)
+        if writable:
+            with contextlib.suppress(BlockingIOError):
+                del out[:os.write(fd, out)]
+        if not readable:
+            return
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        now = time.monotonic_ns()
+        lines = (pending[0] + data).split(b"\n")
+        pending[0] = lines.pop()
+        for line in lines:
+            if b'"reponse"' not in line:
+                continue
+            p = json.loads(line)["payload"]
+            how = p["statut"] if p["statut"] == "ok" else p.get("erreur", {}).get("code", "?")
+            if p["id"] in sent:
+                latencies.append(now - sent.pop(p["id"]))
+                outcomes[how] = outcomes.get(how, 0) + 1
+            else:
+                stuck[how] = stuck.get(how, 0) + 1
+
+    stuck_dest, _, stuck_n = (args.stuck or ":0").partition(":")
+    out += b"".join(_command(args.source, stuck_dest, f"s{i}") for i in range(int(stuck_n)))
+    deadline = time.monotonic() + args.timeout
+    while out and time.monotonic() < deadline:
+        read_some(0.1)
+    start = time.monotonic_ns()
+    period = 1e9 / args.rate if args.rate else 0
+    i = 0
+    while (i < args.count or sent or out) and time.monotonic() < deadline:
+        now = time.monotonic_ns()
+        if i < args.count and now >= start + i * period:
+            ident = f"c{i}"
+            sent[ident] = now
+            out += _command(args.source, dests[i % len(dests)], ident)
+            i += 1
+            continue
+        wait = (start + i * period - now) / 1e9 if i < args.count else 0.5
+        read_some(max(0.0, min(wait, 0.5)))
+    result: dict[str, Any] = {"answered": outcomes, "unanswered": len(sent), "stuck": stuck}
+    if latencies:
+        latencies.sort()
+        n = len(latencies)
+        for q in (50, 99):
+            result[f"p{q}_us"] = latencies[min(n - 1, int(n * q / 100))] / 1000
+        result["max_us"] = latencies[-1] / 1000
+    return result
+
+
+def answer(args: argparse.Namespace) -> dict[str, float]:
+    fd = open_raw(args.path)
+    print(json.dumps({"ready": True}), flush=True)
+    pending = b""
+    while True:
+        data = os.read(fd, 1 << 16)
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        out = []
+        for line in lines:
+            if b'"commande"' in line and b'"type":"commande"' in line:
+                m = json.loads(line)
+                p = m["payload"]
+                out.append(json.dumps(
+                    {"type": "reponse", "source": args.source, "destination": m["source"],
+                     "payload": {"id": p["id"], "commande": p["commande"], "statut": "ok",
+                                 "resultat": {}}}, separators=(",", ":")).encode() + b"\n")
+        if out:
+            write_all(fd, b"".join(out))
+
+
 def recvmany(args: argparse.Namespace) -> dict[str, float]:
     fds = [open_raw(p) for p in args.path.split(",")]
     seen = dict.fromkeys(fds, 0)
@@ -175,7 +274,7 @@ def recvmany(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["send", "recv", "recvmany"])
+    p.add_argument("mode", choices=["send", "recv", "recvmany", "commands", "answer"])
     p.add_argument("path")
     p.add_argument("count", type=int)
     p.add_argument("--rate", type=float, default=0)
@@ -190,8 +289,13 @@ def main() -> None:
                    help="send: COUNT costly frames (60 KiB, non-canonical, 15 000 {}) instead")
     p.add_argument("--from", dest="source_filter", default=None,
                    help="recv --latency: count only the messages from this source")
+    p.add_argument("--stuck", default=None, metavar="DEST:N",
+                   help="commands: first send N commands to DEST, which never answers")
     args = p.parse_args()
-    result = {"send": send, "recv": recv, "recvmany": recvmany}[args.mode](args)
+    modes: dict[str, Callable[[argparse.Namespace], Any]] = {
+        "send": send, "recv": recv, "recvmany": recvmany, "commands": commands,
+        "answer": answer}
+    result = modes[args.mode](args)
     print(json.dumps(result), flush=True)
 
 

@@ -29,11 +29,12 @@ def test_bench_flood_quick_prints_its_table() -> None:
     assert "Honest messages lost: 0." in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
-        "quiet", "flood, default limits", "flood, no rate limit",
-        "junk flood, default limits", "broadcast flood, default limits",
-        "CPU-heavy frames, default limits"], rows
-    # The throttled floods were throttled (junk too), the unlimited one was not.
-    throttled = [re.search(r"([\d,]+) throttled", r) for r in rows[2:]]
+        "quiet", "flood, default limits", "flood, no rate limit", "quiet, attack run",
+        "junk flood", "broadcast flood", "shared destination", "CPU-heavy frames",
+        "command starvation", "quiet again, attack run"], rows
+    # The throttled flood was throttled, the unlimited one was not.
+    throttled = [re.search(r"([\d,]+) throttled", r) for r in rows[2:4]]
     assert all(throttled), rows
     counts = [int(m.group(1).replace(",", "")) for m in throttled if m]
-    assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0, rows
+    assert counts[0] > 0 and counts[1] == 0, rows
+    assert "200 of 200 answered ok" in text

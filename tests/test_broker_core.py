@@ -516,7 +516,8 @@ async def test_journal_flood_is_budgeted_and_cut() -> None:
     s = Setup()
     huge = Journal("vm-a", DOM0, "critical", "x" * 30_000, "evil", data={"k": "y" * 30_000})
     with capture_logs() as logs:
-        s.send(s.eps["vm-a"], *[huge] * 200)
+        s.send(s.eps["vm-a"], *[huge] * 200)  # 12 MB: routed over several turns
+        await wait_for(lambda: s.eps["vm-a"].stats.received == 200)
     events = [e for e in logs if e["event"] == "domain.journal"]
     assert len(events) == 50  # a domain cannot flood the journal
     assert len(events[0]["text"]) <= 2003
@@ -925,3 +926,51 @@ async def test_a_backlog_is_kept_for_connection_lost_while_the_channel_closes() 
     await wait_for(routed)
     assert got == list(range(n))
     assert a.stats.throttled == 0
+
+
+# -- CPU budget ---------------------------------------------------------------------
+def test_a_long_turn_is_charged_as_the_square_of_its_length() -> None:
+    from broker.endpoint import TURN_CPU, long_turn_charge
+
+    assert long_turn_charge(TURN_CPU / 2) == TURN_CPU / 2  # within a turn: its time
+    assert long_turn_charge(TURN_CPU) == TURN_CPU
+    assert long_turn_charge(10 * TURN_CPU) == pytest.approx(100 * TURN_CPU)
+
+
+async def test_a_read_costly_per_byte_is_cut_into_turns() -> None:
+    # A channel whose bytes have cost 1 us each lately gets TURN_CPU's worth of them a
+    # turn (500 bytes: two mouse moves), not the whole read; the rest follows, in order.
+    from broker.endpoint import TURN_CPU
+
+    s = Setup(rate=1e9, burst=10**9, cpu_share=1e9, cpu_burst=1e9)
+    a = s.eps["vm-a"]
+    a._cost_per_byte = 1e-6
+    a._turn_bytes = int(TURN_CPU / a._cost_per_byte)
+    moves = [Notification("vm-a", "vm-b", "entree", "souris", {"i": i, "pad": "p" * 150})
+             for i in range(40)]
+    a.data_received(b"".join(encode(m) for m in moves))
+    assert 1 <= a.stats.received <= 3 and s.t["vm-a"].calls == ["pause"]
+    await wait_for(lambda: a.stats.received == 40)
+    s.flush()
+    assert s.out("vm-b") == moves
+    assert s.t["vm-a"].calls[-1] == "resume"
+
+
+async def test_a_domain_over_its_cpu_share_is_not_read_until_it_has_paid() -> None:
+    # Junk costs a decode attempt each: with a share of 0.1 % of a core and no burst to
+    # speak of, one read of it puts the domain in debt, and it is not read again until
+    # the debt is paid (the timer's delay is the debt over the share); the rate budget
+    # (tokens per frame) alone would not have stopped it.
+    s = Setup(rate=1e9, burst=10**9, cpu_share=0.001, cpu_burst=1e-6)
+    a = s.eps["vm-a"]
+    with capture_logs() as logs:
+        a.data_received(b"x\n" * 200)
+    assert a.stats.invalid == 200
+    assert a.cpu.tokens < 0 and a._throttle_timer is not None
+    assert s.t["vm-a"].calls == ["pause"]
+    assert a._throttle_timer.when() - asyncio.get_running_loop().time() == pytest.approx(
+        a.cpu.deficit, rel=0.2, abs=0.01)
+    throttled = [e for e in logs if e["event"] == "domain.throttled"]
+    assert throttled and throttled[0]["why"] == "cpu"
+    b = s.eps["vm-b"]  # the other domain's budget is its own
+    assert b.cpu.refill() > 0 and b._throttle_timer is None

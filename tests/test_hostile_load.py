@@ -129,7 +129,12 @@ def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Pat
     budget = default_budget(memory_max())  # what the broker derives under its unit
     config = write_config(tmp_path / "broker.toml", dict(ptys.path.items()),
                           extra=f"[limites]\nmemoire_files = {budget}\n"
-                                "debit = 10000000\nrafale = 10000000\n")
+                                "debit = 10000000\nrafale = 10000000\n"
+                                # Memory is the point, not the budgets: a 4 KiB broadcast
+                                # to 999 domains is one long turn (999 writes), charged as
+                                # such; at the default part_cpu the 150 were not all read
+                                # within 120 s.
+                                "part_cpu = 1000000\nrafale_cpu = 1000000\n")
     readers = names[1:n // 2]  # names[n // 2:] never read their channel
     reader = Reader(ptys, readers, b'"bcast"')
     reader.start()
@@ -181,3 +186,59 @@ def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Pat
         reader.stop.set()
         reader.join(5)
         ptys.close()
+
+
+# -- honest latency under each attack class ------------------------------------------
+# Measured here (2 cores shared with other jobs, load average 4-7): quiet p50 0.2-2 ms
+# and p99 2-77 ms from one run to the next (the machine, not the broker: the quiet
+# phases before and after the attacks of one run differ as much); over seven runs the
+# attacked p50 was within 0.1-3.3x of the larger quiet one and p99 within 0.1-8x, but
+# for the broadcast flood under the heaviest load (p50 13x): its 8 recipients' socat
+# relays and drains (userspace processes that pv-channels do not need) take the
+# machine's CPU from the honest flow's own relays. Before the CPU budget, CPU-heavy
+# frames took honest p50 to 14-40x. The bounds sit over that spread: a broker that
+# lets one domain's input block its loop (no CPU budget, no cut of a read into turns)
+# breaks the p50 one.
+P50_RATIO = 5.0
+P50_RATIO_FANOUT = 25.0
+P99_RATIO = 15.0
+
+
+@pytest.mark.load
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_honest_traffic_under_each_attack_class(tmp_path: Path) -> None:
+    """The broker as users start it, domains on socat ptys; in one run, a quiet phase,
+    then each attack class while vm-ui sends 2 000 counted notifications to vm-diag at
+    1 000 msg/s (bench.bench_flood.hostile_run): a junk flood, broadcasts to every
+    domain, a flood to vm-diag itself, CPU-heavy frames, and command starvation
+    (vm-mute never answers 200 of vm-cmd's commands while its ``ping`` commands to
+    vm-srv and dom0 go on). Every honest message and command is accounted for."""
+    from bench.bench_flood import ATTACKS, hostile_run
+
+    # 2 000 honest messages a phase (2 s): one CPU-heavy frame (about 12 ms, one every
+    # 3 s at the default part_cpu) then delays under 1 % of them, as in a longer run.
+    r = hostile_run(tmp_path, 2_000, 20_000, 4)
+    quiet_p50 = max(r["quiet"]["p50_us"], r["quiet_after"]["p50_us"])
+    quiet_p99 = max(r["quiet"]["p99_us"], r["quiet_after"]["p99_us"])
+    lines = [f"{'phase':<12} {'p50 us':>9} {'p99 us':>10} {'p50 x':>6} {'p99 x':>6}"]
+    for phase in ("quiet", *ATTACKS, "quiet_after"):
+        x = r[phase]
+        lines.append(f"{phase:<12} {x['p50_us']:>9.0f} {x['p99_us']:>10.0f} "
+                     f"{x['p50_us'] / quiet_p50:>6.2f} {x['p99_us'] / quiet_p99:>6.2f}")
+    for phase in ("quiet_commands", "starved_commands"):
+        x = r[phase]
+        lines.append(f"{phase:<16} p50 {x['p50_us']:.0f} us p99 {x['p99_us']:.0f} us "
+                     f"answered {x['answered']} stuck {x['stuck']}")
+    print("\nhonest latency per attack class (ratios to the larger quiet value)\n"
+          + "\n".join(lines))
+    assert r["honest_lost"] == 0
+    for phase in ("quiet_commands", "starved_commands"):
+        assert r[phase]["answered"] == {"ok": 200} and r[phase]["unanswered"] == 0
+    # vm-mute holds its share of vm-cmd's slots (64), the rest answered limite at once.
+    assert r["starved_commands"]["stuck"] == {"limite": 200 - 64}
+    for phase in ATTACKS:
+        bound = P50_RATIO_FANOUT if phase == "fanout" else P50_RATIO
+        assert r[phase]["p50_us"] <= bound * quiet_p50, (phase, r[phase])
+        assert r[phase]["p99_us"] <= P99_RATIO * quiet_p99, (phase, r[phase])

@@ -69,11 +69,18 @@ class Limits:
     """Bytes the spool keeps for it (``spool.octets``; ``spool_octets``)."""
     spool_age: float = 3600.0
     """Seconds a message waits in its spool at most (``spool.age``; ``spool_age``)."""
+    cpu_share: float = 0.1
+    """Of one core, the share a domain's input may cost the broker, sustained
+    (``limites.part_cpu``): measured per read turn, a long turn charged more than its
+    time (``Endpoint._process``). Honest mouse input at 8 500/s costs about 2 %."""
+    cpu_burst: float = 0.1
+    """CPU seconds a domain may spend at once above its share (``limites.rafale_cpu``)."""
 
 
 LIMIT_KEYS: Final[dict[str, tuple[str, type]]] = {
     "file_octets": ("queue_bytes", int), "delai_blocage": ("stall_timeout", float),
     "debit": ("rate", float), "rafale": ("burst", int),
+    "part_cpu": ("cpu_share", float), "rafale_cpu": ("cpu_burst", float),
     "commandes_en_vol": ("commands_in_flight", int),
     "commandes_en_vol_destination": ("commands_per_destination", int),
     "duree_commande": ("command_ttl", float),

@@ -37,6 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import thread_time
 from typing import Any, Protocol
 
 import structlog
@@ -69,6 +70,14 @@ MAX_FRAMES_PER_TURN = 512
 lines takes under 2 ms; a 64 KiB read of mouse moves (300 frames) is one turn. 256 gave
 the same honest latency under a junk flood (bench_flood.py) and cost unix-socket bursts
 a second turn per read."""
+TURN_CPU = 0.0005
+"""CPU seconds one channel's turn in the event loop should take at most: a read whose
+frames are estimated (by this channel's measured cost per byte) to cost more is
+processed over several turns, so that the other channels are read in between. A turn
+that costs more anyway (one frame can take longer) is charged more than its time
+(``long_turn_charge``)."""
+MIN_TURN_BYTES = 256
+"""Never fewer bytes a turn than this (a few frames), whatever their estimated cost."""
 MIN_FRAME_BYTES = 2
 """The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
@@ -101,6 +110,18 @@ share (see broker.memory)."""
 REMAINDER_MAX_BYTES = READ_SIZE + REMAINING_MAX
 """A lost channel's unprocessed bytes kept for later turns: one read and what a socket
 still held (``read_remaining``); what is beyond is dropped and counted."""
+
+
+def long_turn_charge(cost: float) -> float:
+    """What a turn of ``cost`` CPU seconds takes from its channel's CPU budget: its
+    cost, times how many ``TURN_CPU`` it lasted when it lasted longer. A turn blocks
+    every other channel for its whole length, and delays each message that arrives
+    meanwhile by up to that long: the harm to the others grows as the square of the
+    turn's length, not as its length. Turns kept within ``TURN_CPU`` (every honest
+    read) are charged their time; one 12 ms frame (60 KiB of ``{}``) costs 24 times its
+    time, so a domain sending such frames gets about one every 3 s at the default
+    ``part_cpu``, instead of eight a second."""
+    return cost * (cost / TURN_CPU) if cost > TURN_CPU else cost
 
 
 def _frames(data: bytes) -> int:
@@ -213,6 +234,9 @@ class Endpoint(asyncio.Protocol):
         self.transport: Any = None
         self.decoder = self._decoder()
         self.log_budget = LogBudget()
+        self.throttle_log = LogBudget(per_second=1)
+        """``domain.throttled`` warnings (its own budget: a junk flood's ``frame.invalid``
+        warnings would spend the shared one)."""
         self.journal_budget = LogBudget(per_second=50)
         """``journal`` messages a domain may have written to the broker's log."""
         self.log = structlog.get_logger("broker").bind(domain=name)
@@ -238,6 +262,14 @@ class Endpoint(asyncio.Protocol):
         self.charge = 0
         """Tokens the broker charges beyond one per frame during the current read (a
         broadcast costs one per recipient), spent when the read is processed."""
+        self.cpu = TokenBucket(limits.cpu_share, limits.cpu_burst)
+        """CPU budget: the broker's CPU seconds this channel's reads cost (measured per
+        turn, ``long_turn_charge``), ``part_cpu`` a second."""
+        self._cost_per_byte = TURN_CPU / (4 * READ_SIZE)
+        """This channel's recent CPU cost per byte read (mouse moves: about 0.01 us):
+        how much of a read one turn takes (``TURN_CPU``). Until it is measured, four
+        full reads a turn (the frame cap decides)."""
+        self._turn_bytes = int(TURN_CPU / self._cost_per_byte)
         self._read_size = READ_SIZE
         self._out: list[bytes] = []
         self._shares: dict[Endpoint | None, int] = {}
@@ -304,13 +336,20 @@ class Endpoint(asyncio.Protocol):
         self._take(data, first=True)
 
     def _take(self, data: bytes, *, first: bool) -> None:
-        # At most MAX_FRAMES_PER_TURN frames now: 64 KiB of tiny junk lines is 30 000
-        # frames to refuse, one long turn in the loop for everyone else. The rest waits
-        # for the next iteration, the channel not being read meanwhile.
-        if _frames(data) > MAX_FRAMES_PER_TURN:
-            rest = data.split(b"\n", MAX_FRAMES_PER_TURN)[-1]
-            self._backlog = rest
-            data = data[:len(data) - len(rest)]
+        # At most a turn's worth now: what this channel's frames have cost lately says
+        # how many bytes fit in TURN_CPU (64 KiB of mouse moves do; 64 KiB of tiny junk
+        # lines, each a decode attempt and a refusal, would be a 100 ms turn for
+        # everyone else), and never more than MAX_FRAMES_PER_TURN frames. The rest
+        # waits for the next iteration, the channel not being read meanwhile.
+        end = len(data)
+        if end > self._turn_bytes:
+            limit = self._turn_bytes
+            end = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n", limit) + 1 or end
+        if _frames(data[:end] if end < len(data) else data) > MAX_FRAMES_PER_TURN:
+            end -= len(data[:end].split(b"\n", MAX_FRAMES_PER_TURN)[-1])
+        if end < len(data):
+            self._backlog = data[end:]
+            data = data[:end]
             if first and self.transport is not None:
                 self.transport.pause_reading()
             self._loop.call_soon(self._next_turn)
@@ -339,6 +378,39 @@ class Endpoint(asyncio.Protocol):
 
     def _process(self, data: bytes,
                  decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
+        started = thread_time()
+        self._route(data, decoder)
+        # The turn's CPU (decoding, routing, the writes it caused), charged to this
+        # channel: the thread's own clock, so that being preempted by another process
+        # on a busy machine costs nobody anything.
+        cost = thread_time() - started
+        self.cpu.refill()
+        self.cpu.tokens -= long_turn_charge(cost)
+        if len(data) > MIN_TURN_BYTES:  # too few bytes say little about the cost per byte
+            self._cost_per_byte = (self._cost_per_byte + cost / len(data)) / 2
+            self._turn_bytes = max(MIN_TURN_BYTES, int(TURN_CPU / self._cost_per_byte))
+        bucket, cpu = self.bucket, self.cpu
+        if ((bucket.tokens < 0 or cpu.tokens < 0) and self.transport is not None
+                and self._throttle_timer is None):
+            # Over its rate or its CPU share: stop reading this channel until both
+            # budgets are back. The excess waits in the domain's own channel, costing us
+            # nothing. Until it is back within its budget, it is read in small bites.
+            self.transport.pause_reading()
+            self._set_read_size(THROTTLED_READ_SIZE)
+            delay = max(bucket.deficit, cpu.deficit)
+            if cpu.tokens < 0 and self.throttle_log.allow():
+                self.log.warning("domain.throttled", why="cpu", turn_ms=round(cost * 1e3, 2),
+                                 share=cpu.rate, paused_ms=round(delay * 1e3, 1),
+                                 suppressed=self.throttle_log.take_suppressed())
+            self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
+        else:
+            size = self._budgeted_read_size()
+            if size != self._read_size:
+                self._set_read_size(size)
+
+    def _route(self, data: bytes,
+               decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
+        """Decode ``data``'s frames and hand them to the sink, spending rate tokens."""
         bucket = self.bucket
         spend = bucket.spend
         # The balance in a local while the read is processed: only what is over budget
@@ -365,18 +437,6 @@ class Endpoint(asyncio.Protocol):
             bucket.tokens = tokens - self.charge
             self.charge = 0
             cork.release()
-        if bucket.tokens < 0 and self.transport is not None and self._throttle_timer is None:
-            # Over its rate: stop reading this channel until the bucket refills. The
-            # excess waits in the domain's own channel, costing us nothing. Until it is
-            # back within its budget, it is read in small bites.
-            self.transport.pause_reading()
-            self._set_read_size(THROTTLED_READ_SIZE)
-            delay = bucket.deficit
-            self._throttle_timer = asyncio.get_running_loop().call_later(delay, self._unthrottle)
-        else:
-            size = self._budgeted_read_size()
-            if size != self._read_size:
-                self._set_read_size(size)
 
     def _budgeted_read_size(self) -> int:
         """Bytes the next wake-up may read: never more frames than the peer has tokens
@@ -417,6 +477,7 @@ class Endpoint(asyncio.Protocol):
         self.limits = limits = settings.limits_for(self.name)
         self.queue_bytes = limits.queue_bytes
         self.bucket.configure(limits.rate, limits.burst)
+        self.cpu.configure(limits.cpu_share, limits.cpu_burst)
         self.decoder.decode, self.decoder.batch = settings.decode, settings.batch
         if self.transport is not None:
             self._set_write_limits(self.transport)
