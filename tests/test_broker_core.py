@@ -848,7 +848,10 @@ async def test_the_cap_counts_long_frames_too() -> None:
 async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
     from broker.endpoint import MAX_FRAMES_PER_TURN
 
-    s = Setup(rate=1000.0, burst=MAX_FRAMES_PER_TURN + 10, queue_bytes=64 * 1024)
+    # The CPU budget is lifted: on a loaded machine a 512-frame turn of junk can cost
+    # enough to throttle the channel on CPU too, and this is about the rate's timer.
+    s = Setup(rate=1000.0, burst=MAX_FRAMES_PER_TURN + 10, queue_bytes=64 * 1024,
+              cpu_share=1e9, cpu_burst=1e9)
     a = s.eps["vm-a"]
     junk = b"x\n" * (2 * MAX_FRAMES_PER_TURN)
     a.data_received(junk)  # one turn now, the rest next turn: over the burst there
