@@ -14,6 +14,7 @@ from broker.config import Config, DomainConfig, Limits
 from broker.endpoint import DomainEndpoint
 from broker.hub import Broker
 from messagerie import Code, Commande, Notification, Reponse, decode, encode
+from messagerie.cli import format_status
 from tests.support.waiting import async_wait_until
 from tests.test_broker_core import FakeTransport
 
@@ -134,3 +135,13 @@ async def test_without_a_spool_or_declared_a_domain_is_removed_at_once(s: Setup)
     s.broker.spool.disable()
     s.broker.depart_domain("vm-d", "test")
     assert not s.broker.is_known("vm-d") and not s.broker.departed
+
+
+async def test_status_shows_a_departed_domain_and_its_spool(s: Setup) -> None:
+    s.discover("vm-d", "/run/vm-d-msg.sock")
+    s.broker.depart_domain("vm-d", "test")
+    s.a.data_received(encode(cmd("vm-d", "c1")))
+    await async_wait_until(lambda: s.broker.lane_statistics("vm-d")["messages"] == 1)
+    table = format_status(s.broker.domain_list(), s.broker.statistics())
+    (row,) = [line.split() for line in table.splitlines() if line.startswith("vm-d ")]
+    assert row[1] == "parti" and row[8] == "1"  # STATE, SPOOLED
