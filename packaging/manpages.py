@@ -1,11 +1,11 @@
-"""Write the man pages of the three commands from their own argparse parsers.
+"""Write the man pages of the four commands from their own argparse parsers.
 
     python packaging/manpages.py OUTDIR
 
-messagerie(1), messagerie-policy(1) and messagerie-broker(8) say what ``--help`` says
-(options, examples, exit status), so they cannot drift from the code; FILES and SEE
-ALSO are added here. The date is $SOURCE_DATE_EPOCH's (set by dpkg-buildpackage from
-debian/changelog), so a rebuild gives the same bytes.
+messagerie(1), messagerie-policy(1), messagerie-broker(8) and messagerie-pont(8) say
+what ``--help`` says (options, examples, exit status), so they cannot drift from the
+code; FILES and SEE ALSO are added here. The date is $SOURCE_DATE_EPOCH's (set by
+dpkg-buildpackage from debian/changelog), so a rebuild gives the same bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ os.environ["COLUMNS"] = "80"  # argparse wraps help at the terminal's width
 import messagerie
 from broker import cli as broker_cli
 from messagerie import cli
+from pont import cli as pont_cli
 
 FILES = {
     "messagerie": [("/dev/hvc1, /dev/xen-channel/NAME", "a DomU's channel to dom0"),
@@ -33,12 +34,17 @@ FILES = {
                           ("/usr/share/doc/messagerie-xen/",
                            "the documentation (broker.md: configuration, limits, logs)")],
     "messagerie-policy": [("/etc/messagerie/policy.toml", "the routing policy")],
+    "messagerie-pont": [("/etc/messagerie/pont.toml", "the configuration"),
+                        ("/run/messagerie-pont/pont.sock", "the socket the broker connects to"),
+                        ("/run/messagerie-pont/status.json", "the bridge's status"),
+                        ("/usr/share/doc/messagerie-xen/docs/bridge.md", "the documentation")],
 }
 SEE_ALSO = {
     "messagerie": r"\fBmessagerie-broker\fR(8), \fBmessagerie-policy\fR(1)",
     "messagerie-broker": r"\fBmessagerie\fR(1), \fBmessagerie-policy\fR(1), "
                          r"\fBsystemctl\fR(1), \fBjournalctl\fR(1)",
     "messagerie-policy": r"\fBmessagerie-broker\fR(8), \fBmessagerie\fR(1)",
+    "messagerie-pont": r"\fBmessagerie-broker\fR(8), \fBsystemctl\fR(1)",
 }
 
 
@@ -91,6 +97,7 @@ def main(outdir: str) -> int:
         "messagerie.1": page("messagerie", 1, main_parser, _subparsers(main_parser)),
         "messagerie-broker.8": page("messagerie-broker", 8, broker_cli._parser()),
         "messagerie-policy.1": page("messagerie-policy", 1, broker_cli._policy_parser()),
+        "messagerie-pont.8": page("messagerie-pont", 8, pont_cli._parser()),
     }
     for filename, text in pages.items():
         (out / filename).write_text(text)

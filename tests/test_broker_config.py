@@ -31,6 +31,23 @@ def error(doc: dict[str, Any]) -> str:
     return str(info.value)
 
 
+# -- the Debian package's default --------------------------------------------------
+
+def test_the_packaged_default_declares_nothing_and_discovers_from_xenstore() -> None:
+    """What a real dom0 gets from the package, unedited: no hard-coded channel (the
+    example's vm-ui on /dev/pts/7 would open whatever pty has that number), domains
+    from xenstore and the field's socket names, the policy that denies by default."""
+    shipped = ROOT / "packaging" / "broker.toml"
+    config = load_config(shipped)
+    assert config.domains == {}
+    assert config.xenstore and config.xenstore_channel == "org.messagerie.0"
+    assert config.discovery_patterns == ("/var/run/*-msg.sock",)
+    assert config.policy_path == "/etc/messagerie/policy.toml"
+    assert config.dom0_socket == "/run/messagerie/dom0.sock"
+    assert "/dev/pts" not in "".join(
+        line for line in shipped.read_text().splitlines() if not line.startswith("#"))
+
+
 # -- the example file ---------------------------------------------------------------
 
 def test_example_file_every_key() -> None:

@@ -349,3 +349,15 @@ async def test_the_brokers_delai_depasse_before_the_timeout_is_an_error_reply(
             await task
         assert info.value.code == Code.DELAI_DEPASSE
         assert c._pending == {} and c._destination_slots == {}
+
+
+async def test_the_socles_typed_calls_send_their_timeout_too(pair: PtyPair,
+                                                              peer: PtyPeer) -> None:
+    from messagerie import socle
+    async with Client("vm-ui", path=pair.domu) as c:
+        task = asyncio.create_task(socle.liste_disques(c, timeout=3.0))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande) and cmd.commande == "liste_disques"
+        assert cmd.delai is not None and 2.5 < cmd.delai <= 3.0
+        peer.send(cmd.reply(["sda"]))
+        assert await task == ["sda"]

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.package]
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "messagerie-xen"
 PREFIX = Path("/usr/lib/messagerie-xen")
-COMMANDS = ("messagerie", "messagerie-broker", "messagerie-policy")
+COMMANDS = ("messagerie", "messagerie-broker", "messagerie-policy", "messagerie-pont")
 LOCK = Path("/run/lock/messagerie-xen-package-test.lock")
 
 
@@ -125,6 +125,26 @@ def test_check_config_and_the_demo_from_the_installed_paths(installed: Path) -> 
     assert '"commande":"liste_disques","statut":"ok","resultat":["cle-1"]' in demo.stdout
 
 
+def test_the_mqtt_bridge_from_the_installed_paths(installed: Path, tmp_path: Path) -> None:
+    """messagerie-pont runs from the private venv (its MQTT client there too), checks a
+    configuration, and its unit points at it."""
+    where = run(PREFIX / "bin" / "python3", "-c",
+                "import pont, aiomqtt, paho.mqtt; print(pont.__file__, aiomqtt.__file__)").stdout
+    assert all(path.startswith(f"{PREFIX}/lib/") for path in where.split()), where
+    config = tmp_path / "pont.toml"
+    config.write_text('[pont]\nhote = "h1"\n[mqtt]\nhote = "127.0.0.1"\nport = 1883\n')
+    done = run("/usr/bin/messagerie-pont", "--check-config", config)
+    assert done.stdout.startswith(f"{config}: ok (host h1, identity supervision"), done.stdout
+    text = Path("/lib/systemd/system/messagerie-pont.service").read_text()
+    [exec_start] = [x for x in text.splitlines() if x.startswith("ExecStart=")]
+    assert shlex.split(exec_start.removeprefix("ExecStart=")) == [
+        "/usr/bin/messagerie-pont", "--config", "/etc/messagerie/pont.toml"]
+    [doc] = [x for x in text.splitlines() if x.startswith("Documentation=file:")]
+    assert Path(doc.removeprefix("Documentation=file:")).is_file()
+    if shutil.which("systemd-analyze"):
+        run("systemd-analyze", "verify", "/lib/systemd/system/messagerie-pont.service")
+
+
 def test_unit_users_and_directories(installed: Path) -> None:
     unit = Path("/lib/systemd/system/messagerie-broker.service")
     text = unit.read_text()
@@ -137,11 +157,18 @@ def test_unit_users_and_directories(installed: Path) -> None:
     if shutil.which("systemd-analyze"):
         run("systemd-analyze", "verify", unit)
     assert Path("/lib/systemd/system/messagerie-canal@.service").is_file()
+    # The broker's unit is enabled on install; the MQTT bridge's is not (it needs a
+    # pont.toml of the admin's, and the broker a domain for it).
+    wants = Path("/etc/systemd/system/multi-user.target.wants")
+    assert (wants / "messagerie-broker.service").exists()
+    assert not (wants / "messagerie-pont.service").exists()
     assert os.access("/usr/libexec/messagerie/messagerie-canal", os.X_OK)
     # sysusers and tmpfiles were applied by the maintainer scripts.
     assert run("getent", "passwd", "messagerie").stdout.split(":")[6].strip() \
         in ("/usr/sbin/nologin", "/sbin/nologin")
     run("getent", "group", "xen-channels")
+    run("getent", "group", "messagerie-trace")
+    assert "messagerie" in run("id", "-nG", "messagerie-pont").stdout.split()
     st = os.stat("/etc/messagerie")
     assert (stat.S_IMODE(st.st_mode), st.st_uid, grp.getgrgid(st.st_gid).gr_name) \
         == (0o750, 0, "messagerie")
@@ -151,16 +178,22 @@ def test_conffiles_man_pages_and_docs(installed: Path) -> None:
     conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", PKG).stdout.split()
     assert "/etc/messagerie/broker.toml" in conffiles
     assert "/etc/messagerie/policy.toml" in conffiles
+    # the package's own default (no domain declared), the socle's policy; the
+    # repository's commented examples among the docs
     assert Path("/etc/messagerie/broker.toml").read_text() == \
-        (ROOT / "config" / "broker.toml").read_text()
-    for page in ("messagerie", "messagerie-policy", "messagerie-broker"):
+        (ROOT / "packaging" / "broker.toml").read_text()
+    assert Path("/etc/messagerie/policy.toml").read_text() == \
+        (ROOT / "config" / "socle-policy.toml").read_text()
+    for page in ("messagerie", "messagerie-policy", "messagerie-broker", "messagerie-pont"):
         path = run("man", "-w", page).stdout.strip()
         assert path.startswith("/usr/share/man/man"), path
     assert "EXAMPLES" in run("man", "-P", "cat", "messagerie-broker",
                             env={**os.environ, "MANWIDTH": "80"}).stdout.upper()
     doc = Path("/usr/share/doc") / PKG
     for name in ("README.md", "copyright", "changelog.gz", "docs/broker.md",
-                 "docs/install.md", "examples/policy.toml"):
+                 "docs/install.md", "examples/policy.toml", "examples/broker.toml",
+                 "examples/messagerie-broker-trace.conf", "examples/pont.toml",
+                 "docs/bridge.md"):
         assert (doc / name).is_file(), name
     # Bytecode is compiled at install time (none in the package itself).
     listed = run("dpkg", "-L", PKG).stdout

@@ -46,5 +46,6 @@ def test_demo_shows_the_flows_and_exits_zero() -> None:
 
 def test_demo_policy_embeds_the_socle_snippet() -> None:
     snippet = Path(__file__).resolve().parent.parent / "config/socle-policy.toml"
-    assert snippet.read_text() == demo_module.SOCLE_POLICY
+    shipped = Path(demo_module.__file__).with_name("socle-policy.toml")
+    assert snippet.read_text() == shipped.read_text() == demo_module.SOCLE_POLICY
     assert demo_module.POLICY.endswith(demo_module.SOCLE_POLICY)

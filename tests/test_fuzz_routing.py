@@ -25,12 +25,15 @@ from hypothesis import strategies as st
 
 from broker.policy import Policy, load_policy, parse_policy
 from broker.router import (
+    ABANDON_CATEGORY,
     BUILTINS,
     DENIED,
     DISPATCHED,
     DUPLICATE,
     KINDS,
+    LATE,
     OFFLINE,
+    RESERVED,
     SPOOFED,
     TOO_MANY,
     UNKNOWN,
@@ -67,7 +70,8 @@ View = StaticView
 
 names = st.sampled_from(NAMES) | st.from_regex(r"\Avm-[a-z]{1,6}\Z")
 labels = st.sampled_from(["entree", "disque", "fichier", "domaine", "liste_disques",
-                          "lit_fichier", "ping", "statistiques", "enregistrer", "x"]) \
+                          "lit_fichier", "ping", "statistiques", "enregistrer", "x",
+                          ABANDON_CATEGORY]) \
     | st.from_regex(r"\A[a-z][a-z_]{0,11}\Z")
 ids = st.sampled_from(["1", "2", "c1"]) | st.from_regex(r"\A[a-z0-9]{1,8}\Z")
 
@@ -88,6 +92,9 @@ def messages(draw: st.DrawFn, kinds: tuple[str, ...] = ("notification", "command
         payload: dict[str, Any] = {"categorie": label, "evenement": "e", "data": {}}
     elif kind == "commande":
         payload = {"id": draw(ids), "commande": label, "arguments": {}}
+        delai = draw(st.sampled_from([None, None, 0.001, 0.5, 2.0, 10.0, 100.0]))
+        if delai is not None:
+            payload["delai"] = delai
     elif kind == "reponse":
         payload = {"id": draw(ids), "commande": label, "statut": "ok", "resultat": None}
     else:
@@ -257,6 +264,8 @@ def test_a_forged_source_is_always_refused(s: tuple[Message, str, View]) -> None
 def test_a_broadcast_never_targets_its_origin(s: tuple[Message, str, View]) -> None:
     msg, _, view = s
     decision = route(msg, msg.source, view)
+    if is_reserved(msg):
+        return
     assert type(decision) is Deliver  # a broadcast is filtered, never refused whole
     assert msg.source not in decision.targets
     denied = {d for d, _ in decision.denied}
@@ -279,6 +288,17 @@ def test_a_refused_commande_always_has_an_error_code(s: tuple[Message, str, View
         assert decision.targets == (msg.destination,)
 
 
+def is_reserved(msg: Message) -> bool:
+    """A notification of the broker's reserved category: refused from anyone, whatever
+    the policy (checked here, for the differential tests to skip it)."""
+    if msg.type != "notification" or msg.name != ABANDON_CATEGORY:
+        return False
+    decision = route(msg, msg.source, View(Policy.allow_all(), frozenset(DOMAINS),
+                                           frozenset(DOMAINS)))
+    assert type(decision) is Refuse and (decision.kind, decision.security) == (RESERVED, True)
+    return True
+
+
 @SETTINGS
 @given(messages(), views(st.sampled_from([Policy.allow_all(), DENY_ALL, EXAMPLE])
                          | random_policies()))
@@ -286,6 +306,8 @@ def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
     """Differential: a well-sourced message goes exactly where the policy allows."""
     decision = route(msg, msg.source, view)
     policy = view.policy
+    if is_reserved(msg):
+        return
     if msg.destination == TOUS:
         assert type(decision) is Deliver
         allowed = {t for t in recipients(msg.source, view)
@@ -314,6 +336,8 @@ def test_the_policy_has_the_last_word(msg: Message, view: View) -> None:
 @given(messages(), views(st.just(Policy.allow_all())))
 def test_allow_all_delivers_everything_routable(msg: Message, view: View) -> None:
     decision = route(msg, msg.source, view)
+    if is_reserved(msg):
+        return
     if msg.destination == TOUS:
         assert type(decision) is Deliver and not decision.denied
         assert set(decision.targets) == recipients(msg.source, view)
@@ -325,6 +349,8 @@ def test_allow_all_delivers_everything_routable(msg: Message, view: View) -> Non
 @given(messages(), views(st.just(DENY_ALL)))
 def test_deny_all_delivers_nothing_but_solicited_answers(msg: Message, view: View) -> None:
     decision = route(msg, msg.source, view)
+    if is_reserved(msg):
+        return
     if type(decision) is Deliver:
         if msg.destination == TOUS:
             # "*" never names dom0 and no rule names tous: only dom0 could be let
@@ -428,37 +454,74 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
         assert not decision.security  # the sender's own mistake or bound, not an attack
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(messages(("commande", "reponse", "notification")),
-                          st.sampled_from(["", "#old", "svc-1", "svc-2"])),
+                          st.sampled_from(["", "#old", "svc-1", "svc-2"]),
+                          st.sampled_from([0.0, 0.0, 0.0, 0.5, 3.0, 30.0])),
                 max_size=40),
-       st.integers(1, 3), st.integers(1, 3))
-def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str]],
-                                            limit: int, per_target: int) -> None:
+       st.integers(1, 3), st.integers(1, 3), st.sampled_from([1.0, 10.0, 300.0]))
+def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, float]],
+                                            limit: int, per_target: int,
+                                            ttl: float) -> None:
     """A sequence of messages, each decided and applied as the broker does (a Forward
-    is tracked, an Answer closes its command): each endpoint's count is the number of
-    its commands in the table and never exceeds the limit, nor per target endpoint
-    its per-target limit; a command is answered at most once, and only by the endpoint
-    it went to."""
+    is tracked with the delai it carries, an Answer closes its command), time passing
+    between them and the commands past their deadline expiring: each endpoint's count
+    is the number of its commands in the table and never exceeds the limit, nor per
+    target endpoint its per-target limit; a command is due at min(delai, ttl) from its
+    receipt, expires then and not before, and is answered at most once, only by the
+    endpoint it went to; an answer to an expired command from the one asked is late
+    (not a security event), from anyone else unsolicited."""
     view = View(Policy.allow_all(), frozenset(DOMAINS), frozenset(DOMAINS))
+    clock = Clock()
+    view.pending.clock = clock
     view.pending.limit = limit
     view.pending.per_target = per_target
+    view.pending.ttl = ttl
     view.services = {"liste_disques": "svc-1", "etat": "svc-2"}
     answered: set[tuple[str, str]] = set()
-    for msg, variant in traffic:
+    expired: dict[tuple[str, str], str] = {}  # (commander, id) -> replier
+    for msg, variant, advance in traffic:
         sender = variant if msg.source == DOM0 and variant.startswith("svc") else (
             msg.source + ("#old" if variant == "#old" else ""))
         decision = decide(msg, msg.source, sender, view)
         if type(decision) is Forward:
-            view.pending.add(msg.source, msg.payload["id"], msg.destination,
-                             msg.payload["commande"], asker=sender, target=decision.server)
+            delai = msg.payload.get("delai")
+            command = view.pending.add(msg.source, msg.payload["id"], msg.destination,
+                                       msg.payload["commande"], asker=sender,
+                                       target=decision.server, delai=delai)
+            assert command.deadline == clock.now + (ttl if delai is None else min(delai, ttl))
         elif type(decision) is Answer:
             command = decision.command
             assert command.target == sender
             assert command.command == msg.payload["commande"], "another command's answer"
             assert command.key not in answered, "answered twice"
+            assert command.deadline > clock.now, "answered past its deadline"
             answered.add(command.key)
             assert view.pending.close(*command.key) is command
+        elif type(decision) is Refuse and msg.type == "reponse":
+            key = (msg.destination, msg.payload["id"])
+            # (Its id may be in flight again, to another replier or command name.)
+            late = expired.get(key) == msg.source
+            if decision.kind == LATE:
+                assert late and not decision.security
+            elif decision.kind == UNSOLICITED:
+                assert not late and decision.security
+        clock.now += advance
+        for command in view.pending.expire():
+            assert command.deadline <= clock.now
+            expired[command.key] = command.replier
+            assert view.pending.abandoned(command.commander, command.id, command.replier)
+        assert all(p.deadline > clock.now for p in view.pending), "overdue, not expired"
+        deadlines = [p.deadline for p in view.pending]
+        assert view.pending.next_deadline() == (min(deadlines) if deadlines else None)
         counts: dict[str, int] = {}
         pairs: dict[tuple[str, str], int] = {}
         for p in view.pending:

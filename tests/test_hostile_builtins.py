@@ -86,3 +86,19 @@ async def test_a_domain_is_not_told_of_its_own_arrival() -> None:
         (Evenement.CONNECTE, {"domaine": "vm-a"})]
     assert [(m.evenement, m.data) for m in told_a if isinstance(m, Notification)] == [
         (Evenement.DECONNECTE, {"domaine": "vm-b"})]
+
+
+async def test_an_asker_held_by_its_own_full_queue_is_read_again_when_it_drains() -> None:
+    """The asker's queue is full but its transport never paused (the kernel took the
+    bytes): the deferred answer goes out on the broker's retry, and reading resumes."""
+    s = Setup("vm-a", "vm-b")
+    ep, t = s.eps["vm-a"], s.t["vm-a"]
+    t.buffered = ep.queue_bytes  # full, without a pause_writing
+    s.send(ep, Commande("vm-a", DOM0, "statistiques", id="s1"))
+    assert s.out("vm-a") == [] and t.calls[-1] == "pause"  # held back, not dropped
+    t.buffered = 0
+    await async_wait_until(lambda: t.written, timeout=5, what="the deferred answer")
+    (answer,) = s.out("vm-a")
+    assert isinstance(answer, Reponse) and answer.id == "s1" and answer.statut == "ok"
+    assert t.calls[-1] == "resume"  # read again
+    assert s.broker._deferred == {}

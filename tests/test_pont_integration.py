@@ -23,26 +23,14 @@ from messagerie.codec import decode, encode
 from messagerie.model import Commande, Notification, Reponse
 from tests.support.broker_process import BrokerProcess, write_config
 from tests.support.mqtt import Mosquitto, PontProcess, Tls, make_ca, pont_config
+from tests.support.policy import Rule, write_policy
 from tests.support.ptys import PtyPair
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-POLICY = """
-[[regle]]
-source = "vm-a"
-destination = "supervision"
-type = "notification"
-nom = ["disque", "sentinelle"]
-action = "allow"
-
-[[regle]]
-source = "supervision"
-destination = "vm-a"
-type = "commande"
-nom = "liste_disques"
-action = "allow"
-"""
+POLICY = (Rule("vm-a", "supervision", "notification", ["disque", "sentinelle"]),
+          Rule("supervision", "vm-a", "commande", "liste_disques"))
 
 OUT = '[sortie]\nqos = {qos}\nsujets = ["messagerie/{host}/vm-a/notification/disque", ' \
       '"messagerie/{host}/vm-a/notification/sentinelle"]\n'
@@ -62,8 +50,7 @@ class Host:
         self.dir = directory
         self.pair = PtyPair(directory, "vm-a")
         self.channel = directory / "pont.sock"
-        policy = directory / "policy.toml"
-        policy.write_text(POLICY)
+        policy = write_policy(directory / "policy.toml", *POLICY)
         self.pont_config = pont_config(
             directory / "pont.toml", host=name, port=mqtt_port, channel=self.channel,
             tls=tls, ca=ca, login=login,

@@ -171,6 +171,7 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     after = b.lines_from("vm-a")
     assert before == sent[:len(before)]
     gap_end = sent.index(after[0])
+    assert gap_end >= len(before), "a frame read before the kill came again"
     assert after == sent[gap_end:], "after the kill: everything, in order, once"
     lost = sent[len(before):gap_end]
     assert sum(len(f) for f in lost) <= KERNEL_BUFFERS
@@ -397,6 +398,7 @@ def test_a_domain_killed_during_its_replay_gets_the_rest_once(system: BrokerSyst
     after = b.lines_from("vm-a")
     assert before == sent[:len(before)]
     gap_end = sent.index(after[0])
+    assert gap_end >= len(before), "a row read before the kill was replayed again"
     assert after == sent[gap_end:], "after the kill: the rest, in order, once"
     assert sum(len(f) for f in sent[len(before):gap_end]) <= KERNEL_BUFFERS
     wait_until(lambda: spooled(system, "vm-b") == 0, what="the spool emptied")

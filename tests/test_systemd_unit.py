@@ -15,6 +15,7 @@ SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "messagerie-broker.service"
 SYSUSERS = SYSTEMD / "messagerie.sysusers.conf"
 TMPFILES = SYSTEMD / "messagerie.tmpfiles.conf"
+TRACE_DROP_IN = SYSTEMD / "messagerie-broker-trace.conf"
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -42,6 +43,18 @@ def make_testable_copy(tmp_path: Path) -> Path:
     copy = tmp_path / UNIT.name
     copy.write_text(text)
     return copy
+
+
+def exposure(unit: Path) -> float:
+    """``systemd-analyze security --offline=yes`` of a unit file (its drop-in directory
+    ``<unit>.d/`` beside it is read too)."""
+    assert ANALYZE is not None
+    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    if found is None:
+        pytest.skip(f"this systemd-analyze has no offline security analysis: {result.stderr}")
+    return float(found.group(1))
 
 
 @pytest.mark.integration
@@ -72,14 +85,34 @@ def test_systemd_analyze_verify_catches_errors(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @needs_analyze
-def test_security_exposure(tmp_path: Path) -> None:
-    assert ANALYZE is not None
-    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(UNIT)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
-    if found is None:
-        pytest.skip(f"this systemd-analyze has no offline security analysis: {result.stderr}")
-    assert float(found.group(1)) <= 2.0, result.stdout
+def test_security_exposure() -> None:
+    assert exposure(UNIT) <= 2.0
+
+
+def test_the_trace_drop_in_only_adds_the_trace_group() -> None:
+    """The shipped drop-in for the trace socket adds one supplementary group, which the
+    package's sysusers file creates, and touches nothing else of the unit."""
+    assert directives(TRACE_DROP_IN) == {"SupplementaryGroups": ["messagerie-trace"]}
+    assert "[Service]" in TRACE_DROP_IN.read_text().splitlines()
+    groups = [line.split()[1] for line in SYSUSERS.read_text().splitlines()
+              if line.startswith("g ")]
+    assert "messagerie-trace" in groups
+    assert directives(UNIT)["SupplementaryGroups"] == ["xen-channels"]  # kept: it adds
+
+
+@pytest.mark.integration
+@needs_analyze
+def test_the_trace_drop_in_keeps_the_units_exposure(tmp_path: Path) -> None:
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text())
+    alone = exposure(unit)
+    drop_ins = tmp_path / f"{UNIT.name}.d"
+    drop_ins.mkdir()
+    (drop_ins / "trace.conf").write_text(TRACE_DROP_IN.read_text())
+    assert exposure(unit) == alone
+    # not vacuous: a drop-in beside the unit is read in this mode
+    (drop_ins / "weaker.conf").write_text("[Service]\nProtectHome=no\n")
+    assert exposure(unit) > alone
 
 
 def test_service_basics() -> None:

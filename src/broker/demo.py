@@ -2,7 +2,8 @@
 
 Three simulated domains (vm-sys-usb, vm-ui, vm-diag), each on a socat pty pair as a
 stand-in for its Xen pv-channel, and a dom0 service on the broker's socket; the broker
-runs on an embedded configuration and policy (the socle's, config/socle-policy.toml).
+runs on an embedded configuration and the socle's policy (config/socle-policy.toml, of
+which the package carries a copy) after one rule of its own for the spec's example.
 vm-sys-usb announces a USB stick to ``tous`` (the spec's example). Then the station
 (:mod:`messagerie.station`) works: a stick (a temporary directory) appears, vm-ui lists
 the disks and the stick's files, reads one into dom0's store, a second stick appears,
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -39,86 +41,10 @@ DOMAINS = ("vm-sys-usb", "vm-ui", "vm-diag")
 SPEC_EXAMPLE = (b'{"type":"notification","source":"vm-sys-usb","destination":"tous",'
                 b'"payload":{"categorie":"device","evenement":"connect",'
                 b'"chemin":"/mnt/usb_in"}}')
-SOCLE_POLICY = """\
-# Routing policy allowing exactly the socle's flows (messagerie.socle's catalogue) and
-# the reference station's transfers between vm-sys-usb and dom0's store; nothing else.
-# First match wins; what no rule allows is denied. Check a case with:
-#   messagerie-policy config/socle-policy.toml -s vm-ui -d vm-sys-usb -t commande -n lit_fichier
-# Reponses are not listed: a reponse passes iff the commande it answers passed.
-
-[groupes]
-# The business domains (the field's "DomU"): they ask, they never serve.
-metier = ["vm-ui", "vm-diag"]
-
-# --- Commands (DomU -> handler), as the catalogue's "handled by" says ------------
-# LISTE_DISQUES, LISTE_FICHIERS, LIT_FICHIER, COPIE_FICHIER, SUPPRIME_FICHIER: vm-sys-usb.
-[[regle]]
-source = "@metier"
-destination = "vm-sys-usb"
-type = "commande"
-nom = ["liste_disques", "liste_fichiers", "lit_fichier", "copie_fichier", "supprime_fichier"]
-action = "allow"
-
-# SUPPRIME_FICHIER and LISTE_FICHIERS on the disk "local" (the dom0 store): dom0.
-[[regle]]
-source = "@metier"
-destination = "dom0"
-type = "commande"
-nom = ["supprime_fichier", "liste_fichiers"]
-action = "allow"
-
-# --- Notifications (to tous) -------------------------------------------------------
-# DISQUE and INPUT: from vm-sys-usb.
-[[regle]]
-source = "vm-sys-usb"
-destination = "tous"
-type = "notification"
-nom = ["disque", "entree"]
-action = "allow"
-
-# ETAT_DOMU: from each DomU.
-[[regle]]
-source = "@metier"
-destination = "tous"
-type = "notification"
-nom = "etat_domu"
-action = "allow"
-
-# FICHIER: from dom0 only (the store announces every file state); and the broker's
-# own domain states (domaine: connecte, deconnecte).
-[[regle]]
-source = "dom0"
-destination = "tous"
-type = "notification"
-nom = ["fichier", "domaine"]
-action = "allow"
-
-# dom0's services talk to the broker (registration, ping, domaines, statistiques).
-[[regle]]
-source = "dom0"
-destination = "dom0"
-type = "*"
-action = "allow"
-
-# --- The reference station's transfers (messagerie.station) ------------------------
-# vm-sys-usb moves file contents into and out of dom0's store (LIT_FICHIER,
-# COPIE_FICHIER) and reports what it did; dom0 then announces FICHIER.
-[[regle]]
-source = "vm-sys-usb"
-destination = "dom0"
-type = "commande"
-nom = ["depot_ecrit", "depot_lit", "depot_compte_rendu"]
-action = "allow"
-
-# Everything else is denied (the default; said out loud).
-[[regle]]
-source = "*"
-destination = "*"
-type = "*"
-action = "deny"
-"""
-"""config/socle-policy.toml, embedded (a test keeps the two identical): the socle's flows."""
-POLICY = """\
+SOCLE_POLICY = resources.files(__package__).joinpath("socle-policy.toml").read_text()
+"""The socle's flows: this package's copy of config/socle-policy.toml (a test keeps the
+two identical), so that an installed broker runs the demo too."""
+SHOWCASE = """\
 [[regle]]  # the demo's first message: the spec's example, from vm-sys-usb
 source = "vm-sys-usb"
 destination = "tous"
@@ -126,7 +52,8 @@ type = "notification"
 nom = "device"
 action = "allow"
 
-""" + SOCLE_POLICY
+"""
+POLICY = SHOWCASE + SOCLE_POLICY
 """The demo's policy: the spec's example, then exactly the socle's flows."""
 USB_FILES = {"rapport.pdf": b"%PDF-1.4 a report scanned by the clean station\n",
              "photos/plage.jpg": b"\xff\xd8\xff\xe0 not really a JPEG\n"}

@@ -577,6 +577,12 @@ class Endpoint(asyncio.Protocol):
         self._held_by.discard(dest)
         self._resume()
 
+    def unhold(self, dest: Endpoint) -> None:
+        """Undo :meth:`hold` before ``dest`` drains: ``dest`` forgets this peer and the
+        peer is read again (unless another destination still holds it)."""
+        dest._waiters.discard(self)
+        self.release(dest)
+
     def _stall(self) -> None:
         self._stall_timer = None
         if not self.paused_writing:

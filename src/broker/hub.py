@@ -523,8 +523,7 @@ class Broker:
                 # Back at the front of a fresh list: put the rest behind it.
                 self._deferred[endpoint].extend(waiting)
                 return
-        endpoint._waiters.discard(endpoint)
-        endpoint.release(endpoint)
+        endpoint.unhold(endpoint)
 
     def complete(self, peer: Endpoint, msg: Envelope) -> Message | None:
         """The whole message, for what the broker reads itself (built-in commands,

@@ -148,12 +148,13 @@ class Client:
         self.backoff_max = backoff_max
         self.max_handlers = max_handlers
         #: Commands sent and not yet answered, at most; more wait for a free slot.
-        #: 64 is the broker's default per-domain limit (``limites.commandes_en_vol``).
+        #: 64 is half the broker's default per-domain limit (``limites.commandes_en_vol``,
+        #: 128), so that one process never holds all of its domain's slots.
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
-        #: Of those, awaiting one destination's answer, at most: 16 is the broker's
-        #: default ``limites.commandes_en_vol_destination`` (a destination that does not
-        #: answer holds only its share of the slots).
+        #: Of those, awaiting one destination's answer, at most: 16, a quarter of the
+        #: broker's default ``limites.commandes_en_vol_destination`` (64), so that a
+        #: destination that does not answer holds only its share of the slots.
         self.max_in_flight_per_destination = max_in_flight_per_destination
         self._destination_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         """Per destination: its semaphore and how many commands use it (the entry goes
@@ -730,8 +731,12 @@ class Client:
         """The broker gave up waiting for our answer to a command (its deadline passed,
         or its commander went away): cancel the handler serving it; it answers nothing."""
         data = notice.data
-        key = (data.get("source"), data.get("id"))
-        task = self._serving.pop(key, None)  # type: ignore[arg-type]
+        source, id = data.get("source"), data.get("id")
+        if type(source) is not str or type(id) is not str:
+            self._log.warning("commande.bad_abandonment", data=str(data)[:200])
+            return
+        key = (source, id)
+        task = self._serving.pop(key, None)
         self._log.info("commande.abandoned", id=key[1], source=key[0],
                        commande=data.get("commande"), running=task is not None)
         if task is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -28,6 +27,8 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from control_channel import ControlAgent
+
 STARTED = time.monotonic()
 import messagerie  # noqa: E402  (timed: the import is what a DomU application pays)
 from messagerie import Client, Commande, CommandError  # noqa: E402
@@ -37,11 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HOLDER = ROOT / "systemd" / "messagerie-canal"
 
 
-class Agent:
+class Agent(ControlAgent):
     def __init__(self, control: str) -> None:
-        self.fd = os.open(control, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        super().__init__(control)
         tty.setraw(self.fd, termios.TCSANOW)
-        self.buffer = b""
         self.client: Client | None = None
         self.inbox: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
@@ -51,52 +51,14 @@ class Agent:
         self.stream_sent = 0
         self.plain_fd: int | None = None
         self.holders: list[asyncio.subprocess.Process] = []
-        self.done = asyncio.Event()
 
     # -- control channel --
 
-    def send(self, obj: dict[str, Any]) -> None:
-        data = memoryview(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
-        while data:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                import select
-                select.select([], [self.fd], [], 1.0)
-                continue
-            data = data[n:]
-
-    def readable(self) -> None:
-        try:
-            chunk = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        self.buffer += chunk
-        while b"\n" in self.buffer:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            if line.strip():
-                asyncio.get_running_loop().create_task(self.handle(json.loads(line)))
-
-    async def handle(self, req: dict[str, Any]) -> None:
-        op = req.pop("op")
-        rid = req.pop("id")
-        try:
-            value = await getattr(self, f"op_{op}")(**req)
-        except Exception as exc:
-            self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        else:
-            self.send({"id": rid, "ok": True, "value": value})
-
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.fd, self.readable)
-        self.send({"ready": True, "python": sys.version.split()[0],
-                   "import_seconds": round(IMPORT_SECONDS, 2),
-                   "messagerie": messagerie.__version__
-                   if hasattr(messagerie, "__version__") else None})
-        await self.done.wait()
-        loop.remove_reader(self.fd)
-        return 0
+        return await self.serve({"python": sys.version.split()[0],
+                                 "import_seconds": round(IMPORT_SECONDS, 2),
+                                 "messagerie": messagerie.__version__
+                                 if hasattr(messagerie, "__version__") else None})
 
     # -- operations --
 

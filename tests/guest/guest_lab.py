@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,7 +117,64 @@ class AgentLink:
         self.sock.close()
 
 
-class GuestLab:
+class BootedLab:
+    """What both labs share: a guest booted under QEMU with its console logged to a
+    file and an agent on a control channel; stopped whole, also when the start fails.
+    A lab sets ``guest``, ``console`` and ``console_path``, names its link in
+    :meth:`link` and what else it started in :meth:`_stop_started`."""
+
+    guest: Guest
+    console: IO[bytes]
+    console_path: Path
+
+    def link(self) -> AgentLink | None:
+        """The link to the agent that answers ``exit`` (None before it exists)."""
+        raise NotImplementedError
+
+    def _boot(self, start: Callable[[], None]) -> None:
+        """Start the guest and run ``start``; whatever fails, stop what was started."""
+        self.guest.start()
+        try:
+            start()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def console_tail(self, lines: int = 40) -> str:
+        self.console.flush()
+        text = self.console_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _before_exit(self) -> None:
+        """What to undo inside the guest before its agent exits."""
+
+    def close(self) -> int | None:
+        """Ask the agent to exit, power the guest off; the command's exit status."""
+        status = None
+        try:
+            link = self.link()
+            if link is not None and not link.closed:
+                self._before_exit()
+                link.call("exit", timeout=60)
+            status = self.guest.wait(timeout=60)
+        finally:
+            self._teardown()
+        return status
+
+    def _stop_started(self) -> None:
+        """Stop what the lab started on the host besides the guest and the link."""
+
+    def _teardown(self) -> None:
+        """Stop everything this lab started (also after a failed start)."""
+        self.guest.kill()
+        link = self.link()
+        if link is not None:
+            link.close()
+        self._stop_started()
+        self.console.close()
+
+
+class GuestLab(BootedLab):
     """See the module docstring. ``brokers`` keeps every broker started (restarts)."""
 
     def __init__(self, tmp: Path) -> None:
@@ -131,25 +189,27 @@ class GuestLab:
                            [Channel(self.vm_socket, "org.messagerie.0"),
                             Channel(self.control, "controle")],
                            cwd=ROOT, console=self.console)
-        self.guest.start()
         self.brokers: list[BrokerProcess] = []
-        try:
-            self.agent = AgentLink(self.control)
-            self.config = write_config(tmp / "broker.toml",
-                                       {VM: self.vm_socket, VM_B: self.pty.dom0},
-                                       extra='[broker]\nniveau_journal = "debug"\n',
-                                       dom0_socket=tmp / "dom0.sock")
-            self.start_broker()
-            self.vm_b = Domu(self.pty.domu)
-            try:
-                self.ready = self.agent.wait_ready(timeout=300)
-            except AssertionError:
-                raise AssertionError(f"no agent in the guest:\n{self.console_tail()}\n"
-                                     f"{self.guest.kernel_log()}") from None
-        except BaseException:
-            self._teardown()
-            raise
+        self._boot(self._start)
         self.boot_seconds = time.monotonic() - self.started
+
+    def _start(self) -> None:
+        self.agent = AgentLink(self.control)
+        self.config = write_config(self.tmp / "broker.toml",
+                                   {VM: self.vm_socket, VM_B: self.pty.dom0},
+                                   extra='[broker]\nniveau_journal = "debug"\n',
+                                   dom0_socket=self.tmp / "dom0.sock")
+        self.start_broker()
+        self.vm_b = Domu(self.pty.domu)
+        try:
+            self.ready = self.agent.wait_ready(timeout=300)
+        except AssertionError:
+            raise AssertionError(f"no agent in the guest:\n{self.console_tail()}\n"
+                                 f"{self.guest.kernel_log()}") from None
+
+    def link(self) -> AgentLink | None:
+        agent: AgentLink | None = getattr(self, "agent", None)
+        return agent
 
     @property
     def broker(self) -> BrokerProcess:
@@ -180,35 +240,13 @@ class GuestLab:
         return (f"--- broker log (last lines) ---\n{broker}\n"
                 f"--- guest console (last lines) ---\n{self.console_tail(25)}")
 
-    def console_tail(self, lines: int = 40) -> str:
-        self.console.flush()
-        text = self.console_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def close(self) -> int | None:
-        """Ask the agent to exit, power the guest off; the command's exit status."""
-        status = None
-        try:
-            if not self.agent.closed:
-                self.agent.call("exit", timeout=60)
-            status = self.guest.wait(timeout=60)
-        finally:
-            self._teardown()
-        return status
-
-    def _teardown(self) -> None:
-        """Stop everything this lab started (also after a failed start)."""
-        self.guest.kill()
-        agent: AgentLink | None = getattr(self, "agent", None)
-        if agent is not None:
-            agent.close()
+    def _stop_started(self) -> None:
         for b in self.brokers:
             b.stop()
         vm_b: Domu | None = getattr(self, "vm_b", None)
         if vm_b is not None:
             vm_b.close()
         self.pty.kill()
-        self.console.close()
 
 
 def wait_vm_b(lab: GuestLab, count: int, timeout: float = 60.0, **match: Any) -> list[Any]:

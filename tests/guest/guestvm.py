@@ -232,18 +232,24 @@ def _download(package: str, into: Path) -> Path:
     return have[-1]
 
 
-def _kernel_package() -> str:
-    """The versioned package linux-image-amd64 depends on (linux-image-6.1.0-NN-amd64)."""
+def _depends(package: str, pattern: str, hint: str) -> str:
+    """The first group of ``pattern`` in ``apt-cache depends package``, asked again
+    once after an ``apt-get update`` when the lists do not know it yet."""
     for attempt in range(2):
-        out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
+        out = subprocess.run(["apt-cache", "depends", package],
                              capture_output=True, text=True, check=False).stdout
-        m = re.search(r"Depends: (linux-image-\d\S*)", out)
+        m = re.search(pattern, out)
         if m:
             return m.group(1)
         if attempt == 0:
             _apt("update", "-qq")
-    raise GuestUnavailable("apt-cache knows no linux-image-amd64: run apt-get update "
-                           "(a Debian or Ubuntu apt source is needed)")
+    raise GuestUnavailable(f"apt-cache knows no {package}: run apt-get update ({hint})")
+
+
+def _kernel_package() -> str:
+    """The versioned package linux-image-amd64 depends on (linux-image-6.1.0-NN-amd64)."""
+    return _depends("linux-image-amd64", r"Depends: (linux-image-\d\S*)",
+                    "a Debian or Ubuntu apt source is needed")
 
 
 def _stamp() -> str:
@@ -287,16 +293,8 @@ def ensure_assets(cache: Path | None = None, install: bool = True) -> Assets:
 
 def _xen_version() -> str:
     """The hypervisor's version Debian's xen-system-amd64 depends on (``4.17``)."""
-    for attempt in range(2):
-        out = subprocess.run(["apt-cache", "depends", "xen-system-amd64"],
-                             capture_output=True, text=True, check=False).stdout
-        m = re.search(r"Depends: xen-hypervisor-(\d+\.\d+)-amd64", out)
-        if m:
-            return m.group(1)
-        if attempt == 0:
-            _apt("update", "-qq")
-    raise GuestUnavailable("apt-cache knows no xen-system-amd64: run apt-get update "
-                           "(Debian's main archive has it)")
+    return _depends("xen-system-amd64", r"Depends: xen-hypervisor-(\d+\.\d+)-amd64",
+                    "Debian's main archive has it")
 
 
 def ensure_xen(cache: Path | None = None, install: bool = True) -> XenAssets:

@@ -2,7 +2,7 @@
 xen_agent.py XEN_ROOT``) under Xen, brings the toolstack up (copies the unpacked
 toolstack onto dom0's root, starts xenstored, xen-init-dom0 and xenconsoled), then
 does what the host asks over a virtio serial port of its own (``/dev/vport*p1``), one
-JSON object per line, as guest_agent.py does:
+JSON object per line, as guest_agent.py does (control_channel.py serves both):
 
     host -> agent  {"id": 3, "op": "run", "argv": ["xl", "list"]}
     agent -> host  {"id": 3, "ok": true, "value": {...}}  or  {"id": 3, "ok": false, ...}
@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from control_channel import ControlAgent
 
 XEN_DIRS = ("/proc/xen", "/var/run/xen", "/var/run/xenstored", "/var/lib/xen",
             "/var/lib/xenstored", "/var/log/xen/console")
@@ -70,54 +72,13 @@ def setup(root: str, version: str) -> dict[str, Any]:
     return steps
 
 
-class Agent:
+class Agent(ControlAgent):
     def __init__(self, control: str) -> None:
-        self.fd = os.open(control, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        self.buffer = b""
+        super().__init__(control)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.domu: asyncio.StreamWriter | None = None
         self.domu_reader: asyncio.Task[None] | None = None
-        self.done = asyncio.Event()
 
-    def send(self, obj: dict[str, Any]) -> None:
-        data = memoryview(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
-        while data:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                import select
-                select.select([], [self.fd], [], 1.0)
-                continue
-            data = data[n:]
-
-    def readable(self) -> None:
-        try:
-            chunk = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        self.buffer += chunk
-        while b"\n" in self.buffer:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            if line.strip():
-                asyncio.get_running_loop().create_task(self.handle(json.loads(line)))
-
-    async def handle(self, req: dict[str, Any]) -> None:
-        op = req.pop("op")
-        rid = req.pop("id")
-        try:
-            value = await getattr(self, f"op_{op}")(**req)
-        except Exception as exc:
-            self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        else:
-            self.send({"id": rid, "ok": True, "value": value})
-
-    async def run(self, ready: dict[str, Any]) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.fd, self.readable)
-        self.send({"ready": True, **ready})
-        await self.done.wait()
-        loop.remove_reader(self.fd)
-        return 0
 
     # -- operations --
 
@@ -230,7 +191,7 @@ def main() -> int:
         stderr = getattr(exc, "stderr", b"") or b""
         agent.send({"ready": False, "error": f"{exc} {stderr.decode(errors='replace')}"})
         return 4
-    return asyncio.run(agent.run(ready))
+    return asyncio.run(agent.serve(ready))
 
 
 if __name__ == "__main__":

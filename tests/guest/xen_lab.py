@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from guest_lab import AgentError, AgentLink
+from guest_lab import AgentError, AgentLink, BootedLab
 from guestvm import KERNEL_OPTIONS, Channel, Guest, cache_dir, command_script, ensure_xen
 
 from tests.support.waiting import wait_until
@@ -101,7 +101,7 @@ class DomuLink:
         return answer["value"]
 
 
-class XenLab:
+class XenLab(BootedLab):
     """See the module docstring. One per test session (a boot costs ~40 s)."""
 
     def __init__(self, tmp: Path) -> None:
@@ -115,21 +115,23 @@ class XenLab:
         self.guest = Guest([sys.executable, str(HERE / "xen_agent.py"), str(xen.root),
                             xen.version], [Channel(self.control, "controle")], cwd=ROOT,
                            console=self.console, xen=True, memory_mib=2048, cpus=2)
-        self.guest.start()
         self.boots = 0
         self.domid: int | None = None
-        try:
-            self.dom0 = AgentLink(self.control)
-            ready = self.dom0._wait("dom0's agent", lambda: next(
-                (e for e in self.dom0.events if "ready" in e), None), 300)
-            if not ready["ready"]:
-                raise AgentError(f"dom0 setup failed: {ready.get('error')}")
-            self.ready = ready
-            self.domu = DomuLink(self.dom0)
-        except BaseException:
-            self._teardown()
-            raise
+        self._boot(self._start)
         self.boot_seconds = time.monotonic() - self.started
+
+    def _start(self) -> None:
+        self.dom0 = AgentLink(self.control)
+        ready = self.dom0._wait("dom0's agent", lambda: next(
+            (e for e in self.dom0.events if "ready" in e), None), 300)
+        if not ready["ready"]:
+            raise AgentError(f"dom0 setup failed: {ready.get('error')}")
+        self.ready = ready
+        self.domu = DomuLink(self.dom0)
+
+    def link(self) -> AgentLink | None:
+        dom0: AgentLink | None = getattr(self, "dom0", None)
+        return dom0
 
     # -- dom0 --------------------------------------------------------------------------
 
@@ -273,27 +275,6 @@ class XenLab:
         return (f"--- broker log in dom0 (last lines) ---\n{broker}\n"
                 f"--- Xen serial console (last lines) ---\n{self.console_tail(30)}")
 
-    def console_tail(self, lines: int = 40) -> str:
-        self.console.flush()
-        text = self.console_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def close(self) -> int | None:
-        status = None
-        try:
-            if not self.dom0.closed:
-                with_domu = self.domid is not None
-                if with_domu:
-                    self.destroy_domu()
-                self.dom0.call("exit", timeout=60)
-            status = self.guest.wait(timeout=60)
-        finally:
-            self._teardown()
-        return status
-
-    def _teardown(self) -> None:
-        self.guest.kill()
-        dom0: AgentLink | None = getattr(self, "dom0", None)
-        if dom0 is not None:
-            dom0.close()
-        self.console.close()
+    def _before_exit(self) -> None:
+        if self.domid is not None:
+            self.destroy_domu()

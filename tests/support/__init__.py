@@ -5,6 +5,7 @@
 * :mod:`.peers`: the ends of a channel a test plays (a DomU end, QEMU's listening
   socket, a fake broker on a pty or a unix socket);
 * :mod:`.broker_process`: the broker started as users start it (its console script);
+* :mod:`.policy`: routing policies written for a test (rules as keyword arguments);
 * :mod:`.corpus`: the specification's example frame and the hostile corpus;
 * :mod:`.strategies`: Hypothesis strategies shared by the property tests.
 
