@@ -124,6 +124,8 @@ async def test_a_flurry_of_departures_remembers_at_most_the_cap(
     assert list(s.broker.departed) == ["vm-7", "vm-8", "vm-9"]
     assert sorted(n for n in s.broker.domains if n != "vm-a") == ["vm-7", "vm-8", "vm-9"]
     assert len(s.broker.spool.lanes) == 3
+    # Departed endpoints queue nothing: the live one keeps the whole queues' budget.
+    assert s.broker.memory.share == s.broker.memory.limit
     # The first seven were forgotten, their spooled commands answered.
     assert errors(s) == {f"c{i}": Code.DESTINATION_HORS_LIGNE for i in range(7)}
 

@@ -217,7 +217,7 @@ class Broker:
         self.settings = settings = Settings.of(config)
         self.memory.limit = (config.limits.queues_memory
                              or default_budget(cgroup_memory_max()))
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.pending.limit = config.limits.commands_in_flight
         self.pending.per_target = min(config.limits.commands_per_destination,
                                       config.limits.commands_in_flight)
@@ -1044,7 +1044,7 @@ class Broker:
             self.log.info("domain.returned", domain=name, path=path, previous=old.path,
                           spooled=self.lane_statistics(name)["messages"])
         self.domains[name] = ep
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         ep.start()
         self.log.info("domain.added", domain=name, path=path, discovered=discovered)
@@ -1069,12 +1069,17 @@ class Broker:
         was_up = ep.connected_since is not None
         ep.detach()
         ep.connected_since = None
+        if name in self.spool.lanes:
+            # A replay under way stops: what was handed to the channel and not known
+            # to be out is replayed again to the next one (at-least-once, as on a drop).
+            self.spool.rewind(name)
         self.invalidate_routes()
         # Commands already written to it are lost with it; those in its spool wait.
         self.fail_pending(ep, Code.DESTINATION_HORS_LIGNE,
                           f"domain {name} went away before answering", keep_spooled=True)
         bound = self._spool_bounds(name).age
         self.departed[name] = time.monotonic() + bound
+        self.memory.resize(len(self.domains) - len(self.departed))  # no share of the queues
         self.log.info("domain.departed", domain=name, path=ep.path, why=why,
                       kept_for=bound, spooled=self.lane_statistics(name)["messages"])
         if was_up:
@@ -1134,7 +1139,7 @@ class Broker:
         if ep is None:
             return
         self._bounds.pop(name, None)
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
         ep.detach()
