@@ -13,6 +13,8 @@ from broker import hub
 from broker.config import Config, DomainConfig, Limits
 from broker.endpoint import DomainEndpoint
 from broker.hub import Broker
+from broker.policy import parse_policy
+from broker.router import PolicyLike
 from messagerie import Code, Commande, Notification, Reponse, decode, encode
 from messagerie.cli import format_status
 from tests.support.waiting import async_wait_until
@@ -22,10 +24,10 @@ from tests.test_broker_core import FakeTransport
 class Setup:
     """vm-a declared and connected; discovered domains added with :meth:`discover`."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, policy: PolicyLike | None = None) -> None:
         cfg = Config(domains={"vm-a": DomainConfig("vm-a", "/dev/null/vm-a")},
                      dom0_socket=None, limits=Limits(), spool_path=str(tmp / "spool.db"))
-        self.broker = Broker(cfg)
+        self.broker = Broker(cfg, policy)
         self.broker.open_spool()
         self.t: dict[DomainEndpoint, FakeTransport] = {}
         self.a = self.plug(DomainEndpoint(self.broker, "vm-a", "/dev/null/vm-a"))
@@ -147,3 +149,18 @@ async def test_status_shows_a_departed_domain_and_its_spool(s: Setup) -> None:
     table = format_status(s.broker.domain_list(), s.broker.statistics())
     (row,) = [line.split() for line in table.splitlines() if line.startswith("vm-d ")]
     assert row[1] == "parti" and row[8] == "1"  # STATE, SPOOLED
+
+
+async def test_the_policy_decides_before_a_departed_domains_spool(tmp_path: Path) -> None:
+    policy = parse_policy('[[regle]]\nsource = "vm-a"\ndestination = "vm-d"\n'
+                          'type = "notification"\naction = "allow"\n', origin="p.toml")
+    s = Setup(tmp_path, policy)
+    try:
+        s.discover("vm-d", "/run/vm-d-msg.sock")
+        s.broker.depart_domain("vm-d", "test")
+        s.a.data_received(encode(cmd("vm-d", "denied"))
+                          + encode(Notification("vm-a", "vm-d", "test", "allowed")))
+        assert errors(s) == {"denied": Code.REFUSE}
+        await async_wait_until(lambda: s.broker.lane_statistics("vm-d")["messages"] == 1)
+    finally:
+        s.broker.close_spool()
