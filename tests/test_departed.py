@@ -109,9 +109,9 @@ async def test_past_its_bound_a_departed_domain_is_forgotten(s: Setup) -> None:
     s.broker.departed["vm-d"] = time.monotonic() - 1  # now it has
     s.broker.sweep_departed()
     assert not s.broker.is_known("vm-d") and "vm-d" not in s.broker.spool.lanes
-    assert errors(s) == {"c1": Code.DESTINATION_HORS_LIGNE}
+    assert errors(s) == {"c1": Code.DELAI_DEPASSE}  # as the spool's age bound answers
     s.a.data_received(encode(cmd("vm-d", "c2")))
-    assert errors(s) == {"c1": Code.DESTINATION_HORS_LIGNE, "c2": Code.DESTINATION_INCONNUE}
+    assert errors(s) == {"c1": Code.DELAI_DEPASSE, "c2": Code.DESTINATION_INCONNUE}
 
 
 async def test_a_flurry_of_departures_remembers_at_most_the_cap(

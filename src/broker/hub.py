@@ -1087,12 +1087,13 @@ class Broker:
         while len(self.departed) > DEPARTED_MAX:
             oldest = next(iter(self.departed))
             self.forget_departed(oldest, "too many departed domains remembered "
-                                 f"(at most {DEPARTED_MAX})")
+                                 f"(at most {DEPARTED_MAX})", Code.DESTINATION_HORS_LIGNE)
 
-    def forget_departed(self, name: str, why: str) -> None:
+    def forget_departed(self, name: str, why: str, code: str = Code.DELAI_DEPASSE) -> None:
         """A departed domain did not come back: forget it as :meth:`remove_domain` does,
-        after dropping its spool (its spooled commands answered
-        ``destination_hors_ligne``)."""
+        after dropping its spool (its spooled commands answered ``code``: past its
+        bound ``delai_depasse``, as the spool's age bound answers; evicted by
+        :data:`DEPARTED_MAX`, ``destination_hors_ligne``)."""
         if self.departed.pop(name, None) is None:
             return
         spool = self.spool
@@ -1111,7 +1112,7 @@ class Broker:
                 if row.kind == "commande" and row.msg_id is not None:
                     pending = self.pending.close(row.source, row.msg_id)
                     if pending is not None:
-                        self._answer_for(pending, Code.DESTINATION_HORS_LIGNE,
+                        self._answer_for(pending, code,
                                          f"domain {name} went away and did not come back "
                                          f"({why})")
             if spool.dirty:
