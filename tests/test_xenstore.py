@@ -505,3 +505,60 @@ def test_broker_without_xenstore_says_so_and_binds_once_it_appears(tmp_path: Pat
         broker.stop()
         if fake is not None:
             fake.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_domain_rebooted_under_a_new_domid_gets_its_spool_once_proven(
+        tmp_path: Path, xenstored: FakeXenstored, broker_on_xenstore: BrokerProcess) -> None:
+    """``xl reboot``: the domain is released, then introduced again with a new domid.
+    Meanwhile it stays known as offline and what is sent to it is spooled; an
+    incarnation whose channel is not proven (a pty its device model does not hold)
+    gets none of it; the next proven one gets all of it first, in order."""
+    broker = broker_on_xenstore
+    broker.wait_event("xenstore.connected")
+    sender = QemuSocket(tmp_path / "vm-s.sock")
+    xenstored.add_domain(2, "vm-s", socket_channel(sender.path))
+    sender.accept(10)
+    qemu = QemuSocket(tmp_path / "vm-a-1.sock")
+    xenstored.add_domain(3, "vm-a", socket_channel(qemu.path))
+    qemu.accept(10)
+    broker.wait_event("domain.connected", domain="vm-a")
+    qemu.drop()
+    xenstored.remove_domain(3)
+    broker.wait_event("domain.departed", domain="vm-a")
+    for i in range(20):
+        sender.send({"type": "notification", "source": "vm-s", "destination": "vm-a",
+                     "payload": {"categorie": "test", "evenement": "seq", "data": {"i": i}}})
+    sender.send({"type": "commande", "source": "vm-s", "destination": "vm-a",
+                 "payload": {"id": "c1", "commande": "liste_disques", "arguments": {}}})
+    assert ping(sender, "vm-s", "s1")["statut"] == "ok"  # all of it routed by now
+    assert broker.find("message.refused", destination="vm-a") == []
+    # An impostor incarnation: its frontend names a pty that domid 4's device model
+    # holds. The remembered name proves nothing: it is refused like a fresh domain.
+    other = DeviceModel(4)
+    try:
+        xenstored.add_domain(7, "vm-a", {1: {"name": CHANNEL, "connection": "pty"}},
+                             {1: other.tty})
+        broker.wait_event("xenstore.unbound", domain="vm-a", why="pty_not_owned")
+        assert broker.find("domain.returned", domain="vm-a") == []
+        xenstored.remove_domain(7)
+    finally:
+        other.close()
+    qemu2 = QemuSocket(tmp_path / "vm-a-2.sock")
+    xenstored.add_domain(8, "vm-a", socket_channel(qemu2.path))
+    broker.wait_event("domain.bound", domain="vm-a", domid=8)
+    qemu2.accept(10)
+    broker.wait_event("domain.returned", domain="vm-a")
+    got = qemu2.wait_messages(21)
+    assert [m.payload["data"]["i"] for m in got[:20]] == list(range(20))
+    assert got[20].type == "commande" and got[20].id == "c1"
+    qemu2.send({"type": "reponse", "source": "vm-a", "destination": "vm-s",
+                "payload": {"id": "c1", "commande": "liste_disques", "statut": "ok",
+                            "resultat": ["xvda"]}})
+    answer = wait_until(lambda: (sender.pump(0.05), next(
+        (m for m in sender.messages() if m.type == "reponse" and m.id == "c1"), None))[1],
+        10, "the answer to c1")
+    assert answer.payload["resultat"] == ["xvda"]
+    for peer in (sender, qemu, qemu2):
+        peer.close()

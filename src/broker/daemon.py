@@ -96,7 +96,7 @@ class Daemon:
             loop.create_task(self._every(lambda: self.config.discovery_interval, self.rescan),
                              name="discovery"),
             loop.create_task(self._every(1.0, self._expire), name="expiry"),
-            loop.create_task(self._every(1.0, self.broker.sweep_spool), name="spool"),
+            loop.create_task(self._every(1.0, self._sweep), name="spool"),
             loop.create_task(self._every(5.0, self._status), name="status"),
             loop.create_task(self._every(TRAFFIC_INTERVAL, self._traffic), name="traffic"),
         ]
@@ -160,6 +160,10 @@ class Daemon:
         # Answer at once what expired while the broker was down, to whoever is here.
         asyncio.get_running_loop().call_later(0.2, self._expire)
 
+    def _sweep(self) -> None:
+        self.broker.sweep_spool()
+        self.broker.sweep_departed()
+
     def _expire(self) -> None:
         self.broker.expire_pending()
         if self.broker.recovery is not None:
@@ -192,15 +196,17 @@ class Daemon:
         for name, path in found.items():
             if name in declared or name in self.xen_bound or self.discovered.get(name) == path:
                 continue
-            if name in self.discovered:  # same name, new path
-                self.broker.remove_domain(name)
+            if name in self.discovered:  # same name, new path: its spool follows
+                self.broker.depart_domain(name, "its socket moved")
             self.discovered[name] = path
             self.broker.add_domain(name, path, discovered=True)
         for name in list(self.discovered):
             if name not in found or name in declared or name in self.xen_bound:
                 del self.discovered[name]
-                if name not in declared:
-                    self.broker.remove_domain(name)
+                if name in declared or name in self.xen_bound:
+                    continue  # the declaration (or xenstore) took the name over
+                # Known as offline for a while: spooled for, replayed if it comes back.
+                self.broker.depart_domain(name, "its socket file disappeared")
 
     def apply_xenstore(self, bound: Bound) -> None:
         """Bind, rebind and unbind domains as xenstore now shows them. A domain whose
@@ -211,7 +217,10 @@ class Daemon:
         gone, made = changes(self.xen_bound, wanted)
         for name in gone:
             old = self.xen_bound.pop(name)
-            self.broker.remove_domain(name)
+            # Released or rebooted (new domid): known as offline for a while, its spool
+            # kept for the domain xenstore binds next under this name (proved anew).
+            self.broker.depart_domain(name, "xenstore released it" if name not in wanted
+                                      else "xenstore gave it a new domid or channel")
             self.log.info("domain.unbound", domain=name, domid=old.domid, path=old.path,
                           now=wanted[name].domid if name in wanted else None)
         for b in made:

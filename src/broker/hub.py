@@ -105,6 +105,12 @@ ROUTE_CACHE_MAX = 4096
 RouteKey = tuple[str, str, str, str | None]
 
 
+DEPARTED_MAX = 64
+"""Departed discovered domains remembered at once (:meth:`Broker.depart_domain`): past
+it, the one that departed first is forgotten, its spool answered and dropped. Bounds
+the endpoints (and spools) that a flurry of short-lived domains can leave behind."""
+
+
 class _DelaiPayload(msgspec.Struct):
     delai: float | None = None
 
@@ -189,6 +195,11 @@ class Broker:
         """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = float("inf")
+        self.departed: collections.OrderedDict[str, float] = collections.OrderedDict()
+        """Discovered domains whose channel disappeared (socket file gone, released by
+        xenstore), kept known as offline until the given ``time.monotonic()`` (their
+        spool's age bound from departure), oldest departure first; at most
+        :data:`DEPARTED_MAX` (:meth:`depart_domain`)."""
         """The timer that expires the next command due, and when (``pending.clock``)."""
 
     @property
@@ -206,7 +217,7 @@ class Broker:
         self.settings = settings = Settings.of(config)
         self.memory.limit = (config.limits.queues_memory
                              or default_budget(cgroup_memory_max()))
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.pending.limit = config.limits.commands_in_flight
         self.pending.per_target = min(config.limits.commands_per_destination,
                                       config.limits.commands_in_flight)
@@ -1026,22 +1037,115 @@ class Broker:
 
     # -- domain lifecycle ----------------------------------------------------------
     def add_domain(self, name: str, path: str, *, discovered: bool = False) -> DomainEndpoint:
+        """A new endpoint for ``name`` at ``path``, connecting at once. If ``name``
+        departed (:meth:`depart_domain`) and is still remembered, the new endpoint takes
+        its place: the commands spooled for it wait on the new one, and its spool is
+        replayed first once it connects. The new endpoint inherits nothing else (its
+        ``verify`` is the caller's to set, exactly as for a domain never seen)."""
+        old = self.domains.get(name) if self.departed.pop(name, None) is not None else None
         ep = DomainEndpoint(self, name, path, discovered=discovered)
+        if old is not None:
+            self.pending.retarget(old, ep)
+            self.log.info("domain.returned", domain=name, path=path, previous=old.path,
+                          spooled=self.lane_statistics(name)["messages"])
         self.domains[name] = ep
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         ep.start()
         self.log.info("domain.added", domain=name, path=path, discovered=discovered)
         return ep
 
+    def depart_domain(self, name: str, why: str) -> None:
+        """A discovered domain's channel disappeared (``why``: its socket file is gone,
+        xenstore released it or gave it a new domid): keep it known as offline for its
+        spool's age bound, so that what is sent to it meanwhile is spooled (the policy
+        decides first, as for any message) and replayed first to the domain of the same
+        name discovered next. Without an available spool it is removed at once
+        (:meth:`remove_domain`), as is the one that departed first when
+        :data:`DEPARTED_MAX` are remembered."""
+        ep = self.domains.get(name)
+        if ep is None:
+            return
+        if not ep.discovered or self.spool.state != AVAILABLE or self.stopping:
+            self.remove_domain(name)
+            return
+        if name in self.departed:
+            return  # already departed: its bound runs from the first departure
+        was_up = ep.connected_since is not None
+        ep.detach()
+        ep.connected_since = None
+        if name in self.spool.lanes:
+            # A replay under way stops: what was handed to the channel and not known
+            # to be out is replayed again to the next one (at-least-once, as on a drop).
+            self.spool.rewind(name)
+        self.invalidate_routes()
+        # Commands already written to it are lost with it; those in its spool wait.
+        self.fail_pending(ep, Code.DESTINATION_HORS_LIGNE,
+                          f"domain {name} went away before answering", keep_spooled=True)
+        bound = self._spool_bounds(name).age
+        self.departed[name] = time.monotonic() + bound
+        self.memory.resize(len(self.domains) - len(self.departed))  # no share of the queues
+        self.log.info("domain.departed", domain=name, path=ep.path, why=why,
+                      kept_for=bound, spooled=self.lane_statistics(name)["messages"])
+        if was_up:
+            self.emit_state(name, Evenement.DECONNECTE)
+        while len(self.departed) > DEPARTED_MAX:
+            oldest = next(iter(self.departed))
+            self.forget_departed(oldest, "too many departed domains remembered "
+                                 f"(at most {DEPARTED_MAX})", Code.DESTINATION_HORS_LIGNE)
+
+    def forget_departed(self, name: str, why: str, code: str = Code.DELAI_DEPASSE) -> None:
+        """A departed domain did not come back: forget it as :meth:`remove_domain` does,
+        after dropping its spool (its spooled commands answered ``code``: past its
+        bound ``delai_depasse``, as the spool's age bound answers; evicted by
+        :data:`DEPARTED_MAX`, ``destination_hors_ligne``)."""
+        if self.departed.pop(name, None) is None:
+            return
+        spool = self.spool
+        lane = spool.lanes.get(name)
+        dropped = 0
+        if lane is not None and spool.store is not None and spool.state == AVAILABLE:
+            self._commit_spool()
+            try:
+                rows = spool.store.older_than(name, float("inf"))
+            except StoreError as exc:
+                self._spool_unavailable(exc)
+                rows = []
+            for row in rows:
+                dropped += 1
+                spool.forget(name, row.seq, len(row.frame))
+                if row.kind == "commande" and row.msg_id is not None:
+                    pending = self.pending.close(row.source, row.msg_id)
+                    if pending is not None:
+                        self._answer_for(pending, code,
+                                         f"domain {name} went away and did not come back "
+                                         f"({why})")
+            if spool.dirty:
+                self._commit_spool()
+        if lane is not None and not lane.depth.count and not lane.written:
+            spool.lanes.pop(name, None)
+        self.log.warning("domain.forgotten", domain=name, why=why, dropped=dropped)
+        self.remove_domain(name)
+
+    def sweep_departed(self) -> None:
+        """Every second: forget the departed domains whose bound passed."""
+        if not self.departed:
+            return
+        now = time.monotonic()
+        for name, until in list(self.departed.items()):
+            if until <= now:
+                self.forget_departed(name, "it stayed away longer than its spool's age "
+                                     "bound")
+
     def remove_domain(self, name: str) -> None:
         """Forget a domain now (synchronously: a domain re-added under the same name
         right after is a new endpoint, untouched by this removal)."""
+        self.departed.pop(name, None)
         ep = self.domains.pop(name, None)
         if ep is None:
             return
         self._bounds.pop(name, None)
-        self.memory.resize(len(self.domains))
+        self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
         ep.detach()
@@ -1115,8 +1219,16 @@ class Broker:
         for name, ep in sorted(self.domains.items()):
             out.append({"nom": name, "etat": "connecte" if self.is_connected(name)
                         else "deconnecte", "chemin": ep.path, "type": ep.channel_type,
-                        "decouvert": ep.discovered})
+                        "decouvert": ep.discovered, **self._departure(name)})
         return out
+
+    def _departure(self, name: str) -> dict[str, Any]:
+        """For a departed domain (:meth:`depart_domain`): ``parti`` and the seconds
+        before it is forgotten (``oubli_dans``); nothing for the others."""
+        until = self.departed.get(name)
+        if until is None:
+            return {}
+        return {"parti": True, "oubli_dans": round(max(0.0, until - time.monotonic()), 3)}
 
     def statistics(self) -> dict[str, Any]:
         domains = {}
@@ -1128,6 +1240,7 @@ class Broker:
             d["echos"] = ep.echo.echoed
             d["etat"] = "connecte" if self.is_connected(name) else "deconnecte"
             d["spool"] = self.lane_statistics(name)
+            d.update(self._departure(name))
             domains[name] = d
         return {"uptime": round(time.monotonic() - self.started, 3), "domaines": domains,
                 "dom0": self.dom0.statistics(), "commandes_en_attente": len(self.pending),

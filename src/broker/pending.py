@@ -231,6 +231,24 @@ class PendingCommands(Generic[E]):
                 orphans.append(pending)
         return orphans
 
+    def retarget(self, old: E, new: E) -> int:
+        """The commands waiting on ``old`` wait on ``new`` from now on (a departed
+        discovered domain found again: its spooled commands go to its new endpoint).
+        Returns how many moved."""
+        moved = 0
+        for pending in self._table.values():
+            if pending.target == old:
+                asker = pending.asker
+                n = self._pairs[(asker, old)] - 1
+                if n:
+                    self._pairs[(asker, old)] = n
+                else:
+                    del self._pairs[(asker, old)]
+                self._pairs[(asker, new)] = self._pairs.get((asker, new), 0) + 1
+                pending.target = new
+                moved += 1
+        return moved
+
     def expire(self) -> list[Pending[E]]:
         """Forget and return the commands whose deadline has passed, earliest first
         (abandoned: their late answers are remembered as such)."""

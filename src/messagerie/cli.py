@@ -449,7 +449,8 @@ def format_status(domaines: Any, stats: Any) -> str:
         name = str(d.get("nom", "?"))
         names.append(name)
         c = per_domain.get(name, {}) if isinstance(per_domain, dict) else {}
-        rows.append((name, str(d.get("etat", "?")), str(d.get("type", "")),
+        state = "parti" if d.get("parti") else str(d.get("etat", "?"))  # departed
+        rows.append((name, state, str(d.get("type", "")),
                      *(str(c.get(k, "")) for k in counters), *_spool_cells(c),
                      str(d.get("chemin", ""))))
     for name, c in sorted(per_domain.items()):
