@@ -14,7 +14,8 @@ from tests.support.ptys import SOCAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# `load`: the same hostile run as tests/test_hostile_load.py (about 30 s): CI runs it once.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.load]
 
 
 @pytest.mark.timeout(420)  # the run's own deadline decides, generous on a loaded machine

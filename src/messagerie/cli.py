@@ -38,6 +38,7 @@ from .client import (
 )
 from .codec import encode, from_dict
 from .model import DOM0, Commande, MessageInvalide, Notification
+from .vocabulary import Code
 
 EXIT_OK: Final = 0
 EXIT_ERROR_REPLY: Final = 1
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send notifications and commands, and listen, over a messagerie "
                     "channel (a DomU's pv-channel or dom0's broker socket).",
         epilog=_examples([e for name in EXAMPLES for e in EXAMPLES[name][:1]])
-        + "\n\nexit status: 0 ok, 1 error reply, 2 usage error, 3 timeout, "
+        + "\n\nexit status: 0 ok, 1 error reply, 2 usage error, 3 timeout (the client's or "
+          "the broker's delai_depasse), "
           "4 channel problem",
         formatter_class=ExampleFormatter)
     _common(parser, suppress=False)
@@ -546,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run(args))
     except CommandError as exc:
+        if exc.code == Code.DELAI_DEPASSE:
+            # The broker ends a command at the deadline the client sent (its timeout):
+            # whichever of the two fires first, it is the same timeout.
+            return _fail(EXIT_TIMEOUT, f"timeout: {exc.message or exc.code}")
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR_REPLY
     except ListenTimeout as exc:  # an expected end, not a failure to trace
