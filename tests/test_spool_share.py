@@ -1,17 +1,21 @@
 """Each source's share of an offline destination's spool, and of the spool's total:
 in process (the arithmetic, what survives a restart) and with real processes (a
-flooder and an honest sender to the same offline domain)."""
+flooder and an honest sender to the same offline domain), and the broker's total
+bound in process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from broker.config import ConfigError, parse_config
+from broker.config import Config, ConfigError, DomainConfig, Limits, parse_config
 from broker.spool import BYTES, COUNT, SPOOL_FILE, TOTAL, Bounds, Entry, Held, Spool
+from messagerie import Code, Commande, Notification, Reponse, encode
 from tests.support.broker_process import BrokerSystem
-from tests.support.waiting import wait_until
+from tests.support.waiting import async_wait_until, wait_until
+from tests.test_departed import Setup
 from tests.test_spool_integration import RECONNECT, down, frame, reconnect, status
 
 
@@ -125,3 +129,52 @@ def test_a_flooder_fills_its_share_and_an_honest_sender_loses_nothing(
         assert c.lines_from("vm-a") == [frame("vm-a", "vm-c", i) for i in range(50)]
     finally:
         s.close()
+
+
+async def test_the_broker_shares_the_total_among_sources_and_logs_it_once(
+        tmp_path: Path) -> None:
+    """In process (the broker, fake transports, a real SQLite file): vm-a fills the
+    total across two offline domains; vm-b's messages to them are still spooled,
+    vm-a's further ones refused (a command answered at once), logged once per burst
+    and domain."""
+    s = Setup(tmp_path)
+    s.broker.reconfigure(Config(domains={"vm-a": DomainConfig("vm-a", "/dev/null/vm-a")},
+                                dom0_socket=None, limits=Limits(),
+                                spool_path=str(tmp_path / "spool.db"),
+                                spool_total_bytes=20_000))
+    try:
+        b = s.discover("vm-b", "/run/vm-b-msg.sock")
+        for name in ("vm-c", "vm-d"):
+            s.discover(name, f"/run/{name}-msg.sock")
+            s.broker.depart_domain(name, "test")
+
+        def note(src: str, dst: str, i: int) -> bytes:
+            return encode(Notification(src, dst, "test", "seq", {"i": i, "pad": "x" * 150}))
+
+        def held() -> int:
+            return sum(s.broker.lane_statistics(d)["octets"] for d in ("vm-c", "vm-d"))
+
+        flood = [note("vm-a", d, i) for i in range(80) for d in ("vm-c", "vm-d")]
+        with capture_logs() as logs:
+            s.a.data_received(b"".join(flood))
+            await async_wait_until(lambda: s.broker.spool.bytes > 19_000)
+            kept = held()
+            assert kept <= 20_000 and s.broker.spool.by_source.keys() == {"vm-a"}
+            mine = [note("vm-b", d, 1000 + i) for i in range(10) for d in ("vm-c", "vm-d")]
+            b.data_received(b"".join(mine))
+            await async_wait_until(lambda: held() == kept + sum(map(len, mine)))
+            s.a.data_received(note("vm-a", "vm-c", 999)
+                              + encode(Commande("vm-a", "vm-d", "liste", {}, id="c9")))
+            await async_wait_until(lambda: any(
+                isinstance(m, Reponse) and m.id == "c9" for m in s.out(s.a)))
+        (answer,) = [m for m in s.out(s.a) if isinstance(m, Reponse)]
+        assert answer.erreur is not None
+        assert answer.erreur["code"] == Code.DESTINATION_HORS_LIGNE
+        assert "octets_total" in answer.erreur["message"]
+        full = [e for e in logs if e["event"] == "spool.full"]
+        assert sorted(e["domain"] for e in full) == ["vm-c", "vm-d"]
+        assert {(e["bound"], e["limit"]) for e in full} == {("octets_total", 20_000)}
+        assert held() == kept + sum(map(len, mine))
+        # (no sweep in process: the refusals are one burst per domain)
+    finally:
+        s.broker.close_spool()
