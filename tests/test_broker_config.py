@@ -61,6 +61,7 @@ def test_example_file_every_key() -> None:
     assert config.dom0_group is None  # commented out in the example
     assert config.discovery_patterns == ("/var/run/*-msg.sock",)
     assert config.discovery_interval == 1.0
+    assert config.spool_total_bytes == 64 * 1024 * 1024
     assert config.limits == Limits(queue_bytes=1048576, stall_timeout=1.0, rate=20000.0,
                                    burst=5000, commands_in_flight=128, command_ttl=300.0)
     assert config.reconnect_min == 0.1

@@ -15,6 +15,7 @@ from broker.spool import (
     Bounds,
     Depth,
     Entry,
+    Held,
     Overflow,
     Spool,
     Store,
@@ -41,7 +42,9 @@ def test_store_is_a_wal_file_with_the_spool_table(tmp_path: Path) -> None:
         assert [r.frame for r in rows] == [b'{"n":%d}\n' % i for i in range(3)]
         assert [r.seq for r in rows] == sorted(r.seq for r in rows)
         assert store.rows("vm-b", rows[0].seq, 1) == [rows[1]]
-        assert store.depths()["vm-b"] == Depth(3, 3 * len(b'{"n":0}\n'), 1000.0)
+        depth, sources = store.depths()["vm-b"]
+        assert depth == Depth(3, 3 * len(b'{"n":0}\n'), 1000.0)
+        assert sources == {"vm-a": Held(3, 3 * len(b'{"n":0}\n'))}  # the shares, kept
     finally:
         store.close()
     # Another process (here: another connection) sees what was committed.

@@ -156,6 +156,8 @@ class Config:
     reconnect_max: float = 5.0
     spool: bool = True
     """Keep messages for offline declared domains (``spool.actif``)."""
+    spool_total_bytes: int = 64 * 1024 * 1024
+    """Bytes the spool keeps for all domains together (``spool.octets_total``)."""
     spool_path: str | None = None
     """The spool's SQLite file (``spool.chemin``); None: ``$STATE_DIRECTORY/spool.sqlite3``
     under systemd, else a temporary file that lasts as long as the process."""
@@ -274,9 +276,12 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
     lim = _table(data, "limites", "")
     _unknown(lim, set(GLOBAL_LIMIT_KEYS), "limites.")
     spool = _table(data, "spool", "")
-    _unknown(spool, {"actif", "chemin", *SPOOL_KEYS}, "spool.")
+    _unknown(spool, {"actif", "chemin", "octets_total", *SPOOL_KEYS}, "spool.")
     spool_on = _get(spool, "actif", bool, "spool.", True)
     spool_path = _get(spool, "chemin", str, "spool.", None)
+    spool_total = _get(spool, "octets_total", int, "spool.", 64 * 1024 * 1024)
+    if spool_total < 1:
+        raise ConfigError("spool.octets_total: expected a positive number of bytes")
     if spool_path == "":
         raise ConfigError("spool.chemin: expected a file path (spool.actif = false turns "
                           "the spool off)")
@@ -342,7 +347,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>", *,
         validation=validation,
         policy_path=path_of(policy) if policy else None, limits=limits,
         domain_limits=tuple(domain_limits), reconnect_min=rmin, reconnect_max=rmax,
-        spool=spool_on, spool_path=path_of(spool_path) if spool_path else None,
+        spool=spool_on, spool_total_bytes=spool_total,
+        spool_path=path_of(spool_path) if spool_path else None,
         source=source)
 
 

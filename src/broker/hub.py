@@ -182,7 +182,7 @@ class Broker:
         self.recovery: Recovery | None = None
         """The commands in flight kept across restarts (``broker.inflight``), once the
         daemon opened the state directory."""
-        self.spool = Spool(self._spool_bounds)
+        self.spool = Spool(self._spool_bounds, total_bytes=config.spool_total_bytes)
         """Messages for offline declared domains (:meth:`open_spool`; until it is
         opened they are refused as offline)."""
         self._spool_commit: asyncio.Handle | None = None
@@ -215,6 +215,7 @@ class Broker:
         """Apply a reloaded configuration's limits, validation and log level, now."""
         self.config = config
         self.settings = settings = Settings.of(config)
+        self.spool.total_bytes = config.spool_total_bytes
         self.memory.limit = (config.limits.queues_memory
                              or default_budget(cgroup_memory_max()))
         self.memory.resize(len(self.domains) - len(self.departed))
@@ -712,7 +713,8 @@ class Broker:
             dest.stats.dropped += 1
         if lane.overflow.refuse(bound):
             bounds = self._spool_bounds(destination)
-            limit = {"messages": bounds.messages, "octets": bounds.bytes}.get(bound)
+            limit = {"messages": bounds.messages, "octets": bounds.bytes,
+                     "octets_total": self.spool.total_bytes}.get(bound)
             self.log.warning("spool.full", domain=destination, bound=bound, limit=limit,
                              messages=lane.depth.count, bytes=lane.depth.bytes,
                              detail="messages beyond this bound are dropped (commands "
@@ -876,7 +878,7 @@ class Broker:
                 or (row.deadline is not None and row.deadline <= now)):
             lane.expired += 1
             # This row only: those before it may still be in the channel's buffer.
-            self.spool.forget(ep.name, row.seq, len(row.frame))
+            self.spool.forget(ep.name, row.seq, len(row.frame), row.source)
             return False
         return True
 
@@ -937,7 +939,7 @@ class Broker:
                 if row.seq in handed:
                     continue
                 expired += 1
-                spool.forget(name, row.seq, len(row.frame))
+                spool.forget(name, row.seq, len(row.frame), row.source)
                 if row.kind == "commande" and row.msg_id is not None:
                     pending = self.pending.close(row.source, row.msg_id)
                     if pending is not None:
@@ -1113,7 +1115,7 @@ class Broker:
                 rows = []
             for row in rows:
                 dropped += 1
-                spool.forget(name, row.seq, len(row.frame))
+                spool.forget(name, row.seq, len(row.frame), row.source)
                 if row.kind == "commande" and row.msg_id is not None:
                     pending = self.pending.close(row.source, row.msg_id)
                     if pending is not None:

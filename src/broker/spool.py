@@ -260,15 +260,24 @@ class Store:
             raise StoreError(self.path, _reason(exc)) from None
         return None if found is None or found[0] is None else float(found[0])
 
-    def depths(self) -> dict[str, Depth]:
-        """Every destination's depth, as the file holds it (at startup)."""
+    def depths(self) -> dict[str, tuple[Depth, dict[str, Held]]]:
+        """Every destination's depth and what each source holds of it, as the file
+        holds them (at startup)."""
         try:
             found = self.db.execute(
-                "SELECT destination, count(*), sum(length(frame)), min(queued_at) "
-                "FROM spool GROUP BY destination").fetchall()
+                "SELECT destination, source, count(*), sum(length(frame)), min(queued_at) "
+                "FROM spool GROUP BY destination, source").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(self.path, _reason(exc)) from None
-        return {d: Depth(int(n), int(size or 0), oldest) for d, n, size, oldest in found}
+        out: dict[str, tuple[Depth, dict[str, Held]]] = {}
+        for destination, source, n, size, oldest in found:
+            depth, sources = out.setdefault(destination, (Depth(), {}))
+            depth.count += int(n)
+            depth.bytes += int(size or 0)
+            if depth.oldest is None or (oldest is not None and oldest < depth.oldest):
+                depth.oldest = oldest
+            sources[source] = Held(int(n), int(size or 0))
+        return out
 
 
 def _reason(exc: BaseException) -> str:
@@ -284,11 +293,48 @@ DEFAULT_BYTES: Final = 8 * 1024 * 1024
 """Bytes one destination's spool keeps (``spool.octets``)."""
 DEFAULT_AGE: Final = 3600.0
 """Seconds a message waits in the spool at most (``spool.age``)."""
+DEFAULT_TOTAL_BYTES: Final = 64 * 1024 * 1024
+"""Bytes the spool keeps for all destinations together (``spool.octets_total``)."""
+HARD_FACTOR: Final = 2
+"""How far past a bound the sources within their share may still fill it (see
+:func:`share_admits`): a bound that one source filled alone still takes the others'
+shares, up to this many times the bound."""
 
 COUNT: Final = "messages"
 BYTES: Final = "octets"
 AGE: Final = "age"
+TOTAL: Final = "octets_total"
 """The bounds, by the names of their keys (for logs and counters)."""
+
+
+@dataclass(slots=True)
+class Held:
+    """What one source holds of a bound: messages and bytes."""
+
+    count: int = 0
+    bytes: int = 0
+
+
+def share_admits(size: int, mine: Held | None, holders: int, *, count: int,
+                 size_held: int, messages: int, nbytes: int) -> bool:
+    """Does a bound of ``messages`` and ``nbytes``, holding ``count`` messages and
+    ``size_held`` bytes from ``holders`` sources, take one more message of ``size``
+    bytes from a source that holds ``mine`` of it?
+
+    The live queues' rule (``broker.endpoint``), for the spool: within the bound,
+    anyone (a lone sender may use all of it). Past it, only a source within its equal
+    share (the bound divided among the sources holding some of it, this one included),
+    up to :data:`HARD_FACTOR` times the bound: a flooder past its share is refused, the
+    others keep theirs, and a source that holds nothing yet is always taken."""
+    if count < messages and size_held + size <= nbytes:
+        return True
+    if count >= messages * HARD_FACTOR or size_held + size > nbytes * HARD_FACTOR:
+        return False
+    if mine is None or mine.count == 0:
+        return True
+    senders = holders + (mine is None)
+    return (mine.count + 1 <= messages // senders
+            and mine.bytes + size <= nbytes // senders)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +424,10 @@ class Lane:
     """One destination's spool, in memory: its depth and its replay."""
 
     depth: Depth = field(default_factory=Depth)
+    sources: dict[str, Held] = field(default_factory=dict)
+    """What each source holds of :attr:`depth` (its share of the bounds)."""
+    handed: dict[int, str] = field(default_factory=dict)
+    """The source of each row read for the replay and not yet deleted, by seq."""
     overflow: Overflow = field(default_factory=Overflow)
     cursor: int = 0
     """The last ``seq`` handed to the channel by the replay under way."""
@@ -431,10 +481,17 @@ class Spool:
     more messages (the broker routes as if there were no spool) until it is opened
     again."""
 
-    def __init__(self, bounds_of: Callable[[str], Bounds], clock: Callable[[], float] = now
-                 ) -> None:
+    def __init__(self, bounds_of: Callable[[str], Bounds], clock: Callable[[], float] = now,
+                 total_bytes: int = DEFAULT_TOTAL_BYTES) -> None:
         self.bounds_of = bounds_of
         """One destination's bounds (``[spool]`` under its ``[domaines.NAME]`` keys)."""
+        self.total_bytes = total_bytes
+        """Bytes all destinations' rows together may take (``spool.octets_total``),
+        shared among the sources as each destination's bounds are."""
+        self.bytes = 0
+        """Bytes all destinations' rows take (committed or in the batch)."""
+        self.by_source: dict[str, Held] = {}
+        """What each source holds of :attr:`bytes`, all destinations together."""
         self.clock = clock
         self.store: Store | None = None
         self.state = CLOSED
@@ -463,8 +520,16 @@ class Spool:
             self.state, self.error = UNAVAILABLE, exc.reason
             raise
         self.store, self.state, self.error = store, AVAILABLE, None
-        for destination, depth in depths.items():
-            self.lane(destination).depth = depth
+        self.bytes = 0
+        self.by_source = {}
+        for destination, (depth, sources) in depths.items():
+            lane = self.lane(destination)
+            lane.depth, lane.sources = depth, sources
+            self.bytes += depth.bytes
+            for source, held in sources.items():
+                total = self.by_source.setdefault(source, Held())
+                total.count += held.count
+                total.bytes += held.bytes
 
     def disable(self) -> None:
         self.state = DISABLED
@@ -505,15 +570,44 @@ class Spool:
 
     def add(self, entry: Entry) -> str | None:
         """Spool ``entry`` in the next commit: None, or the bound it passes (it is not
-        spooled; the refusal is counted in the lane's :class:`Overflow`)."""
+        spooled; the refusal is counted in the lane's :class:`Overflow`).
+
+        Each source has its share of the destination's bounds and of the total
+        (:func:`share_admits`): one that filled them alone is refused once others
+        send, and those keep their share."""
         lane = self.lane(entry.destination)
         size = len(entry.frame)
-        bound = lane.depth.admits(size, self.bounds_of(entry.destination))
-        if bound is not None:
-            return bound
-        lane.depth.add(size, entry.queued_at)
+        bounds = self.bounds_of(entry.destination)
+        depth, source = lane.depth, entry.source
+        if size > bounds.bytes:
+            return BYTES
+        if not share_admits(size, lane.sources.get(source), len(lane.sources),
+                            count=depth.count, size_held=depth.bytes,
+                            messages=bounds.messages, nbytes=bounds.bytes):
+            return COUNT if depth.count >= bounds.messages else BYTES
+        if not share_admits(size, self.by_source.get(source), len(self.by_source),
+                            count=0, size_held=self.bytes, messages=1 << 62,
+                            nbytes=self.total_bytes):
+            return TOTAL
+        depth.add(size, entry.queued_at)
+        self._held(lane, source, 1, size)
         self._inserts.append(entry)
         return None
+
+    def _held(self, lane: Lane, source: str, n: int, size: int) -> None:
+        """Count ``n`` messages of ``size`` bytes in (n = 1) or out (n = -1) of
+        ``source``'s shares."""
+        self.bytes = max(0, self.bytes + n * size)
+        for shares in (lane.sources, self.by_source):
+            held = shares.get(source)
+            if held is None:
+                if n < 0:
+                    continue
+                held = shares[source] = Held()
+            held.count += n
+            held.bytes += n * size
+            if held.count <= 0:
+                del shares[source]
 
     def commit(self) -> list[Entry]:
         """Write the batch in one transaction. Returns the entries that are *not* in
@@ -538,7 +632,9 @@ class Spool:
             self.failed_commits += 1
             self.state, self.error = UNAVAILABLE, exc.reason
             for entry in inserts:
-                self.lane(entry.destination).depth.remove(len(entry.frame))
+                lane = self.lane(entry.destination)
+                lane.depth.remove(len(entry.frame))
+                self._held(lane, entry.source, -1, len(entry.frame))
             # Deletes that did not happen: the rows stay and are replayed again
             # (at-least-once), or expire by age.
             return inserts
@@ -555,6 +651,8 @@ class Spool:
         found = self.store.rows(destination, lane.cursor, limit)
         if found:
             lane.cursor = found[-1].seq
+            for row in found:
+                lane.handed[row.seq] = row.source
         return found
 
     def written(self, destination: str, seq: int, size: int) -> None:
@@ -563,11 +661,18 @@ class Spool:
         self._through[destination] = max(seq, self._through.get(destination, 0))
         lane = self.lane(destination)
         lane.depth.remove(size)
+        source = lane.handed.pop(seq, None)
+        if source is not None:
+            self._held(lane, source, -1, size)
 
-    def forget(self, destination: str, seq: int, size: int) -> None:
-        """Delete one row out of order (a command that expired in the spool)."""
+    def forget(self, destination: str, seq: int, size: int, source: str) -> None:
+        """Delete one row (of ``source``) out of order (a command that expired in the
+        spool, a row past the age bound)."""
         self._rows.append(seq)
-        self.lane(destination).depth.remove(size)
+        lane = self.lane(destination)
+        lane.depth.remove(size)
+        lane.handed.pop(seq, None)
+        self._held(lane, source, -1, size)
 
     def rewind(self, destination: str) -> None:
         """The channel went down during a replay: what was handed to it and not known
