@@ -754,7 +754,7 @@ class Broker:
         # Rows of the replay in what was not written: still in the spool, not live.
         replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
         if lane is not None and lane.written:
-            if unsent is not None and ep.channel_type != "socket":
+            if unsent is not None:
                 self._confirm(ep.name, lane, unsent[0])
             self.spool.rewind(ep.name)
         elif lane is not None:
