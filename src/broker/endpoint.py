@@ -963,6 +963,7 @@ class DomainEndpoint(Endpoint):
         self._backlog = None  # read but not yet routed: it goes with the domain
         self._drop_remainder()
         if self.transport is not None:
+            self._note_out()  # exact: the transport's buffer is dropped with the abort
             self.transport.abort()
         task, self._task = self._task, None
         if task is not None:
