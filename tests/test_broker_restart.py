@@ -351,9 +351,9 @@ def test_the_table_is_kept_with_the_spool_disabled(tmp_path: Path) -> None:
 
 def test_sigterm_spools_a_reponse_queued_for_a_commander_that_does_not_read(
         tmp_path: Path) -> None:
-    """SIGTERM with a reponse queued for a commander that does not read (behind a flow
-    of notifications): the reponse is spooled with them and, after the restart, the
-    commander gets every notification and its answer, once, in order."""
+    """SIGTERM with a reponse and a broadcast copy queued for a commander that does not
+    read (behind a flow of notifications): they are spooled with them and, after the
+    restart, the commander gets every notification, the broadcast and its answer, once."""
     system = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
                           extra="[limites]\ndelai_blocage = 0.2\n",
                           env={"STATE_DIRECTORY": str(tmp_path / "state")})
@@ -365,6 +365,8 @@ def test_sigterm_spools_a_reponse_queued_for_a_commander_that_does_not_read(
         total = 2000  # vm-a reads nothing from here on
         for n in range(total):
             c.send(numbered(n) | {"source": "vm-c", "destination": "vm-a"})
+        c.send({"type": "notification", "source": "vm-c", "destination": "tous",
+                "payload": {"categorie": "flux", "evenement": "tous", "data": {}}})
         b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
                 "payload": {"id": "c1", "commande": "lire", "statut": "ok",
                             "resultat": 42}})
@@ -379,8 +381,10 @@ def test_sigterm_spools_a_reponse_queued_for_a_commander_that_does_not_read(
         assert stopped["undelivered_bytes"] > 0  # the drain did not get it all out
         c.send(sentinel("vm-c", "vm-a"))
         got = a.until_sentinel(is_sentinel, timeout=60)
-        numbers = [m.payload["data"]["n"] for m in got
-                   if m.type == "notification" and not is_sentinel(m)]
+        numbers = [m.payload["data"]["n"] for m in got if m.type == "notification"
+                   and not is_sentinel(m) and m.destination == "vm-a"]
+        broadcasts = [m for m in got if m.type == "notification" and m.destination == "tous"]
+        assert len(broadcasts) == 1  # its copy for vm-a, spooled with the rest
         reponses = [m for m in got if isinstance(m, Reponse)]
         assert numbers == list(range(total)), (len(numbers), numbers[:3], numbers[-3:])
         assert [(r.id, r.resultat) for r in reponses] == [("c1", 42)]
