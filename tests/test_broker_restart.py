@@ -347,3 +347,47 @@ def test_the_table_is_kept_with_the_spool_disabled(tmp_path: Path) -> None:
         assert not security_events(system)
     finally:
         system.close()
+
+
+def test_sigterm_spools_a_reponse_queued_for_a_commander_that_does_not_read(
+        tmp_path: Path) -> None:
+    """SIGTERM with a reponse and a broadcast copy queued for a commander that does not
+    read (behind a flow of notifications): they are spooled with them and, after the
+    restart, the commander gets every notification, the broadcast and its answer, once."""
+    system = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
+                          extra="[limites]\ndelai_blocage = 0.2\n",
+                          env={"STATE_DIRECTORY": str(tmp_path / "state")})
+    try:
+        a, b, c = system.domus["vm-a"], system.domus["vm-b"], system.domus["vm-c"]
+        a.send(commande("vm-a", "vm-b", "c1", "lire"))
+        wait_until(lambda: [m for m in b.wait_messages(0) if m.id == "c1"],
+                   what="vm-b got the command")
+        total = 2000  # vm-a reads nothing from here on
+        for n in range(total):
+            c.send(numbered(n) | {"source": "vm-c", "destination": "vm-a"})
+        c.send({"type": "notification", "source": "vm-c", "destination": "tous",
+                "payload": {"categorie": "flux", "evenement": "tous", "data": {}}})
+        b.send({"type": "reponse", "source": "vm-b", "destination": "vm-a",
+                "payload": {"id": "c1", "commande": "lire", "statut": "ok",
+                            "resultat": 42}})
+        # Pings after them: answered once the broker routed everything before them.
+        for peer, name in ((c, "vm-c"), (b, "vm-b")):
+            peer.send({"type": "commande", "source": name, "destination": "dom0",
+                       "payload": {"id": "apres", "commande": "ping", "arguments": {}}})
+            wait_until(lambda p=peer: [m for m in p.wait_messages(0) if m.id == "apres"],
+                       what=f"{name}'s ping answered")
+        assert system.restart(signal.SIGTERM) == 0
+        (stopped,) = system.previous[-1].find("broker.stopped")
+        assert stopped["undelivered_bytes"] > 0  # the drain did not get it all out
+        c.send(sentinel("vm-c", "vm-a"))
+        got = a.until_sentinel(is_sentinel, timeout=60)
+        numbers = [m.payload["data"]["n"] for m in got if m.type == "notification"
+                   and not is_sentinel(m) and m.destination == "vm-a"]
+        broadcasts = [m for m in got if m.type == "notification" and m.destination == "tous"]
+        assert len(broadcasts) == 1  # its copy for vm-a, spooled with the rest
+        reponses = [m for m in got if isinstance(m, Reponse)]
+        assert numbers == list(range(total)), (len(numbers), numbers[:3], numbers[-3:])
+        assert [(r.id, r.resultat) for r in reponses] == [("c1", 42)]
+        assert not security_events(system)
+    finally:
+        system.close()

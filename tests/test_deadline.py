@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from broker.pending import ABANDONED_MAX, ABANDONED_TTL, PendingCommands
+from broker.pending import ABANDONED_MAX, ABANDONED_PER_SLOT, ABANDONED_TTL, PendingCommands
 from broker.policy import Policy
 from broker.router import LATE, RESERVED, UNSOLICITED, Deliver, Refuse, StaticView, route
 from messagerie import DOM0, Code, MessageInvalide, Reason, decode, encode
@@ -159,16 +159,61 @@ def test_a_commanders_departure_abandons_its_commands() -> None:
 
 def test_abandoned_commands_are_remembered_for_a_bounded_time_and_count() -> None:
     pending, clock = table(ttl=1.0)
-    for i in range(ABANDONED_MAX + 10):
+    mine = ABANDONED_PER_SLOT * pending.limit  # per commander
+    for i in range(mine + 10):
         pending.add("vm-a", str(i), "vm-b", "x", asker="a", target="b")
     clock.now += 1
-    assert len(pending.expire()) == ABANDONED_MAX + 10
-    assert len(pending._abandoned) == ABANDONED_MAX
-    assert not pending.abandoned("vm-a", "0", "vm-b")  # the oldest went first
-    assert pending.abandoned("vm-a", str(ABANDONED_MAX + 9), "vm-b")
+    assert len(pending.expire()) == mine + 10
+    assert len(pending._abandoned) == mine
+    assert not pending.abandoned("vm-a", "9", "vm-b")  # its oldest went first
+    assert pending.abandoned("vm-a", "10", "vm-b")
     clock.now += ABANDONED_TTL
     pending.expire()
     assert len(pending._abandoned) == 0
+
+
+def test_the_abandoned_memo_has_a_global_cap_past_the_commanders_bounds() -> None:
+    pending, clock = table(ttl=1.0)
+    mine = ABANDONED_PER_SLOT * pending.limit
+    commanders = ABANDONED_MAX // mine + 1
+    for c in range(commanders):
+        for i in range(mine):
+            pending.add(f"vm-{c}", str(i), "vm-b", "x", asker=f"a{c}", target="b")
+    clock.now += 1
+    pending.expire()
+    assert len(pending._abandoned) == ABANDONED_MAX
+    assert not pending.abandoned("vm-0", "0", "vm-b")  # anyone's oldest, last resort
+    assert pending.abandoned(f"vm-{commanders - 1}", str(mine - 1), "vm-b")
+
+
+def test_one_commander_s_flood_of_expired_commands_evicts_only_its_own() -> None:
+    """A commander that lets thousands of its commands expire (``delai`` 0.001, 64 at a
+    time) forgets its own abandoned commands, not another's: that one's late answer
+    is still late (info), not a forgery (security)."""
+    pending, clock = table()
+    view = StaticView(Policy.allow_all(), known=frozenset({"vm-honest", "vm-hostile", "vm-b"}),
+                      up=frozenset({"vm-honest", "vm-hostile", "vm-b"}), pending=pending)
+    pending.add("vm-honest", "h1", "vm-b", "lire", asker="h", target="b", delai=1.0)
+    clock.now += 2
+    pending.expire()
+    late = decode_envelope(b'{"type":"reponse","source":"vm-b","destination":"vm-honest",'
+                           b'"payload":{"id":"h1","commande":"lire","statut":"ok",'
+                           b'"resultat":1}}')
+    decision = route(late, "vm-b", view)
+    assert isinstance(decision, Refuse) and decision.kind == LATE
+    flood = 8192  # twice what the memo held in all when it was one LRU
+    for i in range(flood):
+        pending.add("vm-hostile", f"x{i}", "vm-b", "lire", asker="x", target="b",
+                    delai=0.001)
+        if i % 64 == 63:
+            clock.now += 0.01
+            pending.expire()
+    clock.now += 0.01
+    pending.expire()
+    decision = route(late, "vm-b", view)
+    assert isinstance(decision, Refuse) and decision.kind == LATE
+    assert not decision.security
+    assert len(pending._abandoned) == 1 + ABANDONED_PER_SLOT * pending.limit
 
 
 # -- the router -------------------------------------------------------------------------

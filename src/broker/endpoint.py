@@ -35,6 +35,7 @@ import contextlib
 import errno
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import thread_time
@@ -223,6 +224,8 @@ class Sink(Protocol):
 
 
 class Endpoint(asyncio.Protocol):
+    KEEPS_HANDED = False
+    """Keep what was handed to a socket transport and not yet out (:attr:`_handed`)."""
     """One byte stream: a domain's channel or a dom0 service's connection."""
 
     kind = "peer"
@@ -283,6 +286,13 @@ class Endpoint(asyncio.Protocol):
         self.written = 0
         """Bytes handed to the transport's ``write`` since this endpoint was made: with
         the transport's buffer, which of them left the broker (the spool's replay)."""
+        self._handed: deque[tuple[int, bytes]] | None = None
+        """On a socket channel of a domain (its transport does not tell what it did not
+        write): (stream position of its end, bytes) of each write not yet known to
+        have left the broker, oldest first: what the transport still buffers, at most
+        (trimmed at each write, drain and end of input)."""
+        self._out_at = 0
+        """The stream position last known to have left the broker (``_handed``)."""
         self.unsent: tuple[int, bytes] | None = None
         """When the channel went down: (stream position, bytes) of what the broker had
         queued and not written, for the spool (:meth:`take_unsent`)."""
@@ -326,6 +336,9 @@ class Endpoint(asyncio.Protocol):
         self.paused_writing = False
         self.stalled = False
         self._stalled_until = 0.0
+        self._out_at = self.written
+        self._handed = (deque() if self.KEEPS_HANDED
+                        and getattr(transport, "unwritten", None) is None else None)
         if self._remainder is not None:
             self.transport.pause_reading()  # the last connection's frames go first
 
@@ -520,6 +533,14 @@ class Endpoint(asyncio.Protocol):
         was corked. None if nothing is known to be left."""
         unwritten = getattr(transport, "unwritten", None)
         corked = b"".join(self._out)
+        handed, self._handed = self._handed, None
+        if unwritten is None and handed:
+            # asyncio's socket transport cleared its buffer unseen: what it held is
+            # the stream from the last position known to be out (maybe less: what the
+            # kernel took since that was noted is handed back too, a duplicate).
+            start = handed[0][0] - len(handed[0][1])
+            data = b"".join(chunk for _, chunk in handed)
+            return (self._out_at, data[self._out_at - start:] + corked)
         if unwritten is None:
             return (self.written, corked) if corked else None
         return (self.written - len(unwritten), bytes(unwritten) + corked)
@@ -686,6 +707,7 @@ class Endpoint(asyncio.Protocol):
             self._watch_progress()
 
     def resume_writing(self) -> None:
+        self._note_out()
         self.paused_writing = False
         self._drained_at = self._loop.time()
         self._progress = True  # it read its queue down: until judged again, it reads
@@ -829,6 +851,25 @@ class Endpoint(asyncio.Protocol):
         if self.transport is not None:
             self.written += len(data)
             self.transport.write(data)
+            if self._handed is not None:
+                self._handed.append((self.written, data))
+                self._note_out()
+
+    def _note_out(self) -> None:
+        """Take the stream position that left the broker now, and forget what
+        ``_handed`` kept before it."""
+        t, handed = self.transport, self._handed
+        if t is None or handed is None:
+            return
+        self._out_at = out = self.written - int(t.get_write_buffer_size())
+        while handed and handed[0][0] <= out:
+            handed.popleft()
+
+    def eof_received(self) -> bool | None:
+        # The peer closed: nothing more leaves (the transport's buffer is dropped when
+        # its next write fails), so what it still buffers is known exactly here.
+        self._note_out()
+        return None
 
     def hold(self, dest: Endpoint, *, fanout: bool = False) -> None:
         """Stop reading this peer until ``dest`` drains (or is declared stalled; or,
@@ -880,6 +921,7 @@ class Endpoint(asyncio.Protocol):
 class DomainEndpoint(Endpoint):
     """A DomU's channel, kept open: connect, serve, and reconnect with backoff."""
 
+    KEEPS_HANDED = True
     kind = "domain"
 
     def __init__(self, sink: Sink, name: str, path: str, *, discovered: bool = False) -> None:
@@ -921,6 +963,7 @@ class DomainEndpoint(Endpoint):
         self._backlog = None  # read but not yet routed: it goes with the domain
         self._drop_remainder()
         if self.transport is not None:
+            self._note_out()  # exact: the transport's buffer is dropped with the abort
             self.transport.abort()
         task, self._task = self._task, None
         if task is not None:

@@ -756,7 +756,7 @@ class Broker:
         # Rows of the replay in what was not written: still in the spool, not live.
         replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
         if lane is not None and lane.written:
-            if unsent is not None and ep.channel_type != "socket":
+            if unsent is not None:
                 self._confirm(ep.name, lane, unsent[0])
             self.spool.rewind(ep.name)
         elif lane is not None:
@@ -782,8 +782,12 @@ class Broker:
                         frame)) is None:
                     kept += 1
                 continue
-            if env.destination != ep.name or env.type == "reponse":
-                continue  # the broker's answers and broadcasts are not spooled
+            if (env.destination != ep.name or env.type == "reponse") and not self.stopping:
+                # A channel that drops while the broker runs: the answers to it (its
+                # commands are failed with it) and the broadcast copies are not kept.
+                # At shutdown they are: already routed to this domain (a reponse
+                # answers a command already closed), they are delivered on its return.
+                continue
             deadline = None
             if env.type == "commande" and env.id is not None:
                 pending = self.pending.get(env.source, env.id)

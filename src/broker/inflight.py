@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -40,7 +39,7 @@ import structlog
 
 from messagerie import DOM0, Code, Notification, Reponse, encode
 
-from .pending import ABANDONED_MAX, ABANDONED_TTL
+from .pending import ABANDONED_PER_SLOT, AbandonedMemo
 from .router import ABANDON_CATEGORY, ABANDON_EVENT
 from .spool import Store, StoreError
 
@@ -190,10 +189,10 @@ class Recovery:
         """The last error of the database, while commits fail (logged once)."""
         self.late_answers = 0
         self.expired = 0
-        self.given_up: OrderedDict[Key, tuple[str, float]] = OrderedDict()
+        self.given_up = AbandonedMemo()
         """Restored commands answered ``delai_depasse``: (replier, when), for
-        ``ABANDONED_TTL`` seconds and at most ``ABANDONED_MAX``, so that a late answer
-        is dropped as late (info), as the live table's are."""
+        ``ABANDONED_TTL`` seconds and bounded per commander, so that a late answer is
+        dropped as late (info), as the live table's are."""
 
     def restore(self) -> int:
         """Load what the previous process had in flight; returns how many."""
@@ -279,11 +278,8 @@ class Recovery:
         """Remember ``r`` as answered on its destination's behalf, and tell the domain
         serving it that nobody awaits its answer (as for a live command: its client
         cancels the handler)."""
-        memo = self.given_up
-        memo[r.key] = (r.replier, now)
-        while memo and (len(memo) > ABANDONED_MAX
-                        or next(iter(memo.values()))[1] <= now - ABANDONED_TTL):
-            memo.popitem(last=False)
+        limit = self.broker.config.limits_for(r.commander).commands_in_flight
+        self.given_up.remember(r.key, r.replier, now, ABANDONED_PER_SLOT * limit)
         target = self.broker.domains.get(r.target) if r.target_kind == DOMAIN else None
         if target is not None and target.transport is not None:
             target.send(encode(Notification(DOM0, r.replier, ABANDON_CATEGORY, ABANDON_EVENT,

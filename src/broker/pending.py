@@ -11,8 +11,10 @@ drift from the table.
 A command's deadline is ``min(delai, ttl)`` from its receipt (``delai`` is what the
 ``commande`` carries, ``ttl`` the broker's ``limites.duree_commande``). Commands that
 expired, or whose commander went away, are *abandoned*: remembered (their commander, id
-and replier) for :data:`ABANDONED_TTL` seconds, at most :data:`ABANDONED_MAX` of them, so
-that a late answer is told from a forged one.
+and replier) for :data:`ABANDONED_TTL` seconds, at most :data:`ABANDONED_PER_SLOT` times
+its commander's ``limit`` per commander (one that lets its own commands expire forgets
+only its own) and :data:`ABANDONED_MAX` in all, so that a late answer is told from a
+forged one (:class:`AbandonedMemo`).
 
 Endpoints are opaque here (``E``: the broker's endpoint objects, plain strings in
 tests and fuzzing), compared by identity: a domain re-added under the same name, or
@@ -40,8 +42,57 @@ Key = tuple[str, str]
 ABANDONED_TTL: Final = 600.0
 """Seconds an abandoned command is remembered: its late answer, within that time, is
 dropped as late (an info event), not refused as unsolicited (a security event)."""
-ABANDONED_MAX: Final = 4096
-"""Abandoned commands remembered at most (the oldest are forgotten first)."""
+ABANDONED_PER_SLOT: Final = 8
+"""Abandoned commands remembered per commander, per command it may have in flight (its
+oldest are forgotten first)."""
+ABANDONED_MAX: Final = 65536
+"""Abandoned commands remembered at most in all, a last resort (the oldest of anyone's
+are forgotten first)."""
+
+
+class AbandonedMemo:
+    """Commands given up lately: (commander, id) -> (replier, when), oldest first, for
+    :data:`ABANDONED_TTL` seconds; each commander's bounded on its own, so that one
+    commander's flood of expired commands evicts only its own entries."""
+
+    __slots__ = ("_all", "_of")
+
+    def __init__(self) -> None:
+        self._all: OrderedDict[Key, tuple[str, float]] = OrderedDict()
+        self._of: dict[str, OrderedDict[str, None]] = {}
+        """Per commander, its ids in the memo, oldest first."""
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def get(self, key: Key) -> tuple[str, float] | None:
+        return self._all.get(key)
+
+    def remember(self, key: Key, replier: str, now: float, bound: int) -> None:
+        """Remember ``key`` as given up at ``now``; its commander keeps at most
+        ``bound`` entries (its oldest go first)."""
+        commander, id = key
+        memo = self._all
+        mine = self._of.setdefault(commander, OrderedDict())
+        memo.pop(key, None)
+        mine.pop(id, None)
+        memo[key] = (replier, now)
+        mine[id] = None
+        while len(mine) > max(1, bound):
+            del memo[(commander, mine.popitem(last=False)[0])]
+        self.forget(now)
+
+    def forget(self, now: float) -> None:
+        """Forget what is older than :data:`ABANDONED_TTL`, and the oldest past
+        :data:`ABANDONED_MAX`."""
+        memo = self._all
+        while memo and (len(memo) > ABANDONED_MAX
+                        or next(iter(memo.values()))[1] <= now - ABANDONED_TTL):
+            (commander, id), _ = memo.popitem(last=False)
+            mine = self._of[commander]
+            del mine[id]
+            if not mine:
+                del self._of[commander]
 
 
 @dataclass(slots=True, eq=False)
@@ -112,7 +163,7 @@ class PendingCommands(Generic[E]):
         included until they reach the top or the heap is rebuilt (at twice the table's
         size): :meth:`expire` and :meth:`next_deadline` look at its top only."""
         self._sequence = itertools.count()
-        self._abandoned: OrderedDict[Key, tuple[str, float]] = OrderedDict()
+        self._abandoned = AbandonedMemo()
         """Abandoned commands, oldest first: (commander, id) -> (replier, when)."""
 
     # -- reading ------------------------------------------------------------------
@@ -263,21 +314,13 @@ class PendingCommands(Generic[E]):
             self._release(pending)
             self._abandon(pending)
             expired.append(pending)
-        self._forget_abandoned(now)
+        self._abandoned.forget(now)
         return expired
 
     def _abandon(self, pending: Pending[E]) -> None:
-        now = self.clock()
-        memo = self._abandoned
-        memo.pop(pending.key, None)
-        memo[pending.key] = (pending.replier, now)
-        self._forget_abandoned(now)
-
-    def _forget_abandoned(self, now: float) -> None:
-        memo = self._abandoned
-        while memo and (len(memo) > ABANDONED_MAX
-                        or next(iter(memo.values()))[1] <= now - ABANDONED_TTL):
-            memo.popitem(last=False)
+        limit = self.limit if self.limit_of is None else self.limit_of(pending.asker)
+        self._abandoned.remember(pending.key, pending.replier, self.clock(),
+                                 ABANDONED_PER_SLOT * limit)
 
     def _release(self, pending: Pending[E]) -> None:
         # Endpoints come and go: no entry per dead one.
