@@ -224,9 +224,10 @@ class Sink(Protocol):
 
 
 class Endpoint(asyncio.Protocol):
+    """One byte stream: a domain's channel or a dom0 service's connection."""
+
     KEEPS_HANDED = False
     """Keep what was handed to a socket transport and not yet out (:attr:`_handed`)."""
-    """One byte stream: a domain's channel or a dom0 service's connection."""
 
     kind = "peer"
 
