@@ -191,7 +191,7 @@ class Broker:
         """The unavailability last logged (logged again only when it changes)."""
         self._bounds: dict[str, tuple[Limits, Bounds]] = {}
         """Each destination's spool bounds, with the limits they were read from."""
-        self._replays: set[str] = set()
+        self._replays: set[DomainEndpoint] = set()
         """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = float("inf")
@@ -802,9 +802,11 @@ class Broker:
                     self._commit_spool)
 
     def _schedule_replay(self, ep: DomainEndpoint, delay: float = 0.0) -> None:
-        if ep.name in self._replays:
+        # Keyed by endpoint: a stale step of a removed endpoint must not stand for the
+        # replay of the new endpoint of the same name.
+        if ep in self._replays:
             return
-        self._replays.add(ep.name)
+        self._replays.add(ep)
         loop = asyncio.get_running_loop()
         if delay:
             loop.call_later(delay, self._replay, ep)
@@ -815,7 +817,7 @@ class Broker:
         """One step of ``ep``'s replay: a chunk of its spool handed to its channel, if
         the channel has room (at most its high-water mark queued); then the next step
         on the next loop turn (or when it drains)."""
-        self._replays.discard(ep.name)
+        self._replays.discard(ep)
         spool = self.spool
         lane = spool.lanes.get(ep.name)
         if (lane is None or self.domains.get(ep.name) is not ep or ep.transport is None
@@ -1148,6 +1150,15 @@ class Broker:
         self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
+        lane = self.spool.lanes.get(name)
+        if lane is not None:
+            # A replay under way stops: rows known to be out are confirmed, the rest
+            # (in the transport, dropped with it) replayed again to the next endpoint
+            # of this name, from its first byte.
+            out = ep.out_position()
+            if out is not None and lane.written:
+                self._confirm(name, lane, out)
+            self.spool.rewind(name)
         ep.detach()
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
         self.log.info("domain.removed", domain=name)
