@@ -756,6 +756,8 @@ class Broker:
         if lane is not None and lane.written:
             if unsent is not None and ep.channel_type != "socket":
                 self._confirm(ep.name, lane, unsent[0])
+                if self.stopping and lane.written:
+                    self._spool_cut_row(ep, lane, *unsent)
             self.spool.rewind(ep.name)
         elif lane is not None:
             lane.replaying = False
@@ -800,6 +802,17 @@ class Broker:
             if self._spool_commit is None:
                 self._spool_commit = asyncio.get_running_loop().call_soon(
                     self._commit_spool)
+
+    def _spool_cut_row(self, ep: DomainEndpoint, lane: Lane, start: int,
+                       data: bytes) -> None:
+        """The broker stops and the kernel took the head of the first replayed row not
+        out (its bytes run over stream position ``start``): the channel stays, the
+        domain holds that head, so the row is kept as its tail only (a FRAGMENT, in its
+        place: replayed first), which completes the frame instead of spoiling it."""
+        seq, size, end, _ = lane.written[0]
+        if not end - size < start < end or len(data) < end - start:
+            return  # not cut: replayed whole
+        self.spool.cut(ep.name, seq, size, FRAGMENT, data[:end - start])  # rewound next
 
     def _schedule_replay(self, ep: DomainEndpoint, delay: float = 0.0) -> None:
         # Keyed by endpoint: a stale step of a removed endpoint must not stand for the

@@ -564,6 +564,22 @@ class Spool:
         lane = self.lane(destination)
         lane.depth.remove(size)
 
+    def cut(self, destination: str, seq: int, size: int, kind: str, tail: bytes) -> bool:
+        """Row ``seq`` (``size`` bytes) of ``destination`` left the broker up to its
+        last ``len(tail)`` bytes: it becomes those bytes, of ``kind``, in its place
+        (written at once, for a broker that stops). False when the spool cannot be
+        written (the row stays whole)."""
+        if self.store is None or self.state != AVAILABLE:
+            return False
+        try:
+            with self.store.transaction() as db:
+                db.execute("UPDATE spool SET kind = ?, frame = ? WHERE seq = ?",
+                           (kind, tail, seq))
+        except StoreError:
+            return False
+        self.lane(destination).depth.bytes -= size - len(tail)
+        return True
+
     def forget(self, destination: str, seq: int, size: int) -> None:
         """Delete one row out of order (a command that expired in the spool)."""
         self._rows.append(seq)
