@@ -5,6 +5,7 @@ domains on socat ptys."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,15 @@ from tests.support.broker_process import BrokerSystem
 from tests.support.peers import is_sentinel, sentinel
 from tests.support.ptys import PtyPair
 from tests.support.waiting import wait_until
-from tests.test_spool_integration import RECONNECT, RawDomu, down, reconnect, status
+from tests.test_spool_integration import (
+    RECONNECT,
+    RawDomu,
+    down,
+    frame,
+    reconnect,
+    status,
+    tmpfs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +108,58 @@ def test_sigterm_during_a_replay_keeps_the_cut_rows_tail(tmp_path: Path) -> None
         print("received", len(ns), "distinct", len(set(ns)))
     finally:
         s.close()
+
+
+def live(i: int) -> bytes:
+    return (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+            b'{"categorie":"test","evenement":"live","data":{"live":%d}}}\n' % i)
+
+
+@pytest.mark.slow
+def test_a_full_state_directory_and_a_returning_domain(tmp_path: Path) -> None:
+    """The state directory is full and vm-b, which has spooled messages, comes back and
+    reads slowly while vm-a sends to it for longer than the spool's retry period: every
+    committed message is replayed, and every live message arrives (none routed into the
+    spool that cannot be written and dropped), in order among themselves."""
+    with tmpfs(tmp_path / "state", "size=2m") as state:
+        s = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
+                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        try:
+            a = s.domus["vm-a"]
+            down(s, "vm-b")
+            sent = [frame("vm-a", "vm-b", i) for i in range(8000)]
+            for i in range(0, 8000, 100):
+                a.write(b"".join(sent[i:i + 100]))
+            s.broker.wait_event("spool.unavailable")
+            kept = status(s)["domaines"]["vm-b"]["spool"]["messages"]
+            b = reconnect(s, "vm-b")  # reads nothing yet
+            wait_until(lambda: len(s.broker.find("domain.connected", domain="vm-b")) >= 2,
+                       what="vm-b back")
+            dropped_before = len(s.broker.find("spool.dropped"))
+            # 20 live messages a second and a slow reader (its replay lasts), past the
+            # spool's retry period (5 s). The sleep is the sending rate, not a wait.
+            n = 0
+            until = time.monotonic() + 6.0
+            while time.monotonic() < until:
+                a.write(live(n))
+                n += 1
+                time.sleep(0.05)
+                if n % 4 == 0:
+                    b.pump(0.01)
+
+            def live_got() -> list[int]:
+                return [int(line.split(b'"live":')[1].split(b"}")[0])
+                        for line in bytes(b.raw).split(b"\n")[:-1] if b'"live"' in line]
+
+            wait_until(lambda: (b.pump(), len(set(live_got())) >= n)[1], interval=0,
+                       timeout=30, what=lambda: f"{n} live, got {len(set(live_got()))}")
+            wait_until(lambda: (b.pump(), len({line for line in b.lines_from("vm-a")
+                                              if b'"seq"' in line}) >= kept)[1],
+                       interval=0, timeout=30, what=f"{kept} replayed")
+            assert live_got() == list(range(n))  # each once, in order
+            spooled = {line for line in b.lines_from("vm-a") if b'"seq"' in line}
+            assert spooled == set(sent[:kept])
+            assert len(s.broker.find("spool.dropped")) == dropped_before
+            print("kept", kept, "live", n)
+        finally:
+            s.close()

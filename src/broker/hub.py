@@ -732,8 +732,20 @@ class Broker:
         if not lost:
             return
         self._spool_unavailable(StoreError(self.spool.path or "?", self.spool.error or "?"))
+        delivered = 0
         for entry in lost:
             dest = self.domains.get(entry.destination)
+            if (dest is not None and entry.kind != FRAGMENT
+                    and self.is_connected(entry.destination)):
+                # Connected (spooled behind its replay): delivered now, as without a
+                # spool, rather than dropped.
+                if entry.kind == "commande" and entry.msg_id is not None:
+                    pending = self.pending.get(entry.source, entry.msg_id)
+                    if pending is not None:
+                        pending.spooled = False
+                if dest.send(entry.frame, self.domains.get(entry.source)):
+                    delivered += 1
+                    continue
             if dest is not None:
                 dest.stats.dropped += 1
             if entry.kind == "commande" and entry.msg_id is not None:
@@ -742,8 +754,10 @@ class Broker:
                     self._answer_for(pending, Code.DESTINATION_HORS_LIGNE,
                                      f"domain {entry.destination} is not connected and the "
                                      "spool cannot be written")
-        self.log.warning("spool.dropped", why="unavailable", messages=len(lost),
-                         domains=sorted({e.destination for e in lost}))
+        if delivered < len(lost):
+            self.log.warning("spool.dropped", why="unavailable",
+                             messages=len(lost) - delivered,
+                             domains=sorted({e.destination for e in lost}))
 
     def _spool_lost(self, ep: DomainEndpoint) -> None:
         """``ep``'s channel went down: its replay stops where its bytes stopped leaving
@@ -928,9 +942,11 @@ class Broker:
             if time.monotonic() - self._spool_failed_at >= SPOOL_RETRY:
                 if spool.store is None:
                     self.open_spool()
-                else:
-                    spool.state = AVAILABLE  # the next commit tells
+                elif spool.probe():
+                    spool.state = AVAILABLE
                     self.invalidate_routes()
+                else:
+                    self._spool_failed_at = time.monotonic()  # still full: later
             return
         if spool.state != AVAILABLE or spool.store is None:
             return

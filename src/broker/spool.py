@@ -45,6 +45,9 @@ SPOOL_FILE: Final = "spool.sqlite3"
 """The database's name in the state directory."""
 SCHEMA: Final = "spool"
 SCHEMA_VERSION: Final = 1
+PROBE_BYTES: Final = 64 * 1024
+"""What :meth:`Spool.probe` writes (and deletes) to tell whether the file can be written
+again: more than a small batch needs."""
 SPOOL_TABLES: Final = (
     # seq: the rowid, so an insert is an append to the table's b-tree; SQLite gives
     # max(rowid)+1, which is larger than every row left: the order per destination.
@@ -490,6 +493,21 @@ class Spool:
     @property
     def dirty(self) -> bool:
         return bool(self._inserts or self._through or self._rows)
+
+    def probe(self) -> bool:
+        """Can the file be written again? One transaction that writes a page's worth
+        and deletes it (a full or read-only file system fails it). Does not change the
+        state."""
+        if self.store is None:
+            return False
+        try:
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO spool (destination, source, kind, queued_at, frame)"
+                           " VALUES ('', '', 'probe', 0, ?)", (bytes(PROBE_BYTES),))
+                db.execute("DELETE FROM spool WHERE destination = '' AND kind = 'probe'")
+        except StoreError:
+            return False
+        return True
 
     # -- spooling -----------------------------------------------------------------------
     def lane(self, destination: str) -> Lane:
