@@ -726,7 +726,8 @@ class Broker:
 
     def _commit_spool(self) -> None:
         """The group commit: everything spooled (and written out) this loop turn, in one
-        transaction. On failure what it held is dropped as without a spool."""
+        transaction. On failure what it held for connected domains is written to their
+        channels, the rest dropped as without a spool."""
         self._spool_commit = None
         lost = self.spool.commit()
         if not lost:
@@ -735,17 +736,19 @@ class Broker:
         delivered = 0
         for entry in lost:
             dest = self.domains.get(entry.destination)
-            if (dest is not None and entry.kind != FRAGMENT
-                    and self.is_connected(entry.destination)):
-                # Connected (spooled behind its replay): delivered now, as without a
-                # spool, rather than dropped.
-                if entry.kind == "commande" and entry.msg_id is not None:
-                    pending = self.pending.get(entry.source, entry.msg_id)
-                    if pending is not None:
-                        pending.spooled = False
-                if dest.send(entry.frame, self.domains.get(entry.source)):
-                    delivered += 1
-                    continue
+            waiting = (self.pending.get(entry.source, entry.msg_id)
+                       if entry.kind == "commande" and entry.msg_id is not None else None)
+            # Connected (spooled behind its replay): delivered now, as without a spool,
+            # rather than dropped (a command only while its commander waits for it).
+            live = (entry.kind != FRAGMENT and self.is_connected(entry.destination)
+                    and (entry.kind != "commande"
+                         or (waiting is not None and waiting.target is dest)))
+            if (dest is not None and live
+                    and dest.send(entry.frame, self.domains.get(entry.source))):
+                if waiting is not None:
+                    waiting.spooled = False  # with the domain now: answered if it drops
+                delivered += 1
+                continue
             if dest is not None:
                 dest.stats.dropped += 1
             if entry.kind == "commande" and entry.msg_id is not None:
