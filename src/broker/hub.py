@@ -829,7 +829,7 @@ class Broker:
         seq, size, end, _ = lane.written[0]
         if not end - size < start < end or len(data) < end - start:
             return  # not cut: replayed whole
-        self.spool.cut(ep.name, seq, size, FRAGMENT, data[:end - start])  # rewound next
+        self.spool.cut(seq, FRAGMENT, data[:end - start])  # rewound next
 
     def _schedule_replay(self, ep: DomainEndpoint, delay: float = 0.0) -> None:
         # Keyed by endpoint: a stale step of a removed endpoint must not stand for the

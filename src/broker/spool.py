@@ -582,11 +582,12 @@ class Spool:
         lane = self.lane(destination)
         lane.depth.remove(size)
 
-    def cut(self, destination: str, seq: int, size: int, kind: str, tail: bytes) -> bool:
-        """Row ``seq`` (``size`` bytes) of ``destination`` left the broker up to its
-        last ``len(tail)`` bytes: it becomes those bytes, of ``kind``, in its place
-        (written at once, for a broker that stops). False when the spool cannot be
-        written (the row stays whole)."""
+    def cut(self, seq: int, kind: str, tail: bytes) -> bool:
+        """Row ``seq`` left the broker up to its last ``len(tail)`` bytes: it becomes
+        those bytes, of ``kind``, in its place
+        (written at once, for a broker that stops: the depths in memory are left as
+        they are; the next process reads them from the file). False when the spool
+        cannot be written (the row stays whole)."""
         if self.store is None or self.state != AVAILABLE:
             return False
         try:
@@ -595,7 +596,6 @@ class Spool:
                            (kind, tail, seq))
         except StoreError:
             return False
-        self.lane(destination).depth.bytes -= size - len(tail)
         return True
 
     def forget(self, destination: str, seq: int, size: int) -> None:
