@@ -191,7 +191,7 @@ class Broker:
         """The unavailability last logged (logged again only when it changes)."""
         self._bounds: dict[str, tuple[Limits, Bounds]] = {}
         """Each destination's spool bounds, with the limits they were read from."""
-        self._replays: set[str] = set()
+        self._replays: set[DomainEndpoint] = set()
         """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = float("inf")
@@ -728,14 +728,29 @@ class Broker:
 
     def _commit_spool(self) -> None:
         """The group commit: everything spooled (and written out) this loop turn, in one
-        transaction. On failure what it held is dropped as without a spool."""
+        transaction. On failure what it held for connected domains is written to their
+        channels, the rest dropped as without a spool."""
         self._spool_commit = None
         lost = self.spool.commit()
         if not lost:
             return
         self._spool_unavailable(StoreError(self.spool.path or "?", self.spool.error or "?"))
+        delivered = 0
         for entry in lost:
             dest = self.domains.get(entry.destination)
+            waiting = (self.pending.get(entry.source, entry.msg_id)
+                       if entry.kind == "commande" and entry.msg_id is not None else None)
+            # Connected (spooled behind its replay): delivered now, as without a spool,
+            # rather than dropped (a command only while its commander waits for it).
+            live = (entry.kind != FRAGMENT and self.is_connected(entry.destination)
+                    and (entry.kind != "commande"
+                         or (waiting is not None and waiting.target is dest)))
+            if (dest is not None and live
+                    and dest.send(entry.frame, self.domains.get(entry.source))):
+                if waiting is not None:
+                    waiting.spooled = False  # with the domain now: answered if it drops
+                delivered += 1
+                continue
             if dest is not None:
                 dest.stats.dropped += 1
             if entry.kind == "commande" and entry.msg_id is not None:
@@ -744,8 +759,10 @@ class Broker:
                     self._answer_for(pending, Code.DESTINATION_HORS_LIGNE,
                                      f"domain {entry.destination} is not connected and the "
                                      "spool cannot be written")
-        self.log.warning("spool.dropped", why="unavailable", messages=len(lost),
-                         domains=sorted({e.destination for e in lost}))
+        if delivered < len(lost):
+            self.log.warning("spool.dropped", why="unavailable",
+                             messages=len(lost) - delivered,
+                             domains=sorted({e.destination for e in lost}))
 
     def _spool_lost(self, ep: DomainEndpoint) -> None:
         """``ep``'s channel went down: its replay stops where its bytes stopped leaving
@@ -758,6 +775,8 @@ class Broker:
         if lane is not None and lane.written:
             if unsent is not None:
                 self._confirm(ep.name, lane, unsent[0])
+                if self.stopping and lane.written:
+                    self._spool_cut_row(ep, lane, *unsent)
             self.spool.rewind(ep.name)
         elif lane is not None:
             lane.replaying = False
@@ -807,10 +826,23 @@ class Broker:
                 self._spool_commit = asyncio.get_running_loop().call_soon(
                     self._commit_spool)
 
+    def _spool_cut_row(self, ep: DomainEndpoint, lane: Lane, start: int,
+                       data: bytes) -> None:
+        """The broker stops and the kernel took the head of the first replayed row not
+        out (its bytes run over stream position ``start``): the channel stays, the
+        domain holds that head, so the row is kept as its tail only (a FRAGMENT, in its
+        place: replayed first), which completes the frame instead of spoiling it."""
+        seq, size, end, _ = lane.written[0]
+        if not end - size < start < end or len(data) < end - start:
+            return  # not cut: replayed whole
+        self.spool.cut(seq, FRAGMENT, data[:end - start])  # rewound next
+
     def _schedule_replay(self, ep: DomainEndpoint, delay: float = 0.0) -> None:
-        if ep.name in self._replays:
+        # Keyed by endpoint: a stale step of a removed endpoint must not stand for the
+        # replay of the new endpoint of the same name.
+        if ep in self._replays:
             return
-        self._replays.add(ep.name)
+        self._replays.add(ep)
         loop = asyncio.get_running_loop()
         if delay:
             loop.call_later(delay, self._replay, ep)
@@ -821,7 +853,7 @@ class Broker:
         """One step of ``ep``'s replay: a chunk of its spool handed to its channel, if
         the channel has room (at most its high-water mark queued); then the next step
         on the next loop turn (or when it drains)."""
-        self._replays.discard(ep.name)
+        self._replays.discard(ep)
         spool = self.spool
         lane = spool.lanes.get(ep.name)
         if (lane is None or self.domains.get(ep.name) is not ep or ep.transport is None
@@ -919,9 +951,11 @@ class Broker:
             if time.monotonic() - self._spool_failed_at >= SPOOL_RETRY:
                 if spool.store is None:
                     self.open_spool()
-                else:
-                    spool.state = AVAILABLE  # the next commit tells
+                elif spool.probe():
+                    spool.state = AVAILABLE
                     self.invalidate_routes()
+                else:
+                    self._spool_failed_at = time.monotonic()  # still full: later
             return
         if spool.state != AVAILABLE or spool.store is None:
             return
@@ -1154,6 +1188,15 @@ class Broker:
         self.memory.resize(len(self.domains) - len(self.departed))
         self.invalidate_routes()
         was_up = ep.connected_since is not None
+        lane = self.spool.lanes.get(name)
+        if lane is not None:
+            # A replay under way stops: rows known to be out are confirmed, the rest
+            # (in the transport, dropped with it) replayed again to the next endpoint
+            # of this name, from its first byte.
+            out = ep.out_position()
+            if out is not None and lane.written:
+                self._confirm(name, lane, out)
+            self.spool.rewind(name)
         ep.detach()
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
         self.log.info("domain.removed", domain=name)

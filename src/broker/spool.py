@@ -45,6 +45,9 @@ SPOOL_FILE: Final = "spool.sqlite3"
 """The database's name in the state directory."""
 SCHEMA: Final = "spool"
 SCHEMA_VERSION: Final = 1
+PROBE_BYTES: Final = 64 * 1024
+"""What :meth:`Spool.probe` writes (and deletes) to tell whether the file can be written
+again: more than a small batch needs."""
 SPOOL_TABLES: Final = (
     # seq: the rowid, so an insert is an append to the table's b-tree; SQLite gives
     # max(rowid)+1, which is larger than every row left: the order per destination.
@@ -556,6 +559,21 @@ class Spool:
     def dirty(self) -> bool:
         return bool(self._inserts or self._through or self._rows)
 
+    def probe(self) -> bool:
+        """Can the file be written again? One transaction that writes a page's worth
+        and deletes it (a full or read-only file system fails it). Does not change the
+        state."""
+        if self.store is None:
+            return False
+        try:
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO spool (destination, source, kind, queued_at, frame)"
+                           " VALUES ('', '', 'probe', 0, ?)", (bytes(PROBE_BYTES),))
+                db.execute("DELETE FROM spool WHERE destination = '' AND kind = 'probe'")
+        except StoreError:
+            return False
+        return True
+
     # -- spooling -----------------------------------------------------------------------
     def lane(self, destination: str) -> Lane:
         lane = self.lanes.get(destination)
@@ -664,6 +682,22 @@ class Spool:
         source = lane.handed.pop(seq, None)
         if source is not None:
             self._held(lane, source, -1, size)
+
+    def cut(self, seq: int, kind: str, tail: bytes) -> bool:
+        """Row ``seq`` left the broker up to its last ``len(tail)`` bytes: it becomes
+        those bytes, of ``kind``, in its place
+        (written at once, for a broker that stops: the depths in memory are left as
+        they are; the next process reads them from the file). False when the spool
+        cannot be written (the row stays whole)."""
+        if self.store is None or self.state != AVAILABLE:
+            return False
+        try:
+            with self.store.transaction() as db:
+                db.execute("UPDATE spool SET kind = ?, frame = ? WHERE seq = ?",
+                           (kind, tail, seq))
+        except StoreError:
+            return False
+        return True
 
     def forget(self, destination: str, seq: int, size: int, source: str) -> None:
         """Delete one row (of ``source``) out of order (a command that expired in the
