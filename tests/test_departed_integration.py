@@ -5,7 +5,6 @@ comes back under the same name, a real SQLite spool."""
 
 from __future__ import annotations
 
-import select
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,29 +19,6 @@ from tests.test_spool_integration import RECONNECT, answers, cmd, frame, status
 pytestmark = pytest.mark.integration
 
 
-class RawSocket(QemuSocket):
-    """A DomU's listening socket (QEMU's ``connection=socket`` chardev) that keeps the
-    exact bytes it read."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.raw = bytearray()
-
-    def pump(self, timeout: float = 0.05) -> None:
-        assert self.conn is not None
-        ready, _, _ = select.select([self.conn], [], [], timeout)
-        if ready:
-            data = self.conn.recv(1 << 16)
-            if not data:
-                raise AssertionError("broker closed the socket")
-            self.raw += data
-            self.inbox.extend(self.decoder.feed(data))
-
-    def lines_from(self, source: str) -> list[bytes]:
-        marker = b'"source":"%s"' % source.encode()
-        return [line + b"\n" for line in bytes(self.raw).split(b"\n")[:-1] if marker in line]
-
-
 def system_with_discovery(tmp: Path, extra: str = "") -> BrokerSystem:
     sockets = tmp / "run"
     sockets.mkdir()
@@ -51,14 +27,14 @@ def system_with_discovery(tmp: Path, extra: str = "") -> BrokerSystem:
         f'[decouverte]\nmotifs = ["{sockets}/*-msg.sock"]\nintervalle = 0.1\n' + extra))
 
 
-def appear(s: BrokerSystem, name: str, count: int = 1) -> RawSocket:
-    domu = RawSocket(s.tmp / "run" / f"{name}-msg.sock")
+def appear(s: BrokerSystem, name: str, count: int = 1) -> QemuSocket:
+    domu = QemuSocket(s.tmp / "run" / f"{name}-msg.sock")
     domu.accept()
     s.broker.wait_event("domain.connected", domain=name, count=count)
     return domu
 
 
-def leave(s: BrokerSystem, domu: RawSocket, name: str, count: int = 1) -> None:
+def leave(s: BrokerSystem, domu: QemuSocket, name: str, count: int = 1) -> None:
     """The domain goes: its end closes and its socket file is removed."""
     domu.close()
     s.broker.wait_event("domain.departed", domain=name, count=count)

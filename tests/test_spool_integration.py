@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,30 +22,6 @@ pytestmark = pytest.mark.integration
 RECONNECT = "[reconnexion]\nmin = 0.05\nmax = 0.2\n"
 """A domain that comes back is found again within 0.2 s (the default backoff reaches 5 s
 while it is down)."""
-
-
-class RawDomu(Domu):
-    """A DomU end that also keeps the exact bytes it read."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.raw = bytearray()
-
-    def pump(self, timeout: float = 0.05) -> None:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
-            return
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except (BlockingIOError, OSError):
-            return
-        self.raw += data
-        self.inbox.extend(self.decoder.feed(data))
-
-    def lines_from(self, source: str) -> list[bytes]:
-        """Every complete line read that comes from ``source``, as read."""
-        marker = b'"source":"%s"' % source.encode()
-        return [line + b"\n" for line in bytes(self.raw).split(b"\n")[:-1] if marker in line]
 
 
 def frame(src: str, dst: str, i: int) -> bytes:
@@ -69,10 +44,10 @@ def spooled(system: BrokerSystem, name: str) -> int:
     return depth
 
 
-def reconnect(system: BrokerSystem, name: str) -> RawDomu:
+def reconnect(system: BrokerSystem, name: str) -> Domu:
     """Start the domain's socat again on the same paths; its new DomU end."""
     system.pairs[name].start()
-    domu = RawDomu(system.pairs[name].domu)
+    domu = Domu(system.pairs[name].domu)
     system.domus[name] = domu  # closed by the fixture
     return domu
 
@@ -145,7 +120,7 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     but the frames the kernel had taken (in the ptys' buffers and socat's) when socat
     died: gone with it, never known to the broker. Everything the broker still held
     went to the spool and arrives, in order, after what vm-b read before the kill."""
-    a, b0 = system.domus["vm-a"], RawDomu(system.pairs["vm-b"].domu)
+    a, b0 = system.domus["vm-a"], Domu(system.pairs["vm-b"].domu)
     system.domus["vm-b"].close()
     system.domus["vm-b"] = b0  # closed by the fixture
     sent = [frame("vm-a", "vm-b", i) for i in range(2000)]

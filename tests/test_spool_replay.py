@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker_process import BrokerSystem
-from tests.support.peers import is_sentinel, sentinel
+from tests.support.peers import Domu, is_sentinel, sentinel
 from tests.support.ptys import PtyPair
 from tests.support.waiting import wait_until
 from tests.test_spool_integration import (
     RECONNECT,
-    RawDomu,
     down,
     frame,
     reconnect,
@@ -55,7 +54,7 @@ def test_a_domain_rebound_during_its_replay_gets_the_rest_and_live_traffic(
         s.reconfigure({"vm-a": s.paths["vm-a"], "vm-c": new.dom0})
         s.broker.signal(signal.SIGHUP)
         s.broker.wait_event("config.reloaded")
-        fresh = RawDomu(new.domu)
+        fresh = Domu(new.domu)
         a.send(sentinel("vm-a", "vm-c"))
         got = fresh.until_sentinel(is_sentinel, timeout=30)
         ns_new = [m.payload["data"]["n"] for m in got if not is_sentinel(m)]

@@ -62,7 +62,19 @@ def _is_state_notification(m: Message) -> bool:
     return m.source == "dom0" and m.type == "notification"
 
 
-class Domu:
+class _KeepsBytes:
+    """The exact bytes a raw peer read, in order (``raw``), to compare frames byte for
+    byte."""
+
+    raw: bytearray
+
+    def lines_from(self, source: str) -> list[bytes]:
+        """Every complete line read that comes from ``source``, as read."""
+        marker = b'"source":"%s"' % source.encode()
+        return [line + b"\n" for line in bytes(self.raw).split(b"\n")[:-1] if marker in line]
+
+
+class Domu(_KeepsBytes):
     """The DomU side of a channel, raw bytes in and out, with a frame decoder."""
 
     def __init__(self, path: Path) -> None:
@@ -71,6 +83,7 @@ class Domu:
             tty.setraw(self.fd, termios.TCSANOW)
         self.decoder = FrameDecoder(1 << 24)
         self.inbox: list[Message | FrameError] = []
+        self.raw = bytearray()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -94,6 +107,7 @@ class Domu:
             data = os.read(self.fd, 1 << 16)
         except (BlockingIOError, OSError):
             return
+        self.raw += data
         self.inbox.extend(self.decoder.feed(data))
 
     def messages(self, *, exclude_dom0: bool = True) -> list[Message]:
@@ -128,7 +142,7 @@ class Domu:
         os.close(self.fd)
 
 
-class QemuSocket:
+class QemuSocket(_KeepsBytes):
     """A unix socket listener, as QEMU's ``connection=socket`` chardev: the broker
     connects to it. Accepts one connection at a time."""
 
@@ -140,6 +154,7 @@ class QemuSocket:
         self.conn: socket.socket | None = None
         self.decoder = FrameDecoder(1 << 24)
         self.inbox: list[Message | FrameError] = []
+        self.raw = bytearray()
 
     def accept(self, timeout: float = 10.0) -> None:
         self.server.settimeout(timeout)
@@ -163,6 +178,7 @@ class QemuSocket:
             data = self.conn.recv(1 << 16)
             if not data:
                 raise AssertionError("broker closed the socket")
+            self.raw += data
             self.inbox.extend(self.decoder.feed(data))
 
     def wait_messages(self, n: int, timeout: float = 10.0) -> list[Message]:
