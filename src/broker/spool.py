@@ -49,10 +49,13 @@ PROBE_BYTES: Final = 64 * 1024
 """What :meth:`Spool.probe` writes (and deletes) to tell whether the file can be written
 again: more than a small batch needs."""
 SPOOL_TABLES: Final = (
-    # seq: the rowid, so an insert is an append to the table's b-tree; SQLite gives
-    # max(rowid)+1, which is larger than every row left: the order per destination.
+    # seq: the rowid, so an insert is an append to the table's b-tree. AUTOINCREMENT:
+    # never a number used before, even once every row was deleted (plain rowids give
+    # max(rowid)+1, which reuses the numbers of a replayed spool: a lane's replay
+    # cursor and its confirmed position only grow, so a second outage's rows would sit
+    # below them, never replayed, then deleted unsent).
     """CREATE TABLE IF NOT EXISTS spool (
-        seq INTEGER PRIMARY KEY,
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
         destination TEXT NOT NULL,
         source TEXT NOT NULL,
         kind TEXT NOT NULL,
