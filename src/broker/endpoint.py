@@ -546,6 +546,12 @@ class Endpoint(asyncio.Protocol):
             return (self.written, corked) if corked else None
         return (self.written - len(unwritten), bytes(unwritten) + corked)
 
+    def take_unsent(self) -> None:
+        """The channel is about to be dropped by the broker (its transport still
+        open): :attr:`unsent` is what was queued and not written, taken now."""
+        self._note_out()
+        self.unsent = self._unsent(self.transport)
+
     def out_position(self) -> int | None:
         """Stream position up to which bytes have left the broker (taken by the
         kernel); None when unknown (no transport)."""

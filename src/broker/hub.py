@@ -1112,9 +1112,22 @@ class Broker:
         if name in self.departed:
             return  # already departed: its bound runs from the first departure
         was_up = ep.connected_since is not None
+        lane = self.spool.lanes.get(name)
+        if ep.transport is not None:
+            # Its channel is still open: the spool side of its loss runs now, while it
+            # is still this name's endpoint (a rebind adds the next one in the same
+            # call). Rows known to be out are confirmed, the replay rewound, and what
+            # was queued and not written is spooled, once: its abort's ``lost()``
+            # then does nothing (:meth:`lost`).
+            out = ep.out_position()
+            if lane is not None and out is not None and lane.written:
+                self._confirm(name, lane, out)
+            ep.take_unsent()
+            self._spool_lost(ep)
+            ep.unsent = None
         ep.detach()
         ep.connected_since = None
-        if name in self.spool.lanes:
+        if lane is not None:
             # A replay under way stops: what was handed to the channel and not known
             # to be out is replayed again to the next one (at-least-once, as on a drop).
             self.spool.rewind(name)
@@ -1206,7 +1219,9 @@ class Broker:
     def lost(self, endpoint: Endpoint) -> None:
         self.invalidate_routes()  # decisions sending there are stale
         self._deferred.pop(endpoint, None)
-        if isinstance(endpoint, DomainEndpoint) and self.domains.get(endpoint.name) is endpoint:
+        if (isinstance(endpoint, DomainEndpoint) and self.domains.get(endpoint.name) is endpoint
+                and endpoint.name not in self.departed):
+            # A departed endpoint's loss was spooled by depart_domain, before its abort.
             self._spool_lost(endpoint)
 
     def domain_up(self, ep: DomainEndpoint) -> None:
