@@ -47,7 +47,15 @@ canal = "{CHANNEL}"
 [reconnexion]
 min = 0.1
 max = 1.0
+[limites]
+part_cpu = 1000000
+rafale_cpu = 1000000
 """
+"""dom0's broker. The CPU budget per domain is lifted: it is counted in CPU seconds
+sized for real hardware (10 % of a core, turns over 0.5 ms charged more), and under
+nested TCG every instruction costs tens of times more, so the default throttled the
+DomU's honest 500-message burst to a crawl (the xen tier's throughput test timed out
+with the broker idle, paused by its budget)."""
 
 
 def domu_config(boot: int, run_dir: str) -> str:
