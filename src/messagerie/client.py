@@ -740,6 +740,10 @@ class Client:
         self._log.info("commande.abandoned", id=key[1], source=key[0],
                        commande=data.get("commande"), running=task is not None)
         if task is not None:
+            # Its slot is free now, not once the task has unwound: commands read in the
+            # same chunk as this notice (a new burst from the same commander) must not
+            # find it taken (they met `limite`).
+            self._handler_tasks.discard(task)
             task.cancel()
 
     def _answer(self, rep: Reponse) -> None:
