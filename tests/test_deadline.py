@@ -16,7 +16,7 @@ from broker.pending import ABANDONED_MAX, ABANDONED_PER_SLOT, ABANDONED_TTL, Pen
 from broker.policy import Policy
 from broker.router import LATE, RESERVED, UNSOLICITED, Deliver, Refuse, StaticView, route
 from messagerie import DOM0, Code, MessageInvalide, Reason, decode, encode
-from messagerie.client import Client, CommandError, CommandTimeout
+from messagerie.client import Client, CommandTimeout
 from messagerie.envelope import decode_envelope
 from messagerie.model import Commande, Notification, Reponse
 from messagerie.schema import json_schema
@@ -381,18 +381,23 @@ async def test_the_brokers_abandonment_cancels_the_handler_and_nothing_is_answer
         assert list(c._serving) == [("vm-c", "c1")]
 
 
-async def test_the_brokers_delai_depasse_before_the_timeout_is_an_error_reply(
+async def test_the_brokers_delai_depasse_before_the_timeout_is_a_timeout(
         pair: PtyPair, peer: PtyPeer) -> None:
     """The broker's own duree_commande was shorter than the client's timeout: the
-    caller gets its delai_depasse at once, and nothing stays held."""
+    caller gets a CommandTimeout at once, carrying the broker's delai_depasse answer
+    (the same exception as the client's own timeout, whichever fires first), and
+    nothing stays held."""
     async with Client("vm-a", path=pair.domu) as c:
         task = asyncio.create_task(c.commande("vm-b", "x", timeout=30))
         cmd = await peer.recv()
         assert isinstance(cmd, Commande)
         peer.send(cmd.fail(Code.DELAI_DEPASSE, "vm-b did not answer in 1 s", source=DOM0))
-        with pytest.raises(CommandError) as info:
+        with pytest.raises(CommandTimeout) as info:
             await task
-        assert info.value.code == Code.DELAI_DEPASSE
+        assert info.value.reponse is not None
+        assert info.value.reponse.erreur == {"code": Code.DELAI_DEPASSE,
+                                             "message": "vm-b did not answer in 1 s"}
+        assert info.value.timeout == 30
         assert c._pending == {} and c._destination_slots == {}
 
 
@@ -406,3 +411,19 @@ async def test_the_socles_typed_calls_send_their_timeout_too(pair: PtyPair,
         assert cmd.delai is not None and 2.5 < cmd.delai <= 3.0
         peer.send(cmd.reply(["sda"]))
         assert await task == ["sda"]
+
+
+async def test_a_socle_file_call_whose_command_times_out_says_so(pair: PtyPair,
+                                                                 peer: PtyPeer) -> None:
+    """lit_fichier waits for its command's answer, then for a FICHIER: the broker's
+    delai_depasse on the command is the command's timeout, not a missing FICHIER."""
+    from messagerie import socle
+    async with Client("vm-ui", path=pair.domu) as c:
+        task = asyncio.create_task(socle.lit_fichier(c, "cle", "a.txt", timeout=30))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande) and cmd.commande == "lit_fichier"
+        peer.send(cmd.fail(Code.DELAI_DEPASSE, "vm-sys-usb did not answer", source=DOM0))
+        with pytest.raises(CommandTimeout) as info:
+            await task
+        assert info.value.reponse is not None and info.value.reponse.source == DOM0
+        assert c._pending == {}

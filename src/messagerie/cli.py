@@ -38,7 +38,6 @@ from .client import (
 )
 from .codec import encode, from_dict
 from .model import DOM0, Commande, MessageInvalide, Notification
-from .vocabulary import Code
 
 EXIT_OK: Final = 0
 EXIT_ERROR_REPLY: Final = 1
@@ -548,10 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run(args))
     except CommandError as exc:
-        if exc.code == Code.DELAI_DEPASSE:
-            # The broker ends a command at the deadline the client sent (its timeout):
-            # whichever of the two fires first, it is the same timeout.
-            return _fail(EXIT_TIMEOUT, f"timeout: {exc.message or exc.code}")
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR_REPLY
     except ListenTimeout as exc:  # an expected end, not a failure to trace

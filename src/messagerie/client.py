@@ -543,7 +543,12 @@ class Client:
                 self._release(cmd, fut, destination_slots, users)
         if not rep.ok:
             erreur = rep.erreur or {}
-            raise CommandError(str(erreur.get("code", "")), str(erreur.get("message", "")), rep)
+            code = str(erreur.get("code", ""))
+            if code == Code.DELAI_DEPASSE:
+                # The broker ended the command at the deadline it carried, which is our
+                # own timeout when we sent it: whichever fired first, the same timeout.
+                raise CommandTimeout(cmd, wait if wait is not None else carried or 0.0, rep)
+            raise CommandError(code, str(erreur.get("message", "")), rep)
         return rep
 
     def _release(self, cmd: Commande, fut: asyncio.Future[Reponse],

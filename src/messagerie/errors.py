@@ -75,13 +75,19 @@ class CommandError(MessagerieError):
 
 
 class CommandTimeout(MessagerieError, TimeoutError):
-    """No answer to a command within its timeout."""
+    """No answer to a command within its timeout: the client's own, or the deadline the
+    command carried (``delai``), which the broker enforces by answering
+    ``delai_depasse``. Both are the same timeout, so both raise this; ``reponse`` is the
+    broker's ``delai_depasse`` answer when that is what ended the wait (else ``None``).
+    """
 
-    def __init__(self, commande: Commande, timeout: float) -> None:
+    def __init__(self, commande: Commande, timeout: float,
+                 reponse: Reponse | None = None) -> None:
         super().__init__(f"no answer to {commande.commande!r} from {commande.destination!r} "
                          f"within {timeout:g} s")
         self.commande = commande
         self.timeout = timeout
+        self.reponse = reponse
 
 
 class Disconnected(MessagerieError, ConnectionError):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Generic, Literal, TypeV
 
 import msgspec
 
-from .errors import CommandError, Disconnected
+from .errors import CommandError, CommandTimeout, Disconnected
 from .model import DOM0, TOUS, Commande, MessageInvalide, Notification, Reason
 from .vocabulary import Code
 
@@ -416,6 +416,8 @@ async def call(client: Client, spec: CommandSpec[A, R], args: A, *,
                         raise FichierErreur(fichier)
                     return fichier
         raise Disconnected(f"client closed while waiting for FICHIER {name!r}")
+    except CommandTimeout:
+        raise  # the command itself was not answered in time: not a missing FICHIER
     except TimeoutError:
         raise CommandError(Code.DELAI_DEPASSE,
                            f"no FICHIER {'/'.join(states)} for {name!r} within {wait:g} s") \
