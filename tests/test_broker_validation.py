@@ -56,7 +56,7 @@ class VSetup(Setup):
     def feed(self, name: str, *lines: bytes) -> None:
         """The lines, newline-terminated, in one read on ``name``'s channel."""
         self.eps[name].data_received(b"".join(line + b"\n" for line in lines))
-        self.flush()
+        self.settle(self.eps[name])
 
 
 def moves(source: str, dest: str, n: int, categorie: str = "entree") -> list[bytes]:

@@ -57,7 +57,7 @@ from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope,
 from .config import Config, Limits
 from .echo import EchoWindow
 from .memory import MemoryBudget
-from .ratelimit import LogBudget, TokenBucket
+from .ratelimit import Contention, LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
 FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
@@ -77,8 +77,17 @@ frames are estimated (by this channel's measured cost per byte) to cost more is
 processed over several turns, so that the other channels are read in between. A turn
 that costs more anyway (one frame can take longer) is charged more than its time
 (``long_turn_charge``)."""
+CONTENTION_WINDOW = 0.1
+"""Seconds: a channel over its CPU share is paused while another channel within its own
+was read this recently (``ratelimit.Contention``); honest traffic of ten messages a
+second or more keeps a flooder to its share. Longer windows protect sparser traffic
+from one turn of a flooder (at most ``TURN_CPU``, or one costly frame) and leave the
+loop idle longer when nobody else wants it."""
 MIN_TURN_BYTES = 256
 """Never fewer bytes a turn than this (a few frames), whatever their estimated cost."""
+MIN_THROTTLE = 1e-4
+"""Seconds: a channel less in debt than this is read again at once (a timer for less
+costs more than the read it delays)."""
 MIN_FRAME_BYTES = 2
 """The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
@@ -206,6 +215,8 @@ class Sink(Protocol):
     cork: WriteCork
     memory: MemoryBudget
     """Every queue's bytes together (checked on a full queue's path only)."""
+    contention: Contention
+    """Which channels within their CPU share were read lately (the CPU budget)."""
     stopping: bool
     """Shutdown began: endpoints are never resumed."""
 
@@ -398,29 +409,49 @@ class Endpoint(asyncio.Protocol):
         # channel: the thread's own clock, so that being preempted by another process
         # on a busy machine costs nobody anything.
         cost = thread_time() - started
-        self.cpu.refill()
-        self.cpu.tokens -= long_turn_charge(cost)
+        bucket, cpu = self.bucket, self.cpu
+        cpu.refill()
+        cpu.tokens -= long_turn_charge(cost)
+        if cpu.tokens >= 0:
+            self.sink.contention.read(self, cpu.last)
         if len(data) > MIN_TURN_BYTES:  # too few bytes say little about the cost per byte
             self._cost_per_byte = (self._cost_per_byte + cost / len(data)) / 2
             self._turn_bytes = max(MIN_TURN_BYTES, int(TURN_CPU / self._cost_per_byte))
-        bucket, cpu = self.bucket, self.cpu
         if ((bucket.tokens < 0 or cpu.tokens < 0) and self.transport is not None
-                and self._throttle_timer is None):
-            # Over its rate or its CPU share: stop reading this channel until both
-            # budgets are back. The excess waits in the domain's own channel, costing us
-            # nothing. Until it is back within its budget, it is read in small bites.
+                and self._throttle_timer is None
+                and (delay := self._throttle_delay(refill=False)) > 0):
+            # Over its rate, or over its CPU share while others want the loop: stop
+            # reading this channel until it is back within both. The excess waits in
+            # the domain's own channel, costing us nothing. Until it is back within its
+            # budget, it is read in small bites.
             self.transport.pause_reading()
             self._set_read_size(THROTTLED_READ_SIZE)
-            delay = max(bucket.deficit, cpu.deficit)
             if cpu.tokens < 0 and self.throttle_log.allow():
                 self.log.warning("domain.throttled", why="cpu", turn_ms=round(cost * 1e3, 2),
-                                 share=cpu.rate, paused_ms=round(delay * 1e3, 1),
+                                 share=cpu.rate, paused_ms=round(cpu.deficit * 1e3, 1),
                                  suppressed=self.throttle_log.take_suppressed())
             self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
         else:
             size = self._budgeted_read_size()
             if size != self._read_size:
                 self._set_read_size(size)
+
+    def _throttle_delay(self, *, refill: bool = True) -> float:
+        """Seconds before this channel may be read again: until its rate budget is back,
+        and, over its CPU share, while another channel within its own was read lately,
+        until the debt is paid (looked at again every ``CONTENTION_WINDOW``). With
+        nobody else wanting the loop, the CPU debt is forgiven: it delays nobody."""
+        bucket, cpu = self.bucket, self.cpu
+        if refill:
+            bucket.refill()
+            cpu.refill()
+        delay = bucket.deficit
+        if cpu.tokens < 0:
+            if self.sink.contention.others(self, cpu.last):
+                delay = max(delay, min(cpu.deficit, CONTENTION_WINDOW))
+            else:
+                cpu.tokens = 0.0
+        return delay if delay >= MIN_THROTTLE else 0.0
 
     def _route(self, data: bytes,
                decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
@@ -479,6 +510,9 @@ class Endpoint(asyncio.Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
+        if self.transport is not None and (delay := self._throttle_delay()) > 0:
+            self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
+            return
         self._resume()
 
     def stop_reading(self) -> None:
