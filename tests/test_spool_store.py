@@ -97,15 +97,12 @@ def test_not_a_database_is_refused(tmp_path: Path) -> None:
         Store.open(path)
 
 
-def test_bounds_by_count_and_bytes() -> None:
+def test_depth_counts_and_ages() -> None:
+    # What the bounds are checked against (Spool.add: test_spool_share.py).
     bounds = Bounds(messages=2, bytes=100, age=10.0)
     depth = Depth()
-    assert depth.admits(60, bounds) is None
     depth.add(60, 5.0)
-    assert depth.admits(41, bounds) == BYTES
-    assert depth.admits(40, bounds) is None
     depth.add(40, 6.0)
-    assert depth.admits(1, bounds) == COUNT
     assert (depth.count, depth.bytes, depth.oldest) == (2, 100, 5.0)
     assert depth.age(8.0) == 3.0
     assert depth.expired_before(14.0, bounds) is None
@@ -113,7 +110,6 @@ def test_bounds_by_count_and_bytes() -> None:
     depth.remove(60)
     depth.remove(40)
     assert depth == Depth() and depth.age(8.0) is None
-    assert Depth().admits(101, bounds) == BYTES  # a message larger than the bound
 
 
 def test_overflow_is_told_once_per_burst() -> None:

@@ -980,13 +980,8 @@ class Broker:
                 if row.seq in handed:
                     continue
                 expired += 1
-                spool.forget(name, row.seq, len(row.frame), row.source)
-                if row.kind == "commande" and row.msg_id is not None:
-                    pending = self.pending.close(row.source, row.msg_id)
-                    if pending is not None:
-                        self._answer_for(pending, Code.DELAI_DEPASSE,
-                                         f"{name} stayed offline longer than its spool "
-                                         "keeps messages")
+                self._forget_row(name, row, Code.DELAI_DEPASSE,
+                                 f"{name} stayed offline longer than its spool keeps messages")
             lane.expired += expired
             if lane.depth.count:
                 lane.depth.oldest = oldest if oldest is not None else before
@@ -995,6 +990,15 @@ class Broker:
                                  bound="age", limit=self._spool_bounds(name).age)
         if spool.dirty:
             self._commit_spool()
+
+    def _forget_row(self, name: str, row: Row, code: str, why: str) -> None:
+        """Take ``row`` out of ``name``'s spool, never to be delivered; a command in it
+        is answered ``code`` (its commander still waits for it)."""
+        self.spool.forget(name, row.seq, len(row.frame), row.source)
+        if row.kind == "commande" and row.msg_id is not None:
+            pending = self.pending.close(row.source, row.msg_id)
+            if pending is not None:
+                self._answer_for(pending, code, why)
 
     def spool_statistics(self) -> dict[str, Any]:
         spool = self.spool
@@ -1169,13 +1173,8 @@ class Broker:
                 rows = []
             for row in rows:
                 dropped += 1
-                spool.forget(name, row.seq, len(row.frame), row.source)
-                if row.kind == "commande" and row.msg_id is not None:
-                    pending = self.pending.close(row.source, row.msg_id)
-                    if pending is not None:
-                        self._answer_for(pending, code,
-                                         f"domain {name} went away and did not come back "
-                                         f"({why})")
+                self._forget_row(name, row, code,
+                                 f"domain {name} went away and did not come back ({why})")
             if spool.dirty:
                 self._commit_spool()
         if lane is not None and not lane.depth.count and not lane.written:

@@ -361,15 +361,6 @@ class Depth:
     oldest: float | None = None
     """Unix time the oldest message was spooled; None when empty."""
 
-    def admits(self, size: int, bounds: Bounds) -> str | None:
-        """None if one more message of ``size`` bytes fits, else the bound it passes
-        (:data:`COUNT`, :data:`BYTES`). A message larger than the byte bound never fits."""
-        if self.count >= bounds.messages:
-            return COUNT
-        if self.bytes + size > bounds.bytes:
-            return BYTES
-        return None
-
     def add(self, size: int, at: float) -> None:
         self.count += 1
         self.bytes += size
