@@ -1049,3 +1049,40 @@ def test_contention_tells_whether_anyone_else_was_read_lately() -> None:
     c.read(b, 1.08)  # b again: a's read is still the latest by anyone but b
     assert c.others(b, 1.09) and not c.others(b, 1.11)
     assert c.others(a, 1.11) and not c.others(a, 1.19)  # b, 30 ms ago, then 110
+
+
+# -- nudging a relay ------------------------------------------------------------------
+async def test_a_socket_channel_is_nudged_once_its_long_read_has_gone_quiet() -> None:
+    # QEMU's Xen console backend keeps what met a full socket until the DomU's next
+    # event; input for the DomU is one. After a long read (the socket may have been
+    # full), once input has stopped for NUDGE_QUIET, one empty line is written.
+    from broker.endpoint import NUDGE_BYTES, NUDGE_QUIET
+
+    s = Setup(rate=1e9, burst=10**9)
+    a = s.eps["vm-a"]
+    a.nudges = True  # a socket channel (set when it connects)
+    moves = b"".join(encode(Notification("vm-a", "vm-b", "entree", "souris", {"i": i}))
+                     for i in range(NUDGE_BYTES // 60))
+    assert len(moves) >= NUDGE_BYTES
+    loop = asyncio.get_running_loop()
+    a.data_received(moves)
+    s.settle(a)
+    started = loop.time()
+    # Input goes on in short reads: no nudge while it flows.
+    for i in range(4):
+        await asyncio.sleep(NUDGE_QUIET / 2)
+        a.data_received(encode(Notification("vm-a", "vm-b", "entree", "souris", {"j": i})))
+        s.flush()
+    assert s.t["vm-a"].take() == b""
+    await wait_for(lambda: bytes(s.t["vm-a"].written) == b"\n")
+    assert loop.time() - started >= 2 * NUDGE_QUIET
+    assert a.nudged == 1 and a.stats.sent == 0  # not a message
+    await asyncio.sleep(3 * NUDGE_QUIET)
+    assert s.t["vm-a"].take() == b"\n"  # once
+    # Short reads alone never nudge, nor does a pty channel's long read.
+    a.data_received(encode(Notification("vm-a", "vm-b", "entree", "souris", {"k": 0})))
+    b = s.eps["vm-b"]
+    b.data_received(b"x\n" * NUDGE_BYTES)  # long (junk: it goes nowhere)
+    s.settle(b)
+    await asyncio.sleep(3 * NUDGE_QUIET)
+    assert s.t["vm-a"].take() == b"" and a.nudged == 1 and b.nudged == 0

@@ -85,6 +85,13 @@ from one turn of a flooder (at most ``TURN_CPU``, or one costly frame) and leave
 loop idle longer when nobody else wants it."""
 MIN_TURN_BYTES = 256
 """Never fewer bytes a turn than this (a few frames), whatever their estimated cost."""
+NUDGE_BYTES = 4 * 1024
+"""A read of a domain's socket channel this long (or as long as the read size) says
+its relay may have met a full socket (:meth:`Endpoint._nudge_soon`): QEMU writes at
+most a console ring (2 KiB) at a time when it keeps up, so longer reads mean writes
+piled up in the socket, the broker lagging."""
+NUDGE_QUIET = 0.05
+"""Seconds without input after such a read before the relay is nudged."""
 MIN_THROTTLE = 1e-4
 """Seconds: a channel less in debt than this is read again at once (a timer for less
 costs more than the read it delays)."""
@@ -272,6 +279,14 @@ class Endpoint(asyncio.Protocol):
         self._throttle_timer: asyncio.TimerHandle | None = None
         self._backlog: bytes | None = None
         """Bytes read but not yet processed (over MAX_FRAMES_PER_TURN in one read)."""
+        self.read_bytes = 0
+        """Bytes read from this channel since the endpoint was made."""
+        self.nudges = False
+        """Nudge this channel's relay after a long read (:meth:`_nudge_soon`)."""
+        self.nudged = 0
+        """Empty lines written to nudge the relay."""
+        self._nudge_timer: asyncio.TimerHandle | None = None
+        self._nudge_mark = 0
         self.bucket = TokenBucket(limits.rate, limits.burst)
         """Rate limiting: one token per frame read, refilled per read."""
         self.charge = 0
@@ -355,6 +370,9 @@ class Endpoint(asyncio.Protocol):
             self.transport.pause_reading()  # the last connection's frames go first
 
     def data_received(self, data: bytes) -> None:
+        self.read_bytes += len(data)
+        if self.nudges and len(data) >= min(NUDGE_BYTES, self._read_size):
+            self._nudge_soon()
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
             self._backlog += data
             return
@@ -507,6 +525,35 @@ class Endpoint(asyncio.Protocol):
             t._max_read_size = size
         elif hasattr(t, "max_size"):  # asyncio's unix socket transport
             t.max_size = size
+
+    def _nudge_soon(self) -> None:
+        """After a long read, once input has been quiet for ``NUDGE_QUIET``, write an
+        empty line (which every reader skips) to the channel.
+
+        QEMU's Xen console backend relays a DomU's output to its unix socket; a write
+        that meets a full socket (the broker was busy, or paused this channel) leaves
+        the rest in QEMU's buffer, and QEMU retries only at the DomU's next event. It
+        has no writability watch: the tail of a burst would wait there until the DomU
+        writes again, maybe never. Input for the DomU is such an event (the DomU's
+        console driver notifies the backend when it reads it), so the empty line makes
+        QEMU send what it holds. A long read is the sign: a socket that never filled
+        is read in short reads. The cost: one byte to the DomU per burst."""
+        if self._nudge_timer is None:
+            self._nudge_mark = self.read_bytes
+            self._nudge_timer = self._loop.call_later(NUDGE_QUIET, self._nudge)
+
+    def _nudge(self) -> None:
+        self._nudge_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.read_bytes != self._nudge_mark:  # still flowing: look again later
+            self._nudge_soon()
+            return
+        if self.queued():  # it holds output: the DomU will read, and that is an event
+            return
+        self.nudged += 1
+        self.log.debug("channel.nudged", read_bytes=self.read_bytes, nudged=self.nudged)
+        self.send(b"\n", count=0)
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
@@ -1030,6 +1077,7 @@ class DomainEndpoint(Endpoint):
                     raise ChannelError(errno.ESTALE, "xenstore no longer gives this path "
                                        "to this domain", self.path)
                 self.channel_type = channel_kind(self.path)
+                self.nudges = self.channel_type == "socket"
                 self._lost.clear()
                 await open_channel(self.path, lambda: self, exclusive=False)
             except (ChannelError, OSError) as exc:
