@@ -136,10 +136,11 @@ def _last(pairs: Any, key: str) -> Any:
 
 def envelope_level_repeat(line: bytes) -> str | None:
     """The field of the first key repeated at the envelope's levels (top, payload,
-    payload.erreur), computed independently with the stdlib parser."""
+    and a reponse's payload.erreur: docs/protocol.md), computed independently with the
+    stdlib parser."""
     top = json.loads(line, object_pairs_hook=Pairs)
     payload = _last(top, "payload")
-    erreur = _last(payload, "erreur")
+    erreur = _last(payload, "erreur") if _last(top, "type") == "reponse" else None
     for prefix, obj in (("", top), ("payload.", payload), ("payload.erreur.", erreur)):
         if isinstance(obj, Pairs):
             key = _first_repeat(obj)
@@ -421,6 +422,24 @@ def test_hostile_corpus(line: bytes, reason: Reason, field: str | None, name: st
         assert got == ("refused", Reason.DUPLICATE_KEY, ENVELOPE_REPEATS[name])
     else:
         assert got == ("refused", reason, field)
+
+
+@pytest.mark.parametrize(("kind", "payload", "want"), [
+    ("reponse", '"id":"0","commande":"0","statut":"erreur","erreur":{"code":"","code":""}',
+     ("refused", Reason.DUPLICATE_KEY, "payload.erreur.code")),
+    # erreur is an envelope level of a reponse only: of an unknown type, the type
+    # decides; of a notification or a commande, it is contents.
+    ("tous", '"id":"0","statut":"erreur","erreur":{"code":"","code":""}',
+     ("refused", Reason.UNKNOWN_TYPE, "type")),
+    ("tous", '"id":"0","id":"1"', ("refused", Reason.DUPLICATE_KEY, "payload.id")),
+])
+def test_a_reponses_erreur_is_an_envelope_level(memo: Memo, kind: str, payload: str,
+                                                want: Outcome) -> None:
+    line = (f'{{"type":"{kind}","source":"vm-a","destination":"vm-b",'
+            f'"payload":{{{payload}}}}}').encode()
+    assert expected(line) == want  # the reference agrees
+    memo.prepare([line])
+    check_equivalent(line, memo)
 
 
 @pytest.mark.slow
