@@ -11,12 +11,13 @@ import math
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.pending import ABANDONED_MAX, ABANDONED_PER_SLOT, ABANDONED_TTL, PendingCommands
 from broker.policy import Policy
 from broker.router import LATE, RESERVED, UNSOLICITED, Deliver, Refuse, StaticView, route
 from messagerie import DOM0, Code, MessageInvalide, Reason, decode, encode
-from messagerie.client import Client, CommandTimeout
+from messagerie.client import Client, CommandError, CommandTimeout
 from messagerie.envelope import decode_envelope
 from messagerie.model import Commande, Notification, Reponse
 from messagerie.schema import json_schema
@@ -397,8 +398,48 @@ async def test_the_brokers_delai_depasse_before_the_timeout_is_a_timeout(
         assert info.value.reponse is not None
         assert info.value.reponse.erreur == {"code": Code.DELAI_DEPASSE,
                                              "message": "vm-b did not answer in 1 s"}
-        assert info.value.timeout == 30
+        assert info.value.timeout == pytest.approx(30, abs=0.1)  # the delai it carried
+        assert str(info.value).endswith(": vm-b did not answer in 1 s")  # the broker's why
         assert c._pending == {} and c._destination_slots == {}
+
+
+async def test_a_destinations_own_delai_depasse_is_its_error_reply(
+        pair: PtyPair, peer: PtyPeer) -> None:
+    """Only the broker's delai_depasse is the command's timeout: a destination that
+    answers that code itself (its own backend timed out) gives a CommandError."""
+    async with Client("vm-a", path=pair.domu) as c:
+        task = asyncio.create_task(c.commande("vm-b", "x", timeout=30))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande)
+        peer.send(cmd.fail(Code.DELAI_DEPASSE, "the disk did not answer"))  # from vm-b
+        with pytest.raises(CommandError) as info:
+            await task
+        assert (info.value.code, info.value.message) == (Code.DELAI_DEPASSE,
+                                                         "the disk did not answer")
+
+
+async def test_a_handler_whose_own_command_timed_out_answers_delai_depasse(
+        pair: PtyPair, peer: PtyPeer) -> None:
+    """A handler that relays a command and lets its CommandTimeout out answers
+    delai_depasse (not erreur_interne with a traceback)."""
+    c = Client("vm-b", path=pair.domu)
+
+    async def relais(cmd: Commande) -> Any:
+        return (await c.commande("vm-c", "loin", timeout=5)).resultat
+
+    c.add_handler("relais", relais)
+    async with c:
+        with capture_logs() as logs:
+            peer.send(Commande("vm-a", "vm-b", "relais", id="r1"))
+            inner = await peer.recv()
+            assert isinstance(inner, Commande) and inner.commande == "loin"
+            peer.send(inner.fail(Code.DELAI_DEPASSE, "vm-c did not answer in 5 s",
+                                 source=DOM0))
+            rep = await peer.recv()
+        assert isinstance(rep, Reponse) and rep.id == "r1"
+        assert rep.erreur is not None and rep.erreur["code"] == Code.DELAI_DEPASSE
+        assert "vm-c did not answer in 5 s" in rep.erreur["message"]
+        assert not [e for e in logs if e["event"] == "handler.failed"]
 
 
 async def test_the_socles_typed_calls_send_their_timeout_too(pair: PtyPair,
@@ -427,3 +468,19 @@ async def test_a_socle_file_call_whose_command_times_out_says_so(pair: PtyPair,
             await task
         assert info.value.reponse is not None and info.value.reponse.source == DOM0
         assert c._pending == {}
+
+
+async def test_a_socle_file_call_whose_fichier_never_comes_times_out(
+        pair: PtyPair, peer: PtyPeer) -> None:
+    """The command answered, the FICHIER that completes it never sent: the same
+    CommandTimeout, saying what was waited for."""
+    from messagerie import socle
+    async with Client("vm-ui", path=pair.domu) as c:
+        task = asyncio.create_task(socle.lit_fichier(c, "cle", "a.txt", timeout=1.0))
+        cmd = await peer.recv()
+        assert isinstance(cmd, Commande) and cmd.commande == "lit_fichier"
+        peer.send(cmd.reply({"taille": 3}, source="vm-sys-usb"))
+        with pytest.raises(CommandTimeout) as info:
+            await task
+        assert "no FICHIER" in str(info.value) and "'a.txt'" in str(info.value)
+        assert info.value.reponse is None

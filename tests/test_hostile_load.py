@@ -129,12 +129,12 @@ def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Pat
     budget = default_budget(memory_max())  # what the broker derives under its unit
     config = write_config(tmp_path / "broker.toml", dict(ptys.path.items()),
                           extra=f"[limites]\nmemoire_files = {budget}\n"
-                                # Memory is the point, not the rate budget: 150
-                                # broadcasts to 999 domains are 150 000 deliveries. A
-                                # 4 KiB broadcast to 999 domains is one long turn (999
-                                # writes), over the default CPU share: nobody else
-                                # sends, so the CPU budget does not bind.
-                                "debit = 10000000\nrafale = 10000000\n")
+                                "debit = 10000000\nrafale = 10000000\n"
+                                # Memory is the point, not the budgets: a 4 KiB broadcast
+                                # to 999 domains is one long turn (999 writes), charged as
+                                # such; at the default part_cpu the 150 were not all read
+                                # within 120 s.
+                                "part_cpu = 1000000\nrafale_cpu = 1000000\n")
     readers = names[1:n // 2]  # names[n // 2:] never read their channel
     reader = Reader(ptys, readers, b'"bcast"')
     reader.start()

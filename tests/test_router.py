@@ -392,7 +392,7 @@ def test_reponse_from_a_dom0_service_only_from_the_one_asked() -> None:
 
 # -- the pure layer stays pure ---------------------------------------------------------
 
-PURE = ("router", "pending", "ratelimit", "config", "discovery", "policy/__init__",
+PURE = ("router", "pending", "ratelimit", "cpuspeed", "config", "discovery", "policy/__init__",
         "policy/rules", "policy/parser")
 EDGES = ("endpoint", "dom0", "hub", "daemon", "demo")
 

@@ -121,7 +121,8 @@ class Daemon:
         self.ready.set()
         self.log.info("broker.ready", version=messagerie.__version__, config=cfg.source,
                       domains=len(self.broker.domains), dom0_socket=cfg.dom0_socket,
-                      policy=self.policy.origin)
+                      policy=self.policy.origin,
+                      cpu_scale=round(self.broker.settings.cpu_scale, 2))
         await self.stop_event.wait()
         await self.shutdown()
         return 0

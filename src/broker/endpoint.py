@@ -55,9 +55,10 @@ from messagerie.channel import (
 from messagerie.envelope import Envelope, Run, decode_complete, decode_envelope, decode_runs
 
 from .config import Config, Limits
+from .cpuspeed import budget, cpu_scale
 from .echo import EchoWindow
 from .memory import MemoryBudget
-from .ratelimit import Contention, LogBudget, TokenBucket
+from .ratelimit import LogBudget, TokenBucket
 
 Batch = Callable[[list[bytes]], list[Envelope | Run] | None]
 FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
@@ -77,12 +78,6 @@ frames are estimated (by this channel's measured cost per byte) to cost more is
 processed over several turns, so that the other channels are read in between. A turn
 that costs more anyway (one frame can take longer) is charged more than its time
 (``long_turn_charge``)."""
-CONTENTION_WINDOW = 0.1
-"""Seconds: a channel over its CPU share is paused while another channel within its own
-was read this recently (``ratelimit.Contention``); honest traffic of ten messages a
-second or more keeps a flooder to its share. Longer windows protect sparser traffic
-from one turn of a flooder (at most ``TURN_CPU``, or one costly frame) and leave the
-loop idle longer when nobody else wants it."""
 MIN_TURN_BYTES = 256
 """Never fewer bytes a turn than this (a few frames), whatever their estimated cost."""
 NUDGE_BYTES = 4 * 1024
@@ -92,9 +87,6 @@ most a console ring (2 KiB) at a time when it keeps up, so longer reads mean wri
 piled up in the socket, the broker lagging."""
 NUDGE_QUIET = 0.05
 """Seconds without input after such a read before the relay is nudged."""
-MIN_THROTTLE = 1e-4
-"""Seconds: a channel less in debt than this is read again at once (a timer for less
-costs more than the read it delays)."""
 MIN_FRAME_BYTES = 2
 """The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
@@ -186,12 +178,15 @@ class Settings:
     reconnect_max: float
     limits_for: Callable[[str], Limits]
     """One domain's limits (``[domaines.NAME]`` over ``[limites]``): ``Config.limits_for``."""
+    cpu_scale: float = 1.0
+    """This machine's slowness against the reference (``broker.cpuspeed``): a turn's CPU
+    seconds are divided by it before they are charged or compared with ``TURN_CPU``."""
 
     @classmethod
     def of(cls, config: Config) -> Settings:
         decode, batch = FRAME_DECODERS[config.validation]
         return cls(config.limits, config.max_frame, decode, batch, config.reconnect_min,
-                   config.reconnect_max, config.limits_for)
+                   config.reconnect_max, config.limits_for, cpu_scale())
 
 
 class WriteCork:
@@ -222,8 +217,6 @@ class Sink(Protocol):
     cork: WriteCork
     memory: MemoryBudget
     """Every queue's bytes together (checked on a full queue's path only)."""
-    contention: Contention
-    """Which channels within their CPU share were read lately (the CPU budget)."""
     stopping: bool
     """Shutdown began: endpoints are never resumed."""
 
@@ -292,7 +285,8 @@ class Endpoint(asyncio.Protocol):
         self.charge = 0
         """Tokens the broker charges beyond one per frame during the current read (a
         broadcast costs one per recipient), spent when the read is processed."""
-        self.cpu = TokenBucket(limits.cpu_share, limits.cpu_burst)
+        scale = sink.settings.cpu_scale
+        self.cpu = TokenBucket(budget(limits.cpu_share, scale), budget(limits.cpu_burst, scale))
         """CPU budget: the broker's CPU seconds this channel's reads cost (measured per
         turn, ``long_turn_charge``), ``part_cpu`` a second."""
         self._cost_per_byte = TURN_CPU / (4 * READ_SIZE)
@@ -425,51 +419,32 @@ class Endpoint(asyncio.Protocol):
         self._route(data, decoder)
         # The turn's CPU (decoding, routing, the writes it caused), charged to this
         # channel: the thread's own clock, so that being preempted by another process
-        # on a busy machine costs nobody anything.
-        cost = thread_time() - started
-        bucket, cpu = self.bucket, self.cpu
-        cpu.refill()
-        cpu.tokens -= long_turn_charge(cost)
-        if cpu.tokens >= 0:
-            self.sink.contention.read(self, cpu.last)
+        # on a busy machine costs nobody anything; in the reference machine's seconds
+        # (broker.cpuspeed), so that the budget means the same on a slower one.
+        cost = (thread_time() - started) / self.sink.settings.cpu_scale
+        self.cpu.refill()
+        self.cpu.tokens -= long_turn_charge(cost)
         if len(data) > MIN_TURN_BYTES:  # too few bytes say little about the cost per byte
             self._cost_per_byte = (self._cost_per_byte + cost / len(data)) / 2
             self._turn_bytes = max(MIN_TURN_BYTES, int(TURN_CPU / self._cost_per_byte))
+        bucket, cpu = self.bucket, self.cpu
         if ((bucket.tokens < 0 or cpu.tokens < 0) and self.transport is not None
-                and self._throttle_timer is None
-                and (delay := self._throttle_delay(refill=False)) > 0):
-            # Over its rate, or over its CPU share while others want the loop: stop
-            # reading this channel until it is back within both. The excess waits in
-            # the domain's own channel, costing us nothing. Until it is back within its
-            # budget, it is read in small bites.
+                and self._throttle_timer is None):
+            # Over its rate or its CPU share: stop reading this channel until both
+            # budgets are back. The excess waits in the domain's own channel, costing us
+            # nothing. Until it is back within its budget, it is read in small bites.
             self.transport.pause_reading()
             self._set_read_size(THROTTLED_READ_SIZE)
+            delay = max(bucket.deficit, cpu.deficit)
             if cpu.tokens < 0 and self.throttle_log.allow():
                 self.log.warning("domain.throttled", why="cpu", turn_ms=round(cost * 1e3, 2),
-                                 share=cpu.rate, paused_ms=round(cpu.deficit * 1e3, 1),
+                                 share=cpu.rate, paused_ms=round(delay * 1e3, 1),
                                  suppressed=self.throttle_log.take_suppressed())
             self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
         else:
             size = self._budgeted_read_size()
             if size != self._read_size:
                 self._set_read_size(size)
-
-    def _throttle_delay(self, *, refill: bool = True) -> float:
-        """Seconds before this channel may be read again: until its rate budget is back,
-        and, over its CPU share, while another channel within its own was read lately,
-        until the debt is paid (looked at again every ``CONTENTION_WINDOW``). With
-        nobody else wanting the loop, the CPU debt is forgiven: it delays nobody."""
-        bucket, cpu = self.bucket, self.cpu
-        if refill:
-            bucket.refill()
-            cpu.refill()
-        delay = bucket.deficit
-        if cpu.tokens < 0:
-            if self.sink.contention.others(self, cpu.last):
-                delay = max(delay, min(cpu.deficit, CONTENTION_WINDOW))
-            else:
-                cpu.tokens = 0.0
-        return delay if delay >= MIN_THROTTLE else 0.0
 
     def _route(self, data: bytes,
                decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
@@ -544,7 +519,7 @@ class Endpoint(asyncio.Protocol):
 
     def _nudge(self) -> None:
         self._nudge_timer = None
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.sink.stopping:
             return
         if self.read_bytes != self._nudge_mark:  # still flowing: look again later
             self._nudge_soon()
@@ -557,9 +532,6 @@ class Endpoint(asyncio.Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
-        if self.transport is not None and (delay := self._throttle_delay()) > 0:
-            self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
-            return
         self._resume()
 
     def stop_reading(self) -> None:
@@ -572,7 +544,8 @@ class Endpoint(asyncio.Protocol):
         self.limits = limits = settings.limits_for(self.name)
         self.queue_bytes = limits.queue_bytes
         self.bucket.configure(limits.rate, limits.burst)
-        self.cpu.configure(limits.cpu_share, limits.cpu_burst)
+        scale = settings.cpu_scale
+        self.cpu.configure(budget(limits.cpu_share, scale), budget(limits.cpu_burst, scale))
         self.decoder.decode, self.decoder.batch = settings.decode, settings.batch
         if self.transport is not None:
             self._set_write_limits(self.transport)
@@ -602,10 +575,12 @@ class Endpoint(asyncio.Protocol):
             dest._waiters.discard(self)
             dest._fanout_waiters.discard(self)
         self._held_by.clear()
-        for timer in (self._stall_timer, self._throttle_timer, self._progress_timer):
+        for timer in (self._stall_timer, self._throttle_timer, self._progress_timer,
+                      self._nudge_timer):
             if timer is not None:
                 timer.cancel()
         self._stall_timer = self._throttle_timer = self._progress_timer = None
+        self._nudge_timer = None  # a nudge is for the connection whose read armed it
         self.paused_writing = False
 
     def _unsent(self, transport: Any) -> tuple[int, bytes] | None:

@@ -39,12 +39,11 @@ from messagerie.envelope import Envelope, Run
 
 from .config import Config, Limits
 from .dom0 import Dom0Connection, Dom0Services
-from .endpoint import CONTENTION_WINDOW, DomainEndpoint, Endpoint, Settings, WriteCork
+from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
 from .inflight import Recovery
 from .memory import MemoryBudget, cgroup_memory_max, default_budget
 from .pending import Pending, PendingCommands
 from .policy import Policy
-from .ratelimit import Contention
 from .router import (
     ABANDON_CATEGORY,
     ABANDON_EVENT,
@@ -178,8 +177,6 @@ class Broker:
         self.memory = MemoryBudget(
             limits.queues_memory or default_budget(cgroup_memory_max()), self.endpoints)
         """All the queues' bytes together (``Sink.memory``)."""
-        self.contention = Contention(CONTENTION_WINDOW)
-        """Which channels within their CPU share were read lately (``Sink.contention``)."""
         self._deferred: dict[Endpoint, collections.deque[Envelope]] = {}
         """Built-in commands whose answers wait for their asker's queue to drain."""
         self.recovery: Recovery | None = None

@@ -82,39 +82,3 @@ class LogBudget:
     def take_suppressed(self) -> int:
         n, self.suppressed = self.suppressed, 0
         return n
-
-
-class Contention:
-    """Which channels within their CPU share were read lately: the CPU budget binds a
-    channel over its share only while another one, within its own, wants the loop.
-
-    A CPU budget that binds when nobody else is waiting only slows the loop down (on
-    slow hardware, an honest burst alone on the host would crawl at its share); one
-    that binds while an honest channel is being read keeps that channel's latency. So
-    a channel in debt is paused while some other channel within its share was read in
-    the last ``window`` seconds, and its debt is forgiven otherwise. Channels in debt
-    do not count: two flooders alone share the loop between them, and the first honest
-    read pauses both.
-
-    Two slots are enough to answer "was anyone but X read lately": the last channel
-    read and when, and when the last one that was not it was read.
-    """
-
-    __slots__ = ("_last", "_last_at", "_other_at", "window")
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self._last: object = None
-        self._last_at = self._other_at = float("-inf")
-
-    def read(self, who: object, now: float) -> None:
-        """``who``, within its share, was read at ``now``."""
-        if who is not self._last:
-            self._other_at = self._last_at  # the latest read by anyone but ``who``
-            self._last = who
-        self._last_at = now
-
-    def others(self, who: object, now: float) -> bool:
-        """Whether a channel other than ``who`` was read within the window."""
-        at = self._other_at if who is self._last else self._last_at
-        return now - at < self.window

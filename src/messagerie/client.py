@@ -543,12 +543,15 @@ class Client:
                 self._release(cmd, fut, destination_slots, users)
         if not rep.ok:
             erreur = rep.erreur or {}
-            code = str(erreur.get("code", ""))
-            if code == Code.DELAI_DEPASSE:
-                # The broker ended the command at the deadline it carried, which is our
-                # own timeout when we sent it: whichever fired first, the same timeout.
-                raise CommandTimeout(cmd, wait if wait is not None else carried or 0.0, rep)
-            raise CommandError(code, str(erreur.get("message", "")), rep)
+            code, message = str(erreur.get("code", "")), str(erreur.get("message", ""))
+            if code == Code.DELAI_DEPASSE and rep.source == DOM0:
+                # The broker ended the command at its deadline (the one it carried, our
+                # own timeout when we sent it; or the broker's duree_commande, its
+                # spool's age bound...): whichever fired first, a timeout. A
+                # destination's own delai_depasse stays its answer (CommandError).
+                raise CommandTimeout(cmd, carried if carried is not None else wait or 0.0,
+                                     rep, message)
+            raise CommandError(code, message, rep)
         return rep
 
     def _release(self, cmd: Commande, fut: asyncio.Future[Reponse],
@@ -780,6 +783,10 @@ class Client:
             encode(rep)  # a result that is not JSON is the handler's error
         except CommandError as exc:
             rep = cmd.fail(exc.code, exc.message, source=self.name)
+        except CommandTimeout as exc:
+            # A command the handler sent in turn was not answered in time: so is this
+            # one (an answer, not a failure of the handler's code).
+            rep = cmd.fail(Code.DELAI_DEPASSE, str(exc)[:1000], source=self.name)
         except Exception as exc:
             self._log.exception("handler.failed", id=cmd.id, commande=cmd.commande,
                                 source=cmd.source)

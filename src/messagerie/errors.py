@@ -77,14 +77,18 @@ class CommandError(MessagerieError):
 class CommandTimeout(MessagerieError, TimeoutError):
     """No answer to a command within its timeout: the client's own, or the deadline the
     command carried (``delai``), which the broker enforces by answering
-    ``delai_depasse``. Both are the same timeout, so both raise this; ``reponse`` is the
-    broker's ``delai_depasse`` answer when that is what ended the wait (else ``None``).
+    ``delai_depasse`` (also at its own ``duree_commande``, or when the destination
+    stayed offline longer than its spool keeps messages, or went away). Both are the
+    same timeout, so both raise this; ``reponse`` is the broker's ``delai_depasse``
+    answer when that is what ended the wait (else ``None``), and the message ends with
+    ``why`` (the broker's reason). ``timeout`` is the deadline the command carried, else the
+    client's timeout.
     """
 
     def __init__(self, commande: Commande, timeout: float,
-                 reponse: Reponse | None = None) -> None:
+                 reponse: Reponse | None = None, why: str = "") -> None:
         super().__init__(f"no answer to {commande.commande!r} from {commande.destination!r} "
-                         f"within {timeout:g} s")
+                         f"within {timeout:g} s" + (f": {why}" if why else ""))
         self.commande = commande
         self.timeout = timeout
         self.reponse = reponse

@@ -404,7 +404,8 @@ async def call(client: Client, spec: CommandSpec[A, R], args: A, *,
     start = loop.time()
     stream = client.messages(type="notification", source=DOM0, categorie=notif.categorie)
     try:
-        await client.request(spec.command(client.name, args), timeout=timeout)
+        cmd = spec.command(client.name, args)
+        await client.request(cmd, timeout=timeout)
         async with asyncio.timeout(None if wait is None else wait - (loop.time() - start)):
             async for msg in stream:
                 try:
@@ -417,11 +418,11 @@ async def call(client: Client, spec: CommandSpec[A, R], args: A, *,
                     return fichier
         raise Disconnected(f"client closed while waiting for FICHIER {name!r}")
     except CommandTimeout:
-        raise  # the command itself was not answered in time: not a missing FICHIER
+        raise  # the command itself was not answered in time
     except TimeoutError:
-        raise CommandError(Code.DELAI_DEPASSE,
-                           f"no FICHIER {'/'.join(states)} for {name!r} within {wait:g} s") \
-            from None
+        # Answered, but the FICHIER that completes it did not come: the same timeout.
+        raise CommandTimeout(cmd, wait or 0.0, None,
+                             f"no FICHIER {'/'.join(states)} for {name!r}") from None
     finally:
         stream.close()
 
