@@ -23,6 +23,12 @@ pytestmark = [pytest.mark.xen, pytest.mark.guest, pytest.mark.integration,
 def test_broker_in_dom0_binds_the_domu_through_xenstore(xen: XenLab) -> None:
     xen.start_broker()
     xen.wait_event("xenstore.connected")
+    ready = xen.wait_event("broker.ready")
+    # dom0 under nested TCG is far slower than the reference: the CPU budget is counted
+    # in the reference's seconds (broker.cpuspeed), or honest bursts would crawl.
+    assert ready["cpu_scale"] > 2, ready
+    xen.figures["broker's cpu_scale in dom0 (slowness against the reference)"] = \
+        ready["cpu_scale"]
     domid = xen.create_domu()
     bound = xen.wait_event("domain.bound", domain=DOMU, domid=domid)
     assert bound["path"] == xen.msg_socket() and bound["connection"] == "socket"
