@@ -18,8 +18,9 @@ import pytest
 from broker.config import Config, DomainConfig, Limits
 from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
 from broker.hub import Broker
-from messagerie import FrameDecoder, Message, Notification, encode
+from messagerie import BlockingClient, Commande, FrameDecoder, Message, Notification, encode
 from tests.support.broker_process import BrokerSystem
+from tests.support.peers import is_sentinel
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration
@@ -136,3 +137,93 @@ async def test_a_closed_socket_peer_s_frames_past_one_turn_are_all_routed(
     for ep in eps.values():
         ep.detach()
     receiver.close()
+
+
+class Dom0Reader(threading.Thread):
+    """A dom0 service on the broker's socket that reads everything: the broadcasts
+    from ``source``, in order, until a sentinel."""
+
+    def __init__(self, sock: socket.socket, source: str) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.source = sock, source
+        self.got: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        decoder = FrameDecoder(1 << 20)
+        self.sock.settimeout(60)
+        with contextlib.suppress(OSError):
+            while not self.done.is_set():
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    return
+                for m in decoder.feed(data):
+                    if isinstance(m, Message) and m.source == self.source:
+                        if m.payload["evenement"] == "sentinelle":
+                            self.done.set()
+                        else:
+                            self.got.append(m.payload["data"]["i"])
+
+
+def dom0_service(path: Path) -> socket.socket:
+    """A dom0 service connected to the broker's socket: it asks ``ping`` and reads the
+    answer (the broker serves it: it is connected, and gets every broadcast)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.sendall(encode(Commande("dom0", "dom0", "ping", {}, id="p1")))
+    decoder = FrameDecoder(1 << 20)
+    sock.settimeout(10)
+    while not any(isinstance(m, Message) and m.type == "reponse"
+                  for m in decoder.feed(sock.recv(1 << 16))):
+        pass
+    return sock
+
+
+@pytest.mark.slow
+def test_a_mute_dom0_service_holds_no_broadcaster(tmp_path: Path) -> None:
+    # A dom0 service that stops reading is a recipient like a domain: it holds no
+    # broadcaster. delai_blocage = 60: a broadcaster it held, even once, would be held
+    # for a minute, and vm-b and the honest service with it (the wait gives up at 45 s).
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"),
+                     extra="[limites]\nfile_octets = 65536\ndelai_blocage = 60\n"
+                           "debit = 1000000\nrafale = 1000000\n", wait_connected=True)
+    n = 6000  # 690 KiB to each recipient: past what the kernel's socket buffer holds
+    mute = dom0_service(s.dom0_socket)  # never read again
+    honest = Dom0Reader(dom0_service(s.dom0_socket), "vm-a")
+    try:
+        a, b = s.domus["vm-a"], s.domus["vm-b"]
+        honest.start()
+        s.broker.wait_event("dom0.service_connected", count=2)
+        burst = b"".join(shout(i) for i in range(n))
+        writer = threading.Thread(target=a.write, args=(burst + encode(Notification(
+            "vm-a", "tous", "entree", "sentinelle")),), daemon=True)
+        started = time.monotonic()
+        writer.start()
+        try:
+            msgs = [m for m in b.until_sentinel(is_sentinel, timeout=45)
+                    if m.source == "vm-a"]
+        except AssertionError as exc:  # say who held or dropped what
+            raise AssertionError(f"{exc}; dropped: {s.broker.find('message.dropped')}; "
+                                 f"stalled: {s.broker.find('domain.stalled')}") from None
+        elapsed = time.monotonic() - started
+        assert [m.payload["data"]["i"] for m in msgs[:-1]] == list(range(n))
+        assert honest.done.wait(30), f"the honest service got {len(honest.got)} of {n}"
+        assert honest.got == list(range(n)), "the honest service lost or reordered some"
+        writer.join(10)
+        assert s.broker.find("domain.stalled") == []
+        drops = s.broker.find("message.dropped", domain="dom0")
+        assert [d["why"] for d in drops] == ["not_reading"]  # once for the burst
+        assert s.broker.find("message.dropped", domain="vm-b") == []
+        # Every copy for the two services is counted, queued (envoyes) or dropped
+        # (perdus): the burst, its sentinel and the answer to ping, each.
+        with BlockingClient("dom0", path=s.dom0_socket, reconnect=False) as c:
+            stats = c.command("dom0", "statistiques").resultat["dom0"]
+        assert stats["perdus"] >= 1
+        assert stats["envoyes"] + stats["perdus"] == 2 * (n + 2), stats
+        print(f"vm-b and the honest dom0 service got {n} broadcasts in {elapsed:.2f} s; "
+              f"{stats['perdus']} dropped for the mute service")
+    finally:
+        honest.done.set()
+        mute.close()
+        honest.sock.close()
+        assert s.close() == 0

@@ -16,10 +16,11 @@ Outbound policy, per destination (documented in docs/broker.md):
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
   dropped ``commande`` is answered ``destination_saturee``;
-* a broadcast never waits on a destination that took none of its bytes for
-  ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
-  or is dropped for it alone; a slow reader (takes bytes, however few) holds the
-  broadcaster back like any sender and loses nothing (``Endpoint._admit``);
+* a broadcast never waits on a destination (a domain or a dom0 service) that took
+  none of its bytes for ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up
+  to ``queue_bytes``) or is dropped for it alone; a slow reader (takes bytes,
+  however few) holds the broadcaster back like any sender and loses nothing
+  (``Endpoint._admit``);
 * a lost channel's unprocessed frames are routed over the next loop turns within
   its rate budget (``Endpoint._keep_remainder``).
 

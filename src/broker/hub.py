@@ -294,7 +294,7 @@ class Broker:
             else:
                 for target in targets:
                     if target == DOM0:
-                        self._to_dom0(peer, msg, data)
+                        self._to_dom0(peer, msg, data, fanout)
                     else:
                         dest = self.domains[target]
                         if not dest.send(data, peer, fanout=fanout):
@@ -420,7 +420,7 @@ class Broker:
         fanout = len(deliver.targets) > 1
         for target in deliver.targets:
             if target == DOM0:
-                self._to_dom0(peer, msg, data)
+                self._to_dom0(peer, msg, data, fanout)
             else:
                 dest = self.domains[target]
                 if not dest.send(data, peer, fanout=fanout) and peer is not None:
@@ -431,7 +431,7 @@ class Broker:
     def _after_broadcast(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
                          data: bytes) -> None:
         if deliver.dom0_services:
-            self._to_dom0_services(peer, msg, data)
+            self._to_dom0_services(peer, msg, data, bool(deliver.targets))
         if deliver.denied and peer is not None:
             if self.tracer is not None:
                 self.tracer.filtered(peer, msg, deliver.denied)
@@ -441,20 +441,29 @@ class Broker:
                                  name=msg.name, denied=[d for d, _ in deliver.denied],
                                  rules=sorted({r for _, r in deliver.denied}))
 
-    def _to_dom0(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+    def _to_dom0(self, peer: Endpoint | None, msg: Routable, data: bytes,
+                 fanout: bool = False) -> None:
         if msg.type == "journal" and peer is not None:
             self.dom0.received_journal += 1
             journal = self.complete(peer, msg)  # type: ignore[arg-type]
             if journal is None:
                 return
             self.journal(journal, peer)  # type: ignore[arg-type]
-        self._to_dom0_services(peer, msg, data)
+        self._to_dom0_services(peer, msg, data, fanout)
 
-    def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+    def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes,
+                          fanout: bool = False) -> None:
         """To every dom0 service but ``peer`` (the sender, whose reading is held back
-        while a service is full, as for a domain). Drops are counted and logged."""
-        for conn in self.dom0.clients:
-            if conn is not peer and not conn.send(data, peer):
+        while a service is full, as for a domain). ``fanout``: the message has other
+        recipients (a broadcast); so it has when it goes to several services. Each
+        service is then a broadcast's recipient like a domain: one that reads nothing
+        (mute) holds no broadcaster, its copies dropped for it alone past its overflow
+        (``Endpoint._admit``). Drops are counted and logged."""
+        clients = self.dom0.clients
+        if not fanout:
+            fanout = len(clients) - (peer in clients) > 1
+        for conn in clients:
+            if conn is not peer and not conn.send(data, peer, fanout=fanout):
                 self._dropped(peer or conn, conn, msg)
 
     def _forward(self, peer: Endpoint, msg: Envelope, forward: Forward[Endpoint],
