@@ -1,6 +1,6 @@
-"""A broadcaster, a slow reader and a domain that reads nothing, over real socat ptys
-and the broker started as users start it; a lost socket's last frames over real unix
-sockets: counted message by message."""
+"""A broadcaster, a slow reader and a domain or a dom0 service that reads nothing, over
+real socat ptys and the broker started as users start it; a lost socket's last frames
+and a removed domain's queue over real unix sockets: counted message by message."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.config import Config, DomainConfig, Limits
 from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
@@ -230,3 +231,49 @@ def test_a_mute_dom0_service_holds_no_broadcaster(tmp_path: Path) -> None:
         mute.close()
         slow.sock.close()
         assert s.close() == 0
+
+
+async def test_what_was_queued_for_a_removed_domain_is_counted_dropped(
+        tmp_path: Path) -> None:
+    """Real unix sockets: vm-b reads nothing; 3 000 notifications for it fill the
+    kernel's socket buffer and part of its transport's. Removed, it loses what the
+    kernel did not take: counted in its perdus and in ``domain.removed``, exactly the
+    messages its end can no longer read."""
+    names = ("vm-a", "vm-b")
+    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
+                           dom0_socket=None, limits=Limits(rate=1e9, burst=10**9)))
+    loop = asyncio.get_running_loop()
+    eps, far = {}, {}
+    for name in names:
+        ours, far[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
+        broker.domains[name] = ep
+        await loop.create_unix_connection(lambda ep=ep: ep, sock=ours)  # type: ignore[misc]
+        ep.connected_since = time.time()
+        eps[name] = ep
+    n = 3000  # 230 KiB: the transport keeps what the kernel does not take, unpaused
+    far["vm-a"].setblocking(False)
+    await loop.sock_sendall(far["vm-a"], b"".join(
+        encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i})) for i in range(n)))
+    b = eps["vm-b"]
+    await async_wait_until(lambda: b.stats.sent == n and b.queued() > 0)
+    assert not b.paused_writing  # nothing held, nothing dropped yet
+    with capture_logs() as logs:
+        broker.remove_domain("vm-b")
+    far["vm-b"].setblocking(False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := far["vm-b"].recv(1 << 16):
+            data += chunk
+    readable = [m for m in FrameDecoder(1 << 20).feed(data) if isinstance(m, Message)]
+    assert [m.payload["data"]["n"] for m in readable] == list(range(len(readable)))
+    assert 0 < len(readable) < n
+    assert b.stats.dropped == n - len(readable)
+    (removed,) = [e for e in logs if e["event"] == "domain.removed"]
+    assert removed["dropped"] == n - len(readable)
+    await async_wait_until(lambda: b.transport is None)  # lost: nothing counted twice
+    assert b.stats.dropped == n - len(readable)
+    print(f"{len(readable)} of {n} readable after the removal, {b.stats.dropped} dropped")
+    eps["vm-a"].detach()
+    for sock in far.values():
+        sock.close()

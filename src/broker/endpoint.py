@@ -630,9 +630,13 @@ class Endpoint(asyncio.Protocol):
 
     def take_unsent(self) -> None:
         """The channel is about to be dropped by the broker (its transport still
-        open): :attr:`unsent` is what was queued and not written, taken now."""
+        open): :attr:`unsent` is what was queued and not written, taken now (what was
+        corked is taken from the queue: it is never written, nor counted again when
+        the connection is lost)."""
         self._note_out()
         self.unsent = self._unsent(self.transport)
+        self._out.clear()
+        self._out_size = 0
 
     def out_position(self) -> int | None:
         """Stream position up to which bytes have left the broker (taken by the

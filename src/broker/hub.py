@@ -134,6 +134,21 @@ def delai_of(raw: bytes) -> float | None:
         return None  # valid to the envelope check, beyond this parser (the receiver's call)
 
 
+def _lost_messages(unsent: tuple[int, bytes] | None, kept: set[int]) -> int:
+    """The messages in ``unsent`` (stream position, bytes queued and not written) but
+    those ending at a position in ``kept``; a frame whose head left counts (its tail
+    did not), an empty line (a relay's nudge) does not."""
+    if unsent is None:
+        return 0
+    position, data = unsent
+    lost = 0
+    for frame in data.splitlines(keepends=True):
+        position += len(frame)
+        if frame != b"\n" and position not in kept:
+            lost += 1
+    return lost
+
+
 class _Route:
     """A cached routing decision and the messages it routed since the last summary."""
 
@@ -1213,6 +1228,11 @@ class Broker:
         self.invalidate_routes()
         was_up = ep.connected_since is not None
         lane = self.spool.lanes.get(name)
+        # What was queued for it and not written goes with it, counted (perdus) but
+        # the rows of a replay under way: they stay in the spool.
+        replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
+        ep.take_unsent()
+        unsent, ep.unsent = ep.unsent, None
         if lane is not None:
             # A replay under way stops: rows known to be out are confirmed, the rest
             # (in the transport, dropped with it) replayed again to the next endpoint
@@ -1222,8 +1242,10 @@ class Broker:
                 self._confirm(name, lane, out)
             self.spool.rewind(name)
         ep.detach()
+        dropped = _lost_messages(unsent, replayed)
+        ep.stats.dropped += dropped
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
-        self.log.info("domain.removed", domain=name)
+        self.log.info("domain.removed", domain=name, dropped=dropped)
         if was_up:
             self.emit_state(name, Evenement.DECONNECTE)
 
