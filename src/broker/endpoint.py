@@ -163,7 +163,8 @@ class Stats:
     invalid: int = 0
     """Frames from this peer that did not decode."""
     dropped: int = 0
-    """Messages for this peer dropped because its queue was full."""
+    """Messages for this peer dropped: its queue was full, its channel was gone when
+    they were routed, or it was removed with them queued."""
     throttled: int = 0
     """Frames (messages and invalid ones) from this peer read late because it exceeded
     its rate, or dropped unread when its channel closed with more than its budget left
@@ -338,7 +339,8 @@ class Endpoint(asyncio.Protocol):
         """Broadcasts dropped for this destination since it got full (logged once)."""
         self.drop_why = "queue_full"
         """Why the last message refused by :meth:`send` was: ``queue_full``,
-        ``memory_budget`` or ``not_reading`` (a broadcast past a mute one's overflow)."""
+        ``memory_budget``, ``not_reading`` (a broadcast past a mute one's overflow) or
+        ``offline`` (no channel)."""
         self._remainder: bytes | None = None
         """A lost channel's frames not processed yet (``_process_remainder``)."""
         self._remainder_decoder: FrameDecoder[Envelope | Run] | None = None
@@ -837,6 +839,7 @@ class Endpoint(asyncio.Protocol):
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
+            self.drop_why = "offline"  # its channel went away since the route was decided
             return False
         if self.paused_writing and not self._admit(t, data, sender, count, fanout):
             return False

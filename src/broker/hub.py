@@ -639,9 +639,11 @@ class Broker:
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1,
                  run: bytes | None = None) -> None:
-        if self.tracer is not None:
-            self.tracer.dropped(sender, dest, msg, count, run)
         why = dest.drop_why
+        if why == "offline":
+            dest.stats.dropped += count  # send() counts only what a full queue refuses
+        if self.tracer is not None:
+            self.tracer.dropped(sender, dest, msg, count, run, why=why)
         # A mute recipient's broadcasts: logged once per burst (the first), all counted.
         if (why != "not_reading" or dest.overflow_dropped <= count) and \
                 dest.log_budget.allow():
@@ -651,8 +653,12 @@ class Broker:
         if msg.type == "commande":
             assert msg.id is not None
             self.pending.close(msg.source, msg.id)
-            self.answer(sender, msg, Code.DESTINATION_SATUREE,
-                        f"{dest.name} is not reading its channel")
+            if why == "offline":
+                self.answer(sender, msg, Code.DESTINATION_HORS_LIGNE,
+                            f"{dest.name} is not connected")
+            else:
+                self.answer(sender, msg, Code.DESTINATION_SATUREE,
+                            f"{dest.name} is not reading its channel")
 
     # -- the spool ---------------------------------------------------------------------
     def _spool_bounds(self, destination: str) -> Bounds:
