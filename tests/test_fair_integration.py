@@ -1,6 +1,6 @@
-"""A broadcaster, a slow reader and a domain that reads nothing, over real socat ptys
-and the broker started as users start it; a lost socket's last frames over real unix
-sockets: counted message by message."""
+"""A broadcaster, a slow reader and a domain or a dom0 service that reads nothing, over
+real socat ptys and the broker started as users start it; a lost socket's last frames
+and a removed domain's queue over real unix sockets: counted message by message."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.config import Config, DomainConfig, Limits
 from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
 from broker.hub import Broker
-from messagerie import FrameDecoder, Message, Notification, encode
+from messagerie import BlockingClient, Commande, FrameDecoder, Message, Notification, encode
 from tests.support.broker_process import BrokerSystem
+from tests.support.peers import is_sentinel
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration
@@ -136,3 +138,142 @@ async def test_a_closed_socket_peer_s_frames_past_one_turn_are_all_routed(
     for ep in eps.values():
         ep.detach()
     receiver.close()
+
+
+class Dom0Reader(threading.Thread):
+    """A dom0 service on the broker's socket that reads slowly: 2 KiB every 10 ms
+    (about 200 KiB/s, a fifth of what the broadcaster sends); it keeps the broadcasts
+    from ``source``, in order, until a sentinel."""
+
+    def __init__(self, sock: socket.socket, source: str) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.source = sock, source
+        self.got: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        decoder = FrameDecoder(1 << 20)
+        self.sock.settimeout(60)
+        with contextlib.suppress(OSError):
+            while not self.done.is_set():
+                data = self.sock.recv(2048)
+                if not data:
+                    return
+                time.sleep(0.01)
+                for m in decoder.feed(data):
+                    if isinstance(m, Message) and m.source == self.source:
+                        if m.payload["evenement"] == "sentinelle":
+                            self.done.set()
+                        else:
+                            self.got.append(m.payload["data"]["i"])
+
+
+def dom0_service(path: Path) -> socket.socket:
+    """A dom0 service connected to the broker's socket: it asks ``ping`` and reads the
+    answer (the broker serves it: it is connected, and gets every broadcast)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.sendall(encode(Commande("dom0", "dom0", "ping", {}, id="p1")))
+    decoder = FrameDecoder(1 << 20)
+    sock.settimeout(10)
+    while not any(isinstance(m, Message) and m.type == "reponse"
+                  for m in decoder.feed(sock.recv(1 << 16))):
+        pass
+    return sock
+
+
+@pytest.mark.slow
+def test_a_mute_dom0_service_holds_no_broadcaster(tmp_path: Path) -> None:
+    # A dom0 service that stops reading is a recipient like a domain: it holds no
+    # broadcaster (a slow one does, and loses nothing). delai_blocage = 60: a
+    # broadcaster the mute one held, even once, would be held for a minute, and vm-b
+    # with it (the wait gives up at 45 s).
+    s = BrokerSystem(tmp_path, ("vm-a", "vm-b"),
+                     extra="[limites]\nfile_octets = 65536\ndelai_blocage = 60\n"
+                           "debit = 1000000\nrafale = 1000000\n", wait_connected=True)
+    n = 4000  # 460 KiB to each recipient: past what the kernel's socket buffer holds
+    mute = dom0_service(s.dom0_socket)  # never read again
+    slow = Dom0Reader(dom0_service(s.dom0_socket), "vm-a")
+    try:
+        a, b = s.domus["vm-a"], s.domus["vm-b"]
+        slow.start()
+        s.broker.wait_event("dom0.service_connected", count=2)
+        burst = b"".join(shout(i) for i in range(n))
+        writer = threading.Thread(target=a.write, args=(burst + encode(Notification(
+            "vm-a", "tous", "entree", "sentinelle")),), daemon=True)
+        started = time.monotonic()
+        writer.start()
+        try:
+            msgs = [m for m in b.until_sentinel(is_sentinel, timeout=45)
+                    if m.source == "vm-a"]
+        except AssertionError as exc:  # say who held or dropped what
+            raise AssertionError(f"{exc}; dropped: {s.broker.find('message.dropped')}; "
+                                 f"stalled: {s.broker.find('domain.stalled')}") from None
+        elapsed = time.monotonic() - started
+        assert [m.payload["data"]["i"] for m in msgs[:-1]] == list(range(n))
+        assert slow.done.wait(30), f"the slow service got {len(slow.got)} of {n}"
+        assert slow.got == list(range(n)), "the slow service lost or reordered some"
+        writer.join(10)
+        assert s.broker.find("domain.stalled") == []
+        drops = s.broker.find("message.dropped", domain="dom0")
+        assert [d["why"] for d in drops] == ["not_reading"]  # once for the burst
+        assert s.broker.find("message.dropped", domain="vm-b") == []
+        # Every copy for the two services is counted, queued (envoyes) or dropped
+        # (perdus): the burst, its sentinel and the answer to ping, each.
+        with BlockingClient("dom0", path=s.dom0_socket, reconnect=False) as c:
+            stats = c.command("dom0", "statistiques").resultat["dom0"]
+        assert stats["perdus"] >= 1
+        assert stats["envoyes"] + stats["perdus"] == 2 * (n + 2), stats
+        print(f"vm-b got {n} broadcasts in {elapsed:.2f} s, the slow service all of them; "
+              f"{stats['perdus']} dropped for the mute service")
+    finally:
+        slow.done.set()
+        mute.close()
+        slow.sock.close()
+        assert s.close() == 0
+
+
+async def test_what_was_queued_for_a_removed_domain_is_counted_dropped(
+        tmp_path: Path) -> None:
+    """Real unix sockets: vm-b reads nothing; 3 000 notifications for it fill the
+    kernel's socket buffer and part of its transport's. Removed, it loses what the
+    kernel did not take: counted in its perdus and in ``domain.removed``, exactly the
+    messages its end can no longer read."""
+    names = ("vm-a", "vm-b")
+    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
+                           dom0_socket=None, limits=Limits(rate=1e9, burst=10**9)))
+    loop = asyncio.get_running_loop()
+    eps, far = {}, {}
+    for name in names:
+        ours, far[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
+        broker.domains[name] = ep
+        await loop.create_unix_connection(lambda ep=ep: ep, sock=ours)  # type: ignore[misc]
+        ep.connected_since = time.time()
+        eps[name] = ep
+    n = 3000  # 230 KiB: the transport keeps what the kernel does not take, unpaused
+    far["vm-a"].setblocking(False)
+    await loop.sock_sendall(far["vm-a"], b"".join(
+        encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i})) for i in range(n)))
+    b = eps["vm-b"]
+    await async_wait_until(lambda: b.stats.sent == n and b.queued() > 0)
+    assert not b.paused_writing  # nothing held, nothing dropped yet
+    with capture_logs() as logs:
+        broker.remove_domain("vm-b")
+    far["vm-b"].setblocking(False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := far["vm-b"].recv(1 << 16):
+            data += chunk
+    readable = [m for m in FrameDecoder(1 << 20).feed(data) if isinstance(m, Message)]
+    assert [m.payload["data"]["n"] for m in readable] == list(range(len(readable)))
+    assert 0 < len(readable) < n
+    assert b.stats.dropped == n - len(readable)
+    (removed,) = [e for e in logs if e["event"] == "domain.removed"]
+    assert removed["dropped"] == n - len(readable)
+    await async_wait_until(lambda: b.transport is None)  # lost: nothing counted twice
+    assert b.stats.dropped == n - len(readable)
+    print(f"{len(readable)} of {n} readable after the removal, {b.stats.dropped} dropped")
+    eps["vm-a"].detach()
+    for sock in far.values():
+        sock.close()

@@ -1,17 +1,20 @@
 """Slow readers told from mute ones, in process (transports that buffer what the peer
 does not read): a broadcaster is never held by a recipient that reads nothing, a slow
-reader keeps every broadcast, the memory budget cuts the mute first, and a lost
-channel's remainder is routed over later turns within the rate budget."""
+reader keeps every broadcast, the memory budget cuts the mute first, a lost channel's
+remainder is routed over later turns within the rate budget, and the trace tells why
+each message was dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from structlog.testing import capture_logs
 
 from broker import endpoint
 from broker.endpoint import HARD_LIMIT_FACTOR, MAX_FRAMES_PER_TURN, DomainEndpoint
+from broker.trace import Monitor, Subscription, Tracer
 from messagerie import TOUS, Notification, encode
 from tests.test_broker_core import FakeTransport, Setup, wait_for
 
@@ -327,3 +330,86 @@ async def test_a_reconnected_channel_is_read_after_the_last_one_s_remainder(
     h.data_received(moves(1, dest="vm-b").replace(b'"i":0', b'"i":-1'))
     s.flush()
     assert numbers(s, "vm-b") == [*range(n), -1]
+
+
+# -- why each drop happened, as the trace tells it ----------------------------------
+
+class _Collect:
+    """A trace monitor's transport: every event written, decoded."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def write(self, data: bytes) -> None:
+        self.events.extend(json.loads(line) for line in data.splitlines())
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def watch_drops(s: Setup) -> _Collect:
+    """A monitor of ``s``'s broker subscribed to its drops."""
+    tracer = Tracer(s.broker)
+    monitor = Monitor(tracer)
+    monitor.transport = collect = _Collect()  # type: ignore[assignment]
+    monitor.subscription = Subscription(verdict="dropped")
+    tracer.add(monitor)
+    return collect
+
+
+def reasons(collect: _Collect) -> list[tuple[object, object]]:
+    return [(e["why"], e["targets"]) for e in collect.events if e["verdict"] == "dropped"]
+
+
+async def test_the_trace_tells_why_each_message_was_dropped() -> None:
+    # Past a stalled queue's bound: queue_full.
+    s = Setup("vm-a", "vm-b", queue_bytes=8 * 1024, stall_timeout=0.02)
+    drops = watch_drops(s)
+    a, b = s.eps["vm-a"], s.eps["vm-b"]
+    b.pause_writing()
+    s.send(a, *[shout(i, 100) for i in range(2)])  # held, then released at the stall
+    await wait_for(lambda: b.stalled)
+    s.t["vm-b"].buffered = 8 * 1024
+    with capture_logs() as logs:
+        s.send(a, Notification("vm-a", "vm-b", "entree", "souris", {"i": 0}))
+    assert reasons(drops) == [("queue_full", ["vm-b"])]
+    assert [e["why"] for e in logs if e["event"] == "message.dropped"] == ["queue_full"]
+
+    # A broadcast past a mute recipient's overflow: not_reading (mute after
+    # delai_blocage, when shorter than MUTE_AFTER: stalled too, which changes nothing).
+    s = Setup("vm-a", "vm-b", "vm-mute", queue_bytes=64 * 1024, stall_timeout=0.25)
+    drops = watch_drops(s)
+    a, mute = s.eps["vm-a"], s.eps["vm-mute"]
+    buffering(s, "vm-mute")
+    s.send(a, *[shout(k) for k in range(48)])
+    await wait_for(mute.mute)
+    s.send(a, *[shout(k) for k in range(80)])
+    assert mute.stats.dropped > 0
+    assert reasons(drops) == [("not_reading", ["vm-mute"])] * mute.stats.dropped
+
+    # Past the memory budget, a mute queue past its share: memory_budget.
+    s = Setup("vm-a", "vm-mute", "vm-x", "vm-y", queues_memory=256 * 1024,
+              queue_bytes=1 << 20, stall_timeout=0.25)
+    s.broker.memory.resize(4)  # 64 KiB each
+    drops = watch_drops(s)
+    a, mute = s.eps["vm-a"], s.eps["vm-mute"]
+    buffering(s, "vm-mute")
+    mute.send(b"p" * 100 * 1024 + b"\n")
+    mute.flush()
+    s.t["vm-y"].buffered = 100 * 1024
+    await wait_for(mute.mute)
+    s.send(a, Notification("vm-a", "vm-mute", "entree", "souris", {"pad": "p" * 900}))
+    assert reasons(drops) == [("memory_budget", ["vm-mute"])]
+
+    # Its channel gone after the route was decided (cached): offline, counted.
+    s = Setup("vm-a", "vm-b")
+    drops = watch_drops(s)
+    a, b = s.eps["vm-a"], s.eps["vm-b"]
+    s.send(a, Notification("vm-a", "vm-b", "entree", "souris", {"i": 0}))
+    assert len(s.out("vm-b")) == 1
+    b.transport = None  # gone, the broker not told yet
+    with capture_logs() as logs:
+        s.send(a, Notification("vm-a", "vm-b", "entree", "souris", {"i": 1}))
+    assert reasons(drops) == [("offline", ["vm-b"])]
+    assert [e["why"] for e in logs if e["event"] == "message.dropped"] == ["offline"]
+    assert b.stats.dropped == 1

@@ -321,7 +321,8 @@ def test_each_frame_of_a_run_is_its_own_event() -> None:
 
     tracer.routed(Peer(), run.envelope, len(run.data), Deliver(("vm-b",)),  # type: ignore[arg-type]
                   run=run.data)
-    tracer.dropped(Peer(), Dest(), run.envelope, run.count, run.data)  # type: ignore[arg-type]
+    tracer.dropped(Peer(), Dest(), run.envelope, run.count, run.data,  # type: ignore[arg-type]
+                   why="queue_full")
     events = [json.loads(o) for o in monitor.transport.out]  # type: ignore[attr-defined]
     expected = [(json.loads(line)["payload"], len(line) + 1) for line in lines]
     assert [(e["verdict"], json.loads(e["payload"]), e["size"]) for e in events] == \

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from messagerie import DOM0, Code, Commande, Reponse
 from messagerie.model import TOKEN_PATTERN
 
-from .endpoint import Endpoint, Sink
+from .endpoint import Endpoint, Sink, Stats
 from .router import BUILTINS
 
 _COMMAND_NAME = re.compile(TOKEN_PATTERN[1:-1])
@@ -87,9 +87,16 @@ class Dom0Services:
                 del self.services[name]
 
     def statistics(self) -> dict[str, Any]:
+        """The services, what they serve, and the counters of the connected ones
+        together (``recus``, ``perdus``, ...: a domain's, plus ``file``)."""
+        counters = {**Stats().as_dict(), "file": 0}
+        for conn in self.clients:
+            for key, value in conn.stats.as_dict().items():
+                counters[key] += value
+            counters["file"] += conn.queued()
         return {"services": len(self.clients),
                 "commandes": {n: c.creds.get("pid") for n, c in sorted(self.services.items())},
-                "journal": self.received_journal}
+                "journal": self.received_journal, **counters}
 
 
 class Dom0Connection(Endpoint):

@@ -16,10 +16,11 @@ Outbound policy, per destination (documented in docs/broker.md):
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
   dropped ``commande`` is answered ``destination_saturee``;
-* a broadcast never waits on a destination that took none of its bytes for
-  ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up to ``queue_bytes``)
-  or is dropped for it alone; a slow reader (takes bytes, however few) holds the
-  broadcaster back like any sender and loses nothing (``Endpoint._admit``);
+* a broadcast never waits on a destination (a domain or a dom0 service) that took
+  none of its bytes for ``MUTE_AFTER`` (*mute*): it goes to that one's overflow (up
+  to ``queue_bytes``) or is dropped for it alone; a slow reader (takes bytes,
+  however few) holds the broadcaster back like any sender and loses nothing
+  (``Endpoint._admit``);
 * a lost channel's unprocessed frames are routed over the next loop turns within
   its rate budget (``Endpoint._keep_remainder``).
 
@@ -154,7 +155,8 @@ class Stats:
     invalid: int = 0
     """Frames from this peer that did not decode."""
     dropped: int = 0
-    """Messages for this peer dropped because its queue was full."""
+    """Messages for this peer dropped: its queue was full, its channel was gone when
+    they were routed, or it was removed with them queued."""
     throttled: int = 0
     """Frames (messages and invalid ones) from this peer read late because it exceeded
     its rate, or dropped unread when its channel closed with more than its budget left
@@ -331,7 +333,8 @@ class Endpoint(asyncio.Protocol):
         """Broadcasts dropped for this destination since it got full (logged once)."""
         self.drop_why = "queue_full"
         """Why the last message refused by :meth:`send` was: ``queue_full``,
-        ``memory_budget`` or ``not_reading`` (a broadcast past a mute one's overflow)."""
+        ``memory_budget``, ``not_reading`` (a broadcast past a mute one's overflow) or
+        ``offline`` (no channel)."""
         self._remainder: bytes | None = None
         """A lost channel's frames not processed yet (``_process_remainder``)."""
         self._remainder_decoder: FrameDecoder[Envelope | Run] | None = None
@@ -604,9 +607,13 @@ class Endpoint(asyncio.Protocol):
 
     def take_unsent(self) -> None:
         """The channel is about to be dropped by the broker (its transport still
-        open): :attr:`unsent` is what was queued and not written, taken now."""
+        open): :attr:`unsent` is what was queued and not written, taken now (what was
+        corked is taken from the queue: it is never written, nor counted again when
+        the connection is lost)."""
         self._note_out()
         self.unsent = self._unsent(self.transport)
+        self._out.clear()
+        self._out_size = 0
 
     def out_position(self) -> int | None:
         """Stream position up to which bytes have left the broker (taken by the
@@ -807,6 +814,7 @@ class Endpoint(asyncio.Protocol):
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
+            self.drop_why = "offline"  # its channel went away since the route was decided
             return False
         if self.paused_writing and not self._admit(t, data, sender, count, fanout):
             return False

@@ -133,6 +133,21 @@ def delai_of(raw: bytes) -> float | None:
         return None  # valid to the envelope check, beyond this parser (the receiver's call)
 
 
+def _lost_messages(unsent: tuple[int, bytes] | None, kept: set[int]) -> int:
+    """The messages in ``unsent`` (stream position, bytes queued and not written) but
+    those ending at a position in ``kept``; a frame whose head left counts (its tail
+    did not), an empty line (a relay's nudge) does not."""
+    if unsent is None:
+        return 0
+    position, data = unsent
+    lost = 0
+    for frame in data.splitlines(keepends=True):
+        position += len(frame)
+        if frame != b"\n" and position not in kept:
+            lost += 1
+    return lost
+
+
 class _Route:
     """A cached routing decision and the messages it routed since the last summary."""
 
@@ -291,7 +306,7 @@ class Broker:
             else:
                 for target in targets:
                     if target == DOM0:
-                        self._to_dom0(peer, msg, data)
+                        self._to_dom0(peer, msg, data, fanout)
                     else:
                         dest = self.domains[target]
                         if not dest.send(data, peer, fanout=fanout):
@@ -417,7 +432,7 @@ class Broker:
         fanout = len(deliver.targets) > 1
         for target in deliver.targets:
             if target == DOM0:
-                self._to_dom0(peer, msg, data)
+                self._to_dom0(peer, msg, data, fanout)
             else:
                 dest = self.domains[target]
                 if not dest.send(data, peer, fanout=fanout) and peer is not None:
@@ -428,7 +443,7 @@ class Broker:
     def _after_broadcast(self, peer: Endpoint | None, msg: Routable, deliver: Deliver,
                          data: bytes) -> None:
         if deliver.dom0_services:
-            self._to_dom0_services(peer, msg, data)
+            self._to_dom0_services(peer, msg, data, bool(deliver.targets))
         if deliver.denied and peer is not None:
             if self.tracer is not None:
                 self.tracer.filtered(peer, msg, deliver.denied)
@@ -438,20 +453,29 @@ class Broker:
                                  name=msg.name, denied=[d for d, _ in deliver.denied],
                                  rules=sorted({r for _, r in deliver.denied}))
 
-    def _to_dom0(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+    def _to_dom0(self, peer: Endpoint | None, msg: Routable, data: bytes,
+                 fanout: bool = False) -> None:
         if msg.type == "journal" and peer is not None:
             self.dom0.received_journal += 1
             journal = self.complete(peer, msg)  # type: ignore[arg-type]
             if journal is None:
                 return
             self.journal(journal, peer)  # type: ignore[arg-type]
-        self._to_dom0_services(peer, msg, data)
+        self._to_dom0_services(peer, msg, data, fanout)
 
-    def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes) -> None:
+    def _to_dom0_services(self, peer: Endpoint | None, msg: Routable, data: bytes,
+                          fanout: bool = False) -> None:
         """To every dom0 service but ``peer`` (the sender, whose reading is held back
-        while a service is full, as for a domain). Drops are counted and logged."""
-        for conn in self.dom0.clients:
-            if conn is not peer and not conn.send(data, peer):
+        while a service is full, as for a domain). ``fanout``: the message has other
+        recipients (a broadcast); so it has when it goes to several services. Each
+        service is then a broadcast's recipient like a domain: one that reads nothing
+        (mute) holds no broadcaster, its copies dropped for it alone past its overflow
+        (``Endpoint._admit``). Drops are counted and logged."""
+        clients = self.dom0.clients
+        if not fanout:
+            fanout = len(clients) - (peer in clients) > 1
+        for conn in clients:
+            if conn is not peer and not conn.send(data, peer, fanout=fanout):
                 self._dropped(peer or conn, conn, msg)
 
     def _forward(self, peer: Endpoint, msg: Envelope, forward: Forward[Endpoint],
@@ -612,9 +636,11 @@ class Broker:
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1,
                  run: bytes | None = None) -> None:
-        if self.tracer is not None:
-            self.tracer.dropped(sender, dest, msg, count, run)
         why = dest.drop_why
+        if why == "offline":
+            dest.stats.dropped += count  # send() counts only what a full queue refuses
+        if self.tracer is not None:
+            self.tracer.dropped(sender, dest, msg, count, run, why=why)
         # A mute recipient's broadcasts: logged once per burst (the first), all counted.
         if (why != "not_reading" or dest.overflow_dropped <= count) and \
                 dest.log_budget.allow():
@@ -624,8 +650,12 @@ class Broker:
         if msg.type == "commande":
             assert msg.id is not None
             self.pending.close(msg.source, msg.id)
-            self.answer(sender, msg, Code.DESTINATION_SATUREE,
-                        f"{dest.name} is not reading its channel")
+            if why == "offline":
+                self.answer(sender, msg, Code.DESTINATION_HORS_LIGNE,
+                            f"{dest.name} is not connected")
+            else:
+                self.answer(sender, msg, Code.DESTINATION_SATUREE,
+                            f"{dest.name} is not reading its channel")
 
     # -- the spool ---------------------------------------------------------------------
     def _spool_bounds(self, destination: str) -> Bounds:
@@ -1201,6 +1231,11 @@ class Broker:
         self.invalidate_routes()
         was_up = ep.connected_since is not None
         lane = self.spool.lanes.get(name)
+        # What was queued for it and not written goes with it, counted (perdus) but
+        # the rows of a replay under way: they stay in the spool.
+        replayed = {end for _, _, end, _ in lane.written} if lane is not None else set()
+        ep.take_unsent()
+        unsent, ep.unsent = ep.unsent, None
         if lane is not None:
             # A replay under way stops: rows known to be out are confirmed, the rest
             # (in the transport, dropped with it) replayed again to the next endpoint
@@ -1210,8 +1245,10 @@ class Broker:
                 self._confirm(name, lane, out)
             self.spool.rewind(name)
         ep.detach()
+        dropped = _lost_messages(unsent, replayed)
+        ep.stats.dropped += dropped
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
-        self.log.info("domain.removed", domain=name)
+        self.log.info("domain.removed", domain=name, dropped=dropped)
         if was_up:
             self.emit_state(name, Evenement.DECONNECTE)
 

@@ -304,12 +304,14 @@ class Tracer:
                    denied=[d for d, _ in denied], rule="; ".join(sorted({r for _, r in denied})))
 
     def dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int,
-                run: bytes | None = None) -> None:
-        """``count`` copies of ``msg`` were dropped, or, with ``run``, each frame of
-        that run (``msg`` its first frame's envelope)."""
+                run: bytes | None = None, *, why: str) -> None:
+        """``count`` copies of ``msg`` were dropped for ``dest``, or, with ``run``, each
+        frame of that run (``msg`` its first frame's envelope). ``why``: as
+        ``message.dropped`` says it (``Endpoint.drop_why``: ``queue_full``,
+        ``not_reading``, ``memory_budget``, ``offline``)."""
         frames = _frames(msg, run) if run is not None else [msg] * count
         for frame in frames:
-            self._emit(sender, frame, "dropped", _size(frame), why="queue_full",
+            self._emit(sender, frame, "dropped", _size(frame), why=why,
                        targets=[dest.name])
 
 
