@@ -6,8 +6,8 @@
 
 Domains on socat ptys, one broker: vm-ui sends mouse-move-sized notifications to
 vm-diag at 1 000 msg/s and vm-diag measures their one-way latency (``peers.py recv
---latency``), while vm-evil writes as fast as it can (``peers.py send`` without
-``--rate``, repeated until the honest run is over; its destinations drain their end so
+--latency``), while vm-evil writes as fast as it can (one ``peers.py send --forever``
+without ``--rate`` until the honest run is over; its destinations drain their end so
 that the flood is limited by the broker, not by back-pressure). First two brokers,
 each with the quiet flow then a flood of mouse moves to vm-sink:
 
@@ -33,7 +33,6 @@ import logging
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -147,24 +146,14 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
              "shared": ["--dest", "vm-diag"]}.get(kind, [])
     if kind == "heavy":
         chunk = max(1, chunk // 400)  # each one is 60 KiB
-    stop = threading.Event()
-    out: dict[str, Any] = {"sent": 0}
+    out: dict[str, Any] = {}
     before = statistics(sock)["domaines"]["vm-evil"]
-
-    current: list[subprocess.Popen[bytes]] = []
-
-    def run() -> None:
-        while not stop.is_set():
-            proc = subprocess.Popen([*PEERS, "send", str(evil.domu), str(chunk), "--source",
-                                     "vm-evil", "--dest", "vm-sink", *flags],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            current[:] = [proc]
-            if proc.wait() == 0:
-                out["sent"] += chunk
-
-    thread = threading.Thread(target=run, daemon=True)
+    # One writer for the whole flood (a new process per burst would add its start-up,
+    # tens of ms of CPU, to the machine's load at every burst).
+    writer = subprocess.Popen([*PEERS, "send", str(evil.domu), str(chunk), "--source",
+                               "vm-evil", "--dest", "vm-sink", "--forever", *flags],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.monotonic()
-    thread.start()
     try:
         # Under way once the broker has read more than the burst allowance.
         ahead = 1 if kind == "heavy" else 5000 // (len(sinks) + 3) if kind == "tous" else 5000
@@ -174,10 +163,8 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
     finally:
         after = statistics(sock)["domaines"]["vm-evil"]
         elapsed = time.monotonic() - started
-        stop.set()
-        for proc in current:  # a throttled sender would write on for a long time
-            proc.kill()
-        thread.join(120)
+        writer.kill()
+        writer.wait()
         out["read_per_second"] = (read(after) - read(before)) / elapsed
         out["throttled"] = after["limites"] - before["limites"]
         # What vm-evil's channel still holds is read before the next phase: until the
@@ -234,8 +221,9 @@ def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[st
       ``ping`` commands to vm-srv and to dom0 go on.
 
     The honest flow (``honest``) runs in every phase, the commands (``commands``) in the
-    quiet ones and the starved one. Every honest message is counted: ``honest`` raises
-    if one is missing; ``honest_lost`` adds what the broker refused or dropped of them.
+    starved one and in the two quiet ones around it (its baseline carries the same
+    honest load). Every honest message is counted: ``honest`` raises if one is missing;
+    ``honest_lost`` adds what the broker refused or dropped of them.
     """
     names = [*DOMAINS, *COMMANDERS, *(f"vm-l{i:02d}" for i in range(listeners))]
     policy = tmp / "hostile-policy.toml"
@@ -247,21 +235,26 @@ def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[st
         ui, diag, evil = p["vm-ui"], p["vm-diag"], p["vm-evil"]
         listening = [p["vm-sink"], *(p[n] for n in names if n.startswith("vm-l")),
                      p["vm-mute"]]
+        def with_commands(key: str, stuck: int = 0) -> dict[str, Any]:
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(commands, p["vm-cmd"], 200, stuck=stuck)
+                got = honest(ui, diag, n_honest)
+                out[key] = future.result(60)
+            return got
+
         out["quiet"] = quiet = honest(ui, diag, n_honest)
-        out["quiet_commands"] = commands(p["vm-cmd"], 200)
         out["quiet_before"], out["quiet_after"] = {}, {}
         for kind in ATTACKS:
-            out["quiet_before"][kind] = quiet
             if kind == "starved":
-                with ThreadPoolExecutor(1) as pool:
-                    future = pool.submit(commands, p["vm-cmd"], 200, stuck=200)
-                    out[kind] = honest(ui, diag, n_honest)
-                    out["starved_commands"] = future.result(60)
-            else:
-                attack = flood(evil, [] if kind == "shared" else listening, sock, chunk,
-                               "tous" if kind == "fanout" else kind)
-                out[kind] = honest(ui, diag, n_honest, during=attack)
-                out["rss_kib"] = max(out.get("rss_kib", 0), rss_kib(b.proc.pid))
+                out["quiet_before"][kind] = with_commands("quiet_commands")
+                out[kind] = with_commands("starved_commands", stuck=200)
+                out["quiet_after"][kind] = with_commands("quiet_after_commands")
+                continue
+            out["quiet_before"][kind] = quiet
+            attack = flood(evil, [] if kind == "shared" else listening, sock, chunk,
+                           "tous" if kind == "fanout" else kind)
+            out[kind] = honest(ui, diag, n_honest, during=attack)
+            out["rss_kib"] = max(out.get("rss_kib", 0), rss_kib(b.proc.pid))
             out["quiet_after"][kind] = quiet = honest(ui, diag, n_honest)
         stats = statistics(sock)["domaines"]
         # vm-diag's drops are the flood's in the shared and fan-out phases (honest()
@@ -271,7 +264,8 @@ def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[st
         refused_stuck = sum(out["starved_commands"]["stuck"].values())
         unanswered = sum(out[k]["unanswered"] + sum(v for how, v in out[k]["answered"].items()
                                                      if how != "ok")
-                         for k in ("quiet_commands", "starved_commands"))
+                         for k in ("quiet_commands", "starved_commands",
+                                   "quiet_after_commands"))
         out["honest_lost"] = (stats["vm-ui"]["refuses"] + stats["vm-cmd"]["refuses"]
                               - refused_stuck + unanswered)
     return out
@@ -332,11 +326,15 @@ def table(r: dict[str, Any]) -> str:
     names = {"junk": "junk flood", "fanout": "broadcast flood", "shared": "shared destination",
              "heavy": "CPU-heavy frames", "starved": "command starvation"}
     for kind in ATTACKS:
+        if kind == "starved":  # its own quiet phase before it, with the same commands
+            rows.append(row("quiet", a["quiet_before"][kind], None,
+                            "with vm-cmd's commands (200 a second)"))
         near = {k: baseline(a, kind, k) for k in ("p50_us", "p99_us", "p99.9_us")}
         rows.append(row(names[kind], a[kind], near,
                         NOTES[kind].format(recipients=r["listeners"] + 4)
                         + "; ratios to the larger of the quiet rows around it"))
-        rows.append(row("quiet", a["quiet_after"][kind], None, f"after the {names[kind]}"))
+        rows.append(row("quiet", a["quiet_after"][kind], None, f"after the {names[kind]}"
+                        + (", with vm-cmd's commands" if kind == "starved" else "")))
     commands = [f"- commands, {phase}: {a[key]['answered'].get('ok', 0)} of 200 answered ok, "
                 f"p50 {a[key]['p50_us']:.0f} us, p99 {a[key]['p99_us']:.0f} us"
                 + (f"; the {sum(a[key]['stuck'].values())} past vm-mute's 64 slots answered "

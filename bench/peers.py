@@ -2,6 +2,7 @@
 or with each other. Each prints one JSON line of results on stdout.
 
     python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk|--heavy]
+                                   [--forever]
     python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE]
     python bench/peers.py recvmany PATH,PATH,... COUNT
     python bench/peers.py commands PATH COUNT --dest D,D,... [--rate R] [--stuck D:N]
@@ -9,7 +10,8 @@ or with each other. Each prints one JSON line of results on stdout.
 
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
 end, as fast as possible or at ``--rate`` messages per second; each carries its send
-time (CLOCK_MONOTONIC, shared by all processes on the machine). ``recv`` reads them
+time (CLOCK_MONOTONIC, shared by all processes on the machine); with ``--forever``
+it writes them again and again until it is killed (a flood). ``recv`` reads them
 from another DomU end and reports first/last arrival and, with ``--latency``, the
 distribution of one-way latencies. Both open the pty raw. ``recvmany`` reads COUNT
 messages on each of several DomU ends (broadcast fan-out) and reports when the last one
@@ -111,6 +113,8 @@ def send(args: argparse.Namespace) -> dict[str, float]:
                              for i in range(args.count))
         write_ns = time.monotonic_ns()
         write_all(fd, burst)
+        while args.forever:  # a flood that lasts: no new process (its start-up) per burst
+            write_all(fd, burst)
         # write_ns: when the first byte went out (start_ns also counts building the burst).
         return {"start_ns": start, "write_ns": write_ns, "end_ns": time.monotonic_ns()}
     return {"start_ns": start, "write_ns": start, "end_ns": time.monotonic_ns()}
@@ -287,6 +291,8 @@ def main() -> None:
                    help="send: COUNT tiny invalid lines (x and a newline) instead")
     p.add_argument("--heavy", action="store_true",
                    help="send: COUNT costly frames (60 KiB, non-canonical, 15 000 {}) instead")
+    p.add_argument("--forever", action="store_true",
+                   help="send without --rate: write the burst again and again until killed")
     p.add_argument("--from", dest="source_filter", default=None,
                    help="recv --latency: count only the messages from this source")
     p.add_argument("--stuck", default=None, metavar="DEST:N",

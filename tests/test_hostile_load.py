@@ -226,18 +226,21 @@ def test_honest_traffic_under_each_attack_class(tmp_path: Path) -> None:
              f"{'quiet':<12} {r['quiet']['p50_us']:>9.0f} {r['quiet']['p99_us']:>10.0f}"]
     for phase in ATTACKS:
         x, q = r[phase], r["quiet_after"][phase]
+        if phase == "starved":  # its quiet neighbours carry vm-cmd's commands too
+            b = r["quiet_before"][phase]
+            lines.append(f"{'quiet+cmds':<12} {b['p50_us']:>9.0f} {b['p99_us']:>10.0f}")
         q50, q99 = baseline(r, phase, "p50_us"), baseline(r, phase, "p99_us")
         lines.append(f"{phase:<12} {x['p50_us']:>9.0f} {x['p99_us']:>10.0f} {q50:>10.0f} "
                      f"{q99:>10.0f} {x['p50_us'] / q50:>6.2f} {x['p99_us'] / q99:>6.2f}")
         lines.append(f"{'quiet':<12} {q['p50_us']:>9.0f} {q['p99_us']:>10.0f}")
-    for phase in ("quiet_commands", "starved_commands"):
+    for phase in ("quiet_commands", "starved_commands", "quiet_after_commands"):
         x = r[phase]
         lines.append(f"{phase:<16} p50 {x['p50_us']:.0f} us p99 {x['p99_us']:.0f} us "
                      f"answered {x['answered']} stuck {x['stuck']}")
     print("\nhonest latency per attack class (ratios to the larger adjacent quiet value)\n"
           + "\n".join(lines))
     assert r["honest_lost"] == 0
-    for phase in ("quiet_commands", "starved_commands"):
+    for phase in ("quiet_commands", "starved_commands", "quiet_after_commands"):
         assert r[phase]["answered"] == {"ok": 200} and r[phase]["unanswered"] == 0
     # vm-mute holds its share of vm-cmd's slots (64), the rest answered limite at once.
     assert r["starved_commands"]["stuck"] == {"limite": 200 - 64}
