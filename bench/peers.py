@@ -3,7 +3,7 @@ or with each other. Each prints one JSON line of results on stdout.
 
     python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk|--heavy]
                                    [--forever]
-    python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE]
+    python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE] [--windows N]
     python bench/peers.py recvmany PATH,PATH,... COUNT
     python bench/peers.py commands PATH COUNT --dest D,D,... [--rate R] [--stuck D:N]
     python bench/peers.py answer PATH 0 [--source S]
@@ -120,7 +120,7 @@ def send(args: argparse.Namespace) -> dict[str, float]:
     return {"start_ns": start, "write_ns": start, "end_ns": time.monotonic_ns()}
 
 
-def recv(args: argparse.Namespace) -> dict[str, float]:
+def recv(args: argparse.Namespace) -> dict[str, Any]:
     fd = open_raw(args.path)
     print(json.dumps({"ready": True}), flush=True)
     seen = 0
@@ -151,7 +151,14 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
                     seen += 1
         else:
             seen += data.count(b"\n")
-    out: dict[str, float] = {"received": seen, "first_ns": first, "last_ns": last}
+    out: dict[str, Any] = {"received": seen, "first_ns": first, "last_ns": last}
+    if latencies and args.windows > 1:
+        # p99 of each window of consecutive messages, in arrival order: one stall of
+        # the machine lands in one window, a lasting cost in all of them.
+        size = -(-len(latencies) // args.windows)
+        out["p99_windows_us"] = [
+            sorted(w)[min(len(w) - 1, int(len(w) * 0.99))] / 1000
+            for w in (latencies[i:i + size] for i in range(0, len(latencies), size))]
     if latencies:
         latencies.sort()
         n = len(latencies)
@@ -293,6 +300,9 @@ def main() -> None:
                    help="send: COUNT costly frames (60 KiB, non-canonical, 15 000 {}) instead")
     p.add_argument("--forever", action="store_true",
                    help="send without --rate: write the burst again and again until killed")
+    p.add_argument("--windows", type=int, default=1, metavar="N",
+                   help="recv --latency: also the p99 of each of N windows of consecutive "
+                        "messages (p99_windows_us)")
     p.add_argument("--from", dest="source_filter", default=None,
                    help="recv --latency: count only the messages from this source")
     p.add_argument("--stuck", default=None, metavar="DEST:N",
