@@ -241,7 +241,8 @@ def test_honest_traffic_under_each_attack_class(tmp_path: Path) -> None:
         x = r[phase]
         lines.append(f"{phase:<16} p50 {x['p50_us']:.0f} us p99 {x['p99_us']:.0f} us "
                      f"answered {x['answered']} stuck {x['stuck']}")
-    print("\nhonest latency per attack class (ratios to the larger adjacent quiet value)\n"
+    print(f"\nhonest latency per attack class (ratios to the larger adjacent quiet value; "
+          f"nice {r['nice']})\n"
           + "\n".join(lines))
     assert r["honest_lost"] == 0
     for phase in ("quiet_commands", "starved_commands", "quiet_after_commands"):
