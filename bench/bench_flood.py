@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -240,15 +240,17 @@ def priority(nice: int) -> Iterator[int]:
             os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
-def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str, Any]:
+def hostile_run(tmp: Path, n_honest: int, chunk: int, listeners: int,
+                kinds: Sequence[str] = ATTACKS) -> dict[str, Any]:
     """:func:`attack_run` at :data:`PRIORITY` (``nice`` in the result: what it got)."""
     with priority(PRIORITY) as nice:
-        out = attack_run(tmp, n_honest, chunk, listeners)
+        out = attack_run(tmp, n_honest, chunk, listeners, kinds)
     out["nice"] = nice
     return out
 
 
-def attack_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str, Any]:
+def attack_run(tmp: Path, n_honest: int, chunk: int, listeners: int,
+               kinds: Sequence[str] = ATTACKS) -> dict[str, Any]:
     """One broker, every attack class in turn, each between two quiet phases of the same
     run (``quiet_before[kind]``, ``quiet_after[kind]``: the quiet phase after one attack
     is the one before the next; :func:`baseline` is the larger of the two). On a shared
@@ -262,12 +264,15 @@ def attack_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str
     * ``starved``: vm-cmd has 200 commands to vm-mute, which never answers, while its
       ``ping`` commands to vm-srv and to dom0 go on.
 
+    ``kinds``: these classes only (in this order), each between its quiet phases.
+
     The honest flow (``honest``) runs in every phase, the commands (``commands``) in the
     starved one and in the two quiet ones around it (its baseline carries the same
     honest load). Every honest message is counted: ``honest`` raises if one is missing;
     ``honest_lost`` adds what the broker refused or dropped of them.
     """
     names = [*DOMAINS, *COMMANDERS, *(f"vm-l{i:02d}" for i in range(listeners))]
+    tmp.mkdir(parents=True, exist_ok=True)
     policy = tmp / "hostile-policy.toml"
     policy.write_text(FANOUT_POLICY)
     out: dict[str, Any] = {}
@@ -286,7 +291,7 @@ def attack_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str
 
         out["quiet"] = quiet = honest(ui, diag, n_honest)
         out["quiet_before"], out["quiet_after"] = {}, {}
-        for kind in ATTACKS:
+        for kind in kinds:
             if kind == "starved":
                 out["quiet_before"][kind] = with_commands("quiet_commands")
                 out[kind] = with_commands("starved_commands", stuck=200)
@@ -303,11 +308,11 @@ def attack_run(tmp: Path, n_honest: int, chunk: int, listeners: int) -> dict[str
         # counted every honest message there): what the broker refused of vm-ui's
         # messages and of vm-cmd's, less the commands to vm-mute answered ``limite``
         # (past its slots there: the starving ones, not the honest ones).
-        refused_stuck = sum(out["starved_commands"]["stuck"].values())
+        refused_stuck = sum(out["starved_commands"]["stuck"].values()) if "starved" in kinds else 0
         unanswered = sum(out[k]["unanswered"] + sum(v for how, v in out[k]["answered"].items()
                                                      if how != "ok")
                          for k in ("quiet_commands", "starved_commands",
-                                   "quiet_after_commands"))
+                                   "quiet_after_commands") if k in out)
         out["honest_lost"] = (stats["vm-ui"]["refuses"] + stats["vm-cmd"]["refuses"]
                               - refused_stuck + unanswered)
     return out
