@@ -350,20 +350,21 @@ NOTES = {
 
 def table(r: dict[str, Any]) -> str:
     def row(name: str, x: dict[str, Any], q: dict[str, Any] | None, note: str) -> str:
-        ratio = ("baseline" if q is None else
-                 f"{x['p50_us'] / q['p50_us']:.2f}x / {x['p99_us'] / q['p99_us']:.2f}x / "
-                 f"{x['p99.9_us'] / q['p99.9_us']:.2f}x")
+        ratio = ("baseline" if q is None else " / ".join(
+            f"{x[k] / q[k]:.2f}x" for k in ("p50_us", "p99_us", "p99_window_median_us",
+                                            "p99.9_us")))
         flood_rate = (f"{x['read_per_second']:,.0f} msg/s, {x['throttled']:,} throttled"
                       if "read_per_second" in x else "-")
-        return (f"| {name} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p99.9_us']:.0f} | "
+        return (f"| {name} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | "
+                f"{x['p99_window_median_us']:.0f} | {x['p99.9_us']:.0f} | "
                 f"{x['max_us']:.0f} | {ratio} | {flood_rate} | {note} |")
 
     q, a = r["quiet"], r["attacks"]
     aq = a["quiet"]
     rows = [
-        "| scenario | p50 (us) | p99 (us) | p99.9 (us) | max (us) | flood/quiet "
-        "(p50 / p99 / p99.9) | vm-evil read by the broker | note |",
-        "|---|---:|---:|---:|---:|---|---|---|",
+        "| scenario | p50 (us) | p99 (us) | p99w (us) | p99.9 (us) | max (us) | flood/quiet "
+        "(p50 / p99 / p99w / p99.9) | vm-evil read by the broker | note |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
         row("quiet", q, None, "vm-ui -> vm-diag at 1 000 msg/s"),
         row("flood, default limits", r["throttled"], q, "debit 20 000/s, rafale 5 000"),
         row("flood, no rate limit", r["unlimited"], q,
@@ -376,7 +377,8 @@ def table(r: dict[str, Any]) -> str:
         if kind == "starved":  # its own quiet phase before it, with the same commands
             rows.append(row("quiet", a["quiet_before"][kind], None,
                             "with vm-cmd's commands (200 a second)"))
-        near = {k: baseline(a, kind, k) for k in ("p50_us", "p99_us", "p99.9_us")}
+        near = {k: baseline(a, kind, k)
+                for k in ("p50_us", "p99_us", "p99_window_median_us", "p99.9_us")}
         rows.append(row(names[kind], a[kind], near,
                         NOTES[kind].format(recipients=r["listeners"] + 4)
                         + "; ratios to the larger of the quiet rows around it"))
@@ -407,7 +409,9 @@ def main() -> int:
             f"-m bench.bench_flood{' --quick' if args.quick else ''}`  \n"
             f"Machine: {machine()}  \nDate: {time.strftime('%Y-%m-%d')}  \n"
             f"Honest traffic: {r['honest_count']:,} notifications of ~220 bytes, vm-ui -> "
-            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver. Floods: "
+            f"vm-diag at 1 000 msg/s, one-way latency measured by the receiver; p99w: the "
+            f"median of the p99s of {WINDOWS} windows of consecutive messages. Processes at "
+            f"nice {r['attacks']['nice']} in the attack run. Floods: "
             f"vm-evil, written as fast as its channel takes them. Honest messages "
             f"lost: {r['honest_lost']}. Broker RSS under flood: "
             f"{r['rss_kib'] / 1024:.1f} MiB.\n\n{table(r)}\n")
