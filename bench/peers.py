@@ -2,14 +2,16 @@
 or with each other. Each prints one JSON line of results on stdout.
 
     python bench/peers.py send PATH COUNT [--rate R] [--source S] [--dest D] [--junk|--heavy]
-    python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE]
+                                   [--forever]
+    python bench/peers.py recv PATH COUNT [--latency] [--from SOURCE] [--windows N]
     python bench/peers.py recvmany PATH,PATH,... COUNT
     python bench/peers.py commands PATH COUNT --dest D,D,... [--rate R] [--stuck D:N]
     python bench/peers.py answer PATH 0 [--source S]
 
 ``send`` writes COUNT mouse-move notifications (the field's input traffic) to a DomU
 end, as fast as possible or at ``--rate`` messages per second; each carries its send
-time (CLOCK_MONOTONIC, shared by all processes on the machine). ``recv`` reads them
+time (CLOCK_MONOTONIC, shared by all processes on the machine); with ``--forever``
+it writes them again and again until it is killed (a flood). ``recv`` reads them
 from another DomU end and reports first/last arrival and, with ``--latency``, the
 distribution of one-way latencies. Both open the pty raw. ``recvmany`` reads COUNT
 messages on each of several DomU ends (broadcast fan-out) and reports when the last one
@@ -111,12 +113,14 @@ def send(args: argparse.Namespace) -> dict[str, float]:
                              for i in range(args.count))
         write_ns = time.monotonic_ns()
         write_all(fd, burst)
+        while args.forever:  # a flood that lasts: no new process (its start-up) per burst
+            write_all(fd, burst)
         # write_ns: when the first byte went out (start_ns also counts building the burst).
         return {"start_ns": start, "write_ns": write_ns, "end_ns": time.monotonic_ns()}
     return {"start_ns": start, "write_ns": start, "end_ns": time.monotonic_ns()}
 
 
-def recv(args: argparse.Namespace) -> dict[str, float]:
+def recv(args: argparse.Namespace) -> dict[str, Any]:
     fd = open_raw(args.path)
     print(json.dumps({"ready": True}), flush=True)
     seen = 0
@@ -147,7 +151,14 @@ def recv(args: argparse.Namespace) -> dict[str, float]:
                     seen += 1
         else:
             seen += data.count(b"\n")
-    out: dict[str, float] = {"received": seen, "first_ns": first, "last_ns": last}
+    out: dict[str, Any] = {"received": seen, "first_ns": first, "last_ns": last}
+    if latencies and args.windows > 1:
+        # p99 of each window of consecutive messages, in arrival order: one stall of
+        # the machine lands in one window, a lasting cost in all of them.
+        size = -(-len(latencies) // args.windows)
+        out["p99_windows_us"] = [
+            sorted(w)[min(len(w) - 1, int(len(w) * 0.99))] / 1000
+            for w in (latencies[i:i + size] for i in range(0, len(latencies), size))]
     if latencies:
         latencies.sort()
         n = len(latencies)
@@ -287,6 +298,11 @@ def main() -> None:
                    help="send: COUNT tiny invalid lines (x and a newline) instead")
     p.add_argument("--heavy", action="store_true",
                    help="send: COUNT costly frames (60 KiB, non-canonical, 15 000 {}) instead")
+    p.add_argument("--forever", action="store_true",
+                   help="send without --rate: write the burst again and again until killed")
+    p.add_argument("--windows", type=int, default=1, metavar="N",
+                   help="recv --latency: also the p99 of each of N windows of consecutive "
+                        "messages (p99_windows_us)")
     p.add_argument("--from", dest="source_filter", default=None,
                    help="recv --latency: count only the messages from this source")
     p.add_argument("--stuck", default=None, metavar="DEST:N",

@@ -18,8 +18,9 @@ import resource
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,56 +190,105 @@ def test_a_thousand_domains_half_not_reading_stay_under_memory_max(tmp_path: Pat
 
 
 # -- honest latency under each attack class ------------------------------------------
-# Measured here (2 cores shared with other jobs, load average 4-7): quiet p50 0.2-2 ms
-# and p99 2-77 ms from one run to the next (the machine, not the broker: the quiet
-# phases before and after the attacks of one run differ as much); over seven runs the
-# attacked p50 was within 0.1-3.3x of the larger quiet one and p99 within 0.1-8x, but
-# for the broadcast flood under the heaviest load (p50 13x): its 8 recipients' socat
-# relays and drains (userspace processes that pv-channels do not need) take the
-# machine's CPU from the honest flow's own relays. Before the CPU budget, CPU-heavy
-# frames took honest p50 to 14-40x. The bounds sit over that spread: a broker that
-# lets one domain's input block its loop (no CPU budget, no cut of a read into turns)
-# breaks the p50 one.
+# Each attack class is compared with the quiet phases just before and after it in the
+# same run (bench_flood.baseline), on the median of the p99s of five windows of 400
+# honest messages (bench_flood.WINDOWS), the run's processes at nice -5 when allowed:
+# on this 2-core machine shared with other jobs the quiet p99 moves from 1 to 200 ms
+# within a minute, and one stall of the machine moves a phase's p99 by itself.
+# Measured here that way (load average 1-5, 13 runs, first measurements): p99 within
+# 3x in 60 of 65 attacked phases (heavy frames and starvation 13 of 13, junk and
+# broadcasts 12, the shared destination 10); the others 3.1-7.5x, and 13x and 22x for
+# the shared destination (P99_RATIO_SHARED); measured again (the runs that did) within
+# 0.7-2.2x. Without the priority (four runs), the junk flood's was 11x and 14x in two.
+# So a class over a bound is measured again, in a run of its own, up to twice: a cost
+# the broker adds is there every time, a stall of the machine seldom twice. Before the
+# CPU budget, CPU-heavy frames took honest p50 to 14-40x: a broker that lets one
+# domain's input block its loop breaks the p50 bound.
 P50_RATIO = 5.0
 P50_RATIO_FANOUT = 25.0
-P99_RATIO = 15.0
+"""Broadcasts to every domain reach vm-diag too, whose own (Python) receiver then reads
+them: honest p50 0.9-2.8x measured, 13x once under the heaviest load (earlier runs)."""
+P99_RATIO = 3.0
+P99_RATIO_SHARED = 10.0
+"""A flood to vm-diag itself: an honest message waits behind the flood's bytes already in
+vm-diag's queue (a queue is shared fairly once full, in order until then: a median
+74 KB in one probe, about 7 ms at the relay's pace when it lags). Measured 0.23-2.3x in
+10 runs of 13, 3.1x, 13x and 22x in the others (measured again in two: 0.7x, 2.2x): the
+3x target is met by most runs, not reliably (docs/security.md)."""
+REPEATS = 2
+"""Runs of their own for the classes over a bound (each with its quiet neighbours)."""
+
+
+def over_bounds(r: dict[str, Any], kinds: Iterable[str]) -> list[str]:
+    """The attack classes of ``r`` whose honest p50 or p99 is past its bound."""
+    from bench.bench_flood import baseline
+
+    return [k for k in kinds
+            if r[k]["p50_us"] > (P50_RATIO_FANOUT if k == "fanout" else P50_RATIO)
+            * baseline(r, k, "p50_us")
+            or r[k]["p99_window_median_us"]
+            > (P99_RATIO_SHARED if k == "shared" else P99_RATIO)
+            * baseline(r, k, "p99_window_median_us")]
+
+
+def report(r: dict[str, Any], kinds: Iterable[str]) -> str:
+    from bench.bench_flood import baseline
+
+    keys = ("p50_us", "p99_us", "p99_window_median_us")
+
+    def figures(x: dict[str, float]) -> str:
+        return "".join(f"{x[k]:>9.0f}" for k in keys)
+
+    lines = [f"nice {r['nice']}; p99w: the median of five windows' p99; quiet: the larger "
+             "neighbour's",
+             f"{'phase':<12}{'p50':>9}{'p99':>9}{'p99w':>9}  {'quiet':>9}{'':>18}"
+             f"   x p50   x p99  x p99w", f"{'quiet':<12}{figures(r['quiet'])}"]
+    for phase in kinds:
+        if phase == "starved":  # its quiet neighbours carry vm-cmd's commands too
+            lines.append(f"{'quiet+cmds':<12}{figures(r['quiet_before'][phase])}")
+        x = r[phase]
+        ratios = "".join(f"{x[k] / baseline(r, phase, k):>8.2f}" for k in keys)
+        lines.append(f"{phase:<12}{figures(x)}  {figures({k: baseline(r, phase, k) for k in keys})}"
+                     f"{ratios}")
+        lines.append(f"{'quiet':<12}{figures(r['quiet_after'][phase])}")
+    for phase in ("quiet_commands", "starved_commands", "quiet_after_commands"):
+        if phase in r:
+            x = r[phase]
+            lines.append(f"{phase:<16} p50 {x['p50_us']:.0f} us p99 {x['p99_us']:.0f} us "
+                         f"answered {x['answered']} stuck {x['stuck']}")
+    return "\n".join(lines)
 
 
 @pytest.mark.load
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_honest_traffic_under_each_attack_class(tmp_path: Path) -> None:
     """The broker as users start it, domains on socat ptys; in one run, a quiet phase,
     then each attack class while vm-ui sends 2 000 counted notifications to vm-diag at
-    1 000 msg/s (bench.bench_flood.hostile_run): a junk flood, broadcasts to every
-    domain, a flood to vm-diag itself, CPU-heavy frames, and command starvation
-    (vm-mute never answers 200 of vm-cmd's commands while its ``ping`` commands to
-    vm-srv and dom0 go on). Every honest message and command is accounted for."""
+    1 000 msg/s (bench.bench_flood.hostile_run), each followed by a quiet phase: a junk
+    flood, broadcasts to every domain, a flood to vm-diag itself, CPU-heavy frames, and
+    command starvation (vm-mute never answers 200 of vm-cmd's commands while its
+    ``ping`` commands to vm-srv and dom0 go on). Every honest message and command is
+    accounted for; honest p99 stays within 3x of the quiet phases around each attack
+    (but the shared destination's, P99_RATIO_SHARED)."""
     from bench.bench_flood import ATTACKS, hostile_run
 
     # 2 000 honest messages a phase (2 s): one CPU-heavy frame (about 12 ms, one every
     # 3 s at the default part_cpu) then delays under 1 % of them, as in a longer run.
-    r = hostile_run(tmp_path, 2_000, 20_000, 4)
-    quiet_p50 = max(r["quiet"]["p50_us"], r["quiet_after"]["p50_us"])
-    quiet_p99 = max(r["quiet"]["p99_us"], r["quiet_after"]["p99_us"])
-    lines = [f"{'phase':<12} {'p50 us':>9} {'p99 us':>10} {'p50 x':>6} {'p99 x':>6}"]
-    for phase in ("quiet", *ATTACKS, "quiet_after"):
-        x = r[phase]
-        lines.append(f"{phase:<12} {x['p50_us']:>9.0f} {x['p99_us']:>10.0f} "
-                     f"{x['p50_us'] / quiet_p50:>6.2f} {x['p99_us'] / quiet_p99:>6.2f}")
-    for phase in ("quiet_commands", "starved_commands"):
-        x = r[phase]
-        lines.append(f"{phase:<16} p50 {x['p50_us']:.0f} us p99 {x['p99_us']:.0f} us "
-                     f"answered {x['answered']} stuck {x['stuck']}")
-    print("\nhonest latency per attack class (ratios to the larger quiet value)\n"
-          + "\n".join(lines))
+    r = hostile_run(tmp_path / "run", 2_000, 20_000, 4)
+    print("\nhonest latency per attack class\n" + report(r, ATTACKS))
     assert r["honest_lost"] == 0
-    for phase in ("quiet_commands", "starved_commands"):
+    for phase in ("quiet_commands", "starved_commands", "quiet_after_commands"):
         assert r[phase]["answered"] == {"ok": 200} and r[phase]["unanswered"] == 0
     # vm-mute holds its share of vm-cmd's slots (64), the rest answered limite at once.
     assert r["starved_commands"]["stuck"] == {"limite": 200 - 64}
-    for phase in ATTACKS:
-        bound = P50_RATIO_FANOUT if phase == "fanout" else P50_RATIO
-        assert r[phase]["p50_us"] <= bound * quiet_p50, (phase, r[phase])
-        assert r[phase]["p99_us"] <= P99_RATIO * quiet_p99, (phase, r[phase])
+    over = over_bounds(r, ATTACKS)
+    for attempt in range(REPEATS):
+        if not over:
+            break
+        again = hostile_run(tmp_path / f"again-{attempt}", 2_000, 20_000, 4, kinds=over)
+        print(f"\nover a bound: {', '.join(over)}; measured again\n" + report(again, over))
+        assert again["honest_lost"] == 0
+        over = over_bounds(again, over)
+    assert not over, f"honest latency past its bound under {over} in {REPEATS + 1} runs"
