@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from broker.config import Config, DomainConfig, Limits
-from broker.endpoint import MAX_FRAMES_PER_TURN, DomainEndpoint
-from broker.hub import Broker
+from broker.config import Limits
+from broker.endpoint import MAX_FRAMES_PER_TURN
 from messagerie import BlockingClient, Commande, FrameDecoder, Message, Notification, encode
 from tests.support.broker_process import BrokerSystem
 from tests.support.peers import is_sentinel
+from tests.support.socket_endpoints import broker_with_domains, connect_over_socketpair
 from tests.support.waiting import async_wait_until
 
 pytestmark = pytest.mark.integration
@@ -104,19 +104,10 @@ async def test_a_closed_socket_peer_s_frames_past_one_turn_are_all_routed(
     """Real unix sockets: the peer writes 1 500 frames (three turns' worth, within its
     burst) and closes; the broker's write to it fails first (EPIPE). Every frame is
     still routed, in order, over the next turns; none is dropped."""
-    names = ("vm-a", "vm-b")
-    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
-                           dom0_socket=None, limits=Limits()))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    receiver_ours, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    loop = asyncio.get_running_loop()
+    broker = broker_with_domains(("vm-a", "vm-b"))
     eps = {}
-    for name, sock in (("vm-a", ours), ("vm-b", receiver_ours)):
-        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
-        broker.domains[name] = ep
-        await loop.create_unix_connection(lambda ep=ep: ep, sock=sock)  # type: ignore[misc]
-        ep.connected_since = time.time()
-        eps[name] = ep
+    eps["vm-a"], theirs = await connect_over_socketpair(broker, "vm-a")
+    eps["vm-b"], receiver = await connect_over_socketpair(broker, "vm-b")
     n = 3 * MAX_FRAMES_PER_TURN - 36
     theirs.sendall(b"".join(encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i}))
                             for i in range(n)))
@@ -240,17 +231,11 @@ async def test_what_was_queued_for_a_removed_domain_is_counted_dropped(
     kernel did not take: counted in its perdus and in ``domain.removed``, exactly the
     messages its end can no longer read."""
     names = ("vm-a", "vm-b")
-    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
-                           dom0_socket=None, limits=Limits(rate=1e9, burst=10**9)))
+    broker = broker_with_domains(names, Limits(rate=1e9, burst=10**9))
     loop = asyncio.get_running_loop()
     eps, far = {}, {}
     for name in names:
-        ours, far[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
-        broker.domains[name] = ep
-        await loop.create_unix_connection(lambda ep=ep: ep, sock=ours)  # type: ignore[misc]
-        ep.connected_since = time.time()
-        eps[name] = ep
+        eps[name], far[name] = await connect_over_socketpair(broker, name)
     n = 3000  # 230 KiB: the transport keeps what the kernel does not take, unpaused
     far["vm-a"].setblocking(False)
     await loop.sock_sendall(far["vm-a"], b"".join(

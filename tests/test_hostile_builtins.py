@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import pytest
 
-from broker.config import Config, DomainConfig, Limits
+from broker.config import Limits
 from broker.endpoint import DomainEndpoint
-from broker.hub import Broker
 from messagerie import DOM0, Code, Commande, Evenement, Notification, Reponse, decode, encode
+from tests.support.socket_endpoints import broker_with_domains, connect_over_socketpair
 from tests.support.waiting import async_wait_until
 from tests.test_broker_core import FakeTransport, Setup, error_of
 
@@ -24,19 +23,13 @@ async def test_pipelined_statistiques_are_all_answered() -> None:
     """200 ``statistiques`` at once, each answer ~20 KiB (120 domains), the asker
     reading slowly: it is held back while its own queue is full, nothing is dropped."""
     names = [f"vm-{i:03d}" for i in range(120)]
-    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
-                           dom0_socket=None, limits=Limits(queue_bytes=256 * 1024)))
+    broker = broker_with_domains(names, Limits(queue_bytes=256 * 1024))
     for name in names[1:]:
         ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
         broker.domains[name] = ep
         ep.connection_made(FakeTransport())  # type: ignore[arg-type]
         ep.connected_since = time.time()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    asker = DomainEndpoint(broker, names[0], "/dev/null/asker")
-    broker.domains[names[0]] = asker
-    loop = asyncio.get_running_loop()
-    await loop.create_unix_connection(lambda: asker, sock=ours)
-    asker.connected_since = time.time()
+    asker, theirs = await connect_over_socketpair(broker, names[0])
     n = 200
     theirs.sendall(b"".join(encode(Commande(names[0], DOM0, "statistiques", id=f"s{i}"))
                             for i in range(n)))

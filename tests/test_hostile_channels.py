@@ -5,19 +5,16 @@ away (read, not lost, when the broker's write fails first)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import socket
 import termios
-import time
 from pathlib import Path
 
 import pytest
 
-from broker.config import Config, DomainConfig, Limits
-from broker.endpoint import DomainEndpoint
-from broker.hub import Broker
 from messagerie import Notification, decode, encode
 from messagerie.channel import open_channel
+from tests.support.socket_endpoints import broker_with_domains, connect_over_socketpair
 from tests.support.waiting import async_wait_until
 
 
@@ -88,36 +85,25 @@ async def test_the_last_frames_of_a_closed_socket_peer_are_read_when_a_write_fai
         tmp_path: Path) -> None:
     """The peer writes its frames and closes; the broker writes to it before it has
     read them (EPIPE). What the peer sent is still routed, not lost with the socket."""
-    names = ("vm-a", "vm-b")
-    broker = Broker(Config(domains={n: DomainConfig(n, f"/dev/null/{n}") for n in names},
-                           dom0_socket=None, limits=Limits()))
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    receiver_ours, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    loop = asyncio.get_running_loop()
+    broker = broker_with_domains(("vm-a", "vm-b"))
     eps = {}
-    for name, sock in (("vm-a", ours), ("vm-b", receiver_ours)):
-        ep = DomainEndpoint(broker, name, f"/dev/null/{name}")
-        broker.domains[name] = ep
-        await loop.create_unix_connection(lambda ep=ep: ep, sock=sock)  # type: ignore[misc]
-        ep.connected_since = time.time()
-        eps[name] = ep
+    eps["vm-a"], theirs = await connect_over_socketpair(broker, "vm-a")
+    eps["vm-b"], receiver = await connect_over_socketpair(broker, "vm-b")
     frames = [Notification("vm-a", "vm-b", "fichier", "etat", {"n": i}) for i in range(20)]
     theirs.sendall(b"".join(encode(f) for f in frames))
     theirs.close()
     # Before the loop reads vm-a's socket: the broker writes to vm-a, which fails.
     assert eps["vm-a"].transport is not None
     eps["vm-a"].transport.write(b"anything\n")
-    receiver.settimeout(5)
-    got = b""
-    deadline = time.monotonic() + 5
-    while got.count(b"\n") < len(frames) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-        try:
-            receiver.setblocking(False)
-            got += receiver.recv(65536)
-        except BlockingIOError:
-            pass
-    assert [decode(line) for line in got.splitlines()] == frames
+    receiver.setblocking(False)
+    got = bytearray()
+
+    def arrived() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            got.extend(receiver.recv(65536))
+        return got.count(b"\n") >= len(frames)
+    await async_wait_until(arrived, what=f"{len(frames)} frames")
+    assert [decode(line) for line in bytes(got).splitlines()] == frames
     assert eps["vm-a"].transport is None  # and the channel is closed
     for ep in eps.values():
         ep.detach()

@@ -5,6 +5,8 @@
 * :mod:`.peers`: the ends of a channel a test plays (a DomU end, QEMU's listening
   socket, a fake broker on a pty or a unix socket);
 * :mod:`.broker_process`: the broker started as users start it (its console script);
+* :mod:`.socket_endpoints`: the broker in the test's own loop, its domains on unix
+  socketpairs (a real socket where a fake transport would not do);
 * :mod:`.policy`: routing policies written for a test (rules as keyword arguments);
 * :mod:`.corpus`: the specification's example frame and the hostile corpus;
 * :mod:`.strategies`: Hypothesis strategies shared by the property tests.
