@@ -24,6 +24,7 @@ from messagerie.client import Client
 from tests.support.broker_process import BROKER, BrokerProcess, BrokerSystem
 from tests.support.peers import Domu, is_sentinel, sentinel
 from tests.support.ptys import PtyPair
+from tests.support.spool_system import RECONNECT
 from tests.support.waiting import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration,
@@ -217,7 +218,7 @@ def test_sigkill_mid_flow_loses_nothing_accepted(tmp_path: Path) -> None:
     vm_c = PtyPair(tmp_path, "vm-c", start=False)
     system = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
                           paths={"vm-c": vm_c.dom0},
-                          extra="[reconnexion]\nmin = 0.05\nmax = 0.2\n",
+                          extra=RECONNECT,
                           env={"STATE_DIRECTORY": str(tmp_path / "state")})
     state = tmp_path / "state"
     try:

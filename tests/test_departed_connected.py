@@ -13,9 +13,15 @@ import pytest
 
 from tests.support.broker_process import BrokerSystem
 from tests.support.peers import QemuSocket
+from tests.support.spool_system import (
+    appear,
+    domain_stats,
+    frame,
+    leave,
+    spool_system,
+    system_with_discovery,
+)
 from tests.support.waiting import wait_until
-from tests.test_departed_integration import appear, domain_stats, leave, system_with_discovery
-from tests.test_spool_integration import RECONNECT, frame
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +68,9 @@ def test_a_socket_that_moves_keeps_what_was_queued_for_the_old_channel(
     r1, r2 = tmp_path / "r1", tmp_path / "r2"
     r1.mkdir()
     r2.mkdir()
-    s = BrokerSystem(tmp_path, ("vm-a",), wait_connected=True, extra=(
-        RECONNECT + f'[spool]\nchemin = "{tmp_path / "state" / "spool.sqlite3"}"\n'
-        f'[decouverte]\nmotifs = ["{r1}/*-msg.sock", "{r2}/*-msg.sock"]\n'
-        'intervalle = 0.1\n'))
+    s = spool_system(tmp_path, ("vm-a",), spool_file=tmp_path / "state" / "spool.sqlite3",
+                     extra=(f'[decouverte]\nmotifs = ["{r1}/*-msg.sock", "{r2}/*-msg.sock"]\n'
+                            'intervalle = 0.1\n'))
     try:
         d = QemuSocket(r1 / "vm-d-msg.sock")
         d.accept()

@@ -7,42 +7,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.broker_process import BrokerSystem
-from tests.support.peers import QemuSocket
+from tests.support.spool_system import (
+    answers,
+    appear,
+    cmd,
+    domain_stats,
+    frame,
+    leave,
+    system_with_discovery,
+)
 from tests.support.waiting import wait_until
-from tests.test_spool_integration import RECONNECT, answers, cmd, frame, status
 
 pytestmark = pytest.mark.integration
-
-
-def system_with_discovery(tmp: Path, extra: str = "") -> BrokerSystem:
-    sockets = tmp / "run"
-    sockets.mkdir()
-    return BrokerSystem(tmp, ("vm-a",), wait_connected=True, extra=(
-        RECONNECT + f'[spool]\nchemin = "{tmp / "state" / "spool.sqlite3"}"\n'
-        f'[decouverte]\nmotifs = ["{sockets}/*-msg.sock"]\nintervalle = 0.1\n' + extra))
-
-
-def appear(s: BrokerSystem, name: str, count: int = 1) -> QemuSocket:
-    domu = QemuSocket(s.tmp / "run" / f"{name}-msg.sock")
-    domu.accept()
-    s.broker.wait_event("domain.connected", domain=name, count=count)
-    return domu
-
-
-def leave(s: BrokerSystem, domu: QemuSocket, name: str, count: int = 1) -> None:
-    """The domain goes: its end closes and its socket file is removed."""
-    domu.close()
-    s.broker.wait_event("domain.departed", domain=name, count=count)
-
-
-def domain_stats(s: BrokerSystem, name: str) -> dict[str, Any] | None:
-    d: dict[str, Any] | None = status(s)["domaines"].get(name)
-    return d
 
 
 @pytest.fixture

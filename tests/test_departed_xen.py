@@ -14,10 +14,10 @@ import pytest
 
 from tests.support.broker_process import BrokerProcess
 from tests.support.peers import QemuSocket
+from tests.support.spool_system import status
 from tests.support.waiting import wait_until
 from tests.support.xenstored import FakeXenstored
 from tests.test_departed_connected import drain, seqs
-from tests.test_spool_integration import status
 from tests.test_xenstore import broker_on_xenstore, ping, socket_channel, xenstored
 
 pytestmark = pytest.mark.integration

@@ -3,78 +3,32 @@ that are killed and started again on the same paths, a real SQLite file."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.broker_process import CLI, BrokerSystem
+from tests.support.broker_process import BrokerSystem
 from tests.support.peers import Domu
+from tests.support.spool_system import (
+    answers,
+    cmd,
+    down,
+    frame,
+    kill,
+    reconnect,
+    spool_system,
+    spooled,
+    status,
+    tmpfs,
+)
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-RECONNECT = "[reconnexion]\nmin = 0.05\nmax = 0.2\n"
-"""A domain that comes back is found again within 0.2 s (the default backoff reaches 5 s
-while it is down)."""
-
-
-def frame(src: str, dst: str, i: int) -> bytes:
-    # Sizes vary (a few bytes to ~1 KiB) so that frames cross write boundaries.
-    body = {"type": "notification", "source": src, "destination": dst,
-            "payload": {"categorie": "test", "evenement": "seq",
-                        "data": {"i": i, "pad": "x" * (i * 37 % 1000)}}}
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
-
-
-def status(system: BrokerSystem) -> dict[str, Any]:
-    out = subprocess.run([str(CLI), "--path", str(system.dom0_socket), "status", "--json"],
-                         capture_output=True, text=True, timeout=20, check=True).stdout
-    stats: dict[str, Any] = json.loads(out)["statistiques"]
-    return stats
-
-
-def spooled(system: BrokerSystem, name: str) -> int:
-    depth: int = status(system)["domaines"][name]["spool"]["messages"]
-    return depth
-
-
-def reconnect(system: BrokerSystem, name: str) -> Domu:
-    """Start the domain's socat again on the same paths; its new DomU end."""
-    system.pairs[name].start()
-    domu = Domu(system.pairs[name].domu)
-    system.domus[name] = domu  # closed by the fixture
-    return domu
-
-
-def kill(system: BrokerSystem, name: str) -> None:
-    """SIGKILL the domain's socat and remove the links it leaves: a stale link would
-    lead the broker's retries to the next pty the kernel hands out under that number
-    (another domain's)."""
-    pair = system.pairs[name]
-    pair.kill()
-    for link in (pair.dom0, pair.domu):
-        link.unlink(missing_ok=True)
-
-
-def down(system: BrokerSystem, name: str) -> None:
-    """Kill the domain's socat (its channel hangs up) and wait until the broker saw it."""
-    before = len(system.broker.find("domain.disconnected", domain=name))
-    kill(system, name)
-    wait_until(lambda: len(system.broker.find("domain.disconnected", domain=name)) > before,
-               what=f"{name} disconnected")
-
-
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[BrokerSystem]:
-    state = tmp_path / "state" / "spool.sqlite3"
-    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
-                     extra=RECONNECT + f'[spool]\nchemin = "{state}"\n')
+    s = spool_system(tmp_path, spool_file=tmp_path / "state" / "spool.sqlite3")
     yield s
     s.close()
 
@@ -153,17 +107,6 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     assert len(after) >= recovered["messages"] + 500
 
 
-def cmd(src: str, dst: str, id: str) -> dict[str, object]:
-    return {"type": "commande", "source": src, "destination": dst,
-            "payload": {"id": id, "commande": "liste_disques", "arguments": {}}}
-
-
-def answers(domu: Domu, n: int) -> dict[str, Any]:
-    """The first ``n`` answers ``domu`` got, by command id."""
-    got = domu.wait_messages(n, timeout=10)
-    return {m.payload["id"]: m.payload for m in got if m.type == "reponse"}
-
-
 def test_a_spooled_command_is_delivered_and_its_answer_routed(system: BrokerSystem) -> None:
     a = system.domus["vm-a"]
     down(system, "vm-b")
@@ -180,8 +123,7 @@ def test_a_spooled_command_is_delivered_and_its_answer_routed(system: BrokerSyst
 
 @pytest.mark.slow
 def test_bounds_by_count_and_bytes(tmp_path: Path) -> None:
-    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True, extra=(
-        RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\noctets = 20000\n'
+    s = spool_system(tmp_path, spool_keys="octets = 20000\n", extra=(
         "[domaines.\"vm-b*\"]\nspool_messages = 50\nspool_octets = 1000000\n"))
     try:
         a = s.domus["vm-a"]
@@ -235,8 +177,7 @@ def test_bounds_by_count_and_bytes(tmp_path: Path) -> None:
 def test_bound_by_age_and_a_commands_deadline(tmp_path: Path) -> None:
     # vm-b keeps messages 0.5 s; vm-a's commands have 1.5 s to be answered (until
     # commands carry their own deadline, duree_commande is it).
-    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True, extra=(
-        RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\n'
+    s = spool_system(tmp_path, extra=(
         "[domaines.\"vm-b*\"]\nspool_age = 0.5\n[domaines.\"vm-a*\"]\nduree_commande = 1.5\n"))
     try:
         a = s.domus["vm-a"]
@@ -265,20 +206,6 @@ def test_bound_by_age_and_a_commands_deadline(tmp_path: Path) -> None:
         s.close()
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs of its own at ``path`` (``mount -o OPTIONS``): a real read-only or small
-    file system. Mounting needs root (sudo otherwise, as the package test does)."""
-    path.mkdir(parents=True, exist_ok=True)
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    subprocess.run([*sudo, "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run([*sudo, "umount", "-l", str(path)], check=False, timeout=30)
-
-
 def live_traffic_flows(s: BrokerSystem, n: int) -> None:
     a, c = s.domus["vm-a"], s.domus["vm-c"]
     a.send({"type": "notification", "source": "vm-a", "destination": "vm-c",
@@ -289,8 +216,7 @@ def live_traffic_flows(s: BrokerSystem, n: int) -> None:
 
 def test_a_read_only_state_directory(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "state", "ro,size=64k") as state:
-        s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
-                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        s = spool_system(tmp_path, spool_file=state / "spool.sqlite3")
         try:
             (event,) = s.broker.find("spool.unavailable")
             assert event["path"] == str(state / "spool.sqlite3")
@@ -316,8 +242,7 @@ def test_a_read_only_state_directory(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_full_state_directory(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "state", "size=256k") as state:
-        s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True,
-                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        s = spool_system(tmp_path, spool_file=state / "spool.sqlite3")
         try:
             assert s.broker.find("spool.opened")
             a = s.domus["vm-a"]

@@ -13,15 +13,16 @@ import pytest
 from tests.support.broker_process import BrokerSystem
 from tests.support.peers import Domu, is_sentinel, sentinel
 from tests.support.ptys import PtyPair
-from tests.support.waiting import wait_until
-from tests.test_spool_integration import (
+from tests.support.spool_system import (
     RECONNECT,
     down,
     frame,
     reconnect,
+    spool_system,
     status,
     tmpfs,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +37,7 @@ def test_a_domain_rebound_during_its_replay_gets_the_rest_and_live_traffic(
     """vm-c comes back and does not read; while its spool is replayed, a reload moves
     it to a new pty. The new channel gets every row the old one did not take, then the
     live traffic: none lost, none stuck in the spool."""
-    s = BrokerSystem(tmp_path, ("vm-a", "vm-c"), wait_connected=True,
-                     extra=RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\n')
+    s = spool_system(tmp_path, ("vm-a", "vm-c"))
     new = PtyPair(tmp_path, "vm-c-new")
     try:
         a = s.domus["vm-a"]
@@ -121,8 +121,7 @@ def test_a_full_state_directory_and_a_returning_domain(tmp_path: Path) -> None:
     committed message is replayed, and every live message arrives (none routed into the
     spool that cannot be written and dropped), in order among themselves."""
     with tmpfs(tmp_path / "state", "size=2m") as state:
-        s = BrokerSystem(tmp_path, ("vm-a", "vm-b"), wait_connected=True,
-                         extra=RECONNECT + f'[spool]\nchemin = "{state / "spool.sqlite3"}"\n')
+        s = spool_system(tmp_path, ("vm-a", "vm-b"), spool_file=state / "spool.sqlite3")
         try:
             a = s.domus["vm-a"]
             down(s, "vm-b")

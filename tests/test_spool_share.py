@@ -13,10 +13,9 @@ from structlog.testing import capture_logs
 from broker.config import Config, ConfigError, DomainConfig, Limits, parse_config
 from broker.spool import BYTES, COUNT, SPOOL_FILE, TOTAL, Bounds, Entry, Held, Spool
 from messagerie import Code, Commande, Notification, Reponse, encode
-from tests.support.broker_process import BrokerSystem
+from tests.support.spool_system import down, frame, reconnect, spool_system, status
 from tests.support.waiting import async_wait_until, wait_until
 from tests.test_departed import Setup
-from tests.test_spool_integration import RECONNECT, down, frame, reconnect, status
 
 
 def entry(src: str, dest: str, n: int, size: int = 0) -> Entry:
@@ -99,8 +98,7 @@ def test_the_total_is_a_spool_key_with_a_default() -> None:
 @pytest.mark.integration
 def test_a_flooder_fills_its_share_and_an_honest_sender_loses_nothing(
         tmp_path: Path) -> None:
-    s = BrokerSystem(tmp_path, ("vm-a", "vm-b", "vm-c"), wait_connected=True, extra=(
-        RECONNECT + f'[spool]\nchemin = "{tmp_path / "spool.sqlite3"}"\nmessages = 50\n'))
+    s = spool_system(tmp_path, spool_keys="messages = 50\n")
     try:
         hostile, honest = s.domus["vm-a"], s.domus["vm-b"]
         down(s, "vm-c")

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.broker_process import BrokerSystem
 from tests.support.peers import QemuSocket, is_sentinel, sentinel
+from tests.support.spool_system import spool_system, status
 from tests.support.waiting import wait_until
-from tests.test_spool_integration import RECONNECT, status
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +26,8 @@ def flux(n: int) -> dict[str, Any]:
 def test_a_socket_channel_that_drops_has_its_transport_buffer_spooled(
         tmp_path: Path) -> None:
     qemu = QemuSocket(tmp_path / "vm-s-msg.sock")
-    system = BrokerSystem(tmp_path, ("vm-a",), paths={"vm-s": qemu.path},
-                          extra=RECONNECT + f'[spool]\nchemin = "{tmp_path / "s.sqlite3"}"\n')
+    system = spool_system(tmp_path, ("vm-a",), spool_file=tmp_path / "s.sqlite3",
+                          paths={"vm-s": qemu.path}, wait_connected=False)
     try:
         qemu.accept()
         system.broker.wait_event("domain.connected", domain="vm-s")

@@ -7,6 +7,8 @@
 * :mod:`.broker_process`: the broker started as users start it (its console script);
 * :mod:`.socket_endpoints`: the broker in the test's own loop, its domains on unix
   socketpairs (a real socket where a fake transport would not do);
+* :mod:`.spool_system`: the broker with a spool, and domains taken down and brought
+  back (or found by socket discovery, gone and found again);
 * :mod:`.policy`: routing policies written for a test (rules as keyword arguments);
 * :mod:`.corpus`: the specification's example frame and the hostile corpus;
 * :mod:`.strategies`: Hypothesis strategies shared by the property tests.
