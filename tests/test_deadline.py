@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -337,27 +338,24 @@ async def test_the_brokers_abandonment_cancels_the_handler_and_nothing_is_answer
     started: list[str] = []
     cancelled: list[str] = []
 
-    async def lent(cmd: Commande) -> str:
-        started.append(cmd.id)
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.append(cmd.id)
-            raise
-        return "fini"
-
-    async def tetu(cmd: Commande) -> str:
-        # Swallows its cancellation and returns: its answer must not go out either.
-        started.append(cmd.id)
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.append(cmd.id)
-        return "fini quand même"
+    def until_cancelled(*, swallows_cancellation: bool) -> Callable[[Commande], Awaitable[str]]:
+        """A handler that runs until it is cancelled, noting the ids it started and
+        was cancelled for; one that swallows its cancellation returns an answer."""
+        async def handler(cmd: Commande) -> str:
+            started.append(cmd.id)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(cmd.id)
+                if not swallows_cancellation:
+                    raise
+            return "fini"
+        return handler
 
     c = Client("vm-b", path=pair.domu)
-    c.add_handler("lent", lent)
-    c.add_handler("tetu", tetu)
+    c.add_handler("lent", until_cancelled(swallows_cancellation=False))
+    # Swallows its cancellation and returns: its answer must not go out either.
+    c.add_handler("tetu", until_cancelled(swallows_cancellation=True))
     c.add_handler("vite", lambda cmd: "vite")
     async with c:
         one = Commande("vm-a", "vm-b", "lent", id="c1")
