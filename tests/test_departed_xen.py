@@ -16,9 +16,9 @@ from tests.support.broker_process import BrokerProcess
 from tests.support.peers import QemuSocket
 from tests.support.spool_system import status
 from tests.support.waiting import wait_until
-from tests.support.xenstored import FakeXenstored
+from tests.support.xenstored import FakeXenstored, introduce_socket_domain, socket_channel
 from tests.test_departed_connected import drain, seqs
-from tests.test_xenstore import broker_on_xenstore, ping, socket_channel, xenstored
+from tests.test_xenstore import broker_on_xenstore, ping, xenstored
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,8 @@ def test_a_rebind_keeps_what_was_queued_for_the_old_channel(
     n = 1500
     broker = broker_on_xenstore
     broker.wait_event("xenstore.connected")
-    sender = QemuSocket(tmp_path / "vm-s.sock")
-    xenstored.add_domain(2, "vm-s", socket_channel(sender.path))
-    sender.accept(10)
-    old = QemuSocket(tmp_path / "vm-a-1.sock")
-    xenstored.add_domain(3, "vm-a", socket_channel(old.path))
-    old.accept(10)
+    sender = introduce_socket_domain(xenstored, 2, "vm-s", tmp_path / "vm-s.sock")
+    old = introduce_socket_domain(xenstored, 3, "vm-a", tmp_path / "vm-a-1.sock")
     broker.wait_event("domain.connected", domain="vm-a")
     assert sender.conn is not None
     sender.conn.setblocking(True)

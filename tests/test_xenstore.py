@@ -38,7 +38,13 @@ from messagerie import Client
 from tests.support.broker_process import BrokerProcess
 from tests.support.peers import Domu, QemuSocket
 from tests.support.waiting import wait_until
-from tests.support.xenstored import DeviceModel, FakeXenstored
+from tests.support.xenstored import (
+    CHANNEL,
+    DeviceModel,
+    FakeXenstored,
+    introduce_socket_domain,
+    socket_channel,
+)
 
 # -- the wire --------------------------------------------------------------------------
 
@@ -340,14 +346,6 @@ async def test_an_event_rescans_only_the_domain_it_names(xenstored: FakeXenstore
 
 # -- the broker, as users start it -------------------------------------------------------
 
-CHANNEL = "org.messagerie.0"
-
-
-def socket_channel(path: Path) -> dict[int, dict[str, str]]:
-    return {0: {"name": "dummy.devid0", "connection": "pty"},
-            1: {"name": CHANNEL, "connection": "socket", "path": str(path)}}
-
-
 def ping(peer: QemuSocket | Domu, source: str, rid: str) -> dict[str, Any]:
     peer.send({"type": "commande", "source": source, "destination": "dom0",
                "payload": {"id": rid, "commande": "ping", "arguments": {}}})
@@ -517,12 +515,8 @@ def test_a_domain_rebooted_under_a_new_domid_gets_its_spool_once_proven(
     gets none of it; the next proven one gets all of it first, in order."""
     broker = broker_on_xenstore
     broker.wait_event("xenstore.connected")
-    sender = QemuSocket(tmp_path / "vm-s.sock")
-    xenstored.add_domain(2, "vm-s", socket_channel(sender.path))
-    sender.accept(10)
-    qemu = QemuSocket(tmp_path / "vm-a-1.sock")
-    xenstored.add_domain(3, "vm-a", socket_channel(qemu.path))
-    qemu.accept(10)
+    sender = introduce_socket_domain(xenstored, 2, "vm-s", tmp_path / "vm-s.sock")
+    qemu = introduce_socket_domain(xenstored, 3, "vm-a", tmp_path / "vm-a-1.sock")
     broker.wait_event("domain.connected", domain="vm-a")
     qemu.drop()
     xenstored.remove_domain(3)

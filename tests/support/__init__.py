@@ -9,6 +9,10 @@
   socketpairs (a real socket where a fake transport would not do);
 * :mod:`.spool_system`: the broker with a spool, and domains taken down and brought
   back (or found by socket discovery, gone and found again);
+* :mod:`.xenstored`: a stand-in xenstored on a unix socket, and domains introduced in
+  it with a QEMU-like socket channel;
+* :mod:`.process`: a program started as users start it, its JSON log events collected;
+* :mod:`.mqtt`: a real mosquitto, a test CA, and the MQTT bridge as users start it;
 * :mod:`.policy`: routing policies written for a test (rules as keyword arguments);
 * :mod:`.corpus`: the specification's example frame and the hostile corpus;
 * :mod:`.strategies`: Hypothesis strategies shared by the property tests.

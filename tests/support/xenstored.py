@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .peers import QemuSocket
+
 HEADER = struct.Struct("<IIII")
 DIRECTORY, READ, WATCH, UNWATCH, WATCH_EVENT, ERROR = 1, 2, 4, 5, 15, 16
 
@@ -242,3 +244,25 @@ class DeviceModel:
         self.proc.wait(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+CHANNEL = "org.messagerie.0"
+"""The name of the messaging channel's console in xenstore (the broker's default)."""
+
+
+def socket_channel(path: Path) -> dict[int, dict[str, str]]:
+    """A domain's console backends for :meth:`FakeXenstored.add_domain`: a first
+    console that is not the channel, then the channel, a QEMU socket chardev at
+    ``path``."""
+    return {0: {"name": "dummy.devid0", "connection": "pty"},
+            1: {"name": CHANNEL, "connection": "socket", "path": str(path)}}
+
+
+def introduce_socket_domain(xenstored: FakeXenstored, domid: int, name: str,
+                            path: Path) -> QemuSocket:
+    """Domain ``name`` introduced as ``domid``, its channel a QEMU-like socket
+    listening at ``path``; returns that socket once the broker has connected to it."""
+    qemu = QemuSocket(path)
+    xenstored.add_domain(domid, name, socket_channel(qemu.path))
+    qemu.accept(10)
+    return qemu
