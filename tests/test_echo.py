@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import structlog
 
+from broker.config import Config
 from broker.echo import WINDOW, EchoWindow
+from broker.endpoint import DomainEndpoint
+from broker.hub import Broker
 
 CONNECTE = (b'{"type":"notification","source":"dom0","destination":"tous","payload":'
             b'{"categorie":"domaine","evenement":"connecte","data":{"domaine":"vm"}}}')
@@ -79,10 +82,9 @@ class FakeTransport:
     def set_write_buffer_limits(self, high: int, low: int) -> None: ...
 
 
-async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> None:
-    from broker.config import Config
-    from broker.endpoint import DomainEndpoint
-    from broker.hub import Broker
+def two_connected_domains() -> tuple[Broker, DomainEndpoint, DomainEndpoint]:
+    """A broker with ``vm`` (whose channel echoes, in the tests) and ``vm-b``, both
+    connected on fake transports that keep what is written."""
     broker = Broker(Config())
     vm = DomainEndpoint(broker, "vm", "/nonexistent")
     other = DomainEndpoint(broker, "vm-b", "/nonexistent")
@@ -91,6 +93,11 @@ async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> No
         ep.connection_made(FakeTransport())  # type: ignore[arg-type]
         ep.connected_since = 1.0
     broker.invalidate_routes()
+    return broker, vm, other
+
+
+async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> None:
+    broker, vm, other = two_connected_domains()
     msg_b = (b'{"type":"notification","source":"vm-b","destination":"vm","payload":'
              b'{"categorie":"essai","evenement":"e","data":{"n":1}}}')
     commande = (b'{"type":"commande","source":"dom0","destination":"vm","payload":'
@@ -120,17 +127,7 @@ async def test_the_broker_drops_its_own_echo_and_still_refuses_forgeries() -> No
 
 
 async def test_one_echo_in_front_of_a_run_hides_none_of_its_forgeries() -> None:
-    from broker.config import Config
-    from broker.endpoint import DomainEndpoint
-    from broker.hub import Broker
-    broker = Broker(Config())
-    vm = DomainEndpoint(broker, "vm", "/nonexistent")
-    other = DomainEndpoint(broker, "vm-b", "/nonexistent")
-    broker.domains.update(vm=vm, **{"vm-b": other})
-    for ep in (vm, other):
-        ep.connection_made(FakeTransport())  # type: ignore[arg-type]
-        ep.connected_since = 1.0
-    broker.invalidate_routes()
+    _, vm, other = two_connected_domains()
 
     def move(n: int) -> bytes:
         return (b'{"type":"notification","source":"vm-b","destination":"vm","payload":'
