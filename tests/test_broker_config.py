@@ -26,8 +26,16 @@ def with_(**tables: Any) -> dict[str, Any]:
 
 
 def error(doc: dict[str, Any]) -> str:
+    """The message of the ``ConfigError`` parsing ``doc`` raises."""
     with pytest.raises(ConfigError) as info:
         parse_config(doc)
+    return str(info.value)
+
+
+def load_error(path: Path) -> str:
+    """The message of the ``ConfigError`` loading ``path`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
     return str(info.value)
 
 
@@ -277,34 +285,26 @@ def test_mode_open_to_other_users_is_refused(mode: str) -> None:
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text('[domaines.vm-a]\nchemin = "/dev/pts/1\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value).startswith(f"{path}: TOML syntax error")
+    assert load_error(path).startswith(f"{path}: TOML syntax error")
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.toml"
-    with pytest.raises(ConfigError) as info:
-        load_config(missing)
-    assert str(info.value).startswith(f"{missing}: cannot read")
-    with pytest.raises(ConfigError) as info:
-        load_config(tmp_path)  # a directory: also an OSError, also reported
-    assert str(info.value).startswith(f"{tmp_path}: cannot read")
+    assert load_error(missing).startswith(f"{missing}: cannot read")
+    # A directory: also an OSError, also reported.
+    assert load_error(tmp_path).startswith(f"{tmp_path}: cannot read")
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'[domaines."vm-\xe9"]\nchemin = "/x"\n')
-    with pytest.raises(ConfigError, match="not UTF-8"):
-        load_config(path)
+    assert "not UTF-8" in load_error(path)
 
 
 def test_file_errors_name_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "b.toml"
     path.write_text('[limites]\nfile_octets = -5\n[domaines.vm-a]\nchemin = "/x"\n')
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(info.value).startswith(f"{path}: limites.file_octets: must be positive")
+    assert load_error(path).startswith(f"{path}: limites.file_octets: must be positive")
 
 
 def test_relative_paths_from_the_file_directory(tmp_path: Path) -> None:
