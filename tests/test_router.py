@@ -122,21 +122,16 @@ def test_dom0_destination_follows_policy() -> None:
     assert isinstance(decision, Refuse) and decision.kind == DENIED
 
 
-def test_unknown_destination() -> None:
+@pytest.mark.parametrize(("destination", "kind", "code"), [
+    ("vm-x", UNKNOWN, Code.DESTINATION_INCONNUE),
+    ("vm-b", OFFLINE, Code.DESTINATION_HORS_LIGNE),
+], ids=["unknown", "offline"])
+def test_unknown_or_offline_destination(destination: str, kind: str, code: str) -> None:
     view = View(connected=["vm-a"], offline=["vm-b"])
-    decision = route(Commande("vm-a", "vm-x", "lister"), "vm-a", view)
+    decision = route(Commande("vm-a", destination, "lister"), "vm-a", view)
     assert isinstance(decision, Refuse)
-    assert (decision.kind, decision.code) == (UNKNOWN, Code.DESTINATION_INCONNUE)
-    assert "vm-x" in decision.detail
-    assert decision.security is False
-
-
-def test_offline_destination() -> None:
-    view = View(connected=["vm-a"], offline=["vm-b"])
-    decision = route(Commande("vm-a", "vm-b", "lister"), "vm-a", view)
-    assert isinstance(decision, Refuse)
-    assert (decision.kind, decision.code) == (OFFLINE, Code.DESTINATION_HORS_LIGNE)
-    assert "vm-b" in decision.detail
+    assert (decision.kind, decision.code) == (kind, code)
+    assert destination in decision.detail
     assert decision.security is False
 
 
