@@ -749,6 +749,21 @@ def one_by_one(lines: list[bytes]) -> list[Outcome]:
     return [envelope_outcome(line) for line in lines]
 
 
+def runs_and_one_by_one(memo: Memo, lines: list[bytes]) -> tuple[list[Any] | None,
+                                                                  list[Outcome]]:
+    """``decode_runs(lines)`` and each line's own outcome, each call made from the memo's
+    state (cold or warm); where ``decode_runs`` answers, it must say what the lines say
+    one by one."""
+    memo.prepare(lines)
+    memo.before_call()
+    got = decode_runs(lines)
+    memo.before_call()
+    each = one_by_one(lines)
+    if got is not None:
+        assert expand(got) == each
+    return got, each
+
+
 @pytest.mark.parametrize("n", [2, 3, 100, 400])
 def test_mouse_moves_make_one_run(n: int) -> None:
     lines = [mouse("vm-a", "vm-b", i) for i in range(n)]
@@ -876,13 +891,7 @@ def test_runs_match_frame_by_frame(memo: Memo, msgs: list[Message],
         spoiled = spoiled.replace(b"\n", b"?")  # one line each, as FrameDecoder gives them
         assume(not out_of_range_number(spoiled))
         lines.insert(data.draw(st.integers(0, len(lines))), spoiled)
-    memo.prepare(lines)
-    memo.before_call()
-    got = decode_runs(lines)
-    memo.before_call()
-    each = one_by_one(lines)
-    if got is not None:
-        assert expand(got) == each
+    got, each = runs_and_one_by_one(memo, lines)
     if memo.warm and spoiled is None and not any(isinstance(m, Journal) for m in msgs):
         assert got is not None  # canonical, valid, known names: validated at once
         assert [shape(i) for i in got] == expected_shape(lines, msgs)
@@ -941,13 +950,7 @@ def test_runs_of_one_envelope(memo: Memo, envelope: tuple[str, str, str],
                            id="c1").to_dict()
         line = msgspec.json.encode(obj)
         lines[i] = json.dumps(obj).encode() if variant == "spaced" else line
-    memo.prepare(lines)
-    memo.before_call()
-    got = decode_runs(lines)
-    memo.before_call()
-    each = one_by_one(lines)
-    if got is not None:
-        assert expand(got) == each
+    got, _ = runs_and_one_by_one(memo, lines)
     if variant in ("data array", "spaced", "unknown key"):
         assert got is None
     elif memo.warm:
