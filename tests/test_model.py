@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -42,6 +43,19 @@ def invalid(reason: Reason, field: str | None, exc: pytest.ExceptionInfo[Message
     if field is not None:
         assert str(exc.value).startswith(f"{field}: ")
     assert exc.value.detail
+
+
+def payload_refused(check: Callable[[dict[str, object]], object], payload: dict[str, object],
+                    field: str, value: object, reason: Reason, *, missing: bool) -> None:
+    """``check`` refuses ``payload`` with ``field`` set to ``value`` (removed if
+    ``missing``) for ``reason``, naming ``payload.<field>``."""
+    if missing:
+        del payload[field]
+    else:
+        payload[field] = value
+    with pytest.raises(MessageInvalide) as exc:
+        check(payload)
+    invalid(reason, f"payload.{field}", exc)
 
 
 # --- names -------------------------------------------------------------------------------
@@ -202,14 +216,8 @@ def test_notification_data_defaults_to_empty_object() -> None:
     ("data", 0, Reason.WRONG_TYPE),
 ])
 def test_notification_payload_errors(field: str, value: object, reason: Reason) -> None:
-    payload: dict[str, object] = {"categorie": "c", "evenement": "e", "data": {}}
-    if value is None and reason is Reason.MISSING_FIELD:
-        del payload[field]
-    else:
-        payload[field] = value
-    with pytest.raises(MessageInvalide) as exc:
-        Notification.check_payload(payload)
-    invalid(reason, f"payload.{field}", exc)
+    payload_refused(Notification.check_payload, {"categorie": "c", "evenement": "e", "data": {}},
+                    field, value, reason, missing=value is None and reason is Reason.MISSING_FIELD)
 
 
 def test_tokens_accept_their_whole_alphabet() -> None:
@@ -268,14 +276,8 @@ def test_commande_generates_distinct_ids() -> None:
     ("arguments", [1], Reason.WRONG_TYPE),
 ])
 def test_commande_payload_errors(field: str, value: object, reason: Reason) -> None:
-    payload: dict[str, object] = {"id": "1", "commande": "c", "arguments": {}}
-    if value is None:
-        del payload[field]
-    else:
-        payload[field] = value
-    with pytest.raises(MessageInvalide) as exc:
-        Commande.check_payload(payload)
-    invalid(reason, f"payload.{field}", exc)
+    payload_refused(Commande.check_payload, {"id": "1", "commande": "c", "arguments": {}},
+                    field, value, reason, missing=value is None)
 
 
 def test_reply() -> None:
