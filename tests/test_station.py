@@ -70,8 +70,9 @@ class Station:
         return fichier
 
 
-@pytest.fixture
-async def station(tmp_path: Path) -> AsyncIterator[Station]:
+def station_broker(tmp_path: Path) -> tuple[dict[str, PtyPair], Path, BrokerProcess]:
+    """vm-sys-usb and vm-ui on socat ptys and the broker on them, on the socle's policy,
+    ready: the pairs, the dom0 socket and the broker."""
     pairs = {n: PtyPair(tmp_path, n) for n in ("vm-sys-usb", "vm-ui")}
     socket = tmp_path / "dom0.sock"
     config = write_config(tmp_path / "broker.toml", {n: p.dom0 for n, p in pairs.items()},
@@ -79,6 +80,12 @@ async def station(tmp_path: Path) -> AsyncIterator[Station]:
                           extra=f'[broker]\npolitique = "{ROOT / "config/socle-policy.toml"}"\n')
     broker = BrokerProcess(config)
     broker.wait_ready()
+    return pairs, socket, broker
+
+
+@pytest.fixture
+async def station(tmp_path: Path) -> AsyncIterator[Station]:
+    pairs, socket, broker = station_broker(tmp_path)
     usb_dir, store = tmp_path / "usb", tmp_path / "depot"
     usb_dir.mkdir()
     usb = Client("vm-sys-usb", path=pairs["vm-sys-usb"].domu)
@@ -307,13 +314,7 @@ async def test_digest_mismatch_on_read_is_a_fichier_erreur(station: Station) -> 
 def test_station_services_as_users_start_them(tmp_path: Path) -> None:
     """``python -m messagerie.station depot|usb|ui``, each its own process, as on a
     station: the UI's tour reads a stick's file, copies it to the other, deletes it."""
-    pairs = {n: PtyPair(tmp_path, n) for n in ("vm-sys-usb", "vm-ui")}
-    socket = tmp_path / "dom0.sock"
-    config = write_config(tmp_path / "broker.toml", {n: p.dom0 for n, p in pairs.items()},
-                          dom0_socket=socket,
-                          extra=f'[broker]\npolitique = "{ROOT / "config/socle-policy.toml"}"\n')
-    broker = BrokerProcess(config)
-    broker.wait_ready()
+    pairs, socket, broker = station_broker(tmp_path)
     usb_dir = tmp_path / "usb"
     (usb_dir / "cle-1").mkdir(parents=True)
     (usb_dir / "cle-1" / "a.txt").write_bytes(b"from the first stick")
