@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,18 @@ def replayed(s: BrokerSystem, name: str) -> int:
     return count
 
 
+def spool_numbered(s: BrokerSystem, total: int, pad: Callable[[int], int]) -> None:
+    """Take vm-c down, send it ``total`` notifications from vm-a, number ``n`` padded
+    with ``pad(n)`` bytes, and wait until all of them are spooled."""
+    down(s, "vm-c")
+    for n in range(total):
+        s.domus["vm-a"].send({"type": "notification", "source": "vm-a", "destination": "vm-c",
+                              "payload": {"categorie": "flux", "evenement": "n",
+                                          "data": {"n": n, "pad": "p" * pad(n)}}})
+    wait_until(lambda: status(s)["domaines"]["vm-c"]["spool"]["messages"] == total,
+               what=f"{total} spooled", timeout=30)
+
+
 def test_a_domain_rebound_during_its_replay_gets_the_rest_and_live_traffic(
         tmp_path: Path) -> None:
     """vm-c comes back and does not read; while its spool is replayed, a reload moves
@@ -41,14 +54,8 @@ def test_a_domain_rebound_during_its_replay_gets_the_rest_and_live_traffic(
     new = PtyPair(tmp_path, "vm-c-new")
     try:
         a = s.domus["vm-a"]
-        down(s, "vm-c")
         total = 2000
-        for n in range(total):
-            a.send({"type": "notification", "source": "vm-a", "destination": "vm-c",
-                    "payload": {"categorie": "flux", "evenement": "n",
-                                "data": {"n": n, "pad": "p" * 200}}})
-        wait_until(lambda: status(s)["domaines"]["vm-c"]["spool"]["messages"] == total,
-                   what="spooled", timeout=30)
+        spool_numbered(s, total, lambda n: 200)
         old = reconnect(s, "vm-c")  # reads nothing: the replay fills pty and transport
         wait_until(lambda: replayed(s, "vm-c") > 0, what="the replay under way")
         s.reconfigure({"vm-a": s.paths["vm-a"], "vm-c": new.dom0})
@@ -85,14 +92,8 @@ def test_sigterm_during_a_replay_keeps_the_cut_rows_tail(tmp_path: Path) -> None
                      env={"STATE_DIRECTORY": str(tmp_path / "state")})
     try:
         a = s.domus["vm-a"]
-        down(s, "vm-c")
         total = 2000
-        for n in range(total):
-            a.send({"type": "notification", "source": "vm-a", "destination": "vm-c",
-                    "payload": {"categorie": "flux", "evenement": "n",
-                                "data": {"n": n, "pad": "p" * (n % 97)}}})
-        wait_until(lambda: status(s)["domaines"]["vm-c"]["spool"]["messages"] == total,
-                   what="all spooled", timeout=30)
+        spool_numbered(s, total, lambda n: n % 97)
         c = reconnect(s, "vm-c")  # does not read yet
         wait_until(lambda: replayed(s, "vm-c") > 0, what="the replay under way")
         assert s.restart(signal.SIGTERM) == 0
