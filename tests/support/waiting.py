@@ -18,9 +18,18 @@ DEFAULT_TIMEOUT = 10.0
 Description = str | Callable[[], str]
 
 
-def _timed_out(timeout: float, what: Description) -> AssertionError:
-    return AssertionError(f"timed out after {timeout:g} s waiting for "
-                          f"{what() if callable(what) else what}")
+class _Deadline:
+    """When a wait gives up: :meth:`check` raises ``AssertionError`` naming ``what`` (a
+    string, or a function giving one at failure time) once ``timeout`` has passed."""
+
+    def __init__(self, timeout: float, what: Description) -> None:
+        self.timeout, self.what = timeout, what
+        self.at = time.monotonic() + timeout
+
+    def check(self) -> None:
+        if time.monotonic() > self.at:
+            what = self.what() if callable(self.what) else self.what
+            raise AssertionError(f"timed out after {self.timeout:g} s waiting for {what}")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT,
@@ -29,25 +38,19 @@ def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT,
     ``AssertionError`` naming ``what`` (a string, or a function giving one at failure
     time) after ``timeout`` seconds. ``predicate`` may itself block briefly (read with
     a short timeout): then ``interval`` can be 0."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise _timed_out(timeout, what)
+    deadline = _Deadline(timeout, what)
+    while not (value := predicate()):
+        deadline.check()
         if interval:
             time.sleep(interval)
+    return value
 
 
 async def async_wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_TIMEOUT,
                            what: Description = "condition", interval: float = 0.01) -> T:
     """:func:`wait_until` for a coroutine: the event loop runs between two calls."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise _timed_out(timeout, what)
+    deadline = _Deadline(timeout, what)
+    while not (value := predicate()):
+        deadline.check()
         await asyncio.sleep(interval)
+    return value
