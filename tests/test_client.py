@@ -38,7 +38,7 @@ from messagerie.client import (
 from messagerie.codec import encode
 from messagerie.model import Commande, Journal, Message, Notification, Reponse, Statut
 from messagerie.vocabulary import Code
-from tests.support.peers import PtyPeer, SocketServer
+from tests.support.peers import PtyPeer, SocketPeer, SocketServer
 from tests.support.ptys import PtyPair
 from tests.support.waiting import async_wait_until
 
@@ -527,16 +527,25 @@ async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
         await server.stop()
 
 
+async def dom0_registering(server: SocketServer) -> tuple[Client, asyncio.Task[None],
+                                                          SocketPeer, Commande]:
+    """A dom0 client with one handler, opening on ``server``: the client, its ``open()``
+    under way, the connection the server accepted and the ``enregistrer`` command the
+    client sent on it first."""
+    c = Client.dom0(path=server.path)
+    c.add_handler("x", lambda cmd: None)
+    opening = asyncio.create_task(c.open())
+    peer = await server.accept()
+    reg = await peer.recv()
+    assert isinstance(reg, Commande) and reg.commande == "enregistrer"
+    return c, opening, peer, reg
+
+
 @pytest.mark.integration
 async def test_dom0_registration_refused(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
-        c = Client.dom0(path=server.path)
-        c.add_handler("x", lambda cmd: None)
-        opening = asyncio.create_task(c.open())
-        peer = await server.accept()
-        reg = await peer.recv()
-        assert isinstance(reg, Commande)
+        c, opening, peer, reg = await dom0_registering(server)
         peer.send(reg.fail(Code.REFUSE, "not allowed"))
         with pytest.raises(CommandError) as info:
             await asyncio.wait_for(opening, 5)
@@ -817,12 +826,7 @@ async def test_an_open_that_failed_may_be_retried(tmp_path: Path) -> None:
 async def test_close_while_registering_fails_the_open(tmp_path: Path) -> None:
     server = await SocketServer(tmp_path / "dom0.sock").start()
     try:
-        c = Client.dom0(path=server.path)
-        c.add_handler("x", lambda cmd: None)
-        opening = asyncio.create_task(c.open())
-        peer = await server.accept()
-        reg = await peer.recv()
-        assert isinstance(reg, Commande) and reg.commande == "enregistrer"
+        c, opening, _, _ = await dom0_registering(server)
         assert c.state is ClientState.OPENING
         await c.close()
         with pytest.raises(Disconnected):
