@@ -65,6 +65,15 @@ def _json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
+def burst_seconds(sent: dict[str, Any], got: dict[str, Any], count: int) -> float:
+    """How long ``count`` messages took, from the sender's first byte written (not from
+    building the burst) to the last one received, by the peers' own clocks; raises if
+    fewer arrived."""
+    if got["received"] < count:
+        raise RuntimeError(f"only {got['received']} of {count} messages arrived")
+    return float(got["last_ns"] - sent["write_ns"]) / 1e9
+
+
 def transfer(src: Path, dst: Path, count: int, *, rate: float = 0,
              latency: bool = False) -> dict[str, Any]:
     """Send ``count`` messages from one DomU end to another; timings from the peers."""
@@ -78,10 +87,7 @@ def transfer(src: Path, dst: Path, count: int, *, rate: float = 0,
     sent = json.loads(send.stdout)
     got = _json_line(recv)
     recv.wait(30)
-    if got["received"] < count:
-        raise RuntimeError(f"only {got['received']} of {count} messages arrived")
-    # From the first byte written (not from building the burst) to the last received.
-    elapsed = (got["last_ns"] - sent["write_ns"]) / 1e9
+    elapsed = burst_seconds(sent, got, count)
     return {**got, "seconds": elapsed, "per_second": count / elapsed}
 
 
