@@ -282,10 +282,16 @@ def test_mode_open_to_other_users_is_refused(mode: str) -> None:
 
 # -- files ------------------------------------------------------------------------------
 
-def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "broken.toml"
-    path.write_text('[domaines.vm-a]\nchemin = "/dev/pts/1\n')
-    assert load_error(path).startswith(f"{path}: TOML syntax error")
+@pytest.mark.parametrize(("content", "message"), [
+    (b'[domaines.vm-a]\nchemin = "/dev/pts/1\n', "TOML syntax error"),
+    (b'[domaines."vm-\xe9"]\nchemin = "/x"\n', "not UTF-8"),
+    (b'[limites]\nfile_octets = -5\n[domaines.vm-a]\nchemin = "/x"\n',
+     "limites.file_octets: must be positive"),
+], ids=["toml-syntax", "not-utf8", "bad-value"])
+def test_file_errors_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_bytes(content)
+    assert load_error(path).startswith(f"{path}: {message}")
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -293,18 +299,6 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert load_error(missing).startswith(f"{missing}: cannot read")
     # A directory: also an OSError, also reported.
     assert load_error(tmp_path).startswith(f"{tmp_path}: cannot read")
-
-
-def test_not_utf8(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.toml"
-    path.write_bytes(b'[domaines."vm-\xe9"]\nchemin = "/x"\n')
-    assert "not UTF-8" in load_error(path)
-
-
-def test_file_errors_name_file_and_key(tmp_path: Path) -> None:
-    path = tmp_path / "b.toml"
-    path.write_text('[limites]\nfile_octets = -5\n[domaines.vm-a]\nchemin = "/x"\n')
-    assert load_error(path).startswith(f"{path}: limites.file_octets: must be positive")
 
 
 def test_relative_paths_from_the_file_directory(tmp_path: Path) -> None:
