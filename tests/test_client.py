@@ -249,15 +249,21 @@ async def test_no_handler_gives_commande_inconnue(pair: PtyPair, peer: PtyPeer) 
     assert rep.erreur is not None and rep.erreur["code"] == "commande_inconnue"
 
 
-async def test_slow_handler_does_not_block_the_reader(pair: PtyPair, peer: PtyPeer) -> None:
-    c = new_client(pair)
+def held_lent(c: Client) -> asyncio.Event:
+    """Give ``c`` a ``lent`` handler that answers ``"fini"`` once the event returned is
+    set, and not before."""
     release = asyncio.Event()
 
     @c.handler("lent")
     async def lent(cmd: Commande) -> str:
         await release.wait()
         return "fini"
+    return release
 
+
+async def test_slow_handler_does_not_block_the_reader(pair: PtyPair, peer: PtyPeer) -> None:
+    c = new_client(pair)
+    release = held_lent(c)
     async with c:
         peer.send(Commande("vm-ui", "vm-a", "lent", id="slow"))
         # While the handler waits, a command of ours is still answered.
@@ -312,13 +318,7 @@ async def test_close_answers_the_commands_it_cannot_finish(pair: PtyPair,
 
 async def test_handler_concurrency_is_bounded(pair: PtyPair, peer: PtyPeer) -> None:
     c = new_client(pair, max_handlers=2)
-    release = asyncio.Event()
-
-    @c.handler("lent")
-    async def lent(cmd: Commande) -> str:
-        await release.wait()
-        return "fini"
-
+    release = held_lent(c)
     async with c:
         for n in range(3):
             peer.send(Commande("vm-ui", "vm-a", "lent", id=f"c{n}"))
