@@ -61,6 +61,20 @@ def test_a_rebooted_domain_gets_what_was_sent_meanwhile_in_order(
     assert b.lines_from("vm-a")[500:] == [frame("vm-a", "vm-b", 1000)]
 
 
+def kill_once_held(system: BrokerSystem, b0: Domu) -> list[bytes]:
+    """vm-b's DomU end ``b0`` reads 100 frames from vm-a, then no more until the broker
+    holds frames for it in its queue; then vm-b's socat is killed. Returns what ``b0``
+    read from vm-a, with what the pty still handed over after the hang-up."""
+    wait_until(lambda: (b0.pump(), len(b0.lines_from("vm-a")) >= 100)[1], interval=0,
+               what="vm-b reading")
+    wait_until(lambda: status(system)["domaines"]["vm-b"]["file"] > 0,
+               what="frames queued in the broker for vm-b")
+    kill(system, "vm-b")
+    for _ in range(3):
+        b0.pump(0.05)  # what the pty still hands over after the hang-up
+    return b0.lines_from("vm-a")
+
+
 KERNEL_BUFFERS = 256 * 1024
 """More than a pty pair and socat can hold between the broker's write and the DomU's
 read (the tty layer's buffers and socat's 8 KiB): what is lost when socat dies."""
@@ -79,15 +93,8 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     system.domus["vm-b"] = b0  # closed by the fixture
     sent = [frame("vm-a", "vm-b", i) for i in range(2000)]
     a.write(b"".join(sent[:1500]))
-    wait_until(lambda: (b0.pump(), len(b0.lines_from("vm-a")) >= 100)[1], interval=0,
-               what="vm-b reading")
     # vm-b stops reading: the rest piles up in the broker's queue for it.
-    wait_until(lambda: status(system)["domaines"]["vm-b"]["file"] > 0,
-               what="frames queued in the broker for vm-b")
-    kill(system, "vm-b")
-    for _ in range(3):
-        b0.pump(0.05)  # what the pty still hands over after the hang-up
-    before = b0.lines_from("vm-a")
+    before = kill_once_held(system, b0)
     wait_until(lambda: system.broker.find("domain.disconnected", domain="vm-b"),
                what="vm-b disconnected")
     a.write(b"".join(sent[1500:]))
@@ -281,15 +288,8 @@ def test_a_domain_killed_during_its_replay_gets_the_rest_once(system: BrokerSyst
     a.write(b"".join(sent[:1900]))
     wait_until(lambda: spooled(system, "vm-b") == 1900, what="1900 spooled")
     b0 = reconnect(system, "vm-b")
-    wait_until(lambda: (b0.pump(), len(b0.lines_from("vm-a")) >= 100)[1], interval=0,
-               what="the replay under way")
     # vm-b stops reading mid-replay: what is left waits in the broker and the spool.
-    wait_until(lambda: status(system)["domaines"]["vm-b"]["file"] > 0,
-               what="the replay held by vm-b's full channel")
-    kill(system, "vm-b")
-    for _ in range(3):
-        b0.pump(0.05)
-    before = b0.lines_from("vm-a")
+    before = kill_once_held(system, b0)
     system.broker.wait_event("domain.disconnected", domain="vm-b", count=2)
     a.write(b"".join(sent[1900:]))
     b = reconnect(system, "vm-b")
