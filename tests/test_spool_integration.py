@@ -80,6 +80,23 @@ KERNEL_BUFFERS = 256 * 1024
 read (the tty layer's buffers and socat's 8 KiB): what is lost when socat dies."""
 
 
+def rest_after_the_kill(b: Domu, sent: list[bytes], before: list[bytes]) -> list[bytes]:
+    """Read on vm-b's new DomU end ``b`` until the last frame of ``sent`` arrives, and
+    check the whole: what came before the kill (``before``) is the head of ``sent``;
+    what comes now is the rest from some frame on, each once, in order; and what
+    neither got, the frames the kernel held when socat died, fits in
+    :data:`KERNEL_BUFFERS`. Returns what came now."""
+    wait_until(lambda: (b.pump(), sent[-1] in b.lines_from("vm-a"))[1], timeout=30,
+               interval=0, what="the last frame")
+    after = b.lines_from("vm-a")
+    assert before == sent[:len(before)]
+    gap_end = sent.index(after[0])
+    assert gap_end >= len(before), "a frame read before the kill came again"
+    assert after == sent[gap_end:], "after the kill: the rest, in order, once"
+    assert sum(len(f) for f in sent[len(before):gap_end]) <= KERNEL_BUFFERS
+    return after
+
+
 @pytest.mark.slow
 def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
         system: BrokerSystem) -> None:
@@ -101,16 +118,7 @@ def test_a_domain_killed_mid_flow_loses_only_what_the_kernel_held(
     b = reconnect(system, "vm-b")
     recovered = system.broker.wait_event("spool.recovered", domain="vm-b")
     assert recovered["messages"] > 0
-    tail = sent[-1]
-    wait_until(lambda: (b.pump(), tail in b.lines_from("vm-a"))[1], timeout=30,
-               interval=0, what="the last frame")
-    after = b.lines_from("vm-a")
-    assert before == sent[:len(before)]
-    gap_end = sent.index(after[0])
-    assert gap_end >= len(before), "a frame read before the kill came again"
-    assert after == sent[gap_end:], "after the kill: everything, in order, once"
-    lost = sent[len(before):gap_end]
-    assert sum(len(f) for f in lost) <= KERNEL_BUFFERS
+    after = rest_after_the_kill(b, sent, before)
     assert len(after) >= recovered["messages"] + 500
 
 
@@ -293,14 +301,7 @@ def test_a_domain_killed_during_its_replay_gets_the_rest_once(system: BrokerSyst
     system.broker.wait_event("domain.disconnected", domain="vm-b", count=2)
     a.write(b"".join(sent[1900:]))
     b = reconnect(system, "vm-b")
-    wait_until(lambda: (b.pump(), sent[-1] in b.lines_from("vm-a"))[1], timeout=30,
-               interval=0, what="the last frame")
-    after = b.lines_from("vm-a")
-    assert before == sent[:len(before)]
-    gap_end = sent.index(after[0])
-    assert gap_end >= len(before), "a row read before the kill was replayed again"
-    assert after == sent[gap_end:], "after the kill: the rest, in order, once"
-    assert sum(len(f) for f in sent[len(before):gap_end]) <= KERNEL_BUFFERS
+    rest_after_the_kill(b, sent, before)
     wait_until(lambda: spooled(system, "vm-b") == 0, what="the spool emptied")
 
 
