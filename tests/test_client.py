@@ -461,35 +461,31 @@ async def test_tty_is_opened_exclusively(pair: PtyPair, peer: PtyPeer) -> None:
 
 @pytest.mark.integration
 async def test_flow_control_bounds_the_write_buffer(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "s.sock", reading=False).start()
-    try:
-        async with Client("vm-a", path=server.path, write_buffer_high=64 * 1024) as c:
-            peer = await server.accept()
-            data = {"x": "b" * 32000}
+    async with (SocketServer(tmp_path / "s.sock", reading=False) as server,
+                Client("vm-a", path=server.path, write_buffer_high=64 * 1024) as c):
+        peer = await server.accept()
+        data = {"x": "b" * 32000}
 
-            async def flood() -> None:
-                for _ in range(200):
-                    await c.notify("vm-b", "fichier", "etat", data)
+        async def flood() -> None:
+            for _ in range(200):
+                await c.notify("vm-b", "fichier", "etat", data)
 
-            task = asyncio.create_task(flood())
-            assert c._conn is not None
-            conn = c._conn
-            await async_wait_until(lambda: not conn._can_write.is_set(), what="paused")
-            assert conn.transport is not None
-            assert conn.transport.get_write_buffer_size() <= 64 * 1024 + 33000
-            assert not task.done()
-            peer.reading.set()
-            await asyncio.wait_for(task, 10)
-            await async_wait_until(lambda: peer.inbox.qsize() == 200, timeout=10,
-                                   what="all 200 delivered")
-    finally:
-        await server.stop()
+        task = asyncio.create_task(flood())
+        assert c._conn is not None
+        conn = c._conn
+        await async_wait_until(lambda: not conn._can_write.is_set(), what="paused")
+        assert conn.transport is not None
+        assert conn.transport.get_write_buffer_size() <= 64 * 1024 + 33000
+        assert not task.done()
+        peer.reading.set()
+        await asyncio.wait_for(task, 10)
+        await async_wait_until(lambda: peer.inbox.qsize() == 200, timeout=10,
+                               what="all 200 delivered")
 
 
 @pytest.mark.integration
 async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "dom0.sock").start()
-    try:
+    async with SocketServer(tmp_path / "dom0.sock") as server:
         c = Client.dom0(path=server.path)
         assert c.name == "dom0"
 
@@ -523,8 +519,6 @@ async def test_dom0_registers_its_handlers(tmp_path: Path) -> None:
         peer.send(cmd)
         assert await peer.recv() == cmd.reply("stocké")
         await c.close()
-    finally:
-        await server.stop()
 
 
 async def dom0_registering(server: SocketServer) -> tuple[Client, asyncio.Task[None],
@@ -543,30 +537,24 @@ async def dom0_registering(server: SocketServer) -> tuple[Client, asyncio.Task[N
 
 @pytest.mark.integration
 async def test_dom0_registration_refused(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "dom0.sock").start()
-    try:
+    async with SocketServer(tmp_path / "dom0.sock") as server:
         c, opening, peer, reg = await dom0_registering(server)
         peer.send(reg.fail(Code.REFUSE, "not allowed"))
         with pytest.raises(CommandError) as info:
             await asyncio.wait_for(opening, 5)
         assert info.value.code == "refuse"
         assert not c.connected
-    finally:
-        await server.stop()
 
 
 @pytest.mark.integration
 async def test_dom0_without_handlers_does_not_register(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "dom0.sock").start()
-    try:
-        async with Client(path=server.path) as c:  # a unix socket: dom0
-            assert c.name == "dom0"
-            peer = await server.accept()
-            await c.notify("tous", "fichier", "etat", {"fichier": "a", "etat": "disponible"})
-            msg = await peer.recv()
-            assert msg.source == "dom0" and msg.type == "notification"
-    finally:
-        await server.stop()
+    # A unix socket: dom0.
+    async with SocketServer(tmp_path / "dom0.sock") as server, Client(path=server.path) as c:
+        assert c.name == "dom0"
+        peer = await server.accept()
+        await c.notify("tous", "fichier", "etat", {"fichier": "a", "etat": "disponible"})
+        msg = await peer.recv()
+        assert msg.source == "dom0" and msg.type == "notification"
 
 
 @pytest.mark.integration
@@ -772,8 +760,7 @@ async def test_a_command_failed_by_a_reset_is_never_sent_afterwards(tmp_path: Pa
 
 @pytest.mark.integration
 async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "s.sock").start()
-    try:
+    async with SocketServer(tmp_path / "s.sock") as server:
         c = Client("vm-a", path=server.path, backoff_min=0.05, backoff_max=0.2)
         assert c.state is ClientState.UNOPENED
         opening = asyncio.create_task(c.open())
@@ -792,8 +779,6 @@ async def test_state_follows_the_lifecycle(tmp_path: Path) -> None:
         assert c.state is ClientState.CLOSED and not c.connected
         with pytest.raises(RuntimeError, match="cannot be reopened"):
             await c.open()
-    finally:
-        await server.stop()
 
 
 async def test_open_twice_is_refused(pair: PtyPair, peer: PtyPeer) -> None:
@@ -811,29 +796,22 @@ async def test_an_open_that_failed_may_be_retried(tmp_path: Path) -> None:
         await c.open()
     assert c.state is ClientState.UNOPENED
     assert [m async for m in stream] == []
-    server = await SocketServer(tmp_path / "s.sock").start()
-    try:
-        async with c:
-            assert c.state is ClientState.CONNECTED
-            peer = await server.accept()
-            await c.notify("vm-b", "domaine", "etat")
-            assert isinstance(await peer.recv(), Notification)
-    finally:
-        await server.stop()
+    async with SocketServer(tmp_path / "s.sock") as server, c:
+        assert c.state is ClientState.CONNECTED
+        peer = await server.accept()
+        await c.notify("vm-b", "domaine", "etat")
+        assert isinstance(await peer.recv(), Notification)
 
 
 @pytest.mark.integration
 async def test_close_while_registering_fails_the_open(tmp_path: Path) -> None:
-    server = await SocketServer(tmp_path / "dom0.sock").start()
-    try:
+    async with SocketServer(tmp_path / "dom0.sock") as server:
         c, opening, _, _ = await dom0_registering(server)
         assert c.state is ClientState.OPENING
         await c.close()
         with pytest.raises(Disconnected):
             await asyncio.wait_for(opening, 5)
         assert c.state is ClientState.CLOSED and not c.connected
-    finally:
-        await server.stop()
 
 
 async def test_a_second_close_waits_for_the_first(pair: PtyPair, peer: PtyPeer) -> None:

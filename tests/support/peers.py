@@ -323,7 +323,8 @@ class SocketPeer(Peer):
 
 class SocketServer:
     """A unix socket listening like the broker's dom0 socket; each connection is a
-    :class:`SocketPeer` put on ``peers``."""
+    :class:`SocketPeer` put on ``peers``. ``async with SocketServer(path) as server``
+    starts it and stops it on the way out (or :meth:`start` and :meth:`stop`)."""
 
     def __init__(self, path: Path, reading: bool = True) -> None:
         self.path = path
@@ -340,6 +341,12 @@ class SocketServer:
 
         self.server = await asyncio.start_unix_server(accept, str(self.path))
         return self
+
+    async def __aenter__(self) -> SocketServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def accept(self, timeout: float = 5.0) -> SocketPeer:
         return await asyncio.wait_for(self.peers.get(), timeout)
