@@ -237,9 +237,9 @@ def test_route_never_raises_and_its_decision_is_well_formed(s: tuple[Message, st
     assert type(decision) in (Deliver, Refuse)
     assert route(msg, origin, view) == decision, "not deterministic"
     if type(decision) is Refuse:
-        assert decision.kind in (SPOOFED, UNSOLICITED, UNKNOWN, OFFLINE, DENIED)
+        assert decision.kind in (SPOOFED, UNSOLICITED, UNKNOWN, OFFLINE, DENIED, RESERVED)
         assert decision.code in CODES and decision.detail
-        if decision.kind in (SPOOFED, UNSOLICITED, DENIED):
+        if decision.kind in (SPOOFED, UNSOLICITED, DENIED, RESERVED):
             assert decision.security
         return
     assert type(decision) is Deliver
