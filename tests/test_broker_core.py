@@ -1081,3 +1081,16 @@ async def test_a_nudge_is_for_the_connection_that_armed_it() -> None:
     s.broker.stopping = True
     await asyncio.sleep(3 * NUDGE_QUIET)
     assert bytes(fresh.written) == b"" and a.nudged == 0
+
+
+def test_frames_are_split_at_newlines_only() -> None:
+    # A \r is JSON whitespace inside a frame (frames are forwarded as sent): what the
+    # broker spools or counts of a dropped channel's queue is split at \n alone.
+    from broker.hub import _lost_messages, lines_of
+
+    spaced = b'{"type":"notification",\r"source":"vm-a","destination":"vm-b","payload":' \
+             b'{"categorie":"x","evenement":"y"}}\n'
+    assert lines_of(spaced * 2 + b"{") == [spaced, spaced, b"{"]
+    assert lines_of(b"a\r\n\n") == [b"a\r\n", b"\n"]
+    assert _lost_messages((0, spaced * 2), set()) == 2
+    assert _lost_messages((0, spaced * 2 + b"\n"), {len(spaced)}) == 1  # kept; a nudge

@@ -4,6 +4,8 @@ else with a forged source still is."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from broker.config import Config
@@ -71,6 +73,9 @@ class FakeTransport:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
 
     def is_closing(self) -> bool:
         return False

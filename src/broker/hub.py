@@ -133,6 +133,17 @@ def delai_of(raw: bytes) -> float | None:
         return None  # valid to the envelope check, beyond this parser (the receiver's call)
 
 
+def lines_of(data: bytes) -> list[bytes]:
+    """``data``'s frames, each with its newline (the last one maybe without): split at
+    ``\n`` only. ``bytes.splitlines`` also splits at a ``\r``, which is JSON whitespace
+    inside a frame (frames are forwarded as sent)."""
+    parts = data.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
 def _lost_messages(unsent: tuple[int, bytes] | None, kept: set[int]) -> int:
     """The messages in ``unsent`` (stream position, bytes queued and not written) but
     those ending at a position in ``kept``; a frame whose head left counts (its tail
@@ -141,7 +152,7 @@ def _lost_messages(unsent: tuple[int, bytes] | None, kept: set[int]) -> int:
         return 0
     position, data = unsent
     lost = 0
-    for frame in data.splitlines(keepends=True):
+    for frame in lines_of(data):
         position += len(frame)
         if frame != b"\n" and position not in kept:
             lost += 1
@@ -726,7 +737,7 @@ class Broker:
         spool = self.spool
         destination = msg.destination
         at = spool_now()
-        frames = [data] if count == 1 else data.splitlines(keepends=True)
+        frames = [data] if count == 1 else lines_of(data)
         for frame in frames:
             bound = spool.add(Entry(destination, msg.source, msg.type, msg.name, msg.id, at,
                                     deadline, frame))
@@ -815,7 +826,7 @@ class Broker:
         start, data = unsent
         position = start
         kept = 0
-        for frame in data.splitlines(keepends=True):
+        for frame in lines_of(data):
             cut = position == start  # the first: maybe a frame's tail
             position += len(frame)
             if position in replayed or not frame.endswith(b"\n"):
