@@ -20,7 +20,7 @@ from broker.router import LATE, RESERVED, UNSOLICITED, Deliver, Refuse, StaticVi
 from messagerie import DOM0, Code, MessageInvalide, Reason, decode, encode
 from messagerie.client import Client, CommandError, CommandTimeout
 from messagerie.envelope import decode_envelope
-from messagerie.model import Commande, Notification, Reponse
+from messagerie.model import Commande, Message, Notification, Reponse
 from messagerie.schema import json_schema
 from messagerie.wire import DELAI_MAX
 from tests.support.peers import PtyPeer, is_sentinel
@@ -482,3 +482,30 @@ async def test_a_socle_file_call_whose_fichier_never_comes_times_out(
             await task
         assert "no FICHIER" in str(info.value) and "'a.txt'" in str(info.value)
         assert info.value.reponse is None
+
+
+async def test_a_handlers_slot_is_free_once_its_answer_is_on_its_way(
+        pair: PtyPair, peer: PtyPeer) -> None:
+    """max_handlers counts handlers running, not answers waiting for flow control: the
+    commander may have the answer and send its next command before the write is done
+    (a new process's burst met `limite` that way)."""
+    c = Client("vm-b", path=pair.domu, max_handlers=1)
+    c.add_handler("echo", lambda cmd: cmd.arguments)
+    gate = asyncio.Event()
+    send = c.send
+
+    async def slow_send(msg: Message) -> None:  # flow control holds every write
+        await gate.wait()
+        await send(msg)
+
+    c.send = slow_send  # type: ignore[method-assign]
+    async with c:
+        peer.send(Commande("vm-a", "vm-b", "echo", {"n": 1}, id="e1"))
+        await async_wait_until(lambda: not c._handler_tasks and c._tasks,
+                               what="the first answer waiting to be written")
+        peer.send(Commande("vm-a", "vm-b", "echo", {"n": 2}, id="e2"))
+        await async_wait_until(lambda: len(c._tasks) >= 2, what="the second one too")
+        gate.set()
+        got = [await peer.recv(), await peer.recv()]
+    assert [(m.id, m.ok) for m in got if isinstance(m, Reponse)] == [("e1", True),
+                                                                     ("e2", True)]

@@ -798,7 +798,10 @@ class Client:
             self._log.info("reponse.abandoned", id=cmd.id, commande=cmd.commande,
                            source=cmd.source)
             return
-        await self._send_reply(rep)
+        # Sent by a task of its own: this handler's slot is free once its answer is on
+        # its way, not once flow control let it out (meanwhile the commander may have
+        # its answer, and its next command met `limite` here).
+        self._answer(rep)
 
 
 def __getattr__(name: str) -> Any:
