@@ -378,6 +378,21 @@ async def test_expire_pending() -> None:
     assert s.out("vm-a") == []
 
 
+async def test_the_brokers_own_message_dropped_offline_is_counted() -> None:
+    # Its answer to a commander whose channel went away (the broker not told yet):
+    # the broker's own message, dropped as offline, counted like any other drop.
+    s = Setup(command_ttl=0.05)
+    a = s.eps["vm-a"]
+    s.send(a, Commande("vm-a", "vm-b", "lister", id="slow"))
+    a.transport = None
+    s.broker.pending.clock = lambda: time.monotonic() + 60  # past its deadline
+    s.broker.expire_pending()
+    assert not s.broker.pending
+    assert a.drop_why == "offline"
+    assert a.stats.dropped == 1
+    assert s.broker.statistics()["domaines"]["vm-a"]["perdus"] == 1
+
+
 async def test_commands_in_flight_limit() -> None:
     s = Setup(commands_in_flight=2)
     a = s.eps["vm-a"]

@@ -835,10 +835,13 @@ class Endpoint(asyncio.Protocol):
              fanout: bool = False) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
         ``fanout``: one delivery of a message to several recipients (a broadcast).
+        Every drop is counted here (``stats.dropped``, its reason in ``drop_why``),
+        whoever sent it: the callers only log and answer it.
 
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
+            self.stats.dropped += count
             self.drop_why = "offline"  # its channel went away since the route was decided
             return False
         if self.paused_writing and not self._admit(t, data, sender, count, fanout):
