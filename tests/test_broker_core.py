@@ -8,8 +8,11 @@ what is written and records flow-control calls; tests feed bytes with
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -684,6 +687,26 @@ async def test_dropped_command_to_dom0_service() -> None:
     assert tsvc.take() == b""
     assert error_of(s.out("vm-a")[0]) == ("e1", Code.DESTINATION_SATUREE)
     assert len(s.broker.pending) == 0 and s.broker.pending.in_flight(s.eps["vm-a"]) == 0
+
+
+async def test_a_socket_that_cannot_say_what_its_peer_holds_is_said_once(
+        tmp_path: Path) -> None:
+    # SIOCOUTQ fails on what is not a socket (here a file): what the peer took is then
+    # judged by the transport alone, as on a pty, and the failure said once (debug).
+    s = Setup()
+    b = s.eps["vm-b"]
+    s.send(s.eps["vm-a"], Notification("vm-a", "vm-b", "x", "y"))
+    s.t["vm-b"].buffered = 10
+    b._outq_fd = fd = os.open(tmp_path / "not-a-socket", os.O_CREAT | os.O_WRONLY)
+    try:
+        with capture_logs() as logs:
+            assert b._taken() == b.written - 10
+            assert b._taken() == b.written - 10
+    finally:
+        os.close(fd)
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("channel.unread_unknown", "debug")]
+    assert logs[0]["error"] == str(OSError(errno.ENOTTY, os.strerror(errno.ENOTTY)))
 
 
 # -- rate limiting ------------------------------------------------------------------

@@ -139,11 +139,9 @@ def long_turn_charge(cost: float) -> float:
 
 def unread_by_peer(fd: int) -> int:
     """What a unix socket's peer has not read yet (``SIOCOUTQ``: the kernel counts what
-    it allocated for it, the bytes and their overhead), 0 when it cannot tell."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
-    except OSError:
-        return 0
+    it allocated for it, the bytes and their overhead). Raises OSError when the kernel
+    cannot tell."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def _frames(data: bytes) -> int:
@@ -290,6 +288,8 @@ class Endpoint(asyncio.Protocol):
         """Bytes read from this channel since the endpoint was made."""
         self._outq_fd: int | None = None
         """A socket transport's fd, for what its peer has not read (:meth:`_taken`)."""
+        self._outq_failed = False
+        """``unread_by_peer`` failed on this endpoint once (said once, at debug)."""
         self.nudges = False
         """Nudge this channel's relay after a long read (:meth:`_nudge_soon`)."""
         self.nudged = 0
@@ -751,7 +751,12 @@ class Endpoint(asyncio.Protocol):
             return self.written
         taken = self.written - int(t.get_write_buffer_size())
         if self._outq_fd is not None:
-            taken -= unread_by_peer(self._outq_fd)
+            try:
+                taken -= unread_by_peer(self._outq_fd)
+            except OSError as exc:  # judged by the transport alone, as on a pty
+                if not self._outq_failed:
+                    self._outq_failed = True
+                    self.log.debug("channel.unread_unknown", error=str(exc))
         return taken
 
     def progress(self) -> bool | None:
