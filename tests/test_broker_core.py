@@ -1099,6 +1099,31 @@ async def test_a_socket_channel_is_nudged_once_its_long_read_has_gone_quiet() ->
     assert s.t["vm-a"].take() == b"" and a.nudged == 1 and b.nudged == 0
 
 
+async def test_the_nudge_check_is_chosen_with_the_channel_not_tested_per_read() -> None:
+    # Only a domain's unix socket nudges its relay: its reads go through the check,
+    # installed when it connects; a pty's or a dom0 service's reads go straight to the
+    # class's own data_received (the hot path pays no test for a nudge it never needs).
+    from broker.endpoint import NUDGE_BYTES
+
+    s = Setup(rate=1e9, burst=10**9)
+    a = s.eps["vm-a"]
+    conn, _ = s.service()
+    for ep in (a, conn):
+        assert not ep.nudges and ep.data_received.__func__ is Endpoint.data_received
+    a.nudges = True  # connected to a socket
+    assert a.nudges and a.data_received == a._read_and_nudge
+    a.data_received(b"x\n" * NUDGE_BYTES)
+    s.settle(a)
+    assert a._nudge_timer is not None
+    a.connection_lost(None)
+    a.nudges = False  # the same domain's channel again, a pty this time
+    assert a.data_received.__func__ is Endpoint.data_received
+    a.connection_made(FakeTransport())  # type: ignore[arg-type]
+    a.data_received(b"x\n" * NUDGE_BYTES)
+    s.settle(a)
+    assert a._nudge_timer is None
+
+
 async def test_a_nudge_is_for_the_connection_that_armed_it() -> None:
     # Armed by a long read, then the channel dropped and came back: the new connection
     # read nothing yet, so nothing is written to it; nor during shutdown.

@@ -291,7 +291,6 @@ class Endpoint(asyncio.Protocol):
         self._outq_failed = False
         """``unread_by_peer`` failed on this endpoint once (said once, at debug)."""
         self.nudges = False
-        """Nudge this channel's relay after a long read (:meth:`_nudge_soon`)."""
         self.nudged = 0
         """Empty lines written to nudge the relay."""
         self._nudge_timer: asyncio.TimerHandle | None = None
@@ -382,10 +381,29 @@ class Endpoint(asyncio.Protocol):
         if self._remainder is not None:
             self.transport.pause_reading()  # the last connection's frames go first
 
+    @property
+    def nudges(self) -> bool:
+        """Nudge this channel's relay after a long read (:meth:`_nudge_soon`): a
+        domain's unix socket, chosen when it connects. Its reads then go through
+        :meth:`_read_and_nudge`; the other channels' reads pay no test for it."""
+        return "data_received" in self.__dict__
+
+    @nudges.setter
+    def nudges(self, on: bool) -> None:
+        if on:
+            self.data_received = self._read_and_nudge  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("data_received", None)
+
+    def _read_and_nudge(self, data: bytes) -> None:
+        """:meth:`data_received` of a channel that :attr:`nudges`."""
+        long = len(data) >= min(NUDGE_BYTES, self._read_size)
+        type(self).data_received(self, data)
+        if long:
+            self._nudge_soon()
+
     def data_received(self, data: bytes) -> None:
         self.read_bytes += len(data)
-        if self.nudges and len(data) >= min(NUDGE_BYTES, self._read_size):
-            self._nudge_soon()
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
             self._backlog += data
             return
