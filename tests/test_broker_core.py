@@ -1029,13 +1029,52 @@ async def test_a_domain_over_its_cpu_share_is_not_read_until_it_has_paid() -> No
 
 
 def test_cpu_scale_is_the_slowness_against_the_reference_within_bounds() -> None:
-    from broker.cpuspeed import MAX_SCALE, REFERENCE_SECONDS, cpu_scale, measure, scale_of
+    from broker.cpuspeed import MAX_SCALE, REFERENCE_SECONDS, scale_of
 
     assert scale_of(REFERENCE_SECONDS / 3) == 1.0  # a faster machine keeps the figures
+    assert scale_of(REFERENCE_SECONDS) == 1.0
+    assert scale_of(REFERENCE_SECONDS * 2) == pytest.approx(2.0)
     assert scale_of(REFERENCE_SECONDS * 40) == pytest.approx(40)  # nested TCG, say
+    assert scale_of(REFERENCE_SECONDS * MAX_SCALE) == pytest.approx(MAX_SCALE)
     assert scale_of(REFERENCE_SECONDS * 1e6) == MAX_SCALE
-    assert 1.0 <= cpu_scale() <= MAX_SCALE and cpu_scale() is cpu_scale()  # once
-    assert 0 < measure() < 1.0
+
+
+def test_the_measure_is_the_best_round_of_the_threads_cpu_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import cpuspeed
+
+    # The best of ROUNDS rounds: a preempted round (or a busy moment) costs nothing.
+    rounds = iter([5e-3, 9e-3, 4e-4, 7e-3, 6e-3, 8e-3, 5e-3, 1e-9])
+    monkeypatch.setattr(cpuspeed, "_round", lambda: next(rounds))
+    assert cpuspeed.ROUNDS == 7 and cpuspeed.measure() == 4e-4
+    assert next(rounds) == 1e-9  # exactly ROUNDS rounds were taken
+    monkeypatch.undo()
+    # The real workload: CPU seconds of this thread, so no more than the wall time of
+    # one round on average (a sum, a mean of preempted rounds or a wall clock that
+    # counted a sleep would not be), and a round does work (not zero).
+    started = time.perf_counter()
+    best = cpuspeed.measure()
+    wall = time.perf_counter() - started
+    assert 0 < best <= wall / cpuspeed.ROUNDS
+
+
+def test_the_cpu_scale_is_measured_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import cpuspeed
+
+    calls: list[float] = []
+
+    def measure() -> float:
+        calls.append(3 * cpuspeed.REFERENCE_SECONDS)
+        return calls[-1]
+
+    monkeypatch.setattr(cpuspeed, "measure", measure)
+    cpuspeed.cpu_scale.cache_clear()
+    try:
+        assert cpuspeed.cpu_scale() == pytest.approx(3.0)
+        assert cpuspeed.cpu_scale() == pytest.approx(3.0)
+        assert len(calls) == 1
+    finally:
+        cpuspeed.cpu_scale.cache_clear()  # the next caller measures this machine
 
 
 def test_a_scaled_budget_never_gives_a_channel_the_whole_loop() -> None:
@@ -1043,6 +1082,10 @@ def test_a_scaled_budget_never_gives_a_channel_the_whole_loop() -> None:
 
     assert budget(0.1, 1.0) == 0.1  # the reference: as configured
     assert budget(0.1, 2.0) == pytest.approx(0.1)  # 0.2 real seconds: under the ceiling
+    # 0.3 of the reference's seconds, twice as slow: 0.6 real, cut to the ceiling (0.5
+    # real seconds, 0.25 of the reference's).
+    assert budget(0.3, 2.0) == pytest.approx(REAL_CEILING / 2.0)
+    assert budget(REAL_CEILING, 3.0) * 3.0 == pytest.approx(REAL_CEILING)
     # 40x slower: 10 % of the reference's work would be 4 real cores; half of one.
     assert budget(0.1, 40.0) * 40.0 == pytest.approx(REAL_CEILING)
     assert budget(10**6, 40.0) * 40.0 == pytest.approx(10**6)  # configured higher: that
