@@ -131,9 +131,11 @@ def long_turn_charge(cost: float) -> float:
     every other channel for its whole length, and delays each message that arrives
     meanwhile by up to that long: the harm to the others grows as the square of the
     turn's length, not as its length. Turns kept within ``TURN_CPU`` (every honest
-    read) are charged their time; one 12 ms frame (60 KiB of ``{}``) costs 24 times its
-    time, so a domain sending such frames gets about one every 3 s at the default
-    ``part_cpu``, instead of eight a second."""
+    read) are charged their time; a turn of ``t`` seconds past it is charged
+    ``t * t / TURN_CPU``, so a channel whose every turn is one such frame gets
+    ``part_cpu * TURN_CPU / t**2`` of them a second: at the default ``part_cpu`` (0.1),
+    12 a second at 2 ms, 1.4 at 6 ms (the costliest valid frame, 60 KiB of ``{}``, takes
+    2-6 ms to check on the reference machine), instead of 50 and 17 charged by time."""
     return cost * (cost / TURN_CPU) if cost > TURN_CPU else cost
 
 
