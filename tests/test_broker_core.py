@@ -923,6 +923,26 @@ async def test_a_backlog_is_not_resumed_while_throttled_or_held() -> None:
     assert s.t["vm-a"].calls[-1] == "resume"
 
 
+async def test_the_totals_keep_a_removed_domains_counters() -> None:
+    # STATUS= and broker.stopped give the broker's totals: a domain removed by a reload
+    # or by discovery took its counters with it, and the totals went down.
+    s = Setup()
+    a = s.eps["vm-a"]
+    for i in range(3):
+        s.send(a, Notification("vm-a", "vm-b", "x", "y", {"i": i}))
+    s.flush()
+    before = s.broker.totals()
+    assert before["received"] == 3 and before["sent"] == 3
+    s.broker.remove_domain("vm-a")  # vm-b is told (deconnecte), then removed with it
+    s.broker.remove_domain("vm-b")
+    after = s.broker.totals()
+    assert after["received"] == 3 and after["sent"] >= 3
+    assert all(after[k] >= before[k] for k in before)
+    again = s.connect("vm-a")
+    s.send(again, Notification("vm-a", "vm-c", "x", "y"))
+    assert s.broker.totals()["received"] == 4
+
+
 async def test_a_removed_domain_routes_nothing_of_its_backlog() -> None:
     # A read over MAX_FRAMES_PER_TURN frames is routed over several turns: if the domain
     # is removed meanwhile (reload, discovery), the rest goes with it. Found by review:

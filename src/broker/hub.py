@@ -221,6 +221,9 @@ class Broker:
         """Domains whose replay step is scheduled."""
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = float("inf")
+        self._removed_totals = {"received": 0, "sent": 0, "refused": 0, "invalid": 0,
+                                "dropped": 0}
+        """The counters of the domains removed so far (:meth:`totals`)."""
         self.departed: collections.OrderedDict[str, float] = collections.OrderedDict()
         """Discovered domains whose channel disappeared (socket file gone, released by
         xenstore), kept known as offline until the given ``time.monotonic()`` (their
@@ -1258,6 +1261,8 @@ class Broker:
         ep.detach()
         dropped = _lost_messages(unsent, replayed)
         ep.stats.dropped += dropped
+        for key in self._removed_totals:  # the broker's totals keep what it did
+            self._removed_totals[key] += getattr(ep.stats, key)
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
         self.log.info("domain.removed", domain=name, dropped=dropped)
         if was_up:
@@ -1380,7 +1385,9 @@ class Broker:
                suppressed=peer.journal_budget.take_suppressed())
 
     def totals(self) -> dict[str, int]:
-        total = {"received": 0, "sent": 0, "refused": 0, "invalid": 0, "dropped": 0}
+        """The domains' counters summed since the broker started, the removed domains'
+        included (``STATUS=``, ``broker.stopped``)."""
+        total = dict(self._removed_totals)
         for ep in self.domains.values():
             total["received"] += ep.stats.received
             total["sent"] += ep.stats.sent
