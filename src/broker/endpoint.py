@@ -9,9 +9,12 @@ back-pressure. It knows the broker only as a :class:`Sink` and its limits only a
 
 Outbound policy, per destination (documented in docs/broker.md):
 
-* below ``queue_bytes`` the bytes are queued in the transport;
-* when the transport passes its high-water mark, the peers that sent to it stop being
-  read (back-pressure: nothing is lost under a transient burst) until it drains;
+* the bytes wait in the endpoint, one lane per sender, and are handed to the
+  transport ``WRITE_AHEAD`` at a time in a fair order: the broker's own messages
+  first, then a deficit round robin by bytes over the senders (:meth:`Endpoint.flush`);
+* when what is queued (lanes and transport) passes its high-water mark, the peers that
+  sent to it stop being read (back-pressure: nothing is lost under a transient burst)
+  until it drains;
 * a destination that does not drain within ``stall_timeout`` is *stalled*: its
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
