@@ -180,7 +180,7 @@ def flood(evil: PtyPair, sinks: list[PtyPair], sock: Path, chunk: int,
         out["throttled"] = after["limites"] - before["limites"]
         # What vm-evil's channel still holds is read before the next phase: until the
         # count stays the same for 1.5 s (a throttled channel is paused that long), at
-        # most 20 s (heavy frames are read one every few seconds: they come last).
+        # most 20 s (heavy frames are read only a few a second: they come last).
         counts = [-1]
         give_up = time.monotonic() + 20
         while time.monotonic() < give_up and not (len(counts) > 3 and len(set(counts[-4:])) == 1):

@@ -238,8 +238,12 @@ async def test_what_was_queued_for_a_removed_domain_is_counted_dropped(
     loop = asyncio.get_running_loop()
     eps, far = {}, {}
     for name in names:
-        eps[name], far[name] = await connect_over_socketpair(broker, name)
-    n = 3000  # 230 KiB: the transport keeps what the kernel does not take, unpaused
+        # The sockets' buffers set, not the host's defaults (net.core.wmem_default,
+        # 208 KiB here, more elsewhere): the kernel then takes about 256 KiB of vm-b's
+        # queue on any host (whose wmem_max is at least the kernel's default, 208 KiB).
+        eps[name], far[name] = await connect_over_socketpair(broker, name, buffer=128 * 1024)
+    n = 3000  # 386 KiB: the transport keeps what the kernel does not take (130 KiB),
+    # under its high-water mark (256 KiB): nothing held
     far["vm-a"].setblocking(False)
     await loop.sock_sendall(far["vm-a"], b"".join(
         encode(Notification("vm-a", "vm-b", "fichier", "etat", {"n": i})) for i in range(n)))

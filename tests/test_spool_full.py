@@ -1,10 +1,12 @@
 """A spool that cannot be written, in process: the retry's probe, and a failed batch's
-messages to a connected domain (spooled behind its replay) delivered, not dropped."""
+messages to a connected domain (spooled behind its replay) delivered, not dropped, or
+dropped once each when its queue is full."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from broker.endpoint import HARD_LIMIT_FACTOR
 from broker.spool import SPOOL_FILE, Bounds, Spool
 from messagerie import Notification, encode
 from tests.support.waiting import async_wait_until
@@ -46,5 +48,27 @@ async def test_a_failed_batch_to_a_connected_domain_is_delivered(tmp_path: Path)
         assert [m.data["i"] for m in s.out(d)] == list(range(5))  # type: ignore[attr-defined]
         assert s.broker.spool.failed_commits == 1
         assert s.broker.statistics()["domaines"]["vm-d"]["perdus"] == 0
+    finally:
+        s.broker.close_spool()
+
+
+async def test_a_failed_batch_to_a_full_domain_counts_each_drop_once(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    try:
+        d = s.discover("vm-d", "/run/vm-d-msg.sock")
+        lane = s.broker.spool.lane("vm-d")
+        lane.replaying = True
+        s.broker.invalidate_routes()
+        # Its queue past the hard bound: the failed batch's messages are refused.
+        s.t[d].buffered = d.queue_bytes * HARD_LIMIT_FACTOR + 1
+        d.pause_writing()
+        full(s.broker.spool)
+        s.a.data_received(b"".join(
+            encode(Notification("vm-a", "vm-d", "test", "seq", {"i": i, "pad": "x" * 3000}))
+            for i in range(5)))
+        await async_wait_until(lambda: s.broker.spool.failed_commits == 1,
+                               what="the batch failed")
+        assert s.out(d) == []
+        assert s.broker.statistics()["domaines"]["vm-d"]["perdus"] == 5
     finally:
         s.broker.close_spool()

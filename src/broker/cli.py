@@ -16,26 +16,22 @@ from collections.abc import Sequence
 
 import structlog
 
-import messagerie
 from messagerie import DOM0, TOUS
 
-from . import logs
+from . import arguments, logs
 from .config import ConfigError
 from .daemon import Daemon, load_everything
 from .policy import RULE_TYPES, Policy, PolicyError, load_policy
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="messagerie-broker",
-        description="Route messagerie messages between Xen domains (dom0 daemon).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  messagerie-broker --config /etc/messagerie/broker.toml\n"
-               "  messagerie-broker --check-config /etc/messagerie/broker.toml\n"
-               "  messagerie-broker --demo\n"
-               "  messagerie-broker --explain /etc/messagerie/policy.toml --source vm-ui \\\n"
-               "      --destination vm-sys-usb --type commande --nom liste_disques")
+    p = arguments.parser(
+        "messagerie-broker", "Route messagerie messages between Xen domains (dom0 daemon).",
+        ["messagerie-broker --config /etc/messagerie/broker.toml",
+         "messagerie-broker --check-config /etc/messagerie/broker.toml",
+         "messagerie-broker --demo",
+         "messagerie-broker --explain /etc/messagerie/policy.toml --source vm-ui \\\n"
+         "      --destination vm-sys-usb --type commande --nom liste_disques"])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--config", metavar="FILE", help="run with this configuration (TOML)")
     g.add_argument("--check-config", metavar="FILE",
@@ -45,9 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--explain", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="would this message be allowed, and by which rule? "
                         "(POLICY --source S --destination D --type T [--nom N])")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="override broker.niveau_journal")
-    p.add_argument("--version", action="version", version=messagerie.__version__)
+    arguments.add_daemon_options(p, "broker.niveau_journal")
     return p
 
 
@@ -107,16 +101,14 @@ def policy_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _policy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="messagerie-policy",
-        description="Would this message be allowed by the routing policy, and by which rule?",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  messagerie-policy /etc/messagerie/policy.toml -s vm-ui -d vm-sys-usb \\\n"
-               "      -t commande -n liste_disques\n"
-               "  messagerie-policy /etc/messagerie/policy.toml -s vm-sys-usb -d vm-ui \\\n"
-               "      -t notification -n disque --broadcast\n"
-               "exit status: 0 allowed, 1 denied, 2 invalid policy or arguments")
+    parser = arguments.parser(
+        "messagerie-policy",
+        "Would this message be allowed by the routing policy, and by which rule?",
+        ["messagerie-policy /etc/messagerie/policy.toml -s vm-ui -d vm-sys-usb \\\n"
+         "      -t commande -n liste_disques",
+         "messagerie-policy /etc/messagerie/policy.toml -s vm-sys-usb -d vm-ui \\\n"
+         "      -t notification -n disque --broadcast"],
+        "exit status: 0 allowed, 1 denied, 2 invalid policy or arguments")
     parser.add_argument("policy", metavar="POLICY_FILE", help="the policy file (TOML)")
     parser.add_argument("--source", "-s", required=True, help="sending domain")
     parser.add_argument("--destination", "-d", required=True,

@@ -147,19 +147,19 @@ def long_turn_charge(cost: float) -> float:
     every other channel for its whole length, and delays each message that arrives
     meanwhile by up to that long: the harm to the others grows as the square of the
     turn's length, not as its length. Turns kept within ``TURN_CPU`` (every honest
-    read) are charged their time; one 12 ms frame (60 KiB of ``{}``) costs 24 times its
-    time, so a domain sending such frames gets about one every 3 s at the default
-    ``part_cpu``, instead of eight a second."""
+    read) are charged their time; a turn of ``t`` seconds past it is charged
+    ``t * t / TURN_CPU``, so a channel whose every turn is one such frame gets
+    ``part_cpu * TURN_CPU / t**2`` of them a second: at the default ``part_cpu`` (0.1),
+    12 a second at 2 ms, 1.4 at 6 ms (the costliest valid frame, 60 KiB of ``{}``, takes
+    2-6 ms to check on the reference machine), instead of 50 and 17 charged by time."""
     return cost * (cost / TURN_CPU) if cost > TURN_CPU else cost
 
 
 def unread_by_peer(fd: int) -> int:
     """What a unix socket's peer has not read yet (``SIOCOUTQ``: the kernel counts what
-    it allocated for it, the bytes and their overhead), 0 when it cannot tell."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
-    except OSError:
-        return 0
+    it allocated for it, the bytes and their overhead). Raises OSError when the kernel
+    cannot tell."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def _frames(data: bytes) -> int:
@@ -383,8 +383,9 @@ class Endpoint(asyncio.Protocol):
         """Bytes read from this channel since the endpoint was made."""
         self._outq_fd: int | None = None
         """A socket transport's fd, for what its peer has not read (:meth:`_taken`)."""
+        self._outq_failed = False
+        """``unread_by_peer`` failed on this endpoint once (said once, at debug)."""
         self.nudges = False
-        """Nudge this channel's relay after a long read (:meth:`_nudge_soon`)."""
         self.nudged = 0
         """Empty lines written to nudge the relay."""
         self._nudge_timer: asyncio.TimerHandle | None = None
@@ -491,10 +492,29 @@ class Endpoint(asyncio.Protocol):
         if self._remainder is not None:
             self.transport.pause_reading()  # the last connection's frames go first
 
+    @property
+    def nudges(self) -> bool:
+        """Nudge this channel's relay after a long read (:meth:`_nudge_soon`): a
+        domain's unix socket, chosen when it connects. Its reads then go through
+        :meth:`_read_and_nudge`; the other channels' reads pay no test for it."""
+        return "data_received" in self.__dict__
+
+    @nudges.setter
+    def nudges(self, on: bool) -> None:
+        if on:
+            self.data_received = self._read_and_nudge  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("data_received", None)
+
+    def _read_and_nudge(self, data: bytes) -> None:
+        """:meth:`data_received` of a channel that :attr:`nudges`."""
+        long = len(data) >= min(NUDGE_BYTES, self._read_size)
+        type(self).data_received(self, data)
+        if long:
+            self._nudge_soon()
+
     def data_received(self, data: bytes) -> None:
         self.read_bytes += len(data)
-        if self.nudges and len(data) >= min(NUDGE_BYTES, self._read_size):
-            self._nudge_soon()
         if self._backlog is not None:  # read meanwhile (reading is paused): keep the order
             self._backlog += data
             return
@@ -880,7 +900,12 @@ class Endpoint(asyncio.Protocol):
             return self.written
         taken = self.written - int(t.get_write_buffer_size())
         if self._outq_fd is not None:
-            taken -= unread_by_peer(self._outq_fd)
+            try:
+                taken -= unread_by_peer(self._outq_fd)
+            except OSError as exc:  # judged by the transport alone, as on a pty
+                if not self._outq_failed:
+                    self._outq_failed = True
+                    self.log.debug("channel.unread_unknown", error=str(exc))
         return taken
 
     def progress(self) -> bool | None:
@@ -964,10 +989,13 @@ class Endpoint(asyncio.Protocol):
              fanout: bool = False) -> bool:
         """Queue ``data`` for this peer; False when it was dropped (full or offline).
         ``fanout``: one delivery of a message to several recipients (a broadcast).
+        Every drop is counted here (``stats.dropped``, its reason in ``drop_why``),
+        whoever sent it: the callers only log and answer it.
 
         Writes are corked while a read is processed (:class:`WriteCork`)."""
         t = self.transport
         if t is None:
+            self.stats.dropped += count
             self.drop_why = "offline"  # its channel went away since the route was decided
             return False
         if self.paused_writing and not self._admit(t, data, sender, count, fanout):

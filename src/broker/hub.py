@@ -647,9 +647,8 @@ class Broker:
 
     def _dropped(self, sender: Endpoint, dest: Endpoint, msg: Routable, count: int = 1,
                  run: bytes | None = None) -> None:
+        """Trace, log and answer what ``dest.send`` refused (and counted)."""
         why = dest.drop_why
-        if why == "offline":
-            dest.stats.dropped += count  # send() counts only what a full queue refuses
         if self.tracer is not None:
             self.tracer.dropped(sender, dest, msg, count, run, why=why)
         # A mute recipient's broadcasts: logged once per burst (the first), all counted.
@@ -786,13 +785,14 @@ class Broker:
             live = (entry.kind != FRAGMENT and self.is_connected(entry.destination)
                     and (entry.kind != "commande"
                          or (waiting is not None and waiting.target is dest)))
-            if (dest is not None and live
-                    and dest.send(entry.frame, self.domains.get(entry.source))):
-                if waiting is not None:
-                    waiting.spooled = False  # with the domain now: answered if it drops
-                delivered += 1
-                continue
-            if dest is not None:
+            if dest is not None and live:
+                if dest.send(entry.frame, self.domains.get(entry.source)):
+                    if waiting is not None:
+                        waiting.spooled = False  # with the domain now: answered if it drops
+                    delivered += 1
+                    continue
+                # Refused: send() counted it.
+            elif dest is not None:
                 dest.stats.dropped += 1
             if entry.kind == "commande" and entry.msg_id is not None:
                 pending = self.pending.close(entry.source, entry.msg_id)

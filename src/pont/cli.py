@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import structlog
 
-import messagerie
+from broker import arguments
 
 from .config import Config, ConfigError, load
 
@@ -30,18 +30,14 @@ STALE = 5.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="messagerie-pont",
-        description="Bridge between the messagerie broker and an MQTT broker (see "
-                    "docs/bridge.md).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  messagerie-pont --config /etc/messagerie/pont.toml\n"
-               "  messagerie-pont --check-config /etc/messagerie/pont.toml\n"
-               "  messagerie-pont status --config /etc/messagerie/pont.toml\n"
-               "  messagerie-pont status --json\n"
-               "exit status of status: 0 both sides connected, 1 a side is down, "
-               "3 not running")
+    p = arguments.parser(
+        "messagerie-pont",
+        "Bridge between the messagerie broker and an MQTT broker (see docs/bridge.md).",
+        ["messagerie-pont --config /etc/messagerie/pont.toml",
+         "messagerie-pont --check-config /etc/messagerie/pont.toml",
+         "messagerie-pont status --config /etc/messagerie/pont.toml",
+         "messagerie-pont status --json"],
+        "exit status of status: 0 both sides connected, 1 a side is down, 3 not running")
     p.add_argument("action", nargs="?", choices=["run", "status"], default="run",
                    help="run the bridge (default) or show the running bridge's status")
     g = p.add_mutually_exclusive_group()
@@ -50,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--check-config", metavar="FILE",
                    help="validate a configuration (and its TLS files), then exit")
     p.add_argument("--json", action="store_true", help="status: print the raw JSON")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="override pont.niveau_journal")
-    p.add_argument("--version", action="version", version=messagerie.__version__)
+    arguments.add_daemon_options(p, "pont.niveau_journal")
     return p
 
 
