@@ -147,3 +147,12 @@ async def test_a_paced_queue_still_fills_holds_its_flooder_and_drains() -> None:
     assert not b.paused_writing and b.queued() == 0
     assert s.t["vm-evil"].calls[-1] == "resume"
     assert b.stats.dropped == 0 and len(t.written.splitlines()) == 240
+
+
+async def test_closing_hands_the_transport_everything_queued() -> None:
+    s = Setup("vm-a", "vm-b")
+    t = paced(s, "vm-b")
+    total = flood(s, "vm-a", 3)
+    assert len(t.written) < total and t.paused  # most of it waits in the endpoint
+    s.eps["vm-b"].close()  # the transport writes its buffer out, then closes
+    assert len(t.written) == total

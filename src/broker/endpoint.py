@@ -1115,7 +1115,7 @@ class Endpoint(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return  # kept: what is lost with the channel is counted or spooled
-        if self._out_size and not self._busy:
+        if self._out_size and (everything or not self._busy):
             if self._paced and not everything:
                 while self._lanes and not self._busy and not t.is_closing():
                     room = self._ahead + 1 - int(t.get_write_buffer_size())
