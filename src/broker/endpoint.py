@@ -9,9 +9,12 @@ back-pressure. It knows the broker only as a :class:`Sink` and its limits only a
 
 Outbound policy, per destination (documented in docs/broker.md):
 
-* below ``queue_bytes`` the bytes are queued in the transport;
-* when the transport passes its high-water mark, the peers that sent to it stop being
-  read (back-pressure: nothing is lost under a transient burst) until it drains;
+* the bytes wait in the endpoint, one lane per sender, and are handed to the
+  transport ``WRITE_AHEAD`` at a time in a fair order: the broker's own messages
+  first, then a deficit round robin by bytes over the senders (:meth:`Endpoint.flush`);
+* when what is queued (lanes and transport) passes its high-water mark, the peers that
+  sent to it stop being read (back-pressure: nothing is lost under a transient burst)
+  until it drains;
 * a destination that does not drain within ``stall_timeout`` is *stalled*: its
   senders are released (one slow reader never delays the others) and what does not
   fit in ``queue_bytes`` is dropped, counted and logged (``message.dropped``); a
@@ -91,6 +94,8 @@ most a console ring (2 KiB) at a time when it keeps up, so longer reads mean wri
 piled up in the socket, the broker lagging."""
 NUDGE_QUIET = 0.05
 """Seconds without input after such a read before the relay is nudged."""
+ALL = 1 << 62
+"""A budget of bytes that takes everything (:meth:`Endpoint._gather`)."""
 MIN_FRAME_BYTES = 2
 """The shortest frame that costs a rate token (``x`` and a newline)."""
 MIN_HIGH_WATER = 16 * 1024
@@ -120,6 +125,17 @@ RECLAIM_AT = 0.75
 """Of the memory budget: past it, a full queue past its share that makes no progress,
 or past twice its share, takes no more; past the whole budget, any full queue past its
 share (see broker.memory)."""
+WRITE_AHEAD = 8 * 1024
+"""Bytes a transport's buffer holds before it is handed no more (its high-water mark,
+when it tells the protocol: :class:`_Pacer`): a destination's queue waits in the
+endpoint, one lane per sender, and is handed over a few KiB at a time in a fair order
+(:meth:`Endpoint.flush`). An honest message waits behind at most this much, a quantum
+per other active sender, and what the kernel and the relay hold, not behind everything
+a flooder queued (at a relay's ~10 MB/s, 256 KiB of queue is 25 ms). Never more than
+the queue's low-water mark (see ``_set_write_limits``)."""
+QUANTUM = 4 * 1024
+"""Bytes a sender's lane is handed per round (deficit round robin by bytes: a lane
+whose frame is longer than its credit waits for more rounds)."""
 REMAINDER_MAX_BYTES = READ_SIZE + REMAINING_MAX
 """A lost channel's unprocessed bytes kept for later turns: one read and what a socket
 still held (``read_remaining``); what is beyond is dropped and counted."""
@@ -223,6 +239,83 @@ class WriteCork:
         dirty.clear()
 
 
+class _Lane:
+    """One sender's frames queued for a destination and not yet handed to its
+    transport, oldest first; ``head``: the bytes of the first already handed (a long
+    write is handed a frame boundary at a time)."""
+
+    __slots__ = ("credit", "head", "size", "units")
+
+    def __init__(self) -> None:
+        self.units: deque[bytes] = deque()
+        self.head = 0
+        self.size = 0
+        self.credit = 0
+        """Bytes this lane may still be handed in the current round (deficit round
+        robin; below zero after a frame longer than its credit)."""
+
+    def take(self, budget: int) -> bytes:
+        """Whole frames from the head, at most ``budget`` bytes (but at least one frame)."""
+        units, head = self.units, self.head
+        first = units[0]
+        if len(first) - head > budget:
+            cut = first.rfind(b"\n", head, head + budget) + 1
+            if not cut:
+                cut = first.find(b"\n", head + budget) + 1 or len(first)
+            if cut < len(first):
+                self.head = cut
+                piece = first[head:cut]
+                self.size -= len(piece)
+                return piece
+        units.popleft()
+        self.head = 0
+        piece = first[head:] if head else first
+        total = len(piece)
+        if not units or total + len(units[0]) > budget:
+            self.size -= total
+            return piece
+        parts = [piece]
+        while units and total + len(units[0]) <= budget:
+            unit = units.popleft()
+            parts.append(unit)
+            total += len(unit)
+        self.size -= total
+        return b"".join(parts)
+
+    def rest(self) -> bytes:
+        units = list(self.units)
+        if self.head:
+            units[0] = units[0][self.head:]
+        return b"".join(units)
+
+
+class _Pacer(asyncio.Protocol):
+    """The transport's protocol in front of an :class:`Endpoint`: everything goes to the
+    endpoint, but the transport's flow control (past ``WRITE_AHEAD``) only stops and
+    restarts handing it bytes; whether the destination's queue is full is the
+    endpoint's own count (:meth:`Endpoint.pause_writing`)."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def data_received(self, data: bytes) -> None:
+        self.endpoint.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.endpoint.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.endpoint._busy = True
+
+    def resume_writing(self) -> None:
+        self.endpoint._transport_ready()
+
+
 class Sink(Protocol):
     """What an endpoint knows of the broker: where its frames go, whom it tells when it
     comes and goes, the limits it reads, the cork its writes share."""
@@ -312,7 +405,17 @@ class Endpoint(asyncio.Protocol):
         full reads a turn (the frame cap decides)."""
         self._turn_bytes = int(TURN_CPU / self._cost_per_byte)
         self._read_size = READ_SIZE
-        self._out: list[bytes] = []
+        self._lanes: dict[Endpoint | None, _Lane] = {}
+        """What is queued and not handed to the transport, per sender (None: the
+        broker's own messages, handed first: :meth:`flush`), in round-robin order."""
+        self._flush_due = False
+        self._busy = False
+        """The transport holds ``WRITE_AHEAD``: it is handed nothing until it says so."""
+        self._paced = False
+        """The transport's flow control comes to a :class:`_Pacer` (real transports):
+        the queue waits in ``_lanes``. Else (a transport that cannot be given another
+        protocol) everything is handed at once and its own marks say full."""
+        self._ahead = WRITE_AHEAD
         self._shares: dict[Endpoint | None, int] = {}
         """Bytes accepted per sender since this queue got full (``_admit``)."""
         self._shares_total = 0
@@ -321,6 +424,7 @@ class Endpoint(asyncio.Protocol):
         self._high = MIN_HIGH_WATER
         """The transport's high-water mark (``_set_write_limits``)."""
         self._out_size = 0
+        """Bytes in ``_lanes``."""
         self.written = 0
         """Bytes handed to the transport's ``write`` since this endpoint was made: with
         the transport's buffer, which of them left the broker (the spool's replay)."""
@@ -366,6 +470,11 @@ class Endpoint(asyncio.Protocol):
         self.transport = transport
         self._loop = asyncio.get_running_loop()
         self.decoder = self._decoder()
+        self._busy = False
+        self._paced = (hasattr(transport, "set_protocol")
+                       and hasattr(transport, "set_write_buffer_limits"))
+        if self._paced:
+            transport.set_protocol(_Pacer(self))
         self._set_write_limits(transport)
         # asyncio's socket transports read 256 KiB per wake-up: cap them to the ttys'
         # 64 KiB, so that a flooding channel's turn in the loop is as short on a unix
@@ -527,8 +636,15 @@ class Endpoint(asyncio.Protocol):
     def _set_write_limits(self, transport: Any) -> None:
         # A quarter of the queue's bound, and never more than half of its share of the
         # memory budget: a thousand destinations that stop reading each hold this much.
+        # The transport holds WRITE_AHEAD at most (its own marks, a pacer behind them),
+        # never more than the queue's low-water mark: a transport that holds no more
+        # than that while the lanes are empty leaves a full queue nothing to wait for.
         high = max(MIN_HIGH_WATER, min(self.queue_bytes // 4, self.sink.memory.share // 2))
         self._high = high
+        if self._paced:
+            self._ahead = ahead = min(WRITE_AHEAD, high // 4)
+            transport.set_write_buffer_limits(high=ahead, low=ahead // 2)
+            return
         with contextlib.suppress(AttributeError):
             transport.set_write_buffer_limits(high=high, low=high // 4)
 
@@ -602,9 +718,9 @@ class Endpoint(asyncio.Protocol):
         self._backlog = None
         self.sink.lost(self)  # decisions sending here are stale (the spool takes unsent)
         self.unsent = None
-        if self._out:
-            self.stats.dropped += len(self._out)
-            self._out.clear()
+        if self._out_size:
+            self.stats.dropped += sum(len(lane.units) for lane in self._lanes.values())
+            self._lanes.clear()
             self._out_size = 0
         for waiter in list(self._waiters):
             waiter.release(self)
@@ -628,7 +744,7 @@ class Endpoint(asyncio.Protocol):
         transport does; asyncio's socket transports clear theirs unseen), then what
         was corked. None if nothing is known to be left."""
         unwritten = getattr(transport, "unwritten", None)
-        corked = b"".join(self._out)
+        corked = self._held()
         handed, self._handed = self._handed, None
         if unwritten is None and handed:
             # asyncio's socket transport cleared its buffer unseen: what it held is
@@ -648,7 +764,7 @@ class Endpoint(asyncio.Protocol):
         the connection is lost)."""
         self._note_out()
         self.unsent = self._unsent(self.transport)
-        self._out.clear()
+        self._lanes.clear()
         self._out_size = 0
 
     def out_position(self) -> int | None:
@@ -665,8 +781,21 @@ class Endpoint(asyncio.Protocol):
         return self._high
 
     def position(self) -> int:
-        """Stream position of the end of what is queued here."""
-        return self.written + self._out_size
+        """Stream position of the end of the broker's own messages queued here (the
+        spool's replay): they are handed over first (:meth:`flush`), so the last one
+        queued ends there, whatever the other senders queue."""
+        own = self._lanes.get(None)
+        return self.written + (own.size if own is not None else 0)
+
+    def _held(self) -> bytes:
+        """What the lanes hold, in the order it would be handed over as far as the
+        spool cares (the broker's own messages first; each sender's in its order)."""
+        lanes = self._lanes
+        if not lanes:
+            return b""
+        own = lanes.get(None)
+        rest = [lane.rest() for key, lane in lanes.items() if key is not None]
+        return b"".join([own.rest(), *rest] if own is not None else rest)
 
     def _keep_remainder(self, data: bytes) -> None:
         """A lost channel's last bytes, kept to be processed over the next loop turns
@@ -871,15 +1000,20 @@ class Endpoint(asyncio.Protocol):
             return False
         if self.paused_writing and not self._admit(t, data, sender, count, fanout):
             return False
-        out = self._out
-        if not out:
+        if not self._flush_due:
+            self._flush_due = True
             cork = self.sink.cork
             if cork.active:
                 cork.dirty.append(self)  # flushed when this read is processed
             else:
                 self._loop.call_soon(self.flush)
-        out.append(data)
-        self._out_size += len(data)
+        lane = self._lanes.get(sender)
+        if lane is None:
+            lane = self._lanes[sender] = _Lane()
+        lane.units.append(data)
+        n = len(data)
+        lane.size += n
+        self._out_size += n
         self.stats.sent += count
         return True
 
@@ -964,20 +1098,83 @@ class Endpoint(asyncio.Protocol):
             return False
         return memory.over(n) or queued > 2 * memory.share or self.mute()
 
-    def flush(self) -> None:
-        """Write out what is queued, in one write."""
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_size = 0
-        if self.transport is not None:
-            self.written += len(data)
-            self.transport.write(data)
-            if self._handed is not None:
-                self._handed.append((self.written, data))
-                self._note_out()
+    def flush(self, *, everything: bool = False) -> None:
+        """Hand the transport what is queued: while it holds less than ``WRITE_AHEAD``
+        (a paced transport: it says when it has room again, :meth:`_transport_ready`),
+        else all of it in one write.
+
+        The order is fair among the senders: the broker's own messages first (few: its
+        answers, notifications and the spool's replay, whose stream positions rely on
+        it, :meth:`position`), then a round robin over the senders' lanes, ``QUANTUM``
+        bytes each per round (deficit round robin by bytes), each sender's frames in
+        their order. With one sender (the common case) its frames go as they came, as
+        many as fit in one write. Then, on a paced transport, the queue's own marks:
+        past the high-water mark it is full (:meth:`pause_writing`), at a quarter of it
+        it drained (:meth:`resume_writing`)."""
+        self._flush_due = False
+        t = self.transport
+        if t is None or t.is_closing():
+            return  # kept: what is lost with the channel is counted or spooled
+        if self._out_size and (everything or not self._busy):
+            if self._paced and not everything:
+                while self._lanes and not self._busy and not t.is_closing():
+                    room = self._ahead + 1 - int(t.get_write_buffer_size())
+                    self._hand(t, self._gather(max(room, QUANTUM)))
+            else:
+                self._hand(t, self._gather(None))
+        if self._paced:
+            queued = self._out_size + int(t.get_write_buffer_size())
+            if self.paused_writing:
+                if queued <= self._high // 4:
+                    self.resume_writing()
+            elif queued > self._high:
+                self.pause_writing()
+
+    def _gather(self, room: int | None) -> bytes:
+        """About ``room`` bytes of whole frames from the lanes (None: all), in the
+        order of :meth:`flush`."""
+        lanes = self._lanes
+        pieces: list[bytes] = []
+        total = 0
+        left = ALL if room is None else room
+        while lanes and total < left:
+            own = lanes.get(None)
+            if own is not None or len(lanes) == 1:
+                key, lane = (None, own) if own is not None else next(iter(lanes.items()))
+                lane.credit = 0
+                piece = lane.take(left - total)
+            else:
+                key = next(iter(lanes))
+                lane = lanes[key]
+                lane.credit += QUANTUM
+                piece = b""
+                if lane.credit > 0:
+                    piece = lane.take(lane.credit)
+                    lane.credit -= len(piece)
+                if lane.size:
+                    del lanes[key]  # to the end of the round
+                    lanes[key] = lane
+            if piece:
+                pieces.append(piece)
+                total += len(piece)
+            if not lane.size:
+                del lanes[key]
+        self._out_size -= total
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _hand(self, t: Any, data: bytes) -> None:
+        """One write to the transport, at stream position ``written``."""
+        self.written += len(data)
+        t.write(data)
+        if self._handed is not None:
+            self._handed.append((self.written, data))
+            self._note_out()
+
+    def _transport_ready(self) -> None:
+        """The transport went below its low-water mark: hand it more."""
+        self._busy = False
+        self._note_out()
+        self.flush()
 
     def _note_out(self) -> None:
         """Take the stream position that left the broker now, and forget what
@@ -1039,6 +1236,7 @@ class Endpoint(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush(everything=True)  # the transport writes it out, then closes
             self.transport.close()
 
 
@@ -1070,10 +1268,9 @@ class DomainEndpoint(Endpoint):
         domain's channel? (xenstore-bound domains: a path it no longer lists is never
         opened.)"""
 
-    def flush(self) -> None:
-        if self._out:
-            self.echo.sent(self._out)
-        super().flush()
+    def _hand(self, t: Any, data: bytes) -> None:
+        self.echo.sent((data,))
+        super()._hand(t, data)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(),
