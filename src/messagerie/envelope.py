@@ -42,14 +42,16 @@ from msgspec import UNSET, Raw, Struct
 
 from . import wire
 from .codec import (
-    _AROUND_DATA,
     _DATA_OBJECT,
+    _NEXT_KEY,
+    _NOTIFICATION_START,
     _PREFIXES,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
     _json_decode,
+    _remember_frame,
     _remember_prefix,
     _skeleton,
     _strip,
@@ -316,6 +318,8 @@ def _exact(line: bytes, s: Any) -> Envelope:
     if type(obj) is dict and _fast_encode(obj) == line:  # canonical, an unknown key kept
         kind = known_canonical(obj, line)
         if kind is not None:
+            if kind is _NOTIFICATION:
+                _remember_frame(line, obj)
             p = obj["payload"]
             return Envelope(kind.tag, obj["source"], obj["destination"],
                             name=p[kind.name_field], id=p["id"] if kind.has_id else None,
@@ -410,6 +414,27 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     """
     if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
         line = _strip(line)
+    if line.startswith(_NOTIFICATION_START):
+        # A notification whose bytes up to its payload's last value are a known one's
+        # (see codec._PREFIXES) has its envelope: only that value is checked (one JSON
+        # value, an object or null if it is the data, valid UTF-8, its depth bounded).
+        cut = line.find(_DATA_OBJECT)
+        if cut < 0:
+            cut = line.rfind(_NEXT_KEY)
+        known = _PREFIXES.get(line[:cut])
+        if known is not None and line[-2:] == b"}}" and line.startswith(known[5], cut):
+            tail = line[cut + len(known[5]):-2]
+            try:
+                _decode_raw(tail)  # one JSON value, and nothing after it but spaces
+                valid = (not known[6] or tail[:1] in _OBJECT_OR_NULL) and (
+                    tail.isascii() or utf8_error(tail) is None)
+            except (msgspec.DecodeError, RecursionError):
+                valid = False
+            if valid:
+                if len(tail) > _SHALLOW:  # else too short to nest past the limit
+                    check_depth(line)
+                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
+                                id=None, raw=line)
     # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
     # fail), the depth before any verdict: a frame refused for its depth is refused so
     # whatever else is wrong with it.
@@ -418,17 +443,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
-        # A canonical notification whose bytes up to its data are those of one accepted
-        # before has its envelope (see _PREFIXES): one C lookup instead of reading the
-        # values and looking their tuple up.
         cut = line.find(_DATA_OBJECT)
-        if cut > 0:
-            known = _PREFIXES.get(line[:cut])
-            if known is not None:
-                if len(line) - cut - _AROUND_DATA > _SHALLOW:
-                    check_depth(line)
-                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
-                                id=None, raw=line)
         kind = _TWINS[type(s)]
         key = kind.key(s)
         # accepts(), inlined for the common notification: known names, and data an object.
@@ -463,6 +478,8 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
 # hundred bytes, names and tokens being bounded).
 # The memo and its helpers are codec.py's (decode() uses it too).
 _NOTIFICATION_TAG: Final = _NOTIFICATION.tag
+_decode_raw = msgspec.json.Decoder(Raw).decode
+_OBJECT_OR_NULL: Final = (b"{", b"n")
 
 
 # A canonical frame decoded into a twin is its own object and payload (two levels) with

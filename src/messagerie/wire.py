@@ -404,7 +404,7 @@ class Kind:
         #: Canonical frames of this type by their bytes up to their contents, with the
         #: memoised values of a frame accepted with them (used by the relay's envelope
         #: check for notifications; at most 4096).
-        self.prefixes: dict[bytes, tuple[str, ...]] = {}
+        self.prefixes: dict[bytes, tuple[Any, ...]] = {}
         #: The payload's fields and other keys known to be none of them even to parsers
         #: that ignore case (:func:`check_unambiguous` passed them): a subset test
         #: instead of folding each unknown key of every frame again.
