@@ -230,18 +230,16 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
 
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
-    if type(line) is not bytes or line[-1:] == b"\n":
-        line = _strip(line)
-    if line.startswith(_NOTIFICATION_START):
-        # A notification whose bytes up to its payload's last value are a known one's
-        # (see _PREFIXES): only that value is parsed, and proved canonical by its
-        # re-encode (so nothing in it is repeated); the rest of the frame is the known
-        # frame's bytes. Inlined: this is the common frame.
-        cut = line.find(_DATA_OBJECT)
-        if cut < 0:
-            cut = line.rfind(_NEXT_KEY)
+    if type(line) is bytes and line[-2:] == b"}}" and line.startswith(_NOTIFICATION_START):
+        # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
+        # last value are a known one's (see _PREFIXES): only that value is parsed, and
+        # proved canonical by its re-encode (so nothing in it is repeated); the rest of
+        # the frame is the known frame's bytes. Inlined: this is the common frame.
+        # Data (an object) last ends the frame with "}}}", else the last key is after
+        # the last ``,"``.
+        cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
         known = _PREFIXES.get(line[:cut])
-        if known is not None and line[-2:] == b"}}" and line.startswith(known[5], cut):
+        if known is not None and line.startswith(known[5], cut):
             tail = line[cut + len(known[5]):-2]
             try:
                 value = _json_decode(tail)
@@ -261,7 +259,9 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
                 msg.extra = {}
                 msg.raw = line
                 return msg
-    elif not line.startswith(_PLAIN_PREFIXES):
+    if type(line) is not bytes or line[-1:] == b"\n":
+        line = _strip(line)
+    if not line.startswith(_PLAIN_PREFIXES):
         return _decode_typed(line)
     # A notification or commande (judged from the memos alone once decoded to a dict, see
     # wire.accepts_object): the parser first (msgspec raises RecursionError, far beyond

@@ -412,17 +412,15 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     A final ``\\n`` or ``\\r\\n`` is allowed. Raises :class:`MessageInvalide` naming
     the field and the reason, as :func:`messagerie.decode` does.
     """
-    if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
-        line = _strip(line)
-    if line.startswith(_NOTIFICATION_START):
-        # A notification whose bytes up to its payload's last value are a known one's
-        # (see codec._PREFIXES) has its envelope: only that value is checked (one JSON
-        # value, an object or null if it is the data, valid UTF-8, its depth bounded).
-        cut = line.find(_DATA_OBJECT)
-        if cut < 0:
-            cut = line.rfind(_NEXT_KEY)
+    if type(line) is bytes and line[-2:] == b"}}" and line.startswith(_NOTIFICATION_START):
+        # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
+        # last value are a known one's (see codec._PREFIXES) has its envelope: only that
+        # value is checked (one JSON value, an object or null if it is the data, valid
+        # UTF-8, its depth bounded). Data (an object) last ends the frame with "}}}",
+        # else the last key is after the last ``,"``.
+        cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
         known = _PREFIXES.get(line[:cut])
-        if known is not None and line[-2:] == b"}}" and line.startswith(known[5], cut):
+        if known is not None and line.startswith(known[5], cut):
             tail = line[cut + len(known[5]):-2]
             try:
                 _decode_raw(tail)  # one JSON value, and nothing after it but spaces
@@ -435,6 +433,8 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
                     check_depth(line)
                 return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
                                 id=None, raw=line)
+    if type(line) is not bytes or line[-1:] == b"\n":
+        line = _strip(line)
     # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
     # fail), the depth before any verdict: a frame refused for its depth is refused so
     # whatever else is wrong with it.
