@@ -230,17 +230,15 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
 
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
-    if type(line) is bytes and line[-2:] == b"}}" and line.startswith(_NOTIFICATION_START):
+    if type(line) is bytes and line[-2:] == b"}}":
         # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
         # last value are a known one's (see _PREFIXES): only that value is parsed, and
         # proved canonical by its re-encode (so nothing in it is repeated); the rest of
         # the frame is the known frame's bytes. Inlined: this is the common frame.
-        # Data (an object) last ends the frame with "}}}", else the last key is after
-        # the last ``,"``.
-        cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
-        known = _PREFIXES.get(line[:cut])
-        if known is not None and line.startswith(known[5], cut):
-            tail = line[cut + len(known[5]):-2]
+        recent = _RECENT[0]
+        known = recent if line.startswith(recent[7]) else _recent_prefix(line)
+        if known is not None:
+            tail = line[len(known[7]):-2]
             try:
                 value = _json_decode(tail)
                 canonical = _json_encode(value) == tail
@@ -376,16 +374,36 @@ _CLASSES: Final = {kind: MESSAGE_TYPES[kind.tag] for kind in KINDS.values()}
 #
 # An entry: (source, destination, categorie, the payload before its last key as a dict
 # never handed out, the last key, its bytes with the comma and colon around it, whether
-# the value must be an object or null).
+# the value must be an object or null, the prefix and those bytes). The entry found last
+# is tried first, with one comparison (_RECENT), before the prefix is looked for.
 _NOTIFICATION: Final = KINDS["notification"]
 _NOTIFICATION_CLASS: Final = MESSAGE_TYPES["notification"]
 _NOTIFICATION_START: Final = b'{"type":"notification",'
 _PREFIXES: Final = _NOTIFICATION.prefixes
+_RECENT: Final = _NOTIFICATION.recent
 _DATA_OBJECT: Final = b',"data":{'
 _DATA_KEY: Final = b',"data":'
 _NEXT_KEY: Final = b',"'
 _TOP_ORDER: Final = ["type", "source", "destination", "payload"]
 _new = object.__new__
+
+
+def _recent_prefix(line: bytes) -> tuple[Any, ...] | None:
+    """The entry of _PREFIXES that ``line`` (ending with "}}") starts with, its last key
+    included (the most recent first), else None."""
+    known = _RECENT[0]
+    if line.startswith(known[7]):
+        return known
+    if not line.startswith(_NOTIFICATION_START):
+        return None
+    # Data (an object) last ends the frame with "}}}", else the last key is after the
+    # last ``,"``.
+    cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
+    found = _PREFIXES.get(line[:cut])
+    if found is None or not line.startswith(found[5], cut):
+        return None
+    _RECENT[0] = found
+    return found
 
 
 def _remember_frame(line: bytes, obj: dict[str, Any]) -> None:
@@ -405,7 +423,7 @@ def _remember_frame(line: bytes, obj: dict[str, Any]) -> None:
     cut = len(line) - 2 - len(_json_encode(p[last])) - len(sep)
     if line[cut:cut + len(sep)] == sep:  # always: the frame is its own encoding
         _remember(line[:cut], (obj["source"], obj["destination"], p["categorie"],
-                               template, last, sep, last == "data"))
+                               template, last, sep, last == "data", line[:cut + len(sep)]))
 
 
 def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
@@ -413,7 +431,7 @@ def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
     notification laid out as encode() writes it, accepted with these memoised values
     (source, destination, categorie, evenement)."""
     _remember(prefix, (key[0], key[1], key[2], {"categorie": key[2], "evenement": key[3]},
-                       "data", _DATA_KEY, True))
+                       "data", _DATA_KEY, True, prefix + _DATA_KEY))
 
 
 def _remember(prefix: bytes, entry: tuple[Any, ...]) -> None:

@@ -43,14 +43,14 @@ from msgspec import UNSET, Raw, Struct
 from . import wire
 from .codec import (
     _DATA_OBJECT,
-    _NEXT_KEY,
-    _NOTIFICATION_START,
-    _PREFIXES,
+    _PREFIXES,  # noqa: F401  (the relay's memo too: tests look at it here)
+    _RECENT,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
     _json_decode,
+    _recent_prefix,
     _remember_frame,
     _remember_prefix,
     _skeleton,
@@ -412,16 +412,15 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     A final ``\\n`` or ``\\r\\n`` is allowed. Raises :class:`MessageInvalide` naming
     the field and the reason, as :func:`messagerie.decode` does.
     """
-    if type(line) is bytes and line[-2:] == b"}}" and line.startswith(_NOTIFICATION_START):
+    if type(line) is bytes and line[-2:] == b"}}":
         # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
         # last value are a known one's (see codec._PREFIXES) has its envelope: only that
         # value is checked (one JSON value, an object or null if it is the data, valid
-        # UTF-8, its depth bounded). Data (an object) last ends the frame with "}}}",
-        # else the last key is after the last ``,"``.
-        cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
-        known = _PREFIXES.get(line[:cut])
-        if known is not None and line.startswith(known[5], cut):
-            tail = line[cut + len(known[5]):-2]
+        # UTF-8, its depth bounded).
+        recent = _RECENT[0]
+        known = recent if line.startswith(recent[7]) else _recent_prefix(line)
+        if known is not None:
+            tail = line[len(known[7]):-2]
             try:
                 _decode_raw(tail)  # one JSON value, and nothing after it but spaces
                 valid = (not known[6] or tail[:1] in _OBJECT_OR_NULL) and (
