@@ -1169,6 +1169,21 @@ def test_a_prefix_ends_before_contents_only() -> None:
         assert (exc.value.reason, exc.value.field) == (Reason.WRONG_TYPE, "payload.evenement")
 
 
+def test_the_memo_of_prefixes_stays_small_whatever_the_frames() -> None:
+    # A key the protocol does not define may carry a long string before the last key:
+    # such a prefix is not kept (4096 of them would hold hundreds of MiB).
+    clear_memos()
+    long = _SPEC_PREFIX + b',"note":"' + b"x" * 600 + b'","chemin":"/mnt/usb_in"}}'
+    short = _SPEC_PREFIX + b',"chemin":"/mnt/usb_in"}}'
+    for _ in range(3):
+        decode(long)
+        decode_envelope(long)
+    assert not envelope_module._PREFIXES
+    for _ in range(2):
+        decode(short)
+    assert list(envelope_module._PREFIXES) == [_SPEC_PREFIX]
+
+
 def test_a_prefix_is_remembered_only_from_a_frame_laid_out_as_encode_writes_it() -> None:
     # A decoded dict keeps the frame's key order: with the names after the payload, the
     # bytes before data hold no names, and a frame starting with them may name anyone.

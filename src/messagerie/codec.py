@@ -434,7 +434,14 @@ def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
                        "data", _DATA_KEY, True, prefix + _DATA_KEY))
 
 
+_PREFIX_MAX: Final = 512
+"""Longest prefix remembered: what a notification's own fields take at most (names and
+tokens are bounded), so that the memo stays a few MiB whatever the frames."""
+
+
 def _remember(prefix: bytes, entry: tuple[Any, ...]) -> None:
+    if len(prefix) > _PREFIX_MAX:
+        return
     if len(_PREFIXES) >= 4096:
         _PREFIXES.clear()
     _PREFIXES[prefix] = entry
