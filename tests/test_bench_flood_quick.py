@@ -15,7 +15,7 @@ from tests.support.ptys import SOCAT
 ROOT = Path(__file__).resolve().parent.parent
 
 # `load`: the same hostile run as tests/test_hostile_load.py (about 30 s): CI runs it once.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.load]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.load, pytest.mark.bench]
 
 
 @pytest.mark.timeout(420)  # the run's own deadline decides, generous on a loaded machine

@@ -14,7 +14,7 @@ from tests.support.ptys import SOCAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.bench]
 
 
 @pytest.mark.timeout(300)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.bench]
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["raw relay, ptys (socat)", "broker, ptys", "raw relay, unix sockets (socat)",

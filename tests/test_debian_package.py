@@ -30,6 +30,7 @@ PKG = "messagerie-xen"
 PREFIX = Path("/usr/lib/messagerie-xen")
 COMMANDS = ("messagerie", "messagerie-broker", "messagerie-policy", "messagerie-pont")
 LOCK = Path("/run/lock/messagerie-xen-package-test.lock")
+STATE = Path("/var/lib/messagerie")
 
 
 def _sudo() -> list[str]:
@@ -79,13 +80,18 @@ def installed(deb: Path) -> Iterator[Path]:
         fcntl.flock(lock, fcntl.LOCK_EX)       # another suite on this machine waits
         assert not _installed(), (f"{PKG} is installed on this machine already; the "
                                   f"test installs and purges it: remove it first")
+        assert not STATE.exists(), f"{STATE} exists already: the purge would remove it"
         try:
             run(*APT, "install", f"./{deb.name}", root=True, cwd=deb.parent, env=ENV)
+            # What the service leaves once it has run: systemd makes its StateDirectory,
+            # the broker its spool there.
+            run("install", "-d", "-m", "0700", STATE, root=True)
+            run("touch", STATE / "spool.sqlite3", root=True)
             yield deb
         finally:
             run(*APT, "purge", PKG, root=True, env=ENV, check=False)
     assert not _installed()
-    for gone in (Path("/usr/bin/messagerie"), Path("/etc/messagerie"), PREFIX):
+    for gone in (Path("/usr/bin/messagerie"), Path("/etc/messagerie"), PREFIX, STATE):
         assert not gone.exists(), f"{gone} left behind by apt-get purge"
 
 
