@@ -21,14 +21,17 @@ The frame is decoded into the wire's own Structs (:mod:`messagerie.wire`, withou
 patterns, which are checked against a memo) with the contents left as raw bytes. When it
 re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
-in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
-to explain) takes the exact path, which validates the frame as an object the way
-:func:`messagerie.decode` does (a compact one with an unknown key, such as the spec's
-example, judged from the memos as ``decode`` judges it), reading only the envelope's
-levels for repeated keys; when a full decode fails there, the contents are kept raw (a
-number Python cannot hold is the receiver's call), so both paths accept and refuse the
-same frames. The depth limit is checked before any verdict; a canonical frame whose raw
-contents are too short to nest past it is not counted.
+in one call. A canonical notification whose bytes up to its payload's last key (its
+``data``, or a key the protocol does not define) are those of one accepted before is
+checked on that last value alone (a bounded memo of those prefixes). Anything else
+(other key orders, spaces, escapes, unknown keys, a refusal to explain) takes the exact
+path, which validates the frame as an object the way :func:`messagerie.decode` does (a
+compact one with an unknown key, such as the spec's example, judged from the memos as
+``decode`` judges it), reading only the envelope's levels for repeated keys; when a full
+decode fails there, the contents are kept raw (a number Python cannot hold is the
+receiver's call), so both paths accept and refuse the same frames. The depth limit is
+checked before any verdict; a canonical frame whose raw contents are too short to nest
+past it is not counted.
 """
 
 from __future__ import annotations
@@ -466,16 +469,13 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     return _exact(line, s)  # not canonical, or to explain
 
 
-# Canonical notifications by their bytes up to their data, when it is an object: the
-# first ``,"data":{`` of a canonical notification is its payload's (what comes before
-# it, the type, names and tokens and their keys, holds no quote but the delimiters), so
-# a frame that re-encodes to itself and starts with the same bytes as one accepted
-# before has the same type, source, destination, categorie and evenement, and data an
-# object, its last field (then "}}"). Only its depth, UTF-8 and syntax are its own, and
-# they are checked as for any frame. Kept on the notification's Kind, so that
-# wire.clear_memos() forgets them with the rest (at most 4096; a prefix is at most a few
-# hundred bytes, names and tokens being bounded).
-# The memo and its helpers are codec.py's (decode() uses it too).
+# Canonical notifications by their bytes up to their payload's last key (codec.py's
+# memo, which decode() fills and reads too; see codec._PREFIXES): a frame made of a known
+# prefix, the same last key, one JSON value and "}}" has the envelope of the frame the
+# prefix was taken from. Only that value is its own: one JSON value (a raw decode: its
+# syntax), an object or null if it is the data, valid UTF-8, its depth bounded from its
+# length or counted. A canonical notification accepted here with its data an object
+# leaves its prefix in the memo.
 _NOTIFICATION_TAG: Final = _NOTIFICATION.tag
 _decode_raw = msgspec.json.Decoder(Raw).decode
 _OBJECT_OR_NULL: Final = (b"{", b"n")
