@@ -236,7 +236,7 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         # proved canonical by its re-encode (so nothing in it is repeated); the rest of
         # the frame is the known frame's bytes. Inlined: this is the common frame.
         recent = _RECENT[0]
-        known = recent if line.startswith(recent[7]) else _recent_prefix(line)
+        known = recent if line.startswith(recent[7]) else _find_prefix(line)
         if known is not None:
             tail = line[len(known[7]):-2]
             try:
@@ -245,7 +245,7 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
             except (UnicodeDecodeError, msgspec.DecodeError, RecursionError,
                     UnicodeEncodeError):
                 canonical = False
-            if canonical and (not known[6] or value is None or type(value) is dict):
+            if canonical and (type(value) is dict or not known[6] or value is None):
                 if len(tail) > _SHALLOW:  # else too short to nest past the limit
                     check_depth(line)
                 payload = known[3].copy()
@@ -388,12 +388,10 @@ _TOP_ORDER: Final = ["type", "source", "destination", "payload"]
 _new = object.__new__
 
 
-def _recent_prefix(line: bytes) -> tuple[Any, ...] | None:
+def _find_prefix(line: bytes) -> tuple[Any, ...] | None:
     """The entry of _PREFIXES that ``line`` (ending with "}}") starts with, its last key
-    included (the most recent first), else None."""
-    known = _RECENT[0]
-    if line.startswith(known[7]):
-        return known
+    included, else None; it becomes the one tried first (_RECENT, which the callers
+    tried already)."""
     if not line.startswith(_NOTIFICATION_START):
         return None
     # Data (an object) last ends the frame with "}}}", else the last key is after the

@@ -52,8 +52,8 @@ from .codec import (
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
+    _find_prefix,
     _json_decode,
-    _recent_prefix,
     _remember_frame,
     _remember_prefix,
     _skeleton,
@@ -421,7 +421,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
         # value is checked (one JSON value, an object or null if it is the data, valid
         # UTF-8, its depth bounded).
         recent = _RECENT[0]
-        known = recent if line.startswith(recent[7]) else _recent_prefix(line)
+        known = recent if line.startswith(recent[7]) else _find_prefix(line)
         if known is not None:
             tail = line[len(known[7]):-2]
             try:
