@@ -1118,6 +1118,72 @@ def test_a_known_prefix_decides_as_a_cold_memo_does(line: bytes, by_decode: bool
         assert cold[1][0] == "refused"
 
 
+_SPEC_PREFIX = (b'{"type":"notification","source":"vm-p","destination":"tous","payload":'
+                b'{"categorie":"device","evenement":"connect"')
+
+
+@st.composite
+def after_a_known_last_key(draw: st.DrawFn) -> bytes:
+    """A frame starting with the bytes, up to its payload's last key, of a notification
+    whose last key is one the protocol does not define (the spec's ``chemin``), then a
+    key (the same, another, a field, a case variant) and anything after it."""
+    value = draw(json_objects | json_values)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    text = draw(st.sampled_from([
+        text, b"[" * 70 + text + b"]" * 70, b"[" * 58 + text + b"]" * 58,
+        b'"\xff' + text[:3] + b'"', b'"a,\\"b\\":1"', b"{" + text, text + b"," + text,
+        b'{"a":1,"a":2}', b" " + text, text + b" "]))
+    key = draw(st.sampled_from([b',"chemin":', b',"chemin":', b',"Chemin":', b',"data":',
+                                b',"evenement":', b',"categorie":', b',"\\u0063hemin":',
+                                b',"chemin":"x","chemin":', b',"Source":']))
+    tail = draw(st.sampled_from([b"}}", b"}}", b"} }", b"}} ", b'},"x":1}', b',"x":1}}']))
+    return _SPEC_PREFIX + key + text + tail
+
+
+@SETTINGS
+@given(after_a_known_last_key(), st.booleans())
+def test_a_known_last_key_decides_as_a_cold_memo_does(line: bytes, by_decode: bool) -> None:
+    # The same memo for a notification whose last payload key is not the protocol's:
+    # only that key's value is the frame's own.
+    known = _SPEC_PREFIX + b',"chemin":"/mnt/usb_in"}}'
+    clear_memos()
+    cold = envelope_outcome(line), decode_outcome(line)
+    clear_memos()
+    for _ in range(2):  # decode() memoises a frame's names first, then its prefix
+        (decode if by_decode else decode_envelope)(known)
+    assert _SPEC_PREFIX in envelope_module._PREFIXES  # remembered
+    assert (envelope_outcome(line), decode_outcome(line)) == cold
+
+
+def test_a_prefix_ends_before_contents_only() -> None:
+    # Without data, a notification's payload ends with a field the protocol reads: no
+    # prefix, or any value would pass for it.
+    clear_memos()
+    known = _SPEC_PREFIX + b"}}"
+    for _ in range(3):
+        decode(known)
+        decode_envelope(known)
+    for check in (decode, decode_envelope):
+        with pytest.raises(MessageInvalide) as exc:
+            check(known.replace(b'"connect"', b'{"e":1}'))
+        assert (exc.value.reason, exc.value.field) == (Reason.WRONG_TYPE, "payload.evenement")
+
+
+def test_the_memo_of_prefixes_stays_small_whatever_the_frames() -> None:
+    # A key the protocol does not define may carry a long string before the last key:
+    # such a prefix is not kept (4096 of them would hold hundreds of MiB).
+    clear_memos()
+    long = _SPEC_PREFIX + b',"note":"' + b"x" * 600 + b'","chemin":"/mnt/usb_in"}}'
+    short = _SPEC_PREFIX + b',"chemin":"/mnt/usb_in"}}'
+    for _ in range(3):
+        decode(long)
+        decode_envelope(long)
+    assert not envelope_module._PREFIXES
+    for _ in range(2):
+        decode(short)
+    assert list(envelope_module._PREFIXES) == [_SPEC_PREFIX]
+
+
 def test_a_prefix_is_remembered_only_from_a_frame_laid_out_as_encode_writes_it() -> None:
     # A decoded dict keeps the frame's key order: with the names after the payload, the
     # bytes before data hold no names, and a frame starting with them may name anyone.

@@ -230,6 +230,33 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
 
     Raises :class:`MessageInvalide` naming the field and the reason.
     """
+    if type(line) is bytes and line[-2:] == b"}}":
+        # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
+        # last value are a known one's (see _PREFIXES): only that value is parsed, and
+        # proved canonical by its re-encode (so nothing in it is repeated); the rest of
+        # the frame is the known frame's bytes. Inlined: this is the common frame.
+        recent = _RECENT[0]
+        known = recent if line.startswith(recent[7]) else _find_prefix(line)
+        if known is not None:
+            tail = line[len(known[7]):-2]
+            try:
+                value = _json_decode(tail)
+                canonical = _json_encode(value) == tail
+            except (UnicodeDecodeError, msgspec.DecodeError, RecursionError,
+                    UnicodeEncodeError):
+                canonical = False
+            if canonical and (type(value) is dict or not known[6] or value is None):
+                if len(tail) > _SHALLOW:  # else too short to nest past the limit
+                    check_depth(line)
+                payload = known[3].copy()
+                payload[known[4]] = value
+                msg = _new(_NOTIFICATION_CLASS)
+                msg.source = known[0]
+                msg.destination = known[1]
+                msg.payload = payload
+                msg.extra = {}
+                msg.raw = line
+                return msg
     if type(line) is not bytes or line[-1:] == b"\n":
         line = _strip(line)
     if not line.startswith(_PLAIN_PREFIXES):
@@ -246,30 +273,12 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
     # collapsed); the common one is then judged from the memos of what passed before.
     canonical = type(obj) is dict and _json_encode(obj) == line
     if canonical:
-        # A notification laid out as encode() writes it, whose bytes up to its data are a
-        # known one's (the memo envelope.decode_envelope() keeps, see there), with nothing
-        # after its data: the same envelope, data an object (decoded: a dict).
-        cut = line.find(_DATA_OBJECT)
-        if cut > 0 and line[:cut] in _PREFIXES and len(obj) == 4:
-            p = obj["payload"]
-            if len(p) == 3:
-                if len(line) - cut - _AROUND_DATA > _SHALLOW:
-                    check_depth(line)
-                msg = _NOTIFICATION_CLASS.__new__(_NOTIFICATION_CLASS)
-                msg.source = obj["source"]
-                msg.destination = obj["destination"]
-                msg.payload = p
-                msg.extra = {}
-                msg.raw = line
-                return msg
         kind = known_canonical(obj, line)
         if kind is not None:  # _message(), inlined for the common frame
-            if cut > 0 and kind is _NOTIFICATION and _laid_out(obj):
-                p = obj["payload"]
-                _remember_prefix(line[:cut], (obj["source"], obj["destination"],
-                                              p["categorie"], p["evenement"]))
+            if kind is _NOTIFICATION:
+                _remember_frame(line, obj)
             cls = _CLASSES[kind]
-            msg = cls.__new__(cls)
+            msg = _new(cls)
             msg.source = obj["source"]
             msg.destination = obj["destination"]
             msg.payload = obj["payload"]
@@ -345,30 +354,95 @@ def _from_object(obj: dict[str, Any], line: bytes | None, s: Any = None, *,
 
 _CLASSES: Final = {kind: MESSAGE_TYPES[kind.tag] for kind in KINDS.values()}
 
-# Canonical notifications by their bytes up to their data, when it is an object, with the
-# envelope of one accepted (decode() and envelope.decode_envelope() keep them): see
-# envelope.py. A dict keeps the frame's key order, so only a frame laid out as encode()
-# writes it gives a prefix (else the bytes before its data might not hold its envelope).
+# Canonical notifications by their bytes up to their payload's last key (the prefix),
+# with what the rest of such a frame must be: decode() and envelope.decode_envelope()
+# keep them, at most 4096 (on the notification's Kind, so that wire.clear_memos()
+# forgets them with the other memos). A frame made of a prefix, the same last key, one
+# JSON value and the "}}" closing the payload and the frame has the envelope of the frame
+# the prefix was taken from: its type, source, destination and payload keys (every one
+# but the last passed the case rule, none repeated, with string values only, so that a
+# decode can share them), and the last key's value is the only part of it that is its
+# own. Its depth, syntax, UTF-8 and (for a decode) its repeated keys are then checked on
+# that value alone, and its depth bounded from its length as for any frame.
+#
+# Where a frame's last key starts is looked for (a memo lookup only misses when the guess
+# is wrong): its data's key, first, else the last ``,"`` in the frame, which is right
+# when the last value holds none (a string, a number, true, false or null). In a
+# canonical notification, the first ``,"data":{`` is the payload's data (names, tokens
+# and string values hold no unescaped quote), so a mouse move's data hits whatever it
+# holds.
+#
+# An entry: (source, destination, categorie, the payload before its last key as a dict
+# never handed out, the last key, its bytes with the comma and colon around it, whether
+# the value must be an object or null, the prefix and those bytes). The entry found last
+# is tried first, with one comparison (_RECENT), before the prefix is looked for.
 _NOTIFICATION: Final = KINDS["notification"]
 _NOTIFICATION_CLASS: Final = MESSAGE_TYPES["notification"]
+_NOTIFICATION_START: Final = b'{"type":"notification",'
 _PREFIXES: Final = _NOTIFICATION.prefixes
+_RECENT: Final = _NOTIFICATION.recent
 _DATA_OBJECT: Final = b',"data":{'
-_AROUND_DATA: Final = len(_DATA_OBJECT) - 1 + 2  # the key before data, "}}" after it
+_DATA_KEY: Final = b',"data":'
+_NEXT_KEY: Final = b',"'
 _TOP_ORDER: Final = ["type", "source", "destination", "payload"]
-_PAYLOAD_ORDER: Final = ["categorie", "evenement", "data"]
+_new = object.__new__
 
 
-def _laid_out(obj: dict[str, Any]) -> bool:
-    """Are the keys of this notification, with its data, in encode()'s order, alone?"""
-    return list(obj) == _TOP_ORDER and list(obj["payload"]) == _PAYLOAD_ORDER
+def _find_prefix(line: bytes) -> tuple[Any, ...] | None:
+    """The entry of _PREFIXES that ``line`` (ending with "}}") starts with, its last key
+    included, else None; it becomes the one tried first (_RECENT, which the callers
+    tried already)."""
+    if not line.startswith(_NOTIFICATION_START):
+        return None
+    # Data (an object) last ends the frame with "}}}", else the last key is after the
+    # last ``,"``.
+    cut = line.find(_DATA_OBJECT) if line[-3:] == b"}}}" else line.rfind(_NEXT_KEY)
+    found = _PREFIXES.get(line[:cut])
+    if found is None or not line.startswith(found[5], cut):
+        return None
+    _RECENT[0] = found
+    return found
+
+
+def _remember_frame(line: bytes, obj: dict[str, Any]) -> None:
+    """Remember the prefix of ``line``, a canonical notification accepted as ``obj``,
+    if it has one: its payload last, the payload's last key its data or a key the
+    protocol does not define (contents: any value), its other values strings."""
+    p = obj["payload"]
+    if list(obj) != _TOP_ORDER or not p:
+        return
+    *first, last = p
+    if last in _NOTIFICATION.read:  # a field the protocol reads: not any value will do
+        return
+    template = {k: p[k] for k in first}
+    if any(type(v) is not str for v in template.values()):
+        return
+    sep = _DATA_KEY if last == "data" else b"," + _json_encode(last) + b":"
+    cut = len(line) - 2 - len(_json_encode(p[last])) - len(sep)
+    if line[cut:cut + len(sep)] == sep:  # always: the frame is its own encoding
+        _remember(line[:cut], (obj["source"], obj["destination"], p["categorie"],
+                               template, last, sep, last == "data", line[:cut + len(sep)]))
 
 
 def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
-    """Remember the bytes up to the data of an accepted notification with these memoised
-    values (source, destination, categorie, evenement)."""
+    """Remember ``prefix``, the bytes up to the data (an object) of a canonical
+    notification laid out as encode() writes it, accepted with these memoised values
+    (source, destination, categorie, evenement)."""
+    _remember(prefix, (key[0], key[1], key[2], {"categorie": key[2], "evenement": key[3]},
+                       "data", _DATA_KEY, True, prefix + _DATA_KEY))
+
+
+_PREFIX_MAX: Final = 512
+"""Longest prefix remembered: what a notification's own fields take at most (names and
+tokens are bounded), so that the memo stays a few MiB whatever the frames."""
+
+
+def _remember(prefix: bytes, entry: tuple[Any, ...]) -> None:
+    if len(prefix) > _PREFIX_MAX:
+        return
     if len(_PREFIXES) >= 4096:
         _PREFIXES.clear()
-    _PREFIXES[prefix] = key
+    _PREFIXES[prefix] = entry
 
 
 def _message(kind: Kind, source: str, destination: str, payload: dict[str, Any],

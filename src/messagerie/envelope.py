@@ -21,14 +21,17 @@ The frame is decoded into the wire's own Structs (:mod:`messagerie.wire`, withou
 patterns, which are checked against a memo) with the contents left as raw bytes. When it
 re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
-in one call. Anything else (other key orders, spaces, escapes, unknown keys, a refusal
-to explain) takes the exact path, which validates the frame as an object the way
-:func:`messagerie.decode` does (a compact one with an unknown key, such as the spec's
-example, judged from the memos as ``decode`` judges it), reading only the envelope's
-levels for repeated keys; when a full decode fails there, the contents are kept raw (a
-number Python cannot hold is the receiver's call), so both paths accept and refuse the
-same frames. The depth limit is checked before any verdict; a canonical frame whose raw
-contents are too short to nest past it is not counted.
+in one call. A canonical notification whose bytes up to its payload's last key (its
+``data``, or a key the protocol does not define) are those of one accepted before is
+checked on that last value alone (a bounded memo of those prefixes). Anything else
+(other key orders, spaces, escapes, unknown keys, a refusal to explain) takes the exact
+path, which validates the frame as an object the way :func:`messagerie.decode` does (a
+compact one with an unknown key, such as the spec's example, judged from the memos as
+``decode`` judges it), reading only the envelope's levels for repeated keys; when a full
+decode fails there, the contents are kept raw (a number Python cannot hold is the
+receiver's call), so both paths accept and refuse the same frames. The depth limit is
+checked before any verdict; a canonical frame whose raw contents are too short to nest
+past it is not counted.
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ from msgspec import UNSET, Raw, Struct
 
 from . import wire
 from .codec import (
-    _AROUND_DATA,
     _DATA_OBJECT,
-    _PREFIXES,
+    _PREFIXES,  # noqa: F401  (the relay's memo too: tests look at it here)
+    _RECENT,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
+    _find_prefix,
     _json_decode,
+    _remember_frame,
     _remember_prefix,
     _skeleton,
     _strip,
@@ -316,6 +321,8 @@ def _exact(line: bytes, s: Any) -> Envelope:
     if type(obj) is dict and _fast_encode(obj) == line:  # canonical, an unknown key kept
         kind = known_canonical(obj, line)
         if kind is not None:
+            if kind is _NOTIFICATION:
+                _remember_frame(line, obj)
             p = obj["payload"]
             return Envelope(kind.tag, obj["source"], obj["destination"],
                             name=p[kind.name_field], id=p["id"] if kind.has_id else None,
@@ -408,7 +415,27 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     A final ``\\n`` or ``\\r\\n`` is allowed. Raises :class:`MessageInvalide` naming
     the field and the reason, as :func:`messagerie.decode` does.
     """
-    if type(line) is not bytes or line[-1:] == b"\n":  # FrameDecoder gives bare bytes
+    if type(line) is bytes and line[-2:] == b"}}":
+        # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
+        # last value are a known one's (see codec._PREFIXES) has its envelope: only that
+        # value is checked (one JSON value, an object or null if it is the data, valid
+        # UTF-8, its depth bounded).
+        recent = _RECENT[0]
+        known = recent if line.startswith(recent[7]) else _find_prefix(line)
+        if known is not None:
+            tail = line[len(known[7]):-2]
+            try:
+                _decode_raw(tail)  # one JSON value, and nothing after it but spaces
+                valid = (not known[6] or tail[:1] in _OBJECT_OR_NULL) and (
+                    tail.isascii() or utf8_error(tail) is None)
+            except (msgspec.DecodeError, RecursionError):
+                valid = False
+            if valid:
+                if len(tail) > _SHALLOW:  # else too short to nest past the limit
+                    check_depth(line)
+                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
+                                id=None, raw=line)
+    if type(line) is not bytes or line[-1:] == b"\n":
         line = _strip(line)
     # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
     # fail), the depth before any verdict: a frame refused for its depth is refused so
@@ -418,17 +445,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return _exact(line, None)  # explained there
     if _fast_encode(s) == line and (line.isascii() or utf8_error(line) is None):
-        # A canonical notification whose bytes up to its data are those of one accepted
-        # before has its envelope (see _PREFIXES): one C lookup instead of reading the
-        # values and looking their tuple up.
         cut = line.find(_DATA_OBJECT)
-        if cut > 0:
-            known = _PREFIXES.get(line[:cut])
-            if known is not None:
-                if len(line) - cut - _AROUND_DATA > _SHALLOW:
-                    check_depth(line)
-                return Envelope(_NOTIFICATION_TAG, known[0], known[1], name=known[2],
-                                id=None, raw=line)
         kind = _TWINS[type(s)]
         key = kind.key(s)
         # accepts(), inlined for the common notification: known names, and data an object.
@@ -452,17 +469,16 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
     return _exact(line, s)  # not canonical, or to explain
 
 
-# Canonical notifications by their bytes up to their data, when it is an object: the
-# first ``,"data":{`` of a canonical notification is its payload's (what comes before
-# it, the type, names and tokens and their keys, holds no quote but the delimiters), so
-# a frame that re-encodes to itself and starts with the same bytes as one accepted
-# before has the same type, source, destination, categorie and evenement, and data an
-# object, its last field (then "}}"). Only its depth, UTF-8 and syntax are its own, and
-# they are checked as for any frame. Kept on the notification's Kind, so that
-# wire.clear_memos() forgets them with the rest (at most 4096; a prefix is at most a few
-# hundred bytes, names and tokens being bounded).
-# The memo and its helpers are codec.py's (decode() uses it too).
+# Canonical notifications by their bytes up to their payload's last key (codec.py's
+# memo, which decode() fills and reads too; see codec._PREFIXES): a frame made of a known
+# prefix, the same last key, one JSON value and "}}" has the envelope of the frame the
+# prefix was taken from. Only that value is its own: one JSON value (a raw decode: its
+# syntax), an object or null if it is the data, valid UTF-8, its depth bounded from its
+# length or counted. A canonical notification accepted here with its data an object
+# leaves its prefix in the memo.
 _NOTIFICATION_TAG: Final = _NOTIFICATION.tag
+_decode_raw = msgspec.json.Decoder(Raw).decode
+_OBJECT_OR_NULL: Final = (b"{", b"n")
 
 
 # A canonical frame decoded into a twin is its own object and payload (two levels) with

@@ -302,6 +302,7 @@ def clear_memos() -> None:
     for kind in KINDS.values():
         kind.known.clear()
         kind.prefixes.clear()
+        kind.recent[0] = NO_PREFIX
         kind.unambiguous = set(kind.payload_fields)
 
 
@@ -347,6 +348,10 @@ def _bounded(cls: type[Struct]) -> list[tuple[str, Callable[[Any], bool]]]:
 def _one(name: str) -> Callable[[Any], tuple[str, ...]]:
     get = itemgetter(name)
     return lambda obj: (get(obj),)
+
+
+NO_PREFIX: Final[tuple[Any, ...]] = (None,) * 7 + (b"\xff",)
+"""A :attr:`Kind.recent` entry that no frame starts with (a frame starts with ``{``)."""
 
 
 class Kind:
@@ -404,7 +409,10 @@ class Kind:
         #: Canonical frames of this type by their bytes up to their contents, with the
         #: memoised values of a frame accepted with them (used by the relay's envelope
         #: check for notifications; at most 4096).
-        self.prefixes: dict[bytes, tuple[str, ...]] = {}
+        self.prefixes: dict[bytes, tuple[Any, ...]] = {}
+        #: The entry of ``prefixes`` last found, tried first (one entry: a stream of
+        #: frames from one source to one destination hits it every time).
+        self.recent: list[tuple[Any, ...]] = [NO_PREFIX]
         #: The payload's fields and other keys known to be none of them even to parsers
         #: that ignore case (:func:`check_unambiguous` passed them): a subset test
         #: instead of folding each unknown key of every frame again.
