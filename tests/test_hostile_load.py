@@ -210,15 +210,15 @@ P50_RATIO_FANOUT = 25.0
 them: honest p50 0.9-2.8x measured, 13x once under the heaviest load (earlier runs)."""
 P99_RATIO = 3.0
 P99_RATIO_LOOSE = 10.0
-LOOSE = ("shared", "junk")
+LOOSE = ("shared",)
 """The classes held to P99_RATIO_LOOSE: they do not meet 3x reliably (docs/security.md).
 The shared destination, a flood to vm-diag itself: an honest message waits behind the
 flood's bytes already in vm-diag's queue (a queue is shared fairly once full, in order
 until then: a median 74 KB in one probe, about 7 ms at the relay's pace when it lags);
 0.23-2.3x in 10 runs of 13, 3.1x, 13x and 22x in the others (measured again in two:
-0.7x, 2.2x). The junk flood: 0.33-3.4x in the 13 runs, but in a fresh-clone CI run on
-a quiet machine (quiet p99w 0.45-0.69 ms) 4.7x, 6.0x and 6.2x (3.2-3.6 ms), every
-time: a cost of the flood there, not a stall of the machine."""
+0.7x, 2.2x). The junk flood was here too (4.7-6.2x in a fresh-clone CI run on a quiet
+machine, every time: its turns lasted 1.4-2.3 ms, 128 refusals of 10 us); with the
+cheap refusal and no turn floor, 0.53-3.7x (median 1.0) in 18 runs, 17 within 3x."""
 REPEATS = 2
 """Runs of their own for the classes over a bound (each with its quiet neighbours)."""
 
@@ -275,7 +275,7 @@ def test_honest_traffic_under_each_attack_class(tmp_path: Path) -> None:
     command starvation (vm-mute never answers 200 of vm-cmd's commands while its
     ``ping`` commands to vm-srv and dom0 go on). Every honest message and command is
     accounted for; honest p99 stays within 3x of the quiet phases around each attack
-    (but the shared destination's and the junk flood's, P99_RATIO_LOOSE)."""
+    (but the shared destination's, P99_RATIO_LOOSE)."""
     from bench.bench_flood import ATTACKS, hostile_run
 
     # 2 000 honest messages a phase (2 s): one CPU-heavy frame (about 12 ms, one every
