@@ -218,7 +218,7 @@ until then: a median 74 KB in one probe, about 7 ms at the relay's pace when it 
 0.23-2.3x in 10 runs of 13, 3.1x, 13x and 22x in the others (measured again in two:
 0.7x, 2.2x). The junk flood was here too (4.7-6.2x in a fresh-clone CI run on a quiet
 machine, every time: its turns lasted 1.4-2.3 ms, 128 refusals of 10 us); with the
-cheap refusal and no turn floor, 0.53-3.7x (median 1.0) in 18 runs, 17 within 3x."""
+cheap refusal and no turn floor, 0.53-3.7x (median 1.0) in 23 runs, 22 within 3x."""
 REPEATS = 2
 """Runs of their own for the classes over a bound (each with its quiet neighbours)."""
 
