@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -1026,6 +1027,45 @@ async def test_a_read_costly_per_byte_is_cut_into_turns() -> None:
     s.flush()
     assert s.out("vm-b") == moves
     assert s.t["vm-a"].calls[-1] == "resume"
+
+
+def turns_of(s: Setup, a: DomainEndpoint, data: bytes) -> list[int]:
+    """The frames (messages and invalid ones) each turn of this read handled."""
+    done = [a.stats.received + a.stats.invalid]
+    a.data_received(data)
+    while True:
+        done.append(a.stats.received + a.stats.invalid)
+        if a._backlog is None:
+            break
+        a._next_turn()
+    s.flush()
+    return [y - x for x, y in itertools.pairwise(done)]
+
+
+async def test_turns_of_frames_costly_for_their_bytes_last_turn_cpu_and_grow_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The turn's CPU is what its frames cost (a fake clock: 10 us a junk line, what
+    # refusing one took on the benchmark machine, 1 us a mouse move). Junk lines are 2
+    # bytes: a turn floor of 256 bytes made turns of 128 of them (1.3 ms), and an honest
+    # message read behind one waited that long. Once the same channel sends cheap frames
+    # again, its turns grow back: cut turns are measured however short.
+    from broker import endpoint
+    from broker.endpoint import MAX_FRAMES_PER_TURN, TURN_CPU
+
+    s = Setup(rate=1e9, burst=10**9, cpu_share=1e9, cpu_burst=1e9)
+    a = s.eps["vm-a"]
+    monkeypatch.setattr(endpoint, "thread_time",
+                        lambda: a.stats.invalid * 10e-6 + a.stats.received * 1e-6)
+    with capture_logs():
+        first, *rest = turns_of(s, a, b"x\n" * 2048)  # a throttled read: 4 KiB
+    assert first == MAX_FRAMES_PER_TURN  # before any measure: the frame cap
+    per_turn = int(TURN_CPU / 10e-6)
+    assert sum(rest) == 2048 - first and max(rest[4:]) <= per_turn + 2, rest  # converged
+    moves = [Notification("vm-a", "vm-b", "entree", "souris", {"i": i, "pad": "p" * 150})
+             for i in range(600)]
+    turns = turns_of(s, a, b"".join(encode(m) for m in moves))
+    assert sum(turns) == 600 and max(turns[-3:]) >= 100, turns  # 500 in a turn of 0.5 ms
+    assert s.out("vm-b") == moves
 
 
 async def test_a_domain_over_its_cpu_share_is_not_read_until_it_has_paid() -> None:

@@ -1198,3 +1198,35 @@ def test_a_prefix_is_remembered_only_from_a_frame_laid_out_as_encode_writes_it()
         with pytest.raises(MessageInvalide) as exc:
             check(forged)
         assert (exc.value.reason, exc.value.field) == (Reason.BAD_NAME, "source")
+
+
+# -- a frame that cannot be an object -------------------------------------------------
+# A flood of junk lines (``x``) costs the broker a refusal each: one that cannot be a JSON
+# object (its first byte is neither ``{`` nor whitespace) is refused in one parse, as
+# decode() refuses it, not after the exact path's four.
+NOT_OBJECTS: Final = [b"x", b"123", b"[1,2]", b'"s"', b"null", b"\xff", b"x\xff", b"-",
+                      b"]", b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), b"x" * 5000]
+
+
+@pytest.mark.parametrize("line", NOT_OBJECTS)
+def test_a_frame_that_cannot_be_an_object_is_refused_in_one_parse(
+        line: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    want = expected(line)
+    with pytest.raises(MessageInvalide) as reference:
+        decode(line)
+
+    def exact(*args: Any) -> Envelope:
+        raise AssertionError("the exact path was taken")
+    monkeypatch.setattr(envelope_module, "_exact", exact)
+    assert envelope_outcome(line) == want
+    with pytest.raises(MessageInvalide) as got:
+        decode_envelope(line)
+    assert str(got.value) == str(reference.value)  # the same explanation
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=1, max_size=40).filter(
+    lambda b: b[:1] not in (b"{", b" ", b"\t", b"\r", b"\n") and b"\n" not in b))
+def test_frames_not_starting_like_an_object_are_refused_as_decode_refuses_them(
+        line: bytes) -> None:
+    assert envelope_outcome(line) == expected(line)

@@ -212,3 +212,25 @@ def test_a_frame_trickled_in_small_pieces_costs_its_size_not_its_square() -> Non
     (error,) = decoder.feed(b'"}\n')
     assert isinstance(error, FrameError) and error.reason is Reason.INVALID_JSON
     assert elapsed < 1.0, f"8 MiB in 4 KiB reads took {elapsed:.2f} s of CPU"
+
+
+def test_a_line_refused_again_is_not_decoded_again() -> None:
+    # A flood of one junk line costs one decode per read, not one per line: the same
+    # bytes get the same refusal (decode's verdict is a function of the bytes): the
+    # last line refused is remembered, valid frames are decoded each time.
+    calls: list[bytes] = []
+
+    def decode(line: bytes) -> bytes:
+        calls.append(line)
+        if line.startswith(b"x"):
+            raise codec.MessageInvalide(Reason.INVALID_JSON, f"not {line!r}")
+        return line
+
+    d = FrameDecoder[bytes](MAX_FRAME, decode=decode)
+    out = d.feed(b"x\n" * 100 + b"ok\nok\n" + b"x\n" * 3 + b"xy\nx\r\n")
+    assert calls == [b"x", b"ok", b"ok", b"xy", b"x"]
+    errors = [o for o in out if isinstance(o, FrameError)]
+    assert len(out) == 107 and len(errors) == 105
+    alone = d.feed(b"x\n")[0]  # what each of them is, decoded on its own
+    assert {e for e in errors if e.excerpt == b"x"} == {alone}
+    assert out[100:102] == [b"ok", b"ok"] and out[105].excerpt == b"xy"

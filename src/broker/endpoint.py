@@ -85,8 +85,13 @@ frames are estimated (by this channel's measured cost per byte) to cost more is
 processed over several turns, so that the other channels are read in between. A turn
 that costs more anyway (one frame can take longer) is charged more than its time
 (``long_turn_charge``)."""
-MIN_TURN_BYTES = 256
-"""Never fewer bytes a turn than this (a few frames), whatever their estimated cost."""
+MIN_MEASURED_BYTES = 256
+"""A turn shorter than this, unless the budget chose its length (a read cut into
+turns), does not update its channel's cost per byte: its fixed costs (the loop's, the
+cork's) would say more than its bytes. No floor on a turn's length but one frame: a
+floor of 256 bytes was 128 junk lines (``x``), a turn of 1.5-2.5 ms where each costs
+10 us (the benchmark machine), and an honest message read behind it waited that long
+(honest p99w 4.7-6.2x its quiet value under a junk flood)."""
 NUDGE_BYTES = 4 * 1024
 """A read of a domain's socket channel this long (or as long as the read size) says
 its relay may have met a full socket (:meth:`Endpoint._nudge_soon`): QEMU writes at
@@ -526,7 +531,7 @@ class Endpoint(asyncio.Protocol):
         # lines, each a decode attempt and a refusal, would be a 100 ms turn for
         # everyone else), and never more than MAX_FRAMES_PER_TURN frames. The rest
         # waits for the next iteration, the channel not being read meanwhile.
-        end = len(data)
+        end = whole = len(data)
         if end > self._turn_bytes:
             limit = self._turn_bytes
             end = data.rfind(b"\n", 0, limit) + 1 or data.find(b"\n", limit) + 1 or end
@@ -538,7 +543,7 @@ class Endpoint(asyncio.Protocol):
             if first and self.transport is not None:
                 self.transport.pause_reading()
             self._loop.call_soon(self._next_turn)
-        self._process(data)
+        self._process(data, budgeted=end < whole)
 
     def _next_turn(self) -> None:
         data, self._backlog = self._backlog, None
@@ -561,8 +566,10 @@ class Endpoint(asyncio.Protocol):
                 and not self.sink.stopping and not self.transport.is_closing()):
             self.transport.resume_reading()
 
-    def _process(self, data: bytes,
-                 decoder: FrameDecoder[Envelope | Run] | None = None) -> None:
+    def _process(self, data: bytes, decoder: FrameDecoder[Envelope | Run] | None = None,
+                 *, budgeted: bool = False) -> None:
+        """Route ``data``'s frames (one turn) and charge what it cost; ``budgeted``: its
+        length is what the cost per byte allowed (a read was cut)."""
         started = thread_time()
         self._route(data, decoder)
         # The turn's CPU (decoding, routing, the writes it caused), charged to this
@@ -572,9 +579,11 @@ class Endpoint(asyncio.Protocol):
         cost = (thread_time() - started) / self.sink.settings.cpu_scale
         self.cpu.refill()
         self.cpu.tokens -= long_turn_charge(cost)
-        if len(data) > MIN_TURN_BYTES:  # too few bytes say little about the cost per byte
+        if budgeted or len(data) > MIN_MEASURED_BYTES:
+            # A cut turn is measured however short it is: it tests the estimate that
+            # chose its length (else a turn cut short would never grow again).
             self._cost_per_byte = (self._cost_per_byte + cost / len(data)) / 2
-            self._turn_bytes = max(MIN_TURN_BYTES, int(TURN_CPU / self._cost_per_byte))
+            self._turn_bytes = max(1, int(TURN_CPU / self._cost_per_byte))
         bucket, cpu = self.bucket, self.cpu
         if ((bucket.tokens < 0 or cpu.tokens < 0) and self.transport is not None
                 and self._throttle_timer is None):

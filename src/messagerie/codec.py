@@ -489,7 +489,9 @@ class FrameDecoder(Generic[T]):
     ``decode`` replaces :func:`decode` for each frame: a relay passes
     :func:`messagerie.envelope.decode_envelope` to get
     :class:`~messagerie.envelope.Envelope` values instead of messages. It must raise
-    :class:`MessageInvalide` to refuse a frame. ``batch`` (e.g.
+    :class:`MessageInvalide` to refuse a frame, and refuse the same bytes alike every
+    time: a frame equal to the last one refused in the same feed gets that refusal
+    again without a call (a flood of one junk line costs one decode a read). ``batch`` (e.g.
     :func:`messagerie.envelope.decode_runs`) may validate the frames of one feed
     together, faster; it falls back on ``decode`` when it cannot.
     """
@@ -564,10 +566,17 @@ class FrameDecoder(Generic[T]):
             if items is not None:
                 out.extend(items)
                 lines = []
+        # The last frame refused and its refusal: the same bytes again (a flood of one
+        # junk line) are refused alike without a decode, ``decode``'s verdict being a
+        # function of the bytes. Within one feed: ``decode`` may change between feeds.
+        refused: tuple[bytes, FrameError] | None = None
         for frame in lines:
             # \r\n: drop the \r so that ``raw`` is canonical and the fast path applies.
             line = frame[:-1] if frame[-1:] == b"\r" else frame
             if not line:
+                continue
+            if refused is not None and line == refused[0]:
+                out.append(refused[1])
                 continue
             if len(line) > limit:
                 out.append(FrameError(Reason.TOO_LARGE,
@@ -576,11 +585,14 @@ class FrameDecoder(Generic[T]):
                 continue
             try:
                 out.append(decode(line))
+                continue
             except MessageInvalide as exc:
-                out.append(FrameError(exc.reason, exc.detail, len(line), exc.field, line[:64]))
+                error = FrameError(exc.reason, exc.detail, len(line), exc.field, line[:64])
             except Exception as exc:  # never let one frame break the stream
-                out.append(FrameError(Reason.INVALID_JSON, f"undecodable frame: {exc!r}",
-                                      len(line), excerpt=line[:64]))
+                error = FrameError(Reason.INVALID_JSON, f"undecodable frame: {exc!r}",
+                                   len(line), excerpt=line[:64])
+            refused = (line, error)
+            out.append(error)
         if len(rest) > limit + 1:
             out.append(FrameError(Reason.TOO_LARGE,
                                   f"frame exceeds {limit} bytes without a newline",

@@ -68,6 +68,8 @@ from .model import Message
 from .wire import DOM0, ERREUR_FIELDS, TOUS, Kind, accepts, check_object
 
 _OPEN_BRACE: Final = ord("{")
+_OBJECT_STARTS: Final = frozenset({b"{", b" ", b"\t", b"\r", b"\n"})
+"""The first bytes a frame that is a JSON object may have (JSON's whitespace, then ``{``)."""
 
 
 class _Envelope(Struct, gc=False, eq=False):
@@ -437,6 +439,12 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
                                 id=None, raw=line)
     if type(line) is not bytes or line[-1:] == b"\n":
         line = _strip(line)
+    if line[:1] not in _OBJECT_STARTS:
+        # Not an object, whatever follows: refused as decode() refuses it (the depth,
+        # then the parser's verdict), in one parse; the exact path would take four.
+        # The cheap refusal of a flood of junk lines (``x``): each costs its channel's
+        # turn as much as a mouse move, not five times as much.
+        _decode_object(line)
     # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
     # fail), the depth before any verdict: a frame refused for its depth is refused so
     # whatever else is wrong with it.
