@@ -1290,6 +1290,7 @@ class DomainEndpoint(Endpoint):
         that stopped reading would keep its fd and buffer forever). Returns the
         supervisor task, cancelled, for the caller to await if it wants."""
         self._stopping = True
+        self.nudges = False  # its bound method held the endpoint in a cycle
         self._backlog = None  # read but not yet routed: it goes with the domain
         self._drop_remainder()
         if self.transport is not None:

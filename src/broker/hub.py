@@ -934,8 +934,10 @@ class Broker:
         for row in rows:
             if not self._replayable(ep, lane, row, now):
                 continue
-            if not ep.send(row.frame):
-                spool.lane(ep.name).cursor = row.seq - 1  # full: this one again later
+            # Full: this one again later. Asked before sending, so that send() never
+            # refuses it (a refusal there counts a drop, and this row is not lost).
+            if ep.paused_writing or not ep.send(row.frame):
+                spool.lane(ep.name).cursor = row.seq - 1
                 break
             if row.kind == "commande" and row.msg_id is not None:
                 pending = self.pending.get(row.source, row.msg_id)
@@ -1261,12 +1263,12 @@ class Broker:
         ep.detach()
         dropped = _lost_messages(unsent, replayed)
         ep.stats.dropped += dropped
-        for key in self._removed_totals:  # the broker's totals keep what it did
-            self._removed_totals[key] += getattr(ep.stats, key)
         self.fail_pending(ep, Code.DESTINATION_INCONNUE, f"domain {name} was removed")
         self.log.info("domain.removed", domain=name, dropped=dropped)
         if was_up:
             self.emit_state(name, Evenement.DECONNECTE)
+        for key in self._removed_totals:  # the broker's totals keep what it did
+            self._removed_totals[key] += getattr(ep.stats, key)
 
     def lost(self, endpoint: Endpoint) -> None:
         self.invalidate_routes()  # decisions sending there are stale
