@@ -1179,6 +1179,13 @@ def test_the_memo_of_prefixes_stays_small_whatever_the_frames() -> None:
         decode(long)
         decode_envelope(long)
     assert not envelope_module._PREFIXES
+    # Nor is one whose last key is long (an unknown key may be up to the frame's size):
+    # each entry holds the key, a hostile domain's 4096 of them 740 MB.
+    long_key = _SPEC_PREFIX + b',"k' + b"x" * 600 + b'":1}}'
+    for _ in range(3):
+        decode(long_key)
+        decode_envelope(long_key)
+    assert not envelope_module._PREFIXES
     for _ in range(2):
         decode(short)
     assert list(envelope_module._PREFIXES) == [_SPEC_PREFIX]

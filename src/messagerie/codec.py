@@ -433,12 +433,14 @@ def _remember_prefix(prefix: bytes, key: tuple[str, ...]) -> None:
 
 
 _PREFIX_MAX: Final = 512
-"""Longest prefix remembered: what a notification's own fields take at most (names and
-tokens are bounded), so that the memo stays a few MiB whatever the frames."""
+"""Longest prefix remembered, its last key included: what a notification's own fields
+take at most (names and tokens are bounded), so that the memo stays a few MiB whatever
+the frames (an entry holds the prefix, the key and both together: a last key of 60 KB
+let 4096 entries hold 740 MB)."""
 
 
 def _remember(prefix: bytes, entry: tuple[Any, ...]) -> None:
-    if len(prefix) > _PREFIX_MAX:
+    if len(entry[7]) > _PREFIX_MAX:  # the prefix and its last key, all an entry holds
         return
     if len(_PREFIXES) >= 4096:
         _PREFIXES.clear()
