@@ -393,6 +393,8 @@ def test_broker_binds_from_xenstore_and_follows_a_reboot(
     # Nothing connected to the old path since it was unbound.
     readable = __import__("select").select([qemu.server], [], [], 0)[0]
     assert readable == [], "the broker went back to a path xenstore no longer lists"
+    # The log is read in its own thread: the answer may come before the event is read.
+    broker.wait_event("domain.connected", domain="vm-a", path=str(qemu2.path))
     connected = broker.find("domain.connected", domain="vm-a")
     assert [e["path"] for e in connected] == [str(qemu.path), str(qemu2.path)]
     qemu.close()
