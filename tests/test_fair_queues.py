@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -23,10 +24,11 @@ class Buffering(FakeTransport):
     """A transport whose peer reads only what :meth:`read` says: what is written stays
     buffered, and flow control is reported to the protocol as asyncio does."""
 
-    def __init__(self, protocol: DomainEndpoint) -> None:
+    def __init__(self, protocol: DomainEndpoint | None) -> None:
         super().__init__()
-        self.protocol = protocol
+        self.protocol: Any = protocol
         self.paused = False
+        self.high = self.low = 0
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         super().set_write_buffer_limits(high, low)

@@ -10,39 +10,20 @@ from typing import Any
 
 from broker.endpoint import QUANTUM, WRITE_AHEAD, DomainEndpoint
 from messagerie import Notification, decode, encode
-from tests.test_broker_core import FakeTransport, Setup
+from tests.test_broker_core import Setup
+from tests.test_fair_queues import Buffering
 
 
-class Paced(FakeTransport):
-    """A transport whose peer reads only what :meth:`read` says; its flow control goes
-    to the protocol it was given (``set_protocol``, as the endpoint does), at the marks
-    it was set. ``written``: the stream as handed to it."""
+class Paced(Buffering):
+    """A :class:`~tests.test_fair_queues.Buffering` transport whose flow control goes to
+    the protocol it was given (``set_protocol``, as the endpoint does), at the marks it
+    was set. ``written``: the stream as handed to it."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.protocol: Any = None
-        self.paused = False
-        self.high = self.low = 0
+        super().__init__(None)
 
     def set_protocol(self, protocol: Any) -> None:
         self.protocol = protocol
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        super().set_write_buffer_limits(high, low)
-        self.high, self.low = high or 0, low or 0
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.buffered += len(data)
-        if not self.paused and self.buffered > self.high:
-            self.paused = True
-            self.protocol.pause_writing()
-
-    def read(self, n: int) -> None:
-        self.buffered = max(0, self.buffered - n)
-        if self.paused and self.buffered <= self.low:
-            self.paused = False
-            self.protocol.resume_writing()
 
     def read_all(self) -> None:
         while self.buffered:
