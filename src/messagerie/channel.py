@@ -223,7 +223,9 @@ class _TtyTransport(asyncio.Transport):
         self._force_close(ChannelError(exc.errno, f"write failed: {exc.strerror}"))
 
     def get_write_buffer_size(self) -> int:
-        return len(self._write_buffer)
+        # What a failed write kept (unwritten) never left either: counted until the
+        # protocol hears of the failure, or the broker would take it as written out.
+        return len(self._write_buffer) + len(self.unwritten or b"")
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return (self._low, self._high)
