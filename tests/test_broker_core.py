@@ -728,6 +728,26 @@ async def test_token_bucket_pauses_then_resumes() -> None:
     assert time.monotonic() - started >= 0.02
 
 
+async def test_a_read_cut_into_turns_is_held_for_its_whole_deficit() -> None:
+    # One read of 1 024 frames is two turns (MAX_FRAMES_PER_TURN); the first puts the
+    # bucket 502 tokens in debt and arms the timer for that. The second turn adds 512
+    # more: reading resumes only once all 1 014 are paid back at 10 000/s (101 ms), not
+    # when the first turn's debt is (50 ms): else the next read comes early, and a
+    # domain whose reads are cut into turns escapes part of its rate.
+    from broker.endpoint import MAX_FRAMES_PER_TURN
+
+    s = Setup(rate=10_000.0, burst=10, cpu_share=1e9, cpu_burst=1e9,
+              queue_bytes=1 << 24)
+    a, t = s.eps["vm-a"], s.t["vm-a"]
+    frame = encode(Notification("vm-a", "vm-b", "x", "y"))
+    started = time.monotonic()
+    a.data_received(frame * (2 * MAX_FRAMES_PER_TURN))
+    await wait_for(lambda: a.stats.received == 2 * MAX_FRAMES_PER_TURN)
+    await wait_for(lambda: t.calls[-1:] == ["resume"])
+    assert time.monotonic() - started >= (2 * MAX_FRAMES_PER_TURN - 10) / 10_000 * 0.95
+    assert a.bucket.refill() >= 0
+
+
 async def test_read_size_follows_the_rate_budget() -> None:
     # A wake-up never reads more frames than the peer has tokens for (2 bytes is the
     # shortest frame), within 4..64 KiB: a flood of tiny junk lines cannot make one long

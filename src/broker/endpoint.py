@@ -74,6 +74,10 @@ FRAME_DECODERS: dict[str, tuple[Callable[[bytes], Envelope], Batch | None]] = {
 
 THROTTLED_READ_SIZE = 4 * 1024
 """Bytes read per wake-up from a domain over its rate (see ``Endpoint._process``)."""
+UNTHROTTLE_SLACK = 1e-4
+"""Seconds of debt a throttled channel may still owe when its timer fires and reading
+resumes: what a timer's rounding leaves. The debt stays in its bucket, so the next
+read pays it; a longer one (later turns of the read that went over) is waited for."""
 MAX_FRAMES_PER_TURN = 512
 """Frames of one channel processed per turn of the event loop: refusing 512 tiny junk
 lines takes under 2 ms; a 64 KiB read of mouse moves (300 frames) is one turn. 256 gave
@@ -696,6 +700,15 @@ class Endpoint(asyncio.Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
+        # The timer was armed for the debt of the turn that went over; the turns of the
+        # same read that followed it added to that debt. Wait for the rest, or the next
+        # read comes early and a domain whose reads are cut into turns escapes its rate.
+        self.bucket.refill()
+        self.cpu.refill()
+        delay = max(self.bucket.deficit, self.cpu.deficit)
+        if delay > UNTHROTTLE_SLACK and self.transport is not None:
+            self._throttle_timer = self._loop.call_later(delay, self._unthrottle)
+            return
         self._resume()
 
     def stop_reading(self) -> None:
