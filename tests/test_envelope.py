@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from messagerie import (
@@ -1028,6 +1028,34 @@ def test_unknown_keys_values_are_contents(memo: Memo, where: str) -> None:
     memo.before_call()
     assert envelope_outcome(twice) == (
         "refused", Reason.DUPLICATE_KEY, "ext" if where == "top" else "payload.ext")
+
+
+_HEAD = (b'{"type":"notification","source":"vm-a","destination":"vm-b","payload":'
+         b'{"categorie":"entree","evenement":"souris","data":')
+_PIECES = [b"{", b"}", b"{}", b'"a":"', b'"}', b'"', b",", b'"b":1', b",{", b"},{",
+           b'"categorie":"autre"', b'"data":{}', b":", b"1", b" ", b"]", b"[", b'\\"',
+           b"\xff", b'"\xc3\xa9"']
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.sampled_from(_PIECES), min_size=0, max_size=4)
+                .map(lambda p: b"{" + b"".join(p)), min_size=2, max_size=6))
+@example([b"{}", b'{"a":"', b'{"}', b"{},{}"])  # four values, two of them no line's
+@example([b"{}", b'{"b":1}', b"{} "])  # a byte around a value (valid, not canonical)
+def test_a_run_of_one_head_takes_each_data_as_its_own(datas: list[bytes]) -> None:
+    """Frames that share their bytes up to the data are checked on their data, all in
+    one parse: a data must be one value on its own, not a piece of one that spans lines
+    (``{"a":"`` then ``"}``) nor two values (``{},{}``), nor anything but JSON. Whatever
+    the pieces, decode_runs says what each line says; when each line is valid and
+    canonical, at once."""
+    lines = [_HEAD + d + b"}}" for d in datas]
+    decode_envelope(_HEAD + b"{}}}")  # the names known, as a relay's memo holds them
+    got = decode_runs(lines)
+    each = one_by_one(lines)
+    if got is not None:
+        assert expand(got) == each
+    if all(o[0] == "ok" for o in each) and not any(b" " in d for d in datas):
+        assert got is not None and [type(i) for i in got] == [Run]  # canonical
 
 
 @pytest.mark.parametrize("where", ["same envelope", "mixed"])

@@ -114,6 +114,7 @@ class Envelope(_Envelope, kw_only=True, gc=False, eq=False):
 _TWINS: Final = wire.twins(Raw)
 _fast_decode = msgspec.json.Decoder(wire.union(_TWINS)).decode
 _fast_decode_list = msgspec.json.Decoder(list[wire.union(_TWINS)]).decode  # type: ignore[misc]
+_decode_raws = msgspec.json.Decoder(list[Raw]).decode
 _fast_encode = msgspec.json.Encoder().encode
 _JOURNAL: Final = wire.KINDS["journal"]
 # decode_envelope() reads a canonical notification's data from the frame's last bytes:
@@ -166,6 +167,9 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     is checked here in one C call per read, not one per message."""
     if not lines:
         return []
+    run = _known_run(lines)
+    if run is not None:
+        return [run]
     # The parser first (msgspec raises RecursionError, far beyond MAX_DEPTH, rather than
     # fail); the depth limit is checked below, before any verdict.
     framed = b"[" + b",".join(lines) + b"]"
@@ -183,9 +187,6 @@ def decode_runs(lines: list[bytes]) -> list[Envelope | Run] | None:
     if not _utf8(framed):
         return None
     longest = max(map(len, lines))
-    same = _same_envelope(lines, decoded, _TWINS[type(decoded[0])], longest)
-    if same is not None:
-        return [same]
     if longest > _UNCOUNTED and _too_deep(b"\n".join(lines)):
         return None
     out: list[Envelope | Run] = []
@@ -237,32 +238,61 @@ def _too_deep(run: bytes) -> bool:
     return _DEEPER in run.translate(_OPENERS, _NOT_OPENER)
 
 
-def _same_envelope(lines: list[bytes], decoded: list[Any], kind: Kind,
-                   longest: int) -> Run | None:
-    """The common case at the cost of one check per frame in C: every frame starts with
-    the same bytes up to its ``"data":{``, so all have the first one's envelope
-    (type, source, destination, categorie, evenement; contents an object). ``longest``:
-    the longest frame's length."""
+def _known_run(lines: list[bytes]) -> Run | None:
+    """The common case, a read of one domain's stream of one event: every frame is the
+    first one's bytes up to its data, an object, then the two braces that close its
+    payload and itself. Then the first frame is checked as :func:`decode_runs` checks
+    any (canonical, valid), and of the others only their data, all in one parse.
+
+    Each frame then has the first one's envelope: the bytes before its data are the
+    same, and what follows (``}}``) leaves no room for another key; its data is valid
+    JSON (syntax, UTF-8, depth) and an object, which is all :func:`decode_envelope`
+    asks of it. ``None`` when any of that does not hold: the caller decides then."""
     first = lines[0]
+    n = len(lines)
     cut = first.find(b',"data":{')
     # In a canonical notification the first ``,"data":{`` is the payload's: names and
     # tokens cannot contain a quote.
-    if cut < 0 or len(lines) < 2 or kind is not _NOTIFICATION:
+    if cut < 0 or n < 2 or first[-2:] != b"}}":
         return None
-    prefix = first[:cut + 9]
+    head = first[:cut + 8]  # up to ``"data":``
     data = b"\n".join(lines) + b"\n"
-    # Every other line starts with the prefix: the lines hold no newline, so each
-    # occurrence of newline-and-prefix is a line's start (one C call for the run).
-    if data.count(b"\n" + prefix) != len(lines) - 1:
+    # Every line after the first starts with the head and an object, every line ends
+    # with ``}}``: the lines hold no newline, so each occurrence is a line boundary
+    # (one C call for the read).
+    if data.count(b"}}\n" + head + b"{") != n - 1 or data[-3:] != b"}}\n":
         return None
-    # Canonical, each frame ends with its data and the two braces that close its payload
-    # and itself; the data starts at the prefix's last byte.
-    if longest - len(prefix) - 1 > _SHALLOW and _too_deep(data):
+    start = len(head)
+    contents = [line[start:-2] for line in lines]
+    joined = b",".join(contents)
+    try:
+        raws = _decode_raws(b"[" + joined + b"]")
+    except (msgspec.DecodeError, RecursionError):
         return None
-    envelope = _envelope(decoded[0], kind, first)
+    # Each data is one value, exactly its own bytes: as many values as lines, each as
+    # long as its line's data. The values lie in order between the brackets, one byte
+    # at least between two; their lengths add up to all but the n - 1 commas and the
+    # brackets, so none has a byte more around it and each is where its line's data
+    # is. Without it a data ``{"a":"`` and the next line's ``{"b":"`` could make one
+    # value, and a third line's ``{"c":1},{"d":2}`` two.
+    if len(raws) != n or list(map(len, raws)) != list(map(len, contents)):
+        return None
+    if not _utf8(joined):
+        return None
+    # The depth of each frame, its envelope's two levels included (as in decode_runs).
+    if max(map(len, contents)) > _SHALLOW and _too_deep(data):
+        return None
+    try:
+        s = _fast_decode(first)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    kind = _TWINS[type(s)]
+    if kind is not _NOTIFICATION or _fast_encode(s) != first:
+        return None
+    envelope = _envelope(s, kind, first)
     if envelope is None or envelope.destination in (TOUS, DOM0):
         return None
-    return Run(envelope, len(lines), data)
+    return Run(envelope, n, data)
 
 
 def _close_run(out: list[Envelope | Run], lines: list[bytes], decoded: list[Any],
