@@ -21,7 +21,8 @@ The frame is decoded into the wire's own Structs (:mod:`messagerie.wire`, withou
 patterns, which are checked against a memo) with the contents left as raw bytes. When it
 re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
-in one call. A canonical notification whose bytes up to its payload's last key (its
+in one call, and when they all share their bytes up to their data (one domain's stream
+of one event), checks the first frame so and the others' data alone. A canonical notification whose bytes up to its payload's last key (its
 ``data``, or a key the protocol does not define) are those of one accepted before is
 checked on that last value alone (a bounded memo of those prefixes). Anything else
 (other key orders, spaces, escapes, unknown keys, a refusal to explain) takes the exact
