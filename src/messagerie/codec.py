@@ -235,8 +235,7 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         # last value are a known one's (see _PREFIXES): only that value is parsed, and
         # proved canonical by its re-encode (so nothing in it is repeated); the rest of
         # the frame is the known frame's bytes. Inlined: this is the common frame.
-        recent = _RECENT[0]
-        known = recent if line.startswith(recent[7]) else _find_prefix(line)
+        known = known_prefix(line)
         if known is not None:
             tail = line[len(known[7]):-2]
             try:
@@ -388,10 +387,13 @@ _TOP_ORDER: Final = ["type", "source", "destination", "payload"]
 _new = object.__new__
 
 
-def _find_prefix(line: bytes) -> tuple[Any, ...] | None:
-    """The entry of _PREFIXES that ``line`` (ending with "}}") starts with, its last key
-    included, else None; it becomes the one tried first (_RECENT, which the callers
-    tried already)."""
+def known_prefix(line: bytes) -> tuple[Any, ...] | None:
+    """The entry of _PREFIXES that ``line`` (a bare notification ending with "}}")
+    starts with, its last key included, else None: the one found last first (_RECENT,
+    one comparison), else looked for, and then it is the one tried first."""
+    recent = _RECENT[0]
+    if line.startswith(recent[7]):
+        return recent
     if not line.startswith(_NOTIFICATION_START):
         return None
     # Data (an object) last ends the frame with "}}}", else the last key is after the

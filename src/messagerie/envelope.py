@@ -22,9 +22,10 @@ patterns, which are checked against a memo) with the contents left as raw bytes.
 re-encodes to itself (compact, keys in the order :func:`messagerie.encode` writes them)
 that is the whole check; :func:`decode_runs` does the same for all the frames of a read
 in one call, and when they all share their bytes up to their data (one domain's stream
-of one event), checks the first frame so and the others' data alone. A canonical notification whose bytes up to its payload's last key (its
-``data``, or a key the protocol does not define) are those of one accepted before is
-checked on that last value alone (a bounded memo of those prefixes). Anything else
+of one event), checks the first frame so and the others' data alone. A canonical
+notification whose bytes up to its payload's last key (its ``data``, or a key the
+protocol does not define) are those of one accepted before is checked on that last
+value alone (a bounded memo of those prefixes). Anything else
 (other key orders, spaces, escapes, unknown keys, a refusal to explain) takes the exact
 path, which validates the frame as an object the way :func:`messagerie.decode` does (a
 compact one with an unknown key, such as the spec's example, judged from the memos as
@@ -48,12 +49,10 @@ from . import wire
 from .codec import (
     _DATA_OBJECT,
     _PREFIXES,  # noqa: F401  (the relay's memo too: tests look at it here)
-    _RECENT,
     _SHALLOW,
     _SKELETON,
     MAX_DEPTH,
     _decode_object,
-    _find_prefix,
     _json_decode,
     _remember_frame,
     _remember_prefix,
@@ -62,6 +61,7 @@ from .codec import (
     check_depth,
     decode,
     known_canonical,
+    known_prefix,
     utf8_error,
 )
 from .errors import MessageInvalide, Reason
@@ -453,8 +453,7 @@ def decode_envelope(line: bytes | bytearray | memoryview | str) -> Envelope:
         # last value are a known one's (see codec._PREFIXES) has its envelope: only that
         # value is checked (one JSON value, an object or null if it is the data, valid
         # UTF-8, its depth bounded).
-        recent = _RECENT[0]
-        known = recent if line.startswith(recent[7]) else _find_prefix(line)
+        known = known_prefix(line)
         if known is not None:
             tail = line[len(known[7]):-2]
             try:
