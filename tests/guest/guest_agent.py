@@ -216,10 +216,16 @@ class Agent(ControlAgent):
         def found() -> list[dict[str, Any]]:
             return [m for m in self.inbox
                     if all(m.get(k, m.get("payload", {}).get(k)) == v for k, v in match.items())]
-        async with asyncio.timeout(timeout):
-            while len(found()) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while len(found()) < count:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        except TimeoutError:
+            got = found()
+            seqs = [(m.get("payload", {}).get("data") or {}).get("seq") for m in got[-3:]]
+            raise TimeoutError(f"{len(got)} of {count} matching messages in {timeout} s "
+                               f"(the last seqs {seqs}; {len(self.inbox)} in all)") from None
         return found()
 
     async def op_stream_start(self, destination: str, categorie: str,
