@@ -247,6 +247,18 @@ def test_negative_or_zero_limits(table: dict[str, Any], key: str) -> None:
     assert error(with_(**table)).startswith(f"{key}: must be positive")
 
 
+@pytest.mark.parametrize("toml", ["debit = nan", "part_cpu = inf", "debit = -inf",
+                                  "delai_blocage = nan"])
+def test_limits_that_are_not_numbers_are_refused(tmp_path: Path, toml: str) -> None:
+    # TOML has nan and inf: neither is a limit (a nan rate would throttle nothing).
+    path = tmp_path / "broker.toml"
+    path.write_text(f"[limites]\n{toml}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    key = toml.split(" ", maxsplit=1)[0]
+    assert f": limites.{key}: must be positive, got " in str(exc.value)
+
+
 def test_reconnect_max_below_min() -> None:
     text = error(with_(reconnexion={"min": 2, "max": 1}))
     assert text.startswith("reconnexion.max:")

@@ -12,6 +12,7 @@ See ``config/broker.toml`` for every key with its default and meaning.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -198,7 +199,8 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
 
 
 def _positive(value: float, key: str) -> float:
-    if value <= 0:
+    # nan and inf (TOML has both) are no limits: a nan rate would unthrottle a domain.
+    if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key}: must be positive, got {value}")
     return value
 

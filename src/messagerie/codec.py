@@ -234,7 +234,8 @@ def decode(line: bytes | bytearray | memoryview | str) -> Message:
         # A bare notification (as FrameDecoder gives them) whose bytes up to its payload's
         # last value are a known one's (see _PREFIXES): only that value is parsed, and
         # proved canonical by its re-encode (so nothing in it is repeated); the rest of
-        # the frame is the known frame's bytes. Inlined: this is the common frame.
+        # the frame is the known frame's bytes. The common frame: the Message is built
+        # here, not by _message().
         known = known_prefix(line)
         if known is not None:
             tail = line[len(known[7]):-2]

@@ -189,21 +189,24 @@ class XenLab(BootedLab):
     def broker_tail(self, lines: int = 15) -> str:
         return "\n".join(self.dom0.call("read", path=BROKER_LOG).splitlines()[-lines:])
 
-    def broker_summary(self, lines: int = 25) -> str:
-        """For a failure: how many of each event the broker logged, and its last lines
-        but the per-message ones (``message.routed``, debug), which would hide the rest."""
+    def broker_summary(self, tail: int = 10, lines: int = 25) -> str:
+        """For a failure: the broker log's last lines, how many of each event it holds,
+        and its last lines but the per-message ones (``message.routed``, debug), which
+        would hide the rest. The log is read once."""
         log = self.dom0.call("read", path=BROKER_LOG).splitlines()
         counts: dict[str, int] = {}
         kept: list[str] = []
         for line in log:
             try:
-                event = str(json.loads(line).get("event"))
+                obj = json.loads(line)
             except ValueError:
-                event = "(not JSON)"
+                obj = None
+            event = str(obj.get("event")) if isinstance(obj, dict) else "(not an object)"
             counts[event] = counts.get(event, 0) + 1
             if event != "message.routed":
                 kept.append(line)
-        return "\n".join([f"events: {counts}", *kept[-lines:]])
+        return "\n".join([*log[-tail:], "--- the same, but message.routed ---",
+                          f"events: {counts}", *kept[-lines:]])
 
     def peer(self, *args: str, timeout: float = 300.0) -> dict[str, Any]:
         """Run xen_peer.py in dom0 (a dom0 service on the broker's socket); its JSON."""
@@ -289,8 +292,7 @@ class XenLab(BootedLab):
 
     def diagnostics(self) -> str:
         try:
-            broker = f"{self.broker_tail(10)}\n--- the same, but message.routed ---\n" \
-                     f"{self.broker_summary(25)}"
+            broker = self.broker_summary()
         except AgentError as exc:
             broker = f"(unavailable: {exc})"
         return (f"--- broker log in dom0 (last lines) ---\n{broker}\n"
