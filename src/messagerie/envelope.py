@@ -232,6 +232,9 @@ _UNCOUNTED: Final = min(map(_skeleton, wire.KINDS.values())) + _SHALLOW
 _OPENERS: Final = bytes.maketrans(b"[", b"{")
 _NOT_OPENER: Final = bytes(b for b in range(256) if b not in b"{[\n")
 _DEEPER: Final = b"{" * (MAX_DEPTH + 1)
+_DEEPER_DATA: Final = b"{" * (MAX_DEPTH - 1)
+"""Openers in a row that may put a notification's data past MAX_DEPTH, below the two
+levels of its envelope."""
 
 
 def _too_deep(run: bytes) -> bool:
@@ -280,8 +283,10 @@ def _known_run(lines: list[bytes]) -> Run | None:
         return None
     if not _utf8(joined):
         return None
-    # The depth of each frame, its envelope's two levels included (as in decode_runs).
-    if max(map(len, contents)) > _SHALLOW and _too_deep(data):
+    # The depth of each frame: its envelope's two levels, then its data's, bounded as
+    # _too_deep bounds a run's but on the data alone (half the bytes of a mouse move).
+    if max(map(len, contents)) > _SHALLOW and _DEEPER_DATA in b"\n".join(contents).translate(
+            _OPENERS, _NOT_OPENER):
         return None
     try:
         s = _fast_decode(first)
