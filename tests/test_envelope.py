@@ -1067,16 +1067,10 @@ def test_a_run_of_one_head_takes_each_data_as_its_own(
     the data and the ending, decode_runs says what each line says; when the lines are
     valid and canonical, at once (one run)."""
     lines = [head + d + end for d, end in parts]
-    memo.prepare([_HEAD + b"{}}}"])  # the names known (warm), or not (cold)
-    memo.before_call()
-    got = decode_runs(lines)
-    memo.before_call()
-    each = one_by_one(lines)
-    if got is not None:
-        assert expand(got) == each
-        # Never a run to tous or dom0: the broker takes a run for one domain's.
-        assert not [i for i in got if type(i) is Run
-                    and i.envelope.destination in (TOUS, DOM0)]
+    got, each = runs_and_one_by_one(memo, lines)
+    # Never a run to tous or dom0: the broker takes a run for one domain's.
+    assert not [i for i in got or [] if type(i) is Run
+                and i.envelope.destination in (TOUS, DOM0)]
     if (memo.warm and head == _HEAD and all(o[0] == "ok" for o in each)
             and not any(b" " in line or b"\r" in line for line in lines)):
         assert got is not None and [type(i) for i in got] == [Run]  # canonical
