@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from messagerie.channel import _TtyTransport
+from tests.support.waiting import async_wait_until
 
 
 class Recorder(asyncio.Protocol):
@@ -34,8 +35,6 @@ async def test_what_a_failed_write_kept_counts_as_buffered_until_the_protocol_he
     assert transport.get_write_buffer_size() == len(b"one frame\n")
     transport.write(b"another\n")  # after the failure, before the protocol heard
     assert transport.get_write_buffer_size() == len(b"one frame\nanother\n")
-    for _ in range(5):
-        if protocol.lost:
-            break
-        await asyncio.sleep(0)
-    assert protocol.lost and transport.unwritten == b"one frame\nanother\n"
+    await async_wait_until(lambda: protocol.lost, 5, "the protocol to hear of the failure",
+                           interval=0)
+    assert transport.unwritten == b"one frame\nanother\n"
