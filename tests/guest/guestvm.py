@@ -554,7 +554,10 @@ class Guest:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            _log(f"timed out after {timeout} s")
+            # Where it stood (booting, or running the command) is what tells a hang
+            # from a slow command.
+            _log(f"timed out after {timeout} s; the guest's console, last lines:\n"
+                 f"{self.kernel_log()}")
             self._cleanup()
             return TIMEOUT_STATUS
         try:
