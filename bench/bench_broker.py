@@ -7,7 +7,9 @@
 
 ``--baseline TREE`` also runs the broker of another source tree, e.g. a worktree of the
 previous commit (``git worktree add ../old HEAD~1``), in the same run: this is how a
-change to the hot path is measured, old and new alternating on the same machine.
+change to the hot path is measured, old and new alternating on the same machine. A tree
+from before a limit existed (the CPU budget's ``part_cpu``, ``rafale_cpu``) gets a
+configuration without it: it would refuse the key.
 
 Scenarios, all in one run on the same machine, so that ratios are meaningful:
 
@@ -52,8 +54,24 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = [sys.executable, str(Path(__file__).with_name("peers.py"))]
 # Benchmarks measure the transport and the broker, not the rate limit; and a receiver
 # starved for a second by a loaded machine is not a stalled domain whose messages drop.
-UNLIMITED = ("[limites]\ndebit = 1000000000\nrafale = 1000000000\ndelai_blocage = 60\n"
-             "part_cpu = 1000000000\nrafale_cpu = 1000000000\n")
+LIMITS = {"debit": "1000000000", "rafale": "1000000000", "delai_blocage": "60",
+          "part_cpu": "1000000000", "rafale_cpu": "1000000000"}
+
+
+def unlimited(keys: Sequence[str] = tuple(LIMITS)) -> str:
+    """The ``[limites]`` section that lifts these limits."""
+    return "[limites]\n" + "".join(f"{k} = {LIMITS[k]}\n" for k in keys)
+
+
+UNLIMITED = unlimited()
+
+
+def known_limits(tree: Path) -> list[str]:
+    """The keys of :data:`LIMITS` that the broker of ``tree`` knows: an older tree
+    refuses a configuration with a key it does not know (the CPU budget's came later).
+    Its configuration module names each key it reads as a string literal."""
+    text = (tree / "src" / "broker" / "config.py").read_text()
+    return [k for k in LIMITS if f'"{k}"' in text]
 
 
 def _json_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
@@ -199,7 +217,11 @@ def run(quick: bool, baseline: Path | None = None, repeats: int | None = None,
             elif system == "baseline":
                 assert baseline is not None
                 command, env, results["baseline_label"] = baseline_broker(baseline)
-                brokers[system] = stack.enter_context(broker(d, p, command=command, env=env))
+                keys = known_limits(baseline)
+                if keys != list(LIMITS):
+                    results["baseline_unlimited"] = keys
+                brokers[system] = stack.enter_context(broker(
+                    d, p, extra=unlimited(keys), command=command, env=env))
             else:
                 extra = ('validation = "complete"\n' if system == "broker_complete" else "")
                 # With a state directory, as the unit runs it (StateDirectory=): the spool
@@ -284,7 +306,9 @@ def table(r: dict[str, Any]) -> str:
                           f"broker / it: {statistics.median(v):.2f}x (runs: "
                           f"{', '.join(f'{x:.2f}' for x in v)}), its CPU per message "
                           f"{statistics.median(c):.2f}x (runs: "
-                          f"{', '.join(f'{x:.2f}' for x in c)})"))
+                          f"{', '.join(f'{x:.2f}' for x in c)})"
+                          + (f"; it knows only the limits {', '.join(r['baseline_unlimited'])}"
+                             if "baseline_unlimited" in r else "")))
     rows += [
         burst("broker_complete", 'burst, broker, validation = "complete"',
               "every frame decoded completely (docs/broker.md, Validation)"),

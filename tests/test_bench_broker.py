@@ -51,3 +51,18 @@ def _run_and_check(tmp_path: Path) -> None:
     assert re.search(r"CPU [\d.]+ us per message", rows["burst, broker (info level)"])
     assert "idle, 20 domains connected" in rows
     assert not list(tmp_path.glob("messagerie-bench-*")), "temporary directory left behind"
+
+
+def test_a_baseline_from_before_a_limit_is_configured_without_it(tmp_path: Path) -> None:
+    from bench.bench_broker import LIMITS, known_limits, unlimited
+
+    # This tree knows every limit the bench lifts.
+    assert known_limits(ROOT) == list(LIMITS)
+    # A tree from before the CPU budget: its configuration module reads three of them.
+    (tmp_path / "src" / "broker").mkdir(parents=True)
+    (tmp_path / "src" / "broker" / "config.py").write_text(
+        'RATE = ("debit", "rafale")\nSTALL = "delai_blocage"\n')
+    keys = known_limits(tmp_path)
+    assert keys == ["debit", "rafale", "delai_blocage"]
+    assert unlimited(keys) == ("[limites]\ndebit = 1000000000\nrafale = 1000000000\n"
+                               "delai_blocage = 60\n")

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from broker.pending import ANSWER, DOMAIN, SERVICE, SILENT, Restored
 from broker.policy import Policy, load_policy, parse_policy
 from broker.router import (
     ABANDON_CATEGORY,
@@ -44,6 +45,7 @@ from broker.router import (
     Deliver,
     Forward,
     PolicyLike,
+    Recovered,
     Refuse,
     StaticView,
     decide,
@@ -152,7 +154,29 @@ def views(draw: st.DrawFn, policy: st.SearchStrategy[PolicyLike] = policies) -> 
         if (commander, id) not in view.pending:
             view.expect(commander, id, replier, asker=draw(endpoints_of(commander)),
                         target=draw(endpoints_of(replier)))
+    rows = draw(st.lists(st.tuples(names, ids, names, labels), max_size=3))
+    view.pending.restore(restored(*row) for row in rows)
     return view
+
+
+def restored(commander: str, id: str, replier: str, command: str,
+             deadline: float = 2e9) -> Restored:
+    """A command the previous process had in flight, as its state file names its
+    parties: a domain by its name, a dom0 service by ``dom0`` when it asked and by the
+    command it serves when it served."""
+    return Restored(commander, id, replier, command,
+                    SERVICE if commander == DOM0 else DOMAIN, commander,
+                    SERVICE if replier == DOM0 else DOMAIN,
+                    command if replier == DOM0 else replier, deadline)
+
+
+def asked_before(command: Restored, sender: str, view: View) -> bool:
+    """docs/broker.md: the domain asked (its endpoint now), or the dom0 service serving
+    the command now, or any dom0 service while none does."""
+    if command.target_kind == DOMAIN:
+        # Its endpoint now (StaticView.endpoint(name) is the name): a removed one has none.
+        return command.target in view.known and sender == command.target
+    return view.services.get(command.command) in (None, sender)
 
 
 def awaiting(view: View, commander: str, id: str, replier: str, *, target: str,
@@ -175,6 +199,11 @@ def scenarios(draw: st.DrawFn, msgs: st.SearchStrategy[Message] | None = None
         command = draw(st.just(msg.payload["commande"]) | labels)
         awaiting(view, msg.destination, msg.payload["id"], msg.source, target=msg.source,
                  command=command)
+    if msg.type == "reponse" and draw(st.integers(0, 3)) == 0:
+        # Awaited by the previous process (sometimes this process awaits it too).
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        view.pending.restored[(msg.destination, msg.payload["id"])] = restored(
+            msg.destination, msg.payload["id"], msg.source, command)
     return msg, origin, view
 
 
@@ -202,6 +231,17 @@ def dispatch_scenarios(draw: st.DrawFn) -> tuple[Message, str, str, View]:
         command = draw(st.just(msg.payload["commande"]) | labels)
         awaiting(view, msg.destination, msg.payload["id"], msg.source, target=target,
                  command=command)
+    if msg.type == "reponse" and draw(st.booleans()):
+        command = draw(st.just(msg.payload["commande"]) | labels)
+        view.pending.restored[(msg.destination, msg.payload["id"])] = restored(
+            msg.destination, msg.payload["id"], msg.source, command)
+        if draw(st.booleans()):  # a dom0 service serves it now
+            view.services[command] = draw(st.sampled_from(SERVICES))
+        if msg.source != DOM0 and draw(st.integers(0, 3)):
+            view.known |= {msg.source}  # usually the domain asked is still declared
+        if destination not in (DOM0, TOUS) and draw(st.integers(0, 3)):
+            view.known |= {destination}  # and its commander back
+            view.up |= {destination}
     if msg.type == "commande":
         key = (msg.source, msg.payload["id"])
         view.pending.close(*key)
@@ -399,12 +439,26 @@ def test_decide_never_raises_and_its_decision_is_well_formed(
         expected = (view.services.get(name) if msg.destination == DOM0  # type: ignore[arg-type]
                     else msg.destination)
         assert decision.server == expected
+    elif type(decision) is Recovered:
+        assert kind == "reponse"
+        old = decision.command
+        assert old is view.pending.restored[(msg.destination, id)]  # type: ignore[index]
+        assert (old.replier, old.command) == (msg.source, name)
+        assert asked_before(old, sender, view), "answered by an endpoint not asked"
+        live = view.pending.get(msg.destination, id)  # type: ignore[arg-type]
+        assert live is None or (live.replier, live.command) != (msg.source, name), \
+            "a live command's answer taken for a restored one's"
+        assert view.pending.in_flight(sender) == before_count(before, sender)
     else:
         assert type(decision) is Answer, decision
         assert kind == "reponse"
         command = decision.command
         assert command is view.pending.get(msg.destination, id)  # type: ignore[arg-type]
         assert command.replier == msg.source and command.target == sender
+
+
+def before_count(table: list[tuple[str, str, str, str, str]], asker: str) -> int:
+    return sum(1 for row in table if row[3] == asker)
 
 
 @SETTINGS
@@ -418,11 +472,18 @@ def test_dispatch_applies_its_rules_in_order(s: tuple[Message, str, str, View]) 
         return
     id = msg.payload["id"]
     if msg.type == "reponse":
-        command = view.pending.get(msg.destination, id)
-        assert command is not None  # route() let it through: its id, replier and name
-        assert (command.replier, command.command) == (msg.source, msg.payload["commande"])
-        if command.target == sender:
-            assert decision == Answer(command)
+        # route() let it through: a live command, else a restored one, has its id,
+        # replier and name; the live one comes first.
+        key, answers = (msg.destination, id), (msg.source, msg.payload["commande"])
+        live = view.pending.get(*key)
+        old = view.pending.restored.get(key)
+        if live is not None and (live.replier, live.command) == answers:
+            expected: Any = Answer(live) if live.target == sender else None
+        else:
+            assert old is not None and (old.replier, old.command) == answers
+            expected = Recovered(old) if asked_before(old, sender, view) else None
+        if expected is not None:
+            assert decision == expected
         else:
             assert type(decision) is Refuse
             assert (decision.kind, decision.code, decision.security) == (
@@ -467,10 +528,13 @@ class Clock:
                           st.sampled_from(["", "#old", "svc-1", "svc-2"]),
                           st.sampled_from([0.0, 0.0, 0.0, 0.5, 3.0, 30.0])),
                 max_size=40),
-       st.integers(1, 3), st.integers(1, 3), st.sampled_from([1.0, 10.0, 300.0]))
+       st.integers(1, 3), st.integers(1, 3), st.sampled_from([1.0, 10.0, 300.0]),
+       st.lists(st.tuples(st.sampled_from(NAMES), ids, st.sampled_from(NAMES), labels,
+                          st.sampled_from([0.5, 5.0, 50.0])), max_size=4))
 def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, float]],
-                                            limit: int, per_target: int,
-                                            ttl: float) -> None:
+                                            limit: int, per_target: int, ttl: float,
+                                            previous: list[tuple[str, str, str, str, float]]
+                                            ) -> None:
     """A sequence of messages, each decided and applied as the broker does (a Forward
     is tracked with the delai it carries, an Answer closes its command), time passing
     between them and the commands past their deadline expiring: each endpoint's count
@@ -478,9 +542,13 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, fl
     target endpoint its per-target limit; a command is due at min(delai, ttl) from its
     receipt, expires then and not before, and is answered at most once, only by the
     endpoint it went to; an answer to an expired command from the one asked is late
-    (not a security event), from anyone else unsolicited."""
+    (not a security event), from anyone else unsolicited. The commands a previous
+    process had in flight (restored) hold no slot, are answered at most once by the
+    party asked, and past their deadline are answered for, or forgotten, once."""
     view = View(Policy.allow_all(), frozenset(DOMAINS), frozenset(DOMAINS))
     clock = Clock()
+    view.pending.restore(restored(c, i, r, n, clock.now + d) for c, i, r, n, d in previous)
+    before = dict(view.pending.restored)
     view.pending.clock = clock
     view.pending.limit = limit
     view.pending.per_target = per_target
@@ -506,6 +574,14 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, fl
             assert command.deadline > clock.now, "answered past its deadline"
             answered.add(command.key)
             assert view.pending.close(*command.key) is command
+        elif type(decision) is Recovered:
+            old = decision.command
+            assert (old.replier, old.command) == (msg.source, msg.payload["commande"])
+            assert asked_before(old, sender, view)
+            assert ("restored", *old.key) not in answered, "answered twice"
+            assert old.deadline > clock.now, "answered past its deadline"
+            answered.add(("restored", *old.key))
+            assert view.pending.close_restored(old.key) is old
         elif type(decision) is Refuse and msg.type == "reponse":
             key = (msg.destination, msg.payload["id"])
             # (Its id may be in flight again, to another replier or command name.)
@@ -519,6 +595,12 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, fl
             assert command.deadline <= clock.now
             expired[command.key] = command.replier
             assert view.pending.abandoned(command.commander, command.id, command.replier)
+        for old, outcome in view.pending.expire_restored(clock.now, view.is_connected, 3600.0):
+            assert old.deadline <= clock.now and ("restored", *old.key) not in answered
+            assert outcome == (SILENT if old.commander == DOM0 else ANSWER)  # all are up
+            assert before.pop(old.key) is old, "expired twice"
+            expired[old.key] = old.replier
+        assert all(r.deadline > clock.now for r in view.pending.restored.values())
         assert all(p.deadline > clock.now for p in view.pending), "overdue, not expired"
         deadlines = [p.deadline for p in view.pending]
         assert view.pending.next_deadline() == (min(deadlines) if deadlines else None)
@@ -531,7 +613,7 @@ def test_commands_in_flight_stay_consistent(traffic: list[tuple[Message, str, fl
             assert view.pending.in_flight(endpoint) == n <= limit
         for (asker, target), n in pairs.items():
             assert view.pending.in_flight_to(asker, target) == n <= per_target
-        assert sum(counts.values()) == len(view.pending)
+        assert sum(counts.values()) == len(view.pending)  # restored ones hold no slot
         assert view.pending._pairs == pairs  # no stale entry left behind
 
 

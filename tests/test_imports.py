@@ -2,8 +2,8 @@
 
 The sans-IO modules (the wire definition, the model, the codec, the envelope decoder,
 the schema, the socle's catalogue, the errors, and the package root itself) must be
-importable without asyncio or structlog: a router, a policy tool or a fuzzer should not
-pay for, or depend on, the client's I/O. Each check runs in a fresh interpreter (``-I``:
+importable without asyncio, pyserial or structlog: a router, a policy tool or a fuzzer
+should not pay for, or depend on, the client's I/O. Each check runs in a fresh interpreter (``-I``:
 no user site, no PYTHON* variables), since this test process has long imported
 everything.
 """
@@ -23,7 +23,7 @@ import messagerie
 from messagerie import blocking, client, errors, identity, model, streams
 
 SRC = Path(messagerie.__file__).resolve().parent.parent
-IO_MODULES = ("asyncio", "structlog")
+IO_MODULES = ("asyncio", "serial", "structlog")
 pytestmark = pytest.mark.integration  # each check runs a fresh interpreter
 
 PURE_MODULES = ("messagerie", "messagerie.errors", "messagerie.wire", "messagerie.model",

@@ -5,7 +5,6 @@ file is said once and the table in memory goes on. A real SQLite file in tmp_pat
 from __future__ import annotations
 
 import sqlite3
-import types
 from pathlib import Path
 
 import structlog
@@ -23,9 +22,7 @@ class Ep:
 
 
 def recovery(path: Path, pending: PendingCommands[Ep], wall: float = 1000.0) -> Recovery:
-    broker = types.SimpleNamespace(pending=pending)
-    return Recovery(broker, InflightStore(Store.open(path)),  # type: ignore[arg-type]
-                    wall=lambda: wall)
+    return Recovery(pending, InflightStore(Store.open(path)), wall=lambda: wall)
 
 
 def test_group_commit_writes_differences_and_a_new_process_reads_them(tmp_path: Path) -> None:

@@ -7,10 +7,12 @@ from collections.abc import Iterable
 
 import pytest
 
+from broker.pending import ANSWER, DOMAIN, FORGOTTEN, SERVICE, SILENT, Restored
 from broker.policy import Policy, parse_policy
 from broker.router import (
     DENIED,
     DUPLICATE,
+    LATE,
     OFFLINE,
     SPOOFED,
     TOO_MANY,
@@ -22,6 +24,7 @@ from broker.router import (
     Deliver,
     Forward,
     PolicyLike,
+    Recovered,
     Refuse,
     StaticView,
     decide,
@@ -385,11 +388,100 @@ def test_reponse_from_a_dom0_service_only_from_the_one_asked() -> None:
     assert decide(answer, DOM0, "svc-1", view) == Answer(command)
 
 
+# -- the previous process's commands (restored from the state file) ----------------------
+
+def restored(commander: str, id: str, replier: str, command: str, *, asker: str | None = None,
+             target: str | None = None, deadline: float = 2e9) -> Restored:
+    """A row of the state file: domains by name, dom0 services by ``dom0`` (asking) or
+    by the command they serve."""
+    asker_kind = SERVICE if commander == DOM0 else DOMAIN
+    target_kind = SERVICE if replier == DOM0 else DOMAIN
+    return Restored(commander, id, replier, command, asker_kind,
+                    asker or (DOM0 if commander == DOM0 else commander), target_kind,
+                    target or (command if replier == DOM0 else replier), deadline)
+
+
+def test_a_late_answer_to_a_restored_command_is_decided_by_the_router() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    row = restored("vm-a", "c1", "vm-b", "lister")
+    view.pending.restore([row])
+    answer = Reponse("vm-b", "vm-a", "c1", "lister", resultat=[])
+    assert route(answer, "vm-b", view) == Deliver(("vm-a",))
+    assert decide(answer, "vm-b", "vm-b", view) == Recovered(row)
+    # From the domain's stale endpoint (removed and re-added since): not asked.
+    stale = decide(answer, "vm-b", "vm-b#old", view)
+    assert isinstance(stale, Refuse)
+    assert (stale.kind, stale.security, stale.detail) == (
+        UNSOLICITED, True, "this endpoint was not asked")
+    # Relabelled as another command's answer, or from another domain: unsolicited.
+    for forged, origin in ((Reponse("vm-b", "vm-a", "c1", "effacer", resultat=[]), "vm-b"),
+                           (Reponse("vm-c", "vm-a", "c1", "lister", resultat=[]), "vm-c")):
+        refused = decide(forged, origin, origin, view)
+        assert isinstance(refused, Refuse)
+        assert (refused.kind, refused.security) == (UNSOLICITED, True)
+    # Restored commands hold none of this process's slots.
+    assert view.pending.in_flight("vm-a") == 0 and len(view.pending) == 0
+    # Answered: the next answer is unsolicited.
+    assert view.pending.close_restored(row.key) == row
+    again = decide(answer, "vm-b", "vm-b", view)
+    assert isinstance(again, Refuse) and (again.kind, again.security) == (UNSOLICITED, True)
+
+
+def test_a_restored_command_a_dom0_service_serves_is_answered_by_its_server_now() -> None:
+    view = View(connected=["vm-a"])
+    row = restored("vm-a", "s1", DOM0, "stocker")
+    view.pending.restore([row])
+    answer = Reponse(DOM0, "vm-a", "s1", "stocker", resultat="ok")
+    # No service serves it yet: any dom0 connection may answer (before it registers).
+    assert decide(answer, DOM0, "svc-2", view) == Recovered(row)
+    view.services = {"stocker": "svc-1"}
+    assert decide(answer, DOM0, "svc-1", view) == Recovered(row)
+    other = decide(answer, DOM0, "svc-2", view)
+    assert isinstance(other, Refuse) and (other.kind, other.security) == (UNSOLICITED, True)
+
+
+def test_a_live_command_comes_before_a_restored_one_with_its_id() -> None:
+    view = View(connected=["vm-a", "vm-b", "vm-c"])
+    row = restored("vm-a", "c1", "vm-b", "lister")
+    view.pending.restore([row])
+    live = view.expect("vm-a", "c1", "vm-c", command="lister")  # its id, reused
+    assert decide(Reponse("vm-c", "vm-a", "c1", "lister", resultat=[]), "vm-c", "vm-c",
+                  view) == Answer(live)
+    assert decide(Reponse("vm-b", "vm-a", "c1", "lister", resultat=[]), "vm-b", "vm-b",
+                  view) == Recovered(row)
+
+
+def test_restored_commands_expire_on_the_wall_clock_and_their_answers_are_late() -> None:
+    view = View(connected=["vm-a", "vm-b"])
+    view.pending.restore([
+        restored("vm-a", "due", "vm-b", "lister", deadline=100.0),
+        restored("vm-a", "later", "vm-b", "lister", deadline=200.0),
+        restored(DOM0, "svc", "vm-b", "etat", deadline=100.0),
+        restored("vm-gone", "away", "vm-b", "lister", deadline=100.0),
+    ])
+    up = {"vm-a", "vm-b"}.__contains__
+    due = view.pending.expire_restored(150.0, up, 3600.0)
+    assert sorted((r.id, outcome) for r, outcome in due) == [("due", ANSWER), ("svc", SILENT)]
+    # Its commander away: it waits for it, up to ``keep`` past its deadline.
+    assert set(view.pending.restored) == {("vm-a", "later"), ("vm-gone", "away")}
+    due = view.pending.expire_restored(100.0 + 3601.0, up, 3600.0)
+    assert sorted((r.id, outcome) for r, outcome in due) == [
+        ("away", FORGOTTEN), ("later", ANSWER)]
+    assert not view.pending.restored
+    # Their answers, from the domain asked, are late; from anyone else, forgeries.
+    late = decide(Reponse("vm-b", "vm-a", "due", "lister", resultat=[]), "vm-b", "vm-b", view)
+    assert isinstance(late, Refuse) and (late.kind, late.security) == (LATE, False)
+    forged = decide(Reponse("vm-a", "vm-b", "due", "lister", resultat=[]), "vm-a", "vm-a",
+                    view)
+    assert isinstance(forged, Refuse) and (forged.kind, forged.security) == (UNSOLICITED, True)
+
+
 # -- the pure layer stays pure ---------------------------------------------------------
 
 PURE = ("router", "pending", "ratelimit", "cpuspeed", "config", "discovery", "policy/__init__",
-        "policy/rules", "policy/parser")
-EDGES = ("endpoint", "dom0", "hub", "daemon", "demo")
+        "policy/rules", "policy/parser", "echo", "memory", "arguments")
+EDGES = ("endpoint", "dom0", "hub", "daemon", "demo", "inflight", "spool", "trace",
+         "xenstore", "notify", "logs", "sockets")
 
 
 def _imports(module: str) -> set[str]:
@@ -412,6 +504,20 @@ def _imports(module: str) -> set[str]:
     return names
 
 
+TOP = ("cli", "__init__")
+"""The command line, which may import anything, and the package's empty root."""
+
+
+def test_every_module_has_its_place_in_the_layers() -> None:
+    from pathlib import Path
+
+    import broker
+
+    root = Path(broker.__file__).parent
+    found = {str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.py")}
+    assert found == {*PURE, *EDGES, *TOP}, "a module to add to PURE or EDGES"
+
+
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_import_no_asyncio(module: str) -> None:
     assert not {n for n in _imports(module) if n.split(".")[0] == "asyncio"}
@@ -423,6 +529,7 @@ def test_dependencies_point_one_way(module: str) -> None:
     daemon knows nothing of its command line, nor of the demo that runs it."""
     forbidden = {"endpoint": {".hub", ".dom0", ".daemon", ".cli"},
                  "dom0": {".hub", ".daemon", ".cli"},
+                 "trace": {".hub", ".dom0", ".daemon", ".cli", ".demo"},
                  "hub": {".daemon", ".cli", ".demo"},
                  "daemon": {".cli", ".demo"},
                  "demo": {".cli"}}.get(module, {".hub", ".endpoint", ".dom0", ".daemon",

@@ -151,7 +151,7 @@ class Daemon:
                               "spool.chemin) or the spool is unavailable: commands in "
                               "flight are not kept across a restart")
                 return
-            recovery = Recovery(self.broker, InflightStore(store))
+            recovery = Recovery(self.broker.pending, InflightStore(store))
             recovery.restore()
         except StoreError as exc:
             self.log.error("state.unavailable", path=exc.path, error=exc.reason,
@@ -167,8 +167,7 @@ class Daemon:
 
     def _expire(self) -> None:
         self.broker.expire_pending()
-        if self.broker.recovery is not None:
-            self.broker.recovery.expire()
+        self.broker.expire_restored()
 
     async def _wait_first_attempts(self) -> None:
         waits = [ep.attempted.wait() for ep in self.broker.domains.values()]

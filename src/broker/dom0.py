@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import os
 import re
 import socket
-import stat
 import struct
 from typing import Any, Protocol
 
@@ -37,6 +35,7 @@ from messagerie.model import TOKEN_PATTERN
 
 from .endpoint import Endpoint, Sink, Stats
 from .router import BUILTINS
+from .sockets import listen
 
 _COMMAND_NAME = re.compile(TOKEN_PATTERN[1:-1])
 """What a ``commande``'s name may be (the wire's token pattern)."""
@@ -142,23 +141,8 @@ class Dom0Socket:
         self.path: str | None = None
 
     async def start(self, path: str, mode: int, group: str | None) -> None:
-        _prepare_socket_path(path)
-        loop = asyncio.get_running_loop()
-        # Create it with no access for anyone, then open it up: no window where the
-        # socket exists with looser permissions than configured.
-        old = os.umask(0o177)
-        try:
-            self.server = await loop.create_unix_server(
-                lambda: Dom0Connection(self.sink, self.services), path)
-        finally:
-            os.umask(old)
-        if group is not None:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise OSError(f"dom0.groupe: no group named {group!r}") from None
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
+        self.server = await listen(path, lambda: Dom0Connection(self.sink, self.services),
+                                   mode=mode, group=group, setting="dom0.groupe")
         self.path = path
 
     async def stop(self) -> None:
@@ -174,26 +158,3 @@ class Dom0Socket:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-
-
-def _prepare_socket_path(path: str) -> None:
-    """Create the socket's directory; remove a stale socket from a previous run (but
-    never another kind of file: that is a configuration mistake to report)."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a stale socket from a previous run
-        return
-    finally:
-        probe.close()
-    raise FileExistsError(f"{path}: another broker is listening there")

@@ -40,9 +40,9 @@ from messagerie.envelope import Envelope, Run
 from .config import Config, Limits
 from .dom0 import Dom0Connection, Dom0Services
 from .endpoint import DomainEndpoint, Endpoint, Settings, WriteCork
-from .inflight import Recovery
+from .inflight import KEEP_UNREACHABLE, Recovery
 from .memory import MemoryBudget, cgroup_memory_max, default_budget
-from .pending import Pending, PendingCommands
+from .pending import ANSWER, DOMAIN, FORGOTTEN, Pending, PendingCommands, Restored
 from .policy import Policy
 from .router import (
     ABANDON_CATEGORY,
@@ -50,13 +50,13 @@ from .router import (
     DENIED,
     DISPATCHED,
     SPOOFED,
-    UNSOLICITED,
     Answer,
     Builtin,
     Decision,
     Deliver,
     Forward,
     PolicyLike,
+    Recovered,
     Refuse,
     Routable,
     Route,
@@ -430,6 +430,8 @@ class Broker:
             self._answer(peer, msg, decision, data)  # type: ignore[arg-type]
         elif dtype is Builtin:
             self._builtin(peer, msg)
+        elif dtype is Recovered:
+            self._answer_restored(peer, msg, decision.command, data)  # type: ignore[union-attr,arg-type]
         else:
             assert dtype is Refuse, decision
             self.refuse(peer, msg, decision)  # type: ignore[arg-type]
@@ -517,6 +519,22 @@ class Broker:
         if not command.asker.send(data, peer):
             self._dropped(peer, command.asker, msg)
 
+    def _answer_restored(self, peer: Endpoint, msg: Envelope, command: Restored,
+                         data: bytes) -> None:
+        """A late answer to a command the previous process forwarded."""
+        self.pending.close_restored(command.key)
+        if command.asker_kind != DOMAIN:
+            peer.log.info("reponse.asker_gone", id=msg.id, command=msg.name,
+                          detail="a dom0 service asked before the broker restarted: its "
+                                 "call failed when its connection reset")
+            return
+        asker = self.domains[command.asker]  # route(): its destination, connected
+        if not asker.send(data, peer):
+            self._dropped(peer, asker, msg)
+            return
+        peer.log.info("reponse.after_restart", id=msg.id, command=msg.name,
+                      destination=command.asker)
+
     def _builtin(self, peer: Endpoint, msg: Envelope) -> None:
         """Answer a built-in command; its answer waits while the asker's own queue is
         full (a pipeline of ``statistiques`` asks for more than it reads: it is held
@@ -602,9 +620,6 @@ class Broker:
         unless ``echo`` is false (the caller looked it up)."""
         if echo and decision.kind == SPOOFED and self._echoed(peer, msg, msg.raw):
             return
-        if (decision.kind == UNSOLICITED and self.recovery is not None
-                and self.recovery.late_answer(peer, msg)):
-            return  # answers a command forwarded before a restart
         peer.stats.refused += 1
         if self.tracer is not None:
             self.tracer.refused(peer, msg, decision.kind, decision.detail)
@@ -952,8 +967,7 @@ class Broker:
         if row.kind != "commande" or row.msg_id is None:
             return True
         pending = self.pending.get(row.source, row.msg_id)
-        if (pending is None and self.recovery is not None
-                and self.recovery.awaits(row.source, row.msg_id, ep.name)
+        if (pending is None and self.pending.awaits_restored(row.source, row.msg_id, ep.name)
                 and (row.deadline is None or row.deadline > now)):
             return True  # spooled before a restart: its commander still waits
         if (pending is None or pending.target is not ep or not pending.spooled
@@ -1093,6 +1107,32 @@ class Broker:
         self._expiry_at = float("inf")
         if nxt is not None:
             self._schedule_expiry(nxt)
+
+    def expire_restored(self) -> None:
+        """Answer ``delai_depasse`` for the restored commands whose deadline passed, to
+        each commander that is connected (the others wait for it, up to
+        ``KEEP_UNREACHABLE``), and tell the domains serving them that they are
+        abandoned. Called with the live table's expiry (the daemon's tick)."""
+        if not self.pending.restored:
+            return
+        for r, outcome in self.pending.expire_restored(time.time(), self.is_connected,
+                                                       KEEP_UNREACHABLE):
+            if outcome == ANSWER:
+                reply = Reponse(DOM0, r.commander, r.id, r.command, "erreur",
+                                erreur={"code": Code.DELAI_DEPASSE,
+                                        "message": f"{r.replier} did not answer in time "
+                                                   "(the broker restarted meanwhile)"})
+                self.domains[r.asker].send(encode(reply))
+            elif outcome == FORGOTTEN:
+                self.log.warning("inflight.forgotten", commander=r.commander, id=r.id,
+                                 command=r.command, replier=r.replier,
+                                 detail="its commander did not connect after its deadline")
+            # As for a live command: the domain serving it cancels its handler.
+            target = self.domains.get(r.target) if r.target_kind == DOMAIN else None
+            if target is not None and target.transport is not None:
+                target.send(encode(Notification(
+                    DOM0, r.replier, ABANDON_CATEGORY, ABANDON_EVENT,
+                    {"source": r.commander, "id": r.id, "commande": r.command})))
 
     def _schedule_expiry(self, deadline: float) -> None:
         """Expire the commands due at ``deadline`` then, not at the next second's tick

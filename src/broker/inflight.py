@@ -18,13 +18,18 @@ connection, and the one serving the name then is the one that may answer). Deadl
 are kept as wall-clock times (``PendingCommands`` counts on a monotonic clock, which
 does not survive the process).
 
-:class:`Recovery` holds what was loaded at start (:class:`Restored` commands) and
-applies it: a late answer from the domain (or the dom0 service) asked goes to the
-commander; a deadline passed, while the broker was down or since, is answered
-``delai_depasse`` to the commander once it is connected. A command a dom0 service asked
-is not answered after a restart: the service's connection reset with the broker, and
-its client failed the call then (``Disconnected``); its late answer is dropped
-quietly, as an answer to a call that no longer exists, not as a forgery.
+:class:`Recovery` loads at start what the previous process had in flight into the live
+table (:attr:`~broker.pending.PendingCommands.restored`), where the router decides on
+their late answers as on any other (``broker.router``, rules 4 and 7), and the hub
+expires them (:meth:`~broker.pending.PendingCommands.expire_restored`): a late answer
+from the domain (or the dom0 service) asked goes to the commander; a deadline passed,
+while the broker was down or since, is answered ``delai_depasse`` to the commander once
+it is connected. A command a dom0 service asked is not answered after a restart: the
+service's connection reset with the broker, and its client failed the call then
+(``Disconnected``); its late answer is dropped quietly, as an answer to a call that no
+longer exists, not as a forgery.
+
+This module knows the table and the file, not the broker.
 """
 
 from __future__ import annotations
@@ -32,23 +37,17 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Protocol
 
 import structlog
 
-from messagerie import DOM0, Code, Notification, Reponse, encode
+from messagerie import DOM0
 
-from .pending import ABANDONED_PER_SLOT, AbandonedMemo
-from .router import ABANDON_CATEGORY, ABANDON_EVENT
+from .pending import DOMAIN, SERVICE, Key, Pending, PendingCommands, Restored
 from .spool import Store, StoreError
 
-if TYPE_CHECKING:
-    from messagerie.envelope import Envelope
-
-    from .endpoint import Endpoint
-    from .hub import Broker
-    from .pending import Key, Pending
+__all__ = ["COMMIT_INTERVAL", "DOMAIN", "KEEP_UNREACHABLE", "SERVICE", "InflightStore",
+           "Party", "Recovery", "Restored", "party", "restored_of"]
 
 COMMIT_INTERVAL: Final = 0.05
 """Seconds between two group commits of the table of commands in flight: the window a
@@ -56,12 +55,6 @@ crash may forget (``daemon``'s task; the last commit is at shutdown)."""
 KEEP_UNREACHABLE: Final = 3600.0
 """Seconds past its deadline a restored command waits for its commander to connect
 and be told ``delai_depasse``; then it is forgotten (logged)."""
-
-DOMAIN: Final = "domaine"
-"""Kind of a party that is a domain, named by its name."""
-SERVICE: Final = "service"
-"""Kind of a party that is a dom0 service: a commander is named ``dom0``, a server by
-the command it serves."""
 
 COMPONENT: Final = "commandes_en_vol"
 SCHEMA_VERSION: Final = 1
@@ -81,38 +74,26 @@ CREATE TABLE IF NOT EXISTS commandes_en_vol (
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Restored:
-    """A command that was in flight when the broker stopped, as the table keeps it."""
-
-    commander: str
-    id: str
-    replier: str
-    command: str
-    asker_kind: str
-    asker: str
-    target_kind: str
-    target: str
-    deadline: float
-    """Wall-clock time (``time.time()``) at which it is answered ``delai_depasse``."""
+class Party(Protocol):
+    """What names an endpoint across a restart (the broker's endpoints have both)."""
 
     @property
-    def key(self) -> Key:
-        return (self.commander, self.id)
+    def kind(self) -> str:
+        """``domain``, or a dom0 service's kind."""
+        ...
 
-    def row(self) -> tuple[str, str, str, str, str, str, str, str, float]:
-        return (self.commander, self.id, self.replier, self.command, self.asker_kind,
-                self.asker, self.target_kind, self.target, self.deadline)
+    @property
+    def name(self) -> str: ...
 
 
-def party(endpoint: Endpoint, command: str, *, asking: bool) -> tuple[str, str]:
+def party(endpoint: Party, command: str, *, asking: bool) -> tuple[str, str]:
     """What names ``endpoint`` across a restart: (kind, name)."""
     if endpoint.kind == "domain":
         return DOMAIN, endpoint.name
     return SERVICE, DOM0 if asking else command
 
 
-def restored_of(pending: Pending[Endpoint], wall_deadline: float) -> Restored:
+def restored_of(pending: Pending[Any], wall_deadline: float) -> Restored:
     asker_kind, asker = party(pending.asker, pending.command, asking=True)
     target_kind, target = party(pending.target, pending.command, asking=False)
     return Restored(pending.commander, pending.id, pending.replier, pending.command,
@@ -172,52 +153,48 @@ class InflightStore:
 
 
 class Recovery:
-    """The commands restored at start, and the group commit of the live table.
+    """Loads the previous process's commands into the live table, and mirrors the
+    table in the file (group commit)."""
 
-    Restored commands do not count against their commander's ``commandes_en_vol``
-    (those slots were the old process's); they are kept until answered, or until
-    their deadline is answered."""
-
-    def __init__(self, broker: Broker, store: InflightStore, *,
+    def __init__(self, pending: PendingCommands[Any], store: InflightStore, *,
                  wall: Callable[[], float] = time.time) -> None:
-        self.broker = broker
+        self.pending = pending
         self.store = store
         self.wall = wall
-        self.restored: dict[Key, Restored] = {}
         self.log = structlog.get_logger("broker").bind()
         self.failing: str | None = None
         """The last error of the database, while commits fail (logged once)."""
-        self.late_answers = 0
-        self.expired = 0
-        self.given_up = AbandonedMemo()
-        """Restored commands answered ``delai_depasse``: (replier, when), for
-        ``ABANDONED_TTL`` seconds and bounded per commander, so that a late answer is
-        dropped as late (info), as the live table's are."""
+
+    @property
+    def restored(self) -> dict[Key, Restored]:
+        """The restored commands still awaited (the live table's)."""
+        return self.pending.restored
 
     def restore(self) -> int:
         """Load what the previous process had in flight; returns how many."""
-        self.restored = {r.key: r for r in self.store.load()}
-        if self.restored:
+        self.pending.restore(self.store.load())
+        restored = self.pending.restored
+        if restored:
             now = self.wall()
-            self.log.info("inflight.restored", commands=len(self.restored),
-                          expired=sum(1 for r in self.restored.values() if r.deadline <= now))
-        return len(self.restored)
+            self.log.info("inflight.restored", commands=len(restored),
+                          expired=sum(1 for r in restored.values() if r.deadline <= now))
+        return len(restored)
 
-    # -- group commit ---------------------------------------------------------------
     def commit(self) -> None:
         """Write the table's difference since the last commit (the daemon's task, every
         ``COMMIT_INTERVAL``, and once at shutdown after the drain)."""
-        pending = self.broker.pending
+        pending = self.pending
         keys = set(pending.keys())
-        if self.restored:
-            keys.update(self.restored)
+        restored = pending.restored
+        if restored:
+            keys.update(restored)
         offset = self.wall() - pending.clock()
 
         def row_of(key: Key) -> Restored:
             live = pending.get(*key)
             if live is not None:
                 return restored_of(live, live.deadline + offset)
-            return self.restored[key]
+            return restored[key]
 
         try:
             self.store.commit(keys, row_of)
@@ -232,99 +209,3 @@ class Recovery:
         if self.failing is not None:
             self.failing = None
             self.log.info("inflight.commit_recovered", commands=len(keys))
-
-    # -- after a restart --------------------------------------------------------------
-    def late_answer(self, peer: Endpoint, msg: Envelope) -> bool:
-        """A ``reponse`` nobody in this process awaits: if it answers a restored
-        command, from the party asked, deliver it (or drop it quietly when its asker
-        was a dom0 service) and return True; else False (a real unsolicited answer)."""
-        if not (self.restored or self.given_up) or msg.id is None:
-            return False
-        key = (msg.destination, msg.id)
-        restored = self.restored.get(key)
-        late = self.given_up.get(key)
-        if restored is None and late is not None and late[0] == msg.source:
-            peer.log.info("reponse.late", id=msg.id, command=msg.name,
-                          detail="answers a command restored after a restart and answered "
-                                 "delai_depasse since")
-            return True
-        if (restored is None or restored.replier != msg.source
-                or restored.command != msg.name or not self._asked(peer, restored)):
-            return False
-        del self.restored[key]
-        self.late_answers += 1
-        if restored.asker_kind != DOMAIN:
-            peer.log.info("reponse.asker_gone", id=msg.id, command=msg.name,
-                          detail="a dom0 service asked before the broker restarted: its "
-                                 "call failed when its connection reset")
-            return True
-        asker = self.broker.domains.get(restored.asker)
-        if asker is None or not asker.send(msg.raw + b"\n", peer):
-            peer.log.warning("reponse.undelivered", id=msg.id, command=msg.name,
-                             destination=restored.asker, why="offline or full")
-            return True
-        peer.log.info("reponse.after_restart", id=msg.id, command=msg.name,
-                      destination=restored.asker)
-        return True
-
-    def awaits(self, commander: str, id: str, replier: str) -> bool:
-        """Does a restored command ``(commander, id)`` to the domain ``replier`` still
-        await its answer (a command spooled before the restart, being replayed)?"""
-        restored = self.restored.get((commander, id))
-        return (restored is not None and restored.target_kind == DOMAIN
-                and restored.target == replier)
-
-    def _give_up(self, r: Restored, now: float) -> None:
-        """Remember ``r`` as answered on its destination's behalf, and tell the domain
-        serving it that nobody awaits its answer (as for a live command: its client
-        cancels the handler)."""
-        limit = self.broker.config.limits_for(r.commander).commands_in_flight
-        self.given_up.remember(r.key, r.replier, now, ABANDONED_PER_SLOT * limit)
-        target = self.broker.domains.get(r.target) if r.target_kind == DOMAIN else None
-        if target is not None and target.transport is not None:
-            target.send(encode(Notification(DOM0, r.replier, ABANDON_CATEGORY, ABANDON_EVENT,
-                                            {"source": r.commander, "id": r.id,
-                                             "commande": r.command})))
-
-    def _asked(self, peer: Endpoint, restored: Restored) -> bool:
-        """Is ``peer`` the party the restored command was sent to?"""
-        if restored.target_kind == DOMAIN:
-            return self.broker.domains.get(restored.target) is peer
-        if peer.kind == "domain":
-            return False
-        # A dom0 service: the one serving the command now, or any while none does
-        # yet (its client answers through its new connection, maybe before it
-        # registered again: dom0's socket admits only dom0's own services).
-        server = self.broker.dom0.services.get(restored.command)
-        return server is None or server is peer
-
-    def expire(self) -> None:
-        """Answer ``delai_depasse`` for the restored commands whose deadline passed,
-        to each commander that is connected (the others wait for it, up to
-        ``KEEP_UNREACHABLE``). Called with the live table's expiry."""
-        if not self.restored:
-            return
-        now = self.wall()
-        broker = self.broker
-        for key, r in list(self.restored.items()):
-            if r.deadline > now:
-                continue
-            if r.asker_kind != DOMAIN:
-                del self.restored[key]  # its caller is gone (see the module's docstring)
-                self._give_up(r, now)
-                continue
-            if broker.is_connected(r.asker):
-                del self.restored[key]
-                self.expired += 1
-                reply = Reponse(DOM0, r.commander, r.id, r.command, "erreur",
-                                erreur={"code": Code.DELAI_DEPASSE,
-                                        "message": f"{r.replier} did not answer in time "
-                                                   "(the broker restarted meanwhile)"})
-                broker.domains[r.asker].send(encode(reply))
-                self._give_up(r, now)
-            elif now - r.deadline > KEEP_UNREACHABLE:
-                self._give_up(r, now)
-                del self.restored[key]
-                self.log.warning("inflight.forgotten", commander=r.commander, id=r.id,
-                                 command=r.command, replier=r.replier,
-                                 detail="its commander did not connect after its deadline")

@@ -29,7 +29,7 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, KeysView
+from collections.abc import Callable, Iterable, Iterator, KeysView
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -48,6 +48,21 @@ oldest are forgotten first)."""
 ABANDONED_MAX: Final = 65536
 """Abandoned commands remembered at most in all, a last resort (the oldest of anyone's
 are forgotten first)."""
+
+DOMAIN: Final = "domaine"
+"""Kind of a restored command's party that is a domain, named by its name."""
+SERVICE: Final = "service"
+"""Kind of a restored command's party that is a dom0 service: a commander is named
+``dom0``, a server by the command it serves."""
+
+ANSWER: Final = "answer"
+""":meth:`PendingCommands.expire_restored`: tell its commander ``delai_depasse``."""
+SILENT: Final = "silent"
+"""... forget it without a word: its asker was a dom0 service, whose call failed when
+its connection reset with the previous process."""
+FORGOTTEN: Final = "forgotten"
+"""... forget it: its commander did not connect within ``keep`` seconds past its
+deadline."""
 
 
 class AbandonedMemo:
@@ -125,6 +140,35 @@ class Pending(Generic[E]):
         return (self.commander, self.id)
 
 
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """A command that was in flight when the previous broker process stopped, as the
+    state file keeps it (``broker.inflight``): endpoints were objects of that process,
+    so its parties are names. A domain is its name; a dom0 service that asked is
+    ``dom0``, one that serves is the name of the command it serves."""
+
+    commander: str
+    id: str
+    replier: str
+    command: str
+    asker_kind: str
+    """:data:`DOMAIN` or :data:`SERVICE`."""
+    asker: str
+    target_kind: str
+    target: str
+    deadline: float
+    """Wall-clock time (``time.time()``) at which it is answered ``delai_depasse``: the
+    table's clock does not survive its process."""
+
+    @property
+    def key(self) -> Key:
+        return (self.commander, self.id)
+
+    def row(self) -> tuple[str, str, str, str, str, str, str, str, float]:
+        return (self.commander, self.id, self.replier, self.command, self.asker_kind,
+                self.asker, self.target_kind, self.target, self.deadline)
+
+
 class PendingCommands(Generic[E]):
     """The commands in flight and, per asking endpoint, how many it has, in all and
     towards each endpoint it asked.
@@ -138,8 +182,8 @@ class PendingCommands(Generic[E]):
     """
 
     __slots__ = ("_abandoned", "_counts", "_deadlines", "_pairs", "_sequence", "_table",
-                 "clock",
-                 "limit", "limit_of", "per_target", "per_target_of", "ttl", "ttl_of")
+                 "clock", "limit", "limit_of", "per_target", "per_target_of", "restored",
+                 "ttl", "ttl_of")
 
     def __init__(self, *, limit: int, ttl: float, per_target: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -165,6 +209,10 @@ class PendingCommands(Generic[E]):
         self._sequence = itertools.count()
         self._abandoned = AbandonedMemo()
         """Abandoned commands, oldest first: (commander, id) -> (replier, when)."""
+        self.restored: dict[Key, Restored] = {}
+        """The commands the previous process had in flight (:meth:`restore`), until
+        answered or expired. They count against no endpoint's limits (those slots were
+        the old process's), and a new command may reuse their id."""
 
     # -- reading ------------------------------------------------------------------
     def __len__(self) -> int:
@@ -190,9 +238,22 @@ class PendingCommands(Generic[E]):
         """Does ``commander`` await a reponse with this ``id`` from ``replier``, to the
         command named ``command``? (An answer echoing another command's name would make
         its asker act on a result it never asked for.)"""
-        pending = self._table.get((commander, id))
-        return (pending is not None and pending.replier == replier
-                and pending.command == command)
+        return self.awaited(commander, id, replier, command) is not None
+
+    def awaited(self, commander: str, id: str, replier: str, command: str | None
+                ) -> Pending[E] | Restored | None:
+        """The command such a reponse answers: one of this process's, else one the
+        previous process had in flight (:attr:`restored`), else None."""
+        key = (commander, id)
+        pending = self._table.get(key)
+        if pending is not None and pending.replier == replier and pending.command == command:
+            return pending
+        if self.restored:
+            restored = self.restored.get(key)
+            if (restored is not None and restored.replier == replier
+                    and restored.command == command):
+                return restored
+        return None
 
     def abandoned(self, commander: str, id: str, replier: str) -> bool:
         """Was the command ``id`` of ``commander`` to ``replier`` abandoned lately (it
@@ -229,6 +290,13 @@ class PendingCommands(Generic[E]):
 
     def at_target_limit(self, asker: E, target: E) -> bool:
         return self._pairs.get((asker, target), 0) >= self.per_target_for(asker)
+
+    def awaits_restored(self, commander: str, id: str, replier: str) -> bool:
+        """Does a restored command ``(commander, id)`` to the domain ``replier`` still
+        await its answer (a command spooled before the restart, being replayed)?"""
+        restored = self.restored.get((commander, id))
+        return (restored is not None and restored.target_kind == DOMAIN
+                and restored.target == replier)
 
     # -- changing -----------------------------------------------------------------
     def add(self, commander: str, id: str, replier: str, command: str, *, asker: E,
@@ -316,6 +384,41 @@ class PendingCommands(Generic[E]):
             expired.append(pending)
         self._abandoned.forget(now)
         return expired
+
+    # -- the previous process's commands ---------------------------------------------
+    def restore(self, rows: Iterable[Restored]) -> None:
+        """Await the answers to the commands the previous process had in flight."""
+        self.restored = {r.key: r for r in rows}
+
+    def close_restored(self, key: Key) -> Restored | None:
+        """Forget a restored command (answered)."""
+        return self.restored.pop(key, None)
+
+    def expire_restored(self, now: float, reachable: Callable[[str], bool],
+                        keep: float) -> list[tuple[Restored, str]]:
+        """Forget and return the restored commands whose deadline passed at the
+        wall-clock time ``now``, each with what is due: :data:`ANSWER` when its
+        commander, a domain, is ``reachable`` (connected); :data:`SILENT` when a dom0
+        service asked; :data:`FORGOTTEN` when its commander stayed unreachable ``keep``
+        seconds past its deadline. The others wait for their commander. Those returned
+        are abandoned (their late answers are remembered as such)."""
+        due: list[tuple[Restored, str]] = []
+        for key, r in list(self.restored.items()):
+            if r.deadline > now:
+                continue
+            if r.asker_kind != DOMAIN:
+                outcome = SILENT
+            elif reachable(r.asker):
+                outcome = ANSWER
+            elif now - r.deadline > keep:
+                outcome = FORGOTTEN
+            else:
+                continue
+            del self.restored[key]
+            self._abandoned.remember(key, r.replier, self.clock(),
+                                     ABANDONED_PER_SLOT * self.limit)
+            due.append((r, outcome))
+        return due
 
     def _abandon(self, pending: Pending[E]) -> None:
         limit = self.limit if self.limit_of is None else self.limit_of(pending.asker)

@@ -23,9 +23,10 @@ Rules, in order:
    spooled.
 4. A ``reponse`` must answer a command the broker saw go from its destination to its
    source with that ``id`` and that ``commande`` name, and not yet answered: nobody
-   can inject answers, nor relabel one as the answer to another command. One that
-   answers a command abandoned lately (expired, or its commander gone) is late, and
-   dropped without alarm.
+   can inject answers, nor relabel one as the answer to another command. The commands
+   the previous broker process had in flight count (restored from the state file).
+   One that answers a command abandoned lately (expired, or its commander gone) is
+   late, and dropped without alarm.
 5. A notification of the category :data:`ABANDON_CATEGORY` is the broker's own (it tells
    a domain that a command it serves was abandoned): nobody else may send one, dom0's
    services included.
@@ -36,7 +37,10 @@ whose fate depends on the message itself and not only on its route. For the othe
 it returns the route's decision unchanged.
 
 7. A ``reponse`` is accepted only from the endpoint the command went to (a domain
-   re-added under the same name, or another dom0 service, was not asked).
+   re-added under the same name, or another dom0 service, was not asked). For a
+   restored command (:class:`Recovered`), whose endpoints were the previous process's:
+   the endpoint of the domain asked, or the dom0 service serving its name now (any
+   dom0 service while none does: its client may answer before it registers again).
 8. A ``commande`` to dom0 that the broker implements (:data:`BUILTINS`) is answered by
    the broker (:class:`Builtin`); it is never tracked.
 9. Any other ``commande`` is refused if its id is already in flight for its source,
@@ -55,7 +59,7 @@ from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 from messagerie import DOM0, TOUS, Categorie, Code, Evenement
 
-from .pending import Pending, PendingCommands
+from .pending import DOMAIN, Pending, PendingCommands, Restored
 
 E = TypeVar("E")
 """An endpoint (the broker's objects; strings in tests), compared by identity."""
@@ -139,7 +143,7 @@ class RoutingView(Protocol[E]):
     def connected(self) -> Iterable[str]: ...
 
     def endpoint(self, name: str) -> E:
-        """The endpoint of a connected domain."""
+        """The endpoint of a known domain."""
         ...
 
     def dom0_service(self, command: str) -> E | None:
@@ -204,9 +208,18 @@ class Answer(Generic[E]):
     command: Pending[E]
 
 
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """An awaited ``reponse`` to a command the previous broker process forwarded: close
+    ``command`` and deliver the answer to its commander, a domain (a dom0 service that
+    asked is gone with that process: the answer is then dropped, quietly)."""
+
+    command: Restored
+
+
 Route: TypeAlias = Deliver | Refuse
 """What :func:`route` decides."""
-Decision: TypeAlias = Deliver | Refuse | Builtin | Forward[E] | Answer[E]
+Decision: TypeAlias = Deliver | Refuse | Builtin | Forward[E] | Answer[E] | Recovered
 """What :func:`decide` (and :func:`dispatch`) decide: the broker's one decision type."""
 
 
@@ -280,12 +293,16 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
     if kind == "reponse":
         id = message.id
         assert id is not None  # route() let it through: it answers a pending command
-        awaited = view.pending.get(message.destination, id)
-        if awaited is None or awaited.target != sender:
-            # Several dom0 services share the name dom0, and a domain may have been
-            # re-added under the same name: only the endpoint asked may answer.
-            return Refuse(UNSOLICITED, Code.REFUSE, "this endpoint was not asked", True)
-        return Answer(awaited)
+        awaited = view.pending.awaited(message.destination, id, message.source,
+                                       message.name)
+        # Several dom0 services share the name dom0, and a domain may have been
+        # re-added under the same name: only the endpoint asked may answer.
+        if type(awaited) is Pending:
+            if awaited.target == sender:
+                return Answer(awaited)
+        elif type(awaited) is Restored and _asked_before(awaited, sender, view):
+            return Recovered(awaited)
+        return Refuse(UNSOLICITED, Code.REFUSE, "this endpoint was not asked", True)
     if kind != "commande":
         return decision
     name, id = message.name, message.id
@@ -312,6 +329,17 @@ def dispatch(message: Routable, decision: Deliver, sender: E,
         return Refuse(TOO_MANY, Code.LIMITE,
                       f"more than {pending.per_target_for(sender)} commands in flight to {target}")
     return Forward(target, server, decision.spool)
+
+
+def _asked_before(command: Restored, sender: object, view: RoutingView[Any]) -> bool:
+    """Is ``sender`` the endpoint, in this process, of the party the previous process
+    sent ``command`` to?"""
+    if command.target_kind == DOMAIN:
+        return view.is_known(command.target) and view.endpoint(command.target) == sender
+    # A dom0 service (the answer's source is dom0, so its sender is one): the one
+    # serving the command now, or any while none does.
+    server = view.dom0_service(command.command)
+    return server is None or server == sender
 
 
 @dataclass

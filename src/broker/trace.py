@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import json
 import os
 import socket
@@ -38,6 +37,8 @@ import msgspec
 import structlog
 
 from messagerie.model import TOUS
+
+from .sockets import listen
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -202,21 +203,8 @@ class Tracer:
 
     # -- the socket ---------------------------------------------------------------
     async def start(self, path: str, group: str) -> None:
-        from .dom0 import _prepare_socket_path
-
-        _prepare_socket_path(path)
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise OSError(f"trace.groupe: no group named {group!r}") from None
-        old = os.umask(0o177)
-        try:
-            self.server = await asyncio.get_running_loop().create_unix_server(
-                lambda: Monitor(self), path)
-        finally:
-            os.umask(old)
-        os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
+        self.server = await listen(path, lambda: Monitor(self), mode=0o660, group=group,
+                                   setting="trace.groupe")
         self.path = path
 
     async def stop(self) -> None:
